@@ -1,0 +1,16 @@
+# The two entry points of the README. Everything they need is installed by hack/.
+.PHONY: run test lint crds
+
+run:  ## set up, then run a local relay from examples/quickstart/ on 127.0.0.1:2525
+	@bash hack/setup.sh
+	.venv/bin/mailrelay run -f examples/quickstart/
+
+test:  ## set up everything (Debian packages, .venv, kube-apiserver/etcd/helm from Go modules), run every test
+	@bash hack/test.sh
+
+lint:
+	.venv/bin/ruff check relay operator tests bench hack
+	.venv/bin/mypy
+
+crds:  ## regenerate deploy/crds/ from relay/manifests/schema.py
+	.venv/bin/python -m relay.manifests.crdgen

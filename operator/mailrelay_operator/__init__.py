@@ -1,0 +1,1 @@
+"""The mailrelay Kopf operator (imported as mailrelay_operator; lives in operator/)."""

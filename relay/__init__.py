@@ -1,0 +1,1 @@
+"""mailrelay: the SMTP relay that runs in every relay pod."""

@@ -1,0 +1,246 @@
+"""The `mailrelay` command line (see ../shared/API.md for the contract)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relay.manifests.load import Inventory, load_manifests
+from relay.manifests.render import Rendered, cross_reference_errors, render_relay
+
+DEFAULT_LOCAL_LISTEN = "127.0.0.1:2525"
+DEFAULT_LOCAL_QUEUE = ".mailrelay/queue"
+
+
+def emit(data: Any, output: str, table: str | None = None) -> None:
+    """Prints data for scripts (-o json|yaml) or a table for people."""
+    if output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    elif output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
+    else:
+        print(table if table is not None else yaml.safe_dump(data, sort_keys=False), end="")
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells
+    )
+
+
+def _load(paths: list[str]) -> Inventory:
+    inv = load_manifests(paths)
+    if inv.errors:
+        for e in inv.errors:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    return inv
+
+
+def pick_relay(inv: Inventory, name: str | None) -> dict[str, Any]:
+    relays = inv.relays
+    if name:
+        relays = [
+            r
+            for r in relays
+            if name
+            in (r["metadata"]["name"], f"{r['metadata']['namespace']}/{r['metadata']['name']}")
+        ]
+    if len(relays) != 1:
+        found = ", ".join(
+            f"{r['metadata']['namespace']}/{r['metadata']['name']}" for r in inv.relays
+        )
+        what = "no MailRelay" if not relays else "several MailRelays"
+        print(
+            f"error: {what} in the manifests{f' named {name}' if name else ''} "
+            f"(found: {found or 'none'}); choose one with --relay",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    return relays[0]
+
+
+def render_to_dir(rendered: Rendered, config_dir: Path) -> None:
+    """Writes the rendered files so a running relay sees a whole new set at once."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in rendered.files.items():
+        tmp = config_dir / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(config_dir / name)
+    for old in config_dir.glob("recipients-*.txt.gz"):
+        if old.name not in rendered.files:
+            old.unlink()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    inv = load_manifests(args.file)
+    problems = [str(e) for e in inv.errors] + cross_reference_errors(inv)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(
+        f"ok: {len(inv.relays)} MailRelay, {len(inv.domains)} RelayDomain, "
+        f"{len(inv.recipient_lists)} RecipientList"
+    )
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    inv = _load(args.file)
+    relay = pick_relay(inv, args.relay)
+    rendered = render_relay(relay, inv)
+    if args.out:
+        render_to_dir(rendered, Path(args.out))
+        print(f"wrote {len(rendered.files)} files to {args.out}")
+        return 0
+    for name, data in rendered.files.items():
+        if name.endswith(".gz"):
+            print(f"# {name}: {len(data)} bytes (gzip, {rendered.recipients} recipients in all)")
+        else:
+            print(f"# {name}")
+            print(data.decode(), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from relay.server import run_relay  # the relay process, with its reload loop
+
+    inv = _load(args.file)
+    relay = pick_relay(inv, args.relay)
+    config_dir = Path(args.config_dir or tempfile.mkdtemp(prefix="mailrelay-config-"))
+    render_to_dir(render_relay(relay, inv), config_dir)
+
+    def rerender() -> None:
+        # Called by the relay's reload loop: manifests edited while running
+        # are rendered again and picked up without a restart.
+        fresh = load_manifests(args.file)
+        if fresh.errors:
+            for e in fresh.errors:
+                print(f"error: {e} (keeping the running configuration)", file=sys.stderr)
+            return
+        try:
+            render_to_dir(render_relay(pick_relay(fresh, args.relay), fresh), config_dir)
+        except SystemExit:
+            print("error: manifests changed; keeping the running configuration", file=sys.stderr)
+
+    return run_relay(
+        config_dir,
+        listen=args.listen or DEFAULT_LOCAL_LISTEN,
+        queue_dir=Path(args.queue_dir or DEFAULT_LOCAL_QUEUE),
+        metrics_listen=args.metrics_listen,
+        tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+        workers=args.workers,
+        watch_sources=[Path(p) for p in args.file],
+        on_source_change=rerender,
+    )
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from relay.server import run_relay
+
+    return run_relay(
+        Path(args.config_dir),
+        listen=args.listen,
+        queue_dir=Path(args.queue_dir),
+        metrics_listen=args.metrics_listen,
+        tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+        workers=args.workers,
+        proxy_listen=args.proxy_listen,
+    )
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from relay.queue_admin import run_queue_command
+
+    return run_queue_command(args)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from mailrelay_operator.main import run_operator
+
+    return run_operator(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailrelay", description="A Kubernetes-native mail relay, MX backup and spam filter."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def manifests(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-f",
+            "--file",
+            action="append",
+            required=True,
+            metavar="PATH",
+            help="manifest file or folder (repeatable)",
+        )
+
+    def relay_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
+        p.add_argument("--tls-dir", default=None, help="folder with tls.crt and tls.key")
+        p.add_argument("--workers", type=int, default=None, help="worker processes")
+
+    p = sub.add_parser("run", help="run one relay locally from manifests")
+    manifests(p)
+    p.add_argument("--relay", help="which MailRelay, when the manifests hold several")
+    p.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LOCAL_LISTEN})")
+    p.add_argument("--queue-dir", help=f"queue folder (default {DEFAULT_LOCAL_QUEUE})")
+    p.add_argument("--config-dir", help="where to render the configuration (default: a temp dir)")
+    relay_opts(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("render", help="print the relay configuration the operator would write")
+    manifests(p)
+    p.add_argument("--relay", help="which MailRelay, when the manifests hold several")
+    p.add_argument("--out", help="write the files to this folder instead of printing them")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("validate", help="check manifests against the CRD schemas")
+    manifests(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("relay", help="the relay pod's entrypoint")
+    p.add_argument("--config-dir", required=True)
+    p.add_argument("--listen", default="0.0.0.0:2525")
+    p.add_argument("--proxy-listen", default=None, help="HOST:PORT expecting PROXY headers")
+    p.add_argument("--queue-dir", default="/var/spool/mailrelay")
+    relay_opts(p)
+    p.set_defaults(func=cmd_relay)
+
+    p = sub.add_parser("queue", help="queue administration (like postqueue/postsuper)")
+    p.add_argument(
+        "action",
+        choices=["list", "show", "flush", "hold", "release", "delete"],
+    )
+    p.add_argument("ids", nargs="*", metavar="QUEUE_ID", help="queue ids (ALL for every message)")
+    p.add_argument("--queue-dir", default=DEFAULT_LOCAL_QUEUE)
+    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("operator", help="the operator's entrypoint (Kopf)")
+    p.add_argument("--namespace", action="append", default=[], help="watch only these namespaces")
+    p.add_argument("--standalone", action="store_true", default=True)
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The user-facing resources: their schema, offline validation, and the renderer."""

@@ -1,0 +1,760 @@
+"""The one definition of the mailrelay.io/v1alpha1 resources.
+
+Everything that knows the shape of a MailRelay, RelayDomain or RecipientList
+reads it from here: the CRDs in deploy/crds/ are generated from these schemas
+(`python -m relay.manifests.crdgen`), `mailrelay validate` and `mailrelay run`
+check manifests against them offline, and defaults are applied from them, the
+way the API server's structural defaulting does.
+
+Cross-field rules are written once as `Rule`s: a CEL expression for the API
+server and a Python predicate for offline validation, side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+GROUP = "mailrelay.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Schema = dict[str, Any]
+
+# --- patterns -----------------------------------------------------------------
+# A DNS name of at least two labels (an FQDN without the trailing dot).
+FQDN_PATTERN = (
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+)
+# A host name: one label or more (next hops may be "localhost" or a Service name).
+HOSTNAME_PATTERN = (
+    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$|^[0-9.]+$"
+)
+# A plain mailbox: dot-atom local part @ FQDN (no quoted or routed forms).
+ADDRESS_PATTERN = (
+    r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+)*@"
+    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+)
+IPV4_CIDR = r"([0-9]{1,3}\.){3}[0-9]{1,3}(/[0-9]{1,2})?"
+IPV6_CIDR = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?"
+CIDR_PATTERN = f"^({IPV4_CIDR}|{IPV6_CIDR})$"
+IPV4_PATTERN = r"^([0-9]{1,3}\.){3}[0-9]{1,3}$"
+# "ip" or "ip:port" (IPv6 with a port: "[::1]:53").
+NAMESERVER_PATTERN = (
+    r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(:[0-9]{1,5})?|[0-9A-Fa-f:]+|\[[0-9A-Fa-f:]+\]:[0-9]{1,5})$"
+)
+# Postfix-style time: 10d, 4000s, 5m, 1h30m.
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d|w))+$"
+# A DNSBL reply filter: d.d.d.d where each d is a number or [a;b;c..d].
+RETURN_CODE_PATTERN = (
+    r"^(([0-9]{1,3}|\[[0-9]{1,3}(\.\.[0-9]{1,3})?(;[0-9]{1,3}(\.\.[0-9]{1,3})?)*\])\.){3}"
+    r"([0-9]{1,3}|\[[0-9]{1,3}(\.\.[0-9]{1,3})?(;[0-9]{1,3}(\.\.[0-9]{1,3})?)*\])$"
+)
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+# --- small schema builders ----------------------------------------------------
+def string(
+    description: str,
+    *,
+    pattern: str | None = None,
+    enum: list[str] | None = None,
+    default: str | None = None,
+    max_length: int | None = None,
+    nullable: bool = False,
+) -> Schema:
+    s: Schema = {"type": "string", "description": description}
+    if pattern:
+        s["pattern"] = pattern
+    if enum:
+        s["enum"] = enum
+    if default is not None:
+        s["default"] = default
+    if max_length is not None:
+        s["maxLength"] = max_length
+    if nullable:
+        s["nullable"] = True
+    return s
+
+
+def integer(
+    description: str,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    default: int | None = None,
+) -> Schema:
+    s: Schema = {"type": "integer", "description": description}
+    if minimum is not None:
+        s["minimum"] = minimum
+    if maximum is not None:
+        s["maximum"] = maximum
+    if default is not None:
+        s["default"] = default
+    return s
+
+
+def boolean(description: str, *, default: bool | None = None) -> Schema:
+    s: Schema = {"type": "boolean", "description": description}
+    if default is not None:
+        s["default"] = default
+    return s
+
+
+def array(
+    description: str,
+    items: Schema,
+    *,
+    default: list[Any] | None = None,
+    max_items: int | None = None,
+    list_type: str | None = None,
+) -> Schema:
+    s: Schema = {"type": "array", "description": description, "items": items}
+    if default is not None:
+        s["default"] = default
+    if max_items is not None:
+        s["maxItems"] = max_items
+    if list_type:
+        s["x-kubernetes-list-type"] = list_type
+    return s
+
+
+def obj(
+    description: str,
+    properties: dict[str, Schema],
+    *,
+    required: list[str] | None = None,
+    default: dict[str, Any] | None = None,
+) -> Schema:
+    s: Schema = {"type": "object", "description": description, "properties": properties}
+    if required:
+        s["required"] = required
+    if default is not None:
+        s["default"] = default
+    return s
+
+
+def string_map(description: str) -> Schema:
+    return {
+        "type": "object",
+        "description": description,
+        "additionalProperties": {"type": "string"},
+    }
+
+
+# --- cross-field rules ----------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: CEL for the API server, Python for `mailrelay validate`."""
+
+    path: str  # dotted path of the object the rule sits on, e.g. "spec.tls"
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+
+def _dig(obj_: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj_, dict):
+            return None
+        obj_ = obj_.get(key)
+    return obj_
+
+
+# --- shared pieces ---------------------------------------------------------------
+DURATION = "A Postfix-style time: a number with a unit ms, s, m, h, d or w (e.g. 10d, 4000s)."
+
+CONDITION = obj(
+    "A status condition, shaped like metav1.Condition.",
+    {
+        "type": string("Condition type, e.g. Ready, Reconciled, Accepted."),
+        "status": string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+        "reason": string("A CamelCase reason."),
+        "message": string("A human-readable explanation."),
+        "observedGeneration": integer("The generation this condition was computed from."),
+        "lastTransitionTime": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When the status last changed.",
+        },
+    },
+    required=["type", "status"],
+)
+CONDITIONS = {
+    **array("Conditions, written whole.", CONDITION),
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+
+LABEL_SELECTOR = obj(
+    "A Kubernetes LabelSelector.",
+    {
+        "matchLabels": string_map("Labels that must all match."),
+        "matchExpressions": array(
+            "Set-based requirements.",
+            obj(
+                "A label selector requirement.",
+                {
+                    "key": string("The label key."),
+                    "operator": string(
+                        "In, NotIn, Exists or DoesNotExist.",
+                        enum=["In", "NotIn", "Exists", "DoesNotExist"],
+                    ),
+                    "values": array("Values for In and NotIn.", string("A value.")),
+                },
+                required=["key", "operator"],
+            ),
+        ),
+    },
+)
+
+DNSBL_SITE = obj(
+    "A DNSBL site, as Postfix's domain=filter*weight.",
+    {
+        "zone": string("The DNSBL zone queried with the reversed client IP.", pattern=FQDN_PATTERN),
+        "returnCodes": array(
+            "Reply filters d.d.d.d (each d a number or [a;b;c..d]); empty = any reply "
+            "in 127.0.0.0/24 except the 127.255.255.x error codes.",
+            string("A reply filter.", pattern=RETURN_CODE_PATTERN),
+            default=[],
+        ),
+        "weight": integer(
+            "Added to the score once when the site lists the client; negative allowlists.",
+            default=1,
+        ),
+    },
+    required=["zone"],
+)
+
+RBL_CLIENT = obj(
+    "A reject_rbl_client entry.",
+    {
+        "zone": string("The RBL zone.", pattern=FQDN_PATTERN),
+        "returnCodes": array(
+            "Reply filters d.d.d.d; empty = any reply in 127.0.0.0/24 except 127.255.255.x.",
+            string("A reply filter.", pattern=RETURN_CODE_PATTERN),
+            default=[],
+        ),
+    },
+    required=["zone"],
+)
+
+SPF_REJECT_VALUES = ["Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Check"]
+
+# --- MailRelay ------------------------------------------------------------------
+MX_ENTRY = obj(
+    "One MX host: a Service on port 25 in front of the relay pods.",
+    {
+        "hostname": string("The MX host name published in DNS.", pattern=FQDN_PATTERN),
+        "priority": integer("The MX preference.", minimum=0, maximum=65535),
+        "service": obj(
+            "Passed to the Service.",
+            {
+                "type": string(
+                    "The Service type.",
+                    enum=["LoadBalancer", "NodePort", "ClusterIP"],
+                    default="LoadBalancer",
+                ),
+                "externalTrafficPolicy": string(
+                    "Local keeps the client IP.", enum=["Local", "Cluster"], default="Local"
+                ),
+                "annotations": string_map(
+                    "Annotations for the Service (external-dns, LB options)."
+                ),
+                "loadBalancerClass": string("The Service's loadBalancerClass."),
+                "loadBalancerSourceRanges": array(
+                    "CIDRs allowed through the load balancer.",
+                    string("A CIDR.", pattern=CIDR_PATTERN),
+                ),
+            },
+            default={},
+        ),
+    },
+    required=["hostname", "priority"],
+)
+
+MAILRELAY_SPEC = obj(
+    "One relay tier: the pods, their Services, their policy.",
+    {
+        "hostname": string("Banner and HELO name (Postfix myhostname).", pattern=FQDN_PATTERN),
+        "replicas": integer("Relay pods.", minimum=0, maximum=100, default=2),
+        "image": string("The relay image; empty = the operator's default."),
+        "mx": array(
+            "One Service per entry, port 25 to the pods. Empty: one entry with spec.hostname "
+            "at priority 10.",
+            MX_ENTRY,
+            default=[],
+        ),
+        "allowedDomains": obj(
+            "Which RelayDomains may attach (Gateway API style).",
+            {
+                "namespaces": obj(
+                    "Namespaces whose RelayDomains may attach.",
+                    {
+                        "from": string(
+                            "Same: this namespace; All: any; Selector: those matching selector.",
+                            enum=["Same", "All", "Selector"],
+                            default="Same",
+                        ),
+                        "selector": LABEL_SELECTOR,
+                    },
+                    default={},
+                ),
+            },
+            default={},
+        ),
+        "storage": obj(
+            "The queue PVC of each pod.",
+            {
+                "size": string("Requested size.", pattern=QUANTITY_PATTERN, default="10Gi"),
+                "storageClassName": string("StorageClass; null = the default.", nullable=True),
+            },
+            default={},
+        ),
+        "tls": obj(
+            "STARTTLS certificate: a cert-manager Certificate, or an existing Secret.",
+            {
+                "issuerRef": obj(
+                    "cert-manager issuer for the MX host names.",
+                    {
+                        "kind": string(
+                            "Issuer or ClusterIssuer.",
+                            enum=["Issuer", "ClusterIssuer"],
+                            default="ClusterIssuer",
+                        ),
+                        "name": string("The issuer's name."),
+                        "group": string("The issuer's API group.", default="cert-manager.io"),
+                    },
+                    required=["name"],
+                ),
+                "secretName": string(
+                    "An existing kubernetes.io/tls Secret (or the Certificate's target name).",
+                    default="",
+                ),
+            },
+            default={},
+        ),
+        "proxyProtocol": obj(
+            "HAProxy PROXY protocol v1/v2 from trusted load balancers.",
+            {
+                "enabled": boolean("Expect a PROXY header on the proxy port.", default=False),
+                "trustedCIDRs": array(
+                    "Only these peers may send a PROXY header.",
+                    string("A CIDR.", pattern=CIDR_PATTERN),
+                    default=[],
+                ),
+            },
+            default={},
+        ),
+        "network": obj(
+            "Which clients are trusted or refused.",
+            {
+                "mynetworks": array(
+                    "Trusted clients (skip spam checks); default: none at all.",
+                    string("A CIDR.", pattern=CIDR_PATTERN),
+                    default=[],
+                ),
+                "clientAccess": array(
+                    "Postfix check_client_access cidr table: first match wins.",
+                    obj(
+                        "A CIDR and what to do with it.",
+                        {
+                            "cidr": string("A CIDR.", pattern=CIDR_PATTERN),
+                            "action": string("permit or reject.", enum=["permit", "reject"]),
+                        },
+                        required=["cidr", "action"],
+                    ),
+                    default=[],
+                ),
+            },
+            default={},
+        ),
+        "limits": obj(
+            "Size and count limits.",
+            {
+                "messageSize": integer(
+                    "Bytes; advertised with SIZE.", minimum=1024, default=25600000
+                ),
+                "recipientsPerMessage": integer("smtpd_recipient_limit.", minimum=1, default=1000),
+                "connectionsPerClient": integer(
+                    "Concurrent connections per client IP (0 = unlimited).", minimum=0, default=50
+                ),
+            },
+            default={},
+        ),
+        "queue": obj(
+            "Retry schedule and lifetime.",
+            {
+                "lifetime": string(
+                    "maximal_queue_lifetime. " + DURATION, pattern=DURATION_PATTERN, default="10d"
+                ),
+                "minBackoff": string(
+                    "minimal_backoff_time. " + DURATION, pattern=DURATION_PATTERN, default="5m"
+                ),
+                "maxBackoff": string(
+                    "maximal_backoff_time. " + DURATION, pattern=DURATION_PATTERN, default="4000s"
+                ),
+            },
+            default={},
+        ),
+        "postscreen": obj(
+            "Connection-time tests before the SMTP session (Postfix postscreen).",
+            {
+                "greet": obj(
+                    "The pregreet test.",
+                    {
+                        "action": string(
+                            "ignore | enforce | drop.",
+                            enum=["ignore", "enforce", "drop"],
+                            default="enforce",
+                        ),
+                        "wait": string(
+                            "How long to wait after the 220- teaser. " + DURATION,
+                            pattern=DURATION_PATTERN,
+                            default="6s",
+                        ),
+                    },
+                    default={},
+                ),
+                "dnsbl": obj(
+                    "Weighted DNSBL scoring.",
+                    {
+                        "action": string(
+                            "ignore | enforce | drop.",
+                            enum=["ignore", "enforce", "drop"],
+                            default="enforce",
+                        ),
+                        "threshold": integer("Fail at score >= threshold.", default=1),
+                        "allowlistThreshold": integer(
+                            "Score at or below this skips all other tests (0 = off; negative "
+                            "turns it on).",
+                            default=0,
+                        ),
+                        "sites": array("DNSBL sites and weights.", DNSBL_SITE, default=[]),
+                    },
+                    default={},
+                ),
+            },
+            default={},
+        ),
+        "restrictions": obj(
+            "Checks at RCPT, in the seed setup's order.",
+            {
+                "rejectUnauthPipelining": boolean("reject_unauth_pipelining.", default=True),
+                "rejectNonFqdnRecipient": boolean("reject_non_fqdn_recipient.", default=True),
+                "rejectUnknownRecipientDomain": boolean(
+                    "reject_unknown_recipient_domain.", default=True
+                ),
+                "rejectUnknownReverseClientHostname": boolean(
+                    "reject_unknown_reverse_client_hostname.", default=True
+                ),
+                "rblClients": array("reject_rbl_client entries.", RBL_CLIENT, default=[]),
+                "spf": obj(
+                    "SPF checks with spf-engine's semantics.",
+                    {
+                        "enabled": boolean("Check SPF.", default=True),
+                        "heloReject": string(
+                            "spf-engine HELO_reject.", enum=SPF_REJECT_VALUES, default="Fail"
+                        ),
+                        "mailFromReject": string(
+                            "spf-engine Mail_From_reject.",
+                            enum=[v for v in SPF_REJECT_VALUES if v != "Null"],
+                            default="Fail",
+                        ),
+                        "permErrorReject": boolean("Reject Permerror.", default=False),
+                        "tempErrorDefer": boolean("Defer Temperror.", default=False),
+                        "skipAddresses": array(
+                            "Clients never checked.",
+                            string("A CIDR.", pattern=CIDR_PATTERN),
+                            default=["127.0.0.0/8", "::ffff:127.0.0.0/104", "::1"],
+                        ),
+                    },
+                    default={},
+                ),
+            },
+            default={},
+        ),
+        "contentFilters": obj(
+            "Checks on the message content.",
+            {
+                "rejectAttachmentExtensions": array(
+                    "File name extensions (no dot, any case) rejected in any MIME part.",
+                    string("An extension.", pattern=r"^[A-Za-z0-9_-]{1,32}$"),
+                    default=["bat", "com", "exe", "jar", "pif", "scr", "swf"],
+                ),
+            },
+            default={},
+        ),
+        "dns": obj(
+            "The resolver for DNSBL, RBL, PTR, SPF and MX lookups.",
+            {
+                "nameservers": array(
+                    '"ip" or "ip:port"; empty = the pod\'s resolver.',
+                    string("A name server.", pattern=NAMESERVER_PATTERN),
+                    default=[],
+                ),
+                "timeout": string(
+                    "Per-query timeout. " + DURATION, pattern=DURATION_PATTERN, default="5s"
+                ),
+            },
+            default={},
+        ),
+    },
+    required=["hostname"],
+)
+
+MAILRELAY_STATUS = obj(
+    "Observed state, written by the operator.",
+    {
+        "observedGeneration": integer("The generation last reconciled."),
+        "conditions": CONDITIONS,
+        "replicas": integer("Pods the StatefulSet has."),
+        "readyReplicas": integer("Pods ready."),
+        "domains": integer("RelayDomains attached."),
+        "recipients": integer("Recipient addresses in the rendered tables."),
+        "configHash": string("Hash of the rendered configuration."),
+        "mxRecords": array("MX records to publish.", string("An MX record.")),
+    },
+)
+
+MAILRELAY_RULES = [
+    Rule(
+        path="spec.allowedDomains.namespaces",
+        cel="self.from != 'Selector' || has(self.selector)",
+        message="selector is required when from is Selector",
+        check=lambda o: o.get("from", "Same") != "Selector" or "selector" in o,
+    ),
+    Rule(
+        path="spec.mx",
+        cel="self.all(a, self.exists_one(b, b.hostname == a.hostname))",
+        message="each mx hostname may appear only once",
+        check=lambda o: len({str(m.get("hostname", "")).lower() for m in o}) == len(o),
+    ),
+    Rule(
+        path="spec.proxyProtocol",
+        cel="!self.enabled || size(self.trustedCIDRs) > 0",
+        message="trustedCIDRs must name the load balancers when enabled is true",
+        check=lambda o: not o.get("enabled") or bool(o.get("trustedCIDRs")),
+    ),
+]
+
+# --- RelayDomain ------------------------------------------------------------------
+RELAYDOMAIN_SPEC = obj(
+    "A domain this relay accepts, and where its mail goes.",
+    {
+        "domain": string("The mail domain.", pattern=FQDN_PATTERN),
+        "relayRef": obj(
+            "The MailRelay to attach to.",
+            {
+                "name": string("The MailRelay's name.", pattern=K8S_NAME_PATTERN),
+                "namespace": string(
+                    "Its namespace; defaults to this object's own.", pattern=DNS_LABEL_PATTERN
+                ),
+            },
+            required=["name"],
+        ),
+        "nextHop": obj(
+            "Where accepted mail is forwarded (Postfix transport smtp:[host]:port).",
+            {
+                "host": string("Next-hop host name or IP.", pattern=HOSTNAME_PATTERN),
+                "port": integer("Next-hop port.", minimum=1, maximum=65535, default=25),
+                "mxLookup": boolean(
+                    "true = look up MX records of host (Postfix smtp:host).", default=False
+                ),
+                "tls": string(
+                    "none | may | encrypt | verify.",
+                    enum=["none", "may", "encrypt", "verify"],
+                    default="may",
+                ),
+            },
+            required=["host"],
+        ),
+        "recipients": string(
+            "listed = only RecipientList addresses; any = every address @domain.",
+            enum=["listed", "any"],
+            default="listed",
+        ),
+    },
+    required=["domain", "relayRef", "nextHop"],
+)
+
+RELAYDOMAIN_STATUS = obj(
+    "Observed state.",
+    {
+        "observedGeneration": integer("The generation last reconciled."),
+        "conditions": CONDITIONS,
+        "recipients": integer("Addresses merged from RecipientLists."),
+    },
+)
+
+# --- RecipientList ------------------------------------------------------------------
+RECIPIENTLIST_SPEC = obj(
+    "The addresses a listed domain accepts.",
+    {
+        "domainRef": obj(
+            "A RelayDomain in the same namespace.",
+            {"name": string("The RelayDomain's name.", pattern=K8S_NAME_PATTERN)},
+            required=["name"],
+        ),
+        "addresses": array(
+            "Recipient addresses (matched case-insensitively).",
+            string("An address.", pattern=ADDRESS_PATTERN, max_length=320),
+            default=[],
+        ),
+    },
+    required=["domainRef"],
+)
+
+RECIPIENTLIST_STATUS = obj(
+    "Observed state.",
+    {
+        "observedGeneration": integer("The generation last reconciled."),
+        "conditions": CONDITIONS,
+    },
+)
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    spec: Schema
+    status: Schema
+    rules: list[Rule]
+    printer_columns: list[dict[str, Any]]
+
+
+AGE_COLUMN = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+
+def _condition_column(name: str, ctype: str, field: str = "status") -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "string",
+        "jsonPath": f".status.conditions[?(@.type=='{ctype}')].{field}",
+    }
+
+
+KINDS: dict[str, Kind] = {
+    "MailRelay": Kind(
+        kind="MailRelay",
+        plural="mailrelays",
+        singular="mailrelay",
+        short_names=["mr"],
+        spec=MAILRELAY_SPEC,
+        status=MAILRELAY_STATUS,
+        rules=MAILRELAY_RULES,
+        printer_columns=[
+            {"name": "Hostname", "type": "string", "jsonPath": ".spec.hostname"},
+            {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+            {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "Domains", "type": "integer", "jsonPath": ".status.domains"},
+            _condition_column("Status", "Ready", "reason"),
+            AGE_COLUMN,
+        ],
+    ),
+    "RelayDomain": Kind(
+        kind="RelayDomain",
+        plural="relaydomains",
+        singular="relaydomain",
+        short_names=["rd"],
+        spec=RELAYDOMAIN_SPEC,
+        status=RELAYDOMAIN_STATUS,
+        rules=[],
+        printer_columns=[
+            {"name": "Domain", "type": "string", "jsonPath": ".spec.domain"},
+            {"name": "Relay", "type": "string", "jsonPath": ".spec.relayRef.name"},
+            {"name": "Next hop", "type": "string", "jsonPath": ".spec.nextHop.host"},
+            _condition_column("Accepted", "Accepted"),
+            _condition_column("Reason", "Accepted", "reason"),
+            AGE_COLUMN,
+        ],
+    ),
+    "RecipientList": Kind(
+        kind="RecipientList",
+        plural="recipientlists",
+        singular="recipientlist",
+        short_names=["rl"],
+        spec=RECIPIENTLIST_SPEC,
+        status=RECIPIENTLIST_STATUS,
+        rules=[],
+        printer_columns=[
+            {"name": "Domain", "type": "string", "jsonPath": ".spec.domainRef.name"},
+            AGE_COLUMN,
+        ],
+    ),
+}
+
+
+def _place_rules(schema: Schema, rules: list[Rule]) -> Schema:
+    """Returns a copy of the object schema with each rule's CEL at its path."""
+    import copy
+
+    root = copy.deepcopy(schema)
+    for rule in rules:
+        node = root
+        for key in rule.path.split(".")[1:]:  # path starts at "spec"
+            node = node["properties"][key]
+        node.setdefault("x-kubernetes-validations", []).append(
+            {"rule": rule.cel, "message": rule.message}
+        )
+    return root
+
+
+def openapi_schema(kind: str) -> Schema:
+    """The openAPIV3Schema of a kind, as it goes into the CRD."""
+    k = KINDS[kind]
+    return {
+        "type": "object",
+        "description": f"{k.kind} ({API_VERSION}).",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _place_rules(k.spec, k.rules),
+            "status": k.status,
+        },
+        "required": ["spec"],
+    }
+
+
+def crd(kind: str) -> dict[str, Any]:
+    """The CustomResourceDefinition of a kind."""
+    k = KINDS[kind]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{k.plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "mailrelay"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": k.kind,
+                "listKind": f"{k.kind}List",
+                "plural": k.plural,
+                "singular": k.singular,
+                "shortNames": k.short_names,
+                "categories": ["mailrelay"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": k.printer_columns,
+                    "schema": {"openAPIV3Schema": openapi_schema(kind)},
+                }
+            ],
+        },
+    }

@@ -1,0 +1,185 @@
+"""Offline checks of manifests against the CRD schemas, and structural defaulting.
+
+The same schemas as the CRDs (relay.manifests.schema); errors name the field
+the way the API server does: `spec.limits.messageSize: must be >= 1024`.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+from relay.manifests import schema as S
+
+
+@dataclass(frozen=True)
+class ManifestError:
+    source: str  # file name (and document index) or object reference
+    field: str  # dotted path, "" for the whole object
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}{field}{self.message}"
+
+
+def _to_json_schema(node: Any) -> Any:
+    """OpenAPI v3 (structural) -> JSON Schema: `nullable` becomes a null type."""
+    if isinstance(node, dict):
+        out = {k: _to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+        if out.pop("nullable", False) and "type" in out:
+            out["type"] = [out["type"], "null"]
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+        ):
+            # The API server prunes unknown fields; offline we say so instead.
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [_to_json_schema(v) for v in node]
+    return node
+
+
+_VALIDATORS: dict[str, jsonschema.Draft202012Validator] = {}
+
+
+def _validator(kind: str) -> jsonschema.Draft202012Validator:
+    if kind not in _VALIDATORS:
+        js = _to_json_schema(S.openapi_schema(kind))
+        js["properties"]["metadata"] = {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": S.K8S_NAME_PATTERN, "maxLength": 253},
+                "namespace": {"type": "string", "pattern": S.DNS_LABEL_PATTERN, "maxLength": 63},
+            },
+        }
+        js["required"] = ["apiVersion", "kind", "metadata", "spec"]
+        _VALIDATORS[kind] = jsonschema.Draft202012Validator(js)
+    return _VALIDATORS[kind]
+
+
+_PATTERN_NAMES = {
+    S.FQDN_PATTERN: "a fully-qualified domain name such as mx1.example.net",
+    S.HOSTNAME_PATTERN: "a host name or IP address",
+    S.ADDRESS_PATTERN: "a plain address such as joe@example.com",
+    S.CIDR_PATTERN: "a CIDR such as 192.0.2.0/24",
+    S.NAMESERVER_PATTERN: 'a name server "ip" or "ip:port"',
+    S.DURATION_PATTERN: "a time such as 10d, 4000s or 5m",
+    S.RETURN_CODE_PATTERN: "a reply filter such as 127.0.0.2 or 127.0.0.[2..11]",
+    S.QUANTITY_PATTERN: "a quantity such as 10Gi",
+    S.DNS_LABEL_PATTERN: "a DNS label (lowercase letters, digits, -)",
+    S.K8S_NAME_PATTERN: "a Kubernetes object name (lowercase letters, digits, -, .)",
+}
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    v = err.validator
+    if v == "required":
+        return str(err.message).replace("is a required property", "is required")
+    if v == "additionalProperties":
+        return str(err.message).replace("Additional properties are not allowed", "unknown field")
+    if v == "enum":
+        return f"must be one of {', '.join(map(str, err.validator_value))}, not {err.instance!r}"
+    if v == "pattern":
+        expected = _PATTERN_NAMES.get(
+            err.validator_value, f"a value matching {err.validator_value}"
+        )
+        return f"{err.instance!r} is not valid: expected {expected}"
+    if v == "type":
+        return f"must be of type {err.validator_value}, not {type(err.instance).__name__}"
+    if v == "minimum":
+        return f"must be >= {err.validator_value}"
+    if v == "maximum":
+        return f"must be <= {err.validator_value}"
+    return str(err.message)
+
+
+def apply_defaults(schema: S.Schema, value: Any) -> Any:
+    """Fills in schema defaults, as the API server's structural defaulting does."""
+    if not isinstance(schema, dict):
+        return value
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+    elif schema.get("type") == "array" and isinstance(value, list):
+        value[:] = [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def _semantic_checks(kind: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """Checks a regex cannot do: real CIDRs and IPs, rules written as CEL in the CRD."""
+    problems: list[tuple[str, str]] = []
+    spec = obj.get("spec") or {}
+
+    def cidr(field: str, value: Any) -> None:
+        try:
+            ipaddress.ip_network(str(value), strict=False)
+        except ValueError:
+            problems.append((field, f"{value!r} is not a valid CIDR"))
+
+    if kind == "MailRelay":
+        net = spec.get("network") or {}
+        for i, c in enumerate(net.get("mynetworks") or []):
+            cidr(f"spec.network.mynetworks[{i}]", c)
+        for i, entry in enumerate(net.get("clientAccess") or []):
+            if isinstance(entry, dict) and "cidr" in entry:
+                cidr(f"spec.network.clientAccess[{i}].cidr", entry["cidr"])
+        for i, c in enumerate((spec.get("proxyProtocol") or {}).get("trustedCIDRs") or []):
+            cidr(f"spec.proxyProtocol.trustedCIDRs[{i}]", c)
+        spf = (spec.get("restrictions") or {}).get("spf") or {}
+        for i, c in enumerate(spf.get("skipAddresses") or []):
+            cidr(f"spec.restrictions.spf.skipAddresses[{i}]", c)
+        for rule in S.KINDS[kind].rules:
+            node: Any = obj
+            for key in rule.path.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            if node is not None and not rule.check(node):
+                problems.append((rule.path, rule.message))
+    return problems
+
+
+def validate_object(obj: dict[str, Any], source: str = "") -> list[ManifestError]:
+    """Schema errors of one mailrelay.io object (after defaults are applied)."""
+    kind = obj.get("kind")
+    if obj.get("apiVersion") != S.API_VERSION or kind not in S.KINDS:
+        return [
+            ManifestError(
+                source,
+                "apiVersion" if obj.get("apiVersion") != S.API_VERSION else "kind",
+                f"not a {S.API_VERSION} MailRelay, RelayDomain or RecipientList",
+            )
+        ]
+    errors = [
+        ManifestError(source, _path(e.absolute_path), _message(e))
+        for e in sorted(_validator(kind).iter_errors(obj), key=lambda e: list(map(str, e.path)))
+    ]
+    if not errors:
+        errors = [ManifestError(source, f, m) for f, m in _semantic_checks(kind, obj)]
+    return errors
+
+
+def with_defaults(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a mailrelay.io object with its spec defaults filled in."""
+    out = copy.deepcopy(obj)
+    kind = out.get("kind")
+    if kind in S.KINDS and isinstance(out.get("spec"), dict):
+        apply_defaults(S.KINDS[kind].spec, out["spec"])
+    return out

@@ -1,0 +1,1 @@
+"""Shared test helpers: processes, peers and waiting, used by every test area."""
