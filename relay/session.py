@@ -1,0 +1,84 @@
+"""What the stages of an SMTP session share: replies, the session's state, verdicts.
+
+The stages, in order, as Postfix splits them into programs:
+  screen (postscreen)  ->  smtpd + policy (RCPT restrictions)  ->  content checks
+  ->  queue (durable spool)  ->  delivery (qmgr + smtp client)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply. `str()` gives the line without CRLF."""
+
+    code: int
+    status: str  # enhanced status code, e.g. "5.7.1"; "" for none
+    text: str
+    # Postfix reject_tempfail_action=defer_if_permit: keep looking for a
+    # reject, and defer with this reply only if the mail would be accepted.
+    defer_if_permit: bool = False
+    disconnect: bool = False  # close the connection after sending it
+
+    def __str__(self) -> str:
+        return " ".join(p for p in (str(self.code), self.status, self.text) if p)
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+
+@dataclass
+class ScreenResult:
+    """The postscreen verdict on a connection."""
+
+    action: str = "pass"  # pass | enforce | drop
+    reason: str = ""  # pregreet | dnsbl | access | ""
+    reply: Reply | None = None  # under enforce: the answer to every RCPT
+    dnsbl_score: int = 0
+    # permit in clientAccess / mynetworks, or at or below the DNSBL allowlist
+    # threshold: skip the other tests.
+    allowlisted: bool = False
+    cached: bool = False  # PASS OLD: a result from the cache, no wait
+
+
+@dataclass
+class Session:
+    """One client connection's state, shared by the stages."""
+
+    client_ip: str  # the real client (after PROXY, when trusted)
+    client_port: int = 0
+    peer_ip: str = ""  # the socket peer (a load balancer under PROXY)
+    local_ip: str = ""
+    local_port: int = 0
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    trusted: bool = False  # client in mynetworks
+    screen: ScreenResult = field(default_factory=ScreenResult)
+    # Set when the client sent commands ahead of a reply where that is not
+    # allowed (Postfix reject_unauth_pipelining).
+    unauth_pipelining: bool = False
+    reverse_name: str | None = None  # PTR result, once looked up
+    errors: int = 0
+    messages: int = 0
+
+
+@dataclass
+class Envelope:
+    """One message transaction (MAIL FROM .. end of DATA)."""
+
+    sender: str  # "" for the null sender
+    recipients: list[str] = field(default_factory=list)
+    mail_options: list[str] = field(default_factory=list)
+    size_hint: int | None = None  # MAIL FROM SIZE=
+    # Headers to prepend (Received-SPF, Received), in order.
+    prepend_headers: list[str] = field(default_factory=list)
+    # A defer_if_permit reply waiting for the rest of the restrictions.
+    deferred: Reply | None = None
