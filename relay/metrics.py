@@ -1,0 +1,29 @@
+"""Prometheus metrics of the relay (served on --metrics-listen at /metrics).
+
+Names follow Prometheus conventions with the `mailrelay_` prefix; every stage
+counts what it decides here, so the alerts in the Helm chart have one source.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Counter("mailrelay_connections_total", "Client connections accepted.")
+SCREEN = Counter(
+    "mailrelay_screen_total", "Postscreen verdicts.", ["result"]
+)  # pass_new, pass_old, pregreet, dnsbl, access, allowlisted
+ACCEPTED = Counter("mailrelay_messages_accepted_total", "Messages queued (250 after DATA).")
+ACCEPTED_BYTES = Counter("mailrelay_accepted_bytes_total", "Bytes of accepted messages.")
+REJECTED = Counter(
+    "mailrelay_rejected_total", "Rejected commands or messages, by reason.", ["reason"]
+)
+DELIVERED = Counter("mailrelay_delivered_total", "Recipients delivered to the next hop.")
+DEFERRED = Counter("mailrelay_deferred_total", "Delivery attempts deferred (4xx, no connection).")
+BOUNCED = Counter("mailrelay_bounced_total", "Recipients returned to the sender (5xx).")
+EXPIRED = Counter("mailrelay_expired_total", "Messages expired after the queue lifetime.")
+QUEUE_SIZE = Gauge("mailrelay_queue_messages", "Messages in the queue.", ["state"])
+QUEUE_OLDEST_AGE = Gauge("mailrelay_queue_oldest_age_seconds", "Age of the oldest queued message.")
+DELIVERY_SECONDS = Histogram(
+    "mailrelay_delivery_seconds", "Time of one delivery attempt to a next hop."
+)
+CONFIG_RELOADS = Counter("mailrelay_config_reloads_total", "Configuration reloads.", ["result"])
