@@ -1,0 +1,76 @@
+-- Argo CD health of a MailRelay (mailrelay.io/v1alpha1).
+-- Healthy:     Ready=True and status.observedGeneration == metadata.generation
+-- Progressing: not yet observed, an older generation observed, Ready=Unknown,
+--              or Ready=False while the operator is still rolling out
+-- Degraded:    Ready=False with a failure reason
+-- Written for Lua 5.1 (Argo CD's gopher-lua); tests run it with lua5.4.
+local hs = {}
+
+-- Ready=False with one of these reasons is work in progress, not a failure.
+local in_progress = {
+  Reconciling = true, Progressing = true, Pending = true, Creating = true,
+  RollingOut = true, Scaling = true, WaitingForPods = true, WaitingForCertificate = true,
+}
+
+local function find_condition(status, ctype)
+  if status == nil or status.conditions == nil then
+    return nil
+  end
+  for _, c in ipairs(status.conditions) do
+    if c.type == ctype then
+      return c
+    end
+  end
+  return nil
+end
+
+local function describe(c)
+  local text = c.reason or "NoReason"
+  if c.message ~= nil and c.message ~= "" then
+    text = text .. ": " .. c.message
+  end
+  return text
+end
+
+local status = obj.status
+local generation = obj.metadata and obj.metadata.generation
+local ready = find_condition(status, "Ready")
+-- The status-wide observedGeneration, else the condition's own.
+local observed = status and status.observedGeneration
+if observed == nil and ready ~= nil then
+  observed = ready.observedGeneration
+end
+if observed == nil then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the operator to reconcile the MailRelay"
+  return hs
+end
+if generation ~= nil and observed ~= generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
+    .. " (observed " .. tostring(observed) .. ")"
+  return hs
+end
+
+if ready == nil or ready.status == "Unknown" then
+  hs.status = "Progressing"
+  hs.message = ready and describe(ready) or "No Ready condition yet"
+  return hs
+end
+if ready.status == "False" then
+  if in_progress[ready.reason or ""] then
+    hs.status = "Progressing"
+  else
+    hs.status = "Degraded"
+  end
+  hs.message = describe(ready)
+  return hs
+end
+
+hs.status = "Healthy"
+local replicas = ""
+if status.readyReplicas ~= nil then
+  replicas = tostring(status.readyReplicas) .. " ready pod(s), "
+end
+hs.message = replicas .. tostring(status.domains or 0) .. " domain(s) attached"
+return hs
