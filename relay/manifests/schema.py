@@ -519,6 +519,10 @@ MAILRELAY_STATUS = obj(
         "recipients": integer("Recipient addresses in the rendered tables."),
         "configHash": string("Hash of the rendered configuration."),
         "mxRecords": array("MX records to publish.", string("An MX record.")),
+        "mxRecordsOmittedDomains": integer(
+            "Accepted domains left out of mxRecords (it lists the first 100); "
+            "they take the same MX hosts."
+        ),
     },
 )
 
