@@ -9,12 +9,17 @@ on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
+import dns.nameserver
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -64,10 +69,10 @@ class Resolver:
         policy = policy or DnsPolicy()
         if policy.nameservers:
             r = dns.asyncresolver.Resolver(configure=False)
-            servers = [parse_nameserver(s) for s in policy.nameservers]
-            r.nameservers = [h for h, _ in servers]
-            # dnspython has one port for all servers; ours are the same in practice.
-            r.port = servers[0][1]
+            r.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port)
+                for host, port in (parse_nameserver(s) for s in policy.nameservers)
+            ]
         else:
             r = dns.asyncresolver.Resolver()
         r.timeout = policy.timeout
@@ -107,8 +112,11 @@ class Resolver:
             ans = await self._resolver.resolve(
                 name + ".", dns.rdatatype.from_text(rdtype), raise_on_no_answer=False
             )
-        except dns.resolver.NXDOMAIN:
-            return DnsAnswer(name, rdtype, (), NEGATIVE_TTL, nxdomain=True)
+        except dns.resolver.NXDOMAIN as e:
+            ttl = NEGATIVE_TTL
+            for response in e.responses().values():
+                ttl = _negative_ttl(response)
+            return DnsAnswer(name, rdtype, (), ttl, nxdomain=True)
         except (
             dns.exception.Timeout,
             dns.resolver.NoNameservers,
@@ -118,9 +126,50 @@ class Resolver:
         except dns.exception.DNSException as e:
             raise DnsTempError(f"{name}/{rdtype}: {e}") from e
         if ans.rrset is None:
-            return DnsAnswer(name, rdtype, (), NEGATIVE_TTL)
+            return DnsAnswer(name, rdtype, (), _negative_ttl(ans.response))
         ttl = min(max(float(ans.rrset.ttl), MIN_TTL), MAX_TTL)
         return DnsAnswer(name, rdtype, tuple(r.to_text() for r in ans.rrset), ttl)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float:
+    """RFC 2308: a negative answer lives min(SOA TTL, SOA minimum); 60 s without a SOA."""
+    if response is not None:
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                soa = rrset[0]
+                return min(max(float(min(rrset.ttl, soa.minimum)), MIN_TTL), MAX_TTL)
+    return NEGATIVE_TTL
+
+
+def reverse_ip(ip: str) -> str:
+    """The DNSBL/PTR form of an address: '1.2.3.4' -> '4.3.2.1', IPv6 as nibbles."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        return ".".join(reversed(str(addr).split(".")))
+    return ".".join(reversed(addr.exploded.replace(":", "")))
+
+
+def ptr_name(ip: str) -> str:
+    """The in-addr.arpa / ip6.arpa name of an address."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    suffix = "in-addr.arpa" if isinstance(addr, ipaddress.IPv4Address) else "ip6.arpa"
+    return f"{reverse_ip(str(addr))}.{suffix}"
+
+
+def txt_strings(record: str) -> list[bytes]:
+    """The character-strings of one TXT record given in text form."""
+    rd = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, record)
+    return list(rd.strings)  # type: ignore[attr-defined]
+
+
+def txt_text(record: str) -> str:
+    """One TXT record as a readable line: strings joined, non-printables dropped."""
+    raw = b"".join(txt_strings(record)).decode("utf-8", "replace")
+    return "".join(c for c in raw if c.isprintable())
