@@ -27,3 +27,8 @@ DELIVERY_SECONDS = Histogram(
     "mailrelay_delivery_seconds", "Time of one delivery attempt to a next hop."
 )
 CONFIG_RELOADS = Counter("mailrelay_config_reloads_total", "Configuration reloads.", ["result"])
+DNSBL_ERRORS = Counter(
+    "mailrelay_dnsbl_errors_total",
+    "DNSBL answers not obeyed: error codes (127.255.255.x) or a list that lists everything.",
+    ["zone", "kind"],
+)
