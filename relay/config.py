@@ -99,6 +99,7 @@ class Postscreen:
     greet_action: str = "enforce"  # ignore | enforce | drop
     greet_wait: float = 6.0
     dnsbl_action: str = "enforce"
+    denylist_action: str = "ignore"  # clientAccess reject: ignore | enforce | drop
     dnsbl_threshold: int = 1
     dnsbl_allowlist_threshold: int = 0
     dnsbl_sites: tuple[DnsblSite, ...] = ()
@@ -205,6 +206,7 @@ def config_from_documents(
             greet_action=greet.get("action", "enforce"),
             greet_wait=parse_duration(greet.get("wait", "6s")),
             dnsbl_action=dnsbl.get("action", "enforce"),
+            denylist_action=ps.get("denylist", {}).get("action", "ignore"),
             dnsbl_threshold=int(dnsbl.get("threshold", 1)),
             dnsbl_allowlist_threshold=int(dnsbl.get("allowlistThreshold", 0)),
             dnsbl_sites=tuple(

@@ -421,6 +421,19 @@ MAILRELAY_SPEC = obj(
                     },
                     default={},
                 ),
+                "denylist": obj(
+                    "What happens to a client that network.clientAccess rejects "
+                    "(postscreen_denylist_action).",
+                    {
+                        "action": string(
+                            "ignore (Postfix's default: the RCPT check still answers 554) | "
+                            "enforce (550 5.3.2 on every RCPT) | drop (521 5.3.2, disconnect).",
+                            enum=["ignore", "enforce", "drop"],
+                            default="ignore",
+                        ),
+                    },
+                    default={},
+                ),
                 "dnsbl": obj(
                     "Weighted DNSBL scoring.",
                     {
