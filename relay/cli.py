@@ -164,6 +164,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return run_queue_command(args)
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from relay.probe import run_probe
+
+    return run_probe(args.address, args.timeout, args.liveness)
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from mailrelay_operator.main import run_operator
 
@@ -227,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-dir", default=DEFAULT_LOCAL_QUEUE)
     p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("probe", help="SMTP health check of a relay pod (EHLO/QUIT)")
+    p.add_argument("--address", default="127.0.0.1:2525", help="HOST:PORT of the relay")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds for the whole dialogue")
+    p.add_argument("--liveness", action="store_true", help="any SMTP greeting is enough")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("operator", help="the operator's entrypoint (Kopf)")
     p.add_argument("--namespace", action="append", default=[], help="watch only these namespaces")
