@@ -1,0 +1,52 @@
+"""The cert-manager Certificate for the relay's MX host names (pure builder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay_operator import naming
+
+CERT_MANAGER_API = "cert-manager.io/v1"
+
+
+def wants_certificate(relay: dict[str, Any]) -> bool:
+    return bool((relay["spec"].get("tls") or {}).get("issuerRef"))
+
+
+def wants_tls(relay: dict[str, Any]) -> bool:
+    """A Certificate is asked for, or an existing Secret is named."""
+    tls = relay["spec"].get("tls") or {}
+    return bool(tls.get("issuerRef") or tls.get("secretName"))
+
+
+def dns_names(relay: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for host in [e["hostname"] for e in naming.mx_entries(relay)] + [relay["spec"]["hostname"]]:
+        host = str(host).lower().rstrip(".")
+        if host not in names:
+            names.append(host)
+    return names
+
+
+def certificate(relay: dict[str, Any]) -> dict[str, Any]:
+    issuer = relay["spec"]["tls"]["issuerRef"]
+    return {
+        "apiVersion": CERT_MANAGER_API,
+        "kind": "Certificate",
+        "metadata": {
+            "name": naming.certificate_name(relay),
+            "namespace": naming.relay_namespace(relay),
+            "labels": naming.labels(relay, "tls"),
+        },
+        "spec": {
+            "secretName": naming.tls_secret_name(relay),
+            "dnsNames": dns_names(relay),
+            "issuerRef": {
+                "name": issuer["name"],
+                "kind": issuer.get("kind", "ClusterIssuer"),
+                "group": issuer.get("group", "cert-manager.io"),
+            },
+            "privateKey": {"rotationPolicy": "Always"},
+            "usages": ["server auth", "digital signature", "key encipherment"],
+        },
+    }

@@ -1,0 +1,38 @@
+"""Everything one MailRelay owns, as desired-state dicts (pure)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import kopf
+
+from mailrelay_operator import certificate, configmaps, pdb, services, statefulset
+from relay.manifests.render import Rendered
+
+
+def owned(child: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:
+    """Adds the relay as controller owner; never copies the relay's labels (unlike kopf.adopt)."""
+    kopf.append_owner_reference(child, owner=cast(Any, relay))
+    return child
+
+
+def desired_children(
+    relay: dict[str, Any], rendered: Rendered, image: str, cert_manager: bool
+) -> list[dict[str, Any]]:
+    """The children in apply order: configuration first, then the pods that read it."""
+    tls = certificate.wants_tls(relay) and (
+        cert_manager or not certificate.wants_certificate(relay)
+    )
+    shards = configmaps.recipient_config_maps(relay, rendered)
+    children = [configmaps.config_config_map(relay, rendered), *shards]
+    if certificate.wants_certificate(relay) and cert_manager:
+        children.append(certificate.certificate(relay))
+    children += [
+        services.headless_service(relay),
+        statefulset.statefulset(
+            relay, statefulset.PodOptions(image=image, shards=len(shards), tls=tls)
+        ),
+        *services.mx_services(relay),
+        pdb.pod_disruption_budget(relay),
+    ]
+    return [owned(c, relay) for c in children]

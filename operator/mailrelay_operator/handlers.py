@@ -1,0 +1,150 @@
+"""Kopf handlers: thin. They index objects and mark relays dirty; reconciler.py works.
+
+No @kopf.on.create/update handlers: those keep a diff-base annotation with a
+copy of the spec, which a large RecipientList overflows (256 KiB). Indexes and
+event handlers store nothing on the objects, and need no finalizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from mailrelay_operator import naming
+from mailrelay_operator.cluster import (
+    ClusterView,
+    domain_key_of_list,
+    first,
+    key_of,
+    relay_key_of_domain,
+    trim,
+)
+from mailrelay_operator.kubeapi import KubeApi
+from mailrelay_operator.reconciler import Reconciler
+
+GROUP = "mailrelay.io"
+OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+log = logging.getLogger("mailrelay.operator")
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    # Watch streams that hang silently were kopf's most reported problem:
+    # explicit timeouts make every stream reconnect (crate-operator's values).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 310
+    settings.watching.connect_timeout = 30
+    # Nothing of ours needs a finalizer or a diff-base; if kopf ever adds one,
+    # it carries our name rather than kopf.zalando.org.
+    settings.persistence.finalizer = naming.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=naming.ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=naming.ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    # Handler logs go to the operator's log, not to Kubernetes Events.
+    settings.posting.level = logging.WARNING
+
+
+# --- indexes: trimmed, defaulted copies, updated on every change -------------------------
+@kopf.index(GROUP, "mailrelays", id="relays_idx")
+def relays_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    obj = trim(body)
+    return {key_of(obj): obj}
+
+
+@kopf.index(GROUP, "relaydomains", id="domains_idx")
+def domains_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    obj = trim(body)
+    return {key_of(obj): obj}
+
+
+@kopf.index(GROUP, "recipientlists", id="lists_idx")
+def lists_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    obj = trim(body)
+    return {key_of(obj): obj}
+
+
+@kopf.index("", "v1", "namespaces", id="namespaces_idx")
+def namespaces_idx(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    return {name: dict(labels)}
+
+
+def _view(memo: kopf.Memo) -> ClusterView:
+    return ClusterView.from_indexes(
+        memo["indexes"]["relays_idx"],
+        memo["indexes"]["domains_idx"],
+        memo["indexes"]["lists_idx"],
+        memo["indexes"]["namespaces_idx"],
+    )
+
+
+# --- lifecycle -----------------------------------------------------------------------
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    configure(settings)
+    memo["indexes"] = {k: kwargs[k] for k in ("relays_idx", "domains_idx", "lists_idx")}
+    memo["indexes"]["namespaces_idx"] = kwargs["namespaces_idx"]
+    reconciler = Reconciler(
+        api=KubeApi(),
+        view=lambda: _view(memo),
+        image=os.environ.get(naming.RELAY_IMAGE_ENV) or naming.DEFAULT_RELAY_IMAGE,
+        resync_seconds=float(os.environ.get("MAILRELAY_OPERATOR_RESYNC_SECONDS", "300")),
+    )
+    memo["reconciler"] = reconciler
+    memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("task")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# --- events: mark what changed --------------------------------------------------------
+def _deleted(event: kopf.RawEvent) -> bool:
+    return event.get("type") == "DELETED"
+
+
+# Async on purpose: kopf runs sync handlers in threads, and marking wakes an
+# asyncio.Event that only the loop's own thread may touch.
+@kopf.on.event(GROUP, "mailrelays")
+async def relay_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo["reconciler"].relay_event(dict(body), _deleted(event))
+
+
+@kopf.on.event(GROUP, "relaydomains")
+async def domain_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    obj = dict(body)
+    memo["reconciler"].domain_event(obj, relay_key_of_domain(obj), _deleted(event))
+
+
+@kopf.on.event(GROUP, "recipientlists")
+async def list_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    obj = dict(body)
+    dom = first(memo["indexes"]["domains_idx"].get(domain_key_of_list(obj), ()))
+    relay = relay_key_of_domain(dom) if dom else None
+    memo["reconciler"].list_event(obj, relay, _deleted(event))
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def namespace_event(name: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo["reconciler"].namespace_event(name, dict(labels), lambda: _view(memo))
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels=OWNED)
+async def statefulset_event(
+    event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    memo["reconciler"].statefulset_event(dict(body), _deleted(event))
+
+
+@kopf.on.event("", "v1", "services", labels=OWNED)
+async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo["reconciler"].service_event(dict(body), _deleted(event))

@@ -1,0 +1,167 @@
+"""A small Kubernetes REST client: server-side apply, status patches, deletes.
+
+Built on the official client's ApiClient (auth, kubeconfig or in-cluster,
+token refresh); its blocking calls run in threads so the operator's event loop
+never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from mailrelay_operator.naming import FIELD_MANAGER
+
+# apiVersion, kind -> plural; only the kinds the operator touches.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("apps/v1", "StatefulSet"): "statefulsets",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("cert-manager.io/v1", "Certificate"): "certificates",
+    ("mailrelay.io/v1alpha1", "MailRelay"): "mailrelays",
+    ("mailrelay.io/v1alpha1", "RelayDomain"): "relaydomains",
+    ("mailrelay.io/v1alpha1", "RecipientList"): "recipientlists",
+}
+
+
+@dataclass
+class KubeError(Exception):
+    status: int
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}"
+
+
+def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{namespace}/{PLURALS[(api_version, kind)]}"
+    return f"{path}/{name}" if name else path
+
+
+def object_path(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    return resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+
+
+def load_api_client() -> k8s_client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG."""
+    cfg = k8s_client.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=cfg)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = 16
+    return k8s_client.ApiClient(cfg)
+
+
+class KubeApi:
+    def __init__(self, api_client: k8s_client.ApiClient | None = None) -> None:
+        self.api = api_client or load_api_client()
+        self.writes = 0  # apply/patch/delete requests sent (for tests and benchmarks)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            resp = self.api.call_api(*request, _request_timeout=(10, 60))
+            data = resp.read()
+        except ApiException as e:
+            raise KubeError(int(e.status or 0), str(e.reason or ""), str(e.body or "")) from None
+        if not 200 <= int(resp.status) <= 299:
+            try:
+                detail = json.loads(data or b"{}")
+            except ValueError:
+                detail = {}
+            raise KubeError(
+                int(resp.status),
+                str(detail.get("reason") or resp.reason or ""),
+                str(detail.get("message") or (data or b"").decode(errors="replace")),
+            )
+        return json.loads(data) if data else {}
+
+    # --- blocking calls -------------------------------------------------------------
+    def get_sync(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", path)
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list_sync(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        return list(self._call("GET", path, query).get("items") or [])
+
+    def apply_sync(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply under the operator's one field manager, taking conflicts."""
+        self.writes += 1
+        return self._call(
+            "PATCH",
+            object_path(obj),
+            [("fieldManager", FIELD_MANAGER), ("force", "true")],
+            dict(obj),
+            "application/apply-patch+yaml",
+        )
+
+    def patch_status_sync(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch of /status: conditions is written whole (merge replaces lists)."""
+        self.writes += 1
+        return self._call(
+            "PATCH", path + "/status", [], {"status": status}, "application/merge-patch+json"
+        )
+
+    def delete_sync(self, path: str, propagation: str = "Background") -> None:
+        self.writes += 1
+        try:
+            self._call(
+                "DELETE",
+                path,
+                [],
+                {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
+                "application/json",
+            )
+        except KubeError as e:
+            if e.status != 404:
+                raise
+
+    # --- the same, off the event loop ---------------------------------------------
+    async def get(self, path: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.get_sync, path)
+
+    async def list(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.list_sync, path, label_selector)
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.apply_sync, obj)
+
+    async def patch_status(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.patch_status_sync, path, status)
+
+    async def delete(self, path: str, propagation: str = "Background") -> None:
+        await asyncio.to_thread(self.delete_sync, path, propagation)

@@ -1,0 +1,121 @@
+"""Names, labels and fixed paths of everything the operator creates.
+
+Children get explicit names (never generateName) and labels chosen here; the
+parent's labels are never copied onto them (Argo CD tracks by label too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FIELD_MANAGER = "mailrelay-operator"
+MANAGED_BY = "mailrelay-operator"
+FINALIZER = "mailrelay.io/finalizer"
+ANNOTATION_PREFIX = "mailrelay.io"
+RESTART_HASH_ANNOTATION = "mailrelay.io/restart-hash"
+MX_PRIORITY_LABEL = "mailrelay.io/mx-priority"
+SHARD_LABEL = "mailrelay.io/shard"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+
+# Paths and ports inside the relay pod.
+CONFIG_DIR = "/etc/mailrelay/config"
+QUEUE_DIR = "/var/spool/mailrelay"
+TLS_DIR = "/etc/mailrelay/tls"
+SMTP_PORT = 2525
+PROXY_PORT = 10025
+METRICS_PORT = 9125
+SERVICE_PORT = 25
+RELAY_UID = 10025
+DEFAULT_RELAY_IMAGE = "ghcr.io/mailrelay/mailrelay:0.1.0"
+RELAY_IMAGE_ENV = "MAILRELAY_RELAY_IMAGE"
+
+
+def relay_name(relay: dict[str, Any]) -> str:
+    return str(relay["metadata"]["name"])
+
+
+def relay_namespace(relay: dict[str, Any]) -> str:
+    return str(relay["metadata"].get("namespace") or "default")
+
+
+def labels(relay: dict[str, Any], component: str) -> dict[str, str]:
+    """The labels every child of a relay carries."""
+    return {
+        LABEL_NAME: "mailrelay",
+        LABEL_INSTANCE: relay_name(relay),
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def pod_selector(relay: dict[str, Any]) -> dict[str, str]:
+    """The StatefulSet's selector: immutable, so it must never change shape."""
+    return {
+        LABEL_NAME: "mailrelay",
+        LABEL_INSTANCE: relay_name(relay),
+        LABEL_COMPONENT: "relay",
+    }
+
+
+def children_selector(relay: dict[str, Any], component: str | None = None) -> str:
+    """A label selector string matching this relay's children (of one component)."""
+    parts = [
+        f"{LABEL_NAME}=mailrelay",
+        f"{LABEL_INSTANCE}={relay_name(relay)}",
+        f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+    ]
+    if component:
+        parts.append(f"{LABEL_COMPONENT}={component}")
+    return ",".join(parts)
+
+
+def config_map_name(relay: dict[str, Any]) -> str:
+    return f"{relay_name(relay)}-config"
+
+
+def recipients_config_map_name(relay: dict[str, Any], shard: int) -> str:
+    return f"{relay_name(relay)}-recipients-{shard}"
+
+
+def statefulset_name(relay: dict[str, Any]) -> str:
+    return relay_name(relay)
+
+
+def headless_service_name(relay: dict[str, Any]) -> str:
+    return f"{relay_name(relay)}-pods"
+
+
+def pdb_name(relay: dict[str, Any]) -> str:
+    return relay_name(relay)
+
+
+def certificate_name(relay: dict[str, Any]) -> str:
+    return f"{relay_name(relay)}-tls"
+
+
+def tls_secret_name(relay: dict[str, Any]) -> str:
+    return str(relay["spec"].get("tls", {}).get("secretName") or f"{relay_name(relay)}-tls")
+
+
+def mx_entries(relay: dict[str, Any]) -> list[dict[str, Any]]:
+    """spec.mx, or one entry from spec.hostname at priority 10 when it is empty."""
+    entries = list(relay["spec"].get("mx") or [])
+    if not entries:
+        entries = [{"hostname": relay["spec"]["hostname"], "priority": 10, "service": {}}]
+    return entries
+
+
+def mx_service_names(relay: dict[str, Any]) -> list[str]:
+    """`<relay>-mx<priority>`, one per entry; a repeated priority gets -2, -3..."""
+    names: list[str] = []
+    seen: dict[int, int] = {}
+    for entry in mx_entries(relay):
+        prio = int(entry["priority"])
+        seen[prio] = seen.get(prio, 0) + 1
+        suffix = "" if seen[prio] == 1 else f"-{seen[prio]}"
+        names.append(f"{relay_name(relay)}-mx{prio}{suffix}")
+    return names

@@ -1,0 +1,427 @@
+"""One reconcile path for every MailRelay, driven by a queue of dirty relays.
+
+Kopf handlers (handlers.py) only record what changed and mark the relays it
+touches; this loop renders each dirty relay with the same renderer as
+`mailrelay render`, applies its children with server-side apply (skipping
+children whose desired state has not changed since the last apply), and
+writes MailRelay, RelayDomain and RecipientList statuses only when they differ.
+A periodic resync forgets those caches, so drift is repaired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailrelay_operator import certificate, naming, status
+from mailrelay_operator.children import desired_children
+from mailrelay_operator.cluster import ClusterView, Key, key_of
+from mailrelay_operator.kubeapi import KubeApi, KubeError, object_path, resource_path
+from relay.manifests.render import Rendered, render_relay
+
+log = logging.getLogger("mailrelay.operator")
+
+STATUS_WRITE_CONCURRENCY = 16
+# Kinds the operator deletes when a relay no longer wants them: (apiVersion, kind, component).
+PRUNABLE = (
+    ("v1", "ConfigMap", "recipients"),
+    ("v1", "Service", "mx"),
+    (certificate.CERT_MANAGER_API, "Certificate", "tls"),
+)
+
+
+def is_immutable_field_error(err: KubeError) -> bool:
+    """The API server's answer to a change of volumeClaimTemplates/selector/serviceName."""
+    return err.status == 422 and "Forbidden" in err.message and "statefulset spec" in err.message
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class RelayMemory:
+    """What the reconciler remembers about one relay between passes."""
+
+    uid: str = ""
+    generation: int = -1
+    rendered: Rendered | None = None
+    child_names: set[tuple[str, str, str]] | None = None  # (apiVersion, kind, name) applied
+    recreating: str = ""
+    recreated: tuple[int, str] | None = None  # (generation, message)
+    replicas: int = 0
+    ready_replicas: int = 0
+
+
+@dataclass
+class Reconciler:
+    api: KubeApi
+    view: Callable[[], ClusterView]
+    image: str = naming.DEFAULT_RELAY_IMAGE
+    resync_seconds: float = 300.0
+    debounce_seconds: float = 0.2
+    retry_seconds: float = 2.0
+
+    dirty: dict[Key, bool] = field(default_factory=dict)  # relay -> needs a fresh render
+    sweep: bool = False
+    relays: dict[Key, RelayMemory] = field(default_factory=dict)
+    applied: dict[str, str] = field(default_factory=dict)  # child path -> digest applied
+    written: dict[str, str] = field(default_factory=dict)  # object uid -> status written
+    seen: dict[tuple[str, Key], tuple[str, int]] = field(default_factory=dict)
+    refs: dict[tuple[str, Key], Key | None] = field(default_factory=dict)  # last relay referred
+    service_ready: dict[tuple[str, str], bool] = field(default_factory=dict)
+    cert_manager: bool | None = None
+    passes: int = 0
+    started: bool = False
+    _wakeup: asyncio.Event | None = None
+
+    # --- marking, called from kopf handlers (cheap, synchronous) ----------------------
+    @property
+    def wakeup(self) -> asyncio.Event:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
+
+    def mark(self, key: Key | None, render: bool = True) -> None:
+        if key is None:
+            return
+        self.dirty[key] = self.dirty.get(key, False) or render
+        self.wakeup.set()
+
+    def mark_sweep(self) -> None:
+        self.sweep = True
+        self.wakeup.set()
+
+    def mark_later(self, key: Key, render: bool = False) -> None:
+        asyncio.get_running_loop().call_later(self.retry_seconds, self.mark, key, render)
+
+    def _changed(self, kind: str, body: dict[str, Any], deleted: bool) -> bool:
+        """Spec changes bump generation; our own status writes do not."""
+        key = (kind, key_of(body))
+        if deleted:
+            self.seen.pop(key, None)
+            return True
+        now = (str(body["metadata"].get("uid")), int(body["metadata"].get("generation") or 0))
+        if self.seen.get(key) == now:
+            return False
+        self.seen[key] = now
+        return True
+
+    def relay_event(self, body: dict[str, Any], deleted: bool) -> None:
+        if self._changed("MailRelay", body, deleted):
+            self.mark(key_of(body))
+            self.mark_sweep()
+
+    def domain_event(self, body: dict[str, Any], relay: Key, deleted: bool) -> None:
+        if not self._changed("RelayDomain", body, deleted):
+            return
+        ref = ("RelayDomain", key_of(body))
+        self.mark(self.refs.get(ref))
+        self.refs[ref] = None if deleted else relay
+        self.mark(relay)
+        self.mark_sweep()
+
+    def list_event(self, body: dict[str, Any], relay: Key | None, deleted: bool) -> None:
+        if not self._changed("RecipientList", body, deleted):
+            return
+        ref = ("RecipientList", key_of(body))
+        self.mark(self.refs.get(ref))
+        self.refs[ref] = None if deleted else relay
+        self.mark(relay)
+        self.mark_sweep()
+
+    def namespace_event(
+        self, name: str, labels: dict[str, str], view: Callable[[], ClusterView]
+    ) -> None:
+        key = ("Namespace", ("", name))
+        now = (digest(labels), 0)
+        if self.seen.get(key) == now:
+            return
+        first = key not in self.seen
+        self.seen[key] = now
+        if not first:
+            for relay in view().relays_with_selector():
+                self.mark(relay)
+
+    def statefulset_event(self, body: dict[str, Any], deleted: bool) -> None:
+        key = self._owner_key(body)
+        if key is None:
+            return
+        mem = self.relays.setdefault(key, RelayMemory())
+        st = body.get("status") or {}
+        replicas, ready = int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0)
+        if deleted:
+            self.applied.pop(object_path(body), None)
+            replicas = ready = 0
+        if deleted or (mem.replicas, mem.ready_replicas) != (replicas, ready):
+            mem.replicas, mem.ready_replicas = replicas, ready
+            self.mark(key, render=False)
+
+    def service_event(self, body: dict[str, Any], deleted: bool) -> None:
+        key = self._owner_key(body)
+        if key is None:
+            return
+        skey = (key[0], str(body["metadata"]["name"]))
+        ready = not deleted and status.service_has_address(body)
+        if deleted:
+            self.applied.pop(object_path(body), None)
+        if deleted or self.service_ready.get(skey) != ready:
+            self.service_ready[skey] = ready
+            self.mark(key, render=False)
+
+    @staticmethod
+    def _owner_key(body: dict[str, Any]) -> Key | None:
+        meta = body.get("metadata") or {}
+        instance = (meta.get("labels") or {}).get(naming.LABEL_INSTANCE)
+        if not instance:
+            return None
+        return (str(meta.get("namespace") or "default"), str(instance))
+
+    # --- the loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=self.resync_seconds)
+            except TimeoutError:
+                if self.started:
+                    self.resync()
+            self.wakeup.clear()
+            await asyncio.sleep(self.debounce_seconds)
+            await self.process()
+
+    def resync(self) -> None:
+        """Forget what was applied and written: the next pass checks everything again."""
+        self.applied.clear()
+        self.written.clear()
+        self.cert_manager = None
+        for key, mem in self.relays.items():
+            mem.child_names = None
+            self.dirty[key] = True
+        self.sweep = True
+
+    async def process(self) -> None:
+        """One pass over whatever is dirty now."""
+        self.started = True
+        view = self.view()
+        dirty, self.dirty = self.dirty, {}
+        sweep, self.sweep = self.sweep, False
+        for key, render in sorted(dirty.items()):
+            try:
+                await self.reconcile_relay(key, render, view)
+            except Exception:
+                log.exception("reconciling MailRelay %s/%s failed; retrying", *key)
+                self.mark_later(key, render=True)
+        if sweep:
+            try:
+                await self.sweep_orphans(view)
+            except Exception:
+                log.exception("writing statuses of unattached objects failed; retrying")
+                asyncio.get_running_loop().call_later(self.retry_seconds, self.mark_sweep)
+        self.passes += 1
+
+    # --- one relay --------------------------------------------------------------------
+    async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> None:
+        relay = view.relays.get(key)
+        if relay is None:
+            self._forget(key)
+            return
+        mem = self.relays.setdefault(key, RelayMemory())
+        uid, gen = str(relay["metadata"].get("uid")), status.generation(relay)
+        if mem.uid != uid:
+            self.relays[key] = mem = RelayMemory(
+                uid=uid, replicas=mem.replicas, ready_replicas=mem.ready_replicas
+            )
+        if render or mem.rendered is None or mem.generation != gen:
+            inventory = view.inventory()
+            mem.rendered = await asyncio.to_thread(render_relay, relay, inventory)
+            mem.generation = gen
+        rendered = mem.rendered
+        assert rendered is not None
+
+        obs = status.RelayObservation(config_hash=rendered.config_hash)
+        if certificate.wants_certificate(relay):
+            await self._check_cert_manager()
+            obs.cert_manager_missing = self.cert_manager is False
+        children = desired_children(relay, rendered, self.image, self.cert_manager is not False)
+        try:
+            await self._apply_children(key, mem, children, obs)
+            await self._prune(relay, mem, children)
+        except KubeError as e:
+            obs.applied, obs.apply_error = False, str(e)
+            log.warning("MailRelay %s/%s: %s", key[0], key[1], e)
+            self.mark_later(key)
+        if mem.recreated and mem.recreated[0] == gen:
+            obs.recreated = mem.recreated[1]
+        obs.recreating = mem.recreating
+        obs.replicas, obs.ready_replicas = mem.replicas, mem.ready_replicas
+        accepted = sorted(v.domain for v in rendered.domains if v.accepted)
+        obs.domains, obs.recipients = len(accepted), rendered.recipients
+        mx = [(int(e["priority"]), str(e["hostname"])) for e in naming.mx_entries(relay)]
+        ready_hosts = {
+            str(e["hostname"])
+            for e, name in zip(
+                naming.mx_entries(relay), naming.mx_service_names(relay), strict=True
+            )
+            if self.service_ready.get((key[0], name))
+        }
+        obs.mx_records = status.mx_records(accepted, mx, ready_hosts)
+
+        writes = [self._write_status(relay, status.relay_status(relay, obs))]
+        for v in rendered.domains:
+            dom = view.domains.get((v.namespace, v.name))
+            if dom is not None:
+                writes.append(self._write_status(dom, status.domain_status(dom, v)))
+        for lv in rendered.recipient_lists:
+            rl = view.lists.get((lv.namespace, lv.name))
+            if rl is not None and view.relay_of_list(rl) == key:
+                writes.append(self._write_status(rl, status.list_status(rl, lv)))
+        await self._gather_limited(writes)
+
+    async def _check_cert_manager(self) -> None:
+        if self.cert_manager is None:
+            found = await self.api.get(f"/apis/{certificate.CERT_MANAGER_API}")
+            names = {r.get("kind") for r in (found or {}).get("resources", [])}
+            self.cert_manager = "Certificate" in names
+
+    async def _apply_children(
+        self,
+        key: Key,
+        mem: RelayMemory,
+        children: list[dict[str, Any]],
+        obs: status.RelayObservation,
+    ) -> None:
+        for child in children:
+            path = object_path(child)
+            want = digest(child)
+            if self.applied.get(path) == want:
+                continue
+            if child["kind"] == "StatefulSet":
+                if not await self._apply_statefulset(key, mem, child):
+                    continue
+            else:
+                try:
+                    await self.api.apply(child)
+                except KubeError as e:
+                    if child["kind"] == "Certificate" and e.status == 404:
+                        # The CRD went away between the check and the apply.
+                        self.cert_manager = False
+                        obs.cert_manager_missing = True
+                        self.mark_later(key, render=False)
+                        continue
+                    raise
+            self.applied[path] = want
+
+    async def _apply_statefulset(self, key: Key, mem: RelayMemory, sts: dict[str, Any]) -> bool:
+        """Applies the StatefulSet; orphan-deletes and recreates it on an immutable change.
+
+        Returns True once the desired StatefulSet is in place.
+        """
+        path = object_path(sts)
+        if mem.recreating:
+            current = await self.api.get(path)
+            if current is not None:
+                # Still held by the orphan finalizer until the garbage collector
+                # has released the pods; look again shortly.
+                self.mark_later(key, render=False)
+                return False
+            await self.api.apply(sts)
+            mem.recreated = (mem.generation, mem.recreating.replace("recreating", "recreated"))
+            mem.recreating = ""
+            log.info("MailRelay %s/%s: StatefulSet recreated", *key)
+            return True
+        try:
+            await self.api.apply(sts)
+            return True
+        except KubeError as e:
+            if not is_immutable_field_error(e):
+                raise
+        # Zalando style: delete with propagation Orphan (the pods keep running and
+        # serving), then create the new StatefulSet, which adopts them.
+        await self.api.delete(path, propagation="Orphan")
+        mem.recreating = (
+            "an immutable StatefulSet field changed (volumeClaimTemplates, selector or "
+            "serviceName): recreating it with orphan deletion, pods keep running; "
+            "existing queue volumes keep their old size"
+        )
+        log.info("MailRelay %s/%s: %s", key[0], key[1], mem.recreating)
+        self.mark_later(key, render=False)
+        return False
+
+    async def _prune(
+        self, relay: dict[str, Any], mem: RelayMemory, children: list[dict[str, Any]]
+    ) -> None:
+        """Deletes recipient shards, MX Services and Certificates the relay no longer wants."""
+        wanted = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
+        prunable = {w for w in wanted if any(w[:2] == p[:2] for p in PRUNABLE)}
+        if mem.child_names is not None and mem.child_names == prunable:
+            return
+        ns = naming.relay_namespace(relay)
+        for api_version, kind, component in PRUNABLE:
+            if kind == "Certificate" and not self.cert_manager:
+                continue
+            found = await self.api.list(
+                resource_path(api_version, kind, ns), naming.children_selector(relay, component)
+            )
+            for obj in found:
+                name = obj["metadata"]["name"]
+                if (api_version, kind, name) not in wanted:
+                    await self.api.delete(resource_path(api_version, kind, ns, name))
+                    self.applied.pop(resource_path(api_version, kind, ns, name), None)
+        mem.child_names = prunable
+
+    def _forget(self, key: Key) -> None:
+        self.relays.pop(key, None)
+        prefix_ns = f"/namespaces/{key[0]}/"
+        for path in [p for p in self.applied if prefix_ns in p]:
+            name = path.rsplit("/", 1)[1]
+            if name == key[1] or name.startswith(key[1] + "-"):
+                self.applied.pop(path, None)
+
+    # --- statuses ---------------------------------------------------------------------
+    async def _write_status(self, obj: dict[str, Any], new: dict[str, Any]) -> None:
+        uid = str(obj["metadata"].get("uid"))
+        want = digest(status.without_times(new))
+        if want == self.written.get(uid):
+            return
+        if status.without_times(obj.get("status")) == status.without_times(new):
+            self.written[uid] = want
+            return
+        path = resource_path(
+            obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        )
+        try:
+            await self.api.patch_status(path, new)
+        except KubeError as e:
+            if e.status == 404:  # deleted meanwhile
+                return
+            raise
+        self.written[uid] = want
+
+    async def _gather_limited(self, coros: list[Any]) -> None:
+        sem = asyncio.Semaphore(STATUS_WRITE_CONCURRENCY)
+
+        async def one(c: Any) -> None:
+            async with sem:
+                await c
+
+        results = await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def sweep_orphans(self, view: ClusterView) -> None:
+        """Statuses of RelayDomains and RecipientLists no existing relay renders."""
+        writes = []
+        for dom in view.orphan_domains():
+            ref = dom["spec"]["relayRef"]
+            ns = ref.get("namespace") or key_of(dom)[0]
+            msg = f"no MailRelay {ns}/{ref['name']}"
+            writes.append(self._write_status(dom, status.domain_status(dom, None, msg)))
+        for rl, reason, message in view.orphan_lists():
+            writes.append(self._write_status(rl, status.list_status(rl, None, reason, message)))
+        await self._gather_limited(writes)

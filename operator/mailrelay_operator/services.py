@@ -1,0 +1,72 @@
+"""The relay's Services (pure builders): a headless one for the StatefulSet,
+and one per spec.mx entry on port 25."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay_operator import naming
+
+# externalTrafficPolicy is only valid where traffic comes from outside.
+_EXTERNAL_TYPES = ("LoadBalancer", "NodePort")
+
+
+def headless_service(relay: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": naming.headless_service_name(relay),
+            "namespace": naming.relay_namespace(relay),
+            "labels": naming.labels(relay, "pods"),
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": naming.pod_selector(relay),
+            "ports": [
+                {"name": "smtp", "port": naming.SMTP_PORT, "targetPort": "smtp", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def mx_services(relay: dict[str, Any]) -> list[dict[str, Any]]:
+    proxy = bool(relay["spec"].get("proxyProtocol", {}).get("enabled"))
+    out = []
+    for entry, name in zip(naming.mx_entries(relay), naming.mx_service_names(relay), strict=True):
+        svc_opts = entry.get("service") or {}
+        svc_type = svc_opts.get("type", "LoadBalancer")
+        spec: dict[str, Any] = {
+            "type": svc_type,
+            "selector": naming.pod_selector(relay),
+            "ports": [
+                {
+                    "name": "smtp",
+                    "port": naming.SERVICE_PORT,
+                    # With PROXY protocol the load balancer talks to the proxy port.
+                    "targetPort": "smtp-proxy" if proxy else "smtp",
+                    "protocol": "TCP",
+                }
+            ],
+        }
+        if svc_type in _EXTERNAL_TYPES:
+            spec["externalTrafficPolicy"] = svc_opts.get("externalTrafficPolicy", "Local")
+        if svc_type == "LoadBalancer":
+            if svc_opts.get("loadBalancerClass"):
+                spec["loadBalancerClass"] = svc_opts["loadBalancerClass"]
+            if svc_opts.get("loadBalancerSourceRanges"):
+                spec["loadBalancerSourceRanges"] = list(svc_opts["loadBalancerSourceRanges"])
+        metadata: dict[str, Any] = {
+            "name": name,
+            "namespace": naming.relay_namespace(relay),
+            "labels": {
+                **naming.labels(relay, "mx"),
+                naming.MX_PRIORITY_LABEL: str(int(entry["priority"])),
+            },
+            "annotations": {
+                **dict(svc_opts.get("annotations") or {}),
+                "mailrelay.io/mx-hostname": str(entry["hostname"]),
+            },
+        }
+        out.append({"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec})
+    return out

@@ -1,0 +1,221 @@
+"""The relay pods' StatefulSet (pure builder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mailrelay_operator import naming
+from relay.config import parse_duration
+
+# Every recipient shard ConfigMap has a slot in the projected config volume,
+# marked optional, so a new shard appears in the pod without a template change
+# (a restart). Slots come in steps; only crossing a step changes the template.
+SHARD_SLOT_STEP = 32
+# Policy the relay reads only when it starts (listeners); everything else in
+# relay.json, domains.json and the recipient shards is reloaded live. A change
+# here rolls the pods through the restart-hash annotation.
+RESTART_POLICY_KEYS: tuple[str, ...] = ("proxyProtocol",)
+TERMINATION_GRACE_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class PodOptions:
+    """What the StatefulSet needs beyond the MailRelay itself."""
+
+    image: str
+    shards: int = 0  # recipient shards rendered now
+    tls: bool = False  # mount the TLS Secret and pass --tls-dir
+
+
+def shard_slots(shards: int) -> int:
+    steps = max(1, -(-shards // SHARD_SLOT_STEP))
+    return steps * SHARD_SLOT_STEP
+
+
+def restart_hash(relay: dict[str, Any]) -> str:
+    spec = relay["spec"]
+    doc = {k: spec.get(k) for k in RESTART_POLICY_KEYS}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def relay_command(relay: dict[str, Any], tls: bool) -> list[str]:
+    cmd = [
+        "mailrelay",
+        "relay",
+        "--config-dir",
+        naming.CONFIG_DIR,
+        "--queue-dir",
+        naming.QUEUE_DIR,
+        "--listen",
+        f"0.0.0.0:{naming.SMTP_PORT}",
+        "--metrics-listen",
+        f"0.0.0.0:{naming.METRICS_PORT}",
+    ]
+    if tls:
+        cmd += ["--tls-dir", naming.TLS_DIR]
+    if relay["spec"].get("proxyProtocol", {}).get("enabled"):
+        cmd += ["--proxy-listen", f"0.0.0.0:{naming.PROXY_PORT}"]
+    return cmd
+
+
+def probe_timeout(relay: dict[str, Any]) -> int:
+    """Long enough to sit out the postscreen greet pause before the banner."""
+    greet = relay["spec"].get("postscreen", {}).get("greet", {})
+    wait = parse_duration(greet.get("wait", "6s")) if greet.get("action") != "ignore" else 0
+    return max(20, int(wait) + 5)
+
+
+def _probe(relay: dict[str, Any], *extra: str) -> dict[str, Any]:
+    timeout = probe_timeout(relay)
+    # EHLO and QUIT on the pod's own loopback after the full banner: no early
+    # talk (pregreet), no MAIL/RCPT, so the relay's checks never fire.
+    return {
+        "exec": {
+            "command": [
+                "mailrelay",
+                "probe",
+                "--address",
+                f"127.0.0.1:{naming.SMTP_PORT}",
+                "--timeout",
+                str(timeout - 2),
+                *extra,
+            ]
+        },
+        "timeoutSeconds": timeout,
+    }
+
+
+def config_volume(relay: dict[str, Any], shards: int) -> dict[str, Any]:
+    sources: list[dict[str, Any]] = [{"configMap": {"name": naming.config_map_name(relay)}}]
+    for i in range(shard_slots(shards)):
+        sources.append(
+            {
+                "configMap": {
+                    "name": naming.recipients_config_map_name(relay, i),
+                    "optional": True,
+                }
+            }
+        )
+    return {"name": "config", "projected": {"defaultMode": 0o444, "sources": sources}}
+
+
+def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
+    spec = relay["spec"]
+    selector = naming.pod_selector(relay)
+    proxy = bool(spec.get("proxyProtocol", {}).get("enabled"))
+    ports = [{"name": "smtp", "containerPort": naming.SMTP_PORT, "protocol": "TCP"}]
+    if proxy:
+        ports.append({"name": "smtp-proxy", "containerPort": naming.PROXY_PORT, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"})
+    mounts = [
+        {"name": "config", "mountPath": naming.CONFIG_DIR, "readOnly": True},
+        {"name": "queue", "mountPath": naming.QUEUE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        config_volume(relay, opts.shards),
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
+    if opts.tls:
+        mounts.append({"name": "tls", "mountPath": naming.TLS_DIR, "readOnly": True})
+        # optional: the Secret appears once cert-manager has issued it.
+        volumes.append(
+            {
+                "name": "tls",
+                "secret": {"secretName": naming.tls_secret_name(relay), "optional": True},
+            }
+        )
+    storage = spec.get("storage", {})
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": storage.get("size", "10Gi")}},
+    }
+    if storage.get("storageClassName"):
+        claim_spec["storageClassName"] = storage["storageClassName"]
+    container = {
+        "name": "relay",
+        "image": spec.get("image") or opts.image,
+        "command": relay_command(relay, opts.tls),
+        "ports": ports,
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "volumeMounts": mounts,
+        # The relay may load a large recipient table first: give it time.
+        "startupProbe": {**_probe(relay), "periodSeconds": 5, "failureThreshold": 60},
+        "readinessProbe": {**_probe(relay), "periodSeconds": 15, "failureThreshold": 2},
+        "livenessProbe": {
+            **_probe(relay, "--liveness"),
+            "periodSeconds": 30,
+            "failureThreshold": 4,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": naming.statefulset_name(relay),
+            "namespace": naming.relay_namespace(relay),
+            "labels": naming.labels(relay, "relay"),
+        },
+        "spec": {
+            "replicas": int(spec.get("replicas", 2)),
+            "serviceName": naming.headless_service_name(relay),
+            "selector": {"matchLabels": selector},
+            # Relay pods are peers: start and stop them all at once.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            # Queued mail lives on the claims: keep them when scaling or deleting.
+            "persistentVolumeClaimRetentionPolicy": {
+                "whenDeleted": "Retain",
+                "whenScaled": "Retain",
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**selector, naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
+                    "annotations": {naming.RESTART_HASH_ANNOTATION: restart_hash(relay)},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    # Long enough to finish SMTP sessions and close the queue files.
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": naming.RELAY_UID,
+                        "runAsGroup": naming.RELAY_UID,
+                        "fsGroup": naming.RELAY_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    # ScheduleAnyway, not DoNotSchedule: a small cluster with one
+                    # zone (or pods pinned by zonal volumes) must still run every
+                    # replica; the spread is a preference, mail delivery is not.
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "topology.kubernetes.io/zone",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector},
+                        }
+                    ],
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+            "volumeClaimTemplates": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "queue", "labels": selector},
+                    "spec": claim_spec,
+                }
+            ],
+        },
+    }

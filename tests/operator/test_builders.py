@@ -1,0 +1,212 @@
+"""Golden-file tests of the pure builders: MailRelay in, child objects out.
+
+UPDATE_GOLDEN=1 pytest tests/operator rewrites the files under golden/;
+review the diff before committing it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mailrelay_operator import naming, statefulset
+from mailrelay_operator.children import desired_children
+
+from relay.manifests.load import Inventory, load_manifests
+from relay.manifests.render import render_relay
+from relay.manifests.validate import with_defaults
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+IMAGE = "registry.test/mailrelay:test"
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def check_golden(name: str, docs: list[dict[str, Any]]) -> None:
+    text = yaml.dump_all(docs, Dumper=_NoAliases, sort_keys=True, default_flow_style=False)
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1" or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 and review"
+
+
+def with_identity(relay: dict[str, Any]) -> dict[str, Any]:
+    relay = copy.deepcopy(relay)
+    relay["metadata"].update(uid="00000000-0000-0000-0000-000000000001", generation=1)
+    relay["metadata"]["labels"] = {"argocd.argoproj.io/instance": "mail", "team": "ops"}
+    return relay
+
+
+def quickstart() -> tuple[dict[str, Any], Inventory]:
+    inv = load_manifests([REPO / "examples" / "quickstart"])
+    assert not inv.errors
+    return with_identity(inv.relays[0]), inv
+
+
+FULL_RELAY = {
+    "apiVersion": "mailrelay.io/v1alpha1",
+    "kind": "MailRelay",
+    "metadata": {"name": "edge", "namespace": "mail"},
+    "spec": {
+        "hostname": "mx1.example.net",
+        "replicas": 3,
+        "image": "registry.test/mailrelay:pinned",
+        "mx": [
+            {
+                "hostname": "mx1.example.net",
+                "priority": 10,
+                "service": {
+                    "annotations": {"external-dns.alpha.kubernetes.io/hostname": "mx1.example.net"}
+                },
+            },
+            {
+                "hostname": "mx2.example.net",
+                "priority": 20,
+                "service": {"type": "NodePort", "externalTrafficPolicy": "Cluster"},
+            },
+            {"hostname": "mx3.example.net", "priority": 20, "service": {"type": "ClusterIP"}},
+        ],
+        "storage": {"size": "20Gi", "storageClassName": "fast"},
+        "tls": {"issuerRef": {"name": "letsencrypt"}},
+        "proxyProtocol": {"enabled": True, "trustedCIDRs": ["10.0.0.0/8"]},
+    },
+}
+
+
+def full_relay() -> dict[str, Any]:
+    return with_identity(with_defaults(FULL_RELAY))
+
+
+def test_quickstart_children_match_golden() -> None:
+    relay, inv = quickstart()
+    children = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
+    check_golden("quickstart.yaml", children)
+
+
+def test_full_relay_children_match_golden() -> None:
+    relay = full_relay()
+    children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
+    check_golden("full.yaml", children)
+
+
+def by_kind(children: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [c for c in children if c["kind"] == kind]
+
+
+def test_children_are_owned_and_never_carry_parent_labels() -> None:
+    relay, inv = quickstart()
+    for child in desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True):
+        assert child["metadata"]["name"], "explicit names, never generateName"
+        assert "generateName" not in child["metadata"]
+        labels = child["metadata"]["labels"]
+        assert "argocd.argoproj.io/instance" not in labels and "team" not in labels
+        assert labels[naming.LABEL_MANAGED_BY] == naming.MANAGED_BY
+        [ref] = child["metadata"]["ownerReferences"]
+        assert ref["uid"] == relay["metadata"]["uid"] and ref["controller"] is True
+
+
+def test_mx_services_one_per_entry_with_unique_names() -> None:
+    relay = full_relay()
+    children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
+    mx = [s for s in by_kind(children, "Service") if s["spec"].get("clusterIP") != "None"]
+    assert [s["metadata"]["name"] for s in mx] == ["edge-mx10", "edge-mx20", "edge-mx20-2"]
+    assert [s["metadata"]["labels"][naming.MX_PRIORITY_LABEL] for s in mx] == ["10", "20", "20"]
+    lb, nodeport, cluster_ip = mx
+    assert lb["spec"]["externalTrafficPolicy"] == "Local"
+    assert nodeport["spec"]["externalTrafficPolicy"] == "Cluster"
+    assert "externalTrafficPolicy" not in cluster_ip["spec"]
+    assert all(s["spec"]["ports"][0]["targetPort"] == "smtp-proxy" for s in mx)
+
+
+def test_default_mx_from_hostname() -> None:
+    relay, inv = quickstart()
+    children = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
+    mx = [s for s in by_kind(children, "Service") if s["metadata"]["name"].endswith("-mx10")]
+    assert len(mx) == 1
+    assert mx[0]["spec"]["type"] == "LoadBalancer"
+    assert mx[0]["metadata"]["annotations"]["mailrelay.io/mx-hostname"] == "mx.quickstart.test"
+
+
+def test_without_cert_manager_no_certificate_and_no_starttls() -> None:
+    relay = full_relay()
+    children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=False)
+    assert not by_kind(children, "Certificate")
+    [sts] = by_kind(children, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    assert "--tls-dir" not in pod["containers"][0]["command"]
+    assert all(v["name"] != "tls" for v in pod["volumes"])
+
+
+def test_certificate_names_every_mx_host() -> None:
+    relay = full_relay()
+    children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
+    [cert] = by_kind(children, "Certificate")
+    assert cert["spec"]["dnsNames"] == ["mx1.example.net", "mx2.example.net", "mx3.example.net"]
+    assert cert["spec"]["secretName"] == "edge-tls"
+    assert cert["spec"]["issuerRef"] == {
+        "name": "letsencrypt",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+
+
+def test_a_new_shard_does_not_change_the_pod_template() -> None:
+    relay, _ = quickstart()
+    one = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=1))
+    five = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=5))
+    assert one["spec"]["template"] == five["spec"]["template"]
+    many = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=40))
+    sources = many["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
+    assert len(sources) == 1 + 64
+
+
+def test_recipient_changes_do_not_touch_the_pod_template() -> None:
+    relay, inv = quickstart()
+    before = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
+    inv.recipient_lists[0] = copy.deepcopy(inv.recipient_lists[0])
+    inv.recipient_lists[0]["spec"]["addresses"].append("new@example.com")
+    after = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
+    changed = [b["metadata"]["name"] for b, a in zip(before, after, strict=True) if a != b]
+    assert changed == ["quickstart-recipients-0"]
+
+
+def test_restart_hash_moves_only_for_restart_settings() -> None:
+    relay, _ = quickstart()
+    base = statefulset.restart_hash(relay)
+    relay["spec"]["limits"]["messageSize"] = 1024 * 1024
+    assert statefulset.restart_hash(relay) == base
+    relay["spec"]["proxyProtocol"] = {"enabled": True, "trustedCIDRs": ["10.0.0.0/8"]}
+    assert statefulset.restart_hash(relay) != base
+
+
+@pytest.mark.parametrize("wait,timeout", [("6s", 20), ("30s", 35)])
+def test_probe_timeout_outlasts_the_greet_pause(wait: str, timeout: int) -> None:
+    relay, _ = quickstart()
+    relay["spec"]["postscreen"]["greet"]["wait"] = wait
+    assert statefulset.probe_timeout(relay) == timeout
+
+
+def test_pod_security() -> None:
+    relay, inv = quickstart()
+    children = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
+    [sts] = by_kind(children, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsUser"] == 10025
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone" and spread["maxSkew"] == 1
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "queue"
+    [pdb] = by_kind(children, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
