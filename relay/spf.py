@@ -1,24 +1,178 @@
 """SPF at RCPT, as spf-engine (pypolicyd-spf) does it.
 
-INTERFACE STUB (no opinion) — the spam-filtering work replaces the body.
 `check()` runs once per message transaction (the caller caches the outcome
-for the later recipients): a Reply to reject/defer, or a Received-SPF header
-to prepend once.
+for the later recipients): a Reply to reject/defer, or a header to prepend
+once (Received-SPF, or spf-engine's X-Comment for skipped clients).
+
+spf-engine's order: the HELO identity first (pyspf query with
+s=postmaster@helo); a HELO result that rejects or defers answers at once.
+Then MAIL FROM; for the null sender the HELO result stands in. Reply texts
+follow spf-engine: `550 5.7.23 <rcpt>: Recipient address rejected: Message
+rejected due to: <pyspf explanation>. Please see <url>` (5.7.24 for
+Permerror/Temperror), and `450 4.7.24 ...deferred...` as defer_if_permit.
+
+pyspf is synchronous and does its own DNS through the module-level
+`spf.DNSLookup`. Instead of blocking a thread per lookup, pyspf runs here
+against answers we already have: the hook raises when an answer is missing,
+we fetch the missing names with the async resolver (relay.dns, cached by
+TTL), and run pyspf again. An SPF evaluation is cheap CPU next to DNS, it
+needs at most a handful of rounds, and a slow domain only ever waits on an
+awaited DNS query, so it never stalls other sessions or ties up threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import ipaddress
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from relay.config import RelayConfig
-from relay.dns import Resolver
+import spf as pyspf
+
+from relay import metrics
+from relay.config import RelayConfig, SpfPolicy
+from relay.dns import DnsTempError, Resolver, txt_strings
 from relay.session import Reply, Session
+
+log = logging.getLogger("mailrelay.spf")
+
+LOOKUP_TIME = 20.0  # spf-engine Lookup_Time: one identity's whole evaluation
+VOID_LIMIT = 2  # spf-engine Void_Limit
+MAX_ROUNDS = 40  # pyspf's own limits (10 DNS mechanisms, 10 MX/PTR names) keep it far below
+WHY_URL = "http://www.openspf.net/Why?s={scope};id={identity};ip={ip};r=<UNKNOWN>"
+
+# Results each *_reject setting rejects (spf-engine _get_resultcodes).
+REJECTS: dict[str, frozenset[str]] = {
+    "Fail": frozenset({"Fail"}),
+    "Null": frozenset({"Fail"}),
+    "Softfail": frozenset({"Fail", "Softfail"}),
+    "SPF_Not_Pass": frozenset({"Fail", "Softfail", "Neutral"}),
+    "False": frozenset(),
+    "No_Check": frozenset(),
+}
 
 
 @dataclass(frozen=True)
 class SpfOutcome:
     reply: Reply | None = None
     header: str | None = None  # "Received-SPF: ..." without CRLF
+
+
+# --- pyspf's DNS, answered from what we fetched --------------------------------------
+
+
+class _NeedDns(BaseException):
+    """Raised inside pyspf when an answer is not fetched yet (BaseException: pyspf
+    catches Exception in places; we also record the need, in case it is swallowed)."""
+
+
+@dataclass
+class _Answers:
+    known: dict[tuple[str, str], list[tuple[tuple[str, str], Any]] | str]
+    missing: list[tuple[str, str]]
+
+
+_current: contextvars.ContextVar[_Answers | None] = contextvars.ContextVar(
+    "mailrelay_spf_answers", default=None
+)
+_original_lookup: Callable[..., Any] = pyspf.DNSLookup
+
+
+def _lookup_hook(name: str, qtype: str, *args: Any, **kwargs: Any) -> Any:
+    answers = _current.get()
+    if answers is None:  # someone else's pyspf use in this process
+        return _original_lookup(name, qtype, *args, **kwargs)
+    key = (name.lower().rstrip("."), qtype.upper())
+    found = answers.known.get(key)
+    if found is None:
+        answers.missing.append(key)
+        raise _NeedDns(key)
+    if isinstance(found, str):
+        raise pyspf.TempError(found)
+    return found
+
+
+pyspf.DNSLookup = _lookup_hook
+
+
+def _convert(name: str, qtype: str, records: tuple[str, ...]) -> list[tuple[tuple[str, str], Any]]:
+    """Our answer's text records -> pyspf's DNSLookup result format."""
+    key = (name, qtype)
+    out: list[tuple[tuple[str, str], Any]] = []
+    for r in records:
+        if qtype in ("A", "AAAA"):
+            out.append((key, r))
+        elif qtype == "MX":
+            pref, _, exchange = r.partition(" ")
+            out.append((key, (int(pref), exchange.rstrip("."))))
+        elif qtype == "PTR":
+            out.append((key, r.rstrip(".")))
+        elif qtype in ("TXT", "SPF"):
+            out.append((key, tuple(txt_strings(r))))
+    return out
+
+
+async def _fetch(resolver: Resolver, key: tuple[str, str]) -> list[Any] | str:
+    name, qtype = key
+    try:
+        answer = await resolver.query(name, qtype)
+    except DnsTempError as e:
+        return f"DNS {e}"
+    return _convert(name, qtype, answer.records)
+
+
+async def evaluate(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple[str, str]:
+    """pyspf's (result, explanation) for one identity, e.g. ('fail', 'SPF fail - not
+    authorized'); DNS through `resolver`. Temperror when LOOKUP_TIME runs out."""
+    answers = _Answers({}, [])
+    try:
+        async with asyncio.timeout(LOOKUP_TIME):
+            for _round in range(MAX_ROUNDS):
+                answers.missing = []
+                pyspf.MAX_VOID_LOOKUPS = VOID_LIMIT
+                query = pyspf.query(i=ip, s=sender, h=helo, querytime=0)
+                token = _current.set(answers)
+                try:
+                    result, _code, explanation = query.check()
+                except _NeedDns:
+                    pass
+                finally:
+                    _current.reset(token)
+                if not answers.missing:
+                    return result, explanation
+                needed = list(dict.fromkeys(answers.missing))
+                fetched = await asyncio.gather(*(_fetch(resolver, k) for k in needed))
+                answers.known.update(zip(needed, fetched, strict=True))
+    except TimeoutError:
+        return "temperror", "SPF Temporary Error: DNS Timeout"
+    return "temperror", "SPF Temporary Error: too many DNS rounds"
+
+
+# --- spf-engine's policy ----------------------------------------------------------------
+
+
+def _in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
+def _action(policy_value: str, result: str, policy: SpfPolicy) -> str:
+    """reject | defer | prepend for one identity's result (spf-engine _get_resultcodes)."""
+    if policy_value == "False":
+        return "prepend"
+    if result in REJECTS.get(policy_value, frozenset()):
+        return "reject"
+    if result == "Temperror" and policy.temp_error_defer:
+        return "defer"
+    if result == "Permerror" and policy.perm_error_reject:
+        return "reject"
+    return "prepend"
 
 
 class SpfChecker:
@@ -30,4 +184,95 @@ class SpfChecker:
         self.config = config
 
     async def check(self, session: Session, sender: str, recipient: str) -> SpfOutcome:
-        return SpfOutcome()
+        policy = self.config.restrictions.spf
+        if not policy.enabled:
+            return SpfOutcome()
+        ip = session.client_ip
+        helo = session.helo or ""
+        if _in(ip, policy.skip_addresses):
+            return SpfOutcome(
+                header="X-Comment: SPF check N/A for local connections - "
+                f"client-ip={ip}; helo={helo or '<UNKNOWN>'}; envelope-from={sender}; "
+                "receiver=<UNKNOWN> "
+            )
+        if not helo and not sender:
+            return SpfOutcome()
+        if not helo:  # spf-engine: no HELO, use the sender's domain
+            helo = sender.rpartition("@")[2] if "@" in sender else "unknown"
+        header_sender = sender or "<>"
+        header = ""
+        helo_result = "None"
+        helo_action = "prepend"
+
+        if policy.helo_reject != "No_Check":
+            result, explanation = await evaluate(self.resolver, ip, "postmaster@" + helo, helo)
+            helo_result = result.capitalize()
+            if helo_result == "None":
+                explanation = "no SPF record"
+            header = self._header(helo_result, explanation, "helo", ip, helo, header_sender)
+            if policy.helo_reject == "Null" and sender:
+                helo_action = "dunno"
+            else:
+                helo_action = _action(policy.helo_reject, helo_result, policy)
+            if helo_action in ("reject", "defer"):
+                return self._refuse(
+                    helo_action, helo_result, explanation, "helo", helo, session, recipient
+                )
+
+        if not sender:  # the null sender: the HELO result stands
+            return SpfOutcome(header=header or None)
+        if policy.mail_from_reject == "No_Check":
+            return SpfOutcome(header=header or None)
+
+        result, explanation = await evaluate(self.resolver, ip, sender, helo)
+        mfrom_result = result.capitalize()
+        if mfrom_result == "None":
+            explanation = "no SPF record"
+        if mfrom_result != "None" or helo_result == "None":
+            header = self._header(mfrom_result, "mailfrom", "mailfrom", ip, helo, sender)
+        action = _action(policy.mail_from_reject, mfrom_result, policy)
+        if action in ("reject", "defer"):
+            return self._refuse(
+                action, mfrom_result, explanation, "mfrom", sender, session, recipient
+            )
+        log.debug("SPF %s for %s from [%s]", mfrom_result, sender, ip)
+        return SpfOutcome(header=header or None)
+
+    @staticmethod
+    def _header(result: str, comment: str, identity: str, ip: str, helo: str, sender: str) -> str:
+        return (
+            f"Received-SPF: {result} ({comment}) identity={identity}; client-ip={ip}; "
+            f"helo={helo}; envelope-from={sender}; receiver=<UNKNOWN> "
+        )
+
+    @staticmethod
+    def _refuse(
+        action: str,
+        result: str,
+        explanation: str,
+        scope: str,
+        identity: str,
+        session: Session,
+        recipient: str,
+    ) -> SpfOutcome:
+        error = result in ("Permerror", "Temperror")
+        url = WHY_URL.format(scope=scope, identity=identity, ip=session.client_ip)
+        verb = "rejected" if action == "reject" else "deferred"
+        text = (
+            f"<{recipient}>: Recipient address rejected: "
+            f"Message {verb} due to: {explanation}. Please see {url}"
+        )
+        if action == "reject":
+            reply = Reply(550, "5.7.24" if error else "5.7.23", text)
+        else:
+            reply = Reply(450, "4.7.24", text, defer_if_permit=True)
+        log.info(
+            "NOQUEUE: %s: RCPT from [%s]: %s; SPF %s (%s)",
+            "reject" if action == "reject" else "defer_if_permit",
+            session.client_ip,
+            reply,
+            result,
+            scope,
+        )
+        metrics.REJECTED.labels(reason=f"spf_{result.lower()}").inc()
+        return SpfOutcome(reply=reply)
