@@ -1,0 +1,440 @@
+"""Delivery: Postfix's qmgr for one relay process.
+
+Takes messages from the queue, sends each recipient group to its domain's
+next hop (relay.smtp_client), records per-recipient results, defers with
+Postfix's backoff, expires and returns mail as DSNs (relay.dsn).
+
+- `wake(id)`: the server calls it right after `commit()`; the message is
+  delivered at once, from memory when small, under the lock taken at receipt.
+- `run()`: recovers the queue at start, then watches it: messages left by a
+  crash, deferred ones that are due, `mailrelay queue flush`.
+- Time comes from `clock` (unix seconds): tests fast-forward it to expire
+  and retry mail without waiting. Only the polling pause is real time.
+
+Retry: next attempt at now + clamp(age, minBackoff, maxBackoff)
+(qmgr_active.c). Expiry is checked only after a failed attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from relay import metrics
+from relay.config import NextHop, RelayConfig
+from relay.dns import Resolver
+from relay.dsn import Failure, build_dsn
+from relay.queue import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, Queue, id_time
+from relay.smtp_client import BOUNCED, SENT, ConnectionPool, RecipientResult
+from relay.smtp_client import DEFERRED as RESULT_DEFERRED
+
+log = logging.getLogger("relay.delivery")
+
+Clock = Callable[[], float]
+
+
+def backoff(age: float, minimum: float, maximum: float) -> float:
+    """Postfix's retry delay: the message's age, clamped."""
+    return min(max(age, minimum), maximum)
+
+
+def _format_delay(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.2f}" if seconds < 100 else str(int(seconds))
+
+
+@dataclass
+class _Due:
+    state: str  # active | deferred
+    at: float
+
+
+class Delivery:
+    def __init__(
+        self,
+        queue: Queue,
+        config_getter: Callable[[], RelayConfig],
+        resolver: Resolver,
+        clock: Clock = time.time,
+        *,
+        poll_interval: float = 1.0,
+        rescan_interval: float = 30.0,
+        max_messages: int = 200,
+        destination_concurrency: int = 20,
+        connect_timeout: float = 30.0,
+        command_timeout: float = 300.0,
+        verify_context: ssl.SSLContext | None = None,
+        source_address: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.config_getter = config_getter
+        self.resolver = resolver
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.rescan_interval = rescan_interval
+        self.max_messages = max_messages
+        self.pool = ConnectionPool(
+            resolver,
+            concurrency=destination_concurrency,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            verify_context=verify_context,
+            source_address=source_address,
+        )
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._due: dict[str, _Due] = {}
+        self._stopping = False
+        self._recovered = False
+        self._flush_seen = 0.0
+        self._last_scan = float("-inf")
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._force_next_scan = False
+
+    # -- the server's entry points -----------------------------------------
+
+    def wake(self, queue_id: str) -> None:
+        """Delivers a just-committed message now (call after `commit()` returned)."""
+        if self._stopping or queue_id in self._inflight:
+            return
+        claim = self.queue.take_fresh(queue_id)
+        if claim is None:  # not ours (or already taken): let the scan find it
+            self._due[queue_id] = _Due(ACTIVE, 0.0)
+            self._poke()
+            return
+        self._start(queue_id, self._deliver_claim(claim))
+
+    async def run(self) -> None:
+        """Delivers until `stop()`: recovery, then due messages, flushes, rescans."""
+        self._loop_task = asyncio.current_task()
+        self._wakeup = asyncio.Event()
+        await self.recover()
+        self._flush_seen = await self.queue.run_io(self.queue.flush_marker_mtime_sync)
+        while not self._stopping:
+            try:
+                await self._tick()
+            except Exception:  # a bad file or a full disk must not stop delivery
+                log.exception("delivery loop error")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
+            self._wakeup.clear()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stops taking messages; waits up to `grace` for deliveries under way."""
+        self._stopping = True
+        self._poke()
+        if self._loop_task is not None and self._loop_task is not asyncio.current_task():
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:  # interrupted: the message stays queued as it was
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self.pool.close()
+
+    # -- for tests and the admin command -----------------------------------
+
+    async def recover(self) -> None:
+        removed = await self.queue.run_io(self.queue.recover_sync)
+        for path in removed:
+            log.info("removed unfinished queue file %s", path)
+        self._recovered = True
+
+    async def process_due(self, *, rescan: bool = True) -> None:
+        """One pass now: rescan the queue, deliver everything due, wait for it."""
+        if not self._recovered:
+            await self.recover()
+        if rescan:
+            await self._rescan(force_all=False)
+        self._start_due()
+        await self.idle()
+
+    async def idle(self) -> None:
+        """Waits until no delivery is under way (DSNs they queue included)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    def flush(self) -> None:
+        """Makes every deferred message due now (in-process `queue flush`)."""
+        for due in self._due.values():
+            due.at = 0.0
+        self._last_scan = float("-inf")
+        self._force_next_scan = True
+        self._poke()
+
+    # -- scheduling ----------------------------------------------------------
+
+    def _poke(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _tick(self) -> None:
+        flush_mark = await self.queue.run_io(self.queue.flush_marker_mtime_sync)
+        force = self._force_next_scan or flush_mark != self._flush_seen
+        if flush_mark != self._flush_seen:
+            log.info("queue flush requested")
+        self._flush_seen = flush_mark
+        self._force_next_scan = False
+        if force or time.monotonic() - self._last_scan >= self.rescan_interval:
+            await self._rescan(force_all=force)
+            if not force:
+                await self.recover()  # stale incoming files of crashed workers
+            self.pool.prune()
+        self._start_due()
+
+    async def _rescan(self, *, force_all: bool) -> None:
+        entries = await self.queue.run_io(self.queue.scan_sync)
+        self._last_scan = time.monotonic()
+        now = self.clock()
+        counts = {ACTIVE: 0, DEFERRED: 0, HOLD: 0}
+        oldest = now
+        seen = set()
+        fresh = set(self.queue.fresh_ids())
+        for queue_id, state, mtime in entries:
+            counts[state] += 1
+            oldest = min(oldest, id_time(queue_id))
+            seen.add(queue_id)
+            if state == HOLD or queue_id in self._inflight or queue_id in fresh:
+                self._due.pop(queue_id, None)
+                continue
+            at = 0.0 if state == ACTIVE or force_all else mtime
+            self._due[queue_id] = _Due(state, at)
+        for queue_id in list(self._due):
+            if queue_id not in seen:
+                del self._due[queue_id]
+        for state, n in counts.items():
+            metrics.QUEUE_SIZE.labels(state).set(n)
+        metrics.QUEUE_OLDEST_AGE.set(max(0.0, now - oldest) if entries else 0.0)
+
+    def _start_due(self) -> None:
+        if self._stopping:
+            return
+        now = self.clock()
+        for queue_id, due in sorted(self._due.items(), key=lambda kv: kv[1].at):
+            if len(self._inflight) >= self.max_messages:
+                break
+            if due.at > now:
+                continue
+            del self._due[queue_id]
+            if queue_id not in self._inflight:
+                self._start(queue_id, self._claim_and_deliver(queue_id, due))
+
+    def _start(self, queue_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._inflight[queue_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._inflight.get(queue_id) is t:
+                del self._inflight[queue_id]
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s: delivery failed", queue_id, exc_info=t.exception())
+            self._poke()
+
+        task.add_done_callback(done)
+
+    async def _claim_and_deliver(self, queue_id: str, due: _Due) -> None:
+        claim = await self.queue.run_io(self.queue.claim_sync, queue_id, due.state)
+        if claim is None:
+            return  # another process has it, or it is gone
+        if due.state == DEFERRED and due.at > 0:
+            # Our scan may be old: the file's mtime is the truth.
+            at = await self.queue.run_io(self.queue.next_attempt_sync, claim)
+            if at > self.clock():
+                self.queue.release_sync(claim)
+                self._due[queue_id] = _Due(DEFERRED, at)
+                return
+        await self._deliver_claim(claim)
+
+    # -- one message ---------------------------------------------------------
+
+    def _chunks(self, claim: Claim) -> Callable[[], AsyncIterator[bytes]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            if claim.data is not None:
+                yield claim.data
+                return
+            offset = 0
+            while offset < claim.envelope.size:
+                chunk = await self.queue.run_io(
+                    self.queue.read_data_sync, claim, offset, READ_CHUNK
+                )
+                if not chunk:
+                    break
+                offset += len(chunk)
+                yield chunk
+
+        return chunks
+
+    async def _deliver_claim(self, claim: Claim) -> None:
+        try:
+            await self._attempt(claim)
+        finally:
+            if claim.fd >= 0:  # cancelled or failed midway: the message stays as it was
+                self.queue.release_sync(claim)
+
+    async def _attempt(self, claim: Claim) -> None:
+        config = self.config_getter()
+        env = claim.envelope
+        pending = claim.pending
+        unrouted: list[RecipientResult] = []
+        groups: dict[NextHop, list[str]] = {}
+        for rcpt in pending:
+            domain = config.domain_of(rcpt.rpartition("@")[2])
+            if domain is None:  # removed from the configuration since: wait for it
+                unrouted.append(
+                    RecipientResult(
+                        rcpt,
+                        RESULT_DEFERRED,
+                        "4.3.5 no next hop: the recipient domain is not a relay domain here",
+                        "4.3.5",
+                        smtp_reply=False,
+                    )
+                )
+            else:
+                groups.setdefault(domain.next_hop, []).append(rcpt)
+        self._log_and_count(claim, unrouted)
+        results = list(unrouted)
+        chunks = self._chunks(claim)
+        tasks = [
+            asyncio.ensure_future(
+                self.pool.deliver(hop, env.sender, rcpts, chunks, local_hostname=config.hostname)
+            )
+            for hop, rcpts in groups.items()
+        ]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                group = await finished
+                results += group
+                self._log_and_count(claim, group)
+                for r in group:
+                    if r.kind == SENT:
+                        claim.progress.done[r.recipient] = SENT
+                if len(tasks) > 1 and any(r.kind == SENT for r in group):
+                    # other groups still running: keep what is done across a crash
+                    await self.queue.run_io(self.queue.save_progress_sync, claim)
+        finally:
+            for t in tasks:
+                t.cancel()
+        await self._conclude(claim, config, results)
+
+    def _log_and_count(self, claim: Claim, results: list[RecipientResult]) -> None:
+        delay = _format_delay(self.clock() - claim.envelope.arrival)
+        for r in results:
+            log.info(
+                "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)",
+                claim.queue_id,
+                r.recipient,
+                r.relay,
+                delay,
+                r.status,
+                r.kind,
+                r.reply,
+            )
+            if r.kind == SENT:
+                metrics.DELIVERED.inc()
+            elif r.kind == BOUNCED:
+                metrics.BOUNCED.inc()
+            else:
+                metrics.DEFERRED.inc()
+
+    async def _conclude(
+        self, claim: Claim, config: RelayConfig, results: list[RecipientResult]
+    ) -> None:
+        env = claim.envelope
+        now = self.clock()
+        failures = [_failure(r) for r in results if r.kind == BOUNCED]
+        deferred = [r for r in results if r.kind == RESULT_DEFERRED]
+        progress = claim.progress
+        if deferred:
+            progress.attempts += 1
+            progress.last_reason = deferred[0].reply
+            for r in deferred:
+                progress.reasons[r.recipient] = r.reply
+            if now >= env.arrival + config.queue.lifetime:
+                for r in deferred:
+                    log.info(
+                        "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=expired, "
+                        "returned to sender (%s)",
+                        claim.queue_id,
+                        r.recipient,
+                        r.relay,
+                        _format_delay(now - env.arrival),
+                        r.status,
+                        r.reply,
+                    )
+                    failures.append(_failure(r, expired=True))
+                metrics.EXPIRED.inc()
+                deferred = []
+        if failures:
+            await self._return_to_sender(claim, config, failures)
+            for f in failures:
+                progress.done[f.recipient] = "expired" if f.expired else BOUNCED
+        if deferred:
+            at = now + backoff(
+                now - env.arrival, config.queue.min_backoff, config.queue.max_backoff
+            )
+            state = await self.queue.run_io(self.queue.defer_sync, claim, at)
+            if state == DEFERRED:
+                self._due[claim.queue_id] = _Due(DEFERRED, at)
+        else:
+            await self.queue.run_io(self.queue.finish_sync, claim)
+            log.info("%s: removed", claim.queue_id)
+
+    async def _return_to_sender(
+        self, claim: Claim, config: RelayConfig, failures: list[Failure]
+    ) -> None:
+        env = claim.envelope
+        if not env.sender:
+            log.info(
+                "%s: not returned: the sender is null (a bounce is never bounced)", claim.queue_id
+            )
+            return
+        domain = env.sender.rpartition("@")[2]
+        if config.domain_of(domain) is None:
+            # A relay has no outbound MX delivery: only relay domains are reachable.
+            log.warning(
+                "%s: cannot return to <%s>: %s is not a relay domain here",
+                claim.queue_id,
+                env.sender,
+                domain,
+            )
+            return
+        headers = await self.queue.run_io(self.queue.read_headers_sync, claim)
+        msg = self.queue.incoming()
+        data = build_dsn(
+            hostname=config.hostname,
+            queue_id=claim.queue_id,
+            original_sender=env.sender,
+            arrival=env.arrival,
+            failures=failures,
+            original_headers=headers,
+            now=self.clock(),
+            dsn_queue_id=msg.queue_id,
+            lifetime_days=config.queue.lifetime / 86400,
+        )
+        msg.write(data)
+        dsn_id = await msg.commit("", [env.sender], "")
+        log.info("%s: sender non-delivery notification: %s", claim.queue_id, dsn_id)
+        self.wake(dsn_id)
+
+
+def _failure(r: RecipientResult, *, expired: bool = False) -> Failure:
+    host = r.relay.rsplit(":", 1)[0] if r.relay != "none" else ""
+    return Failure(
+        recipient=r.recipient,
+        status=r.status,
+        diagnostic=r.reply,
+        remote_mta=host,
+        smtp_reply=r.smtp_reply,
+        in_reply_to=r.in_reply_to,
+        expired=expired,
+    )

@@ -1,0 +1,144 @@
+"""Delivery status notifications (RFC 3464): how returned mail looks.
+
+A bounce is a multipart/report with three parts, as Postfix writes it: a
+text for people, a message/delivery-status with one block per failed
+recipient, and the headers of the returned message (text/rfc822-headers, so
+a bounce never carries a 25 MB body back). It is sent from the null sender
+so it can never bounce itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.utils import formatdate
+
+MAILER_DAEMON = "MAILER-DAEMON"
+SUBJECT = "Undelivered Mail Returned to Sender"
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_STATUS = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One recipient the message is returned for."""
+
+    recipient: str
+    status: str  # enhanced status code, e.g. "5.1.1" (4.x.x for expired mail)
+    diagnostic: str  # the next hop's reply ("550 5.1.1 ...") or our own reason
+    remote_mta: str = ""  # the next hop's name, when it answered
+    smtp_reply: bool = True  # diagnostic is an SMTP reply (else our own text)
+    in_reply_to: str = ""  # "RCPT TO", "end of DATA", ... (for the text part)
+    expired: bool = False
+
+
+def _fold_safe(text: str) -> str:
+    """One header line: no CR/LF may come from a remote reply into our headers."""
+    return " ".join(text.split())
+
+
+def _human_text(hostname: str, failures: list[Failure], lifetime_days: float | None) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if any(f.expired for f in failures) and lifetime_days is not None:
+        lines += [
+            "Your message could not be delivered for more than "
+            f"{lifetime_days:g} day(s); it will not be retried any more.",
+            "",
+        ]
+    lines += [
+        "I'm sorry to have to inform you that your message could not",
+        "be delivered to one or more recipients. It's attached below.",
+        "",
+        "For further assistance, please send mail to postmaster.",
+        "",
+        "If you do so, please include this problem report. You can",
+        "delete your own text from the attached returned message.",
+        "",
+        "                   The mail system",
+        "",
+    ]
+    for f in failures:
+        if f.remote_mta and f.smtp_reply:
+            said = f"host {f.remote_mta} said: {_fold_safe(f.diagnostic)}"
+            if f.in_reply_to:
+                said += f" (in reply to {f.in_reply_to} command)"
+        else:
+            said = _fold_safe(f.diagnostic)
+        lines.append(f"<{f.recipient}>: {said}")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _status_block(f: Failure) -> str:
+    status = f.status if _STATUS.match(f.status) else ("4.0.0" if f.expired else "5.0.0")
+    block = [
+        f"Final-Recipient: rfc822; {f.recipient}",
+        f"Original-Recipient: rfc822;{f.recipient}",
+        "Action: failed",
+        f"Status: {status}",
+    ]
+    if f.remote_mta:
+        block.append(f"Remote-MTA: dns; {f.remote_mta.split('[')[0]}")
+    kind = "smtp" if f.smtp_reply else "X-mailrelay"
+    block.append(f"Diagnostic-Code: {kind}; {_fold_safe(f.diagnostic)}")
+    return "\r\n".join(block) + "\r\n"
+
+
+def header_section(original_headers: bytes) -> bytes:
+    """The returned headers with CRLF line ends, ending in one blank line."""
+    text = _LINE_ENDS.sub(b"\r\n", original_headers).rstrip(b"\r\n")
+    return text + b"\r\n" if text else b""
+
+
+def build_dsn(
+    *,
+    hostname: str,
+    queue_id: str,
+    original_sender: str,
+    arrival: float,
+    failures: list[Failure],
+    original_headers: bytes,
+    now: float,
+    dsn_queue_id: str = "",
+    lifetime_days: float | None = None,
+) -> bytes:
+    """The whole bounce message (headers and body, CRLF line ends)."""
+    boundary = f"{queue_id}.{int(now)}/{hostname}"
+    message_id = f"<{int(now)}.{dsn_queue_id or queue_id}@{hostname}>"
+    headers = [
+        f"From: {MAILER_DAEMON}@{hostname} (Mail Delivery System)",
+        f"To: {original_sender}",
+        f"Subject: {SUBJECT}",
+        f"Date: {formatdate(now)}",
+        f"Message-Id: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    per_message = [
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Mailrelay-Queue-ID: {queue_id}",
+        f"X-Mailrelay-Sender: rfc822; {original_sender}",
+        f"Arrival-Date: {formatdate(arrival)}",
+    ]
+    parts = [
+        "\r\n".join(headers) + "\r\n\r\n",
+        "This is a MIME-encapsulated message.\r\n\r\n",
+        f"--{boundary}\r\n",
+        "Content-Description: Notification\r\n",
+        "Content-Type: text/plain; charset=utf-8\r\n",
+        "Content-Transfer-Encoding: 8bit\r\n\r\n",
+        _human_text(hostname, failures, lifetime_days),
+        f"\r\n--{boundary}\r\n",
+        "Content-Description: Delivery report\r\n",
+        "Content-Type: message/delivery-status\r\n\r\n",
+        "\r\n".join(per_message) + "\r\n",
+        *("\r\n" + _status_block(f) for f in failures),
+        f"\r\n--{boundary}\r\n",
+        "Content-Description: Undelivered Message Headers\r\n",
+        "Content-Type: text/rfc822-headers\r\n",
+        "Content-Transfer-Encoding: 8bit\r\n\r\n",
+    ]
+    body = "".join(parts).encode("utf-8", "surrogateescape")
+    return body + header_section(original_headers) + f"\r\n--{boundary}--\r\n".encode()
