@@ -1,0 +1,88 @@
+"""Reading the DATA stream: end-of-data, dot-unstuffing and bare CR/LF
+normalization, chunk by chunk, in bounded memory.
+
+Postfix 3.9's smtpd_forbid_bare_newline=normalize and
+cleanup_replace_stray_cr_lf=yes, which close SMTP smuggling
+(CVE-2023-51764) in both directions:
+- DATA ends only at <CR><LF>.<CR><LF>: the "." line must end in CRLF and the
+  line before it too. `\\n.\\n`, `\\r\\n.\\r`, `\\r.\\r\\n`, `\\n.\\r\\n` ... are
+  content, so one DATA never yields two messages;
+- a bare LF ends a content line as if it were CRLF;
+- a CR not followed by LF becomes a space.
+So every stored line ends in CRLF and holds no other CR or LF: mail going
+out never carries a bare CR or LF either.
+
+Lines longer than 1000 bytes are stored as they are (a relay must not bounce
+long-line mail); a line with no LF at all is flushed in pieces so memory
+stays bounded.
+"""
+
+from __future__ import annotations
+
+# Flush an unterminated line once it is this long.
+MAX_PENDING = 64 * 1024
+
+
+class DataDecoder:
+    """Feed raw DATA bytes; get back normalized, unstuffed message bytes.
+
+    After `feed()` reports the end, `rest` holds what the client sent after
+    the final dot (pipelined commands), which belongs to the command reader.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""  # the start of a line whose LF has not come yet
+        self._mid_line = False  # _pending continues a line already flushed in part
+        self._prev_crlf = True  # the previous line ended in CRLF (DATA start counts)
+        self.done = False
+        self.rest = b""
+        self.size = 0  # bytes of message produced
+
+    def feed(self, data: bytes) -> bytes:
+        """Decodes one chunk; returns the message bytes it completes."""
+        buf = self._pending + data if self._pending else data
+        last_lf = buf.rfind(b"\n")
+        if last_lf < 0:
+            self._pending = buf
+            return self._flush_long_line() if len(buf) > MAX_PENDING else b""
+        self._pending = buf[last_lf + 1 :]
+        out: list[bytes] = []
+        lines = buf[:last_lf].split(b"\n")
+        consumed = 0
+        for raw in lines:
+            consumed += len(raw) + 1
+            crlf = raw.endswith(b"\r")
+            line = raw[:-1] if crlf else raw
+            if not self._mid_line:
+                if line == b"." and crlf and self._prev_crlf:
+                    self.done = True
+                    self.rest = buf[consumed:]
+                    self._pending = b""
+                    break
+                if line.startswith(b"."):
+                    line = line[1:]
+            self._mid_line = False
+            if b"\r" in line:
+                line = line.replace(b"\r", b" ")
+            out.append(line)
+            out.append(b"\r\n")
+            self._prev_crlf = crlf
+        chunk = b"".join(out)
+        self.size += len(chunk)
+        if not self.done and len(self._pending) > MAX_PENDING:
+            chunk += self._flush_long_line()
+        return chunk
+
+    def _flush_long_line(self) -> bytes:
+        """Emits an unterminated line so far, keeping a trailing CR (its LF may
+        come next)."""
+        buf = self._pending
+        keep = 1 if buf.endswith(b"\r") else 0
+        part = buf[: len(buf) - keep]
+        if not self._mid_line and part.startswith(b"."):
+            part = part[1:]
+        self._pending = buf[len(buf) - keep :]
+        self._mid_line = True
+        part = part.replace(b"\r", b" ")
+        self.size += len(part)
+        return part

@@ -1,0 +1,101 @@
+"""relay.smtpdata: end of DATA only at CRLF.CRLF, Postfix 3.9 normalization."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.smtpdata import MAX_PENDING, DataDecoder
+
+
+def decode(raw: bytes, chunk: int | None = None) -> tuple[bytes, bool, bytes]:
+    d = DataDecoder()
+    out = b""
+    step = chunk or len(raw) or 1
+    for i in range(0, len(raw), step):
+        if d.done:
+            break
+        out += d.feed(raw[i : i + step])
+    return out, d.done, d.rest
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3, 7])
+def test_plain_message_and_rest(chunk: int | None) -> None:
+    out, done, rest = decode(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", chunk)
+    assert done
+    assert out == b"Subject: x\r\n\r\nbody\r\n"
+    if chunk is None:
+        assert rest == b"QUIT\r\n"
+
+
+def test_empty_message() -> None:
+    assert decode(b".\r\n") == (b"", True, b"")
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_dot_unstuffing(chunk: int | None) -> None:
+    out, done, _ = decode(b"..\r\n..x\r\n.y\r\n...\r\n.\r\n", chunk)
+    assert done
+    assert out == b".\r\n.x\r\ny\r\n..\r\n"
+
+
+# The end-of-data variants of SMTP smuggling (SEC Consult, smtp_smuggling_checker):
+# none of them ends DATA; the real end comes later, so there is one message.
+SMUGGLING = [
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\n\n.\r\n",
+    b"\n.\n",
+    b"\r\n.\n",
+    b"\r.\r",
+    b"\n.\r",
+    b"\r\n.\r\r\n",
+    b"\r.\n",
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+@pytest.mark.parametrize("variant", SMUGGLING, ids=repr)
+def test_smuggling_variants_do_not_end_data(variant: bytes, chunk: int | None) -> None:
+    smuggled = b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nevil\r\n"
+    raw = b"Subject: a\r\n\r\nfirst" + variant + smuggled + b"last\r\n.\r\n"
+    out, done, rest = decode(raw, chunk)
+    assert done
+    assert rest == b""
+    assert b"MAIL FROM:<evil@evil.test>\r\n" in out
+    assert out.endswith(b"last\r\n")
+    # Nothing bare is stored: every CR is followed by LF and every LF preceded by CR.
+    assert out.count(b"\r") == out.count(b"\n") == out.count(b"\r\n")
+
+
+def test_bare_lf_becomes_crlf_and_stray_cr_a_space() -> None:
+    out, done, _ = decode(b"a\nb\rc\r\n.\r\n")
+    assert done
+    assert out == b"a\r\nb c\r\n"
+
+
+def test_long_line_is_kept_whole_in_bounded_pieces() -> None:
+    line = b"x" * (3 * MAX_PENDING + 5)
+    d = DataDecoder()
+    out = b""
+    for i in range(0, len(line), 1000):
+        out += d.feed(line[i : i + 1000])
+        assert len(d._pending) <= MAX_PENDING + 1000
+    out += d.feed(b"\r\n.\r\n")
+    assert d.done
+    assert out == line + b"\r\n"
+
+
+def test_long_line_split_between_cr_and_lf() -> None:
+    d = DataDecoder()
+    out = d.feed(b"y" * (MAX_PENDING + 10) + b"\r")
+    out += d.feed(b"\n.\r\n")
+    assert d.done
+    assert out == b"y" * (MAX_PENDING + 10) + b"\r\n"
+
+
+def test_size_counts_output() -> None:
+    d = DataDecoder()
+    d.feed(b"abc\r\n..\r\n.\r\n")
+    assert d.size == len(b"abc\r\n.\r\n")
