@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
 
-from relay import metrics
 from relay.config import RelayConfig
 from relay.session import Reply
 
@@ -218,16 +217,13 @@ def _check_file(path: Path, extensions: frozenset[str]) -> Reply | None:
         name = find_rejected_attachment(data, extensions)
     except LimitExceeded as e:
         log.info("reject: message content: %s", e)
-        metrics.REJECTED.labels(reason="mime_limits").inc()
         return Reply(550, "5.7.1", f"Message content rejected: {e}")
     except RecursionError:
-        metrics.REJECTED.labels(reason="mime_limits").inc()
         return Reply(550, "5.7.1", "Message content rejected: MIME structure too deep")
     if name is None:
         return None
     shown = "".join(c if c.isprintable() else "?" for c in name)[:200]
     log.info("reject: attachment %r: rejected file name extension", shown)
-    metrics.REJECTED.labels(reason="attachment").inc()
     ext = normalise(name).rsplit(".", 1)[-1]
     return Reply(550, "5.7.1", f'Attachment "{shown}" rejected: .{ext} files are not accepted')
 

@@ -3,8 +3,8 @@ hostname, RBL clients (Postfix smtpd_check.c semantics and reply codes).
 
 Each returns None (no opinion) or a Reply; a temporary DNS failure of the
 recipient-domain check returns a Reply with defer_if_permit=True (Postfix
-reject_tempfail_action). Every reply is logged with its reason and counted in
-metrics.REJECTED; the caller sends it (or, for defer_if_permit, keeps it).
+reject_tempfail_action). Every reply is logged with its DNS detail; the caller sends it (or, for
+defer_if_permit, keeps it) and counts it in metrics.REJECTED.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from relay import dnsbl, metrics
+from relay import dnsbl
 from relay.config import RelayConfig
 from relay.dns import DnsTempError, Resolver, ptr_name, reverse_ip, txt_text
 from relay.session import Reply, Session
@@ -52,10 +52,10 @@ class DnsChecks:
         return out
 
     def _reject(self, reason: str, reply: Reply, session: Session | None, what: str) -> Reply:
+        # Logged here with the DNS detail; relay.smtpd logs the reply it sends and
+        # counts it in metrics.REJECTED under the restriction's name.
         client = f" from [{session.client_ip}]" if session else ""
-        kind = "defer_if_permit" if reply.defer_if_permit else "reject"
-        log.info("NOQUEUE: %s: RCPT%s: %s; %s", kind, client, reply, what)
-        metrics.REJECTED.labels(reason=reason).inc()
+        log.info("%s%s: %s (%s)", reason, client, reply, what)
         return reply
 
     # --- reject_unknown_recipient_domain --------------------------------------------

@@ -32,7 +32,6 @@ from typing import Any
 
 import spf as pyspf
 
-from relay import metrics
 from relay.config import RelayConfig, SpfPolicy
 from relay.dns import DnsTempError, Resolver, txt_strings
 from relay.session import Reply, Session
@@ -267,12 +266,11 @@ class SpfChecker:
         else:
             reply = Reply(450, "4.7.24", text, defer_if_permit=True)
         log.info(
-            "NOQUEUE: %s: RCPT from [%s]: %s; SPF %s (%s)",
-            "reject" if action == "reject" else "defer_if_permit",
+            "SPF %s from [%s]: %s; %s (%s)",
+            action,
             session.client_ip,
             reply,
             result,
             scope,
         )
-        metrics.REJECTED.labels(reason=f"spf_{result.lower()}").inc()
         return SpfOutcome(reply=reply)
