@@ -46,6 +46,7 @@ T = TypeVar("T")
 
 INCOMING, ACTIVE, DEFERRED, HOLD, STATE = "incoming", "active", "deferred", "hold", "state"
 QUEUE_STATES = (ACTIVE, DEFERRED, HOLD)  # where committed messages live
+CORRUPT = "corrupt"  # damaged files, set aside for a person to look at
 FLUSH_MARKER = "flush"  # touched by `mailrelay queue flush`; relays watch its mtime
 
 # Messages up to this size stay in memory from receipt to delivery (no read
@@ -483,10 +484,18 @@ class Queue:
             if st.st_nlink == 0 or now_st is None or now_st.st_ino != st.st_ino:
                 os.close(fd)
                 return None
-            envelope = read_envelope(fd)
+            try:
+                envelope = read_envelope(fd)
+            except ValueError:
+                # Committed files are whole (fsynced before the rename): this
+                # one is damaged or foreign. Set aside, as Postfix's corrupt/.
+                (self.directory / CORRUPT).mkdir(exist_ok=True)
+                os.rename(path, self.directory / CORRUPT / queue_id)
+                os.close(fd)
+                return None
             progress = self.read_progress_sync(queue_id)
             return Claim(queue_id, fd, state, envelope, progress)
-        except (OSError, ValueError):
+        except OSError:
             os.close(fd)
             raise
 
@@ -591,7 +600,7 @@ class Queue:
                         continue
         return out
 
-    def recover_sync(self) -> list[str]:
+    def recover_sync(self, stale_age: float = STALE_INCOMING_AGE) -> list[str]:
         """Start-up cleanup: removes half-received messages and orphaned sidecars.
 
         Only files no living process holds a lock on are touched, so a worker
@@ -603,7 +612,7 @@ class Queue:
             for entry in it:
                 path = Path(entry.path)
                 try:
-                    young = now - entry.stat().st_mtime < STALE_INCOMING_AGE
+                    young = now - entry.stat().st_mtime < stale_age
                     if young or self._locked(path):
                         continue  # being received (or about to be locked by its writer)
                     path.unlink()
