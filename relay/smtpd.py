@@ -178,7 +178,7 @@ class RelaySMTP(SMTP):
         )
         self.loop = loop
         self.ctx = ctx
-        self.config = ctx.config  # fixed for the session's lifetime
+        self.config = ctx.config  # refreshed at each MAIL
         self.hostname = self.config.hostname
         self.event_handler = None
         self._handle_hooks: dict[str, Any] = {}
@@ -267,7 +267,10 @@ class RelaySMTP(SMTP):
             log.exception("postscreen failed for %s; letting the client in", client_name(s))
             s.screen = ScreenResult()
         if s.screen.action == "drop":
-            reply = s.screen.reply or Reply(521, "5.5.1", "Protocol error")
+            reply = s.screen.reply
+            if reply is None:  # e.g. the client hung up during the screen
+                self.close_with_nothing()
+                return
             log.info("DISCONNECT %s: %s", client_name(s), reply)
             await self.send(Reply(reply.code, reply.status, reply.text, disconnect=True))
             return
@@ -398,6 +401,8 @@ class RelaySMTP(SMTP):
             await self.send(self.ctx._shutdown_reply())
             self.close_with_nothing()
             return
+        # Each transaction sees the configuration current when it starts.
+        self.config = self.ctx.config
         if arg[:5].upper() != "FROM:":
             await self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
             return

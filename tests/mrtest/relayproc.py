@@ -147,20 +147,13 @@ def write_manifests(
 
 def render_config(manifests: Path, config_dir: Path) -> Path:
     """Renders manifests into a config folder, as `mailrelay render --out` does."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "relay.cli",
-            "render",
-            "-f",
-            str(manifests),
-            "--out",
-            str(config_dir),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    from relay.cli import pick_relay, render_to_dir
+    from relay.manifests.load import load_manifests
+    from relay.manifests.render import render_relay
+
+    inv = load_manifests([str(manifests)])
+    assert not inv.errors, inv.errors
+    render_to_dir(render_relay(pick_relay(inv, None), inv), config_dir)
     return config_dir
 
 
