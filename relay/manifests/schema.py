@@ -23,14 +23,16 @@ API_VERSION = f"{GROUP}/{VERSION}"
 Schema = dict[str, Any]
 
 # --- patterns -----------------------------------------------------------------
+# The API server compiles patterns with Go's RE2: no lookaheads or
+# backreferences. Name length (253) is a maxLength instead (see string()).
 # A DNS name of at least two labels (an FQDN without the trailing dot).
 FQDN_PATTERN = (
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
 )
 # A host name: one label or more (next hops may be "localhost" or a Service name).
 HOSTNAME_PATTERN = (
-    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+    r"^([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
     r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$|^[0-9.]+$"
 )
 # A plain mailbox: dot-atom local part @ FQDN (no quoted or routed forms).
@@ -71,6 +73,8 @@ def string(
     s: Schema = {"type": "string", "description": description}
     if pattern:
         s["pattern"] = pattern
+        if pattern in (FQDN_PATTERN, HOSTNAME_PATTERN) and max_length is None:
+            max_length = 253  # a DNS name's limit
     if enum:
         s["enum"] = enum
     if default is not None:
