@@ -546,7 +546,8 @@ MAILRELAY_STATUS = obj(
 MAILRELAY_RULES = [
     Rule(
         path="spec.allowedDomains.namespaces",
-        cel="self.from != 'Selector' || has(self.selector)",
+        # has(): the API server also checks rules against the schema defaults ({}).
+        cel="!has(self.from) || self.from != 'Selector' || has(self.selector)",
         message="selector is required when from is Selector",
         check=lambda o: o.get("from", "Same") != "Selector" or "selector" in o,
     ),
@@ -558,7 +559,8 @@ MAILRELAY_RULES = [
     ),
     Rule(
         path="spec.proxyProtocol",
-        cel="!self.enabled || size(self.trustedCIDRs) > 0",
+        cel="!has(self.enabled) || !self.enabled || "
+        "(has(self.trustedCIDRs) && size(self.trustedCIDRs) > 0)",
         message="trustedCIDRs must name the load balancers when enabled is true",
         check=lambda o: not o.get("enabled") or bool(o.get("trustedCIDRs")),
     ),
