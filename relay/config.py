@@ -110,6 +110,11 @@ class Limits:
     message_size: int = 25600000
     recipients_per_message: int = 1000
     connections_per_client: int = 50
+    connection_rate_per_client: int = 0  # per rate_time_unit; 0 = off
+    message_rate_per_client: int = 0
+    recipient_rate_per_client: int = 0
+    rate_time_unit: float = 60.0
+    errors_per_session: int = 20  # smtpd_hard_error_limit
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class QueuePolicy:
     lifetime: float = 10 * 86400
     min_backoff: float = 300
     max_backoff: float = 4000
+    dsn_on_expiry: str = "sender"  # sender | none
 
 
 @dataclass(frozen=True)
@@ -196,11 +202,17 @@ def config_from_documents(
             message_size=int(lim.get("messageSize", 25600000)),
             recipients_per_message=int(lim.get("recipientsPerMessage", 1000)),
             connections_per_client=int(lim.get("connectionsPerClient", 50)),
+            connection_rate_per_client=int(lim.get("connectionRatePerClient", 0)),
+            message_rate_per_client=int(lim.get("messageRatePerClient", 0)),
+            recipient_rate_per_client=int(lim.get("recipientRatePerClient", 0)),
+            rate_time_unit=parse_duration(lim.get("rateTimeUnit", "60s")),
+            errors_per_session=int(lim.get("errorsPerSession", 20)),
         ),
         queue=QueuePolicy(
             lifetime=parse_duration(q.get("lifetime", "10d")),
             min_backoff=parse_duration(q.get("minBackoff", "5m")),
             max_backoff=parse_duration(q.get("maxBackoff", "4000s")),
+            dsn_on_expiry=q.get("dsnOnExpiry", "sender"),
         ),
         postscreen=Postscreen(
             greet_action=greet.get("action", "enforce"),

@@ -388,6 +388,34 @@ MAILRELAY_SPEC = obj(
                 "connectionsPerClient": integer(
                     "Concurrent connections per client IP (0 = unlimited).", minimum=0, default=50
                 ),
+                "connectionRatePerClient": integer(
+                    "New connections per client IP per rateTimeUnit "
+                    "(smtpd_client_connection_rate_limit; 0 = off). 421 when over.",
+                    minimum=0,
+                    default=0,
+                ),
+                "messageRatePerClient": integer(
+                    "MAIL FROM per client IP per rateTimeUnit "
+                    "(smtpd_client_message_rate_limit; 0 = off). 450 4.7.1 when over.",
+                    minimum=0,
+                    default=0,
+                ),
+                "recipientRatePerClient": integer(
+                    "RCPT TO per client IP per rateTimeUnit "
+                    "(smtpd_client_recipient_rate_limit; 0 = off). 450 4.7.1 when over.",
+                    minimum=0,
+                    default=0,
+                ),
+                "rateTimeUnit": string(
+                    "The window the rates are counted in (anvil_rate_time_unit). " + DURATION,
+                    pattern=DURATION_PATTERN,
+                    default="60s",
+                ),
+                "errorsPerSession": integer(
+                    "Errors before a session is closed with 421 (smtpd_hard_error_limit).",
+                    minimum=1,
+                    default=20,
+                ),
             },
             default={},
         ),
@@ -402,6 +430,13 @@ MAILRELAY_SPEC = obj(
                 ),
                 "maxBackoff": string(
                     "maximal_backoff_time. " + DURATION, pattern=DURATION_PATTERN, default="4000s"
+                ),
+                "dsnOnExpiry": string(
+                    "Who is told when mail expires in the queue: sender (a DSN to the "
+                    "envelope sender, as Postfix does) or none (log only: no backscatter "
+                    "to forged senders from a backup MX).",
+                    enum=["sender", "none"],
+                    default="sender",
                 ),
             },
             default={},
