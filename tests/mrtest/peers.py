@@ -21,6 +21,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,7 +141,10 @@ class PostfixSink:
     def __init__(self, host: str, workdir: Path, port: int = 0, *, options: list[str] = ()) -> None:  # type: ignore[assignment]
         self.host = host
         self.port = port or free_port(host)
-        self.dump_dir = workdir / f"smtp-sink-{self.port}"
+        # smtp-sink drops privileges to nobody, who cannot enter pytest's
+        # private tmp_path: dump into a world-writable folder of its own.
+        self.dump_dir = Path(tempfile.mkdtemp(prefix=f"smtp-sink-{self.port}-"))
+        self.log_path = workdir / f"smtp-sink-{self.port}.log"
         self.options = list(options)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -150,8 +154,9 @@ class PostfixSink:
 
     def start(self) -> PostfixSink:
         binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
-        self.dump_dir.chmod(0o777)  # smtp-sink drops privileges to -u nobody
+        self.dump_dir.chmod(0o777)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -163,9 +168,10 @@ class PostfixSink:
                 f"{self.host}:{self.port}",
                 "128",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+        log.close()
         wait_until(lambda: _connectable(self.host, self.port), 10, "smtp-sink listening")
         return self
 
@@ -178,11 +184,15 @@ class PostfixSink:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+        shutil.rmtree(self.dump_dir, ignore_errors=True)
 
     def messages(self) -> list[CapturedMessage]:
+        """Every complete dump (smtp-sink writes a file while it receives)."""
         out = []
         for f in sorted(self.dump_dir.glob("msg.*")):
-            out.append(parse_sink_dump(f.read_bytes()))
+            raw = f.read_bytes()
+            if b"\nX-Rcpt-Args: " in raw and raw.endswith(b"\n\n"):
+                out.append(parse_sink_dump(raw))
         return out
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[CapturedMessage]:
