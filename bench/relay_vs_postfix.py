@@ -1,0 +1,607 @@
+#!/usr/bin/env python3
+"""mailrelay and Postfix side by side: smtp-source -> relay -> smtp-sink.
+
+Both relays store and forward with fsync before 250, on loopback, each with
+its own smtp-sink as next hop. Per system: a warm-up of 500 messages, then
+3 interleaved runs of 5,000 x 5 KB over 20 sessions; medians reported.
+End to end = from starting smtp-source until the sink counted every message.
+CPU per message = CPU time of the relay's process tree over the run (not the
+load generator nor the sink). Memory = peak PSS summed over the relay's
+processes, sampled every 50 ms. Then a memory run: 20 sessions each sending
+one 25 MB message (target for mailrelay: peak <= 150 MB).
+
+Postfix is configured as in ../shared/reference/performance.md, in a scratch
+folder (its own config, queue_directory and data_directory), started with
+`postfix -c DIR start` and always stopped at the end. Needs root (Postfix
+master and smtp-sink -u) and the Debian postfix package (hack/setup.sh).
+
+    .venv/bin/python bench/relay_vs_postfix.py [--messages 5000] [--runs 3] [--workers 2]
+
+Results: bench/results/<time>/results.json and summary.md (paste into README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+HOST = "127.0.0.1"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RUN_TIMEOUT = 600.0  # no single run may take longer than this
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+# -- process trees: CPU and memory --------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def process_tree(root: int) -> list[int]:
+    tree = _children()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += tree.get(pid, [])
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU used by the tree so far: live processes plus the children they reaped."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime are fields 14-17 (1-based) of stat
+        total += sum(int(x) for x in fields[11:15])
+    return total / CLK_TCK
+
+
+def tree_pss_mb(root: int) -> float:
+    total_kb = 0
+    for pid in process_tree(root):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+        if m:
+            total_kb += int(m.group(1))
+    return total_kb / 1024
+
+
+class PeakMemory:
+    """Samples a process tree's PSS in a thread; `peak` in MB."""
+
+    def __init__(self, root: Callable[[], int]) -> None:
+        self.root = root
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.peak = max(self.peak, tree_pss_mb(self.root()))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# -- the next hop -------------------------------------------------------------------
+
+
+class Sink:
+    """Postfix's smtp-sink with -c: counts messages from its running counters."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.count = 0
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Sink:
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", "-c", f"{HOST}:{self.port}", "1024"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        wait_until(lambda: listening(self.port), 10, "smtp-sink")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        tail = b""
+        while True:
+            data = self.proc.stdout.read1(65536)  # type: ignore[attr-defined]
+            if not data:
+                return
+            tail = (tail + data)[-200:]
+            found = re.findall(rb"mesg=(\d+)", tail)
+            if found:
+                self.count = max(self.count, int(found[-1]))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+# -- the systems under test ------------------------------------------------------------
+
+
+MAIN_CF = """\
+compatibility_level = 3.6
+myhostname = relay.perf.test
+mydestination = localhost
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+alias_maps =
+local_recipient_maps =
+relay_domains = example.com
+relay_recipient_maps = inline:{{ @example.com=OK }}
+transport_maps = inline:{{ example.com=smtp:[127.0.0.1]:{sink_port} }}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+message_size_limit = 25600000
+default_transport = error:no outside delivery
+queue_directory = {queue}
+data_directory = {data}
+maillog_file = {maillog}
+maillog_file_prefixes = {workdir}
+"""
+
+
+class Postfix:
+    name = "postfix"
+
+    def __init__(self, workdir: Path, sink: Sink) -> None:
+        self.workdir = workdir
+        self.sink = sink
+        self.port = free_port()
+        self.etc = workdir / "etc"
+        self.started = False
+
+    def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [POSTFIX, "-c", str(self.etc), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+        )
+
+    def start(self) -> Postfix:
+        for folder in (self.etc, self.workdir / "spool", self.workdir / "data"):
+            folder.mkdir(parents=True)
+        import pwd
+
+        owner = pwd.getpwnam("postfix")
+        os.chown(self.workdir / "data", owner.pw_uid, owner.pw_gid)  # postfix writes there
+        (self.etc / "main.cf").write_text(
+            MAIN_CF.format(
+                sink_port=self.sink.port,
+                queue=self.workdir / "spool",
+                data=self.workdir / "data",
+                maillog=self.workdir / "maillog",
+                workdir=self.workdir,
+            )
+        )
+        (self.etc / "master.cf").write_text(self._master_cf())
+        started = self._postfix("start", check=False)
+        self.started = True
+        if started.returncode != 0:
+            maillog = self.workdir / "maillog"
+            tail = maillog.read_text(errors="replace")[-2000:] if maillog.exists() else ""
+            raise RuntimeError(f"postfix start failed:\n{tail}")
+        wait_until(lambda: listening(self.port), 30, "postfix smtpd")
+        return self
+
+    def _master_cf(self) -> str:
+        """Debian's master.cf with chroot off and smtpd on our port."""
+        lines = []
+        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+            fields = line.split()
+            if line and not line[0].isspace() and not line.startswith("#") and len(fields) >= 8:
+                if fields[0] == "smtp" and fields[1] == "inet":
+                    fields[0] = f"{HOST}:{self.port}"
+                fields[4] = "n"  # chroot off
+                line = "  ".join(fields)
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    def root_pid(self) -> int:
+        for candidate in (
+            self.workdir / "spool" / "pid" / "master.pid",
+            self.workdir / "data" / "master.lock",
+        ):
+            with contextlib.suppress(OSError, ValueError):
+                return int(candidate.read_text().split()[0])
+        raise RuntimeError("postfix master pid not found")
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        with contextlib.suppress(Exception):
+            self._postfix("stop", check=False)
+        with contextlib.suppress(Exception):
+            pid = self.root_pid()
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            self._postfix("abort", check=False)
+        with contextlib.suppress(Exception):  # anything left of this instance
+            for pid in process_tree(self.root_pid()):
+                os.kill(pid, signal.SIGKILL)
+
+
+RELAY_YAML = """\
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {{name: bench, namespace: default}}
+spec:
+  hostname: relay.perf.test
+  network:
+    mynetworks: [127.0.0.0/8]
+  postscreen:
+    greet: {{action: ignore, wait: 0s}}
+    dnsbl: {{sites: []}}
+  restrictions:
+    rejectUnknownRecipientDomain: false
+    rejectUnknownReverseClientHostname: false
+    rblClients: []
+    spf: {{enabled: false}}
+  dns: {{nameservers: ["127.0.0.1:9"], timeout: 1s}}
+---
+apiVersion: mailrelay.io/v1alpha1
+kind: RelayDomain
+metadata: {{name: example-com, namespace: default}}
+spec:
+  domain: example.com
+  relayRef: {{name: bench}}
+  nextHop: {{host: 127.0.0.1, port: {sink_port}, tls: none}}
+  recipients: any
+"""
+
+
+class Mailrelay:
+    name = "mailrelay"
+
+    def __init__(self, workdir: Path, sink: Sink, workers: int) -> None:
+        self.workdir = workdir
+        self.sink = sink
+        self.workers = workers
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mailrelay:
+        self.workdir.mkdir(parents=True)
+        manifests = self.workdir / "relay.yaml"
+        manifests.write_text(RELAY_YAML.format(sink_port=self.sink.port))
+        mailrelay = ROOT / ".venv" / "bin" / "mailrelay"
+        argv = [str(mailrelay) if mailrelay.exists() else "mailrelay", "run", "-f", str(manifests)]
+        argv += ["--listen", f"{HOST}:{self.port}", "--queue-dir", str(self.workdir / "queue")]
+        argv += ["--config-dir", str(self.workdir / "config"), "--workers", str(self.workers)]
+        log = (self.workdir / "relay.log").open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+        )
+        log.close()
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"mailrelay exited: see {self.workdir / 'relay.log'}")
+            text = (self.workdir / "relay.log").read_text(errors="replace")
+            return text.count("ready: listening on") >= self.workers
+
+        wait_until(ready, 60, "mailrelay workers")
+        return self
+
+    def root_pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+System = Postfix | Mailrelay
+
+
+# -- one run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    system: str
+    messages: int
+    size: int
+    sessions: int
+    accept_seconds: float = 0.0
+    end_to_end_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    peak_mb: float = 0.0
+    ok: bool = True
+    error: str = ""
+
+    @property
+    def accept_rate(self) -> float:
+        return self.messages / self.accept_seconds if self.accept_seconds else 0.0
+
+    @property
+    def end_to_end_rate(self) -> float:
+        return self.messages / self.end_to_end_seconds if self.end_to_end_seconds else 0.0
+
+    @property
+    def cpu_ms_per_message(self) -> float:
+        return 1000 * self.cpu_seconds / self.messages if self.messages else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(
+            accept_rate=round(self.accept_rate, 1),
+            end_to_end_rate=round(self.end_to_end_rate, 1),
+            cpu_ms_per_message=round(self.cpu_ms_per_message, 3),
+            cores=round(self.cpu_seconds / self.end_to_end_seconds, 2)
+            if self.end_to_end_seconds
+            else 0.0,
+        )
+        return d
+
+
+def load(system: System, messages: int, size: int, sessions: int) -> Run:
+    run = Run(system.name, messages, size, sessions)
+    sink = system.sink
+    target = sink.count + messages
+    root = system.root_pid()
+    cpu0 = tree_cpu_seconds(root)
+    t0 = time.monotonic()
+    argv = [SMTP_SOURCE, "-4", "-f", "sender@source.test", "-M", "client.test"]
+    argv += ["-t", "rcpt@example.com", "-l", str(size), "-m", str(messages), "-s", str(sessions)]
+    argv += [f"{HOST}:{system.port}"]
+    try:
+        with PeakMemory(system.root_pid) as mem:
+            source = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            run.accept_seconds = time.monotonic() - t0
+            if source.returncode != 0:
+                raise RuntimeError(f"smtp-source failed: {source.stdout}{source.stderr}")
+            wait_until(
+                lambda: sink.count >= target, RUN_TIMEOUT, f"{messages} messages at the sink"
+            )
+            run.end_to_end_seconds = time.monotonic() - t0
+            run.cpu_seconds = tree_cpu_seconds(root) - cpu0
+        run.peak_mb = mem.peak
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
+        run.ok = False
+        run.error = str(e)[:500]
+    return run
+
+
+def median(runs: list[Run], attr: str) -> float:
+    values = [getattr(r, attr) for r in runs if r.ok]
+    return statistics.median(values) if values else 0.0
+
+
+def report(results: dict[str, Any]) -> str:
+    runs = {
+        name: [Run(**{k: v for k, v in r.items() if k in Run.__dataclass_fields__}) for r in rs]
+        for name, rs in results["runs"].items()
+    }
+    lines = [
+        f"Benchmark {results['started']} on {results['machine']}: smtp-source -> relay -> "
+        f"smtp-sink, {results['messages']} x {results['size']} B, {results['sessions']} sessions, "
+        f"warm-up {results['warmup']}, {results['rounds']} interleaved runs, medians; "
+        f"mailrelay with {results['workers']} workers; both fsync before 250.",
+        "",
+        "| system | accept msgs/s | end-to-end msgs/s | CPU per message | peak memory (PSS) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("postfix", "mailrelay"):
+        rs = runs.get(name, [])
+        if not rs:
+            continue
+        lines.append(
+            f"| {name} | {median(rs, 'accept_rate'):.0f} | {median(rs, 'end_to_end_rate'):.0f} | "
+            f"{median(rs, 'cpu_ms_per_message'):.2f} ms | "
+            f"{max((r.peak_mb for r in rs), default=0):.0f} MB |"
+        )
+    pf = median(runs.get("postfix", []), "end_to_end_rate")
+    mr = median(runs.get("mailrelay", []), "end_to_end_rate")
+    if pf and mr:
+        lines += ["", f"End-to-end ratio mailrelay / Postfix: **{mr / pf:.2f}x** (target >= 1.5x)."]
+    for name, mem in results.get("memory", {}).items():
+        lines.append(
+            f"Memory run ({name}): {mem['messages']} sessions x "
+            f"{mem['size'] // 1_000_000} MB at once: peak {mem['peak_mb']:.0f} MB PSS"
+            + (", ok." if mem["ok"] else f", FAILED: {mem['error']}")
+        )
+    failed = [r for rs in runs.values() for r in rs if not r.ok]
+    for r in failed:
+        lines.append(f"FAILED run of {r.system}: {r.error}")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def systems(workdir: Path, workers: int, which: list[str]) -> Iterator[list[System]]:
+    started: list[Any] = []
+    try:
+        out: list[System] = []
+        for name in which:
+            sink = Sink(workdir).start()
+            started.append(sink)
+            system: System
+            if name == "postfix":
+                system = Postfix(workdir / "postfix", sink)
+            else:
+                system = Mailrelay(workdir / "mailrelay", sink, workers)
+            started.append(system)
+            system.start()
+            out.append(system)
+        yield out
+    finally:
+        for thing in reversed(started):
+            with contextlib.suppress(Exception):
+                thing.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--messages", type=int, default=5000)
+    p.add_argument("--size", type=int, default=5120)
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
+    p.add_argument("--memory-size", type=int, default=25_000_000, help="0 skips the memory run")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("relay_vs_postfix: needs root (postfix master, smtp-sink -u)", file=sys.stderr)
+        return 2
+    which = args.only or ["postfix", "mailrelay"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = RESULTS / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="mailrelay-bench-"))
+    workdir.chmod(0o755)  # Postfix's daemons run as the postfix user
+    results: dict[str, Any] = {
+        "started": stamp,
+        "machine": f"{os.cpu_count()} cores, {os.uname().release}",
+        "messages": args.messages,
+        "size": args.size,
+        "sessions": args.sessions,
+        "warmup": args.warmup,
+        "rounds": args.runs,
+        "workers": args.workers,
+        "runs": {name: [] for name in which},
+        "memory": {},
+    }
+    try:
+        with systems(workdir, args.workers, which) as running:
+            for system in running:
+                print(f"warm-up {system.name}: {args.warmup} messages", flush=True)
+                load(system, args.warmup, args.size, args.sessions)
+            for i in range(args.runs):
+                order = running if i % 2 == 0 else list(reversed(running))
+                for system in order:
+                    run = load(system, args.messages, args.size, args.sessions)
+                    results["runs"][system.name].append(run.summary())
+                    print(
+                        f"run {i + 1} {system.name}: accept {run.accept_rate:.0f}/s, "
+                        f"end-to-end {run.end_to_end_rate:.0f}/s, "
+                        f"{run.cpu_ms_per_message:.2f} ms CPU/msg, peak {run.peak_mb:.0f} MB"
+                        + ("" if run.ok else f" FAILED: {run.error}"),
+                        flush=True,
+                    )
+            if args.memory_size:
+                for system in running:
+                    run = load(system, args.sessions, args.memory_size, args.sessions)
+                    results["memory"][system.name] = run.summary()
+                    print(
+                        f"memory {system.name}: {args.sessions} x {args.memory_size} B: "
+                        f"peak {run.peak_mb:.0f} MB" + ("" if run.ok else f" FAILED: {run.error}"),
+                        flush=True,
+                    )
+    finally:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        summary = report(results)
+        (out_dir / "summary.md").write_text(summary)
+        print()
+        print(summary)
+        print(f"results: {out_dir}")
+        if args.keep:
+            print(f"scratch folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
