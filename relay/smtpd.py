@@ -30,9 +30,11 @@ from aiosmtpd.smtp import SMTP
 
 from relay import content, metrics
 from relay.addresses import AddressError, parse_esmtp_params, parse_path
+from relay.anvil import Anvil
 from relay.config import RelayConfig
 from relay.dnschecks import DnsChecks
 from relay.policy import Check, Transaction, check_recipient, in_mynetworks
+from relay.proxy import accept_proxy
 from relay.queue import Queue
 from relay.screen import Postscreen
 from relay.session import Envelope, Reply, ScreenResult, Session
@@ -42,7 +44,7 @@ from relay.spf import SpfChecker
 log = logging.getLogger("mailrelay.smtpd")
 
 MAIL_NAME = "mailrelay"
-HARD_ERROR_LIMIT = 20  # Postfix smtpd_hard_error_limit
+HARD_ERROR_LIMIT = 20  # smtpd_hard_error_limit's default; limits.errorsPerSession sets it
 COMMAND_LINE_LIMIT = 2048  # Postfix line_length_limit
 READ_LIMIT = 64 * 1024  # StreamReader limit: also its flow-control window
 DATA_CHUNK = 256 * 1024
@@ -73,6 +75,7 @@ class ServerContext:
         tls_context: ssl.SSLContext | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         on_queued: Callable[[str], None] | None = None,
+        anvil: Anvil | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -82,6 +85,8 @@ class ServerContext:
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
         self.on_queued = on_queued
+        # Per-client rate limits (relay.anvil), shared by the process's sessions.
+        self.anvil = anvil if anvil is not None else Anvil()
         self.sessions: set[RelaySMTP] = set()
         self.shutting_down = False
         self._free_space_checked = 0.0
@@ -166,7 +171,7 @@ class RelaySMTP(SMTP):
 
     COMMANDS: ClassVar[dict[str, Command]] = {}
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, *, via_proxy: bool = False) -> None:
         # Deliberately not SMTP.__init__ (see the module docstring): set up the
         # stream protocol and the attributes aiosmtpd's plumbing uses.
         loop = asyncio.get_running_loop()
@@ -197,6 +202,9 @@ class RelaySMTP(SMTP):
         self.txn: Transaction | None = None
         self.idle = False  # waiting for a command, outside a transaction
         self._closing = False
+        # On the proxy listener: a PROXY header comes first (relay.proxy).
+        self.via_proxy = via_proxy
+        self._anvil_ip: str | None = None  # counted by ctx.anvil until connection_lost
 
     # -- plumbing ----------------------------------------------------------
 
@@ -216,6 +224,9 @@ class RelaySMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
+        if self._anvil_ip is not None:
+            self.ctx.anvil.disconnect(self._anvil_ip)
+            self._anvil_ip = None
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
@@ -256,8 +267,21 @@ class RelaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         s = self.state
+        if self.via_proxy:
+            # The real client's IP replaces the load balancer's before anything
+            # (mynetworks, anvil, postscreen, logs) looks at it.
+            if not await accept_proxy(s, self._reader, self.config.proxy_protocol):
+                self.close_with_nothing()
+                return
+            s.trusted = in_mynetworks(self.config, s.client_ip)
         metrics.CONNECTIONS.inc()
         log.info("connect from %s", client_name(s))
+        refused = self.ctx.anvil.connect(s, self.config.limits, self.hostname)
+        if not s.trusted:
+            self._anvil_ip = s.client_ip
+        if refused is not None:
+            await self.send(refused)
+            return
         try:
             s.screen = await self.ctx.postscreen.screen(s, self._reader, self._writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -277,7 +301,7 @@ class RelaySMTP(SMTP):
         await self.send_lines([f"220 {self.hostname} ESMTP {MAIL_NAME}"])
         try:
             while self.transport is not None and not self._closing:
-                if s.errors >= HARD_ERROR_LIMIT:
+                if s.errors >= self.config.limits.errors_per_session:
                     log.info("too many errors after %s from %s", self._last_command, client_name(s))
                     await self.reply(
                         421, "4.7.0", f"{self.hostname} Error: too many errors", disconnect=True
@@ -403,6 +427,10 @@ class RelaySMTP(SMTP):
             return
         # Each transaction sees the configuration current when it starts.
         self.config = self.ctx.config
+        refused = self.ctx.anvil.message(self.state, self.config.limits)
+        if refused is not None:
+            await self.send(refused)
+            return
         if arg[:5].upper() != "FROM:":
             await self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
             return
@@ -456,6 +484,10 @@ class RelaySMTP(SMTP):
             return
         if arg[:3].upper() != "TO:":
             await self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+            return
+        refused = self.ctx.anvil.recipient(self.state, self.config.limits)
+        if refused is not None:
+            await self.send(refused)
             return
         try:
             rcpt, param_text = parse_path(arg[3:])
