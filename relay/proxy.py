@@ -174,10 +174,11 @@ async def accept_proxy(
     session: Session,
     reader: asyncio.StreamReader,
     policy: ProxyProtocol,
-    timeout: float = HEADER_TIMEOUT,
+    timeout: float | None = None,
 ) -> bool:
     """Reads the header of a proxy-listener connection and moves the real
     client's address into `session`. False: refuse (close) the connection."""
+    timeout = HEADER_TIMEOUT if timeout is None else timeout
     peer = session.peer_ip
     where = f"[{peer}]:{session.client_port}"
     if not policy.enabled:

@@ -19,6 +19,12 @@ Environment knobs (for tests and operators; the CLI keeps to API.md):
   MAILRELAY_SHUTDOWN_GRACE    seconds sessions get after SIGTERM (default 25)
   MAILRELAY_SMTPD_TIMEOUT     idle timeout of a session (default 300)
   MAILRELAY_RELOAD_INTERVAL   config poll interval (default 1)
+  MAILRELAY_TLS_RELOAD_INTERVAL  tls.crt/tls.key poll interval (default 2)
+
+With `proxy_listen`, each worker also serves a second port where every
+connection must start with a PROXY header from spec.proxyProtocol.trustedCIDRs
+(relay.proxy); the plain port stays for probes and in-cluster clients.
+The certificate in `tls_dir` is reloaded when it changes (relay.tlsreload).
 """
 
 from __future__ import annotations
@@ -177,10 +183,12 @@ class Worker:
         shutdown_grace: float,
         sources: SourceWatcher | None = None,
         on_source_change: Callable[[], None] | None = None,
+        proxy_sock: socket.socket | None = None,
     ) -> None:
         self.config_dir = config_dir
         self.queue_dir = queue_dir
         self.sock = sock
+        self.proxy_sock = proxy_sock
         self.tls_dir = tls_dir
         self.shutdown_grace = shutdown_grace
         self.sources = sources
@@ -196,6 +204,7 @@ class Worker:
         from relay.screen import Postscreen
         from relay.smtpd import RelaySMTP, ServerContext
         from relay.spf import SpfChecker
+        from relay.tlsreload import TlsReloader
 
         loop = asyncio.get_running_loop()
         sig = config_signature(self.config_dir)
@@ -203,13 +212,19 @@ class Worker:
         config = await loop.run_in_executor(None, load_config, self.config_dir)
         resolver = Resolver(config.dns)
         queue = Queue(self.queue_dir)
+        tls = None
+        if self.tls_dir is not None:
+            tls = TlsReloader(
+                self.tls_dir, interval=_env_float("MAILRELAY_TLS_RELOAD_INTERVAL", 2.0)
+            )
+            await loop.run_in_executor(None, tls.load_sync)
         ctx = ServerContext(
             config,
             queue,
             postscreen=Postscreen(config, resolver, self.queue_dir / "postscreen"),
             dns_checks=DnsChecks(config, resolver),
             spf=SpfChecker(config, resolver),
-            tls_context=load_tls(self.tls_dir),
+            tls_context=tls.context if tls is not None else None,
             idle_timeout=_env_float("MAILRELAY_SMTPD_TIMEOUT", 300.0),
         )
         delivery = start_delivery(queue, lambda: ctx.config, resolver)
@@ -218,6 +233,16 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_event.set)
         server = await loop.create_server(lambda: RelaySMTP(ctx), sock=self.sock)
+        proxy_server = None
+        if self.proxy_sock is not None:
+            proxy_server = await loop.create_server(
+                lambda: RelaySMTP(ctx, via_proxy=True), sock=self.proxy_sock
+            )
+            log.info(
+                "PROXY protocol listener on %s (trusted: %s)",
+                "{}:{}".format(*self.proxy_sock.getsockname()[:2]),
+                ", ".join(str(n) for n in config.proxy_protocol.trusted) or "nobody",
+            )
         log.info(
             "ready: listening on %s with %d domains, queue %s",
             "{}:{}".format(*self.sock.getsockname()[:2]),
@@ -227,11 +252,19 @@ class Worker:
         background: list[asyncio.Task[Any]] = []
         if delivery is not None:
             background.append(asyncio.create_task(delivery.run()))
+        if tls is not None:
+
+            def use_context(context: ssl.SSLContext) -> None:
+                ctx.tls_context = context  # new STARTTLS handshakes only
+
+            background.append(asyncio.create_task(tls.watch(use_context)))
         reload_task = asyncio.create_task(self._watch_config(ctx, sig, digest, metrics))
         await self.stop_event.wait()
 
         log.info("shutting down: no new connections, %d sessions open", len(ctx.sessions))
         server.close()
+        if proxy_server is not None:
+            proxy_server.close()
         ctx.begin_shutdown()
         deadline = loop.time() + self.shutdown_grace
         while ctx.sessions and loop.time() < deadline:
@@ -350,9 +383,6 @@ def run_relay(
     """Runs the relay until SIGTERM/SIGINT; returns the exit code."""
     setup_logging()
     config_dir, queue_dir = Path(config_dir), Path(queue_dir)
-    if proxy_listen:
-        log.error("--proxy-listen is not supported yet")
-        return 2
     if workers is None:
         workers = 1 if watch_sources is not None else (os.cpu_count() or 1)
     grace = (
@@ -362,6 +392,7 @@ def run_relay(
     )
     try:
         host, port = parse_listen(listen)
+        proxy_address = parse_listen(proxy_listen) if proxy_listen else None
     except ValueError as e:
         log.error("%s", e)
         return 2
@@ -378,6 +409,11 @@ def run_relay(
     if workers <= 1:
         try:
             sock = bind_socket(host, port, reuse_port=False, listen=True)
+            proxy_sock = (
+                bind_socket(*proxy_address, reuse_port=False, listen=True)
+                if proxy_address
+                else None
+            )
         except OSError as e:
             log.error("cannot listen on %s: %s", listen, e)
             return 1
@@ -391,6 +427,7 @@ def run_relay(
             shutdown_grace=grace,
             sources=sources,
             on_source_change=on_source_change,
+            proxy_sock=proxy_sock,
         )
         return asyncio.run(worker.run())
     return Supervisor(
@@ -404,6 +441,7 @@ def run_relay(
         metrics_listen=metrics_listen,
         sources=sources,
         on_source_change=on_source_change,
+        proxy_address=proxy_address,
     ).run()
 
 
@@ -424,8 +462,10 @@ class Supervisor:
         metrics_listen: str | None,
         sources: SourceWatcher | None,
         on_source_change: Callable[[], None] | None,
+        proxy_address: tuple[str, int] | None = None,
     ) -> None:
         self.config_dir = config_dir
+        self.proxy_address = proxy_address
         self.queue_dir = queue_dir
         self.host = host
         self.port = port
@@ -448,6 +488,14 @@ class Supervisor:
             log.error("cannot listen on %s:%d: %s", self.host, self.port, e)
             return 1
         self.port = reservation.getsockname()[1]
+        proxy_reservation = None
+        if self.proxy_address is not None:
+            try:
+                proxy_reservation = bind_socket(*self.proxy_address, reuse_port=True, listen=False)
+            except OSError as e:
+                log.error("cannot listen on %s:%d: %s", *self.proxy_address, e)
+                return 1
+            self.proxy_address = (self.proxy_address[0], proxy_reservation.getsockname()[1])
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         for slot in range(self.workers):
@@ -463,6 +511,8 @@ class Supervisor:
                 self._poll_sources()
             time.sleep(0.1)
         reservation.close()
+        if proxy_reservation is not None:
+            proxy_reservation.close()
         log.info("all workers stopped")
         return 0
 
@@ -474,12 +524,18 @@ class Supervisor:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 sock = bind_socket(self.host, self.port, reuse_port=True, listen=True)
+                proxy_sock = (
+                    bind_socket(*self.proxy_address, reuse_port=True, listen=True)
+                    if self.proxy_address is not None
+                    else None
+                )
                 worker = Worker(
                     self.config_dir,
                     self.queue_dir,
                     sock,
                     tls_dir=self.tls_dir,
                     shutdown_grace=self.shutdown_grace,
+                    proxy_sock=proxy_sock,
                 )
                 code = asyncio.run(worker.run())
             except BaseException:
