@@ -29,6 +29,9 @@ from mailrelay_operator.reconciler import Reconciler
 GROUP = "mailrelay.io"
 OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 log = logging.getLogger("mailrelay.operator")
+# The reconcilers started in this process, with their loops: tests and the
+# benchmark look inside (writes, passes) and poke them (resync).
+RUNNING: list[tuple[Reconciler, asyncio.AbstractEventLoop]] = []
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -84,6 +87,12 @@ def _view(memo: kopf.Memo) -> ClusterView:
 
 
 # --- lifecycle -----------------------------------------------------------------------
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account, else $KUBECONFIG as it is now (not at import time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     configure(settings)
@@ -97,6 +106,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     )
     memo["reconciler"] = reconciler
     memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
+    RUNNING.append((reconciler, asyncio.get_running_loop()))
 
 
 @kopf.on.cleanup()

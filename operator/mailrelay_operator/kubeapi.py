@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,10 @@ def load_api_client() -> k8s_client.ApiClient:
     try:
         k8s_config.load_incluster_config(client_configuration=cfg)
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config(client_configuration=cfg)
+        # $KUBECONFIG as it is now: the client reads its default at import time.
+        k8s_config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg
+        )
     cfg.connection_pool_maxsize = 16
     return k8s_client.ApiClient(cfg)
 

@@ -78,6 +78,7 @@ class Reconciler:
     cert_manager: bool | None = None
     passes: int = 0
     started: bool = False
+    busy: bool = False
     _wakeup: asyncio.Event | None = None
 
     # --- marking, called from kopf handlers (cheap, synchronous) ----------------------
@@ -204,9 +205,30 @@ class Reconciler:
             self.dirty[key] = True
         self.sweep = True
 
+    def resync_now(self) -> None:
+        """A full pass now (for tests and benchmarks; call in the loop's thread)."""
+        self.resync()
+        self.wakeup.set()
+
+    def mark_all(self, render: bool = True) -> None:
+        """Every known relay dirty, caches kept (call in the loop's thread)."""
+        for key in self.view().relays:
+            self.mark(key, render)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.busy or self.dirty or self.sweep or self.wakeup.is_set())
+
     async def process(self) -> None:
         """One pass over whatever is dirty now."""
-        self.started = True
+        self.started = self.busy = True
+        try:
+            await self._process()
+        finally:
+            self.busy = False
+            self.passes += 1
+
+    async def _process(self) -> None:
         view = self.view()
         dirty, self.dirty = self.dirty, {}
         sweep, self.sweep = self.sweep, False
@@ -222,7 +244,6 @@ class Reconciler:
             except Exception:
                 log.exception("writing statuses of unattached objects failed; retrying")
                 asyncio.get_running_loop().call_later(self.retry_seconds, self.mark_sweep)
-        self.passes += 1
 
     # --- one relay --------------------------------------------------------------------
     async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> None:

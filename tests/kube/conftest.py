@@ -1,0 +1,124 @@
+"""A real kube-apiserver for the operator's tests: one per session.
+
+`kube` starts etcd + kube-apiserver with hack/kube-up.sh on a temporary
+KUBECONFIG, installs deploy/crds/, and stops everything with kube-down.sh at
+the end. `operator` runs the mailrelay operator (mailrelay_operator.main.run,
+the code behind `mailrelay operator`) in a thread against it.
+A bare apiserver has no controllers: no garbage collection, no StatefulSet
+controller, no kubelet. Tests play those parts where they need them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mrtest.kube import ASSETS, REPO, Kube, RunningOperator, wait_for
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    if not (ASSETS / "kube-apiserver").is_file():
+        pytest.fail(
+            f"{ASSETS / 'kube-apiserver'} is missing: run hack/install-tools.sh first",
+            pytrace=False,
+        )
+    kubeconfig = tmp_path_factory.mktemp("kube") / "kubeconfig"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBEBUILDER_ASSETS": str(ASSETS)}
+    try:
+        up = subprocess.run(
+            ["bash", str(REPO / "hack" / "kube-up.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        if up.returncode != 0:
+            pytest.fail(f"hack/kube-up.sh failed:\n{up.stderr}{up.stdout}", pytrace=False)
+        k = Kube(kubeconfig, env)
+        k.apply(REPO / "deploy" / "crds")
+        k.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "-l",
+            "app.kubernetes.io/part-of=mailrelay",
+        )
+        yield k
+    finally:
+        stop_recorded_processes(Path(f"{kubeconfig}.state"))
+        subprocess.run(
+            ["bash", str(REPO / "hack" / "kube-down.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def stop_recorded_processes(state_file: Path) -> None:
+    """SIGTERM the apiserver and etcd this session started (pids from the state file).
+
+    kube-down.sh does the same, but first takes the kubeconfig's lock, which
+    the started processes may have inherited from kube-up.sh: stop them first.
+    """
+    try:
+        lines = state_file.read_text().splitlines()
+    except OSError:
+        return
+    state_dir = next((ln.split("=", 1)[1] for ln in lines if ln.startswith("STATE_DIR=")), "")
+    pids = [
+        int(ln.split("=", 1)[1])
+        for prefix in ("APISERVER_PID=", "ETCD_PID=")
+        for ln in lines
+        if ln.startswith(prefix)
+    ]
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if state_dir and state_dir in cmdline:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def operator(kube: Kube) -> Iterator[RunningOperator]:
+    from mailrelay_operator import handlers, main
+
+    saved = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kube.kubeconfig)
+    os.environ.setdefault("MAILRELAY_RELAY_IMAGE", "registry.test/mailrelay:test")
+    stop, ready = threading.Event(), threading.Event()
+    started = len(handlers.RUNNING)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(main.run, (), None, stop, ready)
+        try:
+            wait_for("the operator to start", lambda: ready.is_set() or future.done(), 60)
+            if future.done():
+                future.result()
+            wait_for("the reconciler", lambda: len(handlers.RUNNING) > started, 30)
+            reconciler, loop = handlers.RUNNING[-1]
+            yield RunningOperator(reconciler, loop)
+        finally:
+            stop.set()
+            future.result(timeout=60)
+            if saved is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = saved
