@@ -103,3 +103,52 @@ class RunningOperator:
         self.call(self.reconciler.resync_now if resync else self.reconciler.mark_all)
         wait_for("a reconcile pass", lambda: self.call(lambda: self.reconciler.passes) > before)
         self.settle()
+
+
+def project_config_maps(kube: Kube, statefulset: dict[str, Any], folder: Path) -> list[str]:
+    """Plays the kubelet for the StatefulSet's projected config volume.
+
+    Reads each ConfigMap source (optional ones may be missing) and writes
+    their files the way the kubelet's atomic writer does: a fresh timestamped
+    folder, a `..data` symlink swapped to it, and one symlink per file through
+    `..data`. Returns the file names written.
+    """
+    import base64
+
+    namespace = statefulset["metadata"]["namespace"]
+    [volume] = [
+        v for v in statefulset["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"
+    ]
+    files: dict[str, bytes] = {}
+    for source in volume["projected"]["sources"]:
+        ref = source["configMap"]
+        cm = kube.get("configmap", ref["name"], namespace)
+        if cm is None:
+            assert ref.get("optional"), f"ConfigMap {ref['name']} is missing and not optional"
+            continue
+        for key, text in (cm.get("data") or {}).items():
+            files[key] = str(text).encode()
+        for key, b64 in (cm.get("binaryData") or {}).items():
+            files[key] = base64.b64decode(b64)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    stamp.mkdir()
+    for name, data in files.items():
+        (stamp / name).write_bytes(data)
+    tmp_link = folder / "..data_tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(stamp.name)
+    old = (folder / "..data").resolve() if (folder / "..data").exists() else None
+    tmp_link.replace(folder / "..data")
+    for name in files:
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+    for entry in folder.iterdir():
+        if entry.is_symlink() and not entry.name.startswith("..") and entry.name not in files:
+            entry.unlink()
+    if old is not None and old != stamp.resolve():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    return sorted(files)
