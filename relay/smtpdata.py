@@ -40,6 +40,10 @@ class DataDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """Decodes one chunk; returns the message bytes it completes."""
+        if not self._pending and not self._mid_line and self._prev_crlf:
+            fast = self._feed_clean(data)
+            if fast is not None:
+                return fast
         buf = self._pending + data if self._pending else data
         last_lf = buf.rfind(b"\n")
         if last_lf < 0:
@@ -72,6 +76,25 @@ class DataDecoder:
         if not self.done and len(self._pending) > MAX_PENDING:
             chunk += self._flush_long_line()
         return chunk
+
+    def _feed_clean(self, data: bytes) -> bytes | None:
+        """The common case without a line-by-line loop: whole CRLF lines, no
+        bare CR or LF, no line starting with a dot except the final one.
+        None when the chunk needs the careful path."""
+        if data.endswith(b"\r\n.\r\n") or data == b".\r\n":
+            body, done = data[:-3], True  # body keeps the CRLF before the dot
+        elif data.endswith(b"\r\n"):
+            body, done = data, False
+        else:
+            return None
+        if body.startswith(b".") or b"\n." in body:
+            return None
+        crlf = body.count(b"\r\n")
+        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+            return None
+        self.done = done
+        self.size += len(body)
+        return body
 
     def _flush_long_line(self) -> bytes:
         """Emits an unterminated line so far, keeping a trailing CR (its LF may

@@ -99,3 +99,29 @@ def test_size_counts_output() -> None:
     d = DataDecoder()
     d.feed(b"abc\r\n..\r\n.\r\n")
     assert d.size == len(b"abc\r\n.\r\n")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"a\r\nb\r\n.\r\n",
+        b".\r\n",
+        b"a\r\n..b\r\n.\r\n",
+        b"a\nb\r\n.\r\n",
+        b"a\r\n\r\n.\r\nQUIT\r\n",
+        b"a\rb\r\n.\r\n",
+    ],
+)
+def test_fast_path_agrees_with_line_by_line(raw: bytes) -> None:
+    assert decode(raw)[:2] == decode(raw, chunk=1)[:2]
+
+
+def test_fast_path_keeps_state_across_chunks() -> None:
+    d = DataDecoder()
+    assert d.feed(b"a\r\nb\r\n") == b"a\r\nb\r\n"
+    assert not d.done
+    assert d.feed(b"c\n") == b"c\r\n"  # careful path: bare LF
+    assert d.feed(b".\r\n") == b"\r\n"  # after a bare LF a dot line is content
+    assert not d.done
+    assert d.feed(b"d\r\n.\r\n") == b"d\r\n"
+    assert d.done
