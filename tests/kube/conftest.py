@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from mrtest.kube import ASSETS, REPO, Kube, RunningOperator, wait_for
 
 
@@ -97,12 +98,40 @@ def stop_recorded_processes(state_file: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def service_account_kubeconfig(kube: Kube, folder: Path) -> Path:
+    """A kubeconfig with a token of the operator's ServiceAccount (deploy/rbac/):
+    the operator under test has exactly the rights it ships with."""
+    kube.apply(REPO / "deploy" / "rbac")
+    token = kube.kubectl(
+        "create", "token", "mailrelay-operator", "-n", "mailrelay-system", "--duration=4h"
+    ).strip()
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    cluster = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "mailrelay-operator", "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "operator",
+                "context": {"cluster": cluster["name"], "user": "mailrelay-operator"},
+            }
+        ],
+        "current-context": "operator",
+    }
+    path = folder / "operator-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="session")
-def operator(kube: Kube) -> Iterator[RunningOperator]:
+def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOperator]:
     from mailrelay_operator import handlers, main
 
+    kubeconfig = service_account_kubeconfig(kube, tmp_path_factory.mktemp("operator"))
     saved = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(kube.kubeconfig)
+    os.environ["KUBECONFIG"] = str(kubeconfig)
     os.environ.setdefault("MAILRELAY_RELAY_IMAGE", "registry.test/mailrelay:test")
     stop, ready = threading.Event(), threading.Event()
     started = len(handlers.RUNNING)
