@@ -229,6 +229,16 @@ class RelaySMTP(SMTP):
             self._anvil_ip = None
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        """The client hung up (or half-closed). aiosmtpd's version cancels the
+        command loop and keeps the socket open, which nobody then closes: the
+        session, its file descriptor and its anvil count would stay until the
+        idle timeout. Here the loop reads what was sent before the EOF, sees
+        the end and closes the connection itself."""
+        self._reader.feed_eof()
+        # An SSL transport cannot stay half-open: let it close.
+        return not self._over_ssl
+
     def _timeout_cb(self) -> None:
         log.info("timeout after %s from %s", self._last_command, client_name(self.state))
         self.close_with(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
