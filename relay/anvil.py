@@ -166,7 +166,11 @@ class Anvil:
             if not self._clients:
                 return
             ip, oldest = next(iter(self._clients.items()))
-            if oldest.connections > 0 or now - oldest.window_start < unit:
+            if oldest.connections > 0:
+                # Still connected: kept, and out of the way of the sweep.
+                self._clients.move_to_end(ip)
+                continue
+            if now - oldest.window_start < unit:
                 return
             del self._clients[ip]
 
