@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(swaks libnet-ssleay-perl postfix lua5.4 openssl ca-certificates iproute2 procps)
+APT_PACKAGES=(swaks libnet-ssleay-perl postfix lua5.4 shellcheck openssl ca-certificates iproute2 procps)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
