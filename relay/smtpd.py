@@ -48,6 +48,7 @@ HARD_ERROR_LIMIT = 20  # smtpd_hard_error_limit's default; limits.errorsPerSessi
 COMMAND_LINE_LIMIT = 2048  # Postfix line_length_limit
 READ_LIMIT = 64 * 1024  # StreamReader limit: also its flow-control window
 DATA_CHUNK = 256 * 1024
+FLUSH_EVERY = 1024 * 1024  # bytes of DATA between waits for the queue's writes
 IDLE_TIMEOUT = 300.0  # Postfix smtpd_timeout
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # Postfix refuses MAIL when the queue's file system has less free space than
@@ -607,6 +608,7 @@ class RelaySMTP(SMTP):
             write_failed = e
         decoder = DataDecoder()
         too_big = False
+        flushed = 0
         while not decoder.done:
             data = await self._reader.read(DATA_CHUNK)
             if not data:
@@ -620,6 +622,11 @@ class RelaySMTP(SMTP):
             if chunk and not too_big and write_failed is None:
                 try:
                     incoming.write(chunk)
+                    if decoder.size - flushed >= FLUSH_EVERY:
+                        # Wait for the disk now and then: a client faster than
+                        # the disk must not pile up the message in memory.
+                        flushed = decoder.size
+                        await incoming.flush()
                 except Exception as e:
                     write_failed = e
         if decoder.rest:

@@ -473,3 +473,14 @@ async def test_many_concurrent_sessions(relay_server: ServerFactory) -> None:
     assert all(r.startswith("250 2.0.0 Ok: queued as") for r in replies)
     assert len({r.rsplit(" ", 1)[1] for r in replies}) == 20
     assert len(h.queued()) == 20
+
+
+async def test_big_message_streams_to_the_queue(relay_server: ServerFactory) -> None:
+    h = await relay_server()
+    c = await client(h)
+    await c.greet()
+    line = b"0123456789" * 7 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * 80_000  # 5.8 MB
+    assert (await send_mail(c, ["a@example.org"], body)).startswith("250 2.0.0 Ok: queued")
+    [data] = h.queued()
+    assert data.endswith(b"\r\n\r\n" + line * 80_000)
