@@ -11,6 +11,7 @@ A periodic resync forgets those caches, so drift is repaired.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from relay.manifests.render import Rendered, render_relay
 log = logging.getLogger("mailrelay.operator")
 
 STATUS_WRITE_CONCURRENCY = 16
+MAX_RETRY_SECONDS = 300.0
 # Kinds the operator deletes when a relay no longer wants them: (apiVersion, kind, component).
 PRUNABLE = (
     ("v1", "ConfigMap", "recipients"),
@@ -56,6 +58,7 @@ class RelayMemory:
     recreated: tuple[int, str] | None = None  # (generation, message)
     replicas: int = 0
     ready_replicas: int = 0
+    failures: int = 0  # passes in a row that could not apply everything
 
 
 @dataclass
@@ -99,7 +102,10 @@ class Reconciler:
         self.wakeup.set()
 
     def mark_later(self, key: Key, render: bool = False) -> None:
-        asyncio.get_running_loop().call_later(self.retry_seconds, self.mark, key, render)
+        """Looks again after a while; longer after each failed pass (up to 5 minutes)."""
+        failures = self.relays[key].failures if key in self.relays else 0
+        delay = min(self.retry_seconds * 2 ** min(failures, 8), MAX_RETRY_SECONDS)
+        asyncio.get_running_loop().call_later(delay, self.mark, key, render)
 
     def _changed(self, kind: str, body: dict[str, Any], deleted: bool) -> bool:
         """Spec changes bump generation; our own status writes do not."""
@@ -185,10 +191,14 @@ class Reconciler:
 
     # --- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self.resync_seconds
         while True:
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout=self.resync_seconds)
-            except TimeoutError:
+            # A steady stream of events must not postpone the resync forever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), max(0.0, next_resync - loop.time()))
+            if loop.time() >= next_resync:
+                next_resync = loop.time() + self.resync_seconds
                 if self.started:
                     self.resync()
             self.wakeup.clear()
@@ -237,6 +247,8 @@ class Reconciler:
                 await self.reconcile_relay(key, render, view)
             except Exception:
                 log.exception("reconciling MailRelay %s/%s failed; retrying", *key)
+                if key in self.relays:
+                    self.relays[key].failures += 1
                 self.mark_later(key, render=True)
         if sweep:
             try:
@@ -272,9 +284,11 @@ class Reconciler:
         try:
             await self._apply_children(key, mem, children, obs)
             await self._prune(relay, mem, children)
+            mem.failures = 0
         except KubeError as e:
             obs.applied, obs.apply_error = False, str(e)
             log.warning("MailRelay %s/%s: %s", key[0], key[1], e)
+            mem.failures += 1
             self.mark_later(key)
         if mem.recreated and mem.recreated[0] == gen:
             obs.recreated = mem.recreated[1]
