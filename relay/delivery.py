@@ -360,18 +360,23 @@ class Delivery:
             for r in deferred:
                 progress.reasons[r.recipient] = r.reply
             if now >= env.arrival + config.queue.lifetime:
+                # spec.queue.dsnOnExpiry: none = no backscatter from expired mail.
+                notify = config.queue.dsn_on_expiry != "none"
                 for r in deferred:
                     log.info(
-                        "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=expired, "
-                        "returned to sender (%s)",
+                        "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=expired, %s (%s)",
                         claim.queue_id,
                         r.recipient,
                         r.relay,
                         _format_delay(now - env.arrival),
                         r.status,
+                        "returned to sender" if notify else "not returned (dsnOnExpiry: none)",
                         r.reply,
                     )
-                    failures.append(_failure(r, expired=True))
+                    if notify:
+                        failures.append(_failure(r, expired=True))
+                    else:
+                        progress.done[r.recipient] = "expired"
                 metrics.EXPIRED.inc()
                 deferred = []
         if failures:
