@@ -163,6 +163,7 @@ class Delivery:
         """Waits until no delivery is under way (DSNs they queue included)."""
         while self._inflight:
             await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+        await self.queue.settle()
 
     def flush(self) -> None:
         """Makes every deferred message due now (in-process `queue flush`)."""
@@ -304,6 +305,27 @@ class Delivery:
         self._log_and_count(claim, unrouted)
         results = list(unrouted)
         chunks = self._chunks(claim)
+        if len(groups) == 1:  # the common case: no extra tasks
+            [(hop, rcpts)] = groups.items()
+            group = await self.pool.deliver(
+                hop, env.sender, rcpts, chunks, local_hostname=config.hostname
+            )
+            results += group
+            self._log_and_count(claim, group)
+        elif groups:
+            await self._deliver_groups(claim, config, groups, chunks, results)
+        await self._conclude(claim, config, results)
+
+    async def _deliver_groups(
+        self,
+        claim: Claim,
+        config: RelayConfig,
+        groups: dict[NextHop, list[str]],
+        chunks: Callable[[], AsyncIterator[bytes]],
+        results: list[RecipientResult],
+    ) -> None:
+        """Several next hops at once; what is done is saved as each finishes."""
+        env = claim.envelope
         tasks = [
             asyncio.ensure_future(
                 self.pool.deliver(hop, env.sender, rcpts, chunks, local_hostname=config.hostname)
@@ -318,13 +340,12 @@ class Delivery:
                 for r in group:
                     if r.kind == SENT:
                         claim.progress.done[r.recipient] = SENT
-                if len(tasks) > 1 and any(r.kind == SENT for r in group):
+                if any(r.kind == SENT for r in group):
                     # other groups still running: keep what is done across a crash
                     await self.queue.run_io(self.queue.save_progress_sync, claim)
         finally:
             for t in tasks:
                 t.cancel()
-        await self._conclude(claim, config, results)
 
     def _log_and_count(self, claim: Claim, results: list[RecipientResult]) -> None:
         delay = _format_delay(self.clock() - claim.envelope.arrival)
@@ -379,6 +400,9 @@ class Delivery:
                         progress.done[r.recipient] = "expired"
                 metrics.EXPIRED.inc()
                 deferred = []
+        for r in results:
+            if r.kind == SENT:
+                progress.done[r.recipient] = SENT
         if failures:
             await self._return_to_sender(claim, config, failures)
             for f in failures:
@@ -391,8 +415,8 @@ class Delivery:
             if state == DEFERRED:
                 self._due[claim.queue_id] = _Due(DEFERRED, at)
         else:
-            await self.queue.run_io(self.queue.finish_sync, claim)
-            log.info("%s: removed", claim.queue_id)
+            self.queue.finish_later(claim)
+            log.debug("%s: removed", claim.queue_id)
 
     async def _return_to_sender(
         self, claim: Claim, config: RelayConfig, failures: list[Failure]

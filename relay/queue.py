@@ -29,6 +29,7 @@ File I/O runs on the queue's own thread pool, never on the event loop. The
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -235,6 +236,44 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+class _GroupSync:
+    """Group commit for one folder: one fsync covers every caller waiting for it.
+
+    A folder fsync costs a journal commit (milliseconds); under load many
+    commits wait at once. The first caller syncs; whoever arrives meanwhile
+    waits and is covered by the next fsync, which one of them runs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._cond = threading.Condition()
+        self._requested = 0  # tickets handed out
+        self._synced = 0  # every ticket up to this one is durable
+        self._syncing = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._synced < ticket:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                covered = self._requested  # renames of these tickets are already done
+                self._cond.release()
+                try:
+                    os.fsync(self._fd)
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self._synced = max(self._synced, covered)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class QueueError(Exception):
     """The queue could not store a message (disk full, permissions): answer 4xx."""
 
@@ -397,7 +436,9 @@ class Queue:
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="queue-io")
         self._fresh: dict[str, Claim] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._dir_fds: dict[str, int] = {}
+        self._dir_syncs: dict[str, _GroupSync] = {}
+        self._finishing: collections.deque[Claim] = collections.deque()
+        self._finish_job: asyncio.Future[Any] | None = None
         self._dir_lock = threading.Lock()
 
     # -- plumbing ----------------------------------------------------------
@@ -409,13 +450,18 @@ class Queue:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settle(self) -> None:
+        """Waits for background work (chunk writes, removals of delivered mail)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def fsync_state_dir(self, state: str) -> None:
+        """fsyncs a state folder: durable are all renames into it done before the call."""
         with self._dir_lock:
-            fd = self._dir_fds.get(state)
-            if fd is None:
-                fd = os.open(self.directory / state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                self._dir_fds[state] = fd
-        os.fsync(fd)
+            syncer = self._dir_syncs.get(state)
+            if syncer is None:
+                syncer = self._dir_syncs[state] = _GroupSync(self.directory / state)
+        syncer.sync()
 
     async def close(self) -> None:
         """Waits for background writes, releases fresh claims, stops the I/O pool."""
@@ -425,9 +471,9 @@ class Queue:
             self.release_sync(claim)
         self._fresh.clear()
         self._pool.shutdown(wait=True)
-        for fd in self._dir_fds.values():
-            os.close(fd)
-        self._dir_fds.clear()
+        for syncer in self._dir_syncs.values():
+            syncer.close()
+        self._dir_syncs.clear()
 
     def path_of(self, state: str, queue_id: str) -> Path:
         return self.directory / state / queue_id
@@ -549,9 +595,29 @@ class Queue:
                 break
             except FileNotFoundError:
                 continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.directory / STATE / claim.queue_id)
+        if claim.state != ACTIVE or claim.progress.attempts or claim.progress.done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / STATE / claim.queue_id)
         self.release_sync(claim)
+
+    def finish_later(self, claim: Claim) -> None:
+        """finish_sync in the background, batched: one pool job for many messages.
+
+        The lock is kept until the file is gone (no one else may take it);
+        the unlink need not be durable (at worst a message goes out twice).
+        """
+        self._finishing.append(claim)
+        if self._finish_job is None or self._finish_job.done():
+            self._finish_job = asyncio.ensure_future(self.run_io(self._finish_batch_sync))
+            self.track(self._finish_job)
+
+    def _finish_batch_sync(self) -> None:
+        while self._finishing:
+            claim = self._finishing.popleft()
+            with contextlib.suppress(OSError):
+                self.finish_sync(claim)
+            if claim.fd >= 0:
+                self.release_sync(claim)
 
     def defer_sync(self, claim: Claim, next_attempt: float) -> str | None:
         """Records progress and moves the message to deferred/ until `next_attempt`.
