@@ -286,7 +286,7 @@ class RelaySMTP(SMTP):
                 return
             s.trusted = in_mynetworks(self.config, s.client_ip)
         metrics.CONNECTIONS.inc()
-        log.info("connect from %s", client_name(s))
+        log.debug("connect from %s", client_name(s))  # decisions only at INFO
         refused = self.ctx.anvil.connect(s, self.config.limits, self.hostname)
         if not s.trusted:
             self._anvil_ip = s.client_ip
@@ -328,7 +328,7 @@ class RelaySMTP(SMTP):
         except (ConnectionError, asyncio.IncompleteReadError):
             self.close_with_nothing()
         finally:
-            log.info("disconnect from %s", client_name(s))
+            log.debug("disconnect from %s", client_name(s))
 
     async def _read_command(self) -> bytes | None:
         self.idle = self.txn is None
