@@ -668,6 +668,7 @@ class RelaySMTP(SMTP):
             await self._queue_error(e)
             return
         s.messages += 1
+        s.errors = 0  # Postfix counts errors "without delivering mail"
         metrics.ACCEPTED.inc()
         metrics.ACCEPTED_BYTES.inc(decoder.size)
         log.info(

@@ -484,3 +484,15 @@ async def test_big_message_streams_to_the_queue(relay_server: ServerFactory) -> 
     assert (await send_mail(c, ["a@example.org"], body)).startswith("250 2.0.0 Ok: queued")
     [data] = h.queued()
     assert data.endswith(b"\r\n\r\n" + line * 80_000)
+
+
+async def test_error_count_restarts_after_a_message(relay_server: ServerFactory) -> None:
+    h = await relay_server()
+    c = await client(h)
+    await c.greet()
+    for _ in range(HARD_ERROR_LIMIT - 1):
+        assert (await c.command("BOGUS")).startswith("502")
+    assert (await send_mail(c, ["a@example.org"])).startswith("250 2.0.0 Ok: queued")
+    for _ in range(HARD_ERROR_LIMIT - 1):
+        assert (await c.command("BOGUS")).startswith("502")
+    assert await c.command("NOOP") == "250 2.0.0 Ok"
