@@ -38,10 +38,15 @@ async def sink_factory() -> AsyncIterator[Callable[..., Any]]:
 async def relay_factory(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Callable[..., Any]]:
     made: list[Relay] = []
 
-    async def make(config: RelayConfig, queue_dir: Path | None = None, **kw: Any) -> Relay:
+    async def make(
+        config: RelayConfig,
+        queue_dir: Path | None = None,
+        resolver: Resolver | None = None,
+        **kw: Any,
+    ) -> Relay:
         queue = Queue(queue_dir or tmp_path / "queue", clock=clock)
         holder = {"config": config}
-        delivery = Delivery(queue, lambda: holder["config"], Resolver(), clock, **kw)
+        delivery = Delivery(queue, lambda: holder["config"], resolver or Resolver(), clock, **kw)
         await delivery.recover()
         r = Relay(queue, delivery, config)
         made.append(r)

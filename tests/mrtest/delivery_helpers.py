@@ -33,6 +33,7 @@ class Received:
     sender: str
     recipients: list[str]
     data: bytes
+    tls: bool = False
 
 
 @dataclass
@@ -63,7 +64,12 @@ class Sink:
         if self.data_reply:
             return self.data_reply
         self.messages.append(
-            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                tls=session.ssl is not None,
+            )
         )
         return f"250 2.0.0 Ok: queued as S{len(self.messages)}"
 
