@@ -23,4 +23,4 @@ fi
 mkdir -p "$dst"
 rm -f "$dst"/*.yaml
 cp "$src"/*.yaml "$dst"/
-echo "copied $(ls "$src"/*.yaml | wc -l) CRDs into $dst"
+echo "copied the CRDs of $src into $dst"
