@@ -219,6 +219,7 @@ async def test_long_lines_are_accepted_as_they_are(relay_server: ServerFactory) 
 SMUGGLING = [
     b"\r\n.\r",
     b"\r\n\x00.\r\n",
+    b"\r\n\x00.\r",
     b"\n.\r\n",
     b"\r.\r\n",
     b"\n\n.\r\n",

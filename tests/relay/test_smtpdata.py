@@ -43,6 +43,7 @@ def test_dot_unstuffing(chunk: int | None) -> None:
 SMUGGLING = [
     b"\r\n.\r",
     b"\r\n\x00.\r\n",
+    b"\r\n\x00.\r",
     b"\n.\r\n",
     b"\r.\r\n",
     b"\n\n.\r\n",
