@@ -218,10 +218,11 @@ class Worker:
                 self.tls_dir, interval=_env_float("MAILRELAY_TLS_RELOAD_INTERVAL", 2.0)
             )
             await loop.run_in_executor(None, tls.load_sync)
+        postscreen = Postscreen(config, resolver, self.queue_dir / "postscreen")
         ctx = ServerContext(
             config,
             queue,
-            postscreen=Postscreen(config, resolver, self.queue_dir / "postscreen"),
+            postscreen=postscreen,
             dns_checks=DnsChecks(config, resolver),
             spf=SpfChecker(config, resolver),
             tls_context=tls.context if tls is not None else None,
@@ -280,6 +281,8 @@ class Worker:
         for t in background:
             t.cancel()
         await asyncio.gather(reload_task, *background, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await postscreen.close()  # writes the cache entries still batched
         with contextlib.suppress(Exception):
             await queue.close()
         log.info("stopped")
