@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 from collections.abc import Sequence
 
 import kopf
 
+# HOST:PORT for Prometheus metrics (the Helm chart sets it; unset = none).
+METRICS_LISTEN_ENV = "MAILRELAY_OPERATOR_METRICS_LISTEN"
+
+
+def serve_metrics(listen: str) -> None:
+    """The process's metrics (memory grows with the recipient tables) on /metrics."""
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")
+
 
 def run_operator(args: argparse.Namespace) -> int:
     kopf.configure(verbose=bool(getattr(args, "verbose", False)))
+    if os.environ.get(METRICS_LISTEN_ENV):
+        serve_metrics(os.environ[METRICS_LISTEN_ENV])
     run(
         namespaces=list(getattr(args, "namespace", None) or []),
         liveness=getattr(args, "liveness", None) or None,
