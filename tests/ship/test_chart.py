@@ -311,3 +311,21 @@ def test_tool_is_reported_missing_clearly(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(ship.tools, "ASSETS", tmp_path)
     with pytest.raises(pytest.fail.Exception, match=r"run hack/install-tools\.sh"):
         tool("helm")
+
+
+def test_operator_serves_the_metrics_the_chart_scrapes() -> None:
+    import urllib.request
+
+    from mailrelay_operator.main import METRICS_LISTEN_ENV, serve_metrics
+    from mrtest.relayproc import free_port, next_loopback
+
+    (deploy,) = by_kind(render_chart(), "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env[METRICS_LISTEN_ENV] == f"0.0.0.0:{ports['metrics']}"
+    host = next_loopback()
+    port = free_port(host)
+    serve_metrics(f"{host}:{port}")  # a daemon thread, as in the operator pod
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        assert b"process_resident_memory_bytes" in reply.read()
