@@ -10,8 +10,19 @@ from typing import Any
 
 import pytest
 import yaml
+from mrtest.kube import Kube
 from prometheus_client.metrics import MetricWrapperBase
-from ship.tools import CHART, REPO, Kube, by_kind, helm_template, render_chart, run, tool
+from ship.tools import (
+    CHART,
+    REPO,
+    by_kind,
+    dry_run,
+    ensure_namespaces,
+    helm_template,
+    render_chart,
+    run,
+    tool,
+)
 
 from relay import metrics
 
@@ -251,9 +262,9 @@ def applicable(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ids=["defaults", "everything", "no-crds"],
 )  # fmt: skip
 def test_server_side_dry_run(kube: Kube, args: tuple[str, ...]) -> None:
-    kube.ensure_namespaces("mailrelay-system", "mail", "customer-a")
+    ensure_namespaces(kube, "mailrelay-system", "mail", "customer-a")
     docs = applicable(render_chart(*args))
-    result = kube.dry_run(docs)
+    result = dry_run(kube, docs)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(server dry run)") == len(docs), result.stdout
 
@@ -261,7 +272,7 @@ def test_server_side_dry_run(kube: Kube, args: tuple[str, ...]) -> None:
 @pytest.mark.kube
 def test_rbac_grants_what_the_operator_needs_and_no_more(kube: Kube) -> None:
     # Applied for real (RBAC objects only) under a release name of its own.
-    kube.ensure_namespaces("rbac-test", "mail", "customer-a", "elsewhere")
+    ensure_namespaces(kube, "rbac-test", "mail", "customer-a", "elsewhere")
     docs = render_chart(
         "--set", "watchNamespaces={mail,customer-a}", release="rbac", namespace="rbac-test"
     )

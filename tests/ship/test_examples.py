@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from ship.tools import REPO, Kube, run
+from mrtest.kube import Kube
+from ship.tools import REPO, dry_run, run
 
 from relay.manifests.load import load_manifests, manifest_files
 from relay.manifests.render import render_relay
@@ -106,7 +107,7 @@ def test_server_side_dry_run(kube: Kube, folder: Path) -> None:
             stdin=yaml.safe_dump_all(namespaces),
         )  # fmt: skip
     rest = [d for d in docs if d["kind"] != "Namespace"]
-    result = kube.dry_run(rest)
+    result = dry_run(kube, rest)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(server dry run)") == len(rest), result.stdout
 
@@ -120,6 +121,6 @@ def test_dry_run_refuses_what_the_crd_forbids(kube: Kube) -> None:
         "metadata": {"name": "bad", "namespace": "default"},
         "spec": {"hostname": "mx.example.net", "proxyProtocol": {"enabled": True}},
     }
-    result = kube.dry_run([bad])
+    result = dry_run(kube, [bad])
     assert result.returncode != 0
     assert "trustedCIDRs" in result.stderr, result.stderr

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from mrtest.kube import Kube
 from mrtest.peers import AiosmtpdSink, swaks
 from mrtest.relayproc import RelayProcess, next_loopback
-from ship.tools import REPO, Kube, helm_template, run
+from ship.tools import REPO, dry_run, helm_template, run
 
 SCRIPT = REPO / "hack" / "kind-e2e.sh"
 GENERATOR = REPO / "hack" / "e2e-manifests.py"
@@ -88,7 +89,7 @@ def test_cluster_manifests_validate(tmp_path: Path) -> None:
 @pytest.mark.kube
 def test_cluster_manifests_server_side_dry_run(kube: Kube) -> None:
     docs = cluster_manifests()
-    result = kube.dry_run(docs)
+    result = dry_run(kube, docs)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(server dry run)") == len(docs)
 

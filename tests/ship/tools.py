@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from mrtest.kube import Kube
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("KUBEBUILDER_ASSETS") or REPO / ".tools" / "bin")
@@ -50,34 +50,19 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d.get("kind") == kind]
 
 
-@dataclass
-class Kube:
-    """kubectl against the session's local control plane."""
+def ensure_namespaces(kube: Kube, *names: str) -> None:
+    """Creates Namespaces for real: a dry-run one is not there for what is in it."""
+    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
+    kube.kubectl(
+        "apply", "--server-side", "--field-manager=ship-tests", "-f", "-",
+        stdin=yaml.safe_dump_all(docs),
+    )  # fmt: skip
 
-    kubeconfig: Path
-    env: dict[str, str]
 
-    def kubectl_run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        cmd = [tool("kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
-        return run(cmd, input=stdin, env=self.env)
-
-    def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        result = self.kubectl_run(*args, stdin=stdin)
-        if result.returncode != 0:
-            pytest.fail(f"kubectl {' '.join(args)} failed:\n{result.stderr}", pytrace=False)
-        return result.stdout
-
-    def ensure_namespaces(self, *names: str) -> None:
-        docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
-        self.kubectl(
-            "apply", "--server-side", "--field-manager=ship-tests", "-f", "-",
-            stdin=yaml.safe_dump_all(docs),
-        )  # fmt: skip
-
-    def dry_run(self, docs: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
-        """Server-side dry-run apply: schema, CEL and admission run; nothing is stored."""
-        return self.kubectl_run(
-            "apply", "--server-side", "--dry-run=server", "--force-conflicts",
-            "--field-manager=ship-tests", "-f", "-",
-            stdin=yaml.safe_dump_all(docs),
-        )  # fmt: skip
+def dry_run(kube: Kube, docs: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    """Server-side dry-run apply: schema, CEL and admission run; nothing is stored."""
+    return kube.kubectl_run(
+        "apply", "--server-side", "--dry-run=server", "--force-conflicts",
+        "--field-manager=ship-tests", "-f", "-",
+        stdin=yaml.safe_dump_all(docs),
+    )  # fmt: skip
