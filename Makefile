@@ -12,5 +12,7 @@ lint:
 	.venv/bin/ruff check relay operator tests bench hack
 	.venv/bin/mypy
 
-crds:  ## regenerate deploy/crds/ from relay/manifests/schema.py
+crds:  ## regenerate deploy/crds/ from relay/manifests/schema.py, its copy in the Helm chart, docs/reference.md
 	.venv/bin/python -m relay.manifests.crdgen
+	bash hack/sync-chart-crds.sh
+	.venv/bin/python hack/gen-docs.py
