@@ -1,15 +1,16 @@
 -- Argo CD health of a MailRelay (mailrelay.io/v1alpha1).
 -- Healthy:     Ready=True and status.observedGeneration == metadata.generation
 -- Progressing: not yet observed, an older generation observed, Ready=Unknown,
---              or Ready=False while the operator is still rolling out
--- Degraded:    Ready=False with a failure reason
+--              or Ready/Reconciled=False while pods start or roll out
+-- Degraded:    Reconciled=False (children could not be applied), Ready=False
+--              with a failure reason, or TLS=False (no STARTTLS)
 -- Written for Lua 5.1 (Argo CD's gopher-lua); tests run it with lua5.4.
 local hs = {}
 
--- Ready=False with one of these reasons is work in progress, not a failure.
+-- A condition False with one of these reasons is work in progress, not a failure.
 local in_progress = {
-  Reconciling = true, Progressing = true, Pending = true, Creating = true,
-  RollingOut = true, Scaling = true, WaitingForPods = true, WaitingForCertificate = true,
+  ReplicasNotReady = true, StatefulSetRecreating = true,
+  Reconciling = true, Progressing = true, Pending = true, RollingOut = true,
 }
 
 local function find_condition(status, ctype)
@@ -52,18 +53,29 @@ if generation ~= nil and observed ~= generation then
   return hs
 end
 
-if ready == nil or ready.status == "Unknown" then
+-- Failures first (they need someone), then work in progress.
+local checks = {}
+for _, ctype in ipairs({ "Reconciled", "Ready", "TLS" }) do
+  local c = find_condition(status, ctype)
+  if c ~= nil and c.status == "False" then
+    table.insert(checks, c)
+  end
+end
+for _, c in ipairs(checks) do
+  if not in_progress[c.reason or ""] then
+    hs.status = "Degraded"
+    hs.message = c.type .. "=False, " .. describe(c)
+    return hs
+  end
+end
+if checks[1] ~= nil then
   hs.status = "Progressing"
-  hs.message = ready and describe(ready) or "No Ready condition yet"
+  hs.message = checks[1].type .. "=False, " .. describe(checks[1])
   return hs
 end
-if ready.status == "False" then
-  if in_progress[ready.reason or ""] then
-    hs.status = "Progressing"
-  else
-    hs.status = "Degraded"
-  end
-  hs.message = describe(ready)
+if ready == nil or ready.status ~= "True" then
+  hs.status = "Progressing"
+  hs.message = ready and describe(ready) or "No Ready condition yet"
   return hs
 end
 
