@@ -327,6 +327,7 @@ spec:
     rblClients: []
     spf: {{enabled: false}}
   dns: {{nameservers: ["127.0.0.1:9"], timeout: 1s}}
+{content_filter}
 ---
 apiVersion: mailrelay.io/v1alpha1
 kind: RelayDomain
@@ -342,17 +343,23 @@ spec:
 class Mailrelay:
     name = "mailrelay"
 
-    def __init__(self, workdir: Path, sink: Sink, workers: int) -> None:
+    def __init__(self, workdir: Path, sink: Sink, workers: int, content_filter: bool) -> None:
         self.workdir = workdir
         self.sink = sink
         self.workers = workers
+        self.content_filter = content_filter
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mailrelay:
         self.workdir.mkdir(parents=True)
         manifests = self.workdir / "relay.yaml"
-        manifests.write_text(RELAY_YAML.format(sink_port=self.sink.port))
+        # Postfix here has no content checks; the attachment filter (on by
+        # default in mailrelay) is switched off to match unless asked for.
+        content = (
+            "" if self.content_filter else "  contentFilters: {rejectAttachmentExtensions: []}"
+        )
+        manifests.write_text(RELAY_YAML.format(sink_port=self.sink.port, content_filter=content))
         mailrelay = ROOT / ".venv" / "bin" / "mailrelay"
         argv = [str(mailrelay) if mailrelay.exists() else "mailrelay", "run", "-f", str(manifests)]
         argv += ["--listen", f"{HOST}:{self.port}", "--queue-dir", str(self.workdir / "queue")]
@@ -475,7 +482,9 @@ def report(results: dict[str, Any]) -> str:
         f"Benchmark {results['started']} on {results['machine']}: smtp-source -> relay -> "
         f"smtp-sink, {results['messages']} x {results['size']} B, {results['sessions']} sessions, "
         f"warm-up {results['warmup']}, {results['rounds']} interleaved runs, medians; "
-        f"mailrelay with {results['workers']} workers; both fsync before 250.",
+        f"mailrelay with {results['workers']} workers, attachment filter "
+        f"{'on' if results.get('content_filter') else 'off (as Postfix: no content checks)'}; "
+        "both fsync before 250.",
         "",
         "| system | accept msgs/s | end-to-end msgs/s | CPU per message | peak memory (PSS) |",
         "|---|---|---|---|---|",
@@ -506,7 +515,9 @@ def report(results: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def systems(workdir: Path, workers: int, which: list[str]) -> Iterator[list[System]]:
+def systems(
+    workdir: Path, workers: int, which: list[str], content_filter: bool
+) -> Iterator[list[System]]:
     started: list[Any] = []
     try:
         out: list[System] = []
@@ -517,7 +528,7 @@ def systems(workdir: Path, workers: int, which: list[str]) -> Iterator[list[Syst
             if name == "postfix":
                 system = Postfix(workdir / "postfix", sink)
             else:
-                system = Mailrelay(workdir / "mailrelay", sink, workers)
+                system = Mailrelay(workdir / "mailrelay", sink, workers, content_filter)
             started.append(system)
             system.start()
             out.append(system)
@@ -541,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
     p.add_argument("--memory-size", type=int, default=25_000_000, help="0 skips the memory run")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument(
+        "--content-filter",
+        action="store_true",
+        help="keep mailrelay's attachment filter on (Postfix runs without content checks)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("relay_vs_postfix: needs root (postfix master, smtp-sink -u)", file=sys.stderr)
@@ -560,11 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "rounds": args.runs,
         "workers": args.workers,
+        "content_filter": args.content_filter,
         "runs": {name: [] for name in which},
         "memory": {},
     }
     try:
-        with systems(workdir, args.workers, which) as running:
+        with systems(workdir, args.workers, which, args.content_filter) as running:
             for system in running:
                 print(f"warm-up {system.name}: {args.warmup} messages", flush=True)
                 load(system, args.warmup, args.size, args.sessions)

@@ -53,6 +53,8 @@ FLUSH_MARKER = "flush"  # touched by `mailrelay queue flush`; relays watch its m
 # Messages up to this size stay in memory from receipt to delivery (no read
 # back); bigger ones are written out in chunks of this size while received.
 SPILL_BYTES = 256 * 1024
+# A receiver may run this far ahead of the disk before drain() makes it wait.
+MAX_PENDING_BYTES = 1024 * 1024
 READ_CHUNK = 256 * 1024
 
 _FOOTER_MAGIC = b"\nMRQ1 "
@@ -294,6 +296,7 @@ class IncomingMessage:
         self._fd: int | None = None
         self._spilled = False
         self._writes: asyncio.Future[None] | None = None  # the last pending chunk write
+        self._pending_bytes = 0  # handed to the pool, not yet written
         self._closed = False
 
     def write(self, chunk: bytes) -> None:
@@ -310,13 +313,28 @@ class IncomingMessage:
         self._buffer.clear()
         self._spilled = True
         previous = self._writes
+        self._pending_bytes += len(data)
 
         async def write_after_previous() -> None:
-            if previous is not None:
-                await previous
-            await self.queue.run_io(self._write_sync, data)
+            try:
+                if previous is not None:
+                    await previous
+                await self.queue.run_io(self._write_sync, data)
+            finally:
+                self._pending_bytes -= len(data)
 
         self._writes = asyncio.ensure_future(write_after_previous())
+
+    async def drain(self) -> None:
+        """Waits while too much received data is still on its way to disk.
+
+        Call after write() in the receive loop: a slow disk then slows the
+        client down instead of filling memory. Never raises (write errors
+        come out of flush() and commit()).
+        """
+        if self._pending_bytes > MAX_PENDING_BYTES and self._writes is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writes)
 
     async def _wait_writes(self) -> None:
         if self._writes is not None:
