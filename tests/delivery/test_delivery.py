@@ -16,6 +16,17 @@ from relay.delivery import backoff
 from relay.queue import DEFERRED, Queue
 
 
+async def eventually(predicate: Any, timeout: float = 60.0) -> None:
+    """Polls until predicate() holds (a slow, shared machine must not fail the test)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def queue_files(queue: Queue, state: str) -> list[str]:
     return sorted(os.listdir(queue.directory / state))
 
@@ -304,3 +315,30 @@ async def test_recipient_domain_no_longer_relayed_is_deferred(
     await relay.delivery.idle()
     assert queue_files(relay.queue, DEFERRED) == [qid]
     assert "not a relay domain here" in caplog.text
+
+
+async def test_running_relay_notices_queue_flush(
+    sink_factory: Any, relay_factory: Any, clock: FakeClock
+) -> None:
+    import asyncio
+
+    from relay.cli import main as cli_main
+
+    sink = await sink_factory("127.0.0.2", rcpt_replies={"b@example.com": "451 4.3.0 later"})
+    relay = await relay_factory(
+        make_config({"example.com": NextHop("127.0.0.2", sink.port, tls="none")}),
+        poll_interval=0.02,
+    )
+    runner = asyncio.ensure_future(relay.delivery.run())
+    qid = await relay.send(message(), "a@example.org", ["b@example.com"])
+    await eventually(lambda: queue_files(relay.queue, DEFERRED) == [qid])
+    sink.rcpt_replies.clear()
+    # not due for 300 s of the relay's clock: only the flush makes it go now
+    code = await asyncio.get_running_loop().run_in_executor(
+        None, cli_main, ["queue", "flush", "--queue-dir", str(relay.queue.directory)]
+    )
+    assert code == 0
+    await eventually(lambda: bool(sink.messages))
+    assert len(sink.messages) == 1
+    await relay.delivery.stop()
+    await runner
