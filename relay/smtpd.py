@@ -646,7 +646,12 @@ class RelaySMTP(SMTP):
             incoming.abort()
             await self._queue_error(write_failed)
             return
-        verdict = await self._check_content(incoming)
+        try:
+            verdict = await self._check_content(incoming)
+        except Exception as e:  # the flush before the check: a full disk
+            incoming.abort()
+            await self._queue_error(e)
+            return
         if verdict is not None:
             incoming.abort()
             metrics.REJECTED.labels("content").inc()
