@@ -1,0 +1,172 @@
+"""Fault injection for the edge tests: a relay that is SIGKILLed and
+restarted on its own queue while a client keeps sending, and the tally of
+what was acknowledged against what arrived at the next hop.
+
+    run = KillRun(relay, sink, messages=300, kills=5, seed=1)
+    report = run.run()   # -> KillReport(acknowledged, delivered, lost, duplicates, kills)
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mrtest.peers import AiosmtpdSink
+from mrtest.relayproc import RelayProcess, wait_until
+
+
+class RestartableRelay(RelayProcess):
+    """A RelayProcess that can be killed and started again on the same port,
+    config and queue (its log keeps growing: readiness counts the starts)."""
+
+    starts = 0
+
+    def start(self, timeout: float = 30.0) -> RestartableRelay:
+        self.starts += 1
+        super().start(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wanted = self.starts * max(self.workers or 1, 1)
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
+            return self.log().count("ready: listening on") >= wanted
+
+        wait_until(ready, timeout, f"relay start #{self.starts}")
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class KillReport:
+    messages: int
+    kills: int = 0
+    acknowledged: set[str] = field(default_factory=set)  # Message-Ids that got 250
+    attempts: int = 0  # DATA transactions tried (retries included)
+    delivered: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def lost(self) -> set[str]:
+        return {m for m in self.acknowledged if self.delivered[m] == 0}
+
+    @property
+    def duplicates(self) -> int:
+        return sum(n - 1 for n in self.delivered.values() if n > 1)
+
+    def summary(self) -> str:
+        return (
+            f"messages={self.messages} kills={self.kills} attempts={self.attempts} "
+            f"acknowledged={len(self.acknowledged)} delivered={len(self.delivered)} "
+            f"lost={len(self.lost)} duplicates={self.duplicates}"
+        )
+
+
+def message_id_of(data: bytes) -> str:
+    for line in data.split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    return ""
+
+
+class KillRun:
+    """A sender thread sends `messages` messages one after the other (and
+    retries each until it gets a 250, as an MTA would); the main thread
+    SIGKILLs the relay `kills` times at random moments and restarts it."""
+
+    def __init__(
+        self,
+        relay: RestartableRelay,
+        sink: AiosmtpdSink,
+        *,
+        messages: int,
+        kills: int,
+        seed: int,
+        to: str = "x@example.org",
+        client: str | None = None,
+    ) -> None:
+        self.relay = relay
+        self.sink = sink
+        self.report = KillReport(messages)
+        self.kills = kills
+        self.rng = random.Random(seed)
+        self.to = to
+        self.client = client
+        self.sent = 0
+        self._done = threading.Event()
+
+    def _send_one(self, n: int) -> None:
+        mid = f"<m{n}.{self.rng.random():.9f}@client.test>"
+        body = (
+            f"From: a@client.test\r\nTo: {self.to}\r\nMessage-Id: {mid}\r\n"
+            f"Subject: message {n}\r\n\r\n" + f"line {n}\r\n" * self.rng.randint(1, 200)
+        )
+        while True:
+            self.report.attempts += 1
+            try:
+                with smtplib.SMTP(
+                    *self.relay.address,
+                    local_hostname="client.test",
+                    timeout=10,
+                    source_address=(self.client, 0) if self.client else None,
+                ) as smtp:
+                    smtp.sendmail("a@client.test", [self.to], body.encode())
+                self.report.acknowledged.add(mid)
+                return
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)  # the relay is down or restarting: retry
+
+    def _sender(self) -> None:
+        try:
+            for n in range(self.report.messages):
+                self._send_one(n)
+                self.sent = n + 1
+        finally:
+            self._done.set()
+
+    def run(self, drain_timeout: float = 120.0) -> KillReport:
+        thread = threading.Thread(target=self._sender, daemon=True)
+        thread.start()
+        total = self.report.messages
+        # Kill points spread over the run, at random message counts.
+        points = sorted(self.rng.sample(range(1, max(total, self.kills + 1)), self.kills))
+        for point in points:
+            while self.sent < point and not self._done.is_set():
+                time.sleep(0.005)
+            time.sleep(self.rng.uniform(0, 0.05))  # anywhere inside a message
+            self.relay.kill()
+            self.report.kills += 1
+            time.sleep(self.rng.uniform(0, 0.2))
+            self.relay.start()
+        thread.join()
+        # Everything acknowledged must arrive, from the queue on disk.
+        wait_until(
+            lambda: self._tally() >= self.report.acknowledged,
+            drain_timeout,
+            "every acknowledged message at the next hop",
+        )
+        time.sleep(0.5)  # late duplicates, if any, are counted too
+        self._tally()
+        return self.report
+
+    def _tally(self) -> set[str]:
+        self.report.delivered = Counter(message_id_of(m.data) for m in list(self.sink.messages))
+        return set(self.report.delivered)
+
+
+def connectable(address: tuple[str, int]) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(address)
+            return True
+        except OSError:
+            return False
