@@ -18,7 +18,6 @@ from mailrelay_operator import naming
 from mailrelay_operator.cluster import (
     ClusterView,
     domain_key_of_list,
-    first,
     key_of,
     relay_key_of_domain,
     trim,
@@ -32,6 +31,8 @@ log = logging.getLogger("mailrelay.operator")
 # The reconcilers started in this process, with their loops: tests and the
 # benchmark look inside (writes, passes) and poke them (resync).
 RUNNING: list[tuple[Reconciler, asyncio.AbstractEventLoop]] = []
+# The namespaces served (empty: all); main.run sets it before kopf starts.
+NAMESPACES: list[str] = []
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -53,21 +54,13 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING
 
 
-# --- indexes: trimmed, defaulted copies, updated on every change -------------------------
+# --- indexes: MailRelays and Namespace labels (few objects) -----------------------------
+# RelayDomains and RecipientLists are many (10,000 and more): they are not kopf
+# indexes, whose start-up readiness wait grows with the square of the objects
+# listed; the reconciler lists them once at start-up and event handlers keep
+# that cache current.
 @kopf.index(GROUP, "mailrelays", id="relays_idx")
 def relays_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    obj = trim(body)
-    return {key_of(obj): obj}
-
-
-@kopf.index(GROUP, "relaydomains", id="domains_idx")
-def domains_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    obj = trim(body)
-    return {key_of(obj): obj}
-
-
-@kopf.index(GROUP, "recipientlists", id="lists_idx")
-def lists_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     obj = trim(body)
     return {key_of(obj): obj}
 
@@ -78,12 +71,19 @@ def namespaces_idx(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
 
 
 def _view(memo: kopf.Memo) -> ClusterView:
-    return ClusterView.from_indexes(
-        memo["indexes"]["relays_idx"],
-        memo["indexes"]["domains_idx"],
-        memo["indexes"]["lists_idx"],
-        memo["indexes"]["namespaces_idx"],
+    reconciler: Reconciler = memo["reconciler"]
+    view = ClusterView.from_indexes(
+        memo["indexes"]["relays_idx"], {}, {}, memo["indexes"]["namespaces_idx"]
     )
+    view.domains, view.lists = dict(reconciler.domains), dict(reconciler.lists)
+    return view
+
+
+async def _trimmed(body: kopf.Body) -> dict[str, Any]:
+    """trim() copies the spec: a big RecipientList is copied off the event loop."""
+    if len((body.get("spec") or {}).get("addresses") or ()) > 2000:
+        return await asyncio.to_thread(trim, body)
+    return trim(body)
 
 
 # --- lifecycle -----------------------------------------------------------------------
@@ -96,14 +96,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     configure(settings)
-    memo["indexes"] = {k: kwargs[k] for k in ("relays_idx", "domains_idx", "lists_idx")}
-    memo["indexes"]["namespaces_idx"] = kwargs["namespaces_idx"]
+    memo["indexes"] = {k: kwargs[k] for k in ("relays_idx", "namespaces_idx")}
     reconciler = Reconciler(
         api=KubeApi(),
         view=lambda: _view(memo),
         image=os.environ.get(naming.RELAY_IMAGE_ENV) or naming.DEFAULT_RELAY_IMAGE,
         resync_seconds=float(os.environ.get("MAILRELAY_OPERATOR_RESYNC_SECONDS", "300")),
+        namespaces=tuple(NAMESPACES),
     )
+    # Before kopf starts watching: every event it delivers is newer than this.
+    await reconciler.seed()
     memo["reconciler"] = reconciler
     memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
     RUNNING.append((reconciler, asyncio.get_running_loop()))
@@ -131,16 +133,17 @@ async def relay_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
 
 @kopf.on.event(GROUP, "relaydomains")
 async def domain_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    obj = dict(body)
+    obj = await _trimmed(body)
     memo["reconciler"].domain_event(obj, relay_key_of_domain(obj), _deleted(event))
 
 
 @kopf.on.event(GROUP, "recipientlists")
 async def list_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    obj = dict(body)
-    dom = first(memo["indexes"]["domains_idx"].get(domain_key_of_list(obj), ()))
+    obj = await _trimmed(body)
+    reconciler: Reconciler = memo["reconciler"]
+    dom = reconciler.domains.get(domain_key_of_list(obj))
     relay = relay_key_of_domain(dom) if dom else None
-    memo["reconciler"].list_event(obj, relay, _deleted(event))
+    reconciler.list_event(obj, relay, _deleted(event))
 
 
 @kopf.on.event("", "v1", "namespaces")

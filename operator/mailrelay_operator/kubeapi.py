@@ -43,9 +43,13 @@ class KubeError(Exception):
         return f"{self.status} {self.reason}: {self.message}"
 
 
-def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+def resource_path(
+    api_version: str, kind: str, namespace: str | None, name: str | None = None
+) -> str:
+    """The REST path of a kind (in a namespace; namespace None: across all of them)."""
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    path = f"{base}/namespaces/{namespace}/{PLURALS[(api_version, kind)]}"
+    where = f"/namespaces/{namespace}" if namespace is not None else ""
+    path = f"{base}{where}/{PLURALS[(api_version, kind)]}"
     return f"{path}/{name}" if name else path
 
 
@@ -118,9 +122,24 @@ class KubeApi:
                 return None
             raise
 
-    def list_sync(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+    def list_objects_sync(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
         return list(self._call("GET", path, query).get("items") or [])
+
+    def list_all_sync(self, path: str, page: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every object, paginated; with the listing's resourceVersion."""
+        items: list[dict[str, Any]] = []
+        query: list[tuple[str, Any]] = [("limit", page)]
+        version = ""
+        while True:
+            doc = self._call("GET", path, query)
+            items.extend(doc.get("items") or [])
+            meta = doc.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion") or "")
+            token = meta.get("continue")
+            if not token:
+                return items, version
+            query = [("limit", page), ("continue", token)]
 
     def apply_sync(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply under the operator's one field manager, taking conflicts."""
@@ -158,8 +177,11 @@ class KubeApi:
     async def get(self, path: str) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.get_sync, path)
 
-    async def list(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.list_sync, path, label_selector)
+    async def list_objects(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.list_objects_sync, path, label_selector)
+
+    async def list_all(self, path: str) -> tuple[list[dict[str, Any]], str]:
+        return await asyncio.to_thread(self.list_all_sync, path)
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         return await asyncio.to_thread(self.apply_sync, obj)

@@ -45,7 +45,7 @@ def run(
     """
     from mailrelay_operator import handlers  # registers the handlers
 
-    del handlers
+    handlers.NAMESPACES[:] = list(namespaces)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,

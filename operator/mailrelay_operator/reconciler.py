@@ -15,13 +15,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_operator import certificate, naming, status
 from mailrelay_operator.children import desired_children
-from mailrelay_operator.cluster import ClusterView, Key, key_of
+from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.kubeapi import KubeApi, KubeError, object_path, resource_path
 from relay.manifests.render import Rendered, render_relay
 
@@ -29,6 +30,7 @@ log = logging.getLogger("mailrelay.operator")
 
 STATUS_WRITE_CONCURRENCY = 16
 MAX_RETRY_SECONDS = 300.0
+API_VERSION = "mailrelay.io/v1alpha1"
 # Kinds the operator deletes when a relay no longer wants them: (apiVersion, kind, component).
 PRUNABLE = (
     ("v1", "ConfigMap", "recipients"),
@@ -70,6 +72,12 @@ class Reconciler:
     debounce_seconds: float = 0.2
     retry_seconds: float = 2.0
 
+    namespaces: tuple[str, ...] = ()  # served namespaces; empty = all
+
+    # RelayDomains and RecipientLists (trimmed, defaulted): listed by seed(),
+    # kept current by the event handlers.
+    domains: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    lists: dict[Key, dict[str, Any]] = field(default_factory=dict)
     dirty: dict[Key, bool] = field(default_factory=dict)  # relay -> needs a fresh render
     sweep: bool = False
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
@@ -125,6 +133,7 @@ class Reconciler:
             self.mark_sweep()
 
     def domain_event(self, body: dict[str, Any], relay: Key, deleted: bool) -> None:
+        _store(self.domains, body, deleted)
         if not self._changed("RelayDomain", body, deleted):
             return
         ref = ("RelayDomain", key_of(body))
@@ -134,6 +143,7 @@ class Reconciler:
         self.mark_sweep()
 
     def list_event(self, body: dict[str, Any], relay: Key | None, deleted: bool) -> None:
+        _store(self.lists, body, deleted)
         if not self._changed("RecipientList", body, deleted):
             return
         ref = ("RecipientList", key_of(body))
@@ -201,9 +211,28 @@ class Reconciler:
                 next_resync = loop.time() + self.resync_seconds
                 if self.started:
                     self.resync()
+                    try:
+                        await self.seed()
+                    except Exception:
+                        log.exception("listing RelayDomains and RecipientLists failed")
             self.wakeup.clear()
             await asyncio.sleep(self.debounce_seconds)
             await self.process()
+
+    async def seed(self) -> None:
+        """Lists RelayDomains and RecipientLists into the caches.
+
+        At start-up (before kopf watches) this is the complete picture; later
+        (each resync) it also drops objects whose deletion was missed.
+        """
+        scopes: tuple[str | None, ...] = self.namespaces or (None,)
+        for kind, cache in (("RelayDomain", self.domains), ("RecipientList", self.lists)):
+            for namespace in scopes:
+                items, version = await self.api.list_all(
+                    resource_path(API_VERSION, kind, namespace)
+                )
+                fresh = await asyncio.to_thread(_trim_all, items, kind)
+                _merge_listing(cache, fresh, version, namespace)
 
     def resync(self) -> None:
         """Forget what was applied and written: the next pass checks everything again."""
@@ -271,8 +300,18 @@ class Reconciler:
             )
         if render or mem.rendered is None or mem.generation != gen:
             inventory = view.inventory()
+            started = time.monotonic()
             mem.rendered = await asyncio.to_thread(render_relay, relay, inventory)
             mem.generation = gen
+            log.info(
+                "rendered MailRelay %s/%s: %d domains, %d recipients, %d files in %.2fs",
+                key[0],
+                key[1],
+                len(mem.rendered.domains),
+                mem.rendered.recipients,
+                len(mem.rendered.files),
+                time.monotonic() - started,
+            )
         rendered = mem.rendered
         assert rendered is not None
 
@@ -316,6 +355,7 @@ class Reconciler:
             if rl is not None and view.relay_of_list(rl) == key:
                 writes.append(self._write_status(rl, status.list_status(rl, lv)))
         await self._gather_limited(writes)
+        log.info("reconciled MailRelay %s/%s; %d writes so far", key[0], key[1], self.api.writes)
 
     async def _check_cert_manager(self) -> None:
         if self.cert_manager is None:
@@ -399,7 +439,7 @@ class Reconciler:
         for api_version, kind, component in PRUNABLE:
             if kind == "Certificate" and not self.cert_manager:
                 continue
-            found = await self.api.list(
+            found = await self.api.list_objects(
                 resource_path(api_version, kind, ns), naming.children_selector(relay, component)
             )
             for obj in found:
@@ -460,3 +500,54 @@ class Reconciler:
         for rl, reason, message in view.orphan_lists():
             writes.append(self._write_status(rl, status.list_status(rl, None, reason, message)))
         await self._gather_limited(writes)
+
+
+def _store(cache: dict[Key, dict[str, Any]], obj: dict[str, Any], deleted: bool) -> None:
+    if deleted:
+        cache.pop(key_of(obj), None)
+    else:
+        cache[key_of(obj)] = obj
+
+
+def _trim_all(items: list[dict[str, Any]], kind: str) -> dict[Key, dict[str, Any]]:
+    out = {}
+    for item in items:
+        item.setdefault("apiVersion", API_VERSION)
+        item.setdefault("kind", kind)
+        obj = trim(item)
+        out[key_of(obj)] = obj
+    return out
+
+
+def _version(obj: dict[str, Any]) -> int | None:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or "")
+    except ValueError:
+        return None
+
+
+def _merge_listing(
+    cache: dict[Key, dict[str, Any]],
+    fresh: dict[Key, dict[str, Any]],
+    list_version: str,
+    namespace: str | None,
+) -> None:
+    """Merges a listing into a cache that events may have updated meanwhile.
+
+    resourceVersions are etcd revisions in practice: a cached object newer than
+    the listing stays; one the listing no longer has and that is not newer
+    than the listing was deleted.
+    """
+    try:
+        listed_at: int | None = int(list_version)
+    except ValueError:
+        listed_at = None
+    for key, obj in fresh.items():
+        old = cache.get(key)
+        old_v, new_v = (_version(old) if old else None), _version(obj)
+        if old is None or old_v is None or new_v is None or old_v <= new_v:
+            cache[key] = obj
+    for key in [k for k in cache if k not in fresh and (namespace is None or k[0] == namespace)]:
+        v = _version(cache[key])
+        if listed_at is None or v is None or v <= listed_at:
+            del cache[key]

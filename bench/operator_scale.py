@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""The operator at scale against the local control plane (hack/kube-up.sh).
+
+Creates one MailRelay, N RelayDomains and M recipients spread over
+RecipientLists (1,000 addresses each, on the first domains), with
+`mailrelay operator` running as its own process. Reports:
+- time from the last object applied to Reconciled=True with every domain
+  and recipient counted (target <= 60 s);
+- objects the operator wrote (its `writes so far` log line: applies, status
+  patches, deletes) and its peak memory (VmHWM);
+- one added recipient: time until the MailRelay status counts it, which the
+  operator writes after the recipients ConfigMaps (target <= 5 s);
+- the relay with that configuration: memory of the loaded recipient table
+  (target <= 100 MB) and the time of one lookup.
+
+    .venv/bin/python bench/operator_scale.py [--domains 10000] [--recipients 1000000]
+
+Results: bench/results/<time>-operator/results.json and summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "operator")]
+
+from mailrelay_operator.kubeapi import KubeApi, load_api_client, resource_path  # noqa: E402
+
+ASSETS = Path(os.environ.get("KUBEBUILDER_ASSETS") or REPO / ".tools" / "bin")
+NS = "bench"
+LIST_SIZE = 1000
+
+
+def kubectl(kubeconfig: Path, *args: str) -> str:
+    cmd = [str(ASSETS / "kubectl"), "--kubeconfig", str(kubeconfig), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+def domain(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "mailrelay.io/v1alpha1",
+        "kind": "RelayDomain",
+        "metadata": {"name": f"d{i:05d}", "namespace": NS},
+        "spec": {
+            "domain": f"d{i:05d}.bench.example",
+            "relayRef": {"name": "edge"},
+            "nextHop": {"host": "127.0.0.1", "port": 2526},
+        },
+    }
+
+
+def recipient_list(i: int, extra: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    return {
+        "apiVersion": "mailrelay.io/v1alpha1",
+        "kind": "RecipientList",
+        "metadata": {"name": f"d{i:05d}-staff", "namespace": NS},
+        "spec": {
+            "domainRef": {"name": f"d{i:05d}"},
+            "addresses": [f"user{j:04d}@d{i:05d}.bench.example" for j in range(LIST_SIZE)]
+            + list(extra),
+        },
+    }
+
+
+def relay_status(api: KubeApi) -> dict[str, Any]:
+    obj = api.get_sync(resource_path("mailrelay.io/v1alpha1", "MailRelay", NS, "edge")) or {}
+    return dict(obj.get("status") or {})
+
+
+def reconciled(st: dict[str, Any], domains: int, recipients: int) -> bool:
+    conds = {c["type"]: c for c in st.get("conditions") or []}
+    return (
+        conds.get("Reconciled", {}).get("status") == "True"
+        and st.get("domains") == domains
+        and st.get("recipients") == recipients
+    )
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def last_writes(log: Path) -> int:
+    found = re.findall(r"(\d+) writes so far", log.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+RELAY_PROBE = """
+import json, resource, sys, time, tracemalloc
+from relay.config import read_recipients
+tracemalloc.start()
+t = time.perf_counter()
+names = json.load(open(sys.argv[1] + "/domains.json"))["recipientFiles"]
+table = read_recipients(__import__("pathlib").Path(sys.argv[1]), names)
+load = time.perf_counter() - t
+current, _ = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+probe = [f"user{j % 1000:04d}@d{j % 997:05d}.bench.example" for j in range(200000)]
+t = time.perf_counter()
+hits = sum(1 for a in probe if a in table)
+lookup = (time.perf_counter() - t) / len(probe)
+print(json.dumps({"addresses": len(table), "table_mb": current / 2**20, "load_s": load,
+                  "lookup_us": lookup * 1e6, "hits": hits,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--domains", type=int, default=10000)
+    ap.add_argument("--recipients", type=int, default=1000000)
+    ap.add_argument("--parallel", type=int, default=16, help="client threads creating objects")
+    args = ap.parse_args()
+    lists = args.recipients // LIST_SIZE
+    assert lists <= args.domains, "one RecipientList of 1,000 addresses per domain at most"
+    work = Path(tempfile.mkdtemp(prefix="mailrelay-bench-operator-"))
+    kubeconfig = work / "kubeconfig"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBEBUILDER_ASSETS": str(ASSETS)}
+    results: dict[str, Any] = {"domains": args.domains, "recipients": lists * LIST_SIZE}
+    operator = None
+    try:
+        subprocess.run(
+            ["bash", str(REPO / "hack/kube-up.sh")],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=240,
+        )
+        kubectl(kubeconfig, "apply", "--server-side", "-f", str(REPO / "deploy/crds"))
+        kubectl(kubeconfig, "wait", "--for=condition=Established", "crd", "--all")
+        kubectl(kubeconfig, "create", "namespace", NS)
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        api = KubeApi(load_api_client())
+        log = work / "operator.log"
+        with log.open("w") as out:
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "relay.cli", "operator", "--verbose", "--liveness", ""],
+                env={**env, "MAILRELAY_OPERATOR_RESYNC_SECONDS": "3600"},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        relay = {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "MailRelay",
+            "metadata": {"name": "edge", "namespace": NS},
+            "spec": {"hostname": "mx.bench.example", "replicas": 2},
+        }
+        objects = [relay] + [domain(i) for i in range(args.domains)]
+        objects += [recipient_list(i) for i in range(lists)]
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+            list(pool.map(api.apply_sync, objects))
+        applied = time.monotonic()
+        results["apply_seconds"] = round(applied - started, 1)
+        print(f"applied {len(objects)} objects in {applied - started:.1f}s", flush=True)
+        while not reconciled(relay_status(api), args.domains, lists * LIST_SIZE):
+            assert operator.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        results["reconcile_after_last_apply_seconds"] = round(time.monotonic() - applied, 1)
+        time.sleep(3)  # let the last status patches land before counting
+        results["operator_writes"] = last_writes(log)
+        print(
+            f"reconciled {results['reconcile_after_last_apply_seconds']}s after the last "
+            f"apply; {results['operator_writes']} writes",
+            flush=True,
+        )
+
+        # One more recipient.
+        t = time.monotonic()
+        api.apply_sync(recipient_list(0, ["late@d00000.bench.example"]))
+        while relay_status(api).get("recipients") != lists * LIST_SIZE + 1:
+            time.sleep(0.05)
+        results["one_recipient_seconds"] = round(time.monotonic() - t, 2)
+        results["operator_peak_mb"] = round(vm_hwm_mb(operator.pid), 1)
+
+        # The relay's view of that configuration.
+        cms = api.list_objects_sync(
+            resource_path("v1", "ConfigMap", NS), "app.kubernetes.io/instance=edge"
+        )
+        config = work / "config"
+        config.mkdir()
+        for cm in cms:
+            for k, v in (cm.get("data") or {}).items():
+                (config / k).write_text(v)
+            for k, v in (cm.get("binaryData") or {}).items():
+                (config / k).write_bytes(base64.b64decode(v))
+        results["config_maps"] = len(cms)
+        results["largest_config_map_kb"] = round(
+            max(len(json.dumps(cm.get("data") or cm.get("binaryData"))) for cm in cms) / 1024, 1
+        )
+        probe = subprocess.run(
+            [sys.executable, "-c", RELAY_PROBE, str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results["relay"] = json.loads(probe.stdout)
+    finally:
+        if operator is not None:
+            operator.terminate()
+            operator.wait(30)
+        subprocess.run(
+            ["bash", str(REPO / "hack/kube-down.sh")],
+            env=env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+    out_dir = REPO / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-operator")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    relay_r = results["relay"]
+    summary = (
+        f"| domains | recipients | reconcile after last apply | writes | operator peak "
+        f"| +1 recipient | relay table | lookup |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {results['domains']} | {results['recipients']} "
+        f"| {results['reconcile_after_last_apply_seconds']} s | {results['operator_writes']} "
+        f"| {results['operator_peak_mb']} MB | {results['one_recipient_seconds']} s "
+        f"| {relay_r['table_mb']:.0f} MB | {relay_r['lookup_us']:.2f} µs |\n"
+    )
+    (out_dir / "summary.md").write_text(summary)
+    print(json.dumps(results, indent=2))
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
