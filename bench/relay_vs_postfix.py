@@ -48,7 +48,7 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-RUN_TIMEOUT = 600.0  # no single run may take longer than this
+RUN_TIMEOUT = 300.0  # no single run may take longer than this
 
 
 def free_port() -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -624,7 +625,9 @@ class Queue:
         The lock is kept until the file is gone (no one else may take it);
         the unlink need not be durable (at worst a message goes out twice).
         """
-        self._finishing.append(claim)
+        # The batch owns the lock from here: the caller's claim lets go of it.
+        self._finishing.append(dataclasses.replace(claim))
+        claim.fd = -1
         if self._finish_job is None or self._finish_job.done():
             self._finish_job = asyncio.ensure_future(self.run_io(self._finish_batch_sync))
             self.track(self._finish_job)
