@@ -165,3 +165,23 @@ async def test_damaged_file_is_set_aside_on_claim(queue: Queue) -> None:
     (queue.directory / ACTIVE / "0000000000AB").write_bytes(b"no trailer here")
     assert queue.claim_sync("0000000000AB", ACTIVE) is None
     assert (queue.directory / "corrupt" / "0000000000AB").exists()
+
+
+async def test_background_removal_owns_the_lock_and_closes_only_its_own_fd(queue: Queue) -> None:
+    msg = queue.incoming()
+    msg.write(b"x\r\n")
+    qid = await msg.commit("a@example.org", ["b@example.com"])
+    claim = queue.take_fresh(qid)
+    assert claim is not None
+    queue.finish_later(claim)
+    assert claim.fd == -1
+    queue.release_sync(claim)  # what a caller's cleanup does: must be a no-op now
+    r, w = os.pipe()  # would reuse the claim's descriptor number had it been closed
+    try:
+        await queue.settle()
+        os.fstat(r)
+        os.fstat(w)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert list(queue.messages()) == []
