@@ -90,7 +90,10 @@ class Reconciler:
     passes: int = 0
     started: bool = False
     busy: bool = False
+    pending_status: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    status_in_flight: int = 0
     _wakeup: asyncio.Event | None = None
+    _status_wakeup: asyncio.Event | None = None
 
     # --- marking, called from kopf handlers (cheap, synchronous) ----------------------
     @property
@@ -98,6 +101,12 @@ class Reconciler:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
         return self._wakeup
+
+    @property
+    def status_wakeup(self) -> asyncio.Event:
+        if self._status_wakeup is None:
+            self._status_wakeup = asyncio.Event()
+        return self._status_wakeup
 
     def mark(self, key: Key | None, render: bool = True) -> None:
         if key is None:
@@ -201,6 +210,14 @@ class Reconciler:
 
     # --- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
+        writer = asyncio.create_task(self.write_statuses(), name="mailrelay-status-writer")
+        try:
+            await self._run()
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.resync_seconds
         while True:
@@ -256,7 +273,14 @@ class Reconciler:
 
     @property
     def idle(self) -> bool:
-        return not (self.busy or self.dirty or self.sweep or self.wakeup.is_set())
+        return not (
+            self.busy
+            or self.dirty
+            or self.sweep
+            or self.wakeup.is_set()
+            or self.pending_status
+            or self.status_in_flight
+        )
 
     async def process(self) -> None:
         """One pass over whatever is dirty now."""
@@ -345,16 +369,17 @@ class Reconciler:
         }
         obs.mx_records = status.mx_records(accepted, mx, ready_hosts)
 
-        writes = [self._write_status(relay, status.relay_status(relay, obs))]
+        # The relay's own status now; its domains' and lists' (thousands, maybe)
+        # go to the status writer, so the next change is not kept waiting.
+        await self._write_status(relay, status.relay_status(relay, obs))
         for v in rendered.domains:
             dom = view.domains.get((v.namespace, v.name))
             if dom is not None:
-                writes.append(self._write_status(dom, status.domain_status(dom, v)))
+                self.queue_status(dom, status.domain_status(dom, v))
         for lv in rendered.recipient_lists:
             rl = view.lists.get((lv.namespace, lv.name))
             if rl is not None and view.relay_of_list(rl) == key:
-                writes.append(self._write_status(rl, status.list_status(rl, lv)))
-        await self._gather_limited(writes)
+                self.queue_status(rl, status.list_status(rl, lv))
         log.info("reconciled MailRelay %s/%s; %d writes so far", key[0], key[1], self.api.writes)
 
     async def _check_cert_manager(self) -> None:
@@ -491,15 +516,48 @@ class Reconciler:
 
     async def sweep_orphans(self, view: ClusterView) -> None:
         """Statuses of RelayDomains and RecipientLists no existing relay renders."""
-        writes = []
         for dom in view.orphan_domains():
             ref = dom["spec"]["relayRef"]
             ns = ref.get("namespace") or key_of(dom)[0]
             msg = f"no MailRelay {ns}/{ref['name']}"
-            writes.append(self._write_status(dom, status.domain_status(dom, None, msg)))
+            self.queue_status(dom, status.domain_status(dom, None, msg))
         for rl, reason, message in view.orphan_lists():
-            writes.append(self._write_status(rl, status.list_status(rl, None, reason, message)))
-        await self._gather_limited(writes)
+            self.queue_status(rl, status.list_status(rl, None, reason, message))
+
+    # --- the status writer ------------------------------------------------------------
+    def queue_status(self, obj: dict[str, Any], new: dict[str, Any]) -> None:
+        """Queues a status write unless it is already there; the newest one per object wins."""
+        uid = str(obj["metadata"].get("uid"))
+        want = digest(status.without_times(new))
+        if want == self.written.get(uid):
+            self.pending_status.pop(uid, None)
+            return
+        if status.without_times(obj.get("status")) == status.without_times(new):
+            self.written[uid] = want
+            self.pending_status.pop(uid, None)
+            return
+        self.pending_status[uid] = (obj, new)
+        self.status_wakeup.set()
+
+    async def write_statuses(self) -> None:
+        """Drains the status queue, STATUS_WRITE_CONCURRENCY writes at a time."""
+        while True:
+            await self.status_wakeup.wait()
+            self.status_wakeup.clear()
+            while self.pending_status:
+                batch = list(self.pending_status.values())
+                self.pending_status.clear()
+                self.status_in_flight = len(batch)
+                try:
+                    await self._gather_limited([self._write_status(o, st) for o, st in batch])
+                    log.info("statuses: %d checked; %d writes so far", len(batch), self.api.writes)
+                except Exception:
+                    log.exception("writing statuses failed; retrying")
+                    for o, st in batch:
+                        self.pending_status.setdefault(str(o["metadata"].get("uid")), (o, st))
+                    await asyncio.sleep(self.retry_seconds)
+                finally:
+                    self.status_in_flight = 0
 
 
 def _store(cache: dict[Key, dict[str, Any]], obj: dict[str, Any], deleted: bool) -> None:
