@@ -83,15 +83,28 @@ def render_to_dir(rendered: Rendered, config_dir: Path) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     inv = load_manifests(args.file)
     problems = [str(e) for e in inv.errors] + cross_reference_errors(inv)
-    for p in problems:
-        print(f"error: {p}", file=sys.stderr)
-    if problems:
-        return 1
-    print(
-        f"ok: {len(inv.relays)} MailRelay, {len(inv.domains)} RelayDomain, "
-        f"{len(inv.recipient_lists)} RecipientList"
-    )
-    return 0
+    objects = [
+        {
+            "kind": o["kind"],
+            "name": f"{o['metadata']['namespace']}/{o['metadata']['name']}",
+            "source": o["metadata"].get("annotations", {}).get("mailrelay.io/source", ""),
+        }
+        for o in inv.relays + inv.domains + inv.recipient_lists
+    ]
+    if args.output == "table":
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        if objects:
+            rows = [[o["kind"], o["name"], o["source"]] for o in objects]
+            print(format_table(["KIND", "NAME", "SOURCE"], rows), end="")
+        if not problems:
+            print(
+                f"ok: {len(inv.relays)} MailRelay, {len(inv.domains)} RelayDomain, "
+                f"{len(inv.recipient_lists)} RecipientList"
+            )
+    else:
+        emit({"valid": not problems, "errors": problems, "objects": objects}, args.output)
+    return 1 if problems else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -101,6 +114,28 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.out:
         render_to_dir(rendered, Path(args.out))
         print(f"wrote {len(rendered.files)} files to {args.out}")
+        return 0
+    if args.output != "table":
+        files = {
+            name: (
+                {"gzipBytes": len(data), "recipients": rendered.recipients}
+                if name.endswith(".gz")
+                else json.loads(data)
+            )
+            for name, data in rendered.files.items()
+        }
+        verdicts = [
+            {
+                "relayDomain": f"{v.namespace}/{v.name}",
+                "domain": v.domain,
+                "accepted": v.accepted,
+                "reason": v.reason,
+                "message": v.message,
+                "recipients": v.recipients,
+            }
+            for v in rendered.domains
+        ]
+        emit({"configHash": rendered.config_hash, "files": files, "domains": verdicts}, args.output)
         return 0
     for name, data in rendered.files.items():
         if name.endswith(".gz"):
@@ -192,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="manifest file or folder (repeatable)",
         )
 
+    def output(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-o",
+            "--output",
+            choices=["table", "json", "yaml"],
+            default="table",
+            help="table for people, json or yaml for scripts",
+        )
+
     def relay_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
         p.add_argument("--tls-dir", default=None, help="folder with tls.crt and tls.key")
@@ -210,10 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     manifests(p)
     p.add_argument("--relay", help="which MailRelay, when the manifests hold several")
     p.add_argument("--out", help="write the files to this folder instead of printing them")
+    output(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="check manifests against the CRD schemas")
     manifests(p)
+    output(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("relay", help="the relay pod's entrypoint")
