@@ -275,12 +275,22 @@ def read_recipients(config_dir: Path, files: list[str]) -> set[str]:
     return out
 
 
+def read_domains_text(config_dir: Path) -> str:
+    """domains.json, or domains.json.gz: the operator gzips a large one to fit
+    its ConfigMap (1 MiB), e.g. 10,000 domains."""
+    plain = config_dir / DOMAINS_FILE
+    if plain.exists() or not (config_dir / (DOMAINS_FILE + ".gz")).exists():
+        return plain.read_text()
+    with gzip.open(config_dir / (DOMAINS_FILE + ".gz"), "rt") as f:
+        return f.read()
+
+
 def load_config(config_dir: str | Path) -> RelayConfig:
     """Reads a rendered config folder; raises ValueError with the file at fault."""
     d = Path(config_dir)
     try:
         relay_doc = json.loads((d / RELAY_FILE).read_text())
-        domains_doc = json.loads((d / DOMAINS_FILE).read_text())
+        domains_doc = json.loads(read_domains_text(d))
         recipients = read_recipients(d, domains_doc.get("recipientFiles", []))
         return config_from_documents(relay_doc, domains_doc, recipients)
     except (OSError, KeyError, ValueError, TypeError) as e:
