@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from mailrelay_operator import naming, statefulset
+from mailrelay_operator import configmaps, naming, statefulset
 from mailrelay_operator.children import desired_children
 
+from relay.config import load_config
 from relay.manifests.load import Inventory, load_manifests
 from relay.manifests.render import render_relay
 from relay.manifests.validate import with_defaults
@@ -210,3 +212,34 @@ def test_pod_security() -> None:
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "queue"
     [pdb] = by_kind(children, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_ten_thousand_domains_fit_the_config_map() -> None:
+    relay, _ = quickstart()
+    inv = Inventory(relays=[relay])
+    for i in range(10000):
+        inv.domains.append(
+            with_defaults(
+                {
+                    "apiVersion": "mailrelay.io/v1alpha1",
+                    "kind": "RelayDomain",
+                    "metadata": {"name": f"d{i:05d}", "namespace": "default"},
+                    "spec": {
+                        "domain": f"d{i:05d}.example",
+                        "relayRef": {"name": "quickstart"},
+                        "nextHop": {"host": "mail.example.net"},
+                        "recipients": "any",
+                    },
+                }
+            )
+        )
+    rendered = render_relay(relay, inv)
+    assert len(rendered.files["domains.json"]) > 1024 * 1024  # too big as it is
+    cm = desired_children(relay, rendered, IMAGE, cert_manager=True)[0]
+    assert "domains.json" not in cm["data"]
+    assert len(yaml.safe_dump(cm)) < 512 * 1024
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in configmaps.config_files([cm]).items():
+            (Path(folder) / name).write_bytes(data)
+        config = load_config(folder)
+    assert len(config.domains) == 10000
