@@ -252,15 +252,7 @@ class Postfix:
 
         owner = pwd.getpwnam("postfix")
         os.chown(self.workdir / "data", owner.pw_uid, owner.pw_gid)  # postfix writes there
-        (self.etc / "main.cf").write_text(
-            MAIN_CF.format(
-                sink_port=self.sink.port,
-                queue=self.workdir / "spool",
-                data=self.workdir / "data",
-                maillog=self.workdir / "maillog",
-                workdir=self.workdir,
-            )
-        )
+        (self.etc / "main.cf").write_text(self._main_cf())
         (self.etc / "master.cf").write_text(self._master_cf())
         started = self._postfix("start", check=False)
         self.started = True
@@ -270,6 +262,15 @@ class Postfix:
             raise RuntimeError(f"postfix start failed:\n{tail}")
         wait_until(lambda: listening(self.port), 30, "postfix smtpd")
         return self
+
+    def _main_cf(self) -> str:
+        return MAIN_CF.format(
+            sink_port=self.sink.port,
+            queue=self.workdir / "spool",
+            data=self.workdir / "data",
+            maillog=self.workdir / "maillog",
+            workdir=self.workdir,
+        )
 
     def _master_cf(self) -> str:
         """Debian's master.cf with chroot off and smtpd on our port."""
@@ -354,12 +355,7 @@ class Mailrelay:
     def start(self) -> Mailrelay:
         self.workdir.mkdir(parents=True)
         manifests = self.workdir / "relay.yaml"
-        # Postfix here has no content checks; the attachment filter (on by
-        # default in mailrelay) is switched off to match unless asked for.
-        content = (
-            "" if self.content_filter else "  contentFilters: {rejectAttachmentExtensions: []}"
-        )
-        manifests.write_text(RELAY_YAML.format(sink_port=self.sink.port, content_filter=content))
+        manifests.write_text(self._manifests())
         mailrelay = ROOT / ".venv" / "bin" / "mailrelay"
         argv = [str(mailrelay) if mailrelay.exists() else "mailrelay", "run", "-f", str(manifests)]
         argv += ["--listen", f"{HOST}:{self.port}", "--queue-dir", str(self.workdir / "queue")]
@@ -378,6 +374,14 @@ class Mailrelay:
 
         wait_until(ready, 60, "mailrelay workers")
         return self
+
+    def _manifests(self) -> str:
+        # Postfix here has no content checks; the attachment filter (on by
+        # default in mailrelay) is switched off to match unless asked for.
+        content = (
+            "" if self.content_filter else "  contentFilters: {rejectAttachmentExtensions: []}"
+        )
+        return RELAY_YAML.format(sink_port=self.sink.port, content_filter=content)
 
     def root_pid(self) -> int:
         assert self.proc is not None
