@@ -9,6 +9,7 @@ what was acknowledged against what arrived at the next hop.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import smtplib
 import socket
@@ -58,16 +59,45 @@ class KillReport:
     def lost(self) -> set[str]:
         return {m for m in self.acknowledged if self.delivered[m] == 0}
 
+    # (Message-Id, relay queue id) of every delivery, to tell the two kinds
+    # of duplicate apart.
+    deliveries: list[tuple[str, str]] = field(default_factory=list)
+
     @property
     def duplicates(self) -> int:
         return sum(n - 1 for n in self.delivered.values() if n > 1)
+
+    @property
+    def resent_by_client(self) -> int:
+        """Copies queued twice: the relay stored the message, died before the
+        client read its 250, and the client sent it again (inherent in SMTP)."""
+        ids: dict[str, set[str]] = {}
+        for mid, qid in self.deliveries:
+            ids.setdefault(mid, set()).add(qid)
+        return sum(len(q) - 1 for q in ids.values())
+
+    @property
+    def redelivered(self) -> int:
+        """One queued copy delivered twice: the relay died after the next hop's
+        250 and before it removed the message (at-least-once delivery)."""
+        return self.duplicates - self.resent_by_client
 
     def summary(self) -> str:
         return (
             f"messages={self.messages} kills={self.kills} attempts={self.attempts} "
             f"acknowledged={len(self.acknowledged)} delivered={len(self.delivered)} "
-            f"lost={len(self.lost)} duplicates={self.duplicates}"
+            f"lost={len(self.lost)} duplicates={self.duplicates} "
+            f"(resent_by_client={self.resent_by_client} redelivered={self.redelivered})"
         )
+
+
+_QUEUE_ID = re.compile(rb"\(mailrelay\) with E?SMTPS? id ([0-9A-Z]+)")
+
+
+def queue_id_of(data: bytes) -> str:
+    """The relay's queue id, from its Received header."""
+    found = _QUEUE_ID.search(data.split(b"\r\n\r\n", 1)[0])
+    return found.group(1).decode() if found else ""
 
 
 def message_id_of(data: bytes) -> str:
@@ -158,7 +188,9 @@ class KillRun:
         return self.report
 
     def _tally(self) -> set[str]:
-        self.report.delivered = Counter(message_id_of(m.data) for m in list(self.sink.messages))
+        messages = list(self.sink.messages)
+        self.report.deliveries = [(message_id_of(m.data), queue_id_of(m.data)) for m in messages]
+        self.report.delivered = Counter(mid for mid, _ in self.report.deliveries)
         return set(self.report.delivered)
 
 
