@@ -356,8 +356,7 @@ class Mailrelay:
         self.workdir.mkdir(parents=True)
         manifests = self.workdir / "relay.yaml"
         manifests.write_text(self._manifests())
-        mailrelay = ROOT / ".venv" / "bin" / "mailrelay"
-        argv = [str(mailrelay) if mailrelay.exists() else "mailrelay", "run", "-f", str(manifests)]
+        argv = [*self._command(), "run", "-f", str(manifests)]
         argv += ["--listen", f"{HOST}:{self.port}", "--queue-dir", str(self.workdir / "queue")]
         argv += ["--config-dir", str(self.workdir / "config"), "--workers", str(self.workers)]
         log = (self.workdir / "relay.log").open("wb")
@@ -374,6 +373,10 @@ class Mailrelay:
 
         wait_until(ready, 60, "mailrelay workers")
         return self
+
+    def _command(self) -> list[str]:
+        mailrelay = ROOT / ".venv" / "bin" / "mailrelay"
+        return [str(mailrelay) if mailrelay.exists() else "mailrelay"]
 
     def _manifests(self) -> str:
         # Postfix here has no content checks; the attachment filter (on by
