@@ -598,14 +598,19 @@ class RelaySMTP(SMTP):
         limit = self.config.limits.message_size
         await self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
         write_failed: Exception | None = None
-        try:
-            incoming.write(
-                received_header(s, self.hostname, incoming.queue_id, envelope.recipients)
+        # The attachment filter reads the message as it arrives: no second read.
+        check = content.content_check(self.config)
+        head = received_header(s, self.hostname, incoming.queue_id, envelope.recipients)
+        if envelope.prepend_headers:
+            head += b"".join(
+                h.encode("utf-8", "surrogateescape") + b"\r\n" for h in envelope.prepend_headers
             )
-            for header in envelope.prepend_headers:
-                incoming.write(header.encode("utf-8", "surrogateescape") + b"\r\n")
+        try:
+            incoming.write(head)
         except Exception as e:
             write_failed = e
+        if check is not None:
+            check.feed_inline(head)
         decoder = DataDecoder()
         too_big = False
         flushed = 0
@@ -629,6 +634,8 @@ class RelaySMTP(SMTP):
                         await incoming.flush()
                 except Exception as e:
                     write_failed = e
+                if check is not None and not check.done:
+                    await check.feed(chunk)
         if decoder.rest:
             # Commands pipelined after the final dot belong to the command reader.
             self._reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
@@ -646,12 +653,7 @@ class RelaySMTP(SMTP):
             incoming.abort()
             await self._queue_error(write_failed)
             return
-        try:
-            verdict = await self._check_content(incoming)
-        except Exception as e:  # the flush before the check: a full disk
-            incoming.abort()
-            await self._queue_error(e)
-            return
+        verdict = check.verdict() if check is not None else None
         if verdict is not None:
             incoming.abort()
             metrics.REJECTED.labels("content").inc()
@@ -688,15 +690,6 @@ class RelaySMTP(SMTP):
         await self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         if self.ctx.on_queued is not None:
             self.ctx.on_queued(queue_id)
-
-    async def _check_content(self, incoming: Any) -> Reply | None:
-        # The attachment filter is the only content check: without rejected
-        # extensions it has nothing to do, and small messages need not be
-        # flushed to disk before commit.
-        if not self.config.reject_attachment_extensions:
-            return None
-        path = await incoming.flush() if hasattr(incoming, "flush") else incoming.path
-        return await content.check_message(path, self.config)
 
     async def _queue_error(self, error: Exception) -> None:
         log.error("queue write error from %s: %s", client_name(self.state), error)

@@ -380,18 +380,29 @@ async def test_queue_failure_never_answers_250(tmp_path: Path, relay_server: Ser
 async def test_content_reject(relay_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bytes] = []
 
-    async def reject(path: Path, config: RelayConfig) -> Reply | None:
-        seen.append(Path(path).read_bytes())
-        return Reply(550, "5.7.1", "message content rejected")
+    class Rejecting:
+        """Stands in for the attachment filter, fed during DATA."""
 
-    monkeypatch.setattr(content, "check_message", reject)
+        done = False
+
+        def feed_inline(self, data: bytes) -> None:
+            seen.append(data)
+
+        async def feed(self, data: bytes) -> None:
+            seen.append(data)
+
+        def verdict(self) -> Reply | None:
+            return Reply(550, "5.7.1", "message content rejected")
+
+    monkeypatch.setattr(content, "content_check", lambda config: Rejecting())
     h = await relay_server()
     c = await client(h)
     await c.greet()
     assert await send_mail(c, ["a@example.org"]) == "550 5.7.1 message content rejected"
     assert h.queued() == []
     # The check saw the whole message as it would be queued.
-    assert seen and seen[0].startswith(b"Received: ") and seen[0].endswith(b"hello\r\n")
+    fed = b"".join(seen)
+    assert fed.startswith(b"Received: ") and fed.endswith(b"hello\r\n")
 
 
 class ScriptedScreen:
