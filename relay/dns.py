@@ -9,6 +9,7 @@ on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -82,6 +83,15 @@ class Resolver:
         self._cache: dict[tuple[str, str], tuple[float, DnsAnswer]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
 
+    def cached(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """The answer query() would give without going to the network, or None.
+
+        For hot paths that would otherwise schedule tasks just to read the cache."""
+        hit = self._cache.get((name.lower().rstrip("."), rdtype.upper()))
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
     async def query(self, name: str, rdtype: str) -> DnsAnswer:
         """Looks up name/rdtype; raises DnsTempError on timeout or server failure."""
         key = (name.lower().rstrip("."), rdtype.upper())
@@ -144,6 +154,7 @@ def _negative_ttl(response: dns.message.Message | None) -> float:
     return NEGATIVE_TTL
 
 
+@functools.lru_cache(maxsize=16384)  # every RBL/DNSBL/PTR check of a client parses it again
 def reverse_ip(ip: str) -> str:
     """The DNSBL/PTR form of an address: '1.2.3.4' -> '4.3.2.1', IPv6 as nibbles."""
     addr = ipaddress.ip_address(ip)

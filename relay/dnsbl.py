@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from relay import metrics
 from relay.config import DnsblSite
-from relay.dns import DnsTempError, Resolver, reverse_ip
+from relay.dns import DnsAnswer, DnsTempError, Resolver, reverse_ip
 
 log = logging.getLogger("mailrelay.dnsbl")
 
@@ -209,9 +209,15 @@ async def query_zone(resolver: Resolver, zone: str, client_ip: str) -> ZoneAnswe
     """The A records of client_ip in zone, with the broken-list probe beside it."""
     name = f"{reverse_ip(client_ip)}.{zone}"
     probe = f"{NEVER_LISTED_PROBE}.{zone}"
-    answer, probe_answer = await asyncio.gather(
-        resolver.query(name, "A"), resolver.query(probe, "A"), return_exceptions=True
-    )
+    cached, cached_probe = resolver.cached(name, "A"), resolver.cached(probe, "A")
+    answer: DnsAnswer | BaseException
+    probe_answer: DnsAnswer | BaseException
+    if cached is not None and cached_probe is not None:  # the usual case: no tasks
+        answer, probe_answer = cached, cached_probe
+    else:
+        answer, probe_answer = await asyncio.gather(
+            resolver.query(name, "A"), resolver.query(probe, "A"), return_exceptions=True
+        )
     if isinstance(answer, BaseException):
         if not isinstance(answer, DnsTempError):
             raise answer

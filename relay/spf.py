@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class _NeedDns(BaseException):
 class _Answers:
     known: dict[tuple[str, str], list[tuple[tuple[str, str], Any]] | str]
     missing: list[tuple[str, str]]
+    resolver: Resolver | None = None  # answers already in its cache need no round
 
 
 _current: contextvars.ContextVar[_Answers | None] = contextvars.ContextVar(
@@ -86,6 +88,11 @@ def _lookup_hook(name: str, qtype: str, *args: Any, **kwargs: Any) -> Any:
         return _original_lookup(name, qtype, *args, **kwargs)
     key = (name.lower().rstrip("."), qtype.upper())
     found = answers.known.get(key)
+    if found is None and answers.resolver is not None:
+        # The same answer the next round would fetch, without another round.
+        hit = answers.resolver.cached(*key)
+        if hit is not None:
+            found = answers.known[key] = _convert(*key, hit.records)
     if found is None:
         answers.missing.append(key)
         raise _NeedDns(key)
@@ -98,7 +105,14 @@ pyspf.DNSLookup = _lookup_hook
 
 
 def _convert(name: str, qtype: str, records: tuple[str, ...]) -> list[tuple[tuple[str, str], Any]]:
-    """Our answer's text records -> pyspf's DNSLookup result format."""
+    """Our answer's text records -> pyspf's DNSLookup result format (a fresh list)."""
+    return list(_convert_cached(name, qtype, records))
+
+
+@functools.lru_cache(maxsize=4096)  # parsing TXT text is most of an SPF check's CPU
+def _convert_cached(
+    name: str, qtype: str, records: tuple[str, ...]
+) -> tuple[tuple[tuple[str, str], Any], ...]:
     key = (name, qtype)
     out: list[tuple[tuple[str, str], Any]] = []
     for r in records:
@@ -111,7 +125,7 @@ def _convert(name: str, qtype: str, records: tuple[str, ...]) -> list[tuple[tupl
             out.append((key, r.rstrip(".")))
         elif qtype in ("TXT", "SPF"):
             out.append((key, tuple(txt_strings(r))))
-    return out
+    return tuple(out)
 
 
 async def _fetch(resolver: Resolver, key: tuple[str, str]) -> list[Any] | str:
@@ -126,7 +140,7 @@ async def _fetch(resolver: Resolver, key: tuple[str, str]) -> list[Any] | str:
 async def evaluate(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple[str, str]:
     """pyspf's (result, explanation) for one identity, e.g. ('fail', 'SPF fail - not
     authorized'); DNS through `resolver`. Temperror when LOOKUP_TIME runs out."""
-    answers = _Answers({}, [])
+    answers = _Answers({}, [], resolver)
     try:
         async with asyncio.timeout(LOOKUP_TIME):
             for _round in range(MAX_ROUNDS):
