@@ -107,11 +107,12 @@ def last_writes(log: Path) -> int:
 
 RELAY_PROBE = """
 import json, resource, sys, time, tracemalloc
-from relay.config import read_recipients
+from pathlib import Path
+from relay.config import read_domains_text, read_recipients
 tracemalloc.start()
 t = time.perf_counter()
-names = json.load(open(sys.argv[1] + "/domains.json"))["recipientFiles"]
-table = read_recipients(__import__("pathlib").Path(sys.argv[1]), names)
+names = json.loads(read_domains_text(Path(sys.argv[1])))["recipientFiles"]
+table = read_recipients(Path(sys.argv[1]), names)
 load = time.perf_counter() - t
 current, _ = tracemalloc.get_traced_memory()
 tracemalloc.stop()
@@ -174,8 +175,10 @@ def main() -> int:
         applied = time.monotonic()
         results["apply_seconds"] = round(applied - started, 1)
         print(f"applied {len(objects)} objects in {applied - started:.1f}s", flush=True)
-        while not reconciled(relay_status(api), args.domains, lists * LIST_SIZE):
+        deadline = time.monotonic() + 600
+        while not reconciled(st := relay_status(api), args.domains, lists * LIST_SIZE):
             assert operator.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not reconciled after 600 s: {st}"
             time.sleep(0.5)
         results["reconcile_after_last_apply_seconds"] = round(time.monotonic() - applied, 1)
 
@@ -189,8 +192,13 @@ def main() -> int:
         while not all_domain_statuses(api):
             time.sleep(1)
         results["all_statuses_after_last_apply_seconds"] = round(time.monotonic() - applied, 1)
-        time.sleep(2)  # the operator logs its write count after each pass
-        results["operator_writes"] = last_writes(log)
+        # The operator logs its write count after each pass and status batch:
+        # wait until it stops moving.
+        counts = [last_writes(log)]
+        while len(counts) < 4 or len(set(counts[-4:])) > 1:
+            time.sleep(1)
+            counts.append(last_writes(log))
+        results["operator_writes"] = counts[-1]
         print(
             f"reconciled {results['reconcile_after_last_apply_seconds']}s after the last "
             f"apply; {results['operator_writes']} writes",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,11 @@ class KubeApi:
     def __init__(self, api_client: k8s_client.ApiClient | None = None) -> None:
         self.api = api_client or load_api_client()
         self.writes = 0  # apply/patch/delete requests sent (for tests and benchmarks)
+        self._writes_lock = threading.Lock()  # the calls run in several threads
+
+    def _count_write(self) -> None:
+        with self._writes_lock:
+            self.writes += 1
 
     def _call(
         self,
@@ -143,7 +149,7 @@ class KubeApi:
 
     def apply_sync(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply under the operator's one field manager, taking conflicts."""
-        self.writes += 1
+        self._count_write()
         return self._call(
             "PATCH",
             object_path(obj),
@@ -154,13 +160,13 @@ class KubeApi:
 
     def patch_status_sync(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch of /status: conditions is written whole (merge replaces lists)."""
-        self.writes += 1
+        self._count_write()
         return self._call(
             "PATCH", path + "/status", [], {"status": status}, "application/merge-patch+json"
         )
 
     def delete_sync(self, path: str, propagation: str = "Background") -> None:
-        self.writes += 1
+        self._count_write()
         try:
             self._call(
                 "DELETE",
