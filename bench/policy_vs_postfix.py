@@ -561,16 +561,33 @@ def warm_up(system: PolicySystem, dns: BenchDns, messages: int, sessions: int) -
     return load(system, dns, messages, 5120, sessions)
 
 
-def probe(system: PolicySystem) -> dict[str, str]:
-    """The policy is live: SPF fail and an unlisted recipient are refused."""
+ATTACHMENT_PROBE = (
+    "From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: probe\r\nMIME-Version: 1.0\r\n"
+    'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    "--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+    "--b\r\nContent-Type: application/octet-stream\r\n"
+    'Content-Disposition: attachment; filename="setup.exe"\r\n\r\nTVqQAAMAAAAEAAAA\r\n'
+    "--b--\r\n"
+)
+
+
+def probe(system: PolicySystem, content_filter: bool) -> dict[str, str]:
+    """The policy is live: SPF fail, an unlisted recipient (and an .exe
+    attachment) are refused with their own replies."""
     out = {}
     cases = {
-        "spf_fail": ("probe@spf-fail.bench.test", RECIPIENT),
-        "unlisted_recipient": (SENDER, "nobody@example.com"),
+        "spf_fail": ("probe@spf-fail.bench.test", RECIPIENT, False),
+        "unlisted_recipient": (SENDER, "nobody@example.com", False),
     }
-    for name, (sender, rcpt) in cases.items():
-        argv = [SWAKS, "--server", f"{HOST}:{system.port}", "--helo", HELO]
-        argv += ["--from", sender, "--to", rcpt, "--quit-after", "RCPT", "--timeout", "30"]
+    if content_filter:
+        cases["exe_attachment"] = (SENDER, RECIPIENT, True)
+    for name, (sender, rcpt, data) in cases.items():
+        argv = [SWAKS, "--server", f"{HOST}:{system.port}", "--helo", HELO, "--timeout", "30"]
+        argv += ["--from", sender, "--to", rcpt]
+        if data:
+            argv += ["--data", ATTACHMENT_PROBE.format(sender=sender, rcpt=rcpt)]
+        else:
+            argv += ["--quit-after", "RCPT"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         replies = [ln[4:] for ln in done.stdout.splitlines() if ln.startswith("<** ")]
         out[name] = replies[-1] if replies else "(no error reply)"
@@ -765,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warm-up {system.name}", flush=True)
                 warm = warm_up(system, dns, args.warmup, args.sessions)
                 results["warmups"][system.name] = warm.summary()
-                results["probe"][system.name] = probe(system)
+                results["probe"][system.name] = probe(system, args.content_filter)
                 print(f"  probe: {results['probe'][system.name]}", flush=True)
             for i in range(args.runs):
                 order = running if i % 2 == 0 else list(reversed(running))
