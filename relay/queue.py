@@ -363,8 +363,18 @@ class IncomingMessage:
             await self.queue.run_io(self._open_sync)
         return self.path
 
-    async def commit(self, sender: str, recipients: list[str], client: str = "") -> str:
-        """Makes the message durable (data and envelope fsynced, folder fsynced); returns the id."""
+    async def commit(
+        self,
+        sender: str,
+        recipients: list[str],
+        client: str = "",
+        *,
+        arrival: float | None = None,
+    ) -> str:
+        """Makes the message durable (data and envelope fsynced, folder fsynced); returns the id.
+
+        `arrival` keeps the original arrival of mail handed over by a peer pod
+        (its retry schedule and lifetime go on from there)."""
         if self._closed:
             raise QueueError("message already committed or aborted")
         await self._wait_writes()
@@ -375,7 +385,7 @@ class IncomingMessage:
             queue_id=self.queue_id,
             sender=sender,
             recipients=list(recipients),
-            arrival=self.queue.clock(),
+            arrival=self.queue.clock() if arrival is None else arrival,
             client=client,
             size=self.size,
         )
