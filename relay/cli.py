@@ -190,6 +190,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
         tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         workers=args.workers,
         proxy_listen=args.proxy_listen,
+        handover_listen=args.handover_listen,
+        handover_secret_file=Path(args.handover_secret_file) if args.handover_secret_file else None,
     )
 
 
@@ -267,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="0.0.0.0:2525")
     p.add_argument("--proxy-listen", default=None, help="HOST:PORT expecting PROXY headers")
     p.add_argument("--queue-dir", default="/var/spool/mailrelay")
+    p.add_argument(
+        "--handover-listen",
+        default=None,
+        help="HOST:PORT where peer pods hand their queue over (needs --handover-secret-file)",
+    )
+    p.add_argument(
+        "--handover-secret-file",
+        default=None,
+        help="the relay's shared secret: authenticates handovers and drain requests",
+    )
     relay_opts(p)
     p.set_defaults(func=cmd_relay)
 
