@@ -32,3 +32,8 @@ DNSBL_ERRORS = Counter(
     "DNSBL answers not obeyed: error codes (127.255.255.x) or a list that lists everything.",
     ["zone", "kind"],
 )
+HANDOVER = Counter(
+    "mailrelay_handover_total",
+    "Messages handed over between pods of a relay (scale-down), by direction and result.",
+    ["direction", "result"],
+)  # direction: sent | received; result: ok | error | too_big

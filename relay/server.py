@@ -25,6 +25,11 @@ With `proxy_listen`, each worker also serves a second port where every
 connection must start with a PROXY header from spec.proxyProtocol.trustedCIDRs
 (relay.proxy); the plain port stays for probes and in-cluster clients.
 The certificate in `tls_dir` is reloaded when it changes (relay.tlsreload).
+
+With `handover_listen` and a `handover_secret`, each worker also serves the
+handover listener (relay.handover: peer pods hand their queue over here when
+they are scaled away) and follows drain orders (relay.drain); the metrics
+port is then the control port too (relay.control: /queue, POST /drain).
 """
 
 from __future__ import annotations
@@ -59,13 +64,10 @@ def _env_float(name: str, default: float) -> float:
 
 
 def setup_logging() -> None:
+    from relay import logbuffer
+
     level = os.environ.get("MAILRELAY_LOG_LEVEL", "INFO").upper()
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s mailrelay[%(process)d]: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level)
+    logbuffer.install(sys.stderr, level)  # one write per event-loop iteration
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter
 
 
@@ -184,8 +186,12 @@ class Worker:
         sources: SourceWatcher | None = None,
         on_source_change: Callable[[], None] | None = None,
         proxy_sock: socket.socket | None = None,
+        handover_sock: socket.socket | None = None,
+        handover_secret: bytes | None = None,
     ) -> None:
         self.config_dir = config_dir
+        self.handover_sock = handover_sock
+        self.handover_secret = handover_secret
         self.queue_dir = queue_dir
         self.sock = sock
         self.proxy_sock = proxy_sock
@@ -200,6 +206,8 @@ class Worker:
         from relay.config import load_config
         from relay.dns import Resolver
         from relay.dnschecks import DnsChecks
+        from relay.drain import Drainer
+        from relay.handover import LINE_LIMIT, HandoverServer
         from relay.queue import Queue
         from relay.screen import Postscreen
         from relay.smtpd import RelaySMTP, ServerContext
@@ -244,13 +252,43 @@ class Worker:
                 "{}:{}".format(*self.proxy_sock.getsockname()[:2]),
                 ", ".join(str(n) for n in config.proxy_protocol.trusted) or "nobody",
             )
+
+        def stop_taking_mail() -> None:
+            # Draining: every session is told 421 now (clients go to another
+            # MX host; the readiness probe fails); delivery goes on.
+            ctx.begin_shutdown()
+            ctx.close_all()
+
+        drainer = Drainer(
+            queue,
+            self.handover_secret,
+            on_start=stop_taking_mail,
+            on_end=lambda: setattr(ctx, "shutting_down", False),
+            interval=_env_float("MAILRELAY_RELOAD_INTERVAL", 1.0),
+        )
+        handover_server = None
+        if self.handover_sock is not None and self.handover_secret is not None:
+            receiver = HandoverServer(
+                queue,
+                self.handover_secret,
+                hostname=lambda: ctx.config.hostname,
+                max_size=lambda: ctx.config.limits.message_size,
+                draining=lambda: drainer.draining,
+                on_queued=delivery.wake if delivery is not None else None,
+            )
+            handover_server = await asyncio.start_server(
+                receiver.handle, sock=self.handover_sock, limit=LINE_LIMIT
+            )
+            log.info(
+                "handover listener on %s", "{}:{}".format(*self.handover_sock.getsockname()[:2])
+            )
         log.info(
             "ready: listening on %s with %d domains, queue %s",
             "{}:{}".format(*self.sock.getsockname()[:2]),
             len(config.domains),
             self.queue_dir,
         )
-        background: list[asyncio.Task[Any]] = []
+        background: list[asyncio.Task[Any]] = [asyncio.create_task(drainer.run())]
         if delivery is not None:
             background.append(asyncio.create_task(delivery.run()))
         if tls is not None:
@@ -266,6 +304,8 @@ class Worker:
         server.close()
         if proxy_server is not None:
             proxy_server.close()
+        if handover_server is not None:
+            handover_server.close()
         ctx.begin_shutdown()
         deadline = loop.time() + self.shutdown_grace
         while ctx.sessions and loop.time() < deadline:
@@ -340,9 +380,14 @@ def start_delivery(queue: Any, config_getter: Callable[[], Any], resolver: Any) 
 # -- metrics ------------------------------------------------------------------------
 
 
-def serve_metrics(listen: str, *, multiprocess: bool) -> None:
-    """/metrics on a thread; in multiprocess mode, the sum over the workers."""
-    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+def serve_metrics(
+    listen: str, *, multiprocess: bool, queue_dir: Path, secret: bytes | None = None
+) -> None:
+    """The control port on a thread: /metrics (in multiprocess mode, the sum
+    over the workers), /queue and POST /drain (relay.control)."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    from relay import control
 
     host, port = parse_listen(listen)
     registry = REGISTRY
@@ -351,8 +396,8 @@ def serve_metrics(listen: str, *, multiprocess: bool) -> None:
 
         registry = CollectorRegistry()
         mp.MultiProcessCollector(registry)
-    start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    control.serve(host, port, registry=registry, queue_dir=queue_dir, secret=secret)
+    log.info("metrics on http://%s:%d/metrics (and /queue)", host, port)
 
 
 def _prepare_multiprocess_metrics() -> bool:
@@ -382,6 +427,8 @@ def run_relay(
     watch_sources: list[Path] | None = None,
     on_source_change: Callable[[], None] | None = None,
     shutdown_grace: float | None = None,
+    handover_listen: str | None = None,
+    handover_secret_file: Path | None = None,
 ) -> int:
     """Runs the relay until SIGTERM/SIGINT; returns the exit code."""
     setup_logging()
@@ -396,8 +443,21 @@ def run_relay(
     try:
         host, port = parse_listen(listen)
         proxy_address = parse_listen(proxy_listen) if proxy_listen else None
+        handover_address = parse_listen(handover_listen) if handover_listen else None
     except ValueError as e:
         log.error("%s", e)
+        return 2
+    handover_secret = None
+    if handover_secret_file is not None:
+        from relay.handover import load_secret
+
+        try:
+            handover_secret = load_secret(Path(handover_secret_file))
+        except (OSError, ValueError) as e:
+            log.error("handover secret: %s", e)
+            return 1
+    if handover_address is not None and handover_secret is None:
+        log.error("--handover-listen needs --handover-secret-file")
         return 2
     from relay.config import load_config
 
@@ -417,11 +477,18 @@ def run_relay(
                 if proxy_address
                 else None
             )
+            handover_sock = (
+                bind_socket(*handover_address, reuse_port=False, listen=True)
+                if handover_address
+                else None
+            )
         except OSError as e:
             log.error("cannot listen on %s: %s", listen, e)
             return 1
         if metrics_listen:
-            serve_metrics(metrics_listen, multiprocess=False)
+            serve_metrics(
+                metrics_listen, multiprocess=False, queue_dir=queue_dir, secret=handover_secret
+            )
         worker = Worker(
             config_dir,
             queue_dir,
@@ -431,6 +498,8 @@ def run_relay(
             sources=sources,
             on_source_change=on_source_change,
             proxy_sock=proxy_sock,
+            handover_sock=handover_sock,
+            handover_secret=handover_secret,
         )
         return asyncio.run(worker.run())
     return Supervisor(
@@ -445,6 +514,8 @@ def run_relay(
         sources=sources,
         on_source_change=on_source_change,
         proxy_address=proxy_address,
+        handover_address=handover_address,
+        handover_secret=handover_secret,
     ).run()
 
 
@@ -466,9 +537,13 @@ class Supervisor:
         sources: SourceWatcher | None,
         on_source_change: Callable[[], None] | None,
         proxy_address: tuple[str, int] | None = None,
+        handover_address: tuple[str, int] | None = None,
+        handover_secret: bytes | None = None,
     ) -> None:
         self.config_dir = config_dir
         self.proxy_address = proxy_address
+        self.handover_address = handover_address
+        self.handover_secret = handover_secret
         self.queue_dir = queue_dir
         self.host = host
         self.port = port
@@ -499,12 +574,30 @@ class Supervisor:
                 log.error("cannot listen on %s:%d: %s", *self.proxy_address, e)
                 return 1
             self.proxy_address = (self.proxy_address[0], proxy_reservation.getsockname()[1])
+        handover_reservation = None
+        if self.handover_address is not None:
+            try:
+                handover_reservation = bind_socket(
+                    *self.handover_address, reuse_port=True, listen=False
+                )
+            except OSError as e:
+                log.error("cannot listen on %s:%d: %s", *self.handover_address, e)
+                return 1
+            self.handover_address = (
+                self.handover_address[0],
+                handover_reservation.getsockname()[1],
+            )
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         for slot in range(self.workers):
             self._fork(slot)
         if self.metrics_listen:
-            serve_metrics(self.metrics_listen, multiprocess=multiprocess)
+            serve_metrics(
+                self.metrics_listen,
+                multiprocess=multiprocess,
+                queue_dir=self.queue_dir,
+                secret=self.handover_secret,
+            )
         interval = _env_float("MAILRELAY_RELOAD_INTERVAL", 1.0)
         next_poll = time.monotonic() + interval
         while self.children:
@@ -516,6 +609,8 @@ class Supervisor:
         reservation.close()
         if proxy_reservation is not None:
             proxy_reservation.close()
+        if handover_reservation is not None:
+            handover_reservation.close()
         log.info("all workers stopped")
         return 0
 
@@ -532,6 +627,11 @@ class Supervisor:
                     if self.proxy_address is not None
                     else None
                 )
+                handover_sock = (
+                    bind_socket(*self.handover_address, reuse_port=True, listen=True)
+                    if self.handover_address is not None
+                    else None
+                )
                 worker = Worker(
                     self.config_dir,
                     self.queue_dir,
@@ -539,6 +639,8 @@ class Supervisor:
                     tls_dir=self.tls_dir,
                     shutdown_grace=self.shutdown_grace,
                     proxy_sock=proxy_sock,
+                    handover_sock=handover_sock,
+                    handover_secret=self.handover_secret,
                 )
                 code = asyncio.run(worker.run())
             except BaseException:
