@@ -1,0 +1,74 @@
+"""The relay's log handler: lines logged on the event loop are written
+together once per loop iteration, in order; warnings and other threads'
+lines at once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+
+from relay.logbuffer import LoopBufferedHandler, SecondCachedFormatter
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def make_logger(stream: CountingStream) -> logging.Logger:
+    handler = LoopBufferedHandler(stream)
+    handler.setFormatter(SecondCachedFormatter())
+    logger = logging.getLogger(f"test.logbuffer.{id(stream)}")
+    logger.propagate = False
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+async def test_lines_of_one_iteration_are_one_write() -> None:
+    stream = CountingStream()
+    log = make_logger(stream)
+    for i in range(5):
+        log.info("line %d", i)
+    assert stream.getvalue() == ""  # not yet: still in this iteration
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    lines = stream.getvalue().splitlines()
+    assert [line.rsplit(" ", 2)[-2:] for line in lines] == [["line", str(i)] for i in range(5)]
+    assert stream.writes == 1
+    assert "mailrelay[" in lines[0]
+
+
+async def test_warnings_and_other_threads_are_written_at_once() -> None:
+    stream = CountingStream()
+    log = make_logger(stream)
+    log.info("first")
+    log.warning("careful")
+    assert stream.getvalue().splitlines()[-1].endswith("careful")
+    assert "first" in stream.getvalue()  # what was pending went first, in order
+    thread = threading.Thread(target=log.info, args=("from a thread",))
+    thread.start()
+    thread.join()
+    assert stream.getvalue().endswith("from a thread\n")
+
+
+def test_without_a_loop_each_line_is_written() -> None:
+    stream = CountingStream()
+    log = make_logger(stream)
+    log.info("alone")
+    assert stream.getvalue().endswith("alone\n")
+
+
+async def test_flush_writes_what_is_pending() -> None:
+    stream = CountingStream()
+    log = make_logger(stream)
+    log.info("pending")
+    log.handlers[0].flush()
+    assert stream.getvalue().endswith("pending\n")
