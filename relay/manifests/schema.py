@@ -442,6 +442,27 @@ MAILRELAY_SPEC = obj(
             },
             default={},
         ),
+        "scaleDown": obj(
+            "How pods leave when spec.replicas goes down: each leaving pod stops taking "
+            "mail, delivers what it can and hands the rest of its queue over to a pod that "
+            "stays; the StatefulSet shrinks only once their queues are empty.",
+            {
+                "drainTimeout": string(
+                    "How long the operator waits for the leaving pods' queues to empty. "
+                    + DURATION,
+                    pattern=DURATION_PATTERN,
+                    default="15m",
+                ),
+                "onTimeout": string(
+                    "After drainTimeout: Wait (keep the pods and say so in the status; no "
+                    "mail is left behind) or Proceed (remove them anyway; what they still "
+                    "hold stays on their retained volumes until the replicas come back).",
+                    enum=["Wait", "Proceed"],
+                    default="Wait",
+                ),
+            },
+            default={},
+        ),
         "postscreen": obj(
             "Connection-time tests before the SMTP session (Postfix postscreen).",
             {
