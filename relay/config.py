@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.manifests.render import DOMAINS_FILE, RELAY_FILE
+from relay.recipient_table import RecipientLookup, RecipientTable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -144,7 +145,9 @@ class RelayConfig:
     name: str
     hostname: str
     domains: dict[str, Domain]
-    recipients: set[str]  # lowercased addresses of `listed` domains
+    # Lowercased addresses of `listed` domains: a RecipientTable when loaded
+    # from a folder (compact hashes), any set-like in tests.
+    recipients: RecipientLookup
     mynetworks: tuple[IPNetwork, ...] = ()
     client_access: tuple[ClientAccessEntry, ...] = ()
     limits: Limits = field(default_factory=Limits)
@@ -161,7 +164,7 @@ class RelayConfig:
 
 
 def config_from_documents(
-    relay_doc: dict[str, Any], domains_doc: dict[str, Any], recipients: set[str]
+    relay_doc: dict[str, Any], domains_doc: dict[str, Any], recipients: RecipientLookup
 ) -> RelayConfig:
     p = relay_doc["policy"]
     ps = p.get("postscreen", {})
@@ -267,12 +270,9 @@ def config_from_documents(
     )
 
 
-def read_recipients(config_dir: Path, files: list[str]) -> set[str]:
-    out: set[str] = set()
-    for name in files:
-        with gzip.open(config_dir / name, "rt") as f:
-            out.update(line.strip() for line in f if line.strip())
-    return out
+def read_recipients(config_dir: Path, files: list[str]) -> RecipientTable:
+    """The recipient shards as one compact table, read shard by shard."""
+    return RecipientTable.from_shards(config_dir / name for name in files)
 
 
 def read_domains_text(config_dir: Path) -> str:
