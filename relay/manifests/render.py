@@ -9,26 +9,23 @@ Files:
 - domains.json   the accepted domains with their next hops, reloadable live
 - recipients-NNNN.txt.gz  the merged recipient tables of `listed` domains,
                  one lowercased address a line, sorted, gzip, each shard small
-                 enough for one ConfigMap
+                 enough for one ConfigMap; an address's shard is a stable hash
+                 of it (shards.py), so one new address changes one shard
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from relay.manifests.load import Inventory
+from relay.manifests.shards import ListPart, RenderCache, list_part, render_shards
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
 DOMAINS_FILE = "domains.json"
-RECIPIENT_SHARD = "recipients-{:04d}.txt.gz"
-# ConfigMap data is limited to 1 MiB and binaryData is base64 (4/3): keep a
-# large margin, as prometheus-operator does for its rule shards.
-SHARD_MAX_BYTES = 512 * 1024
 
 
 @dataclass
@@ -168,50 +165,39 @@ def attach_domains(
     return accepted, verdicts
 
 
-def _recipient_shards(addresses: list[str]) -> dict[str, bytes]:
-    """Sorted addresses gzip'd into shards of at most SHARD_MAX_BYTES each."""
-    shards: dict[str, bytes] = {}
-    if not addresses:
-        return shards
-    # Address lists compress about 4x; start with a generous raw chunk and
-    # halve any chunk whose compressed form is still too large.
-    chunks: list[list[str]] = []
-    chunk: list[str] = []
-    size = 0
-    for addr in addresses:
-        chunk.append(addr)
-        size += len(addr) + 1
-        if size >= SHARD_MAX_BYTES * 2:
-            chunks.append(chunk)
-            chunk, size = [], 0
-    if chunk:
-        chunks.append(chunk)
-    blobs: list[bytes] = []
-    while chunks:
-        part = chunks.pop(0)
-        blob = gzip.compress(("\n".join(part) + "\n").encode(), compresslevel=6, mtime=0)
-        if len(blob) > SHARD_MAX_BYTES and len(part) > 1:
-            half = len(part) // 2
-            chunks[:0] = [part[:half], part[half:]]
-            continue
-        blobs.append(blob)
-    for i, blob in enumerate(blobs):
-        shards[RECIPIENT_SHARD.format(i)] = blob
-    return shards
+def _list_key(rl: dict[str, Any], domain: str) -> str | None:
+    """What identifies a RecipientList's addresses in the API server: uid and
+    generation (which moves with every spec change); offline objects have none."""
+    meta = rl["metadata"]
+    uid, generation = meta.get("uid"), meta.get("generation")
+    if not uid or generation is None:
+        return None
+    return f"{uid}/{generation}/{domain}"
 
 
-def _in_domain(address: str, domain: str) -> bool:
-    return address.rpartition("@")[2] == domain
+def _list_part(rl: dict[str, Any], domain: str, cache: RenderCache | None) -> ListPart:
+    key = _list_key(rl, domain)
+    if cache is not None and key is not None and key in cache.lists:
+        return cache.lists[key]
+    return list_part(key, rl["spec"]["addresses"], domain)
 
 
-def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
-    """The configuration files of one MailRelay, and the verdicts behind them."""
+def render_relay(
+    relay: dict[str, Any], inv: Inventory, cache: RenderCache | None = None
+) -> Rendered:
+    """The configuration files of one MailRelay, and the verdicts behind them.
+
+    With a cache (the operator keeps one per relay), unchanged RecipientLists
+    and recipient shards are reused from the previous render; the files are
+    the same as without one.
+    """
     attached, verdicts = attach_domains(relay, inv)
     by_key = {(_ns(d), _name(d)): d for d in attached}
     verdict_of = {(v.namespace, v.name): v for v in verdicts}
-    listed: set[str] = set()
     list_verdicts: list[RecipientListVerdict] = []
-    per_domain: dict[tuple[str, str], set[str]] = {k: set() for k in by_key}
+    per_domain: dict[tuple[str, str], list[ListPart]] = {k: [] for k in by_key}
+    used: dict[str, ListPart] = {}
+    all_domains: set[tuple[str, str]] | None = None  # built when first needed
     for rl in inv.recipient_lists:
         key = (_ns(rl), str(rl["spec"]["domainRef"]["name"]))
         dom = by_key.get(key)
@@ -219,7 +205,9 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
             v = verdict_of.get(key)
             if v is None:
                 # It belongs to another relay's domain, or to none at all.
-                if not any((_ns(d), _name(d)) == key for d in inv.domains):
+                if all_domains is None:
+                    all_domains = {(_ns(d), _name(d)) for d in inv.domains}
+                if key not in all_domains:
                     list_verdicts.append(
                         RecipientListVerdict(
                             _ns(rl),
@@ -241,10 +229,11 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
             )
             continue
         domain = str(dom["spec"]["domain"]).lower().rstrip(".")
-        addrs = [str(a).lower() for a in rl["spec"]["addresses"]]
-        ours = [a for a in addrs if _in_domain(a, domain)]
-        foreign = len(addrs) - len(ours)
-        per_domain[key].update(ours)
+        part = _list_part(rl, domain, cache)
+        if part.key is not None:
+            used[part.key] = part
+        per_domain[key].append(part)
+        foreign = part.foreign
         list_verdicts.append(
             RecipientListVerdict(
                 _ns(rl),
@@ -252,10 +241,11 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
                 True,
                 "ForeignAddresses" if foreign else "Accepted",
                 f"{foreign} address(es) not in {domain} ignored" if foreign else "",
-                len(ours),
+                part.in_domain,
             )
         )
 
+    listed: list[ListPart] = []
     domains_doc = []
     for dom in sorted(attached, key=lambda d: str(d["spec"]["domain"]).lower()):
         key = (_ns(dom), _name(dom))
@@ -263,9 +253,10 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
         domain = str(spec["domain"]).lower().rstrip(".")
         v = verdict_of[key]
         if spec["recipients"] == "listed":
-            listed |= per_domain[key]
-            v.recipients = len(per_domain[key])
-            if not per_domain[key]:
+            parts = per_domain[key]
+            listed.extend(parts)
+            v.recipients = _distinct(parts)
+            if not v.recipients:
                 v.reason = "NoRecipients"
                 v.message = "recipients: listed and no RecipientList: every address is refused"
         domains_doc.append(
@@ -277,7 +268,10 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
             }
         )
 
-    shards = _recipient_shards(sorted(listed))
+    shards = render_shards(listed, cache)
+    if cache is not None:
+        used.update((p.key, p) for p in shards.parts if p.key is not None)
+        cache.lists = used
     policy = {k: v for k, v in relay["spec"].items() if k not in ("replicas", "storage", "image")}
     relay_doc = {
         "format": CONFIG_FORMAT,
@@ -286,10 +280,15 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
     }
     files: dict[str, bytes] = {
         RELAY_FILE: _json(relay_doc),
-        DOMAINS_FILE: _json(
-            {"format": CONFIG_FORMAT, "domains": domains_doc, "recipientFiles": sorted(shards)}
+        DOMAINS_FILE: _domains_json(
+            {
+                "format": CONFIG_FORMAT,
+                "domains": domains_doc,
+                "recipientFiles": sorted(shards.files),
+            },
+            cache,
         ),
-        **shards,
+        **shards.files,
     }
     return Rendered(
         namespace=_ns(relay),
@@ -297,12 +296,30 @@ def render_relay(relay: dict[str, Any], inv: Inventory) -> Rendered:
         files=files,
         domains=verdicts,
         recipient_lists=list_verdicts,
-        recipients=len(listed),
+        recipients=shards.recipients,
     )
+
+
+def _distinct(parts: list[ListPart]) -> int:
+    """Addresses of a domain's lists, each counted once."""
+    if len(parts) == 1:
+        return parts[0].distinct
+    return len({a for p in parts for a in p.addresses()})
 
 
 def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _domains_json(doc: dict[str, Any], cache: RenderCache | None) -> bytes:
+    # Indented JSON takes the pure-Python encoder (~0.2 s for 10,000 domains);
+    # the compact C-encoded form tells whether the last one can be reused.
+    if cache is None:
+        return _json(doc)
+    compact = json.dumps(doc, sort_keys=True)
+    if cache.domains_json is None or cache.domains_json[0] != compact:
+        cache.domains_json = (compact, _json(doc))
+    return cache.domains_json[1]
 
 
 def cross_reference_errors(inv: Inventory) -> list[str]:

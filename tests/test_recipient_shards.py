@@ -1,0 +1,215 @@
+"""Recipient shards: spread by a stable hash, rendered incrementally with a cache."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from typing import Any
+
+import pytest
+
+from relay.manifests import shards
+from relay.manifests.load import Inventory
+from relay.manifests.render import DOMAINS_FILE, RenderCache, Rendered, render_relay
+from relay.manifests.validate import with_defaults
+
+
+def relay() -> dict[str, Any]:
+    return with_defaults(
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "MailRelay",
+            "metadata": {"name": "edge", "namespace": "mail"},
+            "spec": {"hostname": "mx.example.net"},
+        }
+    )
+
+
+def domain(i: int, recipients: str = "listed") -> dict[str, Any]:
+    return with_defaults(
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": f"d{i}", "namespace": "mail", "uid": f"dom-{i}", "generation": 1},
+            "spec": {
+                "domain": f"d{i}.example",
+                "relayRef": {"name": "edge"},
+                "nextHop": {"host": "127.0.0.1"},
+                "recipients": recipients,
+            },
+        }
+    )
+
+
+def recipient_list(
+    i: int, addresses: list[str], generation: int = 1, name: str = "staff"
+) -> dict[str, Any]:
+    return with_defaults(
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "RecipientList",
+            "metadata": {
+                "name": f"d{i}-{name}",
+                "namespace": "mail",
+                "uid": f"list-{i}-{name}",
+                "generation": generation,
+            },
+            "spec": {"domainRef": {"name": f"d{i}"}, "addresses": addresses},
+        }
+    )
+
+
+def users(i: int, n: int) -> list[str]:
+    return [f"user{j}@d{i}.example" for j in range(n)]
+
+
+def inventory(domains: int = 4, per_list: int = 300) -> Inventory:
+    return Inventory(
+        relays=[relay()],
+        domains=[domain(i) for i in range(domains)],
+        recipient_lists=[recipient_list(i, users(i, per_list)) for i in range(domains)],
+    )
+
+
+def shard_files(rendered: Rendered) -> dict[str, list[str]]:
+    return {
+        name: gzip.decompress(blob).decode().splitlines()
+        for name, blob in rendered.files.items()
+        if name.startswith("recipients-")
+    }
+
+
+@pytest.fixture
+def small_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of 2 KB, so a few hundred addresses need several."""
+    monkeypatch.setattr(shards, "SHARD_RAW_BYTES", 2048)
+
+
+def test_small_installs_get_one_shard() -> None:
+    rendered = render_relay(relay(), inventory(domains=2, per_list=3))
+    files = shard_files(rendered)
+    assert list(files) == ["recipients-0000.txt.gz"]
+    assert files["recipients-0000.txt.gz"] == sorted(users(0, 3) + users(1, 3))
+    assert rendered.recipients == 6
+
+
+def test_no_listed_addresses_no_shards() -> None:
+    rendered = render_relay(relay(), Inventory(relays=[relay()], domains=[domain(0)]))
+    assert shard_files(rendered) == {}
+    assert json.loads(rendered.files[DOMAINS_FILE])["recipientFiles"] == []
+
+
+def test_addresses_spread_by_their_hash(small_shards: None) -> None:
+    rendered = render_relay(relay(), inventory())
+    files = shard_files(rendered)
+    count = len(files)
+    assert count == shards.shard_count(sum(len(a) + 1 for i in range(4) for a in users(i, 300)))
+    assert count > 1 and count & (count - 1) == 0
+    assert json.loads(rendered.files[DOMAINS_FILE])["recipientFiles"] == sorted(files)
+    seen = []
+    for name, lines in files.items():
+        assert lines == sorted(set(lines))
+        assert all(shards.RECIPIENT_SHARD.format(shards.shard_of(a, count)) == name for a in lines)
+        seen += lines
+    assert sorted(seen) == sorted(a for i in range(4) for a in users(i, 300))
+    assert rendered.recipients == 1200
+
+
+def test_one_added_address_changes_one_shard(small_shards: None) -> None:
+    inv = inventory()
+    before = render_relay(relay(), inv)
+    inv.recipient_lists[2] = recipient_list(2, [*users(2, 300), "late@d2.example"], generation=2)
+    after = render_relay(relay(), inv)
+    changed = sorted(n for n in after.files if after.files[n] != before.files.get(n))
+    assert set(after.files) == set(before.files)
+    count = len(shard_files(after))
+    assert changed == [shards.RECIPIENT_SHARD.format(shards.shard_of("late@d2.example", count))]
+    assert after.recipients == before.recipients + 1
+
+
+def test_the_files_do_not_depend_on_list_order(small_shards: None) -> None:
+    inv = inventory()
+    # One address in two lists of its domain, one upper-cased and one foreign.
+    inv.recipient_lists.append(
+        recipient_list(1, ["USER7@D1.example", "new@d1.example", "x@other.example"], name="more")
+    )
+    forward = render_relay(relay(), inv)
+    inv.recipient_lists.reverse()
+    backward = render_relay(relay(), inv)
+    assert forward.files == backward.files
+    assert forward.recipients == 1201
+    counts = {v.name: v.recipients for v in forward.domains}
+    assert counts["d1"] == 301
+    more = next(v for v in forward.recipient_lists if v.name == "d1-more")
+    assert (more.reason, more.addresses) == ("ForeignAddresses", 2)
+
+
+def test_an_oversized_shard_doubles_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards, "SHARD_MAX_BYTES", 600)
+    rendered = render_relay(relay(), inventory())
+    sizes = [len(b) for n, b in rendered.files.items() if n.startswith("recipients-")]
+    assert len(sizes) > 1 and max(sizes) <= 600
+    assert rendered.recipients == 1200
+
+
+def test_the_cache_gives_the_same_files(small_shards: None) -> None:
+    cache = RenderCache()
+    inv = inventory()
+    steps = [
+        lambda: None,
+        lambda: inv.recipient_lists.__setitem__(
+            0, recipient_list(0, [*users(0, 300), "late@d0.example"], generation=2)
+        ),
+        lambda: inv.recipient_lists.__setitem__(1, recipient_list(1, users(1, 20), generation=2)),
+        lambda: inv.domains.__setitem__(3, domain(3, recipients="any")),
+        lambda: inv.recipient_lists.pop(2),
+        # Past a power of two: every shard is split again.
+        lambda: inv.recipient_lists.append(recipient_list(9, users(9, 2000), name="big")),
+        lambda: inv.domains.append(domain(9)),
+    ]
+    counts = set()
+    for step in steps:
+        step()
+        cached = render_relay(relay(), copy.deepcopy(inv), cache)
+        counts.add(len(shard_files(cached)))
+        fresh = render_relay(relay(), copy.deepcopy(inv))
+        assert cached.files == fresh.files
+        assert cached.recipients == fresh.recipients
+        assert cached.domains == fresh.domains
+        assert cached.recipient_lists == fresh.recipient_lists
+    assert len(counts) > 1
+
+
+def test_the_cache_gzips_only_changed_shards(
+    small_shards: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compressed: list[int] = []
+    real = gzip.compress
+
+    def counting(data: bytes, *args: Any, **kwargs: Any) -> bytes:
+        compressed.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(shards.gzip, "compress", counting)
+    cache = RenderCache()
+    inv = inventory()
+    first = render_relay(relay(), inv, cache)
+    assert len(compressed) == len(shard_files(first)) > 1
+    compressed.clear()
+    render_relay(relay(), inv, cache)
+    assert compressed == []
+    inv.recipient_lists[1] = recipient_list(1, [*users(1, 300), "late@d1.example"], generation=2)
+    render_relay(relay(), inv, cache)
+    assert len(compressed) == 1
+
+
+def test_lists_without_identity_are_not_cached(small_shards: None) -> None:
+    """Offline manifests have no uid: a changed list must never hit a stale entry."""
+    cache = RenderCache()
+    inv = inventory()
+    for rl in inv.recipient_lists:
+        del rl["metadata"]["uid"]
+    render_relay(relay(), inv, cache)
+    inv.recipient_lists[0]["spec"]["addresses"].append("late@d0.example")
+    assert render_relay(relay(), inv, cache).recipients == 1201
