@@ -24,7 +24,7 @@ from mailrelay_operator import certificate, naming, status
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.kubeapi import KubeApi, KubeError, object_path, resource_path
-from relay.manifests.render import Rendered, render_relay
+from relay.manifests.render import RenderCache, Rendered, render_relay
 
 log = logging.getLogger("mailrelay.operator")
 
@@ -55,6 +55,9 @@ class RelayMemory:
     uid: str = ""
     generation: int = -1
     rendered: Rendered | None = None
+    # Unchanged RecipientLists and recipient shards from the last render: one
+    # added address re-renders one shard, not a million addresses.
+    render_cache: RenderCache = field(default_factory=RenderCache)
     child_names: set[tuple[str, str, str]] | None = None  # (apiVersion, kind, name) applied
     recreating: str = ""
     recreated: tuple[int, str] | None = None  # (generation, message)
@@ -325,7 +328,7 @@ class Reconciler:
         if render or mem.rendered is None or mem.generation != gen:
             inventory = view.inventory()
             started = time.monotonic()
-            mem.rendered = await asyncio.to_thread(render_relay, relay, inventory)
+            mem.rendered = await asyncio.to_thread(render_relay, relay, inventory, mem.render_cache)
             mem.generation = gen
             log.info(
                 "rendered MailRelay %s/%s: %d domains, %d recipients, %d files in %.2fs",
