@@ -6,7 +6,7 @@ from typing import Any, cast
 
 import kopf
 
-from mailrelay_operator import certificate, configmaps, pdb, services, statefulset
+from mailrelay_operator import certificate, configmaps, handover, pdb, services, statefulset
 from relay.manifests.render import Rendered
 
 
@@ -17,9 +17,16 @@ def owned(child: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:
 
 
 def desired_children(
-    relay: dict[str, Any], rendered: Rendered, image: str, cert_manager: bool
+    relay: dict[str, Any],
+    rendered: Rendered,
+    image: str,
+    cert_manager: bool,
+    handover_key: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The children in apply order: configuration first, then the pods that read it."""
+    """The children in apply order: configuration first, then the pods that read it.
+
+    handover_key: the relay's handover Secret is among them (the reconciler
+    always has one; the golden tests leave it out, it is random)."""
     tls = certificate.wants_tls(relay) and (
         cert_manager or not certificate.wants_certificate(relay)
     )
@@ -27,11 +34,17 @@ def desired_children(
     children = [configmaps.config_config_map(relay, rendered), *shards]
     if certificate.wants_certificate(relay) and cert_manager:
         children.append(certificate.certificate(relay))
+    if handover_key:
+        children.append(handover.handover_secret(relay, handover_key))
+    opts = statefulset.PodOptions(
+        image=image,
+        shards=len(shards),
+        tls=tls,
+        handover_hash=handover.key_hash(handover_key) if handover_key else "",
+    )
     children += [
         services.headless_service(relay),
-        statefulset.statefulset(
-            relay, statefulset.PodOptions(image=image, shards=len(shards), tls=tls)
-        ),
+        statefulset.statefulset(relay, opts),
         *services.mx_services(relay),
         pdb.pod_disruption_budget(relay),
     ]

@@ -25,6 +25,7 @@ from mailrelay_operator.naming import FIELD_MANAGER
 PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
+    ("v1", "Secret"): "secrets",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("cert-manager.io/v1", "Certificate"): "certificates",

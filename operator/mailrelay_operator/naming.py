@@ -13,6 +13,8 @@ MANAGED_BY = "mailrelay-operator"
 FINALIZER = "mailrelay.io/finalizer"
 ANNOTATION_PREFIX = "mailrelay.io"
 RESTART_HASH_ANNOTATION = "mailrelay.io/restart-hash"
+# The handover secret the pods read at start: a new one rolls them.
+HANDOVER_HASH_ANNOTATION = "mailrelay.io/handover-secret-hash"
 MX_PRIORITY_LABEL = "mailrelay.io/mx-priority"
 SHARD_LABEL = "mailrelay.io/shard"
 
@@ -25,9 +27,12 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 CONFIG_DIR = "/etc/mailrelay/config"
 QUEUE_DIR = "/var/spool/mailrelay"
 TLS_DIR = "/etc/mailrelay/tls"
+HANDOVER_DIR = "/etc/mailrelay/handover"
+HANDOVER_SECRET_KEY = "secret"
 SMTP_PORT = 2525
 PROXY_PORT = 10025
-METRICS_PORT = 9125
+METRICS_PORT = 9125  # also /queue and POST /drain (relay.control)
+HANDOVER_PORT = 10026  # peer pods hand their queue over here (relay.handover)
 SERVICE_PORT = 25
 RELAY_UID = 10025
 DEFAULT_RELAY_IMAGE = "ghcr.io/mailrelay/mailrelay:0.1.0"
@@ -91,6 +96,20 @@ def headless_service_name(relay: dict[str, Any]) -> str:
 
 def pdb_name(relay: dict[str, Any]) -> str:
     return relay_name(relay)
+
+
+def handover_secret_name(relay: dict[str, Any]) -> str:
+    return f"{relay_name(relay)}-handover"
+
+
+def pod_name(relay: dict[str, Any], ordinal: int) -> str:
+    return f"{statefulset_name(relay)}-{ordinal}"
+
+
+def pod_host(relay: dict[str, Any], ordinal: int) -> str:
+    """The pod's DNS name through the headless Service (it publishes pods
+    that are not ready too: a draining pod must stay reachable)."""
+    return f"{pod_name(relay, ordinal)}.{headless_service_name(relay)}.{relay_namespace(relay)}.svc"
 
 
 def certificate_name(relay: dict[str, Any]) -> str:

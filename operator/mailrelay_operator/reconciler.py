@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailrelay_operator import certificate, naming, status
+from mailrelay_operator import certificate, handover, naming, pods, scaledown, status
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.kubeapi import KubeApi, KubeError, object_path, resource_path
@@ -64,6 +64,8 @@ class RelayMemory:
     replicas: int = 0
     ready_replicas: int = 0
     failures: int = 0  # passes in a row that could not apply everything
+    handover_key: str | None = None  # the key of the relay's handover Secret
+    drain: scaledown.DrainMemory = field(default_factory=scaledown.DrainMemory)
 
 
 @dataclass
@@ -76,6 +78,10 @@ class Reconciler:
     retry_seconds: float = 2.0
 
     namespaces: tuple[str, ...] = ()  # served namespaces; empty = all
+    # Where the relay pods are (tests map them to 127.0.0.x processes).
+    pod_address: pods.PodAddresser = pods.cluster_address
+    pod_client: pods.PodClient = field(default_factory=pods.PodClient)
+    drain_poll_seconds: float = scaledown.POLL_SECONDS
 
     # RelayDomains and RecipientLists (trimmed, defaulted): listed by seed(),
     # kept current by the event handlers.
@@ -181,6 +187,8 @@ class Reconciler:
         key = self._owner_key(body)
         if key is None:
             return
+        if not deleted:
+            self.child_event(body, deleted)
         mem = self.relays.setdefault(key, RelayMemory())
         st = body.get("status") or {}
         replicas, ready = int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0)
@@ -191,10 +199,41 @@ class Reconciler:
             mem.replicas, mem.ready_replicas = replicas, ready
             self.mark(key, render=False)
 
+    def child_event(self, body: dict[str, Any], deleted: bool) -> None:
+        """A child deleted, or changed by another field manager: apply it again now
+        (not at the next resync). Our own writes are recognised by managedFields."""
+        key = self._owner_key(body)
+        if key is None or not body.get("kind"):
+            return
+        meta = body.get("metadata") or {}
+        path = object_path(body)
+        if deleted:
+            log.info("%s %s/%s deleted: applying it again", body["kind"], *key_of(body))
+            self.applied.pop(path, None)
+            self.mark(key, render=False)
+            return
+        others = sorted(
+            {
+                str(m.get("manager"))
+                for m in meta.get("managedFields") or []
+                if m.get("manager") != naming.FIELD_MANAGER and m.get("subresource") != "status"
+            }
+        )
+        if others and self.applied.pop(path, None) is not None:
+            log.info(
+                "%s %s/%s also written by %s: applying ours again",
+                body["kind"],
+                *key_of(body),
+                ", ".join(others),
+            )
+            self.mark(key, render=False)
+
     def service_event(self, body: dict[str, Any], deleted: bool) -> None:
         key = self._owner_key(body)
         if key is None:
             return
+        if not deleted:
+            self.child_event(body, deleted)
         skey = (key[0], str(body["metadata"]["name"]))
         ready = not deleted and status.service_has_address(body)
         if deleted:
@@ -219,6 +258,7 @@ class Reconciler:
         finally:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            await self.pod_client.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -346,9 +386,21 @@ class Reconciler:
         if certificate.wants_certificate(relay):
             await self._check_cert_manager()
             obs.cert_manager_missing = self.cert_manager is False
-        children = desired_children(relay, rendered, self.image, self.cert_manager is not False)
+        if mem.handover_key is None:
+            found = await self.api.get(
+                resource_path(
+                    "v1",
+                    "Secret",
+                    naming.relay_namespace(relay),
+                    naming.handover_secret_name(relay),
+                )
+            )
+            mem.handover_key = handover.key_of(found) or handover.new_key()
+        children = desired_children(
+            relay, rendered, self.image, self.cert_manager is not False, mem.handover_key
+        )
         try:
-            await self._apply_children(key, mem, children, obs)
+            await self._apply_children(key, mem, children, obs, relay)
             await self._prune(relay, mem, children)
             mem.failures = 0
         except KubeError as e:
@@ -359,6 +411,7 @@ class Reconciler:
         if mem.recreated and mem.recreated[0] == gen:
             obs.recreated = mem.recreated[1]
         obs.recreating = mem.recreating
+        obs.scale_down = mem.drain.condition
         obs.replicas, obs.ready_replicas = mem.replicas, mem.ready_replicas
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
@@ -397,9 +450,14 @@ class Reconciler:
         mem: RelayMemory,
         children: list[dict[str, Any]],
         obs: status.RelayObservation,
+        relay: dict[str, Any],
     ) -> None:
         for child in children:
             path = object_path(child)
+            if child["kind"] == "StatefulSet" and (
+                mem.drain.active or self.applied.get(path) != digest(child)
+            ):
+                child = await self._scale_down(key, relay, mem, child)
             want = digest(child)
             if self.applied.get(path) == want:
                 continue
@@ -418,6 +476,25 @@ class Reconciler:
                         continue
                     raise
             self.applied[path] = want
+
+    async def _scale_down(
+        self, key: Key, relay: dict[str, Any], mem: RelayMemory, sts: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The StatefulSet to apply: fewer replicas only once the leaving pods are drained."""
+        found = await self.api.get(object_path(sts))
+        current = None
+        if found is not None and not found["metadata"].get("deletionTimestamp"):
+            current = int((found.get("spec") or {}).get("replicas") or 0)
+        want = int(sts["spec"]["replicas"])
+        assert mem.handover_key is not None
+        planner = scaledown.ScaleDown(self.pod_address, self.pod_client, self.drain_poll_seconds)
+        plan = await planner.plan(relay, current, want, mem.handover_key, mem.drain)
+        if plan.poll:
+            asyncio.get_running_loop().call_later(self.drain_poll_seconds, self.mark, key, False)
+        if plan.replicas == want:
+            return sts
+        held = {**sts, "spec": {**sts["spec"], "replicas": plan.replicas}}
+        return held
 
     async def _apply_statefulset(self, key: Key, mem: RelayMemory, sts: dict[str, Any]) -> bool:
         """Applies the StatefulSet; orphan-deletes and recreates it on an immutable change.

@@ -22,9 +22,24 @@ def headless_service(relay: dict[str, Any]) -> dict[str, Any]:
         },
         "spec": {
             "clusterIP": "None",
+            # A draining pod is not ready (it refuses mail) but must keep its
+            # DNS name: the operator asks it for its queue, peers take its mail.
+            "publishNotReadyAddresses": True,
             "selector": naming.pod_selector(relay),
             "ports": [
-                {"name": "smtp", "port": naming.SMTP_PORT, "targetPort": "smtp", "protocol": "TCP"}
+                {"name": "smtp", "port": naming.SMTP_PORT, "targetPort": "smtp", "protocol": "TCP"},
+                {
+                    "name": "metrics",
+                    "port": naming.METRICS_PORT,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                },
+                {
+                    "name": "handover",
+                    "port": naming.HANDOVER_PORT,
+                    "targetPort": "handover",
+                    "protocol": "TCP",
+                },
             ],
         },
     }

@@ -18,7 +18,15 @@ SHARD_SLOT_STEP = 32
 # relay.json, domains.json and the recipient shards is reloaded live. A change
 # here rolls the pods through the restart-hash annotation.
 RESTART_POLICY_KEYS: tuple[str, ...] = ("proxyProtocol",)
+# On SIGTERM the relay answers 421 to new sessions, gives open ones
+# SHUTDOWN_GRACE_SECONDS to finish, then up to DELIVERY_STOP_SECONDS to the
+# deliveries under way (relay.server, relay.delivery.stop); mail still queued
+# stays on the pod's volume and the next pod on it resumes it. The kubelet's
+# grace period covers all of that with a margin, so SIGKILL never cuts it short.
+SHUTDOWN_GRACE_SECONDS = 25
+DELIVERY_STOP_SECONDS = 10
 TERMINATION_GRACE_SECONDS = 60
+assert TERMINATION_GRACE_SECONDS >= SHUTDOWN_GRACE_SECONDS + DELIVERY_STOP_SECONDS + 15
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class PodOptions:
     image: str
     shards: int = 0  # recipient shards rendered now
     tls: bool = False  # mount the TLS Secret and pass --tls-dir
+    handover_hash: str = ""  # of the handover Secret's key (rolls the pods when it changes)
 
 
 def shard_slots(shards: int) -> int:
@@ -53,6 +62,10 @@ def relay_command(relay: dict[str, Any], tls: bool) -> list[str]:
         f"0.0.0.0:{naming.SMTP_PORT}",
         "--metrics-listen",
         f"0.0.0.0:{naming.METRICS_PORT}",
+        "--handover-listen",
+        f"0.0.0.0:{naming.HANDOVER_PORT}",
+        "--handover-secret-file",
+        f"{naming.HANDOVER_DIR}/{naming.HANDOVER_SECRET_KEY}",
     ]
     if tls:
         cmd += ["--tls-dir", naming.TLS_DIR]
@@ -110,14 +123,20 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
     if proxy:
         ports.append({"name": "smtp-proxy", "containerPort": naming.PROXY_PORT, "protocol": "TCP"})
     ports.append({"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"})
+    ports.append({"name": "handover", "containerPort": naming.HANDOVER_PORT, "protocol": "TCP"})
     mounts = [
         {"name": "config", "mountPath": naming.CONFIG_DIR, "readOnly": True},
         {"name": "queue", "mountPath": naming.QUEUE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "handover", "mountPath": naming.HANDOVER_DIR, "readOnly": True},
     ]
     volumes: list[dict[str, Any]] = [
         config_volume(relay, opts.shards),
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        {
+            "name": "handover",
+            "secret": {"secretName": naming.handover_secret_name(relay), "defaultMode": 0o400},
+        },
     ]
     if opts.tls:
         mounts.append({"name": "tls", "mountPath": naming.TLS_DIR, "readOnly": True})
@@ -140,7 +159,10 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
         "image": spec.get("image") or opts.image,
         "command": relay_command(relay, opts.tls),
         "ports": ports,
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "env": [
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "MAILRELAY_SHUTDOWN_GRACE", "value": str(SHUTDOWN_GRACE_SECONDS)},
+        ],
         "volumeMounts": mounts,
         # The relay may load a large recipient table first: give it time.
         "startupProbe": {**_probe(relay), "periodSeconds": 5, "failureThreshold": 60},
@@ -180,12 +202,19 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": {**selector, naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
-                    "annotations": {naming.RESTART_HASH_ANNOTATION: restart_hash(relay)},
+                    "annotations": {
+                        naming.RESTART_HASH_ANNOTATION: restart_hash(relay),
+                        **(
+                            {naming.HANDOVER_HASH_ANNOTATION: opts.handover_hash}
+                            if opts.handover_hash
+                            else {}
+                        ),
+                    },
                 },
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    # Long enough to finish SMTP sessions and close the queue files.
+                    # Long enough for the relay's own shutdown (see above).
                     "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
                     "securityContext": {
                         "runAsNonRoot": True,

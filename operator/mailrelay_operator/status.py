@@ -147,6 +147,7 @@ class RelayObservation:
     domains: int = 0
     recipients: int = 0
     mx_records: tuple[list[str], int] = ([], 0)
+    scale_down: Condition | None = None  # ScalingDown (scaledown.py), once there was one
 
 
 def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> dict[str, Any]:
@@ -185,6 +186,8 @@ def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> 
             wanted.append(Condition("TLS", True, "CertificateRequested", "Certificate applied"))
     elif tls.get("secretName"):
         wanted.append(Condition("TLS", True, "SecretProvided", f"Secret {tls['secretName']}"))
+    if obs.scale_down is not None:
+        wanted.append(obs.scale_down)
     current = (relay.get("status") or {}).get("conditions")
     lines, omitted = obs.mx_records
     out: dict[str, Any] = {

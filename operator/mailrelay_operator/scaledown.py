@@ -1,0 +1,187 @@
+"""Safe scale-down: the StatefulSet shrinks only once the leaving pods' queues are empty.
+
+When spec.replicas goes below what the StatefulSet has, the reconciler keeps
+the StatefulSet's replicas where they are and, on every pass (every
+POLL_SECONDS while it lasts), asks each leaving pod (ordinals want..current-1)
+to drain towards the pods that stay (relay.control POST /drain, a lease
+renewed on each pass). The leaving pods stop taking mail, deliver what they
+can and hand the rest over (relay.drain). Once every leaving pod reports an
+empty queue after the drain settled, the StatefulSet gets the new replicas
+and the StatefulSet controller removes the pods, whose volumes are empty.
+
+The MailRelay's status says what is going on: condition ScalingDown
+True/Draining (and what each leaving pod still holds), then False/Drained.
+Past spec.scaleDown.drainTimeout: True/DrainTimedOut and the pods stay
+(onTimeout: Wait), or they go anyway and the condition says what they left
+on their retained volumes (onTimeout: Proceed). The drain's start is the
+condition's lastTransitionTime, so an operator restart does not reset it.
+A scale-down called off (replicas back up) ends the drains it started.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailrelay_operator import naming
+from mailrelay_operator.pods import PodAddresser, PodClient, PodError
+from mailrelay_operator.status import Condition
+from relay.config import parse_duration
+
+log = logging.getLogger("mailrelay.operator")
+
+CONDITION = "ScalingDown"
+POLL_SECONDS = 2.0
+DEFAULT_TIMEOUT = "15m"
+
+
+@dataclass
+class DrainMemory:
+    """What the reconciler remembers of a relay's scale-down between passes."""
+
+    asked: set[int] = field(default_factory=set)  # ordinals told to drain
+    active: bool = False  # a scale-down is waiting for queues
+    condition: Condition | None = None  # the last ScalingDown condition
+
+
+@dataclass
+class Plan:
+    replicas: int  # what the StatefulSet gets now
+    poll: bool  # look again in POLL_SECONDS
+
+
+def _since(relay: dict[str, Any]) -> float | None:
+    """When the current drain began: the ScalingDown=True condition's transition time."""
+    for c in (relay.get("status") or {}).get("conditions") or []:
+        if c.get("type") == CONDITION and c.get("status") == "True":
+            try:
+                at = datetime.datetime.strptime(c["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ")
+            except (KeyError, ValueError):
+                return None
+            return at.replace(tzinfo=datetime.UTC).timestamp()
+    return None
+
+
+def _describe(name: str, state: dict[str, Any]) -> str:
+    states = state.get("states") or {}
+    held = int(state.get("messages") or 0) + int(state.get("incoming") or 0)
+    if held == 0:
+        return f"{name}: queue empty" + ("" if state.get("settled") else " (settling)")
+    parts = [f"{states[s]} {s}" for s in ("active", "deferred", "hold") if states.get(s)]
+    return f"{name}: {held} messages waiting ({', '.join(parts) or 'being received'})"
+
+
+@dataclass
+class ScaleDown:
+    addresser: PodAddresser
+    client: PodClient
+    poll_seconds: float = POLL_SECONDS
+
+    async def plan(
+        self,
+        relay: dict[str, Any],
+        current: int | None,
+        want: int,
+        key: str,
+        mem: DrainMemory,
+    ) -> Plan:
+        if current is None or want >= current:
+            await self._call_off(relay, want, key, mem)
+            return Plan(want, poll=False)
+        if not mem.active:
+            log.info(
+                "MailRelay %s/%s: scaling down from %d to %d: draining pods %s",
+                naming.relay_namespace(relay),
+                naming.relay_name(relay),
+                current,
+                want,
+                ", ".join(naming.pod_name(relay, o) for o in range(want, current)),
+            )
+        mem.active = True
+        # Pods no longer leaving (the target went up again meanwhile) take mail again.
+        await self._undrain(relay, key, mem, [o for o in mem.asked if o < want])
+        peers = [self.addresser(relay, o).handover for o in range(want)]
+        ttl = max(60.0, 10 * self.poll_seconds)
+        lines, drained = [], True
+        for ordinal in range(want, current):
+            name = naming.pod_name(relay, ordinal)
+            try:
+                state = await self.client.drain(self.addresser(relay, ordinal), key, peers, ttl)
+            except PodError as e:
+                drained = False
+                lines.append(f"{name}: unreachable ({e})")
+                continue
+            mem.asked.add(ordinal)
+            lines.append(_describe(name, state))
+            empty = not int(state.get("messages") or 0) and not int(state.get("incoming") or 0)
+            drained = drained and empty and bool(state.get("settled"))
+        leaving = ", ".join(naming.pod_name(relay, o) for o in range(want, current))
+        target = f"{current} -> {want} replicas"
+        if drained:
+            mem.active, mem.asked = False, set()
+            mem.condition = Condition(
+                CONDITION,
+                False,
+                "Drained",
+                f"{target}: {leaving} drained (queue empty); the StatefulSet has {want} replicas",
+            )
+            log.info("MailRelay %s: %s", naming.relay_name(relay), mem.condition.message)
+            return Plan(want, poll=False)
+        spec = relay["spec"].get("scaleDown") or {}
+        timeout = parse_duration(str(spec.get("drainTimeout") or DEFAULT_TIMEOUT))
+        since = _since(relay) or time.time()
+        waited = time.time() - since
+        where = (
+            f"handing over to {', '.join(naming.pod_name(relay, o) for o in range(want))}"
+            if want
+            else "no pod stays to take mail: delivering only"
+        )
+        if waited >= timeout:
+            if spec.get("onTimeout") == "Proceed":
+                mem.active, mem.asked = False, set()
+                mem.condition = Condition(
+                    CONDITION,
+                    False,
+                    "DrainTimedOut",
+                    f"{target}: drainTimeout ({spec.get('drainTimeout')}) passed, removed "
+                    f"anyway (onTimeout: Proceed); left on their retained volumes: "
+                    + "; ".join(lines),
+                )
+                log.warning("MailRelay %s: %s", naming.relay_name(relay), mem.condition.message)
+                return Plan(want, poll=False)
+            mem.condition = Condition(
+                CONDITION,
+                True,
+                "DrainTimedOut",
+                f"{target} waits past drainTimeout ({spec.get('drainTimeout')}), "
+                f"onTimeout: Wait; {where}: " + "; ".join(lines),
+            )
+        else:
+            mem.condition = Condition(
+                CONDITION, True, "Draining", f"{target}; {where}: " + "; ".join(lines)
+            )
+        return Plan(current, poll=True)
+
+    async def _call_off(self, relay: dict[str, Any], want: int, key: str, mem: DrainMemory) -> None:
+        if mem.active:
+            mem.condition = Condition(
+                CONDITION, False, "Cancelled", f"spec.replicas is {want} again: drains ended"
+            )
+            log.info("MailRelay %s: scale-down called off", naming.relay_name(relay))
+        mem.active = False
+        await self._undrain(relay, key, mem, [o for o in mem.asked if o < want])
+        mem.asked = set()
+
+    async def _undrain(
+        self, relay: dict[str, Any], key: str, mem: DrainMemory, ordinals: list[int]
+    ) -> None:
+        for ordinal in ordinals:
+            try:
+                await self.client.drain(self.addresser(relay, ordinal), key, None, 0)
+            except PodError as e:
+                # Its drain lease runs out by itself.
+                log.info("ending the drain of %s: %s", naming.pod_name(relay, ordinal), e)
+            mem.asked.discard(ordinal)
