@@ -92,6 +92,7 @@ class Delivery:
         self._stopping = False
         self._recovered = False
         self._flush_seen = 0.0
+        self._flush_checked = float("-inf")
         self._last_scan = float("-inf")
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -180,7 +181,12 @@ class Delivery:
             self._wakeup.set()
 
     async def _tick(self) -> None:
-        flush_mark = await self.queue.run_io(self.queue.flush_marker_mtime_sync)
+        # The flush marker is polled once per poll interval, not at every
+        # wake-up (a pool job each time would cost more than the delivery).
+        flush_mark = self._flush_seen
+        if time.monotonic() - self._flush_checked >= self.poll_interval:
+            self._flush_checked = time.monotonic()
+            flush_mark = await self.queue.run_io(self.queue.flush_marker_mtime_sync)
         force = self._force_next_scan or flush_mark != self._flush_seen
         if flush_mark != self._flush_seen:
             log.info("queue flush requested")
@@ -239,7 +245,8 @@ class Delivery:
                 del self._inflight[queue_id]
             if not t.cancelled() and t.exception() is not None:
                 log.error("%s: delivery failed", queue_id, exc_info=t.exception())
-            self._poke()
+            if self._due:  # a freed slot matters only to messages waiting for one
+                self._poke()
 
         task.add_done_callback(done)
 
