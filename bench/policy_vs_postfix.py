@@ -553,10 +553,20 @@ def screen_counts(system: PolicySystem) -> tuple[int, int]:
     return last
 
 
+SENT: dict[str, int] = {}  # messages sent to each system so far (all are accepted)
+BACKLOG_TIMEOUT = 120.0
+
+
 def load(system: PolicySystem, dns: BenchDns, messages: int, size: int, sessions: int) -> PolicyRun:
     run = PolicyRun(system.name, messages, size, sessions, load_average=os.getloadavg()[0])
     sink = system.sink
-    target = sink.count + messages
+    # Every message of the earlier runs must be in first, or they would count for this one.
+    sent = SENT.get(system.name, 0)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: sink.count >= sent, BACKLOG_TIMEOUT, "earlier messages")
+    backlog = sent - sink.count
+    target = sent + messages
+    SENT[system.name] = target
     root = system.root_pid()
     new0, old0 = screen_counts(system)
     queries0, dns_cpu0 = dns.queries(), dns.cpu_seconds()
@@ -579,6 +589,9 @@ def load(system: PolicySystem, dns: BenchDns, messages: int, size: int, sessions
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
         run.ok = False
         run.error = str(e)[:500]
+    if backlog > 0:
+        run.ok = False
+        run.error = f"{backlog} messages of earlier runs had not arrived at the start; {run.error}"
     run.dns_cpu_seconds = dns.cpu_seconds() - dns_cpu0
     by_name = dns.queries() - queries0
     run.dns_queries = by_name.total()
@@ -639,7 +652,8 @@ def report(results: dict[str, Any]) -> str:
     }
     loads = [r.load_average for rs in runs.values() for r in rs]
     lines = [
-        f"Policy benchmark {results['started']} on {results['machine']}: smtp-source -> relay "
+        f"Policy benchmark {results['started']} (commit {results.get('commit', '?')}) on "
+        f"{results['machine']}: smtp-source -> relay "
         f"-> smtp-sink, {results['messages']} x {results['size']} B, {results['sessions']} "
         f"sessions from {CLIENT_IP}, {results['rounds']} interleaved runs after warm-up, "
         f"medians; mailrelay with {results['workers']} workers; the seed's full policy on "
@@ -766,6 +780,19 @@ def profile_mailrelay(args: argparse.Namespace) -> int:
     return 0
 
 
+def git_describe() -> str:
+    """The commit measured, and whether the working tree differed from it."""
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "relay"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head + (" (relay/ modified)" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -814,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "started": stamp,
         "machine": f"{os.cpu_count()} cores, {os.uname().release}",
+        "commit": git_describe(),
         "load_average_at_start": os.getloadavg(),
         "messages": args.messages,
         "size": args.size,
