@@ -886,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(summary)
         print(f"results: {out_dir}")
-        if args.keep:
+        failed = any(not r["ok"] for rs in results["runs"].values() for r in rs)
+        if args.keep or failed:  # a failed run's logs are worth reading
             print(f"scratch folder kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
