@@ -92,10 +92,21 @@ class ServerContext:
         self.shutting_down = False
         self._free_space_checked = 0.0
         self._free_space_ok = True
+        self._trusted: dict[str, bool] = {}  # client ip -> in mynetworks, for this config
+
+    def trusted(self, client_ip: str) -> bool:
+        """in_mynetworks, remembered per address until the configuration changes."""
+        known = self._trusted.get(client_ip)
+        if known is None:
+            if len(self._trusted) >= 4096:
+                self._trusted.clear()
+            known = self._trusted[client_ip] = in_mynetworks(self.config, client_ip)
+        return known
 
     def update_config(self, config: RelayConfig) -> None:
         """New sessions and new commands see the new configuration at once."""
         self.config = config
+        self._trusted = {}
         self.postscreen.update_config(config)
         self.dns_checks.update_config(config)
         self.spf.update_config(config)
@@ -219,16 +230,48 @@ class RelaySMTP(SMTP):
             local_ip=str(sock[0]),
             local_port=int(sock[1]),
         )
-        self.state.trusted = in_mynetworks(self.config, self.state.client_ip)
+        self.state.trusted = self.ctx.trusted(self.state.client_ip)
         self.ctx.sessions.add(self)
-        super().connection_made(transport)
+        # Reads of at most the StreamReader's window: asyncio's default (256 KB)
+        # makes every recv() allocate (mmap) and shrink a buffer that big.
+        if hasattr(transport, "max_size"):
+            transport.max_size = READ_LIMIT
+        # aiosmtpd's connection_made builds its own session object and logs;
+        # none of that is used here: only the stream plumbing is.
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        self._reset_timeout()
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.discard(self)
         if self._anvil_ip is not None:
             self.ctx.anvil.disconnect(self._anvil_ip)
             self._anvil_ip = None
-        super().connection_lost(error)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+            self._timeout_handle = None
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        self.transport = None
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Pushes the idle deadline back. Called for every command and DATA
+        chunk, so it only moves a number: the one timer of the session sees
+        the new deadline when it fires and sleeps again."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self._timeout_handle = None
+        if self.transport is None:
+            return
+        if self.loop.time() >= self._deadline:
+            self._timeout_cb()
+        else:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
 
     def eof_received(self) -> bool | None:
         """The client hung up (or half-closed). aiosmtpd's version cancels the
@@ -262,7 +305,8 @@ class RelaySMTP(SMTP):
 
     async def send_lines(self, lines: list[str]) -> None:
         self._writer.write("".join(line + "\r\n" for line in lines).encode())
-        await self._writer.drain()
+        if self._paused or self.transport is None or self.transport.is_closing():  # type: ignore[attr-defined]
+            await self._writer.drain()
 
     def close_with_nothing(self) -> None:
         self._closing = True
@@ -270,7 +314,16 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     async def reply(self, code: int, status: str, text: str, *, disconnect: bool = False) -> None:
-        await self.send(Reply(code, status, text, disconnect=disconnect))
+        if disconnect:
+            await self.send(Reply(code, status, text, disconnect=True))
+            return
+        # The common path, without a Reply object: same line as str(Reply).
+        if code >= 400:
+            self.state.errors += 1
+        line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
+        self._writer.write(line.encode("utf-8", "surrogateescape"))
+        if self._paused or self.transport is None or self.transport.is_closing():  # type: ignore[attr-defined]
+            await self._writer.drain()  # the client is not reading: wait for it
 
     # -- the command loop ----------------------------------------------------
 
