@@ -282,6 +282,10 @@ class ConnectionPool:
             )
             try:
                 await smtp.connect(timeout=self.connect_timeout)
+                if smtp.transport is not None and hasattr(smtp.transport, "max_size"):
+                    # Replies are short: asyncio's 256 KB reads would allocate
+                    # (mmap) and shrink a buffer that big for each one.
+                    smtp.transport.max_size = 16 * 1024
                 await smtp.ehlo()
             except aiosmtplib.SMTPConnectResponseError as e:
                 smtp.close()
@@ -551,15 +555,18 @@ class ConnectionPool:
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         encoder = DataEncoder()
+        last = b""  # held back so that the final dot goes out in the same write
         async for chunk in chunks():
             out = encoder.feed(chunk)
             if out:
-                protocol.write(out)
-                await protocol._drain_helper()  # back-pressure: the peer sets the pace
+                if last:
+                    protocol.write(last)
+                    await protocol._drain_helper()  # back-pressure: the peer sets the pace
+                last = out
         # aiosmtplib drops replies that arrive while it expects none; the
         # reply to the final dot may come before read_response() is awaited.
         protocol._response_pending = True
-        protocol.write(encoder.end())
+        protocol.write(last + encoder.end())
         try:
             return await protocol.read_response(timeout=self.command_timeout)
         except aiosmtplib.SMTPTimeoutError:
