@@ -291,7 +291,7 @@ class IncomingMessage:
     def __init__(self, queue: Queue, queue_id: str) -> None:
         self.queue = queue
         self.queue_id = queue_id
-        self.path = queue.directory / INCOMING / queue_id
+        self._file = f"{queue.root}/{INCOMING}/{queue_id}"  # a str: no pathlib per message
         self.size = 0
         self._buffer = bytearray()
         self._fd: int | None = None
@@ -299,6 +299,10 @@ class IncomingMessage:
         self._writes: asyncio.Future[None] | None = None  # the last pending chunk write
         self._pending_bytes = 0  # handed to the pool, not yet written
         self._closed = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self._file)
 
     def write(self, chunk: bytes) -> None:
         """Adds data; big messages are written out in the background, in order."""
@@ -342,11 +346,11 @@ class IncomingMessage:
             try:
                 await self._writes
             except OSError as e:
-                raise QueueError(f"cannot write {self.path}: {e}") from e
+                raise QueueError(f"cannot write {self._file}: {e}") from e
 
     def _open_sync(self) -> int:
         if self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)  # ours until delivered: marks it alive
             self._fd = fd
         return self._fd
@@ -407,11 +411,11 @@ class IncomingMessage:
         fd = self._open_sync()
         _write_all(fd, tail + _trailer(envelope))
         os.fsync(fd)
-        os.rename(self.path, self.queue.directory / ACTIVE / self.queue_id)
+        os.rename(self._file, f"{self.queue.root}/{ACTIVE}/{self.queue_id}")
 
     def _discard_sync(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(self._file)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -463,6 +467,8 @@ class Claim:
     envelope: Envelope
     progress: Progress
     data: bytes | None = None  # the whole message data, when still in memory
+    # A state/ sidecar may exist (read at claim, or saved since): remove it at the end.
+    progress_saved: bool = False
 
     @property
     def pending(self) -> list[str]:
@@ -478,6 +484,7 @@ class Queue:
         io_threads: int = 16,
     ) -> None:
         self.directory = Path(directory)
+        self.root = str(self.directory)
         self.clock = clock  # arrival times; tests inject a fake clock
         for name in (INCOMING, *QUEUE_STATES, STATE):
             (self.directory / name).mkdir(parents=True, exist_ok=True)
@@ -652,7 +659,9 @@ class Queue:
                 os.close(fd)
                 return None
             progress = self.read_progress_sync(queue_id)
-            return Claim(queue_id, fd, state, envelope, progress)
+            return Claim(
+                queue_id, fd, state, envelope, progress, progress_saved=progress != Progress()
+            )
         except OSError:
             os.close(fd)
             raise
@@ -682,6 +691,7 @@ class Queue:
         finally:
             os.close(fd)
         os.rename(tmp, final)
+        claim.progress_saved = True
         self.fsync_state_dir(STATE)
 
     def read_data_sync(self, claim: Claim, offset: int, length: int) -> bytes:
@@ -703,13 +713,13 @@ class Queue:
         """Every recipient is done: the message leaves the queue."""
         for state in (claim.state, *QUEUE_STATES):
             try:
-                os.unlink(self.path_of(state, claim.queue_id))
+                os.unlink(f"{self.root}/{state}/{claim.queue_id}")
                 break
             except FileNotFoundError:
                 continue
-        if claim.state != ACTIVE or claim.progress.attempts or claim.progress.done:
+        if claim.state != ACTIVE or claim.progress.attempts or claim.progress_saved:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.directory / STATE / claim.queue_id)
+                os.unlink(f"{self.root}/{STATE}/{claim.queue_id}")
         self.release_sync(claim)
 
     def finish_later(self, claim: Claim) -> None:
