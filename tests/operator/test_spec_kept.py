@@ -1,0 +1,46 @@
+"""Status-only events keep the cached spec (the render cache shares its strings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay_operator.reconciler import _merge_listing, _store
+
+
+def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "staff", "namespace": "mail", "resourceVersion": "7"}
+    if uid is not None:
+        meta["uid"] = uid
+    if generation is not None:
+        meta["generation"] = generation
+    return {"metadata": meta, "spec": {"addresses": addresses}, "status": {}}
+
+
+def test_a_status_event_keeps_the_spec_objects() -> None:
+    cache: dict[Any, dict[str, Any]] = {}
+    first = rl(1, ["a@x.example"])
+    _store(cache, first, deleted=False)
+    again = rl(1, ["a@x.example"])
+    again["status"] = {"conditions": [{"type": "Accepted"}]}
+    _store(cache, again, deleted=False)
+    held = cache[("mail", "staff")]
+    assert held["status"] == again["status"]
+    assert held["spec"] is first["spec"]
+
+
+def test_a_new_generation_or_object_replaces_the_spec() -> None:
+    cache: dict[Any, dict[str, Any]] = {}
+    _store(cache, rl(1, ["a@x.example"]), deleted=False)
+    _store(cache, rl(2, ["b@x.example"]), deleted=False)
+    assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
+    _store(cache, rl(2, ["c@x.example"], uid="u2"), deleted=False)
+    assert cache[("mail", "staff")]["spec"]["addresses"] == ["c@x.example"]
+    _merge_listing(cache, {("mail", "staff"): rl(3, ["d@x.example"], uid="u2")}, "8", "mail")
+    assert cache[("mail", "staff")]["spec"]["addresses"] == ["d@x.example"]
+
+
+def test_objects_without_identity_always_replace() -> None:
+    cache: dict[Any, dict[str, Any]] = {}
+    _store(cache, rl(None, ["a@x.example"], uid=None), deleted=False)
+    _store(cache, rl(None, ["b@x.example"], uid=None), deleted=False)
+    assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
