@@ -1,0 +1,222 @@
+"""Operator faults against a real kube-apiserver: children deleted or
+overwritten by another writer, and the API server restarted mid-reconcile.
+In every case the operator converges again, without waiting for its
+periodic resync (300 s): it watches its children."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+from mrtest.controlplane import start_apiserver, stop_apiserver
+from mrtest.kube import Kube, RunningOperator, condition, wait_for
+from mrtest.relayproc import relay_spec_for_tests
+
+pytestmark = pytest.mark.kube
+NS = "faults"
+NAME = "sturdy"
+# Well under the operator's 300 s resync: only the watches can explain it.
+PROMPTLY = 30.0
+
+
+def manifests() -> str:
+    spec = relay_spec_for_tests(hostname="mx.sturdy.example")
+    spec["replicas"] = 2
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "MailRelay",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": spec,
+        },
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "sturdy-example", "namespace": NS},
+            "spec": {
+                "domain": "sturdy.example",
+                "relayRef": {"name": NAME},
+                "nextHop": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
+            },
+        },
+    ]
+    return yaml.safe_dump_all(docs)
+
+
+def converged(kube: Kube) -> dict[str, Any] | None:
+    relay = kube.get("mailrelay", NAME, NS)
+    if not relay:
+        return None
+    cond = condition(relay, "Reconciled")
+    gen = relay["metadata"]["generation"]
+    if relay.get("status", {}).get("observedGeneration") == gen and cond.get("status") == "True":
+        return relay
+    return None
+
+
+@pytest.fixture(scope="module")
+def sturdy(kube: Kube, operator: RunningOperator) -> dict[str, Any]:
+    kube.apply(manifests())
+    relay = wait_for("sturdy Reconciled", lambda: converged(kube))
+    operator.settle()
+    return relay
+
+
+CHILDREN = [
+    ("configmap", f"{NAME}-config"),
+    ("secret", f"{NAME}-handover"),
+    ("service", f"{NAME}-pods"),
+    ("service", f"{NAME}-mx10"),
+    ("poddisruptionbudget", NAME),
+    ("statefulset", NAME),
+]
+
+
+@pytest.mark.parametrize(("kind", "name"), CHILDREN)
+def test_a_deleted_child_comes_back_promptly(
+    kube: Kube, operator: RunningOperator, sturdy: dict[str, Any], kind: str, name: str
+) -> None:
+    old = kube.get(kind, name, NS)
+    assert old is not None
+    kube.kubectl("delete", kind, name, "-n", NS, "--wait=false")
+    new = wait_for(
+        f"{kind}/{name} back",
+        lambda: (
+            (o := kube.get(kind, name, NS)) and o["metadata"]["uid"] != old["metadata"]["uid"] and o
+        ),
+        timeout=PROMPTLY,
+    )
+    assert new["metadata"]["ownerReferences"][0]["uid"] == sturdy["metadata"]["uid"]
+    if kind == "secret":  # the same key: pods that mounted it keep working
+        assert new["data"] == old["data"]
+    operator.settle()
+    assert converged(kube)
+
+
+def test_a_conflicting_writer_is_overruled(
+    kube: Kube, operator: RunningOperator, sturdy: dict[str, Any]
+) -> None:
+    # A merge patch (field manager kubectl-patch) of fields the operator owns.
+    kube.kubectl(
+        "patch",
+        "statefulset",
+        NAME,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        '{"spec":{"updateStrategy":{"type":"OnDelete","rollingUpdate":null}}}',
+    )
+    kube.kubectl(
+        "patch",
+        "poddisruptionbudget",
+        NAME,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        '{"spec":{"maxUnavailable":0}}',
+    )
+    kube.kubectl(
+        "patch",
+        "service",
+        f"{NAME}-pods",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        '{"spec":{"publishNotReadyAddresses":false}}',
+    )
+    # Server-side apply by another manager, taking the field by force.
+    cm = kube.get("configmap", f"{NAME}-config", NS)
+    assert cm is not None
+    kube.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": f"{NAME}-config", "namespace": NS},
+                "data": {"relay.json": "{}"},
+            }
+        ),
+        "--force-conflicts",
+        "--field-manager=intruder",
+    )
+    wait_for(
+        "updateStrategy restored",
+        lambda: (
+            kube.get("statefulset", NAME, NS)["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+        ),  # type: ignore[index]
+        timeout=PROMPTLY,
+    )
+    wait_for(
+        "maxUnavailable restored",
+        lambda: kube.get("poddisruptionbudget", NAME, NS)["spec"].get("maxUnavailable") == 1,  # type: ignore[index]
+        timeout=PROMPTLY,
+    )
+    wait_for(
+        "publishNotReadyAddresses restored",
+        lambda: (
+            kube.get("service", f"{NAME}-pods", NS)["spec"].get("publishNotReadyAddresses") is True
+        ),  # type: ignore[index]
+        timeout=PROMPTLY,
+    )
+    wait_for(
+        "relay.json restored",
+        lambda: (
+            kube.get("configmap", f"{NAME}-config", NS)["data"]["relay.json"]
+            == cm["data"]["relay.json"]
+        ),  # type: ignore[index]
+        timeout=PROMPTLY,
+    )
+    operator.settle()
+    assert converged(kube)
+
+
+def test_api_server_restarted_mid_reconcile(
+    kube: Kube, operator: RunningOperator, sturdy: dict[str, Any]
+) -> None:
+    writes = operator.call(lambda: operator.reconciler.api.writes)
+    passes = operator.call(lambda: operator.reconciler.passes)
+    # A change, then the API server goes away while the operator works on it.
+    kube.kubectl(
+        "patch",
+        "mailrelay",
+        NAME,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        '{"spec":{"queue":{"lifetime":"3d"}}}',
+    )
+    argv = stop_apiserver(kube)
+    try:
+        wait_for(
+            "the operator to try (and fail) meanwhile",
+            lambda: operator.call(lambda: operator.reconciler.passes) > passes,
+            timeout=PROMPTLY,
+        )
+    finally:
+        start_apiserver(kube, argv)
+    relay = wait_for("converged after the restart", lambda: converged(kube), timeout=120)
+    assert relay["spec"]["queue"]["lifetime"] == "3d"
+    config = kube.get("configmap", f"{NAME}-config", NS)
+    assert config is not None
+    assert json.loads(config["data"]["relay.json"])["policy"]["queue"]["lifetime"] == "3d"
+    assert operator.call(lambda: operator.reconciler.api.writes) > writes
+    # The watches came back too: a deleted child is restored as promptly as before.
+    old = kube.get("poddisruptionbudget", NAME, NS)
+    assert old is not None
+    kube.kubectl("delete", "poddisruptionbudget", NAME, "-n", NS)
+    wait_for(
+        "the PDB back after the restart",
+        lambda: (
+            (o := kube.get("poddisruptionbudget", NAME, NS))
+            and o["metadata"]["uid"] != old["metadata"]["uid"]
+        ),
+        timeout=60,
+    )
+    operator.settle()
