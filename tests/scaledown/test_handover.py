@@ -192,3 +192,18 @@ async def test_sender_keeps_its_copy_when_the_peer_fails(tmp_path: Path, peer: P
         await drainer._close_clients()
     finally:
         await mine.close()
+
+
+def test_a_drain_order_is_a_lease(tmp_path: Path) -> None:
+    """A restarted pod finds no stale drain: an order ends unless it is renewed."""
+    from relay.drain import read_order_sync, write_order_sync
+
+    first = write_order_sync(tmp_path, ["a:1"], ttl=60, now=1000.0)
+    assert first is not None and first.since == 1000.0
+    renewed = write_order_sync(tmp_path, ["a:1", "b:1"], ttl=60, now=1050.0)
+    assert renewed is not None and renewed.since == 1000.0  # the drain began at the first ask
+    assert read_order_sync(tmp_path, now=1100.0) is not None
+    assert read_order_sync(tmp_path, now=1111.0) is None  # not renewed: over
+    write_order_sync(tmp_path, ["a:1"], ttl=60, now=1200.0)
+    write_order_sync(tmp_path, None, ttl=0, now=1201.0)
+    assert read_order_sync(tmp_path, now=1201.0) is None
