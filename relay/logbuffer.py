@@ -97,7 +97,9 @@ def install(stream: IO[str], level: str | int) -> Any:
         handler.setFormatter(SecondCachedFormatter())
         root.addHandler(handler)
     root.setLevel(level)
-    # The format needs no thread or multiprocessing names: skip looking them up.
+    # The format needs no thread or multiprocessing names nor the caller's file
+    # and line: skip looking them up (the logging module's documented switches).
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging._srcfile = None
     return root

@@ -125,6 +125,10 @@ def id_time(queue_id: str) -> float:
     return float(value + _ID_EPOCH)
 
 
+# One encoder for every trailer (json.dumps with separators builds one per call).
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 @dataclass
 class QueuedMessage:
     queue_id: str
@@ -154,7 +158,7 @@ class Envelope:
     size: int  # bytes of message data (the trailer starts here)
 
     def to_json(self) -> bytes:
-        return json.dumps(
+        return _COMPACT_JSON.encode(
             {
                 "v": 1,
                 "id": self.queue_id,
@@ -163,8 +167,7 @@ class Envelope:
                 "arrival": self.arrival,
                 "client": self.client,
                 "size": self.size,
-            },
-            separators=(",", ":"),
+            }
         ).encode()
 
     @classmethod

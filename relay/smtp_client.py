@@ -96,7 +96,9 @@ class DataEncoder:
             self._carry = b""
         if not data:
             return b""
-        if b"\n" in data or b"\r" in data:
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+            # Some bare CR or LF (queued mail has none, but be safe): normalise.
             data = _LINE_ENDS.sub(b"\r\n", data)
         data = data.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and data.startswith(b"."):
