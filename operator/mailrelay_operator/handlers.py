@@ -28,7 +28,7 @@ from mailrelay_operator.reconciler import Reconciler
 GROUP = "mailrelay.io"
 OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 OWNED_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
-CHILD_PLURALS = ("configmaps", "secrets", "services", "statefulsets", "poddisruptionbudgets")
+CHILD_PLURALS = ("configmaps", "services", "statefulsets", "poddisruptionbudgets")
 log = logging.getLogger("mailrelay.operator")
 # The reconcilers started in this process, with their loops: tests and the
 # benchmark look inside (writes, passes) and poke them (resync).
@@ -55,7 +55,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # Handler logs go to the operator's log, not to Kubernetes Events.
     settings.posting.level = logging.WARNING
     # Children are watched (a deleted or overwritten one is applied again at
-    # once); the API server sends only ours, not every ConfigMap and Secret.
+    # once); the API server sends only ours, not every ConfigMap. Secrets are not
+    # watched: the operator may write them, never read them (a deleted handover
+    # Secret comes back at the next resync).
     for plural in CHILD_PLURALS:
         settings.watching.label_selectors[plural] = OWNED_SELECTOR
 
@@ -169,18 +171,13 @@ async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     memo["reconciler"].service_event(dict(body), _deleted(event))
 
 
-# A deleted or foreign-edited ConfigMap, Secret or PDB comes back at once
+# A deleted or foreign-edited ConfigMap or PDB comes back at once
 # (StatefulSets and Services: the handlers above do the same).
 @kopf.on.event("", "v1", "configmaps", labels=OWNED)
 async def config_map_event(
     event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
     memo["reconciler"].child_event(_child(body, "v1", "ConfigMap"), _deleted(event))
-
-
-@kopf.on.event("", "v1", "secrets", labels=OWNED)
-async def secret_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["reconciler"].child_event(_child(body, "v1", "Secret"), _deleted(event))
 
 
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)

@@ -1,36 +1,55 @@
 """The relay's handover Secret (pure builder) and its key.
 
-One random key per MailRelay, in Secret `<relay>-handover`, mounted into the
-pods: it authenticates a pod handing its queue over to a peer on scale-down
-(relay.handover) and the operator's drain requests (relay.control). The
-operator creates it once and keeps it: the key is read back, never made anew
-while the Secret exists.
+One key per MailRelay, in Secret `<relay>-handover`, mounted into the pods:
+it authenticates a pod handing its queue over to a peer on scale-down
+(relay.handover) and the operator's drain requests (relay.control).
+
+The operator never reads Secrets (its RBAC may create and patch them, not
+get, list or watch them): each relay's key is derived from the operator's
+own key (a file mounted from the chart's Secret, $MAILRELAY_OPERATOR_KEY_FILE)
+and the relay's uid, so the operator knows it without reading it back and
+it stays the same across operator restarts.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import logging
+import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 from mailrelay_operator import naming
 
+KEY_FILE_ENV = "MAILRELAY_OPERATOR_KEY_FILE"
+log = logging.getLogger("mailrelay.operator")
 
-def new_key() -> str:
-    return secrets.token_urlsafe(32)
+
+def load_operator_key() -> bytes:
+    """The operator's own key; without one, a random key for this process
+    (relay keys then change, and relay pods roll, when the operator restarts)."""
+    path = os.environ.get(KEY_FILE_ENV)
+    if path:
+        key = Path(path).read_bytes().strip()
+        if len(key) >= 16:
+            return key
+        log.warning("%s holds fewer than 16 bytes: not used", path)
+    log.warning(
+        "no operator key (%s): handover keys are random for this run of the operator",
+        KEY_FILE_ENV,
+    )
+    return secrets.token_bytes(32)
 
 
-def key_of(secret: dict[str, Any] | None) -> str | None:
-    """The key held by an existing Secret, if it holds a usable one."""
-    raw = ((secret or {}).get("data") or {}).get(naming.HANDOVER_SECRET_KEY)
-    if not raw:
-        return None
-    try:
-        key = base64.b64decode(raw).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return key if len(key) >= 16 else None
+def relay_key(operator_key: bytes, relay: dict[str, Any]) -> str:
+    """The relay's handover key: a new relay (a new uid) gets a new one."""
+    meta = relay["metadata"]
+    label = f"mailrelay-handover/{naming.relay_namespace(relay)}/{meta['name']}/{meta.get('uid')}"
+    digest = hmac.new(operator_key, label.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def key_hash(key: str) -> str:

@@ -82,6 +82,8 @@ class Reconciler:
     pod_address: pods.PodAddresser = pods.cluster_address
     pod_client: pods.PodClient = field(default_factory=pods.PodClient)
     drain_poll_seconds: float = scaledown.POLL_SECONDS
+    # Relay handover keys derive from it (the operator never reads Secrets).
+    operator_key: bytes = field(default_factory=handover.load_operator_key)
 
     # RelayDomains and RecipientLists (trimmed, defaulted): listed by seed(),
     # kept current by the event handlers.
@@ -392,15 +394,7 @@ class Reconciler:
             await self._check_cert_manager()
             obs.cert_manager_missing = self.cert_manager is False
         if mem.handover_key is None:
-            found = await self.api.get(
-                resource_path(
-                    "v1",
-                    "Secret",
-                    naming.relay_namespace(relay),
-                    naming.handover_secret_name(relay),
-                )
-            )
-            mem.handover_key = handover.key_of(found) or handover.new_key()
+            mem.handover_key = handover.relay_key(self.operator_key, relay)
         children = desired_children(
             relay, rendered, self.image, self.cert_manager is not False, mem.handover_key
         )
