@@ -561,10 +561,11 @@ class Reconciler:
     def _forget(self, key: Key) -> None:
         self.relays.pop(key, None)
         prefix_ns = f"/namespaces/{key[0]}/"
-        for path in [p for p in self.applied if prefix_ns in p]:
+        for path in [p for p in (*self.applied, *self.owned) if prefix_ns in p]:
             name = path.rsplit("/", 1)[1]
             if name == key[1] or name.startswith(key[1] + "-"):
                 self.applied.pop(path, None)
+                self.owned.pop(path, None)
 
     # --- statuses ---------------------------------------------------------------------
     async def _write_status(self, obj: dict[str, Any], new: dict[str, Any]) -> None:
