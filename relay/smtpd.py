@@ -740,9 +740,14 @@ class RelaySMTP(SMTP):
             decoder.size,
             len(envelope.recipients),
         )
-        await self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-        if self.ctx.on_queued is not None:
-            self.ctx.on_queued(queue_id)
+        try:
+            await self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        finally:
+            # Also when the client hangs up right after the 250 (connection_lost
+            # cancels this task): otherwise the message stays a fresh claim that
+            # no scan picks up, until a restart.
+            if self.ctx.on_queued is not None:
+                self.ctx.on_queued(queue_id)
 
     async def _queue_error(self, error: Exception) -> None:
         log.error("queue write error from %s: %s", client_name(self.state), error)
