@@ -235,6 +235,7 @@ class Worker:
             spf=SpfChecker(config, resolver),
             tls_context=tls.context if tls is not None else None,
             idle_timeout=_env_float("MAILRELAY_SMTPD_TIMEOUT", 300.0),
+            min_data_rate=_env_float("MAILRELAY_SMTPD_MIN_DATA_RATE", 500.0),
         )
         delivery = start_delivery(queue, lambda: ctx.config, resolver)
         if delivery is not None:

@@ -50,6 +50,10 @@ READ_LIMIT = 64 * 1024  # StreamReader limit: also its flow-control window
 DATA_CHUNK = 256 * 1024
 FLUSH_EVERY = 1024 * 1024  # bytes of DATA between waits for the queue's writes
 IDLE_TIMEOUT = 300.0  # Postfix smtpd_timeout
+# Postfix smtpd_min_data_rate: during DATA each byte buys this much more time
+# beyond the idle timeout, so a client trickling its message cannot hold a
+# session (and its per-client connection slot) for ever.
+MIN_DATA_RATE = 500.0  # bytes per second
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # Postfix refuses MAIL when the queue's file system has less free space than
 # 1.5 x message_size_limit.
@@ -77,6 +81,7 @@ class ServerContext:
         idle_timeout: float = IDLE_TIMEOUT,
         on_queued: Callable[[str], None] | None = None,
         anvil: Anvil | None = None,
+        min_data_rate: float = MIN_DATA_RATE,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -85,6 +90,7 @@ class ServerContext:
         self.spf = spf
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
+        self.min_data_rate = min_data_rate
         self.on_queued = on_queued
         # Per-client rate limits (relay.anvil), shared by the process's sessions.
         self.anvil = anvil if anvil is not None else Anvil()
@@ -667,14 +673,18 @@ class RelaySMTP(SMTP):
         decoder = DataDecoder()
         too_big = False
         flushed = 0
+        data_started = self.loop.time()
         while not decoder.done:
             data = await self._reader.read(DATA_CHUNK)
             if not data:
                 incoming.abort()
                 self.close_with_nothing()
                 return
-            self._reset_timeout()
             chunk = decoder.feed(data)
+            # The DATA deadline: the idle timeout, plus time earned by bytes
+            # received at smtpd_min_data_rate (never more than an idle timeout ahead).
+            earned = data_started + self._timeout_duration + decoder.size / self.ctx.min_data_rate
+            self._reset_timeout(max(0.001, min(self._timeout_duration, earned - self.loop.time())))
             if decoder.size > limit:
                 too_big = True
             if chunk and not too_big and write_failed is None:

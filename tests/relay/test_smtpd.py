@@ -508,3 +508,29 @@ async def test_error_count_restarts_after_a_message(relay_server: ServerFactory)
     for _ in range(HARD_ERROR_LIMIT - 1):
         assert (await c.command("BOGUS")).startswith("502")
     assert await c.command("NOOP") == "250 2.0.0 Ok"
+
+
+async def test_data_trickle_is_cut_off(relay_server: ServerFactory) -> None:
+    """A client trickling DATA far below smtpd_min_data_rate gets the timeout,
+    although it never stays silent for a whole idle timeout."""
+    h = await relay_server(idle_timeout=0.5)
+    c = await client(h)
+    await c.greet()
+    assert (await c.command("EHLO trickle.test")).startswith("250")
+    assert (await c.command("MAIL FROM:<a@client.test>")).startswith("250")
+    assert (await c.command("RCPT TO:<info@example.com>")).startswith("250")
+    assert (await c.command("DATA")).startswith("354")
+    reply = None
+    for _ in range(200):  # at most 20 s of trickling; the cut comes after about 0.5 s
+        assert c.writer is not None and c.reader is not None
+        try:
+            c.writer.write(b"x")
+            await c.writer.drain()
+        except ConnectionError:
+            break
+        await asyncio.sleep(0.1)
+        if c.reader._buffer:  # type: ignore[attr-defined]
+            reply = await c.read_reply()
+            break
+    assert reply == "421 4.4.2 mx.relay.test Error: timeout exceeded"
+    assert h.queued() == []
