@@ -2,8 +2,10 @@
 -- Healthy:     Ready=True and status.observedGeneration == metadata.generation
 -- Progressing: not yet observed, an older generation observed, Ready=Unknown,
 --              or Ready/Reconciled=False while pods start or roll out
+--              or ScalingDown=True while leaving pods drain their queues
 -- Degraded:    Reconciled=False (children could not be applied), Ready=False
---              with a failure reason, or TLS=False (no STARTTLS)
+--              with a failure reason, TLS=False (no STARTTLS), or a scale-down
+--              whose drain timed out
 -- Written for Lua 5.1 (Argo CD's gopher-lua); tests run it with lua5.4.
 local hs = {}
 
@@ -71,6 +73,18 @@ end
 if checks[1] ~= nil then
   hs.status = "Progressing"
   hs.message = checks[1].type .. "=False, " .. describe(checks[1])
+  return hs
+end
+-- A scale-down waits for the leaving pods' queues: in progress while they
+-- drain, degraded once the drain timed out (someone must look at the mail).
+local scaling = find_condition(status, "ScalingDown")
+if scaling ~= nil and scaling.status == "True" then
+  if scaling.reason == "DrainTimedOut" then
+    hs.status = "Degraded"
+  else
+    hs.status = "Progressing"
+  end
+  hs.message = "ScalingDown, " .. describe(scaling)
   return hs
 end
 if ready == nil or ready.status ~= "True" then
