@@ -826,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_dns:
         serve_dns(int(args.serve_dns[0]), Path(args.serve_dns[1]))
         return 0
+    # SIGTERM unwinds like Ctrl-C, so Postfix, the DNS server and the sinks are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("policy_vs_postfix: needs root (postfix, port 53, mount namespace)", file=sys.stderr)
         return 2
