@@ -31,6 +31,7 @@ from aiosmtplib import SMTPResponse
 
 from relay.config import NextHop
 from relay.dns import DnsTempError, Resolver
+from relay.pipelining import Borrowed, ReplyError, ReplyReader
 
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"
 
@@ -170,8 +171,10 @@ class ConnectionPool:
         command_timeout: float = 300.0,
         verify_context: ssl.SSLContext | None = None,
         source_address: str | None = None,
+        pipelining: bool = True,
     ) -> None:
         self.resolver = resolver
+        self.pipelining = pipelining  # when the next hop offers it (RFC 2920)
         self.concurrency = concurrency
         self.idle_seconds = idle_seconds
         self.max_uses = max_uses
@@ -494,6 +497,10 @@ class ConnectionPool:
                 options.append(b"SMTPUTF8")
             if smtp.supports_extension("8bitmime"):
                 options.append(b"BODY=8BITMIME")
+            if self.pipelining and smtp.supports_extension("pipelining"):
+                return await self._pipelined(
+                    conn, sender, recipients, options, chunks, results, reused
+                )
             resp = await smtp.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">", *options)
             if resp.code != 250:
                 fail_all(resp.code, resp.message, recipients, stage)
@@ -541,6 +548,109 @@ class ConnectionPool:
                 if r not in results or results[r].kind != BOUNCED:
                     results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
             return "close"
+
+    async def _pipelined(
+        self,
+        conn: Connection,
+        sender: str,
+        recipients: list[str],
+        options: list[bytes],
+        chunks: ChunkSource,
+        results: dict[str, RecipientResult],
+        reused: bool,
+    ) -> str:
+        """_transaction with PIPELINING (relay.pipelining): MAIL, RCPTs and DATA
+        in one write, their replies read in order, then the message. Same
+        results and outcome as the one-command-at-a-time path."""
+        smtp = conn.smtp
+        label = conn.label
+        timeout = self.command_timeout
+        stage = "MAIL FROM"
+        accepted: list[str] = []
+        data_reply: SMTPResponse | None = None
+        final: SMTPResponse | None = None
+
+        def fail(resp: SMTPResponse, names: list[str], stage: str) -> None:
+            kind = BOUNCED if resp.code >= 500 else DEFERRED
+            reply = f"{resp.code} {resp.message}"
+            status = enhanced_status(resp.code, resp.message)
+            for r in names:
+                results[r] = RecipientResult(r, kind, reply, status, label, True, stage)
+
+        try:
+            async with Borrowed(smtp) as reader:
+                group = [b" ".join([b"MAIL FROM:<" + sender.encode() + b">", *options])]
+                group += [b"RCPT TO:<" + r.encode() + b">" for r in recipients]
+                group.append(b"DATA\r\n")
+                reader.write(b"\r\n".join(group))
+                async with asyncio.timeout(timeout):
+                    mail = await reader.next_reply()
+                stage = "RCPT TO"
+                rcpt_replies = []
+                for _ in recipients:
+                    async with asyncio.timeout(timeout):
+                        rcpt_replies.append(await reader.next_reply())
+                stage = "DATA"
+                async with asyncio.timeout(timeout):
+                    data_reply = await reader.next_reply()
+                if mail.code != 250:
+                    fail(mail, recipients, "MAIL FROM")
+                else:
+                    for r, resp in zip(recipients, rcpt_replies, strict=True):
+                        if resp.code in (250, 251):
+                            accepted.append(r)
+                        else:
+                            fail(resp, [r], "RCPT TO")
+                if data_reply.code == 354:
+                    stage = "end of DATA"
+                    if accepted:
+                        await self._send_data(reader, chunks)
+                    else:
+                        # RFC 2920: DATA was accepted though no recipient was;
+                        # end it at once (the server must refuse an empty one).
+                        reader.write(b".\r\n")
+                    async with asyncio.timeout(timeout):
+                        final = await reader.next_reply()
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
+            smtp.close()
+            if reused and stage == "MAIL FROM":
+                return "retry"
+            reason = f"lost connection with {label} while sending {stage}: {e}"
+            for r in recipients:
+                if r not in results or results[r].kind != BOUNCED:
+                    results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+            return "close"
+        except (ReplyError, aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            smtp.close()
+            reason = f"conversation with {label} timed out or failed while sending {stage}: {e}"
+            for r in recipients:
+                if r not in results or results[r].kind != BOUNCED:
+                    results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+            return "close"
+        if accepted and data_reply is not None and data_reply.code != 354:
+            fail(data_reply, accepted, "DATA")
+        elif accepted and final is not None:
+            if final.code == 250:
+                for r in accepted:
+                    results[r] = RecipientResult(
+                        r, SENT, f"250 {final.message}", enhanced_status(250, final.message), label
+                    )
+                return "keep" if smtp.is_connected else "close"
+            fail(final, accepted, "end of DATA")
+        await self._rset(smtp)
+        return "keep" if smtp.is_connected else "close"
+
+    async def _send_data(self, reader: ReplyReader, chunks: ChunkSource) -> None:
+        encoder = DataEncoder()
+        last = b""  # held back so that the final dot goes out in the same write
+        async for chunk in chunks():
+            out = encoder.feed(chunk)
+            if out:
+                if last:
+                    reader.write(last)
+                    await reader.drain()  # back-pressure: the peer sets the pace
+                last = out
+        reader.write(last + encoder.end())
 
     async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
         try:

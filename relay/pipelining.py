@@ -1,0 +1,160 @@
+"""Outbound command pipelining (RFC 2920) for delivery.
+
+When the next hop offers PIPELINING, MAIL, every RCPT and DATA go out in one
+write and their replies are read back in order, then the message and the
+final dot in as few writes as the data allows: two round trips per message
+instead of 3 + recipients, as Postfix's smtp client does.
+
+aiosmtplib reads exactly one reply per command it sent and drops replies it
+does not expect, so it cannot read a pipelined group. For the length of the
+transaction the connection's transport is handed to ReplyReader (its own
+protocol), then given back to aiosmtplib, which does everything else
+(connect, EHLO, STARTTLS, RSET, QUIT). A connection lost meanwhile is passed
+on to aiosmtplib's protocol, so the pool sees it as closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+from aiosmtplib import SMTPResponse, SMTPServerDisconnected
+
+MAX_REPLY_LINE = 8192  # RFC 5321's 512, with room for chatty servers
+MAX_REPLY_BYTES = 64 * 1024
+
+
+class ReplyError(Exception):
+    """A reply that is not SMTP (bad code, too long)."""
+
+
+class ReplyReader(asyncio.Protocol):
+    """Parses the SMTP replies arriving on a transport into a queue."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[str] = []  # lines of a multi-line reply so far
+        self.replies: collections.deque[SMTPResponse] = collections.deque()
+        self.error: BaseException | None = None
+        self.lost = False
+        self.lost_with: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.WriteTransport | None = None
+
+    # -- protocol callbacks ------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self._buffer += data
+        try:
+            self._parse()
+        except ReplyError as e:
+            self.error = e
+        self._wake()
+
+    def _parse(self) -> None:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    raise ReplyError("reply line too long")
+                return
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if len(line) > MAX_REPLY_LINE:
+                raise ReplyError("reply line too long")
+            code = line[:3]
+            if not code.isdigit():
+                raise ReplyError(f"malformed reply: {line[:80]!r}")
+            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+            if sum(len(x) for x in self._lines) > MAX_REPLY_BYTES:
+                raise ReplyError("reply too long")
+            if line[3:4] != b"-":
+                self.replies.append(SMTPResponse(int(code), "\n".join(self._lines)))
+                self._lines = []
+
+    def eof_received(self) -> bool:
+        self._disconnected(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disconnected(exc)
+
+    def _disconnected(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_with = self.lost_with or exc
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- for the transaction -----------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            raise SMTPServerDisconnected("Connection lost") from self.lost_with
+        self.transport.write(data)
+
+    async def next_reply(self) -> SMTPResponse:
+        """The next reply; raises SMTPServerDisconnected or ReplyError.
+        (The caller bounds the whole exchange with a timeout.)"""
+        while not self.replies:
+            if self.error is not None:
+                raise self.error
+            if self.lost:
+                raise SMTPServerDisconnected("Connection lost") from self.lost_with
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self.replies.popleft()
+
+    async def drain(self) -> None:
+        """Waits while the peer does not read what was written."""
+        while self._paused and not self.lost:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        if self.lost:
+            raise SMTPServerDisconnected("Connection lost") from self.lost_with
+
+
+class Borrowed:
+    """`async with Borrowed(smtp) as reader:` the transport reads into a
+    ReplyReader; aiosmtplib gets it back afterwards (or learns it is lost)."""
+
+    def __init__(self, smtp: Any) -> None:
+        self.protocol = smtp.protocol
+        self.transport = smtp.transport
+        self.reader = ReplyReader()
+
+    async def __aenter__(self) -> ReplyReader:
+        if self.protocol is None or self.transport is None or self.transport.is_closing():
+            raise SMTPServerDisconnected("Connection lost")
+        self.transport.set_protocol(self.reader)
+        self.reader.transport = self.transport
+        return self.reader
+
+    async def __aexit__(self, *exc: object) -> None:
+        reader = self.reader
+        if reader.lost or self.transport.is_closing():
+            self.transport.close()
+            # aiosmtplib forgets the transport and wakes nobody (no command pending).
+            self.protocol.connection_lost(reader.lost_with)
+            return
+        self.transport.set_protocol(self.protocol)
+        if reader.replies or reader._buffer or reader._lines or reader.error is not None:
+            # Out of step with the peer (unexpected replies): never reuse.
+            self.transport.close()
