@@ -61,6 +61,9 @@ FREE_SPACE_FACTOR = 1.5
 # Commands that must end a pipelined group (RFC 2920); anything after them in
 # the same read is "improper command pipelining" (Postfix).
 LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "STARTTLS", "VRFY", "EXPN", "NOOP"})
+# Commands that may stand anywhere in a pipelined group (RFC 2920): their
+# replies may wait for the group's last one.
+GROUP_MEMBERS = frozenset({"MAIL", "RCPT", "RSET"})
 # Postfix smtpd_forbidden_commands: a web proxy or HTTP client, not SMTP.
 FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST"})
 
@@ -223,6 +226,7 @@ class RelaySMTP(SMTP):
         # On the proxy listener: a PROXY header comes first (relay.proxy).
         self.via_proxy = via_proxy
         self._anvil_ip: str | None = None  # counted by ctx.anvil until connection_lost
+        self._held: list[bytes] = []  # replies waiting for the end of a pipelined group
 
     # -- plumbing ----------------------------------------------------------
 
@@ -298,21 +302,44 @@ class RelaySMTP(SMTP):
         if self._closing or self.transport is None:
             return
         self._closing = True
-        self.transport.write(f"{reply}\r\n".encode())
+        self.transport.write(self._take_held() + f"{reply}\r\n".encode())
         self.transport.close()
+
+    # Replies are written at once, except to a command that may sit inside a
+    # pipelined group (RFC 2920) while the client's next command is already
+    # here: those wait and go out with the next reply, one write for the
+    # group, as Postfix flushes only when it has no more input to read.
+    def _holdable(self) -> bool:
+        return self._last_command in GROUP_MEMBERS and b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+
+    def _take_held(self) -> bytes:
+        if not self._held:
+            return b""
+        held = b"".join(self._held)
+        self._held.clear()
+        return held
+
+    async def _write(self, data: bytes, *, hold: bool = False) -> None:
+        if hold and self._holdable():
+            self._held.append(data)
+            return
+        if self._held:
+            data = self._take_held() + data
+        self._writer.write(data)
+        if self._paused or self.transport is None or self.transport.is_closing():  # type: ignore[attr-defined]
+            await self._writer.drain()  # the client is not reading: wait for it
 
     async def send(self, reply: Reply) -> None:
         if reply.code >= 400:
             self.state.errors += 1
-        self._writer.write(f"{reply}\r\n".encode("utf-8", "surrogateescape"))
-        await self._writer.drain()
+        data = f"{reply}\r\n".encode("utf-8", "surrogateescape")
+        await self._write(data, hold=not reply.disconnect)
         if reply.disconnect:
+            await self._writer.drain()
             self.close_with_nothing()
 
     async def send_lines(self, lines: list[str]) -> None:
-        self._writer.write("".join(line + "\r\n" for line in lines).encode())
-        if self._paused or self.transport is None or self.transport.is_closing():  # type: ignore[attr-defined]
-            await self._writer.drain()
+        await self._write("".join(line + "\r\n" for line in lines).encode())
 
     def close_with_nothing(self) -> None:
         self._closing = True
@@ -327,9 +354,7 @@ class RelaySMTP(SMTP):
         if code >= 400:
             self.state.errors += 1
         line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
-        self._writer.write(line.encode("utf-8", "surrogateescape"))
-        if self._paused or self.transport is None or self.transport.is_closing():  # type: ignore[attr-defined]
-            await self._writer.drain()  # the client is not reading: wait for it
+        await self._write(line.encode("utf-8", "surrogateescape"), hold=True)
 
     # -- the command loop ----------------------------------------------------
 
@@ -391,6 +416,8 @@ class RelaySMTP(SMTP):
 
     async def _read_command(self) -> bytes | None:
         self.idle = self.txn is None
+        if self._held and b"\n" not in self._reader._buffer:  # type: ignore[attr-defined]
+            await self._write(b"")  # never wait for input with replies unsent
         try:
             line = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as e:
