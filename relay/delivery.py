@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from relay import metrics
+from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
 from relay.dns import Resolver
 from relay.dsn import Failure, build_dsn
@@ -357,7 +357,8 @@ class Delivery:
     def _log_and_count(self, claim: Claim, results: list[RecipientResult]) -> None:
         delay = _format_delay(self.clock() - claim.envelope.arrival)
         for r in results:
-            log.info(
+            logbuffer.info(
+                log,
                 "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)",
                 claim.queue_id,
                 r.recipient,

@@ -28,11 +28,18 @@ class SecondCachedFormatter(logging.Formatter):
         self._text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self._time(record.created)
+
+    def _time(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second = second
             self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-        return f"{self._text},{int(record.msecs):03d}"
+        return f"{self._text},{int((created - second) * 1000):03d}"
+
+    def prefix(self, created: float) -> str:
+        """FORMAT's text before the message (asctime and pid), without a record."""
+        return f"{self._time(created)} mailrelay[{os.getpid()}]: "
 
 
 class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
@@ -53,13 +60,24 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg,unuse
         except Exception:
             self.handleError(record)
             return
+        self.add_line(line, urgent=record.levelno >= logging.WARNING)
+
+    def add_line(self, line: str, *, urgent: bool = False) -> None:
+        """Queues a formatted line (call with the handler's lock held)."""
         self._pending.append(line)
         loop = asyncio._get_running_loop()
-        if record.levelno >= logging.WARNING or loop is None or loop.is_closed():
+        if urgent or loop is None or loop.is_closed():
             self._write_pending()
         elif self._scheduled is not loop:
             self._scheduled = loop
             loop.call_soon(self._flush_from_loop)
+
+    def formatter_prefix(self, created: float) -> str:
+        """What FORMAT puts before the message, for a line made without a record."""
+        formatter = self.formatter
+        if isinstance(formatter, SecondCachedFormatter):
+            return formatter.prefix(created)
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) + " "
 
     def _flush_from_loop(self) -> None:
         self.acquire()
@@ -89,13 +107,46 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg,unuse
             self.release()
 
 
+def info(logger: logging.Logger, msg: str, *args: object) -> None:
+    """logger.info() for the per-message lines: when the relay's own handler is
+    the only one the record would reach, the line is formatted straight into
+    it (a LogRecord and the handler chain cost more than the line itself).
+    Anywhere else (tests capturing logs, other handlers) it is logger.info()."""
+    handler = _FAST
+    if handler is None or not logger.isEnabledFor(logging.INFO) or not _only_root_handles(logger):
+        logger.info(msg, *args)
+        return
+    now = time.time()
+    line = f"{handler.formatter_prefix(now)}{msg % args if args else msg}\n"
+    handler.acquire()
+    try:
+        handler.add_line(line)
+    finally:
+        handler.release()
+
+
+def _only_root_handles(logger: logging.Logger) -> bool:
+    node: logging.Logger | None = logger
+    root = logging.getLogger()
+    while node is not None and node is not root:
+        if node.handlers or node.filters or not node.propagate:
+            return False
+        node = node.parent
+    return root.handlers == [_FAST] and not root.filters
+
+
+_FAST: LoopBufferedHandler | None = None
+
+
 def install(stream: IO[str], level: str | int) -> Any:
     """The root logger writes through a LoopBufferedHandler (unless it has handlers)."""
+    global _FAST
     root = logging.getLogger()
     if not root.handlers:
         handler = LoopBufferedHandler(stream)
         handler.setFormatter(SecondCachedFormatter())
         root.addHandler(handler)
+        _FAST = handler
     root.setLevel(level)
     # The format needs no thread or multiprocessing names nor the caller's file
     # and line: skip looking them up (the logging module's documented switches).

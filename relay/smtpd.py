@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP
 
-from relay import content, metrics
+from relay import content, logbuffer, metrics
 from relay.addresses import AddressError, parse_esmtp_params, parse_path
 from relay.anvil import Anvil
 from relay.config import RelayConfig
@@ -768,7 +768,8 @@ class RelaySMTP(SMTP):
         s.errors = 0  # Postfix counts errors "without delivering mail"
         metrics.ACCEPTED.inc()
         metrics.ACCEPTED_BYTES.inc(decoder.size)
-        log.info(
+        logbuffer.info(
+            log,
             "%s: client=%s, from=<%s>, to=<%s>, size=%d, nrcpt=%d (queue active)",
             queue_id,
             client_name(s),

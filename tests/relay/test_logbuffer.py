@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import threading
 
+import pytest
+
+from relay import logbuffer
 from relay.logbuffer import LoopBufferedHandler, SecondCachedFormatter
 
 
@@ -72,3 +76,30 @@ async def test_flush_writes_what_is_pending() -> None:
     log.info("pending")
     log.handlers[0].flush()
     assert stream.getvalue().endswith("pending\n")
+
+
+async def test_fast_lines_look_like_logged_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = CountingStream()
+    handler = LoopBufferedHandler(stream)
+    handler.setFormatter(SecondCachedFormatter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(logbuffer, "_FAST", handler)
+    log = logging.getLogger("test.logbuffer.fast")
+    monkeypatch.setattr(log, "level", logging.INFO)
+    log.info("%s: to=<%s>, status=%s", "Q1", "a@b.test", "sent")
+    logbuffer.info(log, "%s: to=<%s>, status=%s", "Q2", "a@b.test", "sent")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    slow, fast = stream.getvalue().splitlines()
+    pattern = (
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} mailrelay\[\d+\]: Q\d: to=<a@b.test>, status=sent"
+    )
+    assert re.fullmatch(pattern, slow) and re.fullmatch(pattern, fast)
+    assert stream.writes == 1
+
+
+def test_fast_lines_reach_other_handlers_through_logging(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    logbuffer.info(logging.getLogger("test.logbuffer.caplog"), "hello %d", 42)
+    assert "hello 42" in caplog.text
