@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay import dnsbl, metrics
+from relay import dnsbl, logbuffer, metrics
 from relay.config import RelayConfig
 from relay.dns import Resolver
 from relay.session import Reply, ScreenResult, Session
@@ -267,7 +267,7 @@ class Postscreen:
 
         acl = self.access(ip)
         if acl == "permit":
-            log.info("ALLOWLISTED %s", where)
+            logbuffer.info(log, "ALLOWLISTED %s", where)
             metrics.SCREEN.labels(result="allowlisted").inc()
             return ScreenResult(reason="access", allowlisted=True)
         if acl == "reject":
