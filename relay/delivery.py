@@ -39,6 +39,11 @@ log = logging.getLogger("relay.delivery")
 Clock = Callable[[], float]
 
 
+# A message this process committed is handed to delivery at once (wake());
+# one still waiting after this long lost its hand-off and is delivered by the scan.
+FRESH_HANDOFF_GRACE = 60.0
+
+
 def backoff(age: float, minimum: float, maximum: float) -> float:
     """Postfix's retry delay: the message's age, clamped."""
     return min(max(age, minimum), maximum)
@@ -211,6 +216,14 @@ class Delivery:
             counts[state] += 1
             oldest = min(oldest, id_time(queue_id))
             seen.add(queue_id)
+            if queue_id in fresh and time.time() - id_time(queue_id) > FRESH_HANDOFF_GRACE:
+                # Committed here but never handed to wake() (a lost hand-off):
+                # our own claim keeps every scan away, so take it from here.
+                claim = self.queue.take_fresh(queue_id)
+                if claim is not None and queue_id not in self._inflight:
+                    log.warning("%s: not handed to delivery after commit; delivering now", queue_id)
+                    self._start(queue_id, self._deliver_claim(claim))
+                continue
             if state == HOLD or queue_id in self._inflight or queue_id in fresh:
                 self._due.pop(queue_id, None)
                 continue

@@ -342,3 +342,30 @@ async def test_running_relay_notices_queue_flush(
     assert len(sink.messages) == 1
     await relay.delivery.stop()
     await runner
+
+
+async def test_a_lost_hand_off_is_delivered_by_the_scan(
+    sink_factory: Any, relay_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message committed here whose wake() never came (the server lost the hand-off)
+    is still delivered: the scan takes the claim this process holds."""
+    import relay.delivery
+
+    sink = await sink_factory("127.0.0.2")
+    relay_ = await relay_factory(
+        make_config({"example.com": NextHop("127.0.0.2", sink.port, tls="none")})
+    )
+    msg = relay_.queue.incoming()
+    msg.write(message(mid="lost@test"))
+    qid = await msg.commit("a@example.org", ["b@example.com"], "127.0.0.9")
+    await relay_.delivery.process_due(rescan=True)
+    await relay_.delivery.idle()
+    assert sink.messages == []  # within the grace period, the hand-off may still come
+    monkeypatch.setattr(relay.delivery, "FRESH_HANDOFF_GRACE", -1.0)
+    await relay_.delivery.process_due(rescan=True)
+    await eventually(lambda: len(sink.messages) == 1)
+    await relay_.delivery.idle()
+    relay_.delivery.wake(qid)  # a late wake-up does not deliver it twice
+    await relay_.delivery.idle()
+    assert len(sink.messages) == 1
+    assert queue_files(relay_.queue, "active") == []
