@@ -71,6 +71,15 @@ class RecipientResult:
     in_reply_to: str = ""  # which command the reply answered
 
 
+def _defer_unfinished(
+    recipients: list[str], results: dict[str, RecipientResult], reason: str, label: str
+) -> None:
+    """A lost or failed conversation: every recipient not already bounced is deferred."""
+    for r in recipients:
+        if r not in results or results[r].kind != BOUNCED:
+            results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+
+
 def enhanced_status(code: int, message: str) -> str:
     m = _ENHANCED.match(message + " ")
     if m:
@@ -537,16 +546,12 @@ class ConnectionPool:
             if reused and stage == "MAIL FROM":
                 return "retry"
             reason = f"lost connection with {label} while sending {stage}: {e}"
-            for r in recipients:
-                if r not in results or results[r].kind != BOUNCED:
-                    results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+            _defer_unfinished(recipients, results, reason, label)
             return "close"
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             smtp.close()
             reason = f"conversation with {label} timed out or failed while sending {stage}: {e}"
-            for r in recipients:
-                if r not in results or results[r].kind != BOUNCED:
-                    results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+            _defer_unfinished(recipients, results, reason, label)
             return "close"
 
     async def _pipelined(
@@ -616,16 +621,12 @@ class ConnectionPool:
             if reused and stage == "MAIL FROM":
                 return "retry"
             reason = f"lost connection with {label} while sending {stage}: {e}"
-            for r in recipients:
-                if r not in results or results[r].kind != BOUNCED:
-                    results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+            _defer_unfinished(recipients, results, reason, label)
             return "close"
         except (ReplyError, aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             smtp.close()
             reason = f"conversation with {label} timed out or failed while sending {stage}: {e}"
-            for r in recipients:
-                if r not in results or results[r].kind != BOUNCED:
-                    results[r] = RecipientResult(r, DEFERRED, reason, "4.4.2", label, False)
+            _defer_unfinished(recipients, results, reason, label)
             return "close"
         if accepted and data_reply is not None and data_reply.code != 354:
             fail(data_reply, accepted, "DATA")
