@@ -73,13 +73,12 @@ from relay_vs_postfix import (  # bench/ is not a package: found through sys.pat
     HOST,
     POSTFIX,
     ROOT,
-    RUN_TIMEOUT,
     SMTP_SOURCE,
     Mailrelay,
-    PeakMemory,
     Postfix,
     Run,
     Sink,
+    drive,
     free_port,
     tree_cpu_seconds,
     wait_until,
@@ -567,28 +566,11 @@ def load(system: PolicySystem, dns: BenchDns, messages: int, size: int, sessions
     backlog = sent - sink.count
     target = sent + messages
     SENT[system.name] = target
-    root = system.root_pid()
     new0, old0 = screen_counts(system)
     queries0, dns_cpu0 = dns.queries(), dns.cpu_seconds()
-    cpu0 = tree_cpu_seconds(root)
-    t0 = time.monotonic()
     argv = [SMTP_SOURCE, "-4", "-f", SENDER, "-M", HELO, "-t", RECIPIENT]
     argv += ["-l", str(size), "-m", str(messages), "-s", str(sessions), f"{HOST}:{system.port}"]
-    try:
-        with PeakMemory(system.root_pid) as mem:
-            source = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-            run.accept_seconds = time.monotonic() - t0
-            if source.returncode != 0:
-                raise RuntimeError(f"smtp-source failed: {source.stdout}{source.stderr}")
-            wait_until(
-                lambda: sink.count >= target, RUN_TIMEOUT, f"{messages} messages at the sink"
-            )
-            run.end_to_end_seconds = time.monotonic() - t0
-            run.cpu_seconds = tree_cpu_seconds(root) - cpu0
-        run.peak_mb = mem.peak
-    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
-        run.ok = False
-        run.error = str(e)[:500]
+    drive(system, run, argv, target)
     if backlog > 0:
         run.ok = False
         run.error = f"{backlog} messages of earlier runs had not arrived at the start; {run.error}"

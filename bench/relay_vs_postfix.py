@@ -466,14 +466,20 @@ class Run:
 
 def load(system: System, messages: int, size: int, sessions: int) -> Run:
     run = Run(system.name, messages, size, sessions)
-    sink = system.sink
-    target = sink.count + messages
-    root = system.root_pid()
-    cpu0 = tree_cpu_seconds(root)
-    t0 = time.monotonic()
     argv = [SMTP_SOURCE, "-4", "-f", "sender@source.test", "-M", "client.test"]
     argv += ["-t", "rcpt@example.com", "-l", str(size), "-m", str(messages), "-s", str(sessions)]
     argv += [f"{HOST}:{system.port}"]
+    drive(system, run, argv, system.sink.count + messages)
+    return run
+
+
+def drive(system: System, run: Run, argv: list[str], target: int) -> None:
+    """Runs smtp-source (argv) against the system until its sink counts `target`
+    messages; fills in run's timings, CPU (the system's process tree) and peak memory."""
+    sink = system.sink
+    root = system.root_pid()
+    cpu0 = tree_cpu_seconds(root)
+    t0 = time.monotonic()
     try:
         with PeakMemory(system.root_pid) as mem:
             source = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -481,7 +487,7 @@ def load(system: System, messages: int, size: int, sessions: int) -> Run:
             if source.returncode != 0:
                 raise RuntimeError(f"smtp-source failed: {source.stdout}{source.stderr}")
             wait_until(
-                lambda: sink.count >= target, RUN_TIMEOUT, f"{messages} messages at the sink"
+                lambda: sink.count >= target, RUN_TIMEOUT, f"{run.messages} messages at the sink"
             )
             run.end_to_end_seconds = time.monotonic() - t0
             run.cpu_seconds = tree_cpu_seconds(root) - cpu0
@@ -489,7 +495,6 @@ def load(system: System, messages: int, size: int, sessions: int) -> Run:
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
         run.ok = False
         run.error = str(e)[:500]
-    return run
 
 
 def median(runs: list[Run], attr: str) -> float:
