@@ -9,10 +9,10 @@ test:  ## set up everything (Debian packages, .venv, kube-apiserver/etcd/helm fr
 	@bash hack/test.sh
 
 lint:
-	.venv/bin/ruff check relay operator tests bench hack
+	.venv/bin/ruff check relay mailrelay_api operator tests bench hack
 	.venv/bin/mypy
 
-crds:  ## regenerate deploy/crds/ from relay/manifests/schema.py, its copy in the Helm chart, docs/reference.md
-	.venv/bin/python -m relay.manifests.crdgen
+crds:  ## regenerate deploy/crds/ from mailrelay_api/schema.py, its copy in the Helm chart, docs/reference.md
+	.venv/bin/python -m mailrelay_api.crdgen
 	bash hack/sync-chart-crds.sh
 	.venv/bin/python hack/gen-docs.py

@@ -139,7 +139,7 @@ print(json.dumps({"addresses": len(table), "table_mb": current / 2**20,
 
 def shard_with(api: KubeApi, address: str) -> str | None:
     """The recipients ConfigMap that should hold `address` (shards.shard_of)."""
-    from relay.manifests.shards import shard_of
+    from mailrelay_api.shards import shard_of
 
     cms = api.list_objects_sync(
         resource_path("v1", "ConfigMap", NS), "app.kubernetes.io/component=recipients"
@@ -184,7 +184,8 @@ def main() -> int:
         log = work / "operator.log"
         with log.open("w") as out:
             operator = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "operator", "--verbose", "--liveness", ""],
+                [sys.executable, "-m", "relay.process.cli", "operator", "--verbose",
+                 "--liveness", ""],
                 env={**env, "MAILRELAY_OPERATOR_RESYNC_SECONDS": "3600"},
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -488,7 +488,8 @@ class PolicyMailrelay(Mailrelay):
     def _command(self) -> list[str]:
         if self.profile is None:
             return super()._command()
-        return [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m", "relay.cli"]
+        profile = ["-m", "cProfile", "-o", str(self.profile)]
+        return [sys.executable, *profile, "-m", "relay.process.cli"]
 
     def _manifests(self) -> str:
         sites = "\n".join(

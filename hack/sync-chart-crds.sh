@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copies deploy/crds/*.yaml (generated from relay/manifests/schema.py) into the
+# Copies deploy/crds/*.yaml (generated from mailrelay_api/schema.py) into the
 # Helm chart, which cannot hold a symlink. `--check` exits 1 if they differ.
 # Run it after `make crds`; tests/ship/test_chart.py runs the check.
 set -euo pipefail

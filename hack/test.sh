@@ -9,10 +9,10 @@ if [ -x hack/install-tools.sh ]; then
 fi
 export KUBEBUILDER_ASSETS="${KUBEBUILDER_ASSETS:-$PWD/.tools/bin}"
 echo "== ruff"
-.venv/bin/ruff check relay operator tests bench hack
+.venv/bin/ruff check relay mailrelay_api operator tests bench hack
 echo "== mypy"
 .venv/bin/mypy
 echo "== generated CRDs up to date"
-.venv/bin/python -m relay.manifests.crdgen --check
+.venv/bin/python -m mailrelay_api.crdgen --check
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

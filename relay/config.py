@@ -1,6 +1,6 @@
 """The relay's runtime configuration, read from a rendered config folder.
 
-The folder holds what relay.manifests.render writes (relay.json,
+The folder holds what mailrelay_api.render writes (relay.json,
 domains.json, recipients-NNNN.txt.gz): in a pod, the projected ConfigMaps;
 with `mailrelay run`, a folder the CLI renders into. Everything here is typed
 and already defaulted by the schema; this module only converts.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.manifests.render import DOMAINS_FILE, RELAY_FILE
+from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE
 from relay.recipient_table import RecipientLookup, RecipientTable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

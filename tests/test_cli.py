@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def mailrelay(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "relay.process.cli", *args], cwd=ROOT, capture_output=True, text=True
     )
 
 

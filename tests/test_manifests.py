@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.manifests.load import load_manifests
-from relay.manifests.render import render_relay
-from relay.manifests.validate import validate_object, with_defaults
+from mailrelay_api.load import load_manifests
+from mailrelay_api.render import render_relay
+from mailrelay_api.validate import validate_object, with_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_semantic_cidr_and_rule_checks() -> None:
 
 
 def test_crds_are_up_to_date() -> None:
-    rc = subprocess.run([sys.executable, "-m", "relay.manifests.crdgen", "--check"])
+    rc = subprocess.run([sys.executable, "-m", "mailrelay_api.crdgen", "--check"])
     assert rc.returncode == 0
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from relay.manifests import shards
-from relay.manifests.load import Inventory
-from relay.manifests.render import DOMAINS_FILE, RenderCache, Rendered, render_relay
-from relay.manifests.validate import with_defaults
+from mailrelay_api import shards
+from mailrelay_api.load import Inventory
+from mailrelay_api.render import DOMAINS_FILE, RenderCache, Rendered, render_relay
+from mailrelay_api.validate import with_defaults
 
 
 def relay() -> dict[str, Any]:

@@ -6,8 +6,8 @@ from typing import Any, cast
 
 import kopf
 
+from mailrelay_api.render import Rendered
 from mailrelay_operator import certificate, configmaps, handover, pdb, services, statefulset
-from relay.manifests.render import Rendered
 
 
 def owned(child: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:

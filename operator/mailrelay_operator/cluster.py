@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.manifests.load import Inventory
-from relay.manifests.validate import with_defaults
+from mailrelay_api.load import Inventory
+from mailrelay_api.validate import with_defaults
 
 Key = tuple[str, str]  # (namespace, name)
 

@@ -12,8 +12,8 @@ import gzip
 import re
 from typing import Any
 
+from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE, Rendered
 from mailrelay_operator import naming
-from relay.manifests.render import DOMAINS_FILE, RELAY_FILE, Rendered
 
 # ConfigMaps hold at most 1 MiB (base64 counts 4/3 for binaryData).
 DOMAINS_GZIP_OVER = 256 * 1024

@@ -2,7 +2,7 @@
 
 One key per MailRelay, in Secret `<relay>-handover`, mounted into the pods:
 it authenticates a pod handing its queue over to a peer on scale-down
-(relay.handover) and the operator's drain requests (relay.control).
+(relay.handover.transfer) and the operator's drain requests (relay.handover.control).
 
 The operator never reads Secrets (its RBAC may create and patch them, not
 get, list or watch them): each relay's key is derived from the operator's

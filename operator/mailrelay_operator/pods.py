@@ -1,4 +1,4 @@
-"""Talking to the relay pods: their queue state and drain orders (relay.control).
+"""Talking to the relay pods: their queue state and drain orders (relay.handover.control).
 
 The operator reaches each pod on its control port through the headless
 Service (`<relay>-N.<relay>-pods.<ns>.svc:9125`); the address of a pod is a

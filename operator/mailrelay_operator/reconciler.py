@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailrelay_api.render import RenderCache, Rendered, render_relay
 from mailrelay_operator import certificate, handover, naming, pods, scaledown, status
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.kubeapi import KubeApi, KubeError, object_path, resource_path
-from relay.manifests.render import RenderCache, Rendered, render_relay
 
 log = logging.getLogger("mailrelay.operator")
 

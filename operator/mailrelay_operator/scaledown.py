@@ -3,9 +3,9 @@
 When spec.replicas goes below what the StatefulSet has, the reconciler keeps
 the StatefulSet's replicas where they are and, on every pass (every
 POLL_SECONDS while it lasts), asks each leaving pod (ordinals want..current-1)
-to drain towards the pods that stay (relay.control POST /drain, a lease
+to drain towards the pods that stay (relay.handover.control POST /drain, a lease
 renewed on each pass). The leaving pods stop taking mail, deliver what they
-can and hand the rest over (relay.drain). Once every leaving pod reports an
+can and hand the rest over (relay.handover.drain). Once every leaving pod reports an
 empty queue after the drain settled, the StatefulSet gets the new replicas
 and the StatefulSet controller removes the pods, whose volumes are empty.
 

@@ -11,7 +11,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from relay.manifests.render import DomainVerdict, RecipientListVerdict
+from mailrelay_api.render import DomainVerdict, RecipientListVerdict
 
 MX_RECORDS_MAX_DOMAINS = 100  # status stays small with 10,000 domains
 

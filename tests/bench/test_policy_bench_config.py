@@ -36,7 +36,7 @@ def test_manifests_validate_and_check_everything(tmp_path: Path) -> None:
     manifests = tmp_path / "relay.yaml"
     manifests.write_text(text)
     done = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "validate", "-f", str(manifests), "-o", "json"],
+        [sys.executable, "-m", "relay.process.cli", "validate", "-f", str(manifests), "-o", "json"],
         capture_output=True,
         text=True,
         cwd=ROOT,

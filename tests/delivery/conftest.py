@@ -10,9 +10,9 @@ import pytest
 from mrtest.delivery_helpers import FakeClock, Relay, Sink
 
 from relay.config import RelayConfig
-from relay.delivery import Delivery
+from relay.delivery.qmgr import Delivery
 from relay.dns import Resolver
-from relay.queue import Queue
+from relay.queue.store import Queue
 
 
 @pytest.fixture

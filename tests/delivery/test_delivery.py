@@ -12,8 +12,8 @@ import pytest
 from mrtest.delivery_helpers import FakeClock, free_port, make_config, message
 
 from relay.config import NextHop
-from relay.delivery import backoff
-from relay.queue import DEFERRED, Queue
+from relay.delivery.qmgr import backoff
+from relay.queue.store import DEFERRED, Queue
 
 
 async def eventually(predicate: Any, timeout: float = 60.0) -> None:
@@ -322,7 +322,7 @@ async def test_running_relay_notices_queue_flush(
 ) -> None:
     import asyncio
 
-    from relay.cli import main as cli_main
+    from relay.process.cli import main as cli_main
 
     sink = await sink_factory("127.0.0.2", rcpt_replies={"b@example.com": "451 4.3.0 later"})
     relay = await relay_factory(
@@ -349,7 +349,7 @@ async def test_a_lost_hand_off_is_delivered_by_the_scan(
 ) -> None:
     """A message committed here whose wake() never came (the server lost the hand-off)
     is still delivered: the scan takes the claim this process holds."""
-    import relay.delivery
+    import relay.delivery.qmgr
 
     sink = await sink_factory("127.0.0.2")
     relay_ = await relay_factory(
@@ -361,7 +361,7 @@ async def test_a_lost_hand_off_is_delivered_by_the_scan(
     await relay_.delivery.process_due(rescan=True)
     await relay_.delivery.idle()
     assert sink.messages == []  # within the grace period, the hand-off may still come
-    monkeypatch.setattr(relay.delivery, "FRESH_HANDOFF_GRACE", -1.0)
+    monkeypatch.setattr(relay.delivery.qmgr, "FRESH_HANDOFF_GRACE", -1.0)
     await relay_.delivery.process_due(rescan=True)
     await eventually(lambda: len(sink.messages) == 1)
     await relay_.delivery.idle()

@@ -17,7 +17,7 @@ import aiosmtplib
 from mrtest.peers import AiosmtpdSink, CapturedMessage, smtp_source
 from mrtest.relayproc import RelayProcess, next_loopback, wait_until, write_manifests
 
-from relay.queue import Queue
+from relay.queue.store import Queue
 
 
 def relay_queue_id(data: bytes) -> str:

@@ -13,8 +13,8 @@ from mrtest.delivery_helpers import make_config, message
 from mrtest.dnsserver import DnsServer
 
 from relay.config import DnsPolicy, NextHop
+from relay.delivery.smtp_client import DataEncoder, check_address
 from relay.dns import Resolver
-from relay.smtp_client import DataEncoder, check_address
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 from mrtest.delivery_helpers import free_port
 
 from relay.config import NextHop
+from relay.delivery.smtp_client import BOUNCED, DEFERRED, SENT, ConnectionPool
 from relay.dns import Resolver
-from relay.smtp_client import BOUNCED, DEFERRED, SENT, ConnectionPool
 
 HOST = "127.0.0.7"
 

@@ -1,4 +1,4 @@
-"""Per-client limits (relay.anvil): Postfix's reply codes, mynetworks exempt,
+"""Per-client limits (relay.smtpd.anvil): Postfix's reply codes, mynetworks exempt,
 windows on an injected clock, a bounded table under address spraying."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from mrtest.edgeserver import edge_config
 from mrtest.peers import RawClient
 from mrtest.relayproc import next_loopback
 
-from relay.anvil import Anvil
 from relay.config import Limits
-from relay.session import Session
+from relay.smtpd.anvil import Anvil
+from relay.smtpd.session import Session
 
 
 class FakeClock:

@@ -15,9 +15,9 @@ from mrtest.peers import RawClient, swaks
 from mrtest.relayproc import next_loopback
 
 from relay.config import Domain, NextHop, QueuePolicy, RelayConfig
-from relay.delivery import Delivery
+from relay.delivery.qmgr import Delivery
 from relay.dns import Resolver
-from relay.queue import Queue
+from relay.queue.store import Queue
 
 
 async def test_listed_domain_rejects_unknown_users_at_rcpt(edge_server, tmp_path: Path) -> None:

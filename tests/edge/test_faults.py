@@ -24,9 +24,9 @@ from mrtest.peers import AiosmtpdSink, RawClient
 from mrtest.relayproc import next_loopback, write_manifests
 
 from relay.config import Domain, NextHop, QueuePolicy, RelayConfig
-from relay.delivery import Delivery
+from relay.delivery.qmgr import Delivery
 from relay.dns import Resolver
-from relay.queue import Queue
+from relay.queue.store import Queue
 
 log = logging.getLogger("edge.faults")
 

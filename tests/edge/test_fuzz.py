@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mrtest.edgeserver import RUN_LONG, edge_config, edge_server_factory
 
-from relay.addresses import AddressError, is_routed, parse_path
-from relay.content import LimitExceeded, find_rejected_attachment
-from relay.dsn import Failure, build_dsn
-from relay.policy import Check, relay_access
-from relay.smtpdata import DataDecoder
+from relay.delivery.dsn import Failure, build_dsn
+from relay.smtpd.addresses import AddressError, is_routed, parse_path
+from relay.smtpd.content import LimitExceeded, find_rejected_attachment
+from relay.smtpd.policy import Check, relay_access
+from relay.smtpd.smtpdata import DataDecoder
 
 SCALE = 20 if RUN_LONG else 1
 RELAY_DOMAINS = {"example.com", "example.org"}

@@ -16,9 +16,9 @@ from mrtest.dnsserver import DnsServer
 from mrtest.relayproc import next_loopback
 
 from relay.config import DnsPolicy, Domain, NextHop, RelayConfig
-from relay.delivery import Delivery
+from relay.delivery.qmgr import Delivery
 from relay.dns import Resolver
-from relay.queue import Queue
+from relay.queue.store import Queue
 
 
 def openssl(*args: str) -> None:

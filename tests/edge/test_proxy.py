@@ -16,8 +16,8 @@ from mrtest.edgeserver import edge_config
 from mrtest.peers import RawClient, swaks
 from mrtest.relayproc import RelayProcess, free_port, next_loopback, render_config, write_manifests
 
-from relay import proxy
-from relay.proxy import V2_SIGNATURE, ProxyError, ProxyInfo, parse_v1, read_header
+from relay.smtpd import proxy
+from relay.smtpd.proxy import V2_SIGNATURE, ProxyError, ProxyInfo, parse_v1, read_header
 
 
 def v1(src: str, dst: str, sport: int, dport: int) -> bytes:

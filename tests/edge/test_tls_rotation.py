@@ -1,4 +1,4 @@
-"""Certificate rotation (relay.tlsreload): a Secret volume's `..data` swap
+"""Certificate rotation (relay.process.tlsreload): a Secret volume's `..data` swap
 serves the new certificate to new sessions, without a restart and without
 dropping a session in flight; bad new files keep the old certificate."""
 
@@ -13,7 +13,7 @@ import aiosmtplib
 from mrtest.peers import AiosmtpdSink
 from mrtest.relayproc import RelayProcess, make_certificate, next_loopback, write_manifests
 
-from relay.tlsreload import TlsReloader
+from relay.process.tlsreload import TlsReloader
 
 
 class SecretVolume:

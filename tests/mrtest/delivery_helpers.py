@@ -11,8 +11,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from relay.config import Domain, NextHop, QueuePolicy, RelayConfig
-from relay.delivery import Delivery
-from relay.queue import Queue
+from relay.delivery.qmgr import Delivery
+from relay.queue.store import Queue
 
 
 class FakeClock:

@@ -1,6 +1,6 @@
 """In-process relay servers for the edge tests (tests/edge): the real
 RelaySMTP on a free 127.0.0.x port, with an optional PROXY listener beside
-it, wired exactly as relay.server does (one ServerContext, `via_proxy=True`).
+it, wired exactly as relay.process.server does (one ServerContext, `via_proxy=True`).
 
     edge = await edge_server(config=edge_config(tmp_path, spec=...), proxy=True)
     edge.address, edge.proxy_address, edge.queued()
@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 
 from mrtest.relayproc import next_loopback, render_config, write_manifests
-from relay.anvil import Anvil
 from relay.config import RelayConfig, load_config
 from relay.dns import Resolver
-from relay.dnschecks import DnsChecks
-from relay.queue import ACTIVE, Queue, read_envelope
-from relay.screen import Postscreen
-from relay.smtpd import RelaySMTP, ServerContext
-from relay.spf import SpfChecker
+from relay.queue.store import ACTIVE, Queue, read_envelope
+from relay.smtpd.anvil import Anvil
+from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.screen import Postscreen
+from relay.smtpd.server import RelaySMTP, ServerContext
+from relay.smtpd.spf import SpfChecker
 
 DOMAINS: dict[str, list[str] | str] = {
     "example.com": ["info@example.com", "joe@example.com"],

@@ -147,9 +147,9 @@ def write_manifests(
 
 def render_config(manifests: Path, config_dir: Path) -> Path:
     """Renders manifests into a config folder, as `mailrelay render --out` does."""
-    from relay.cli import pick_relay, render_to_dir
-    from relay.manifests.load import load_manifests
-    from relay.manifests.render import render_relay
+    from mailrelay_api.load import load_manifests
+    from mailrelay_api.render import render_relay
+    from relay.process.cli import pick_relay, render_to_dir
 
     inv = load_manifests([str(manifests)])
     assert not inv.errors, inv.errors
@@ -202,7 +202,7 @@ class RelayProcess:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "relay.cli", self.command]
+        argv = [sys.executable, "-m", "relay.process.cli", self.command]
         if self.command == "run":
             assert self.manifests is not None
             argv += ["-f", str(self.manifests)]

@@ -17,10 +17,10 @@ import yaml
 from mailrelay_operator import configmaps, naming, statefulset
 from mailrelay_operator.children import desired_children
 
+from mailrelay_api.load import Inventory, load_manifests
+from mailrelay_api.render import render_relay
+from mailrelay_api.validate import with_defaults
 from relay.config import load_config
-from relay.manifests.load import Inventory, load_manifests
-from relay.manifests.render import render_relay
-from relay.manifests.validate import with_defaults
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"

@@ -16,7 +16,7 @@ def probe(address: tuple[str, int], *extra: str) -> subprocess.CompletedProcess[
         [
             sys.executable,
             "-m",
-            "relay.cli",
+            "relay.process.cli",
             "probe",
             "--address",
             f"{address[0]}:{address[1]}",

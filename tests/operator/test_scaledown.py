@@ -25,7 +25,7 @@ def address(relay: dict[str, Any], ordinal: int) -> PodAddress:
 
 
 class Pods:
-    """Answers /drain like relay.control would, from a table of queue states."""
+    """Answers /drain like relay.handover.control would, from a table of queue states."""
 
     def __init__(self, states: dict[int, dict[str, Any] | None]) -> None:
         self.states = states

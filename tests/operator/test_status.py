@@ -7,7 +7,7 @@ from typing import Any
 from mailrelay_operator import status
 from mailrelay_operator.cluster import ClusterView, trim
 
-from relay.manifests.render import DomainVerdict
+from mailrelay_api.render import DomainVerdict
 
 
 def obj(

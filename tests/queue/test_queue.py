@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue import (
+from relay.queue.store import (
     ACTIVE,
     DEFERRED,
     HOLD,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from relay.cli import main
-from relay.queue import ACTIVE, DEFERRED, FLUSH_MARKER, HOLD, Queue
+from relay.process.cli import main
+from relay.queue.store import ACTIVE, DEFERRED, FLUSH_MARKER, HOLD, Queue
 
 
 @pytest.fixture

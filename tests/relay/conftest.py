@@ -16,11 +16,11 @@ from mrtest.relayproc import next_loopback, render_config, write_manifests
 
 from relay.config import RelayConfig, load_config
 from relay.dns import Resolver
-from relay.dnschecks import DnsChecks
-from relay.queue import ACTIVE, Queue
-from relay.screen import Postscreen
-from relay.smtpd import RelaySMTP, ServerContext
-from relay.spf import SpfChecker
+from relay.queue.store import ACTIVE, Queue
+from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.screen import Postscreen
+from relay.smtpd.server import RelaySMTP, ServerContext
+from relay.smtpd.spf import SpfChecker
 
 DEFAULT_DOMAINS: dict[str, list[str] | str] = {
     "example.com": ["info@example.com", "joe@example.com"],
@@ -59,7 +59,7 @@ class Harness:
 
     def queued(self) -> list[bytes]:
         """The data of every committed message (without the queue trailer)."""
-        from relay.queue import read_envelope
+        from relay.queue.store import read_envelope
 
         out = []
         for f in sorted((self.queue.directory / ACTIVE).iterdir()):

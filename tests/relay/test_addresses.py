@@ -1,10 +1,10 @@
-"""relay.addresses: parsing paths, and Postfix's routed-address rule."""
+"""relay.smtpd.addresses: parsing paths, and Postfix's routed-address rule."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.addresses import (
+from relay.smtpd.addresses import (
     AddressError,
     is_fqdn,
     is_routed,

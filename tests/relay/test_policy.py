@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from relay.addresses import parse_path
 from relay.config import RelayConfig
-from relay.policy import RECIPIENT_RESTRICTIONS, Check, Transaction, check_recipient
-from relay.session import Envelope, Reply, ScreenResult, Session
-from relay.spf import SpfOutcome
+from relay.smtpd.addresses import parse_path
+from relay.smtpd.policy import RECIPIENT_RESTRICTIONS, Check, Transaction, check_recipient
+from relay.smtpd.session import Envelope, Reply, ScreenResult, Session
+from relay.smtpd.spf import SpfOutcome
 
 from .conftest import make_config
 
@@ -174,7 +174,7 @@ async def test_spf_fail_rejects(config: RelayConfig) -> None:
 async def test_non_fqdn_recipient(tmp_path: Path) -> None:
     # Only reachable for relay domains that are not FQDNs; the schema refuses
     # those, so check the restriction on its own.
-    from relay.policy import non_fqdn_recipient
+    from relay.smtpd.policy import non_fqdn_recipient
 
     config = make_config(tmp_path)
     address, _ = parse_path("<joe@localhost>")

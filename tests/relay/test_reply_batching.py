@@ -10,7 +10,7 @@ import pytest
 from mrtest.peers import RawClient
 from mrtest.relayproc import next_loopback
 
-from relay.smtpd import RelaySMTP
+from relay.smtpd.server import RelaySMTP
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""relay.server helpers: listen addresses, and seeing a ConfigMap update."""
+"""relay.process.server helpers: listen addresses, and seeing a ConfigMap update."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.server import SourceWatcher, config_hash, config_signature, parse_listen
+from relay.process.server import SourceWatcher, config_hash, config_signature, parse_listen
 
 
 @pytest.mark.parametrize(

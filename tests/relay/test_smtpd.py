@@ -11,11 +11,11 @@ import pytest
 from mrtest.peers import RawClient
 from mrtest.relayproc import make_certificate, next_loopback
 
-from relay import content
 from relay.config import RelayConfig
-from relay.queue import IncomingMessage, Queue, QueueError
-from relay.session import Reply, ScreenResult, Session
-from relay.smtpd import HARD_ERROR_LIMIT
+from relay.queue.store import IncomingMessage, Queue, QueueError
+from relay.smtpd import content
+from relay.smtpd.server import HARD_ERROR_LIMIT
+from relay.smtpd.session import Reply, ScreenResult, Session
 
 from .conftest import Harness, ServerFactory, make_config
 

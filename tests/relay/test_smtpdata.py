@@ -1,10 +1,10 @@
-"""relay.smtpdata: end of DATA only at CRLF.CRLF, Postfix 3.9 normalization."""
+"""relay.smtpd.smtpdata: end of DATA only at CRLF.CRLF, Postfix 3.9 normalization."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.smtpdata import MAX_PENDING, DataDecoder
+from relay.smtpd.smtpdata import MAX_PENDING, DataDecoder
 
 
 def decode(raw: bytes, chunk: int | None = None) -> tuple[bytes, bool, bytes]:

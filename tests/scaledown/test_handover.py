@@ -1,4 +1,4 @@
-"""The handover protocol between two queues (relay.handover), in process:
+"""The handover protocol between two queues (relay.handover.transfer), in process:
 the envelope travels whole, only an authenticated peer gets in, a draining
 pod takes nothing, and the sender keeps its copy until the peer said 250."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.handover import (
+from relay.handover.transfer import (
     MECHANISM,
     HandedEnvelope,
     HandoverClient,
@@ -20,7 +20,7 @@ from relay.handover import (
     HandoverServer,
     sign,
 )
-from relay.queue import ACTIVE, DEFERRED, HOLD, Queue
+from relay.queue.store import ACTIVE, DEFERRED, HOLD, Queue
 
 SECRET = b"s3cret-s3cret-s3cret-s3cret"
 DATA = b"Subject: hi\r\nMessage-ID: <m1@test>\r\n\r\nbody\r\n.leading dot\r\n"
@@ -166,7 +166,7 @@ async def test_a_draining_pod_takes_no_handover(tmp_path: Path, peer: Peer) -> N
 
 async def test_sender_keeps_its_copy_when_the_peer_fails(tmp_path: Path, peer: Peer) -> None:
     """The peer's disk fails: no 250, so the message stays queued here."""
-    from relay.drain import Drainer, write_order_sync
+    from relay.handover.drain import Drainer, write_order_sync
 
     mine = Queue(tmp_path / "mine")
     try:
@@ -196,7 +196,7 @@ async def test_sender_keeps_its_copy_when_the_peer_fails(tmp_path: Path, peer: P
 
 def test_a_drain_order_is_a_lease(tmp_path: Path) -> None:
     """A restarted pod finds no stale drain: an order ends unless it is renewed."""
-    from relay.drain import read_order_sync, write_order_sync
+    from relay.handover.drain import read_order_sync, write_order_sync
 
     first = write_order_sync(tmp_path, ["a:1"], ttl=60, now=1000.0)
     assert first is not None and first.since == 1000.0

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.manifests.validate import validate_object
+from mailrelay_api.validate import validate_object
 
 REPO = Path(__file__).resolve().parents[2]
 ARGOCD = REPO / "deploy" / "argocd"

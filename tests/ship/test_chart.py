@@ -71,7 +71,7 @@ def test_default_render() -> None:
 
 def test_operator_args_match_the_cli() -> None:
     # The Deployment's command line must parse with the real `mailrelay` parser.
-    from relay.cli import build_parser
+    from relay.process.cli import build_parser
 
     docs = render_chart("--set", "watchNamespaces={mail,customer-a}", "--set", "logLevel=debug")
     (container,) = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ship.tools import REPO, run
 
-from relay.manifests import schema as S
+from mailrelay_api import schema as S
 
 DOCS = REPO / "docs"
 PAGES = ["install.md", "migrating-from-postfix.md", "operations.md", "security.md"]

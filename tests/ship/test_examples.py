@@ -12,8 +12,8 @@ import yaml
 from mrtest.kube import Kube
 from ship.tools import REPO, dry_run, run
 
-from relay.manifests.load import load_manifests, manifest_files
-from relay.manifests.render import render_relay
+from mailrelay_api.load import load_manifests, manifest_files
+from mailrelay_api.render import render_relay
 
 EXAMPLES = sorted(p for p in (REPO / "examples").iterdir() if p.is_dir())
 # Not installed on the test apiserver: checked by `mailrelay validate` only.

@@ -14,7 +14,7 @@ from mrtest.peers import AiosmtpdSink, swaks
 from mrtest.relayproc import RelayProcess, next_loopback, write_manifests
 from ship.tools import REPO, render_chart, run
 
-from relay.cli import build_parser
+from relay.process.cli import build_parser
 
 DOCKERFILES = {"relay": REPO / "Dockerfile.relay", "operator": REPO / "Dockerfile.operator"}
 VENV_BIN = Path(sys.executable).parent

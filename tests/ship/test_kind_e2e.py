@@ -69,7 +69,7 @@ def test_chart_values_the_script_sets_are_valid() -> None:
 def test_the_mx_service_the_script_forwards_to() -> None:
     from mailrelay_operator import naming
 
-    from relay.manifests.validate import with_defaults
+    from mailrelay_api.validate import with_defaults
 
     (relay,) = [d for d in cluster_manifests() if d["kind"] == "MailRelay"]
     names = naming.mx_service_names(with_defaults(relay))

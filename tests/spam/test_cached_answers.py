@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from mrtest.dnsserver import DnsServer
 
-from relay import dnsbl
 from relay.dns import Resolver
-from relay.spf import evaluate
+from relay.smtpd import dnsbl
+from relay.smtpd.spf import evaluate
 
 
 async def test_cached_is_what_query_returned(resolver: Resolver) -> None:

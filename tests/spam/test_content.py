@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import RelayConfig
-from relay.content import MAX_DEPTH, check_message, find_rejected_attachment
+from relay.smtpd.content import MAX_DEPTH, check_message, find_rejected_attachment
 
 EXTS = frozenset({"exe", "bat", "com", "jar", "pif", "scr", "swf"})
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config import RelayConfig
-from relay.content import (
+from relay.smtpd.content import (
     MAX_HEADER_LINES,
     MAX_LINE,
     MAX_PARTS,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay import dnsbl
 from relay.config import DnsblSite
-from relay.dnsbl import ZoneAnswer, parse_filter, reply_counts, score, site_entries
+from relay.smtpd import dnsbl
+from relay.smtpd.dnsbl import ZoneAnswer, parse_filter, reply_counts, score, site_entries
 
 
 def test_filter_numbers_lists_and_ranges() -> None:

@@ -8,8 +8,8 @@ from mrtest.spamzones import LISTED_TXT
 
 from relay.config import RelayConfig
 from relay.dns import Resolver
-from relay.dnschecks import DnsChecks
-from relay.session import Session
+from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.session import Session
 
 MakeConfig = Callable[..., RelayConfig]
 

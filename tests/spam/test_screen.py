@@ -1,5 +1,5 @@
 """Postscreen against real TCP clients on distinct 127.0.0.x addresses and the real
-test DNS server. The server side here is a minimal stand-in for relay.smtpd: it
+test DNS server. The server side here is a minimal stand-in for relay.smtpd.server: it
 runs screen(), then sends the final "220 " line and echoes one command, which
 shows that pregreet bytes are left in the stream for the SMTP engine."""
 
@@ -15,8 +15,8 @@ import pytest
 
 from relay.config import RelayConfig
 from relay.dns import Resolver
-from relay.screen import PREGREET_TTL, Postscreen
-from relay.session import ScreenResult, Session
+from relay.smtpd.screen import PREGREET_TTL, Postscreen
+from relay.smtpd.session import ScreenResult, Session
 
 MakeConfig = Callable[..., RelayConfig]
 WAIT = "500ms"  # the greet wait in these tests

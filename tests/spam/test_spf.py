@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from relay.config import RelayConfig
 from relay.dns import Resolver
-from relay.session import Session
-from relay.spf import SpfChecker, evaluate
+from relay.smtpd.session import Session
+from relay.smtpd.spf import SpfChecker, evaluate
 
 MakeConfig = Callable[..., RelayConfig]
 

@@ -1,6 +1,6 @@
 """Draining a pod before a scale-down removes it.
 
-The operator asks (POST /drain on the control port, relay.control); the ask
+The operator asks (POST /drain on the control port, relay.handover.control); the ask
 is a lease written to `<queue>/drain.json`: the peers to hand mail to and
 when the lease ends. The operator renews it while it waits; when it stops
 asking (the scale-down was called off, the operator went away) the lease
@@ -12,7 +12,7 @@ While draining, each worker:
 - stops taking mail: sessions are told 421 (the readiness probe then fails
   and the Services stop sending clients here; MX clients try another host);
 - keeps delivering to next hops as usual;
-- hands every message it can claim over to a peer (relay.handover): deferred
+- hands every message it can claim over to a peer (relay.handover.transfer): deferred
   and held ones at once, fresh ones after HANDOVER_GRACE seconds (they get
   their first delivery attempt here). The queue locks make sure a message
   being delivered is never handed over too, and that two workers never hand
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from relay import metrics
-from relay.handover import HandoverClient, HandoverError
-from relay.queue import ACTIVE, HOLD, Queue
+from relay.handover.transfer import HandoverClient, HandoverError
+from relay.queue.store import ACTIVE, HOLD, Queue
 
 log = logging.getLogger("mailrelay.drain")
 

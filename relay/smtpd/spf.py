@@ -35,7 +35,7 @@ import spf as pyspf
 
 from relay.config import RelayConfig, SpfPolicy
 from relay.dns import DnsTempError, Resolver, txt_strings
-from relay.session import Reply, Session
+from relay.smtpd.session import Reply, Session
 
 log = logging.getLogger("mailrelay.spf")
 

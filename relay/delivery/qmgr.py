@@ -1,8 +1,8 @@
 """Delivery: Postfix's qmgr for one relay process.
 
 Takes messages from the queue, sends each recipient group to its domain's
-next hop (relay.smtp_client), records per-recipient results, defers with
-Postfix's backoff, expires and returns mail as DSNs (relay.dsn).
+next hop (relay.delivery.smtp_client), records per-recipient results, defers with
+Postfix's backoff, expires and returns mail as DSNs (relay.delivery.dsn).
 
 - `wake(id)`: the server calls it right after `commit()`; the message is
   delivered at once, from memory when small, under the lock taken at receipt.
@@ -28,11 +28,11 @@ from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
+from relay.delivery.dsn import Failure, build_dsn
+from relay.delivery.smtp_client import BOUNCED, SENT, ConnectionPool, RecipientResult
+from relay.delivery.smtp_client import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
-from relay.dsn import Failure, build_dsn
-from relay.queue import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, Queue, id_time
-from relay.smtp_client import BOUNCED, SENT, ConnectionPool, RecipientResult
-from relay.smtp_client import DEFERRED as RESULT_DEFERRED
+from relay.queue.store import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, Queue, id_time
 
 log = logging.getLogger("relay.delivery")
 

@@ -2,7 +2,7 @@
 
 Everything that knows the shape of a MailRelay, RelayDomain or RecipientList
 reads it from here: the CRDs in deploy/crds/ are generated from these schemas
-(`python -m relay.manifests.crdgen`), `mailrelay validate` and `mailrelay run`
+(`python -m mailrelay_api.crdgen`), `mailrelay validate` and `mailrelay run`
 check manifests against them offline, and defaults are applied from them, the
 way the API server's structural defaulting does.
 

@@ -5,7 +5,7 @@
   {"messages": 3, "states": {"active": 0, "deferred": 3, "hold": 0},
    "incoming": 0, "draining": true, "drainingSeconds": 12.5, "settled": true,
    "peers": ["edge-0...:10026"]}
-- POST /drain: starts, renews or ends a drain (relay.drain). The body is
+- POST /drain: starts, renews or ends a drain (relay.handover.drain). The body is
   {"drain": true, "peers": ["HOST:PORT", ...], "ttl": 60, "ts": <unix time>}
   or {"drain": false, "ts": ...}, signed with the relay's handover secret:
   header X-Mailrelay-Signature: hex HMAC-SHA256(secret, body). A request
@@ -27,9 +27,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from relay import drain
-from relay.handover import verify
-from relay.queue import INCOMING, QUEUE_STATES, is_queue_id
+from relay.handover import drain
+from relay.handover.transfer import verify
+from relay.queue.store import INCOMING, QUEUE_STATES, is_queue_id
 
 log = logging.getLogger("mailrelay.control")
 

@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.manifests.load import Inventory
-from relay.manifests.shards import ListPart, RenderCache, list_part, render_shards
+from mailrelay_api.load import Inventory
+from mailrelay_api.shards import ListPart, RenderCache, list_part, render_shards
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"

@@ -1,6 +1,6 @@
 """Offline checks of manifests against the CRD schemas, and structural defaulting.
 
-The same schemas as the CRDs (relay.manifests.schema); errors name the field
+The same schemas as the CRDs (mailrelay_api.schema); errors name the field
 the way the API server does: `spec.limits.messageSize: must be >= 1024`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 
-from relay.manifests import schema as S
+from mailrelay_api import schema as S
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay.cli import emit, format_table
-from relay.queue import ACTIVE, DEFERRED, HOLD, Queue, QueuedMessage
+from relay.process.output import emit, format_table
+from relay.queue.store import ACTIVE, DEFERRED, HOLD, Queue, QueuedMessage
 
 
 def _when(t: float) -> str:

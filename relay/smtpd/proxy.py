@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 
 from relay.config import IPNetwork, ProxyProtocol
-from relay.session import Session
+from relay.smtpd.session import Session
 
 log = logging.getLogger("mailrelay.proxy")
 

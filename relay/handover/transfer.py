@@ -1,6 +1,6 @@
 """Handing queued mail over to a peer pod, for a safe scale-down.
 
-A pod that is going away (relay.drain) sends every message it still holds
+A pod that is going away (relay.handover.drain) sends every message it still holds
 to a surviving pod of the same relay, over a dedicated listener
 (`--handover-listen`, port 10026 in the pod) that is NOT the MX port:
 
@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay import metrics
-from relay.queue import HOLD, READ_CHUNK, Claim, Queue, QueueError
-from relay.smtp_client import DataEncoder
-from relay.smtpdata import DataDecoder
+from relay.delivery.smtp_client import DataEncoder
+from relay.queue.store import HOLD, READ_CHUNK, Claim, Queue, QueueError
+from relay.smtpd.smtpdata import DataDecoder
 
 log = logging.getLogger("mailrelay.handover")
 

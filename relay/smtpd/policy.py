@@ -22,11 +22,11 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from relay.addresses import Address, is_fqdn, is_ip_literal, is_routed
 from relay.config import RelayConfig
-from relay.dnschecks import DnsChecks
-from relay.session import Envelope, Reply, Session
-from relay.spf import SpfChecker, SpfOutcome
+from relay.smtpd.addresses import Address, is_fqdn, is_ip_literal, is_routed
+from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.session import Envelope, Reply, Session
+from relay.smtpd.spf import SpfChecker, SpfOutcome
 
 
 class Permit(enum.Enum):

@@ -1,4 +1,4 @@
-"""The `mailrelay` command line (see ../shared/API.md for the contract)."""
+"""The `mailrelay` command line (its contract: docs/reference.md, "Command line")."""
 
 from __future__ import annotations
 
@@ -9,31 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from relay.manifests.load import Inventory, load_manifests
-from relay.manifests.render import Rendered, cross_reference_errors, render_relay
+from mailrelay_api.load import Inventory, load_manifests
+from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
+from relay.process.output import emit, format_table
 
 DEFAULT_LOCAL_LISTEN = "127.0.0.1:2525"
 DEFAULT_LOCAL_QUEUE = ".mailrelay/queue"
-
-
-def emit(data: Any, output: str, table: str | None = None) -> None:
-    """Prints data for scripts (-o json|yaml) or a table for people."""
-    if output == "json":
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
-    elif output == "yaml":
-        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
-    else:
-        print(table if table is not None else yaml.safe_dump(data, sort_keys=False), end="")
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells
-    )
 
 
 def _load(paths: list[str]) -> Inventory:
@@ -147,7 +128,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from relay.server import run_relay  # the relay process, with its reload loop
+    from relay.process.server import run_relay  # the relay process, with its reload loop
 
     inv = _load(args.file)
     relay = pick_relay(inv, args.relay)
@@ -180,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    from relay.server import run_relay
+    from relay.process.server import run_relay
 
     return run_relay(
         Path(args.config_dir),
@@ -196,13 +177,13 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from relay.queue_admin import run_queue_command
+    from relay.process.queue_admin import run_queue_command
 
     return run_queue_command(args)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from relay.probe import run_probe
+    from relay.process.probe import run_probe
 
     return run_probe(args.address, args.timeout, args.liveness)
 

@@ -10,7 +10,7 @@ Rates are counted over limits.rateTimeUnit (anvil_rate_time_unit, 60 s) in
 a window that starts at the client's first event, as anvil does; 0 turns a
 limit off. Clients in mynetworks are never counted
 (smtpd_client_event_limit_exceptions = $mynetworks). The per-session error
-limit (smtpd_hard_error_limit) needs no shared state: relay.smtpd counts it.
+limit (smtpd_hard_error_limit) needs no shared state: relay.smtpd.server counts it.
 
 Memory stays bounded under an address-spraying flood (every connection from
 a new IP): entries with no open connection are dropped once their window is
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from relay import metrics
 from relay.config import Limits
-from relay.session import Reply, Session
+from relay.smtpd.session import Reply, Session
 
 log = logging.getLogger("mailrelay.anvil")
 

@@ -1,6 +1,6 @@
 """Postscreen: connection-time tests before the SMTP session (Postfix postscreen).
 
-Contract with relay.smtpd: `screen()` runs right after accept, before the
+Contract with relay.smtpd.server: `screen()` runs right after accept, before the
 server's final "220 " greeting line. When the pregreet test runs, it has
 already written the "220-" teaser; the server then writes "220 <host> ESMTP".
 The verdict (ScreenResult):
@@ -40,10 +40,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay import dnsbl, logbuffer, metrics
+from relay import logbuffer, metrics
 from relay.config import RelayConfig
 from relay.dns import Resolver
-from relay.session import Reply, ScreenResult, Session
+from relay.smtpd import dnsbl
+from relay.smtpd.session import Reply, ScreenResult, Session
 
 log = logging.getLogger("mailrelay.postscreen")
 

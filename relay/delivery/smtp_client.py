@@ -30,8 +30,8 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from relay.config import NextHop
+from relay.delivery.pipelining import Borrowed, ReplyError, ReplyReader
 from relay.dns import DnsTempError, Resolver
-from relay.pipelining import Borrowed, ReplyError, ReplyReader
 
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"
 
@@ -564,7 +564,7 @@ class ConnectionPool:
         results: dict[str, RecipientResult],
         reused: bool,
     ) -> str:
-        """_transaction with PIPELINING (relay.pipelining): MAIL, RCPTs and DATA
+        """_transaction with PIPELINING (relay.delivery.pipelining): MAIL, RCPTs and DATA
         in one write, their replies read in order, then the message. Same
         results and outcome as the one-command-at-a-time path."""
         smtp = conn.smtp

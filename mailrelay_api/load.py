@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from relay.manifests import schema as S
-from relay.manifests.validate import ManifestError, validate_object, with_defaults
+from mailrelay_api import schema as S
+from mailrelay_api.validate import ManifestError, validate_object, with_defaults
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 

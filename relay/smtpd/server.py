@@ -9,9 +9,9 @@ do is overridden here:
 - Postfix's replies, with enhanced status codes on every one, its error
   counting (421 after smtpd_hard_error_limit) and pipelining detection;
 - the postscreen hook between accept and the final "220 " line;
-- DATA streams to the queue in chunks through relay.smtpdata (no message in
+- DATA streams to the queue in chunks through relay.smtpd.smtpdata (no message in
   memory, long lines kept, bare CR/LF normalized, no smuggling);
-- addresses parsed by relay.addresses, RCPT decided by relay.policy.
+- addresses parsed by relay.smtpd.addresses, RCPT decided by relay.smtpd.policy.
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP
 
-from relay import content, logbuffer, metrics
-from relay.addresses import AddressError, parse_esmtp_params, parse_path
-from relay.anvil import Anvil
+from relay import logbuffer, metrics
 from relay.config import RelayConfig
-from relay.dnschecks import DnsChecks
-from relay.policy import Check, Transaction, check_recipient, in_mynetworks
-from relay.proxy import accept_proxy
-from relay.queue import Queue
-from relay.screen import Postscreen
-from relay.session import Envelope, Reply, ScreenResult, Session
-from relay.smtpdata import DataDecoder
-from relay.spf import SpfChecker
+from relay.queue.store import Queue
+from relay.smtpd import content
+from relay.smtpd.addresses import AddressError, parse_esmtp_params, parse_path
+from relay.smtpd.anvil import Anvil
+from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.policy import Check, Transaction, check_recipient, in_mynetworks
+from relay.smtpd.proxy import accept_proxy
+from relay.smtpd.screen import Postscreen
+from relay.smtpd.session import Envelope, Reply, ScreenResult, Session
+from relay.smtpd.smtpdata import DataDecoder
+from relay.smtpd.spf import SpfChecker
 
 log = logging.getLogger("mailrelay.smtpd")
 
@@ -95,7 +96,7 @@ class ServerContext:
         self.idle_timeout = idle_timeout
         self.min_data_rate = min_data_rate
         self.on_queued = on_queued
-        # Per-client rate limits (relay.anvil), shared by the process's sessions.
+        # Per-client rate limits (relay.smtpd.anvil), shared by the process's sessions.
         self.anvil = anvil if anvil is not None else Anvil()
         self.sessions: set[RelaySMTP] = set()
         self.shutting_down = False
@@ -223,7 +224,7 @@ class RelaySMTP(SMTP):
         self.txn: Transaction | None = None
         self.idle = False  # waiting for a command, outside a transaction
         self._closing = False
-        # On the proxy listener: a PROXY header comes first (relay.proxy).
+        # On the proxy listener: a PROXY header comes first (relay.smtpd.proxy).
         self.via_proxy = via_proxy
         self._anvil_ip: str | None = None  # counted by ctx.anvil until connection_lost
         self._held: list[bytes] = []  # replies waiting for the end of a pipelined group

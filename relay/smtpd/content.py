@@ -33,7 +33,7 @@ from email.message import Message
 from pathlib import Path
 
 from relay.config import RelayConfig
-from relay.session import Reply
+from relay.smtpd.session import Reply
 
 log = logging.getLogger("mailrelay.content")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from relay import dnsbl
 from relay.config import RelayConfig
 from relay.dns import DnsTempError, Resolver, ptr_name, reverse_ip, txt_text
-from relay.session import Reply, Session
+from relay.smtpd import dnsbl
+from relay.smtpd.session import Reply, Session
 
 log = logging.getLogger("mailrelay.restrictions")
 
@@ -52,7 +52,7 @@ class DnsChecks:
         return out
 
     def _reject(self, reason: str, reply: Reply, session: Session | None, what: str) -> Reply:
-        # Logged here with the DNS detail; relay.smtpd logs the reply it sends and
+        # Logged here with the DNS detail; relay.smtpd.server logs the reply it sends and
         # counts it in metrics.REJECTED under the restriction's name.
         client = f" from [{session.client_ip}]" if session else ""
         log.info("%s%s: %s (%s)", reason, client, reply, what)

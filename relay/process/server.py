@@ -23,13 +23,13 @@ Environment knobs (for tests and operators; the CLI keeps to API.md):
 
 With `proxy_listen`, each worker also serves a second port where every
 connection must start with a PROXY header from spec.proxyProtocol.trustedCIDRs
-(relay.proxy); the plain port stays for probes and in-cluster clients.
-The certificate in `tls_dir` is reloaded when it changes (relay.tlsreload).
+(relay.smtpd.proxy); the plain port stays for probes and in-cluster clients.
+The certificate in `tls_dir` is reloaded when it changes (relay.process.tlsreload).
 
 With `handover_listen` and a `handover_secret`, each worker also serves the
-handover listener (relay.handover: peer pods hand their queue over here when
-they are scaled away) and follows drain orders (relay.drain); the metrics
-port is then the control port too (relay.control: /queue, POST /drain).
+handover listener (relay.handover.transfer: peer pods hand their queue over here when
+they are scaled away) and follows drain orders (relay.handover.drain); the metrics
+port is then the control port too (relay.handover.control: /queue, POST /drain).
 """
 
 from __future__ import annotations
@@ -205,14 +205,14 @@ class Worker:
         from relay import metrics
         from relay.config import load_config
         from relay.dns import Resolver
-        from relay.dnschecks import DnsChecks
-        from relay.drain import Drainer
-        from relay.handover import LINE_LIMIT, HandoverServer
-        from relay.queue import Queue
-        from relay.screen import Postscreen
-        from relay.smtpd import RelaySMTP, ServerContext
-        from relay.spf import SpfChecker
-        from relay.tlsreload import TlsReloader
+        from relay.handover.drain import Drainer
+        from relay.handover.transfer import LINE_LIMIT, HandoverServer
+        from relay.process.tlsreload import TlsReloader
+        from relay.queue.store import Queue
+        from relay.smtpd.dnschecks import DnsChecks
+        from relay.smtpd.screen import Postscreen
+        from relay.smtpd.server import RelaySMTP, ServerContext
+        from relay.smtpd.spf import SpfChecker
 
         loop = asyncio.get_running_loop()
         sig = config_signature(self.config_dir)
@@ -371,9 +371,9 @@ class Worker:
 def start_delivery(queue: Any, config_getter: Callable[[], Any], resolver: Any) -> Any:
     """The queue engineer's delivery engine, when it is there."""
     try:
-        from relay.delivery import Delivery  # type: ignore[import-not-found,unused-ignore]
+        from relay.delivery.qmgr import Delivery  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        log.warning("relay.delivery is not available: messages stay queued")
+        log.warning("relay.delivery.qmgr is not available: messages stay queued")
         return None
     return Delivery(queue, config_getter, resolver)
 
@@ -385,10 +385,10 @@ def serve_metrics(
     listen: str, *, multiprocess: bool, queue_dir: Path, secret: bytes | None = None
 ) -> None:
     """The control port on a thread: /metrics (in multiprocess mode, the sum
-    over the workers), /queue and POST /drain (relay.control)."""
+    over the workers), /queue and POST /drain (relay.handover.control)."""
     from prometheus_client import REGISTRY, CollectorRegistry
 
-    from relay import control
+    from relay.handover import control
 
     host, port = parse_listen(listen)
     registry = REGISTRY
@@ -450,7 +450,7 @@ def run_relay(
         return 2
     handover_secret = None
     if handover_secret_file is not None:
-        from relay.handover import load_secret
+        from relay.handover.transfer import load_secret
 
         try:
             handover_secret = load_secret(Path(handover_secret_file))

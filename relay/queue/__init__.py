@@ -1,0 +1,2 @@
+"""The durable queue between smtpd and delivery (Postfix's incoming/active/deferred/hold folders).
+"""
