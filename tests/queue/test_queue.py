@@ -83,7 +83,8 @@ def test_queue_ids_are_unique_sortable_and_carry_their_time() -> None:
 
 def test_queue_ids_differ_across_processes() -> None:
     code = (
-        "from relay.queue import new_queue_id; print(' '.join(new_queue_id() for _ in range(300)))"
+        "from relay.queue.store import new_queue_id; "
+        "print(' '.join(new_queue_id() for _ in range(300)))"
     )
     outs = [
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
