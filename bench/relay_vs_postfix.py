@@ -14,7 +14,7 @@ Content checks, as shipped (on by default; --no-content-filter turns both
 off): mailrelay's attachment filter with its default extensions, and on the
 Postfix side mime_header_checks with a regexp rejecting the same extensions.
 
-Postfix is configured as in ../shared/reference/performance.md, in a scratch
+Postfix is configured as docs/benchmarks.md describes, in a scratch
 folder (its own config, queue_directory and data_directory), started with
 `postfix -c DIR start` and always stopped at the end. Needs root (Postfix
 master and smtp-sink -u) and the Debian postfix package (hack/setup.sh).
