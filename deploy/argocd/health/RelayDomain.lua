@@ -1,0 +1,11 @@
+-- Argo CD health of a RelayDomain (mailrelay.io/v1alpha1).
+-- Healthy:     Accepted=True (and Ready=True if the operator sets Ready) and
+--              status.observedGeneration == metadata.generation
+-- Progressing: not yet observed, an older generation observed, or a condition
+--              Unknown or False while the operator is still working
+-- Degraded:    Accepted=False (e.g. Conflict, NotAllowed, RelayNotFound) or
+--              Ready=False with a failure reason
+-- Written for Lua 5.1 (Argo CD's gopher-lua); tests run it with lua5.4.
+local KIND = "RelayDomain"
+--#include lib.lua
+--#include claim.lua
