@@ -140,9 +140,6 @@ class Resolver:
         ttl = min(max(float(ans.rrset.ttl), MIN_TTL), MAX_TTL)
         return DnsAnswer(name, rdtype, tuple(r.to_text() for r in ans.rrset), ttl)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
 
 def _negative_ttl(response: dns.message.Message | None) -> float:
     """RFC 2308: a negative answer lives min(SOA TTL, SOA minimum); 60 s without a SOA."""
