@@ -8,7 +8,13 @@ End to end = from starting smtp-source until the sink counted every message.
 CPU per message = CPU time of the relay's process tree over the run (not the
 load generator nor the sink). Memory = peak PSS summed over the relay's
 processes, sampled every 50 ms. Then a memory run: 20 sessions each sending
-one 25 MB message (target for mailrelay: peak <= 150 MB).
+one 25 MB message (target for mailrelay: peak <= 100 MB).
+
+Latency (bench/latency.py): during each run a probe sends one message at a
+time (default 20 a second) to a second relay domain, probe.example, whose next
+hop is a sink in this process; it reports p50/p99 from the final "." to the
+relay's 250 (accept), and from that 250 to the next hop having the message
+(forward). --probe-rate 0 turns it off.
 
 Content checks, as shipped (on by default; --no-content-filter turns both
 off): mailrelay's attachment filter with its default extensions, and on the
@@ -19,7 +25,9 @@ folder (its own config, queue_directory and data_directory), started with
 `postfix -c DIR start` and always stopped at the end. Needs root (Postfix
 master and smtp-sink -u) and the Debian postfix package (hack/setup.sh).
 
-    .venv/bin/python bench/relay_vs_postfix.py [--messages 5000] [--runs 3] [--workers 2]
+    .venv/bin/python bench/relay_vs_postfix.py [--messages 5000] [--runs 3] [--workers N]
+
+mailrelay runs with its default number of workers unless --workers is given.
 
 Results: bench/results/<time>/results.json and summary.md (paste into README).
 """
@@ -41,9 +49,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import PROBE_DOMAIN, Probe, median_of  # bench/ is not a package
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -235,9 +246,12 @@ maillog_file_prefixes = {workdir}
 class Postfix:
     name = "postfix"
 
-    def __init__(self, workdir: Path, sink: Sink, content_filter: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, sink: Sink, content_filter: bool = False, probe_port: int = 0
+    ) -> None:
         self.workdir = workdir
         self.sink = sink
+        self.probe_port = probe_port  # the latency probe's next hop (0: no probe domain)
         self.port = free_port()
         self.etc = workdir / "etc"
         self.started = False
@@ -278,6 +292,16 @@ class Postfix:
             maillog=self.workdir / "maillog",
             workdir=self.workdir,
         )
+        if self.probe_port:
+            probe = f"{PROBE_DOMAIN}=smtp:[{HOST}]:{self.probe_port}"
+            main_cf = main_cf.replace(
+                "relay_domains = example.com", f"relay_domains = example.com, {PROBE_DOMAIN}"
+            )
+            main_cf = main_cf.replace("@example.com=OK }", f"@example.com=OK @{PROBE_DOMAIN}=OK }}")
+            main_cf = main_cf.replace(
+                f"example.com=smtp:[127.0.0.1]:{self.sink.port} }}",
+                f"example.com=smtp:[127.0.0.1]:{self.sink.port} {probe} }}",
+            )
         if self.content_filter:
             # The same work as mailrelay's attachment filter, the Postfix way:
             # every MIME header of every part through a regexp (the seed's rule).
@@ -357,15 +381,30 @@ spec:
   recipients: any
 """
 
+PROBE_DOMAIN_YAML = """\
+---
+apiVersion: mailrelay.io/v1alpha1
+kind: RelayDomain
+metadata: {{name: probe, namespace: default}}
+spec:
+  domain: {domain}
+  relayRef: {{name: bench}}
+  nextHop: {{host: 127.0.0.1, port: {port}, tls: none}}
+  recipients: any
+"""
+
 
 class Mailrelay:
     name = "mailrelay"
 
-    def __init__(self, workdir: Path, sink: Sink, workers: int, content_filter: bool) -> None:
+    def __init__(
+        self, workdir: Path, sink: Sink, workers: int, content_filter: bool, probe_port: int = 0
+    ) -> None:
         self.workdir = workdir
         self.sink = sink
-        self.workers = workers
+        self.workers = workers  # 0: mailrelay's default
         self.content_filter = content_filter
+        self.probe_port = probe_port
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -375,7 +414,9 @@ class Mailrelay:
         manifests.write_text(self._manifests())
         argv = [*self._command(), "run", "-f", str(manifests)]
         argv += ["--listen", f"{HOST}:{self.port}", "--queue-dir", str(self.workdir / "queue")]
-        argv += ["--config-dir", str(self.workdir / "config"), "--workers", str(self.workers)]
+        argv += ["--config-dir", str(self.workdir / "config")]
+        if self.workers:
+            argv += ["--workers", str(self.workers)]
         log = (self.workdir / "relay.log").open("wb")
         self.proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
@@ -386,7 +427,7 @@ class Mailrelay:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"mailrelay exited: see {self.workdir / 'relay.log'}")
             text = (self.workdir / "relay.log").read_text(errors="replace")
-            return text.count("ready: listening on") >= self.workers
+            return text.count("ready: listening on") >= (self.workers or 1)
 
         wait_until(ready, 60, "mailrelay workers")
         return self
@@ -401,7 +442,10 @@ class Mailrelay:
         content = (
             "" if self.content_filter else "  contentFilters: {rejectAttachmentExtensions: []}"
         )
-        return RELAY_YAML.format(sink_port=self.sink.port, content_filter=content)
+        manifests = RELAY_YAML.format(sink_port=self.sink.port, content_filter=content)
+        if self.probe_port:
+            manifests += PROBE_DOMAIN_YAML.format(domain=PROBE_DOMAIN, port=self.probe_port)
+        return manifests
 
     def root_pid(self) -> int:
         assert self.proc is not None
@@ -436,6 +480,7 @@ class Run:
     end_to_end_seconds: float = 0.0
     cpu_seconds: float = 0.0
     peak_mb: float = 0.0
+    latency: dict[str, float | int] = field(default_factory=dict)  # Latencies.summary()
     ok: bool = True
     error: str = ""
 
@@ -464,21 +509,28 @@ class Run:
         return d
 
 
-def load(system: System, messages: int, size: int, sessions: int) -> Run:
+def load(
+    system: System, messages: int, size: int, sessions: int, probe: Probe | None = None
+) -> Run:
     run = Run(system.name, messages, size, sessions)
     argv = [SMTP_SOURCE, "-4", "-f", "sender@source.test", "-M", "client.test"]
     argv += ["-t", "rcpt@example.com", "-l", str(size), "-m", str(messages), "-s", str(sessions)]
     argv += [f"{HOST}:{system.port}"]
-    drive(system, run, argv, system.sink.count + messages)
+    drive(system, run, argv, system.sink.count + messages, probe)
     return run
 
 
-def drive(system: System, run: Run, argv: list[str], target: int) -> None:
+def drive(
+    system: System, run: Run, argv: list[str], target: int, probe: Probe | None = None
+) -> None:
     """Runs smtp-source (argv) against the system until its sink counts `target`
-    messages; fills in run's timings, CPU (the system's process tree) and peak memory."""
+    messages; fills in run's timings, CPU (the system's process tree) and peak memory,
+    and with a probe the latencies measured meanwhile."""
     sink = system.sink
     root = system.root_pid()
     cpu0 = tree_cpu_seconds(root)
+    if probe is not None:
+        probe.begin(system.port)
     t0 = time.monotonic()
     try:
         with PeakMemory(system.root_pid) as mem:
@@ -495,6 +547,22 @@ def drive(system: System, run: Run, argv: list[str], target: int) -> None:
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
         run.ok = False
         run.error = str(e)[:500]
+    finally:
+        if probe is not None:
+            run.latency = probe.end().summary()
+
+
+def commit_measured() -> str:
+    """The commit under test, with "+dirty" when the work tree has changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        "+dirty" if git("status", "--porcelain", "-uno") else ""
+    )
 
 
 def median(runs: list[Run], attr: str) -> float:
@@ -511,7 +579,8 @@ def report(results: dict[str, Any]) -> str:
         f"Benchmark {results['started']} on {results['machine']}: smtp-source -> relay -> "
         f"smtp-sink, {results['messages']} x {results['size']} B, {results['sessions']} sessions, "
         f"warm-up {results['warmup']}, {results['rounds']} interleaved runs, medians; "
-        f"mailrelay with {results['workers']} workers, attachment filter "
+        f"mailrelay with {results['workers'] or 'its default number of'} workers, "
+        "attachment filter "
         f"{'on (Postfix: mime_header_checks)' if results.get('content_filter') else 'off'}; "
         "both fsync before 250.",
         "",
@@ -527,10 +596,36 @@ def report(results: dict[str, Any]) -> str:
             f"{median(rs, 'cpu_ms_per_message'):.2f} ms | "
             f"{max((r.peak_mb for r in rs), default=0):.0f} MB |"
         )
+    latency = {name: [r.latency for r in rs if r.ok and r.latency] for name, rs in runs.items()}
+    if any(latency.values()):
+        lines += [
+            "",
+            f"Latency under that load (probe at {results.get('probe_rate')}/s, medians of "
+            'the runs\' percentiles): accept = final "." to 250, forward = 250 to the '
+            "next hop's 250.",
+            "",
+            "| system | accept p50 | accept p99 | forward p50 | forward p99 |",
+            "|---|---|---|---|---|",
+        ]
+        for name in ("postfix", "mailrelay"):
+            if latency.get(name):
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        f"{median_of(latency[name], key):.1f} ms"
+                        for key in (
+                            "accept_p50_ms",
+                            "accept_p99_ms",
+                            "forward_p50_ms",
+                            "forward_p99_ms",
+                        )
+                    )
+                    + " |"
+                )
     pf = median(runs.get("postfix", []), "end_to_end_rate")
     mr = median(runs.get("mailrelay", []), "end_to_end_rate")
     if pf and mr:
-        lines += ["", f"End-to-end ratio mailrelay / Postfix: **{mr / pf:.2f}x** (target >= 1.5x)."]
+        lines += ["", f"End-to-end ratio mailrelay / Postfix: **{mr / pf:.2f}x** (target >= 2.0x)."]
     for name, mem in results.get("memory", {}).items():
         lines.append(
             f"Memory run ({name}): {mem['messages']} sessions x "
@@ -545,7 +640,7 @@ def report(results: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def systems(
-    workdir: Path, workers: int, which: list[str], content_filter: bool
+    workdir: Path, workers: int, which: list[str], content_filter: bool, probe_port: int = 0
 ) -> Iterator[list[System]]:
     started: list[Any] = []
     try:
@@ -555,9 +650,9 @@ def systems(
             started.append(sink)
             system: System
             if name == "postfix":
-                system = Postfix(workdir / "postfix", sink, content_filter)
+                system = Postfix(workdir / "postfix", sink, content_filter, probe_port)
             else:
-                system = Mailrelay(workdir / "mailrelay", sink, workers, content_filter)
+                system = Mailrelay(workdir / "mailrelay", sink, workers, content_filter, probe_port)
             started.append(system)
             system.start()
             out.append(system)
@@ -577,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
+    p.add_argument("--probe-rate", type=float, default=20.0, help="latency probes/s (0: none)")
     p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
     p.add_argument("--memory-size", type=int, default=25_000_000, help="0 skips the memory run")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -608,18 +704,23 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.runs,
         "workers": args.workers,
         "content_filter": args.content_filter,
+        "probe_rate": args.probe_rate,
+        "commit": commit_measured(),
+        "load_average_start": os.getloadavg(),
         "runs": {name: [] for name in which},
         "memory": {},
     }
+    probe = Probe(args.probe_rate) if args.probe_rate > 0 else None
+    probe_port = probe.start_sink() if probe is not None else 0
     try:
-        with systems(workdir, args.workers, which, args.content_filter) as running:
+        with systems(workdir, args.workers, which, args.content_filter, probe_port) as running:
             for system in running:
                 print(f"warm-up {system.name}: {args.warmup} messages", flush=True)
                 load(system, args.warmup, args.size, args.sessions)
             for i in range(args.runs):
                 order = running if i % 2 == 0 else list(reversed(running))
                 for system in order:
-                    run = load(system, args.messages, args.size, args.sessions)
+                    run = load(system, args.messages, args.size, args.sessions, probe)
                     results["runs"][system.name].append(run.summary())
                     print(
                         f"run {i + 1} {system.name}: accept {run.accept_rate:.0f}/s, "
@@ -638,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     finally:
+        results["load_average_end"] = os.getloadavg()
+        if probe is not None:
+            probe.close()
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         summary = report(results)
         (out_dir / "summary.md").write_text(summary)
