@@ -1,5 +1,5 @@
 # The two entry points of the README. Everything they need is installed by hack/.
-.PHONY: run test lint crds
+.PHONY: run test lint crds bench
 
 run:  ## set up, then run a local relay from examples/quickstart/ on 127.0.0.1:2525
 	@bash hack/setup.sh
@@ -16,3 +16,11 @@ crds:  ## regenerate deploy/crds/ from mailrelay_api/schema.py, its copy in the 
 	.venv/bin/python -m mailrelay_api.crdgen
 	bash hack/sync-chart-crds.sh
 	.venv/bin/python hack/gen-docs.py
+
+bench:  ## every benchmark the README quotes, side by side with Postfix (root; results in bench/results/)
+	@bash hack/setup.sh
+	.venv/bin/python bench/relay_vs_postfix.py
+	.venv/bin/python bench/policy_vs_postfix.py
+	.venv/bin/python bench/sessions.py
+	bash hack/install-tools.sh
+	KUBEBUILDER_ASSETS=$(CURDIR)/.tools/bin .venv/bin/python bench/operator_scale.py

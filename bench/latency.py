@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import statistics
 import threading
 import time
@@ -37,7 +38,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -129,11 +130,11 @@ class Probe:
         asyncio.run_coroutine_threadsafe(self.sink.start(), self._loop).result(10)
         return self.sink.port
 
-    def begin(self, port: int) -> None:
-        """Starts probing the relay at 127.0.0.1:port, with fresh figures."""
+    def begin(self, port: int, host: str = "127.0.0.1") -> None:
+        """Starts probing the relay at host:port, with fresh figures."""
         self.latencies = Latencies()
         self._accepted = {}
-        self._task = asyncio.run_coroutine_threadsafe(self._send_loop(port), self._loop)
+        self._task = asyncio.run_coroutine_threadsafe(self._send_loop(host, port), self._loop)
 
     def end(self, wait: float = 30.0) -> Latencies:
         """Stops probing, waits up to `wait` s for accepted probes to reach the sink."""
@@ -158,11 +159,11 @@ class Probe:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    async def _send_loop(self, port: int) -> None:
+    async def _send_loop(self, host: str, port: int) -> None:
         interval = 1.0 / self.rate
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection(host, port)
             except OSError:
                 self.latencies.errors += 1
                 await asyncio.sleep(interval)
