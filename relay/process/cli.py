@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import tempfile
@@ -12,9 +13,9 @@ from typing import Any
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
 from relay.process.output import emit, format_table
+from relay.process.queue_admin import add_queue_parser, default_queue_dir
 
 DEFAULT_LOCAL_LISTEN = "127.0.0.1:2525"
-DEFAULT_LOCAL_QUEUE = ".mailrelay/queue"
 
 
 def _load(paths: list[str]) -> Inventory:
@@ -151,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_relay(
         config_dir,
         listen=args.listen or DEFAULT_LOCAL_LISTEN,
-        queue_dir=Path(args.queue_dir or DEFAULT_LOCAL_QUEUE),
+        queue_dir=Path(args.queue_dir or default_queue_dir()),
         metrics_listen=args.metrics_listen,
         tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         workers=args.workers,
@@ -166,7 +167,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     return run_relay(
         Path(args.config_dir),
         listen=args.listen,
-        queue_dir=Path(args.queue_dir),
+        queue_dir=Path(args.queue_dir or default_queue_dir()),
         metrics_listen=args.metrics_listen,
         tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         workers=args.workers,
@@ -194,10 +195,18 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return run_operator(args)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mailrelay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailrelay", description="A Kubernetes-native mail relay, MX backup and spam filter."
     )
+    parser.add_argument("--version", action="version", version=f"mailrelay {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def manifests(p: argparse.ArgumentParser) -> None:
@@ -228,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     manifests(p)
     p.add_argument("--relay", help="which MailRelay, when the manifests hold several")
     p.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LOCAL_LISTEN})")
-    p.add_argument("--queue-dir", help=f"queue folder (default {DEFAULT_LOCAL_QUEUE})")
+    p.add_argument(
+        "--queue-dir", help="queue folder (default $MAILRELAY_QUEUE_DIR, else .mailrelay/queue)"
+    )
     p.add_argument("--config-dir", help="where to render the configuration (default: a temp dir)")
     relay_opts(p)
     p.set_defaults(func=cmd_run)
@@ -249,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", required=True)
     p.add_argument("--listen", default="0.0.0.0:2525")
     p.add_argument("--proxy-listen", default=None, help="HOST:PORT expecting PROXY headers")
-    p.add_argument("--queue-dir", default="/var/spool/mailrelay")
+    p.add_argument("--queue-dir", default=None, help="queue folder (default $MAILRELAY_QUEUE_DIR)")
     p.add_argument(
         "--handover-listen",
         default=None,
@@ -263,15 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay_opts(p)
     p.set_defaults(func=cmd_relay)
 
-    p = sub.add_parser("queue", help="queue administration (like postqueue/postsuper)")
-    p.add_argument(
-        "action",
-        choices=["list", "show", "flush", "hold", "release", "delete"],
-    )
-    p.add_argument("ids", nargs="*", metavar="QUEUE_ID", help="queue ids (ALL for every message)")
-    p.add_argument("--queue-dir", default=DEFAULT_LOCAL_QUEUE)
-    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-    p.set_defaults(func=cmd_queue)
+    add_queue_parser(sub).set_defaults(func=cmd_queue)
 
     p = sub.add_parser("probe", help="SMTP health check of a relay pod (EHLO/QUIT)")
     p.add_argument("--address", default="127.0.0.1:2525", help="HOST:PORT of the relay")
@@ -289,7 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Queue ids may come after options too (`queue delete --queue-dir D ID1 ID2`).
+    if (
+        extra
+        and getattr(args, "ids", None) is not None
+        and not any(e.startswith("-") and e != "-" for e in extra)
+    ):
+        args.ids += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 

@@ -1,9 +1,13 @@
-"""`mailrelay queue list|show|flush|hold|release|delete` on a real queue folder."""
+"""`mailrelay queue list|show|flush|hold|release|delete|shape` on a real queue folder."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +51,22 @@ def test_list_table_and_json(filled: tuple[Path, list[str]], capsys: Any) -> Non
     qdir, ids = filled
     code, out, _ = run(capsys, "list", "--queue-dir", str(qdir))
     assert code == 0
+    # postqueue -p: a line per message (id, size, arrival, state, sender), the deferral
+    # reason in parentheses, a line per pending recipient, the totals last.
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "SIZE", "ARRIVAL", "SENDER", "RECIPIENTS", "STATE"]
-    assert [line.split()[0] for line in lines[1:]] == ids
-    assert "deferred (451 4.3.0 try later)" in lines[2]
-    assert lines[3].endswith("hold")
+    assert lines[0].split()[:2] == ["-Queue", "ID-"]
+    heads = [line for line in lines if line[:12] in ids]
+    assert [h[:12] for h in heads] == ids
+    assert heads[0][12] == "*" and heads[2][12] == "!"  # active, hold
+    assert heads[1].split()[-2:] == ["deferred", "a@example.org"]
+    assert "(451 4.3.0 try later)" in lines[lines.index(heads[1]) + 1]
+    pending = [line.strip() for line in lines if line.startswith(" " * 54)]
+    assert pending == [
+        *("r0@example.com", "x@example.com"),
+        "r1@example.com",  # x@example.com is done
+        *("r2@example.com", "x@example.com"),
+    ]
+    assert lines[-1].startswith("-- ") and lines[-1].endswith(" Kbytes in 3 Requests.")
     code, out, _ = run(capsys, "list", "--queue-dir", str(qdir), "-o", "json")
     data = json.loads(out)
     assert [d["state"] for d in data] == [ACTIVE, DEFERRED, HOLD]
@@ -102,3 +117,110 @@ def test_flush_makes_deferred_due_and_touches_the_marker(
 def test_not_a_queue_folder(tmp_path: Path, capsys: Any) -> None:
     code, _, err = run(capsys, "list", "--queue-dir", str(tmp_path / "nope"))
     assert code == 1 and "not a mailrelay queue folder" in err
+
+
+def test_filters_select_messages(filled: tuple[Path, list[str]], capsys: Any) -> None:
+    qdir, ids = filled
+
+    def listed(*argv: str) -> list[str]:
+        code, out, _ = run(capsys, "list", "--queue-dir", str(qdir), "-o", "json", *argv)
+        assert code == 0
+        return [d["id"] for d in json.loads(out)]
+
+    assert listed("--state", "deferred") == [ids[1]]
+    assert listed("--recipient", "r2@EXAMPLE.com") == [ids[2]]
+    assert listed("--recipient", "@example.com") == ids
+    assert listed("--domain", "example.com") == ids
+    assert listed("--domain", "example.net") == []
+    assert listed("--sender", "@example.org") == ids
+    assert listed("--sender", "b@example.org") == []
+    assert listed("--older-than", "1h") == []
+    assert listed("--older-than", "0s") == ids
+    # Filters narrow the ids given, and select on their own for the changing actions.
+    code, out, _ = run(capsys, "hold", "--queue-dir", str(qdir), "--state", "deferred")
+    assert code == 0 and "Placed on hold: 1 message" in out
+    assert sorted(os.listdir(qdir / HOLD)) == sorted([ids[1], ids[2]])
+
+
+def test_changing_actions_need_a_selection(filled: tuple[Path, list[str]], capsys: Any) -> None:
+    qdir, _ = filled
+    code, _, err = run(capsys, "delete", "--queue-dir", str(qdir))
+    assert code == 2 and "give queue ids, ALL, - or a filter" in err
+    assert len(os.listdir(qdir / ACTIVE)) == 1
+
+
+def test_ids_from_stdin_and_options_after_ids(
+    filled: tuple[Path, list[str]], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qdir, ids = filled
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{ids[0]}\n{ids[1].lower()}\n"))
+    code, out, _ = run(capsys, "delete", "-", "--queue-dir", str(qdir))
+    assert code == 0 and "Deleted: 2 messages" in out
+    code, out, _ = main_args(
+        capsys, "queue", "delete", "--queue-dir", str(qdir), ids[2], "-o", "json"
+    )
+    assert code == 0 and json.loads(out) == {"action": "delete", "ids": [ids[2]], "unknown": []}
+
+
+def main_args(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_show_body_like_postcat(filled: tuple[Path, list[str]], capsys: Any) -> None:
+    qdir, ids = filled
+    code, out, _ = run(capsys, "show", ids[0], "--body", "--queue-dir", str(qdir))
+    assert code == 0
+    assert "*** HEADERS ***" in out and "Subject: number 0" in out
+    assert "*** BODY ***\nbody\n*** END ***" in out
+    code, out, _ = run(capsys, "show", ids[0], "--body", "--queue-dir", str(qdir), "-o", "json")
+    assert json.loads(out)[0]["body"] == "body\n"
+
+
+def test_shape_counts_domains_by_age(filled: tuple[Path, list[str]], capsys: Any) -> None:
+    qdir, _ = filled
+    code, out, _ = run(capsys, "shape", "--queue-dir", str(qdir))
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:3] == ["T", "5", "10"] and rows[0][-1] == "1280+"
+    # 5 pending recipients, all in example.com, all younger than 5 minutes.
+    assert rows[1][:3] == ["TOTAL", "5", "5"] and rows[2][:3] == ["example.com", "5", "5"]
+    code, out, _ = run(capsys, "shape", "--by", "sender", "--queue-dir", str(qdir), "-o", "json")
+    assert json.loads(out)[1] == {**json.loads(out)[1], "domain": "example.org", "total": 3}
+
+
+def test_shape_buckets_old_mail(tmp_path: Path) -> None:
+    from relay.process.queue_admin import shape_table
+    from relay.queue.store import QueuedMessage
+
+    now = time.time()
+    old = QueuedMessage("A", "s@x.test", ["r@a.test"], now - 3 * 3600, now)
+    ancient = QueuedMessage("B", "s@x.test", ["r@a.test", "r@b.test"], now - 2 * 86400, now)
+    table = shape_table([old, ancient], "recipient", now)
+    # Columns: T, then under 5, 10, 20, 40, 80, 160, 320, 640, 1280 minutes, then older.
+    assert table[0] == ["TOTAL", 3, 0, 0, 0, 0, 0, 0, 1, 0, 0, 2]  # 180 min: under 320
+    assert table[1] == ["a.test", 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1]
+
+
+def test_queue_dir_from_the_environment(filled: tuple[Path, list[str]]) -> None:
+    qdir, ids = filled
+    env = {**os.environ, "MAILRELAY_QUEUE_DIR": str(qdir)}
+    out = subprocess.run(
+        [sys.executable, "-m", "relay.process.cli", "queue", "list", "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    ).stdout
+    assert [d["id"] for d in json.loads(out)] == ids
+
+
+def test_version_and_per_action_help(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("mailrelay ")
+    with pytest.raises(SystemExit):
+        main(["queue", "show", "--help"])
+    assert "--body" in capsys.readouterr().out
