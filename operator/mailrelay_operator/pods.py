@@ -3,24 +3,21 @@
 The operator reaches each pod on its control port through the headless
 Service (`<relay>-N.<relay>-pods.<ns>.svc:9125`); the address of a pod is a
 pluggable function, so tests without a kubelet map pods to 127.0.0.x
-processes. Drain requests are signed with the relay's handover key.
+processes. Drain requests (mailrelay_api.drain_protocol) are signed with the relay's
+handover key.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from mailrelay_api.drain_protocol import DrainRequest
 from mailrelay_operator import naming
 
-SIGNATURE_HEADER = "X-Mailrelay-Signature"
 TIMEOUT = aiohttp.ClientTimeout(total=5, connect=3)
 
 
@@ -72,12 +69,8 @@ class PodClient:
         self, pod: PodAddress, key: str, peers: list[str] | None, ttl: float
     ) -> dict[str, Any]:
         """Starts or renews a drain towards peers; peers None ends it. Returns /queue's state."""
-        doc: dict[str, Any] = {"drain": peers is not None, "ts": time.time(), "ttl": ttl}
-        if peers is not None:
-            doc["peers"] = peers
-        body = json.dumps(doc).encode()
-        signature = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
-        headers = {SIGNATURE_HEADER: signature, "Content-Type": "application/json"}
+        request = DrainRequest.start(peers, ttl) if peers is not None else DrainRequest.end()
+        body, headers = request.signed(key.encode())
         try:
             async with self._http().post(
                 f"{pod.control}/drain", data=body, headers=headers

@@ -5,12 +5,9 @@
   {"messages": 3, "states": {"active": 0, "deferred": 3, "hold": 0},
    "incoming": 0, "draining": true, "drainingSeconds": 12.5, "settled": true,
    "peers": ["edge-0...:10026"]}
-- POST /drain: starts, renews or ends a drain (relay.handover.drain). The body is
-  {"drain": true, "peers": ["HOST:PORT", ...], "ttl": 60, "ts": <unix time>}
-  or {"drain": false, "ts": ...}, signed with the relay's handover secret:
-  header X-Mailrelay-Signature: hex HMAC-SHA256(secret, body). A request
-  more than MAX_SKEW seconds old (or ahead) is refused, so a captured one
-  cannot be replayed later. Without a secret, drains are off (403).
+- POST /drain: starts, renews or ends a drain (relay.handover.drain), as
+  mailrelay_api.drain_protocol says: a JSON body signed with the relay's
+  handover secret, refused when stale. Without a secret, drains are off (403).
 
 Runs on its own threads, away from the event loops; reads only cheap
 things (a folder scan, a small file).
@@ -27,15 +24,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from mailrelay_api.drain_protocol import SIGNATURE_HEADER, DrainRequest, verify
 from relay.handover import drain
-from relay.handover.transfer import verify
 from relay.queue.store import INCOMING, QUEUE_STATES, is_queue_id
 
 log = logging.getLogger("mailrelay.control")
 
-MAX_SKEW = 300.0
 MAX_BODY = 64 * 1024
-SIGNATURE_HEADER = "X-Mailrelay-Signature"
 MAX_TTL = 3600.0
 
 
@@ -130,17 +125,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(401, {"error": "bad signature"})
             return
         try:
-            doc = json.loads(body)
-            ts, want = float(doc["ts"]), bool(doc["drain"])
-            peers = [str(p) for p in doc.get("peers") or []] if want else None
-            ttl = min(float(doc.get("ttl") or 60.0), MAX_TTL)
+            request = DrainRequest.decode(body)
         except (ValueError, KeyError, TypeError) as e:
             self._json(400, {"error": f"bad request: {e}"})
             return
         now = time.time()
-        if abs(now - ts) > MAX_SKEW:
+        if not request.fresh(now):
             self._json(401, {"error": "request too old or from the future"})
             return
+        peers = list(request.peers) if request.peers is not None else None
+        ttl = min(request.ttl, MAX_TTL)
         before = drain.read_order_sync(self.server.queue_dir, now)
         drain.write_order_sync(self.server.queue_dir, peers, ttl, now)
         if (before is None) != (peers is None):

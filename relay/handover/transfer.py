@@ -37,8 +37,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -46,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailrelay_api.drain_protocol import sign, verify  # one HMAC for drains and AUTH
 from relay import metrics
 from relay.delivery.smtp_client import DataEncoder
 from relay.queue.store import HOLD, READ_CHUNK, Claim, Queue, QueueError
@@ -72,14 +71,6 @@ def load_secret(path: Path) -> bytes:
     if len(secret) < MIN_SECRET_BYTES:
         raise ValueError(f"{path}: the handover secret needs {MIN_SECRET_BYTES} bytes or more")
     return secret
-
-
-def sign(secret: bytes, data: bytes) -> str:
-    return hmac.new(secret, data, hashlib.sha256).hexdigest()
-
-
-def verify(secret: bytes, data: bytes, signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, data), signature.strip().lower())
 
 
 @dataclass
