@@ -13,6 +13,8 @@ from mailrelay_api import schema as S
 from mailrelay_api.validate import ManifestError, validate_object, with_defaults
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+# Where an object came from (file and document), for messages and `mailrelay render`.
+SOURCE_ANNOTATION = f"{S.GROUP}/source"
 
 
 @dataclass
@@ -94,5 +96,5 @@ def _add(inv: Inventory, obj: Any, source: str, default_namespace: str) -> None:
         return
     obj = with_defaults(obj)
     obj["metadata"].setdefault("namespace", default_namespace)
-    obj["metadata"].setdefault("annotations", {})["mailrelay.io/source"] = source
+    obj["metadata"].setdefault("annotations", {})[SOURCE_ANNOTATION] = source
     inv.add(obj)

@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from mailrelay_api.schema import GROUP
 from mailrelay_operator import naming
 from mailrelay_operator.cluster import (
     ClusterView,
@@ -25,7 +26,6 @@ from mailrelay_operator.cluster import (
 from mailrelay_operator.kubeapi import KubeApi
 from mailrelay_operator.reconciler import Reconciler
 
-GROUP = "mailrelay.io"
 OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 OWNED_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
 CHILD_PLURALS = ("configmaps", "services", "statefulsets", "poddisruptionbudgets")

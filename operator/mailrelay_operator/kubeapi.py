@@ -19,6 +19,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from mailrelay_api.schema import API_VERSION, KINDS
 from mailrelay_operator.naming import FIELD_MANAGER
 
 # apiVersion, kind -> plural; only the kinds the operator touches.
@@ -29,9 +30,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("cert-manager.io/v1", "Certificate"): "certificates",
-    ("mailrelay.io/v1alpha1", "MailRelay"): "mailrelays",
-    ("mailrelay.io/v1alpha1", "RelayDomain"): "relaydomains",
-    ("mailrelay.io/v1alpha1", "RecipientList"): "recipientlists",
+    **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }
 
 
