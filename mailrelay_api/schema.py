@@ -14,13 +14,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 GROUP = "mailrelay.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 Schema = dict[str, Any]
+
+# --- the spec's string enums -------------------------------------------------------
+# Typed here once: the schema's enums are these, and mailrelay_api.spec's
+# dataclasses carry them, so a value mypy accepts is one the API server accepts.
+ServiceType = Literal["LoadBalancer", "NodePort", "ClusterIP"]
+TrafficPolicy = Literal["Local", "Cluster"]
+NamespacesFrom = Literal["Same", "All", "Selector"]
+IssuerKind = Literal["Issuer", "ClusterIssuer"]
+ClientAction = Literal["permit", "reject"]
+DsnOnExpiry = Literal["sender", "none"]
+OnTimeout = Literal["Wait", "Proceed"]
+ScreenAction = Literal["ignore", "enforce", "drop"]  # postscreen's *_action
+SpfReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Check"]
+SpfMailFromReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "False", "No_Check"]  # no Null
+TlsMode = Literal["none", "may", "encrypt", "verify"]  # Postfix smtp_tls_security_level
+RecipientsMode = Literal["listed", "any"]
+
+
+def values(enum: Any) -> list[str]:
+    """The values of a Literal, in order, for a schema's enum."""
+    return list(get_args(enum))
+
 
 # --- patterns -----------------------------------------------------------------
 # The API server compiles patterns with Go's RE2: no lookaheads or
@@ -248,7 +270,6 @@ RBL_CLIENT = obj(
     required=["zone"],
 )
 
-SPF_REJECT_VALUES = ["Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Check"]
 
 # --- MailRelay ------------------------------------------------------------------
 MX_ENTRY = obj(
@@ -261,11 +282,11 @@ MX_ENTRY = obj(
             {
                 "type": string(
                     "The Service type.",
-                    enum=["LoadBalancer", "NodePort", "ClusterIP"],
+                    enum=values(ServiceType),
                     default="LoadBalancer",
                 ),
                 "externalTrafficPolicy": string(
-                    "Local keeps the client IP.", enum=["Local", "Cluster"], default="Local"
+                    "Local keeps the client IP.", enum=values(TrafficPolicy), default="Local"
                 ),
                 "annotations": string_map(
                     "Annotations for the Service (external-dns, LB options)."
@@ -303,7 +324,7 @@ MAILRELAY_SPEC = obj(
                     {
                         "from": string(
                             "Same: this namespace; All: any; Selector: those matching selector.",
-                            enum=["Same", "All", "Selector"],
+                            enum=values(NamespacesFrom),
                             default="Same",
                         ),
                         "selector": LABEL_SELECTOR,
@@ -329,7 +350,7 @@ MAILRELAY_SPEC = obj(
                     {
                         "kind": string(
                             "Issuer or ClusterIssuer.",
-                            enum=["Issuer", "ClusterIssuer"],
+                            enum=values(IssuerKind),
                             default="ClusterIssuer",
                         ),
                         "name": string("The issuer's name."),
@@ -370,7 +391,7 @@ MAILRELAY_SPEC = obj(
                         "A CIDR and what to do with it.",
                         {
                             "cidr": string("A CIDR.", pattern=CIDR_PATTERN),
-                            "action": string("permit or reject.", enum=["permit", "reject"]),
+                            "action": string("permit or reject.", enum=values(ClientAction)),
                         },
                         required=["cidr", "action"],
                     ),
@@ -436,7 +457,7 @@ MAILRELAY_SPEC = obj(
                     "Who is told when mail expires in the queue: sender (a DSN to the "
                     "envelope sender, as Postfix does) or none (log only: no backscatter "
                     "to forged senders from a backup MX).",
-                    enum=["sender", "none"],
+                    enum=values(DsnOnExpiry),
                     default="sender",
                 ),
             },
@@ -457,7 +478,7 @@ MAILRELAY_SPEC = obj(
                     "After drainTimeout: Wait (keep the pods and say so in the status; no "
                     "mail is left behind) or Proceed (remove them anyway; what they still "
                     "hold stays on their retained volumes until the replicas come back).",
-                    enum=["Wait", "Proceed"],
+                    enum=values(OnTimeout),
                     default="Wait",
                 ),
             },
@@ -471,7 +492,7 @@ MAILRELAY_SPEC = obj(
                     {
                         "action": string(
                             "ignore | enforce | drop.",
-                            enum=["ignore", "enforce", "drop"],
+                            enum=values(ScreenAction),
                             default="enforce",
                         ),
                         "wait": string(
@@ -489,7 +510,7 @@ MAILRELAY_SPEC = obj(
                         "action": string(
                             "ignore (Postfix's default: the RCPT check still answers 554) | "
                             "enforce (550 5.3.2 on every RCPT) | drop (521 5.3.2, disconnect).",
-                            enum=["ignore", "enforce", "drop"],
+                            enum=values(ScreenAction),
                             default="ignore",
                         ),
                     },
@@ -500,7 +521,7 @@ MAILRELAY_SPEC = obj(
                     {
                         "action": string(
                             "ignore | enforce | drop.",
-                            enum=["ignore", "enforce", "drop"],
+                            enum=values(ScreenAction),
                             default="enforce",
                         ),
                         "threshold": integer("Fail at score >= threshold.", default=1),
@@ -533,11 +554,11 @@ MAILRELAY_SPEC = obj(
                     {
                         "enabled": boolean("Check SPF.", default=True),
                         "heloReject": string(
-                            "spf-engine HELO_reject.", enum=SPF_REJECT_VALUES, default="Fail"
+                            "spf-engine HELO_reject.", enum=values(SpfReject), default="Fail"
                         ),
                         "mailFromReject": string(
                             "spf-engine Mail_From_reject.",
-                            enum=[v for v in SPF_REJECT_VALUES if v != "Null"],
+                            enum=values(SpfMailFromReject),
                             default="Fail",
                         ),
                         "permErrorReject": boolean("Reject Permerror.", default=False),
@@ -606,7 +627,7 @@ MAILRELAY_RULES = [
         # has(): the API server also checks rules against the schema defaults ({}).
         cel="!has(self.from) || self.from != 'Selector' || has(self.selector)",
         message="selector is required when from is Selector",
-        check=lambda o: o.get("from", "Same") != "Selector" or "selector" in o,
+        check=lambda o: o.get("from") != "Selector" or "selector" in o,
     ),
     Rule(
         path="spec.mx",
@@ -648,7 +669,7 @@ RELAYDOMAIN_SPEC = obj(
                 ),
                 "tls": string(
                     "none | may | encrypt | verify.",
-                    enum=["none", "may", "encrypt", "verify"],
+                    enum=values(TlsMode),
                     default="may",
                 ),
             },
@@ -656,7 +677,7 @@ RELAYDOMAIN_SPEC = obj(
         ),
         "recipients": string(
             "listed = only RecipientList addresses; any = every address @domain.",
-            enum=["listed", "any"],
+            enum=values(RecipientsMode),
             default="listed",
         ),
     },

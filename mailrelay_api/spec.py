@@ -1,0 +1,532 @@
+"""The mailrelay.io specs as typed, frozen dataclasses: what their users read.
+
+`from_dict` takes a spec with the schema's defaults applied (validate.
+with_defaults, as load_manifests and the operator's indexes do) and reads
+every defaulted key without a default of its own: the schema
+(mailrelay_api.schema) is the one owner of defaults, and a key it defaults
+that is missing here is a bug (KeyError), not a reason to guess. Keys the
+schema leaves optional without a default read as None (or empty).
+
+Field names are the manifest's, in snake_case (`from` is `from_`);
+durations and quantities stay as written ("15m", "10Gi": users convert them
+with mailrelay_api.units), lists become tuples, string enums are the
+schema's Literals.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from mailrelay_api import schema as S
+from mailrelay_api.validate import apply_defaults
+
+Doc = Mapping[str, Any]
+
+# "Empty: one entry with spec.hostname at priority 10" (MailRelay spec.mx).
+IMPLICIT_MX_PRIORITY = 10
+
+
+def _defaulted(node: S.Schema, value: dict[str, Any]) -> dict[str, Any]:
+    """value with the defaults of the schema node filled in (a copy)."""
+    return cast(dict[str, Any], apply_defaults(node, copy.deepcopy(value)))
+
+
+def _strings(values: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
+def _map(values: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (values or {}).items()}
+
+
+# --- MailRelay ------------------------------------------------------------------
+@dataclass(frozen=True)
+class MxServiceSpec:
+    type: S.ServiceType
+    external_traffic_policy: S.TrafficPolicy
+    annotations: Mapping[str, str]
+    load_balancer_class: str | None
+    load_balancer_source_ranges: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> MxServiceSpec:
+        return cls(
+            type=d["type"],
+            external_traffic_policy=d["externalTrafficPolicy"],
+            annotations=_map(d.get("annotations")),
+            load_balancer_class=d.get("loadBalancerClass") or None,
+            load_balancer_source_ranges=_strings(d.get("loadBalancerSourceRanges") or ()),
+        )
+
+    @classmethod
+    def defaults(cls) -> MxServiceSpec:
+        return cls.from_dict(_defaulted(S.MX_ENTRY["properties"]["service"], {}))
+
+
+@dataclass(frozen=True)
+class MxEntrySpec:
+    hostname: str
+    priority: int
+    service: MxServiceSpec
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> MxEntrySpec:
+        return cls(
+            hostname=str(d["hostname"]),
+            priority=int(d["priority"]),
+            service=MxServiceSpec.from_dict(d["service"]),
+        )
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    key: str
+    operator: str  # In | NotIn | Exists | DoesNotExist
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    match_labels: Mapping[str, str]
+    match_expressions: tuple[LabelRequirement, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> LabelSelector:
+        return cls(
+            match_labels=_map(d.get("matchLabels")),
+            match_expressions=tuple(
+                LabelRequirement(str(e["key"]), str(e["operator"]), _strings(e.get("values") or ()))
+                for e in d.get("matchExpressions") or ()
+            ),
+        )
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """A Kubernetes LabelSelector against a label set."""
+        for key, value in self.match_labels.items():
+            if labels.get(key) != value:
+                return False
+        for expr in self.match_expressions:
+            key, op = expr.key, expr.operator
+            if op == "In" and labels.get(key) not in expr.values:
+                return False
+            if op == "NotIn" and key in labels and labels[key] in expr.values:
+                return False
+            if op == "Exists" and key not in labels:
+                return False
+            if op == "DoesNotExist" and key in labels:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class AllowedNamespaces:
+    from_: S.NamespacesFrom
+    selector: LabelSelector | None
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> AllowedNamespaces:
+        selector = d.get("selector")
+        return cls(
+            from_=d["from"],
+            selector=LabelSelector.from_dict(selector) if selector is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class AllowedDomainsSpec:
+    namespaces: AllowedNamespaces
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> AllowedDomainsSpec:
+        return cls(namespaces=AllowedNamespaces.from_dict(d["namespaces"]))
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    size: str  # a Kubernetes quantity, e.g. 10Gi
+    storage_class_name: str | None  # None: the cluster's default
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> StorageSpec:
+        return cls(size=str(d["size"]), storage_class_name=d.get("storageClassName"))
+
+
+@dataclass(frozen=True)
+class IssuerRef:
+    kind: S.IssuerKind
+    name: str
+    group: str
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> IssuerRef:
+        return cls(kind=d["kind"], name=str(d["name"]), group=str(d["group"]))
+
+
+@dataclass(frozen=True)
+class TlsSpec:
+    issuer_ref: IssuerRef | None  # None: no Certificate
+    secret_name: str  # "": the operator's name for it
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> TlsSpec:
+        issuer = d.get("issuerRef")
+        return cls(
+            issuer_ref=IssuerRef.from_dict(issuer) if issuer is not None else None,
+            secret_name=str(d["secretName"]),
+        )
+
+
+@dataclass(frozen=True)
+class ProxyProtocolSpec:
+    enabled: bool
+    trusted_cidrs: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> ProxyProtocolSpec:
+        return cls(enabled=bool(d["enabled"]), trusted_cidrs=_strings(d["trustedCIDRs"]))
+
+
+@dataclass(frozen=True)
+class ClientAccessRule:
+    cidr: str
+    action: S.ClientAction
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    mynetworks: tuple[str, ...]
+    client_access: tuple[ClientAccessRule, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> NetworkSpec:
+        return cls(
+            mynetworks=_strings(d["mynetworks"]),
+            client_access=tuple(
+                ClientAccessRule(str(e["cidr"]), e["action"]) for e in d["clientAccess"]
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class LimitsSpec:
+    message_size: int
+    recipients_per_message: int
+    connections_per_client: int
+    connection_rate_per_client: int
+    message_rate_per_client: int
+    recipient_rate_per_client: int
+    rate_time_unit: str  # a duration
+    errors_per_session: int
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> LimitsSpec:
+        return cls(
+            message_size=int(d["messageSize"]),
+            recipients_per_message=int(d["recipientsPerMessage"]),
+            connections_per_client=int(d["connectionsPerClient"]),
+            connection_rate_per_client=int(d["connectionRatePerClient"]),
+            message_rate_per_client=int(d["messageRatePerClient"]),
+            recipient_rate_per_client=int(d["recipientRatePerClient"]),
+            rate_time_unit=str(d["rateTimeUnit"]),
+            errors_per_session=int(d["errorsPerSession"]),
+        )
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    lifetime: str  # durations
+    min_backoff: str
+    max_backoff: str
+    dsn_on_expiry: S.DsnOnExpiry
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> QueueSpec:
+        return cls(
+            lifetime=str(d["lifetime"]),
+            min_backoff=str(d["minBackoff"]),
+            max_backoff=str(d["maxBackoff"]),
+            dsn_on_expiry=d["dsnOnExpiry"],
+        )
+
+
+@dataclass(frozen=True)
+class ScaleDownSpec:
+    drain_timeout: str  # a duration
+    on_timeout: S.OnTimeout
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> ScaleDownSpec:
+        return cls(drain_timeout=str(d["drainTimeout"]), on_timeout=d["onTimeout"])
+
+
+@dataclass(frozen=True)
+class GreetSpec:
+    action: S.ScreenAction
+    wait: str  # a duration
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> GreetSpec:
+        return cls(action=d["action"], wait=str(d["wait"]))
+
+
+@dataclass(frozen=True)
+class DenylistSpec:
+    action: S.ScreenAction
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> DenylistSpec:
+        return cls(action=d["action"])
+
+
+@dataclass(frozen=True)
+class DnsblSiteSpec:
+    zone: str
+    return_codes: tuple[str, ...]
+    weight: int
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> DnsblSiteSpec:
+        return cls(
+            zone=str(d["zone"]), return_codes=_strings(d["returnCodes"]), weight=int(d["weight"])
+        )
+
+
+@dataclass(frozen=True)
+class DnsblSpec:
+    action: S.ScreenAction
+    threshold: int
+    allowlist_threshold: int
+    sites: tuple[DnsblSiteSpec, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> DnsblSpec:
+        return cls(
+            action=d["action"],
+            threshold=int(d["threshold"]),
+            allowlist_threshold=int(d["allowlistThreshold"]),
+            sites=tuple(DnsblSiteSpec.from_dict(s) for s in d["sites"]),
+        )
+
+
+@dataclass(frozen=True)
+class PostscreenSpec:
+    greet: GreetSpec
+    denylist: DenylistSpec
+    dnsbl: DnsblSpec
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> PostscreenSpec:
+        return cls(
+            greet=GreetSpec.from_dict(d["greet"]),
+            denylist=DenylistSpec.from_dict(d["denylist"]),
+            dnsbl=DnsblSpec.from_dict(d["dnsbl"]),
+        )
+
+
+@dataclass(frozen=True)
+class RblClientSpec:
+    zone: str
+    return_codes: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> RblClientSpec:
+        return cls(zone=str(d["zone"]), return_codes=_strings(d["returnCodes"]))
+
+
+@dataclass(frozen=True)
+class SpfSpec:
+    enabled: bool
+    helo_reject: S.SpfReject
+    mail_from_reject: S.SpfMailFromReject
+    perm_error_reject: bool
+    temp_error_defer: bool
+    skip_addresses: tuple[str, ...]  # CIDRs
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> SpfSpec:
+        return cls(
+            enabled=bool(d["enabled"]),
+            helo_reject=d["heloReject"],
+            mail_from_reject=d["mailFromReject"],
+            perm_error_reject=bool(d["permErrorReject"]),
+            temp_error_defer=bool(d["tempErrorDefer"]),
+            skip_addresses=_strings(d["skipAddresses"]),
+        )
+
+
+@dataclass(frozen=True)
+class RestrictionsSpec:
+    reject_unauth_pipelining: bool
+    reject_non_fqdn_recipient: bool
+    reject_unknown_recipient_domain: bool
+    reject_unknown_reverse_client_hostname: bool
+    rbl_clients: tuple[RblClientSpec, ...]
+    spf: SpfSpec
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> RestrictionsSpec:
+        return cls(
+            reject_unauth_pipelining=bool(d["rejectUnauthPipelining"]),
+            reject_non_fqdn_recipient=bool(d["rejectNonFqdnRecipient"]),
+            reject_unknown_recipient_domain=bool(d["rejectUnknownRecipientDomain"]),
+            reject_unknown_reverse_client_hostname=bool(d["rejectUnknownReverseClientHostname"]),
+            rbl_clients=tuple(RblClientSpec.from_dict(c) for c in d["rblClients"]),
+            spf=SpfSpec.from_dict(d["spf"]),
+        )
+
+
+@dataclass(frozen=True)
+class ContentFiltersSpec:
+    reject_attachment_extensions: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> ContentFiltersSpec:
+        return cls(reject_attachment_extensions=_strings(d["rejectAttachmentExtensions"]))
+
+
+@dataclass(frozen=True)
+class DnsSpec:
+    nameservers: tuple[str, ...]
+    timeout: str  # a duration
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> DnsSpec:
+        return cls(nameservers=_strings(d["nameservers"]), timeout=str(d["timeout"]))
+
+
+@dataclass(frozen=True)
+class MailRelaySpec:
+    hostname: str
+    replicas: int
+    image: str | None  # None: the operator's default
+    mx: tuple[MxEntrySpec, ...]  # as written; see mx_entries()
+    allowed_domains: AllowedDomainsSpec
+    storage: StorageSpec
+    tls: TlsSpec
+    proxy_protocol: ProxyProtocolSpec
+    network: NetworkSpec
+    limits: LimitsSpec
+    queue: QueueSpec
+    scale_down: ScaleDownSpec
+    postscreen: PostscreenSpec
+    restrictions: RestrictionsSpec
+    content_filters: ContentFiltersSpec
+    dns: DnsSpec
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> MailRelaySpec:
+        return cls(
+            hostname=str(d["hostname"]),
+            replicas=int(d["replicas"]),
+            image=d.get("image") or None,
+            mx=tuple(MxEntrySpec.from_dict(e) for e in d["mx"]),
+            allowed_domains=AllowedDomainsSpec.from_dict(d["allowedDomains"]),
+            storage=StorageSpec.from_dict(d["storage"]),
+            tls=TlsSpec.from_dict(d["tls"]),
+            proxy_protocol=ProxyProtocolSpec.from_dict(d["proxyProtocol"]),
+            network=NetworkSpec.from_dict(d["network"]),
+            limits=LimitsSpec.from_dict(d["limits"]),
+            queue=QueueSpec.from_dict(d["queue"]),
+            scale_down=ScaleDownSpec.from_dict(d["scaleDown"]),
+            postscreen=PostscreenSpec.from_dict(d["postscreen"]),
+            restrictions=RestrictionsSpec.from_dict(d["restrictions"]),
+            content_filters=ContentFiltersSpec.from_dict(d["contentFilters"]),
+            dns=DnsSpec.from_dict(d["dns"]),
+        )
+
+    @classmethod
+    def with_defaults(cls, d: Doc) -> MailRelaySpec:
+        """A spec as written, or rendered by an older operator: defaults filled in first."""
+        return cls.from_dict(_defaulted(S.MAILRELAY_SPEC, dict(d)))
+
+    @classmethod
+    def defaults(cls) -> MailRelaySpec:
+        """The spec of a MailRelay that sets only its (required) hostname."""
+        return cls.with_defaults({"hostname": "localhost"})
+
+    def mx_entries(self) -> tuple[MxEntrySpec, ...]:
+        """spec.mx, or one entry from spec.hostname at priority 10 when it is empty."""
+        if self.mx:
+            return self.mx
+        return (MxEntrySpec(self.hostname, IMPLICIT_MX_PRIORITY, MxServiceSpec.defaults()),)
+
+
+# --- RelayDomain ------------------------------------------------------------------
+@dataclass(frozen=True)
+class RelayRef:
+    name: str
+    namespace: str | None  # None: the RelayDomain's own
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> RelayRef:
+        return cls(name=str(d["name"]), namespace=d.get("namespace") or None)
+
+
+@dataclass(frozen=True)
+class NextHopSpec:
+    host: str
+    port: int
+    mx_lookup: bool
+    tls: S.TlsMode
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> NextHopSpec:
+        return cls(
+            host=str(d["host"]), port=int(d["port"]), mx_lookup=bool(d["mxLookup"]), tls=d["tls"]
+        )
+
+    @classmethod
+    def with_defaults(cls, d: Doc) -> NextHopSpec:
+        return cls.from_dict(_defaulted(S.RELAYDOMAIN_SPEC["properties"]["nextHop"], dict(d)))
+
+
+@dataclass(frozen=True)
+class RelayDomainSpec:
+    domain: str
+    relay_ref: RelayRef
+    next_hop: NextHopSpec
+    recipients: S.RecipientsMode
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> RelayDomainSpec:
+        return cls(
+            domain=str(d["domain"]),
+            relay_ref=RelayRef.from_dict(d["relayRef"]),
+            next_hop=NextHopSpec.from_dict(d["nextHop"]),
+            recipients=d["recipients"],
+        )
+
+    @classmethod
+    def with_defaults(cls, d: Doc) -> RelayDomainSpec:
+        return cls.from_dict(_defaulted(S.RELAYDOMAIN_SPEC, dict(d)))
+
+
+# --- RecipientList ------------------------------------------------------------------
+@dataclass(frozen=True)
+class DomainRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class RecipientListSpec:
+    domain_ref: DomainRef
+    addresses: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> RecipientListSpec:
+        return cls(
+            domain_ref=DomainRef(str(d["domainRef"]["name"])), addresses=_strings(d["addresses"])
+        )
+
+    @classmethod
+    def with_defaults(cls, d: Doc) -> RecipientListSpec:
+        return cls.from_dict(_defaulted(S.RECIPIENTLIST_SPEC, dict(d)))
+
+
+def relay_spec(relay: Doc) -> MailRelaySpec:
+    """The typed spec of a MailRelay object whose defaults are applied (as
+    load_manifests and the operator's indexes hold them)."""
+    return MailRelaySpec.from_dict(relay["spec"])
