@@ -2,8 +2,10 @@
 
 The folder holds what mailrelay_api.render writes (relay.json,
 domains.json, recipients-NNNN.txt.gz): in a pod, the projected ConfigMaps;
-with `mailrelay run`, a folder the CLI renders into. Everything here is typed
-and already defaulted by the schema; this module only converts.
+with `mailrelay run`, a folder the CLI renders into. relay.json's policy is
+read as a mailrelay_api.spec.MailRelaySpec (the schema owns every default);
+this module only converts it to what the relay's stages use: seconds for
+durations, ip_network for CIDRs, lowercased zones.
 """
 
 from __future__ import annotations
@@ -11,131 +13,217 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE
+from mailrelay_api.schema import (
+    ClientAction,
+    DsnOnExpiry,
+    RecipientsMode,
+    ScreenAction,
+    SpfMailFromReject,
+    SpfReject,
+    TlsMode,
+)
+from mailrelay_api.spec import (
+    DnsSpec,
+    LimitsSpec,
+    MailRelaySpec,
+    NextHopSpec,
+    PostscreenSpec,
+    ProxyProtocolSpec,
+    QueueSpec,
+    RestrictionsSpec,
+    SpfSpec,
+)
+from mailrelay_api.units import parse_duration
 from relay.recipient_table import RecipientLookup, RecipientTable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w)")
+# What a field left out of relay.json means (the schema's defaults, as typed
+# by mailrelay_api.spec); the dataclasses below default to the same, for
+# configs built in code (tests, benchmarks).
+_SPEC = MailRelaySpec.defaults()
+_NEXT_HOP = NextHopSpec.with_defaults({"host": "localhost"})
 
 
-def parse_duration(text: str) -> float:
-    """Postfix-style time ("10d", "4000s", "1h30m") in seconds."""
-    text = str(text).strip()
-    if text.isdigit():
-        return float(text)  # Postfix: a bare number is seconds
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r}")
-    return sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
-
-
-def networks(cidrs: list[str]) -> list[IPNetwork]:
+def networks(cidrs: Iterable[str]) -> list[IPNetwork]:
     return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
 
 @dataclass(frozen=True)
 class NextHop:
     host: str
-    port: int = 25
-    mx_lookup: bool = False
-    tls: str = "may"  # none | may | encrypt | verify
+    port: int = _NEXT_HOP.port
+    mx_lookup: bool = _NEXT_HOP.mx_lookup
+    tls: TlsMode = _NEXT_HOP.tls
+
+    @classmethod
+    def from_spec(cls, s: NextHopSpec) -> NextHop:
+        return cls(host=s.host, port=s.port, mx_lookup=s.mx_lookup, tls=s.tls)
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str  # lowercased, no trailing dot
     next_hop: NextHop
-    recipients: str  # listed | any
+    recipients: RecipientsMode
     source: str = ""  # namespace/name of the RelayDomain
 
 
 @dataclass(frozen=True)
 class ClientAccessEntry:
     network: IPNetwork
-    action: str  # permit | reject
+    action: ClientAction
 
 
 @dataclass(frozen=True)
 class DnsblSite:
-    zone: str
-    return_codes: tuple[str, ...] = ()
-    weight: int = 1
+    zone: str  # lowercased
+    return_codes: tuple[str, ...]
+    weight: int
 
 
 @dataclass(frozen=True)
 class RblClient:
-    zone: str
-    return_codes: tuple[str, ...] = ()
+    zone: str  # lowercased
+    return_codes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class SpfPolicy:
-    enabled: bool = True
-    helo_reject: str = "Fail"
-    mail_from_reject: str = "Fail"
-    perm_error_reject: bool = False
-    temp_error_defer: bool = False
+    enabled: bool = _SPEC.restrictions.spf.enabled
+    helo_reject: SpfReject = _SPEC.restrictions.spf.helo_reject
+    mail_from_reject: SpfMailFromReject = _SPEC.restrictions.spf.mail_from_reject
+    perm_error_reject: bool = _SPEC.restrictions.spf.perm_error_reject
+    temp_error_defer: bool = _SPEC.restrictions.spf.temp_error_defer
     skip_addresses: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_spec(cls, s: SpfSpec) -> SpfPolicy:
+        return cls(
+            enabled=s.enabled,
+            helo_reject=s.helo_reject,
+            mail_from_reject=s.mail_from_reject,
+            perm_error_reject=s.perm_error_reject,
+            temp_error_defer=s.temp_error_defer,
+            skip_addresses=tuple(networks(s.skip_addresses)),
+        )
 
 
 @dataclass(frozen=True)
 class Restrictions:
-    reject_unauth_pipelining: bool = True
-    reject_non_fqdn_recipient: bool = True
-    reject_unknown_recipient_domain: bool = True
-    reject_unknown_reverse_client_hostname: bool = True
+    reject_unauth_pipelining: bool = _SPEC.restrictions.reject_unauth_pipelining
+    reject_non_fqdn_recipient: bool = _SPEC.restrictions.reject_non_fqdn_recipient
+    reject_unknown_recipient_domain: bool = _SPEC.restrictions.reject_unknown_recipient_domain
+    reject_unknown_reverse_client_hostname: bool = (
+        _SPEC.restrictions.reject_unknown_reverse_client_hostname
+    )
     rbl_clients: tuple[RblClient, ...] = ()
     spf: SpfPolicy = field(default_factory=SpfPolicy)
+
+    @classmethod
+    def from_spec(cls, s: RestrictionsSpec) -> Restrictions:
+        return cls(
+            reject_unauth_pipelining=s.reject_unauth_pipelining,
+            reject_non_fqdn_recipient=s.reject_non_fqdn_recipient,
+            reject_unknown_recipient_domain=s.reject_unknown_recipient_domain,
+            reject_unknown_reverse_client_hostname=s.reject_unknown_reverse_client_hostname,
+            rbl_clients=tuple(RblClient(c.zone.lower(), c.return_codes) for c in s.rbl_clients),
+            spf=SpfPolicy.from_spec(s.spf),
+        )
 
 
 @dataclass(frozen=True)
 class Postscreen:
-    greet_action: str = "enforce"  # ignore | enforce | drop
-    greet_wait: float = 6.0
-    dnsbl_action: str = "enforce"
-    denylist_action: str = "ignore"  # clientAccess reject: ignore | enforce | drop
-    dnsbl_threshold: int = 1
-    dnsbl_allowlist_threshold: int = 0
+    greet_action: ScreenAction = _SPEC.postscreen.greet.action
+    greet_wait: float = parse_duration(_SPEC.postscreen.greet.wait)
+    dnsbl_action: ScreenAction = _SPEC.postscreen.dnsbl.action
+    denylist_action: ScreenAction = _SPEC.postscreen.denylist.action  # for clientAccess reject
+    dnsbl_threshold: int = _SPEC.postscreen.dnsbl.threshold
+    dnsbl_allowlist_threshold: int = _SPEC.postscreen.dnsbl.allowlist_threshold
     dnsbl_sites: tuple[DnsblSite, ...] = ()
+
+    @classmethod
+    def from_spec(cls, s: PostscreenSpec) -> Postscreen:
+        return cls(
+            greet_action=s.greet.action,
+            greet_wait=parse_duration(s.greet.wait),
+            dnsbl_action=s.dnsbl.action,
+            denylist_action=s.denylist.action,
+            dnsbl_threshold=s.dnsbl.threshold,
+            dnsbl_allowlist_threshold=s.dnsbl.allowlist_threshold,
+            dnsbl_sites=tuple(
+                DnsblSite(site.zone.lower(), site.return_codes, site.weight)
+                for site in s.dnsbl.sites
+            ),
+        )
 
 
 @dataclass(frozen=True)
 class Limits:
-    message_size: int = 25600000
-    recipients_per_message: int = 1000
-    connections_per_client: int = 50
-    connection_rate_per_client: int = 0  # per rate_time_unit; 0 = off
-    message_rate_per_client: int = 0
-    recipient_rate_per_client: int = 0
-    rate_time_unit: float = 60.0
-    errors_per_session: int = 20  # smtpd_hard_error_limit
+    message_size: int = _SPEC.limits.message_size
+    recipients_per_message: int = _SPEC.limits.recipients_per_message
+    connections_per_client: int = _SPEC.limits.connections_per_client
+    connection_rate_per_client: int = _SPEC.limits.connection_rate_per_client  # 0 = off
+    message_rate_per_client: int = _SPEC.limits.message_rate_per_client
+    recipient_rate_per_client: int = _SPEC.limits.recipient_rate_per_client
+    rate_time_unit: float = parse_duration(_SPEC.limits.rate_time_unit)
+    errors_per_session: int = _SPEC.limits.errors_per_session  # smtpd_hard_error_limit
+
+    @classmethod
+    def from_spec(cls, s: LimitsSpec) -> Limits:
+        return cls(
+            message_size=s.message_size,
+            recipients_per_message=s.recipients_per_message,
+            connections_per_client=s.connections_per_client,
+            connection_rate_per_client=s.connection_rate_per_client,
+            message_rate_per_client=s.message_rate_per_client,
+            recipient_rate_per_client=s.recipient_rate_per_client,
+            rate_time_unit=parse_duration(s.rate_time_unit),
+            errors_per_session=s.errors_per_session,
+        )
 
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    lifetime: float = 10 * 86400
-    min_backoff: float = 300
-    max_backoff: float = 4000
-    dsn_on_expiry: str = "sender"  # sender | none
+    lifetime: float = parse_duration(_SPEC.queue.lifetime)
+    min_backoff: float = parse_duration(_SPEC.queue.min_backoff)
+    max_backoff: float = parse_duration(_SPEC.queue.max_backoff)
+    dsn_on_expiry: DsnOnExpiry = _SPEC.queue.dsn_on_expiry
+
+    @classmethod
+    def from_spec(cls, s: QueueSpec) -> QueuePolicy:
+        return cls(
+            lifetime=parse_duration(s.lifetime),
+            min_backoff=parse_duration(s.min_backoff),
+            max_backoff=parse_duration(s.max_backoff),
+            dsn_on_expiry=s.dsn_on_expiry,
+        )
 
 
 @dataclass(frozen=True)
 class DnsPolicy:
     nameservers: tuple[str, ...] = ()
-    timeout: float = 5.0
+    timeout: float = parse_duration(_SPEC.dns.timeout)
+
+    @classmethod
+    def from_spec(cls, s: DnsSpec) -> DnsPolicy:
+        return cls(nameservers=s.nameservers, timeout=parse_duration(s.timeout))
 
 
 @dataclass(frozen=True)
 class ProxyProtocol:
     enabled: bool = False
     trusted: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_spec(cls, s: ProxyProtocolSpec) -> ProxyProtocol:
+        return cls(enabled=s.enabled, trusted=tuple(networks(s.trusted_cidrs)))
 
 
 @dataclass
@@ -157,116 +245,63 @@ class RelayConfig:
     reject_attachment_extensions: frozenset[str] = frozenset()
     dns: DnsPolicy = field(default_factory=DnsPolicy)
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
-    policy: dict[str, Any] = field(default_factory=dict)  # the raw MailRelay spec
+    policy: dict[str, Any] = field(default_factory=dict)  # relay.json's policy, as read
 
     def domain_of(self, domain: str) -> Domain | None:
         return self.domains.get(domain.lower().rstrip("."))
 
 
+def config_from_spec(
+    name: str,
+    spec: MailRelaySpec,
+    domains: dict[str, Domain],
+    recipients: RecipientLookup,
+    policy: dict[str, Any] | None = None,
+) -> RelayConfig:
+    """The runtime configuration of a MailRelay spec."""
+    return RelayConfig(
+        name=name,
+        hostname=spec.hostname,
+        domains=domains,
+        recipients=recipients,
+        mynetworks=tuple(networks(spec.network.mynetworks)),
+        client_access=tuple(
+            ClientAccessEntry(ipaddress.ip_network(e.cidr, strict=False), e.action)
+            for e in spec.network.client_access
+        ),
+        limits=Limits.from_spec(spec.limits),
+        queue=QueuePolicy.from_spec(spec.queue),
+        postscreen=Postscreen.from_spec(spec.postscreen),
+        restrictions=Restrictions.from_spec(spec.restrictions),
+        reject_attachment_extensions=frozenset(
+            e.lower() for e in spec.content_filters.reject_attachment_extensions
+        ),
+        dns=DnsPolicy.from_spec(spec.dns),
+        proxy_protocol=ProxyProtocol.from_spec(spec.proxy_protocol),
+        policy=policy if policy is not None else {},
+    )
+
+
+def domain_from_document(d: dict[str, Any]) -> Domain:
+    """One entry of domains.json (mailrelay_api.render)."""
+    return Domain(
+        name=d["domain"],
+        next_hop=NextHop.from_spec(NextHopSpec.with_defaults(d["nextHop"])),
+        recipients=d["recipients"],
+        source=d["source"],
+    )
+
+
 def config_from_documents(
     relay_doc: dict[str, Any], domains_doc: dict[str, Any], recipients: RecipientLookup
 ) -> RelayConfig:
-    p = relay_doc["policy"]
-    ps = p.get("postscreen", {})
-    greet = ps.get("greet", {})
-    dnsbl = ps.get("dnsbl", {})
-    r = p.get("restrictions", {})
-    spf = r.get("spf", {})
-    lim = p.get("limits", {})
-    q = p.get("queue", {})
-    net = p.get("network", {})
-    dns = p.get("dns", {})
-    proxy = p.get("proxyProtocol", {})
-    domains = {
-        d["domain"]: Domain(
-            name=d["domain"],
-            next_hop=NextHop(
-                host=d["nextHop"]["host"],
-                port=int(d["nextHop"].get("port", 25)),
-                mx_lookup=bool(d["nextHop"].get("mxLookup", False)),
-                tls=d["nextHop"].get("tls", "may"),
-            ),
-            recipients=d.get("recipients", "listed"),
-            source=d.get("source", ""),
-        )
-        for d in domains_doc.get("domains", [])
-    }
-    return RelayConfig(
-        name=relay_doc.get("name", ""),
-        hostname=p["hostname"],
-        domains=domains,
-        recipients=recipients,
-        mynetworks=tuple(networks(net.get("mynetworks", []))),
-        client_access=tuple(
-            ClientAccessEntry(ipaddress.ip_network(e["cidr"], strict=False), e["action"])
-            for e in net.get("clientAccess", [])
-        ),
-        limits=Limits(
-            message_size=int(lim.get("messageSize", 25600000)),
-            recipients_per_message=int(lim.get("recipientsPerMessage", 1000)),
-            connections_per_client=int(lim.get("connectionsPerClient", 50)),
-            connection_rate_per_client=int(lim.get("connectionRatePerClient", 0)),
-            message_rate_per_client=int(lim.get("messageRatePerClient", 0)),
-            recipient_rate_per_client=int(lim.get("recipientRatePerClient", 0)),
-            rate_time_unit=parse_duration(lim.get("rateTimeUnit", "60s")),
-            errors_per_session=int(lim.get("errorsPerSession", 20)),
-        ),
-        queue=QueuePolicy(
-            lifetime=parse_duration(q.get("lifetime", "10d")),
-            min_backoff=parse_duration(q.get("minBackoff", "5m")),
-            max_backoff=parse_duration(q.get("maxBackoff", "4000s")),
-            dsn_on_expiry=q.get("dsnOnExpiry", "sender"),
-        ),
-        postscreen=Postscreen(
-            greet_action=greet.get("action", "enforce"),
-            greet_wait=parse_duration(greet.get("wait", "6s")),
-            dnsbl_action=dnsbl.get("action", "enforce"),
-            denylist_action=ps.get("denylist", {}).get("action", "ignore"),
-            dnsbl_threshold=int(dnsbl.get("threshold", 1)),
-            dnsbl_allowlist_threshold=int(dnsbl.get("allowlistThreshold", 0)),
-            dnsbl_sites=tuple(
-                DnsblSite(
-                    s["zone"].lower(), tuple(s.get("returnCodes", [])), int(s.get("weight", 1))
-                )
-                for s in dnsbl.get("sites", [])
-            ),
-        ),
-        restrictions=Restrictions(
-            reject_unauth_pipelining=bool(r.get("rejectUnauthPipelining", True)),
-            reject_non_fqdn_recipient=bool(r.get("rejectNonFqdnRecipient", True)),
-            reject_unknown_recipient_domain=bool(r.get("rejectUnknownRecipientDomain", True)),
-            reject_unknown_reverse_client_hostname=bool(
-                r.get("rejectUnknownReverseClientHostname", True)
-            ),
-            rbl_clients=tuple(
-                RblClient(c["zone"].lower(), tuple(c.get("returnCodes", [])))
-                for c in r.get("rblClients", [])
-            ),
-            spf=SpfPolicy(
-                enabled=bool(spf.get("enabled", True)),
-                helo_reject=spf.get("heloReject", "Fail"),
-                mail_from_reject=spf.get("mailFromReject", "Fail"),
-                perm_error_reject=bool(spf.get("permErrorReject", False)),
-                temp_error_defer=bool(spf.get("tempErrorDefer", False)),
-                skip_addresses=tuple(
-                    networks(
-                        spf.get("skipAddresses", ["127.0.0.0/8", "::ffff:127.0.0.0/104", "::1"])
-                    )
-                ),
-            ),
-        ),
-        reject_attachment_extensions=frozenset(
-            e.lower() for e in p.get("contentFilters", {}).get("rejectAttachmentExtensions", [])
-        ),
-        dns=DnsPolicy(
-            nameservers=tuple(dns.get("nameservers", [])),
-            timeout=parse_duration(dns.get("timeout", "5s")),
-        ),
-        proxy_protocol=ProxyProtocol(
-            enabled=bool(proxy.get("enabled", False)),
-            trusted=tuple(networks(proxy.get("trustedCIDRs", []))),
-        ),
-        policy=p,
+    """relay.json and domains.json, read. The schema's defaults fill in what
+    they leave out: a relay.json written by an older operator (during a
+    rolling upgrade) lacks the fields added since."""
+    policy = relay_doc["policy"]
+    domains = {d["domain"]: domain_from_document(d) for d in domains_doc["domains"]}
+    return config_from_spec(
+        relay_doc["name"], MailRelaySpec.with_defaults(policy), domains, recipients, policy
     )
 
 
@@ -291,7 +326,7 @@ def load_config(config_dir: str | Path) -> RelayConfig:
     try:
         relay_doc = json.loads((d / RELAY_FILE).read_text())
         domains_doc = json.loads(read_domains_text(d))
-        recipients = read_recipients(d, domains_doc.get("recipientFiles", []))
+        recipients = read_recipients(d, domains_doc["recipientFiles"])
         return config_from_documents(relay_doc, domains_doc, recipients)
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"bad relay configuration in {d}: {e}") from e
