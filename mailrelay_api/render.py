@@ -22,6 +22,7 @@ from typing import Any
 
 from mailrelay_api.load import Inventory
 from mailrelay_api.shards import ListPart, RenderCache, list_part, render_shards
+from mailrelay_api.spec import AllowedNamespaces, relay_spec
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
@@ -88,35 +89,19 @@ def _age_key(obj: dict[str, Any], index: int) -> tuple[str, int, str, str]:
     return (ts or "9999", index, _ns(obj), _name(obj))
 
 
-def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """A Kubernetes LabelSelector against a label set."""
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
 def namespace_allowed(
-    relay: dict[str, Any], namespace: str, namespace_labels: dict[str, dict[str, str]]
+    rule: AllowedNamespaces,
+    relay_namespace: str,
+    namespace: str,
+    namespace_labels: dict[str, dict[str, str]],
 ) -> bool:
     """MailRelay.spec.allowedDomains.namespaces, Gateway API style."""
-    rule = relay["spec"]["allowedDomains"]["namespaces"]
-    frm = rule.get("from", "Same")
-    if frm == "All":
+    if rule.from_ == "All":
         return True
-    if frm == "Same":
-        return namespace == _ns(relay)
-    return selector_matches(rule.get("selector") or {}, namespace_labels.get(namespace, {}))
+    if rule.from_ == "Same":
+        return namespace == relay_namespace
+    # Selector: the schema's rule makes the selector present.
+    return rule.selector is not None and rule.selector.matches(namespace_labels.get(namespace, {}))
 
 
 def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
@@ -131,11 +116,12 @@ def attach_domains(
     accepted: list[dict[str, Any]] = []
     verdicts: list[DomainVerdict] = []
     owner: dict[str, str] = {}
+    allowed = relay_spec(relay).allowed_domains.namespaces
     candidates = [(i, d) for i, d in enumerate(inv.domains) if refers_to(d, relay)]
     for _, dom in sorted(candidates, key=lambda c: _age_key(c[1], c[0])):
         domain = str(dom["spec"]["domain"]).lower().rstrip(".")
         key = f"{_ns(dom)}/{_name(dom)}"
-        if not namespace_allowed(relay, _ns(dom), inv.namespace_labels):
+        if not namespace_allowed(allowed, _ns(relay), _ns(dom), inv.namespace_labels):
             verdicts.append(
                 DomainVerdict(
                     _ns(dom),

@@ -4,32 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailrelay_api.spec import relay_spec
 from mailrelay_operator import naming
 
 CERT_MANAGER_API = "cert-manager.io/v1"
 
 
 def wants_certificate(relay: dict[str, Any]) -> bool:
-    return bool((relay["spec"].get("tls") or {}).get("issuerRef"))
+    return relay_spec(relay).tls.issuer_ref is not None
 
 
 def wants_tls(relay: dict[str, Any]) -> bool:
     """A Certificate is asked for, or an existing Secret is named."""
-    tls = relay["spec"].get("tls") or {}
-    return bool(tls.get("issuerRef") or tls.get("secretName"))
+    tls = relay_spec(relay).tls
+    return tls.issuer_ref is not None or bool(tls.secret_name)
 
 
 def dns_names(relay: dict[str, Any]) -> list[str]:
     names: list[str] = []
-    for host in [e["hostname"] for e in naming.mx_entries(relay)] + [relay["spec"]["hostname"]]:
-        host = str(host).lower().rstrip(".")
+    for host in [e.hostname for e in naming.mx_entries(relay)] + [relay_spec(relay).hostname]:
+        host = host.lower().rstrip(".")
         if host not in names:
             names.append(host)
     return names
 
 
 def certificate(relay: dict[str, Any]) -> dict[str, Any]:
-    issuer = relay["spec"]["tls"]["issuerRef"]
+    issuer = relay_spec(relay).tls.issuer_ref
+    if issuer is None:
+        raise ValueError("certificate() is for a relay that wants_certificate()")
     return {
         "apiVersion": CERT_MANAGER_API,
         "kind": "Certificate",
@@ -42,9 +45,9 @@ def certificate(relay: dict[str, Any]) -> dict[str, Any]:
             "secretName": naming.tls_secret_name(relay),
             "dnsNames": dns_names(relay),
             "issuerRef": {
-                "name": issuer["name"],
-                "kind": issuer.get("kind", "ClusterIssuer"),
-                "group": issuer.get("group", "cert-manager.io"),
+                "name": issuer.name,
+                "kind": issuer.kind,
+                "group": issuer.group,
             },
             "privateKey": {"rotationPolicy": "Always"},
             "usages": ["server auth", "digital signature", "key encipherment"],

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_api.load import Inventory
+from mailrelay_api.spec import relay_spec
 from mailrelay_api.validate import with_defaults
 
 Key = tuple[str, str]  # (namespace, name)
@@ -96,7 +97,7 @@ class ClusterView:
         return [
             k
             for k, r in self.relays.items()
-            if r["spec"]["allowedDomains"]["namespaces"].get("from") == "Selector"
+            if relay_spec(r).allowed_domains.namespaces.from_ == "Selector"
         ]
 
     def orphan_domains(self) -> list[dict[str, Any]]:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailrelay_api.schema import GROUP
+from mailrelay_api.spec import MxEntrySpec, relay_spec
+
 FIELD_MANAGER = "mailrelay-operator"
 MANAGED_BY = "mailrelay-operator"
-FINALIZER = "mailrelay.io/finalizer"
-ANNOTATION_PREFIX = "mailrelay.io"
-RESTART_HASH_ANNOTATION = "mailrelay.io/restart-hash"
+FINALIZER = f"{GROUP}/finalizer"
+ANNOTATION_PREFIX = GROUP
+RESTART_HASH_ANNOTATION = f"{GROUP}/restart-hash"
 # The handover secret the pods read at start: a new one rolls them.
-HANDOVER_HASH_ANNOTATION = "mailrelay.io/handover-secret-hash"
-MX_PRIORITY_LABEL = "mailrelay.io/mx-priority"
-SHARD_LABEL = "mailrelay.io/shard"
+HANDOVER_HASH_ANNOTATION = f"{GROUP}/handover-secret-hash"
+MX_PRIORITY_LABEL = f"{GROUP}/mx-priority"
+MX_HOSTNAME_ANNOTATION = f"{GROUP}/mx-hostname"
+SHARD_LABEL = f"{GROUP}/shard"
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -117,15 +121,12 @@ def certificate_name(relay: dict[str, Any]) -> str:
 
 
 def tls_secret_name(relay: dict[str, Any]) -> str:
-    return str(relay["spec"].get("tls", {}).get("secretName") or f"{relay_name(relay)}-tls")
+    return relay_spec(relay).tls.secret_name or f"{relay_name(relay)}-tls"
 
 
-def mx_entries(relay: dict[str, Any]) -> list[dict[str, Any]]:
-    """spec.mx, or one entry from spec.hostname at priority 10 when it is empty."""
-    entries = list(relay["spec"].get("mx") or [])
-    if not entries:
-        entries = [{"hostname": relay["spec"]["hostname"], "priority": 10, "service": {}}]
-    return entries
+def mx_entries(relay: dict[str, Any]) -> tuple[MxEntrySpec, ...]:
+    """spec.mx, or one entry from spec.hostname when it is empty (MailRelaySpec.mx_entries)."""
+    return relay_spec(relay).mx_entries()
 
 
 def mx_service_names(relay: dict[str, Any]) -> list[str]:
@@ -133,7 +134,7 @@ def mx_service_names(relay: dict[str, Any]) -> list[str]:
     names: list[str] = []
     seen: dict[int, int] = {}
     for entry in mx_entries(relay):
-        prio = int(entry["priority"])
+        prio = entry.priority
         seen[prio] = seen.get(prio, 0) + 1
         suffix = "" if seen[prio] == 1 else f"-{seen[prio]}"
         names.append(f"{relay_name(relay)}-mx{prio}{suffix}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_api.render import RenderCache, Rendered, render_relay
+from mailrelay_api.schema import API_VERSION
 from mailrelay_operator import certificate, handover, naming, pods, scaledown, status
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
@@ -30,7 +31,6 @@ log = logging.getLogger("mailrelay.operator")
 
 STATUS_WRITE_CONCURRENCY = 16
 MAX_RETRY_SECONDS = 300.0
-API_VERSION = "mailrelay.io/v1alpha1"
 # Kinds the operator deletes when a relay no longer wants them: (apiVersion, kind, component).
 PRUNABLE = (
     ("v1", "ConfigMap", "recipients"),
@@ -414,9 +414,9 @@ class Reconciler:
         obs.replicas, obs.ready_replicas = mem.replicas, mem.ready_replicas
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
-        mx = [(int(e["priority"]), str(e["hostname"])) for e in naming.mx_entries(relay)]
+        mx = [(e.priority, e.hostname) for e in naming.mx_entries(relay)]
         ready_hosts = {
-            str(e["hostname"])
+            e.hostname
             for e, name in zip(
                 naming.mx_entries(relay), naming.mx_service_names(relay), strict=True
             )

@@ -26,16 +26,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailrelay_api.spec import relay_spec
+from mailrelay_api.units import parse_duration
 from mailrelay_operator import naming
 from mailrelay_operator.pods import PodAddresser, PodClient, PodError
 from mailrelay_operator.status import Condition
-from relay.config import parse_duration
 
 log = logging.getLogger("mailrelay.operator")
 
 CONDITION = "ScalingDown"
 POLL_SECONDS = 2.0
-DEFAULT_TIMEOUT = "15m"
 
 
 @dataclass
@@ -130,8 +130,8 @@ class ScaleDown:
             )
             log.info("MailRelay %s: %s", naming.relay_name(relay), mem.condition.message)
             return Plan(want, poll=False)
-        spec = relay["spec"].get("scaleDown") or {}
-        timeout = parse_duration(str(spec.get("drainTimeout") or DEFAULT_TIMEOUT))
+        spec = relay_spec(relay).scale_down
+        timeout = parse_duration(spec.drain_timeout)
         since = _since(relay) or time.time()
         waited = time.time() - since
         where = (
@@ -140,13 +140,13 @@ class ScaleDown:
             else "no pod stays to take mail: delivering only"
         )
         if waited >= timeout:
-            if spec.get("onTimeout") == "Proceed":
+            if spec.on_timeout == "Proceed":
                 mem.active, mem.asked = False, set()
                 mem.condition = Condition(
                     CONDITION,
                     False,
                     "DrainTimedOut",
-                    f"{target}: drainTimeout ({spec.get('drainTimeout')}) passed, removed "
+                    f"{target}: drainTimeout ({spec.drain_timeout}) passed, removed "
                     f"anyway (onTimeout: Proceed); left on their retained volumes: "
                     + "; ".join(lines),
                 )
@@ -156,7 +156,7 @@ class ScaleDown:
                 CONDITION,
                 True,
                 "DrainTimedOut",
-                f"{target} waits past drainTimeout ({spec.get('drainTimeout')}), "
+                f"{target} waits past drainTimeout ({spec.drain_timeout}), "
                 f"onTimeout: Wait; {where}: " + "; ".join(lines),
             )
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailrelay_api.spec import relay_spec
 from mailrelay_operator import naming
 
 # externalTrafficPolicy is only valid where traffic comes from outside.
@@ -46,11 +47,11 @@ def headless_service(relay: dict[str, Any]) -> dict[str, Any]:
 
 
 def mx_services(relay: dict[str, Any]) -> list[dict[str, Any]]:
-    proxy = bool(relay["spec"].get("proxyProtocol", {}).get("enabled"))
+    proxy = relay_spec(relay).proxy_protocol.enabled
     out = []
     for entry, name in zip(naming.mx_entries(relay), naming.mx_service_names(relay), strict=True):
-        svc_opts = entry.get("service") or {}
-        svc_type = svc_opts.get("type", "LoadBalancer")
+        svc_opts = entry.service
+        svc_type = svc_opts.type
         spec: dict[str, Any] = {
             "type": svc_type,
             "selector": naming.pod_selector(relay),
@@ -65,22 +66,22 @@ def mx_services(relay: dict[str, Any]) -> list[dict[str, Any]]:
             ],
         }
         if svc_type in _EXTERNAL_TYPES:
-            spec["externalTrafficPolicy"] = svc_opts.get("externalTrafficPolicy", "Local")
+            spec["externalTrafficPolicy"] = svc_opts.external_traffic_policy
         if svc_type == "LoadBalancer":
-            if svc_opts.get("loadBalancerClass"):
-                spec["loadBalancerClass"] = svc_opts["loadBalancerClass"]
-            if svc_opts.get("loadBalancerSourceRanges"):
-                spec["loadBalancerSourceRanges"] = list(svc_opts["loadBalancerSourceRanges"])
+            if svc_opts.load_balancer_class:
+                spec["loadBalancerClass"] = svc_opts.load_balancer_class
+            if svc_opts.load_balancer_source_ranges:
+                spec["loadBalancerSourceRanges"] = list(svc_opts.load_balancer_source_ranges)
         metadata: dict[str, Any] = {
             "name": name,
             "namespace": naming.relay_namespace(relay),
             "labels": {
                 **naming.labels(relay, "mx"),
-                naming.MX_PRIORITY_LABEL: str(int(entry["priority"])),
+                naming.MX_PRIORITY_LABEL: str(entry.priority),
             },
             "annotations": {
-                **dict(svc_opts.get("annotations") or {}),
-                "mailrelay.io/mx-hostname": str(entry["hostname"]),
+                **svc_opts.annotations,
+                naming.MX_HOSTNAME_ANNOTATION: entry.hostname,
             },
         }
         out.append({"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec})

@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mailrelay_api.spec import relay_spec
+from mailrelay_api.units import parse_duration
 from mailrelay_operator import naming
-from relay.config import parse_duration
 
 # Every recipient shard ConfigMap has a slot in the projected config volume,
 # marked optional, so a new shard appears in the pod without a template change
@@ -46,7 +47,7 @@ def shard_slots(shards: int) -> int:
 
 def restart_hash(relay: dict[str, Any]) -> str:
     spec = relay["spec"]
-    doc = {k: spec.get(k) for k in RESTART_POLICY_KEYS}
+    doc = {k: spec[k] for k in RESTART_POLICY_KEYS}  # as written: the hash must not move
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,15 +70,15 @@ def relay_command(relay: dict[str, Any], tls: bool) -> list[str]:
     ]
     if tls:
         cmd += ["--tls-dir", naming.TLS_DIR]
-    if relay["spec"].get("proxyProtocol", {}).get("enabled"):
+    if relay_spec(relay).proxy_protocol.enabled:
         cmd += ["--proxy-listen", f"0.0.0.0:{naming.PROXY_PORT}"]
     return cmd
 
 
 def probe_timeout(relay: dict[str, Any]) -> int:
     """Long enough to sit out the postscreen greet pause before the banner."""
-    greet = relay["spec"].get("postscreen", {}).get("greet", {})
-    wait = parse_duration(greet.get("wait", "6s")) if greet.get("action") != "ignore" else 0
+    greet = relay_spec(relay).postscreen.greet
+    wait = parse_duration(greet.wait) if greet.action != "ignore" else 0
     return max(20, int(wait) + 5)
 
 
@@ -116,9 +117,9 @@ def config_volume(relay: dict[str, Any], shards: int) -> dict[str, Any]:
 
 
 def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
-    spec = relay["spec"]
+    spec = relay_spec(relay)
     selector = naming.pod_selector(relay)
-    proxy = bool(spec.get("proxyProtocol", {}).get("enabled"))
+    proxy = spec.proxy_protocol.enabled
     ports = [{"name": "smtp", "containerPort": naming.SMTP_PORT, "protocol": "TCP"}]
     if proxy:
         ports.append({"name": "smtp-proxy", "containerPort": naming.PROXY_PORT, "protocol": "TCP"})
@@ -147,16 +148,15 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
                 "secret": {"secretName": naming.tls_secret_name(relay), "optional": True},
             }
         )
-    storage = spec.get("storage", {})
     claim_spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": storage.get("size", "10Gi")}},
+        "resources": {"requests": {"storage": spec.storage.size}},
     }
-    if storage.get("storageClassName"):
-        claim_spec["storageClassName"] = storage["storageClassName"]
+    if spec.storage.storage_class_name:
+        claim_spec["storageClassName"] = spec.storage.storage_class_name
     container = {
         "name": "relay",
-        "image": spec.get("image") or opts.image,
+        "image": spec.image or opts.image,
         "command": relay_command(relay, opts.tls),
         "ports": ports,
         "env": [
@@ -188,7 +188,7 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
             "labels": naming.labels(relay, "relay"),
         },
         "spec": {
-            "replicas": int(spec.get("replicas", 2)),
+            "replicas": spec.replicas,
             "serviceName": naming.headless_service_name(relay),
             "selector": {"matchLabels": selector},
             # Relay pods are peers: start and stop them all at once.

@@ -152,7 +152,7 @@ class RelayObservation:
 
 def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> dict[str, Any]:
     spec = relay["spec"]
-    want = int(spec.get("replicas", 2))
+    want = int(spec["replicas"])
     gen = generation(relay)
     wanted: list[Condition] = []
     if obs.recreating:

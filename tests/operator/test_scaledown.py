@@ -6,18 +6,29 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from mailrelay_operator.cluster import trim
 from mailrelay_operator.pods import PodAddress, PodError
 from mailrelay_operator.scaledown import DrainMemory, ScaleDown
+
+from mailrelay_api.schema import API_VERSION
 
 KEY = "k" * 32
 
 
 def relay(**scale_down: str) -> dict[str, Any]:
-    return {
-        "metadata": {"name": "edge", "namespace": "mail"},
-        "spec": {"replicas": 1, "scaleDown": {"drainTimeout": "15m", **scale_down}},
-        "status": {},
-    }
+    # As the operator's indexes hold it: defaults applied (cluster.trim).
+    return trim(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "MailRelay",
+            "metadata": {"name": "edge", "namespace": "mail"},
+            "spec": {
+                "hostname": "mx.example.net",
+                "replicas": 1,
+                "scaleDown": {"drainTimeout": "15m", **scale_down},
+            },
+        }
+    )
 
 
 def address(relay: dict[str, Any], ordinal: int) -> PodAddress:
