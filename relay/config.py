@@ -45,8 +45,9 @@ from relay.recipient_table import RecipientLookup, RecipientTable
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # What a field left out of relay.json means (the schema's defaults, as typed
-# by mailrelay_api.spec); the dataclasses below default to the same, for
-# configs built in code (tests, benchmarks).
+# by mailrelay_api.spec); the dataclasses below default to the same scalars,
+# for configs built in code (tests, benchmarks). Lists start empty there: no
+# client skips SPF, no extension is refused, unless the code says so.
 _SPEC = MailRelaySpec.defaults()
 _NEXT_HOP = NextHopSpec.with_defaults({"host": "localhost"})
 
@@ -218,7 +219,7 @@ class DnsPolicy:
 
 @dataclass(frozen=True)
 class ProxyProtocol:
-    enabled: bool = False
+    enabled: bool = _SPEC.proxy_protocol.enabled
     trusted: tuple[IPNetwork, ...] = ()
 
     @classmethod

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mailrelay_api.spec import relay_spec
+from mailrelay_api.spec import MailRelaySpec, relay_spec
 from mailrelay_api.units import parse_duration
 from mailrelay_operator import naming
 
@@ -51,7 +51,7 @@ def restart_hash(relay: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def relay_command(relay: dict[str, Any], tls: bool) -> list[str]:
+def relay_command(spec: MailRelaySpec, tls: bool) -> list[str]:
     cmd = [
         "mailrelay",
         "relay",
@@ -70,20 +70,23 @@ def relay_command(relay: dict[str, Any], tls: bool) -> list[str]:
     ]
     if tls:
         cmd += ["--tls-dir", naming.TLS_DIR]
-    if relay_spec(relay).proxy_protocol.enabled:
+    if spec.proxy_protocol.enabled:
         cmd += ["--proxy-listen", f"0.0.0.0:{naming.PROXY_PORT}"]
     return cmd
 
 
 def probe_timeout(relay: dict[str, Any]) -> int:
     """Long enough to sit out the postscreen greet pause before the banner."""
-    greet = relay_spec(relay).postscreen.greet
+    return _probe_timeout(relay_spec(relay))
+
+
+def _probe_timeout(spec: MailRelaySpec) -> int:
+    greet = spec.postscreen.greet
     wait = parse_duration(greet.wait) if greet.action != "ignore" else 0
     return max(20, int(wait) + 5)
 
 
-def _probe(relay: dict[str, Any], *extra: str) -> dict[str, Any]:
-    timeout = probe_timeout(relay)
+def _probe(timeout: int, *extra: str) -> dict[str, Any]:
     # EHLO and QUIT on the pod's own loopback after the full banner: no early
     # talk (pregreet), no MAIL/RCPT, so the relay's checks never fire.
     return {
@@ -118,6 +121,7 @@ def config_volume(relay: dict[str, Any], shards: int) -> dict[str, Any]:
 
 def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
     spec = relay_spec(relay)
+    timeout = _probe_timeout(spec)
     selector = naming.pod_selector(relay)
     proxy = spec.proxy_protocol.enabled
     ports = [{"name": "smtp", "containerPort": naming.SMTP_PORT, "protocol": "TCP"}]
@@ -157,7 +161,7 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
     container = {
         "name": "relay",
         "image": spec.image or opts.image,
-        "command": relay_command(relay, opts.tls),
+        "command": relay_command(spec, opts.tls),
         "ports": ports,
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -165,10 +169,10 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
         ],
         "volumeMounts": mounts,
         # The relay may load a large recipient table first: give it time.
-        "startupProbe": {**_probe(relay), "periodSeconds": 5, "failureThreshold": 60},
-        "readinessProbe": {**_probe(relay), "periodSeconds": 15, "failureThreshold": 2},
+        "startupProbe": {**_probe(timeout), "periodSeconds": 5, "failureThreshold": 60},
+        "readinessProbe": {**_probe(timeout), "periodSeconds": 15, "failureThreshold": 2},
         "livenessProbe": {
-            **_probe(relay, "--liveness"),
+            **_probe(timeout, "--liveness"),
             "periodSeconds": 30,
             "failureThreshold": 4,
         },
