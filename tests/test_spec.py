@@ -201,3 +201,14 @@ def test_drain_requests_round_trip_and_are_signed() -> None:
     assert request.peers == ("edge-0:10026",) and request.ttl == 60
     assert request.fresh(request.ts + MAX_SKEW) and not request.fresh(request.ts + MAX_SKEW + 1)
     assert DrainRequest.decode(DrainRequest.end().encode()).peers is None
+
+
+def test_the_operator_imports_no_relay_runtime_module() -> None:
+    # What operator and relay share is the contract in mailrelay_api.
+    imports = re.compile(r"^\s*(from|import)\s+relay(\.|\s)", re.MULTILINE)
+    found = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "operator").rglob("*.py"))
+        if imports.search(path.read_text())
+    ]
+    assert not found
