@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay.config import parse_duration
+from mailrelay_api.units import parse_duration
 from relay.process.output import emit, format_table
 from relay.queue.store import ACTIVE, DEFERRED, HOLD, QUEUE_STATES, Queue, QueuedMessage
 
