@@ -32,7 +32,8 @@ from relay.delivery.dsn import Failure, build_dsn
 from relay.delivery.smtp_client import BOUNCED, SENT, ConnectionPool, RecipientResult
 from relay.delivery.smtp_client import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
-from relay.queue.store import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, Queue, id_time
+from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, id_time
+from relay.queue.store import Queue
 
 log = logging.getLogger("relay.delivery")
 

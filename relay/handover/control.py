@@ -29,7 +29,7 @@ from typing import Any
 
 from relay.handover import drain
 from relay.handover.transfer import verify
-from relay.queue.store import INCOMING, QUEUE_STATES, is_queue_id
+from relay.queue.format import INCOMING, QUEUE_STATES, is_queue_id
 
 log = logging.getLogger("mailrelay.control")
 

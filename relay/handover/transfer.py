@@ -48,7 +48,8 @@ from pathlib import Path
 
 from relay import metrics
 from relay.delivery.smtp_client import DataEncoder
-from relay.queue.store import HOLD, READ_CHUNK, Claim, Queue, QueueError
+from relay.queue.format import HOLD, READ_CHUNK, Claim, QueueError
+from relay.queue.store import Queue
 from relay.smtpd.smtpdata import DataDecoder
 
 log = logging.getLogger("mailrelay.handover")

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue.store import (
+from relay.queue.format import (
     ACTIVE,
     DEFERRED,
     HOLD,
     INCOMING,
     STATE,
-    Queue,
     QueueError,
     id_time,
     is_queue_id,
     new_queue_id,
     read_envelope,
 )
+from relay.queue.store import Queue
 
 
 @pytest.fixture
