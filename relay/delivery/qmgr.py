@@ -1,7 +1,7 @@
 """Delivery: Postfix's qmgr for one relay process.
 
 Takes messages from the queue, sends each recipient group to its domain's
-next hop (relay.delivery.smtp_client), records per-recipient results, defers with
+next hop (relay.delivery.connections), records per-recipient results, defers with
 Postfix's backoff, expires and returns mail as DSNs (relay.delivery.dsn).
 
 - `wake(id)`: the server calls it right after `commit()`; the message is
@@ -28,9 +28,10 @@ from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
+from relay.delivery.connections import ConnectionPool
 from relay.delivery.dsn import Failure, build_dsn
-from relay.delivery.smtp_client import BOUNCED, SENT, ConnectionPool, RecipientResult
-from relay.delivery.smtp_client import DEFERRED as RESULT_DEFERRED
+from relay.delivery.transaction import BOUNCED, SENT, RecipientResult
+from relay.delivery.transaction import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
 from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, id_time
 from relay.queue.store import Queue

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay import metrics
-from relay.delivery.smtp_client import DataEncoder
+from relay.delivery.transaction import DataEncoder
 from relay.queue.format import HOLD, READ_CHUNK, Claim, QueueError
 from relay.queue.store import Queue
 from relay.smtpd.smtpdata import DataDecoder
