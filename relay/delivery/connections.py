@@ -38,11 +38,8 @@ from relay.dns import Resolver
 class Connection:
     smtp: aiosmtplib.SMTP
     label: str  # host[ip]:port
-    host_name: str  # the name the next hop answered for (for DSNs)
-    opened: float
-    last_used: float
+    last_used: float  # time.monotonic()
     uses: int = 0
-    tls: bool = False
 
 
 @dataclass
@@ -124,68 +121,72 @@ class ConnectionPool:
     ) -> Connection:
         use_tls = hop.tls in ("may", "encrypt", "verify")
         for attempt_tls in (use_tls, False) if hop.tls == "may" else (use_tls,):
-            smtp = aiosmtplib.SMTP(
-                hostname=ip,
-                port=hop.port,
-                local_hostname=local_hostname,
-                timeout=self.command_timeout,
-                start_tls=False,
-                source_address=(self.source_address, 0) if self.source_address else None,
-            )
-            try:
-                await smtp.connect(timeout=self.connect_timeout)
-                if smtp.transport is not None and hasattr(smtp.transport, "max_size"):
-                    # Replies are short: asyncio's 256 KB reads would allocate
-                    # (mmap) and shrink a buffer that big for each one.
-                    smtp.transport.max_size = 16 * 1024
-                await smtp.ehlo()
-            except aiosmtplib.SMTPConnectResponseError as e:
-                smtp.close()
-                raise ConnectError(
-                    f"host {label} refused to talk to me: {e.code} {e.message}",
-                    enhanced_status(e.code, e.message),
-                ) from e
-            except (aiosmtplib.SMTPException, OSError) as e:
-                smtp.close()
-                what = e.__cause__ or e
-                if isinstance(what, ConnectionRefusedError):
-                    reason = "Connection refused"
-                elif isinstance(e, aiosmtplib.SMTPTimeoutError):
-                    reason = "Connection timed out"
-                else:
-                    reason = str(what) or what.__class__.__name__
-                raise ConnectError(f"connect to {label}: {reason}") from e
-            tls = False
-            if attempt_tls:
-                if not smtp.supports_extension("starttls"):
-                    if hop.tls == "may":
-                        return self._connection(smtp, label, name, tls)
-                    smtp.close()
-                    raise ConnectError(
-                        f"TLS is required, but was not offered by host {label}", "4.7.4"
-                    )
-                verify = hop.tls == "verify"
-                try:
-                    await smtp.starttls(
-                        tls_context=self._tls_context(verify),
-                        server_hostname=name if verify else None,
-                    )
-                    await smtp.ehlo()
-                    tls = True
-                except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
-                    smtp.close()
-                    if hop.tls == "may":
-                        continue  # Postfix falls back to plaintext for `may`
-                    raise ConnectError(
-                        f"Cannot start TLS: handshake failure with {label}: {e}", "4.7.5"
-                    ) from e
-            return self._connection(smtp, label, name, tls)
+            smtp = await self._connect(hop, ip, label, local_hostname)
+            if attempt_tls and not await self._start_tls(smtp, hop, name, label):
+                continue  # Postfix falls back to plaintext for `may`
+            return Connection(smtp, label, time.monotonic())
         raise ConnectError(f"connect to {label}: TLS and plaintext both failed")
 
-    @staticmethod
-    def _connection(smtp: aiosmtplib.SMTP, label: str, name: str, tls: bool) -> Connection:
-        now = time.monotonic()
-        return Connection(smtp, label, name, now, now, tls=tls)
+    async def _connect(
+        self, hop: NextHop, ip: str, label: str, local_hostname: str
+    ) -> aiosmtplib.SMTP:
+        """Connected, greeted, EHLO answered."""
+        smtp = aiosmtplib.SMTP(
+            hostname=ip,
+            port=hop.port,
+            local_hostname=local_hostname,
+            timeout=self.command_timeout,
+            start_tls=False,
+            source_address=(self.source_address, 0) if self.source_address else None,
+        )
+        try:
+            await smtp.connect(timeout=self.connect_timeout)
+            if smtp.transport is not None and hasattr(smtp.transport, "max_size"):
+                # Replies are short: asyncio's 256 KB reads would allocate
+                # (mmap) and shrink a buffer that big for each one.
+                smtp.transport.max_size = 16 * 1024
+            await smtp.ehlo()
+        except aiosmtplib.SMTPConnectResponseError as e:
+            smtp.close()
+            raise ConnectError(
+                f"host {label} refused to talk to me: {e.code} {e.message}",
+                enhanced_status(e.code, e.message),
+            ) from e
+        except (aiosmtplib.SMTPException, OSError) as e:
+            smtp.close()
+            what = e.__cause__ or e
+            if isinstance(what, ConnectionRefusedError):
+                reason = "Connection refused"
+            elif isinstance(e, aiosmtplib.SMTPTimeoutError):
+                reason = "Connection timed out"
+            else:
+                reason = str(what) or what.__class__.__name__
+            raise ConnectError(f"connect to {label}: {reason}") from e
+        return smtp
+
+    async def _start_tls(self, smtp: aiosmtplib.SMTP, hop: NextHop, name: str, label: str) -> bool:
+        """STARTTLS and EHLO again as `hop.tls` says. False: it failed under
+        `may` (the connection is closed); ConnectError where TLS is required."""
+        if not smtp.supports_extension("starttls"):
+            if hop.tls == "may":
+                return True
+            smtp.close()
+            raise ConnectError(f"TLS is required, but was not offered by host {label}", "4.7.4")
+        verify = hop.tls == "verify"
+        try:
+            await smtp.starttls(
+                tls_context=self._tls_context(verify),
+                server_hostname=name if verify else None,
+            )
+            await smtp.ehlo()
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
+            smtp.close()
+            if hop.tls == "may":
+                return False
+            raise ConnectError(
+                f"Cannot start TLS: handshake failure with {label}: {e}", "4.7.5"
+            ) from e
+        return True
 
     def _take_idle(self, dest: _Destination) -> Connection | None:
         now = time.monotonic()

@@ -33,7 +33,7 @@ from relay.delivery.dsn import Failure, build_dsn
 from relay.delivery.transaction import BOUNCED, SENT, RecipientResult
 from relay.delivery.transaction import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
-from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, id_time
+from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, QueueState, id_time
 from relay.queue.store import Queue
 
 log = logging.getLogger("relay.delivery")
@@ -58,7 +58,7 @@ def _format_delay(seconds: float) -> str:
 
 @dataclass
 class _Due:
-    state: str  # active | deferred
+    state: QueueState  # active or deferred
     at: float
 
 

@@ -207,7 +207,7 @@ class Claim:
 
     queue_id: str
     fd: int
-    state: str  # the folder it was claimed in
+    state: QueueState  # the folder it was claimed in
     envelope: Envelope
     progress: Progress
     data: bytes | None = None  # the whole message data, when still in memory

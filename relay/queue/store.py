@@ -47,12 +47,12 @@ from relay.queue.format import (
     CORRUPT,
     DEFERRED,
     FLUSH_MARKER,
-    HOLD,
     INCOMING,
     QUEUE_STATES,
     STATE,
     Claim,
     Progress,
+    QueueState,
     is_queue_id,
     new_queue_id,
     read_envelope,
@@ -73,12 +73,11 @@ class QueuedMessage:
     arrival: float  # unix time
     next_attempt: float
     attempts: int = 0
-    held: bool = False
     last_reason: str = ""
     done: dict[str, str] = field(default_factory=dict)  # recipient -> final result
     client: str = ""  # client ip, for logs and DSNs
     size: int = 0
-    state: str = ACTIVE  # active | deferred | hold
+    state: QueueState = ACTIVE
     all_recipients: list[str] = field(default_factory=list)
 
 
@@ -206,13 +205,13 @@ class Queue:
 
     # -- claiming and recording results (blocking: run on the pool) --------
 
-    def locate_sync(self, queue_id: str) -> str | None:
+    def locate_sync(self, queue_id: str) -> QueueState | None:
         for state in QUEUE_STATES:
             if os.path.exists(self.path_of(state, queue_id)):
                 return state
         return None
 
-    def claim_sync(self, queue_id: str, state: str) -> Claim | None:
+    def claim_sync(self, queue_id: str, state: QueueState) -> Claim | None:
         """Locks a queued message for delivery; None if someone else has it or it is gone."""
         path = self.path_of(state, queue_id)
         try:
@@ -330,7 +329,7 @@ class Queue:
             if claim.fd >= 0:
                 self.release_sync(claim)
 
-    def defer_sync(self, claim: Claim, next_attempt: float) -> str | None:
+    def defer_sync(self, claim: Claim, next_attempt: float) -> QueueState | None:
         """Records progress and moves the message to deferred/ until `next_attempt`.
 
         A message put on hold meanwhile stays on hold; one deleted meanwhile
@@ -362,9 +361,9 @@ class Queue:
 
     # -- scanning ----------------------------------------------------------
 
-    def scan_sync(self) -> list[tuple[str, str, float]]:
+    def scan_sync(self) -> list[tuple[str, QueueState, float]]:
         """(queue_id, state, mtime) of every committed message: cheap, no file opened."""
-        out: list[tuple[str, str, float]] = []
+        out: list[tuple[str, QueueState, float]] = []
         for state in QUEUE_STATES:
             folder = self.directory / state
             with os.scandir(folder) as it:
@@ -432,7 +431,7 @@ class Queue:
                 yield message
 
     def read_message_sync(
-        self, queue_id: str, state: str, mtime: float | None = None
+        self, queue_id: str, state: QueueState, mtime: float | None = None
     ) -> QueuedMessage | None:
         path = self.path_of(state, queue_id)
         try:
@@ -456,7 +455,6 @@ class Queue:
             arrival=envelope.arrival,
             next_attempt=mtime if state == DEFERRED else envelope.arrival,
             attempts=progress.attempts,
-            held=state == HOLD,
             last_reason=progress.last_reason,
             done=dict(progress.done),
             client=envelope.client,
@@ -473,7 +471,7 @@ class Queue:
             envelope = read_envelope(f.fileno())
             return f.read(envelope.size if limit is None else min(limit, envelope.size))
 
-    def move_sync(self, queue_id: str, to_state: str, *, mtime: float | None = None) -> bool:
+    def move_sync(self, queue_id: str, to_state: QueueState, *, mtime: float | None = None) -> bool:
         """hold/release: renames the file between state folders (safe while delivering)."""
         for state in QUEUE_STATES:
             if state == to_state:
