@@ -210,7 +210,7 @@ class Delivery:
         entries = await self.queue.run_io(self.queue.scan_sync)
         self._last_scan = time.monotonic()
         now = self.clock()
-        counts = {ACTIVE: 0, DEFERRED: 0, HOLD: 0}
+        counts: dict[QueueState, int] = {ACTIVE: 0, DEFERRED: 0, HOLD: 0}
         oldest = now
         seen = set()
         fresh = set(self.queue.fresh_ids())

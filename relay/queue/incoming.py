@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, TypeVarTuple
 
 from relay.queue.format import (
     ACTIVE,
@@ -43,6 +43,9 @@ MAX_PENDING_BYTES = 1024 * 1024
 # hand-offs with the event loop than its overlapping fsyncs gain.
 COMMIT_THREADS = 1
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
 
 class QueueSide(Protocol):
     """What an incoming message needs of its queue (relay.queue.store.Queue)."""
@@ -51,7 +54,7 @@ class QueueSide(Protocol):
     clock: Callable[[], float]
     committer: Committer
 
-    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+    async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T: ...
 
     def track(self, task: asyncio.Future[Any]) -> None: ...
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 from relay.queue.format import (
     ACTIVE,
@@ -63,6 +63,9 @@ from relay.queue.incoming import COMMIT_THREADS, Committer, IncomingMessage
 # An incoming file younger than this is never removed as stale: closes the
 # window between a writer creating it and taking its lock.
 STALE_INCOMING_AGE = 60.0
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Queue:
 
     # -- plumbing ----------------------------------------------------------
 
-    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def track(self, task: asyncio.Future[Any]) -> None:
