@@ -90,6 +90,13 @@ def run_relay(options: ProcessOptions) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
+    # Before anything imports relay.metrics (the handover's secret loader
+    # does): prometheus_client picks its value store at import.
+    multiprocess = (
+        options.worker_count() > 1
+        and bool(options.metrics_listen)
+        and _prepare_multiprocess_metrics()
+    )
     handover_secret = None
     if options.handover_secret_file is not None:
         from relay.handover.transfer import load_secret
@@ -112,7 +119,7 @@ def run_relay(options: ProcessOptions) -> int:
     options.queue_dir.mkdir(parents=True, exist_ok=True)
     sources = SourceWatcher(options.watch_sources) if options.watch_sources else None
     if options.worker_count() > 1:
-        return Supervisor(options, addresses, handover_secret, sources).run()
+        return Supervisor(options, addresses, handover_secret, sources).run(multiprocess)
     try:
         sockets = addresses.bind(reuse_port=False, listen=True)
     except ListenError as e:
@@ -147,9 +154,10 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> slot
         self.stopping = False
 
-    def run(self) -> int:
+    def run(self, multiprocess: bool) -> int:
+        """Until the workers stopped; `multiprocess`: /metrics sums theirs
+        (_prepare_multiprocess_metrics() was called before any import of it)."""
         options = self.options
-        multiprocess = bool(options.metrics_listen) and _prepare_multiprocess_metrics()
         try:
             # Holds the ports (port 0 picks one) without listening: only the
             # workers' SO_REUSEPORT sockets receive connections.
