@@ -48,6 +48,16 @@ class _Destination:
     idle: list[Connection] = field(default_factory=list)
 
 
+async def _quit(conn: Connection, timeout: float) -> None:
+    """QUIT politely if the peer answers in time; closed either way."""
+    try:
+        await asyncio.wait_for(conn.smtp.quit(), timeout)
+    except Exception:
+        pass
+    finally:
+        conn.smtp.close()
+
+
 def unverified_tls_context() -> ssl.SSLContext:
     """Opportunistic TLS (may/encrypt): encrypted, not authenticated, as Postfix does."""
     ctx = ssl.create_default_context()
@@ -209,15 +219,7 @@ class ConnectionPool:
         conn.smtp.close()
 
     def _quit_later(self, conn: Connection) -> None:
-        async def quit() -> None:
-            try:
-                await asyncio.wait_for(conn.smtp.quit(), 5)
-            except Exception:
-                pass
-            finally:
-                conn.smtp.close()
-
-        task = asyncio.ensure_future(quit())
+        task = asyncio.ensure_future(_quit(conn, 5))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -237,16 +239,7 @@ class ConnectionPool:
         conns = [c for d in self._destinations.values() for c in d.idle]
         for d in self._destinations.values():
             d.idle = []
-
-        async def quit(conn: Connection) -> None:
-            try:
-                await asyncio.wait_for(conn.smtp.quit(), 2)
-            except Exception:
-                pass
-            finally:
-                conn.smtp.close()
-
-        await asyncio.gather(*(quit(c) for c in conns), *list(self._closing))
+        await asyncio.gather(*(_quit(c, 2) for c in conns), *list(self._closing))
 
     # -- one transaction -------------------------------------------------------
 

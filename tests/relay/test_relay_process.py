@@ -155,18 +155,23 @@ def test_starttls_with_swaks(tmp_path: Path) -> None:
             assert b"with ESMTPS id" in message.data
 
 
+def two_workers(tmp_path: Path, next_hop: tuple[str, int], *args: str) -> RelayProcess:
+    """`mailrelay relay` (the pod's entrypoint) with two workers and /metrics."""
+    manifests = write_manifests(tmp_path / "m", next_hop=next_hop, domains=DOMAINS)
+    return RelayProcess(
+        None,
+        tmp_path / "relay",
+        command="relay",
+        config_dir=render_config(manifests, tmp_path / "config"),
+        workers=2,
+        metrics=True,
+        args=list(args),
+    )
+
+
 def test_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
     with AiosmtpdSink(next_loopback()) as sink:
-        manifests = write_manifests(tmp_path / "m", next_hop=sink.address, domains=DOMAINS)
-        config_dir = render_config(manifests, tmp_path / "config")
-        relay = RelayProcess(
-            None,
-            tmp_path / "relay",
-            command="relay",
-            config_dir=config_dir,
-            workers=2,
-            metrics=True,
-        )
+        relay = two_workers(tmp_path, sink.address)
         with relay:
             result = smtp_source(relay.address, count=40, sessions=8, to="a@example.org")
             assert result.returncode == 0, result.output
@@ -190,17 +195,7 @@ def test_workers_metrics_with_a_handover_secret(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("s" * 64)
     with AiosmtpdSink(next_loopback()) as sink:
-        manifests = write_manifests(tmp_path / "m", next_hop=sink.address, domains=DOMAINS)
-        config_dir = render_config(manifests, tmp_path / "config")
-        relay = RelayProcess(
-            None,
-            tmp_path / "relay",
-            command="relay",
-            config_dir=config_dir,
-            workers=2,
-            metrics=True,
-            args=["--handover-secret-file", str(secret)],
-        )
+        relay = two_workers(tmp_path, sink.address, "--handover-secret-file", str(secret))
         with relay:
             result = smtp_source(relay.address, count=6, sessions=2, to="a@example.org")
             assert result.returncode == 0, result.output
