@@ -186,15 +186,16 @@ class _Exchange:
     ) -> None:
         """`commands` are MAIL, the RCPTs and DATA; up to `window` of them go
         out in one write whenever every reply so far is in."""
-        data_at = len(commands) - 1
+        total = len(commands)
+        data_at = total - 1
         sent = replied = 0
         mail_ok = True
         data_reply: SMTPResponse | None = None
-        while replied < len(commands):
+        while replied < total:
             if replied == sent:
                 if not mail_ok or (sent == data_at and not self.accepted):
                     return  # nothing more to say that could succeed
-                sent = min(len(commands), sent + window)
+                sent = min(total, sent + window)
                 reader.write(b"".join(commands[replied:sent]))
             self.stage = (
                 MAIL_STAGE if replied == 0 else RCPT_STAGE if replied < data_at else DATA_STAGE
