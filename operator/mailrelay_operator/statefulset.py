@@ -21,7 +21,7 @@ SHARD_SLOT_STEP = 32
 RESTART_POLICY_KEYS: tuple[str, ...] = ("proxyProtocol",)
 # On SIGTERM the relay answers 421 to new sessions, gives open ones
 # SHUTDOWN_GRACE_SECONDS to finish, then up to DELIVERY_STOP_SECONDS to the
-# deliveries under way (relay.process.server, relay.delivery.qmgr.stop); mail still queued
+# deliveries under way (relay.process.worker, relay.delivery.qmgr.stop); mail still queued
 # stays on the pod's volume and the next pod on it resumes it. The kubelet's
 # grace period covers all of that with a margin, so SIGKILL never cuts it short.
 SHUTDOWN_GRACE_SECONDS = 25

@@ -1,3 +1,4 @@
-"""Delivery to next hops, like Postfix's qmgr + smtp: the scheduler loop, next-hop lookup, the
-SMTP client, bounces.
+"""Delivery to next hops, like Postfix's qmgr + smtp: the scheduler loop (qmgr), next-hop
+lookup (nexthop), connections and their pool (connections), one SMTP transaction engine
+(transaction, reading replies with replies), bounces (dsn).
 """

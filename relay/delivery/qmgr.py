@@ -1,7 +1,7 @@
 """Delivery: Postfix's qmgr for one relay process.
 
 Takes messages from the queue, sends each recipient group to its domain's
-next hop (relay.delivery.smtp_client), records per-recipient results, defers with
+next hop (relay.delivery.connections), records per-recipient results, defers with
 Postfix's backoff, expires and returns mail as DSNs (relay.delivery.dsn).
 
 - `wake(id)`: the server calls it right after `commit()`; the message is
@@ -28,11 +28,13 @@ from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
+from relay.delivery.connections import ConnectionPool
 from relay.delivery.dsn import Failure, build_dsn
-from relay.delivery.smtp_client import BOUNCED, SENT, ConnectionPool, RecipientResult
-from relay.delivery.smtp_client import DEFERRED as RESULT_DEFERRED
+from relay.delivery.transaction import BOUNCED, SENT, RecipientResult
+from relay.delivery.transaction import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
-from relay.queue.store import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, Queue, id_time
+from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, QueueState, id_time
+from relay.queue.store import Queue
 
 log = logging.getLogger("relay.delivery")
 
@@ -56,7 +58,7 @@ def _format_delay(seconds: float) -> str:
 
 @dataclass
 class _Due:
-    state: str  # active | deferred
+    state: QueueState  # active or deferred
     at: float
 
 
@@ -208,7 +210,7 @@ class Delivery:
         entries = await self.queue.run_io(self.queue.scan_sync)
         self._last_scan = time.monotonic()
         now = self.clock()
-        counts = {ACTIVE: 0, DEFERRED: 0, HOLD: 0}
+        counts: dict[QueueState, int] = {ACTIVE: 0, DEFERRED: 0, HOLD: 0}
         oldest = now
         seen = set()
         fresh = set(self.queue.fresh_ids())

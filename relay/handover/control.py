@@ -26,7 +26,7 @@ from typing import Any
 
 from mailrelay_api.drain_protocol import SIGNATURE_HEADER, DrainRequest, verify
 from relay.handover import drain
-from relay.queue.store import INCOMING, QUEUE_STATES, is_queue_id
+from relay.queue.format import INCOMING, QUEUE_STATES, is_queue_id
 
 log = logging.getLogger("mailrelay.control")
 

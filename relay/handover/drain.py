@@ -36,7 +36,8 @@ from typing import Any
 
 from relay import metrics
 from relay.handover.transfer import HandoverClient, HandoverError
-from relay.queue.store import ACTIVE, HOLD, Queue
+from relay.queue.format import ACTIVE, HOLD
+from relay.queue.store import Queue
 
 log = logging.getLogger("mailrelay.drain")
 

@@ -46,8 +46,9 @@ from pathlib import Path
 
 from mailrelay_api.drain_protocol import sign, verify  # one HMAC for drains and AUTH
 from relay import metrics
-from relay.delivery.smtp_client import DataEncoder
-from relay.queue.store import HOLD, READ_CHUNK, Claim, Queue, QueueError
+from relay.delivery.transaction import DataEncoder
+from relay.queue.format import HOLD, READ_CHUNK, Claim, QueueError
+from relay.queue.store import Queue
 from relay.smtpd.smtpdata import DataDecoder
 
 log = logging.getLogger("mailrelay.handover")

@@ -1,3 +1,3 @@
-"""The relay as processes: the supervisor and its workers, the command line, the probe, TLS
-reload, the queue command.
+"""The relay as processes: the supervisor (server) and its workers (worker), their options,
+sockets and config watching, the command line, the probe, TLS reload, the queue command.
 """

@@ -12,6 +12,7 @@ from typing import Any
 
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
+from relay.process.options import ProcessOptions
 from relay.process.output import emit, format_table
 from relay.process.queue_admin import add_queue_parser, default_queue_dir
 
@@ -150,14 +151,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("error: manifests changed; keeping the running configuration", file=sys.stderr)
 
     return run_relay(
-        config_dir,
-        listen=args.listen or DEFAULT_LOCAL_LISTEN,
-        queue_dir=Path(args.queue_dir or default_queue_dir()),
-        metrics_listen=args.metrics_listen,
-        tls_dir=Path(args.tls_dir) if args.tls_dir else None,
-        workers=args.workers,
-        watch_sources=[Path(p) for p in args.file],
-        on_source_change=rerender,
+        ProcessOptions(
+            config_dir,
+            listen=args.listen or DEFAULT_LOCAL_LISTEN,
+            queue_dir=Path(args.queue_dir or default_queue_dir()),
+            metrics_listen=args.metrics_listen,
+            tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+            workers=args.workers,
+            watch_sources=[Path(p) for p in args.file],
+            on_source_change=rerender,
+        )
     )
 
 
@@ -165,15 +168,19 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from relay.process.server import run_relay
 
     return run_relay(
-        Path(args.config_dir),
-        listen=args.listen,
-        queue_dir=Path(args.queue_dir or default_queue_dir()),
-        metrics_listen=args.metrics_listen,
-        tls_dir=Path(args.tls_dir) if args.tls_dir else None,
-        workers=args.workers,
-        proxy_listen=args.proxy_listen,
-        handover_listen=args.handover_listen,
-        handover_secret_file=Path(args.handover_secret_file) if args.handover_secret_file else None,
+        ProcessOptions(
+            Path(args.config_dir),
+            listen=args.listen,
+            queue_dir=Path(args.queue_dir or default_queue_dir()),
+            metrics_listen=args.metrics_listen,
+            tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+            workers=args.workers,
+            proxy_listen=args.proxy_listen,
+            handover_listen=args.handover_listen,
+            handover_secret_file=(
+                Path(args.handover_secret_file) if args.handover_secret_file else None
+            ),
+        )
     )
 
 

@@ -30,7 +30,8 @@ from typing import Any
 
 from mailrelay_api.units import parse_duration
 from relay.process.output import emit, format_table
-from relay.queue.store import ACTIVE, DEFERRED, HOLD, QUEUE_STATES, Queue, QueuedMessage
+from relay.queue.format import ACTIVE, DEFERRED, HOLD, QUEUE_STATES
+from relay.queue.store import Queue, QueuedMessage
 
 QUEUE_DIR_ENV = "MAILRELAY_QUEUE_DIR"
 LOCAL_QUEUE_DIR = ".mailrelay/queue"

@@ -13,7 +13,8 @@ from mrtest.delivery_helpers import FakeClock, free_port, make_config, message
 
 from relay.config import NextHop
 from relay.delivery.qmgr import backoff
-from relay.queue.store import DEFERRED, Queue
+from relay.queue.format import DEFERRED
+from relay.queue.store import Queue
 
 
 async def eventually(predicate: Any, timeout: float = 60.0) -> None:

@@ -13,7 +13,7 @@ from mrtest.delivery_helpers import make_config, message
 from mrtest.dnsserver import DnsServer
 
 from relay.config import DnsPolicy, NextHop
-from relay.delivery.smtp_client import DataEncoder, check_address
+from relay.delivery.transaction import DataEncoder, check_address
 from relay.dns import Resolver
 
 

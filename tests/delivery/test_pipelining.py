@@ -16,7 +16,8 @@ import pytest
 from mrtest.delivery_helpers import free_port
 
 from relay.config import NextHop
-from relay.delivery.smtp_client import BOUNCED, DEFERRED, SENT, ConnectionPool
+from relay.delivery.connections import ConnectionPool
+from relay.delivery.transaction import BOUNCED, DEFERRED, SENT
 from relay.dns import Resolver
 
 HOST = "127.0.0.7"

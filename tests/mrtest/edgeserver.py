@@ -25,7 +25,8 @@ import pytest
 from mrtest.relayproc import next_loopback, render_config, write_manifests
 from relay.config import RelayConfig, load_config
 from relay.dns import Resolver
-from relay.queue.store import ACTIVE, Queue, read_envelope
+from relay.queue.format import ACTIVE, read_envelope
+from relay.queue.store import Queue
 from relay.smtpd.anvil import Anvil
 from relay.smtpd.dnschecks import DnsChecks
 from relay.smtpd.screen import Postscreen

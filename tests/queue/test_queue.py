@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue.store import (
+from relay.queue.format import (
     ACTIVE,
     DEFERRED,
     HOLD,
     INCOMING,
     STATE,
-    Queue,
     QueueError,
     id_time,
     is_queue_id,
     new_queue_id,
     read_envelope,
 )
+from relay.queue.store import Queue
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_queue_ids_are_unique_sortable_and_carry_their_time() -> None:
 
 def test_queue_ids_differ_across_processes() -> None:
     code = (
-        "from relay.queue.store import new_queue_id; "
+        "from relay.queue.format import new_queue_id; "
         "print(' '.join(new_queue_id() for _ in range(300)))"
     )
     outs = [

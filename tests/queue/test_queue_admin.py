@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from relay.process.cli import main
-from relay.queue.store import ACTIVE, DEFERRED, FLUSH_MARKER, HOLD, Queue
+from relay.queue.format import ACTIVE, DEFERRED, FLUSH_MARKER, HOLD
+from relay.queue.store import Queue
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from mrtest.relayproc import next_loopback, render_config, write_manifests
 
 from relay.config import RelayConfig, load_config
 from relay.dns import Resolver
-from relay.queue.store import ACTIVE, Queue
+from relay.queue.format import ACTIVE
+from relay.queue.store import Queue
 from relay.smtpd.dnschecks import DnsChecks
 from relay.smtpd.screen import Postscreen
 from relay.smtpd.server import RelaySMTP, ServerContext
@@ -59,7 +60,7 @@ class Harness:
 
     def queued(self) -> list[bytes]:
         """The data of every committed message (without the queue trailer)."""
-        from relay.queue.store import read_envelope
+        from relay.queue.format import read_envelope
 
         out = []
         for f in sorted((self.queue.directory / ACTIVE).iterdir()):

@@ -155,18 +155,23 @@ def test_starttls_with_swaks(tmp_path: Path) -> None:
             assert b"with ESMTPS id" in message.data
 
 
+def two_workers(tmp_path: Path, next_hop: tuple[str, int], *args: str) -> RelayProcess:
+    """`mailrelay relay` (the pod's entrypoint) with two workers and /metrics."""
+    manifests = write_manifests(tmp_path / "m", next_hop=next_hop, domains=DOMAINS)
+    return RelayProcess(
+        None,
+        tmp_path / "relay",
+        command="relay",
+        config_dir=render_config(manifests, tmp_path / "config"),
+        workers=2,
+        metrics=True,
+        args=list(args),
+    )
+
+
 def test_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
     with AiosmtpdSink(next_loopback()) as sink:
-        manifests = write_manifests(tmp_path / "m", next_hop=sink.address, domains=DOMAINS)
-        config_dir = render_config(manifests, tmp_path / "config")
-        relay = RelayProcess(
-            None,
-            tmp_path / "relay",
-            command="relay",
-            config_dir=config_dir,
-            workers=2,
-            metrics=True,
-        )
+        relay = two_workers(tmp_path, sink.address)
         with relay:
             result = smtp_source(relay.address, count=40, sessions=8, to="a@example.org")
             assert result.returncode == 0, result.output
@@ -180,4 +185,26 @@ def test_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
                 return "mailrelay_messages_accepted_total 40.0" in text
 
             wait_until(accepted, 10, "40 accepted in /metrics")
+            assert relay.stop() == 0
+
+
+def test_workers_metrics_with_a_handover_secret(tmp_path: Path) -> None:
+    """The pod's command line (a handover secret, several workers): /metrics
+    still sums the workers (loading the secret must not import prometheus_client
+    before its multiprocess folder is set)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 64)
+    with AiosmtpdSink(next_loopback()) as sink:
+        relay = two_workers(tmp_path, sink.address, "--handover-secret-file", str(secret))
+        with relay:
+            result = smtp_source(relay.address, count=6, sessions=2, to="a@example.org")
+            assert result.returncode == 0, result.output
+            sink.wait_for(6)
+
+            def accepted() -> bool:
+                text = urllib.request.urlopen(relay.metrics_url, timeout=5).read().decode()
+                return "mailrelay_messages_accepted_total 6.0" in text
+
+            wait_until(accepted, 10, "6 accepted in /metrics")
+            assert "already imported" not in relay.log()
             assert relay.stop() == 0

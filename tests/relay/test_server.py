@@ -1,4 +1,4 @@
-"""relay.process.server helpers: listen addresses, and seeing a ConfigMap update."""
+"""relay.process helpers: listen addresses, and seeing a ConfigMap update."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.process.server import SourceWatcher, config_hash, config_signature, parse_listen
+from relay.process.listeners import parse_listen
+from relay.process.watch import SourceWatcher, config_hash, config_signature
 
 
 @pytest.mark.parametrize(

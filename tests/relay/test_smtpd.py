@@ -12,7 +12,9 @@ from mrtest.peers import RawClient
 from mrtest.relayproc import make_certificate, next_loopback
 
 from relay.config import RelayConfig
-from relay.queue.store import IncomingMessage, Queue, QueueError
+from relay.queue.format import QueueError
+from relay.queue.incoming import IncomingMessage
+from relay.queue.store import Queue
 from relay.smtpd import content
 from relay.smtpd.server import HARD_ERROR_LIMIT
 from relay.smtpd.session import Reply, ScreenResult, Session

@@ -20,7 +20,8 @@ from relay.handover.transfer import (
     HandoverServer,
     sign,
 )
-from relay.queue.store import ACTIVE, DEFERRED, HOLD, Queue
+from relay.queue.format import ACTIVE, DEFERRED, HOLD
+from relay.queue.store import Queue
 
 SECRET = b"s3cret-s3cret-s3cret-s3cret"
 DATA = b"Subject: hi\r\nMessage-ID: <m1@test>\r\n\r\nbody\r\n.leading dot\r\n"

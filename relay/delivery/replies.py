@@ -1,25 +1,21 @@
-"""Outbound command pipelining (RFC 2920) for delivery.
-
-When the next hop offers PIPELINING, MAIL, every RCPT and DATA go out in one
-write and their replies are read back in order, then the message and the
-final dot in as few writes as the data allows: two round trips per message
-instead of 3 + recipients, as Postfix's smtp client does.
+"""The replies of one delivery transaction, read off the connection in order.
 
 aiosmtplib reads exactly one reply per command it sent and drops replies it
-does not expect, so it cannot read a pipelined group. For the length of the
-transaction the connection's transport is handed to ReplyReader (its own
-protocol), then given back to aiosmtplib, which does everything else
-(connect, EHLO, STARTTLS, RSET, QUIT). A connection lost meanwhile is passed
-on to aiosmtplib's protocol, so the pool sees it as closed.
+does not expect, so it cannot read a pipelined group (RFC 2920), nor the
+reply to a final dot written before it waits for one. For the length of a
+transaction (relay.delivery.transaction) the connection's transport is
+handed to ReplyReader (its own protocol), then given back to aiosmtplib,
+which does everything else (connect, EHLO, STARTTLS, RSET, QUIT). A
+connection lost meanwhile is passed on to aiosmtplib's protocol, so the
+pool sees it as closed; one left out of step with the peer is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
 
-from aiosmtplib import SMTPResponse, SMTPServerDisconnected
+from aiosmtplib import SMTP, SMTPResponse, SMTPServerDisconnected
 
 MAX_REPLY_LINE = 8192  # RFC 5321's 512, with room for chatty servers
 MAX_REPLY_BYTES = 64 * 1024
@@ -135,26 +131,30 @@ class Borrowed:
     """`async with Borrowed(smtp) as reader:` the transport reads into a
     ReplyReader; aiosmtplib gets it back afterwards (or learns it is lost)."""
 
-    def __init__(self, smtp: Any) -> None:
-        self.protocol = smtp.protocol
-        self.transport = smtp.transport
+    def __init__(self, smtp: SMTP) -> None:
+        self.smtp = smtp
         self.reader = ReplyReader()
+        self.protocol: asyncio.BaseProtocol | None = None  # aiosmtplib's, while borrowed
 
     async def __aenter__(self) -> ReplyReader:
-        if self.protocol is None or self.transport is None or self.transport.is_closing():
+        self.protocol, transport = self.smtp.protocol, self.smtp.transport
+        if self.protocol is None or transport is None or transport.is_closing():
             raise SMTPServerDisconnected("Connection lost")
-        self.transport.set_protocol(self.reader)
-        self.reader.transport = self.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.set_protocol(self.reader)
+        self.reader.transport = transport
         return self.reader
 
     async def __aexit__(self, *exc: object) -> None:
         reader = self.reader
-        if reader.lost or self.transport.is_closing():
-            self.transport.close()
+        protocol, transport = self.protocol, reader.transport
+        assert protocol is not None and transport is not None
+        if reader.lost or transport.is_closing():
+            transport.close()
             # aiosmtplib forgets the transport and wakes nobody (no command pending).
-            self.protocol.connection_lost(reader.lost_with)
+            protocol.connection_lost(reader.lost_with)
             return
-        self.transport.set_protocol(self.protocol)
+        transport.set_protocol(protocol)
         if reader.replies or reader._buffer or reader._lines or reader.error is not None:
             # Out of step with the peer (unexpected replies): never reuse.
-            self.transport.close()
+            transport.close()

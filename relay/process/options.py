@@ -1,0 +1,56 @@
+"""ProcessOptions: how the relay process runs, as `mailrelay run` and `mailrelay relay` say.
+
+One value from the command line down to the supervisor and its workers
+(relay.process.server, relay.process.worker), instead of a dozen keyword
+arguments threaded through each. Also the environment knobs (for tests and
+operators; the CLI keeps to docs/reference.md):
+
+  MAILRELAY_LOG_LEVEL         default INFO
+  MAILRELAY_SHUTDOWN_GRACE    seconds sessions get after SIGTERM (default 25)
+  MAILRELAY_SMTPD_TIMEOUT     idle timeout of a session (default 300)
+  MAILRELAY_SMTPD_MIN_DATA_RATE  bytes/s a client must keep up in DATA (default 500)
+  MAILRELAY_RELOAD_INTERVAL   config poll interval (default 1)
+  MAILRELAY_TLS_RELOAD_INTERVAL  tls.crt/tls.key poll interval (default 2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_SHUTDOWN_GRACE = 25.0
+
+
+def env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _shutdown_grace() -> float:
+    return env_float("MAILRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE)
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    config_dir: Path  # the rendered configuration, watched for changes
+    listen: str  # HOST:PORT of the SMTP listener
+    queue_dir: Path
+    metrics_listen: str | None = None  # HOST:PORT of /metrics (the control port)
+    tls_dir: Path | None = None  # tls.crt and tls.key for STARTTLS, reloaded when changed
+    workers: int | None = None  # None: one per CPU, or one with watch_sources
+    proxy_listen: str | None = None  # HOST:PORT expecting PROXY headers
+    # `mailrelay run -f`: manifests rendered again by on_source_change when edited.
+    watch_sources: list[Path] | None = None
+    on_source_change: Callable[[], None] | None = None
+    shutdown_grace: float = field(default_factory=_shutdown_grace)  # seconds after SIGTERM
+    handover_listen: str | None = None  # HOST:PORT where peer pods hand their queue over
+    handover_secret_file: Path | None = None
+
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.watch_sources is not None else (os.cpu_count() or 1)

@@ -1,0 +1,315 @@
+"""A message being received, and the batched committer that makes it durable.
+
+Commit order (what makes `250` safe): data + trailer written, file fsynced,
+renamed from incoming/ into active/, active/ fsynced. A crash before the
+rename leaves an incoming file nobody holds a lock on (relay.queue.store
+removes it at start). The writer holds a flock on its file from creation
+to delivery: the committed message is handed to delivery as a Claim.
+
+Small messages stay in memory until commit; bigger ones are written out in
+the background while received. Commits of small messages are batched: one
+job on the commit thread writes, fsyncs and renames every waiting message
+and fsyncs active/ once for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, TypeVarTuple
+
+from relay.queue.format import (
+    ACTIVE,
+    INCOMING,
+    Claim,
+    Envelope,
+    Progress,
+    QueueError,
+    trailer,
+    write_all,
+)
+
+# Messages up to this size stay in memory from receipt to delivery (no read
+# back); bigger ones are written out in chunks of this size while received.
+SPILL_BYTES = 256 * 1024
+# A receiver may run this far ahead of the disk before drain() makes it wait.
+MAX_PENDING_BYTES = 1024 * 1024
+# Threads committing batches. Measured here: a second one costs more in GIL
+# hand-offs with the event loop than its overlapping fsyncs gain.
+COMMIT_THREADS = 1
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+class QueueSide(Protocol):
+    """What an incoming message needs of its queue (relay.queue.store.Queue)."""
+
+    root: str
+    clock: Callable[[], float]
+    committer: Committer
+
+    async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T: ...
+
+    def track(self, task: asyncio.Future[Any]) -> None: ...
+
+    def keep_fresh(self, claim: Claim) -> None: ...
+
+
+class IncomingMessage:
+    """A message being received: chunks go to disk, `commit()` makes it durable.
+
+    Small messages stay in memory until `flush()` or `commit()`; call
+    `await flush()` before reading `path` (e.g. for content checks).
+    """
+
+    def __init__(self, queue: QueueSide, queue_id: str) -> None:
+        self.queue = queue
+        self.queue_id = queue_id
+        self._file = f"{queue.root}/{INCOMING}/{queue_id}"  # a str: no pathlib per message
+        self.size = 0
+        self._buffer = bytearray()
+        self._fd: int | None = None
+        self._spilled = False
+        self._writes: asyncio.Future[None] | None = None  # the last pending chunk write
+        self._pending_bytes = 0  # handed to the pool, not yet written
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self._file)
+
+    def write(self, chunk: bytes) -> None:
+        """Adds data; big messages are written out in the background, in order."""
+        if self._closed:
+            raise QueueError("message already committed or aborted")
+        self._buffer += chunk
+        self.size += len(chunk)
+        if len(self._buffer) >= SPILL_BYTES:
+            self._spill()
+
+    def _spill(self) -> None:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._spilled = True
+        previous = self._writes
+        self._pending_bytes += len(data)
+
+        async def write_after_previous() -> None:
+            try:
+                if previous is not None:
+                    await previous
+                await self.queue.run_io(self._write_sync, data)
+            finally:
+                self._pending_bytes -= len(data)
+
+        self._writes = asyncio.ensure_future(write_after_previous())
+
+    async def drain(self) -> None:
+        """Waits while too much received data is still on its way to disk.
+
+        Call after write() in the receive loop: a slow disk then slows the
+        client down instead of filling memory. Never raises (write errors
+        come out of flush() and commit()).
+        """
+        if self._pending_bytes > MAX_PENDING_BYTES and self._writes is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writes)
+
+    async def _wait_writes(self) -> None:
+        if self._writes is not None:
+            try:
+                await self._writes
+            except OSError as e:
+                raise QueueError(f"cannot write {self._file}: {e}") from e
+
+    def _open_sync(self, flags: int = 0) -> int:
+        if self._fd is None:
+            flags |= os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(self._file, flags, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours until delivered: marks it alive
+            self._fd = fd
+        return self._fd
+
+    def _write_sync(self, data: bytes | bytearray) -> None:
+        write_all(self._open_sync(), data)
+
+    async def flush(self) -> Path:
+        """Writes everything received so far to `path` (not fsynced); returns it."""
+        if self._buffer:
+            self._spill()
+        await self._wait_writes()
+        if self._fd is None:  # an empty message still gets its file
+            await self.queue.run_io(self._open_sync)
+        return self.path
+
+    async def commit(
+        self,
+        sender: str,
+        recipients: list[str],
+        client: str = "",
+        *,
+        arrival: float | None = None,
+    ) -> str:
+        """Makes the message durable (data and envelope fsynced, folder fsynced); returns the id.
+
+        `arrival` keeps the original arrival of mail handed over by a peer pod
+        (its retry schedule and lifetime go on from there)."""
+        if self._closed:
+            raise QueueError("message already committed or aborted")
+        await self._wait_writes()
+        self._closed = True
+        tail = bytes(self._buffer)
+        self._buffer.clear()
+        envelope = Envelope(
+            queue_id=self.queue_id,
+            sender=sender,
+            recipients=list(recipients),
+            arrival=self.queue.clock() if arrival is None else arrival,
+            client=client,
+            size=self.size,
+        )
+        try:
+            await self.queue.committer.commit(self, tail, envelope)
+        except OSError as e:
+            await self.queue.run_io(self._discard_sync)
+            raise QueueError(f"cannot queue {self.queue_id}: {e}") from e
+        assert self._fd is not None
+        # Small messages are handed to delivery from memory: no read back.
+        data = None if self._spilled else tail
+        self.queue.keep_fresh(Claim(self.queue_id, self._fd, ACTIVE, envelope, Progress(), data))
+        self._fd = None
+        return self.queue_id
+
+    def _commit_sync(self, tail: bytes, envelope: Envelope) -> None:
+        """Data and trailer written and fsynced, renamed into active/ (the
+        caller fsyncs active/ before anyone is told)."""
+        if self._fd is None:
+            # Never written out: O_DSYNC makes the one write durable by itself
+            # (fdatasync semantics: data and size), one syscall less than fsync.
+            fd = self._open_sync(os.O_DSYNC)
+            write_all(fd, tail + trailer(envelope))
+        else:
+            fd = self._fd
+            write_all(fd, tail + trailer(envelope))
+            os.fsync(fd)
+        os.rename(self._file, f"{self.queue.root}/{ACTIVE}/{self.queue_id}")
+
+    def _discard_sync(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def abort(self) -> None:
+        """Drops the message (rejected, or the client went away)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        writes = self._writes
+
+        async def discard() -> None:
+            if writes is not None:
+                with contextlib.suppress(Exception):
+                    await writes
+            await self.queue.run_io(self._discard_sync)
+
+        if self._spilled or self._fd is not None:
+            self.queue.track(asyncio.ensure_future(discard()))
+
+
+# One message of a commit batch: the message, its unwritten tail, its
+# envelope, and the future its commit() waits on (None: committed alone).
+_Pending = tuple[IncomingMessage, bytes, Envelope, "asyncio.Future[None] | None"]
+
+
+class Committer:
+    """Commits messages in batches on the queue's commit thread.
+
+    One job writes, fsyncs and renames every message of its batch, fsyncs
+    active/ once for all of them and wakes the event loop once; the next
+    batch takes whoever arrived meanwhile. Far fewer thread hand-offs than a
+    job per message. A big message (already written out while received)
+    commits on its own on the I/O pool, so that its long fsync holds up no
+    small one.
+    """
+
+    def __init__(
+        self,
+        io_pool: ThreadPoolExecutor,
+        commit_pool: ThreadPoolExecutor,
+        sync_active: Callable[[], None],
+    ) -> None:
+        self._io_pool = io_pool
+        self._commit_pool = commit_pool
+        self._sync_active = sync_active  # fsyncs active/: makes the batch's renames durable
+        self._waiting: list[_Pending] = []
+        self._running = 0  # batches on the commit threads
+
+    async def commit(self, message: IncomingMessage, tail: bytes, envelope: Envelope) -> None:
+        """Commits a message together with whichever others are waiting.
+        Raises this message's own OSError."""
+        loop = asyncio.get_running_loop()
+        if message._spilled:
+            alone: list[_Pending] = [(message, tail, envelope, None)]
+            errors = await loop.run_in_executor(self._io_pool, self._commit_batch_sync, alone)
+            if errors[0] is not None:
+                raise errors[0]
+            return
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((message, tail, envelope, future))
+        self._start_job()
+        await future
+
+    def _start_job(self) -> None:
+        if not self._waiting or self._running >= COMMIT_THREADS:
+            return
+        batch, self._waiting = self._waiting, []
+        self._running += 1
+        job = asyncio.get_running_loop().run_in_executor(
+            self._commit_pool, self._commit_batch_sync, batch
+        )
+
+        def done(job: asyncio.Future[list[OSError | None]]) -> None:
+            self._running -= 1
+            if job.cancelled():
+                errors: list[OSError | None] = [OSError("commit cancelled")] * len(batch)
+            elif isinstance(job.exception(), OSError):
+                errors = [job.exception()] * len(batch)  # type: ignore[list-item]
+            elif job.exception() is not None:
+                errors = [OSError(f"commit failed: {job.exception()!r}")] * len(batch)
+            else:
+                errors = job.result()
+            for (_, _, _, future), error in zip(batch, errors, strict=True):
+                if future is None or future.done():
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+            self._start_job()
+
+        job.add_done_callback(done)
+
+    def _commit_batch_sync(self, batch: list[_Pending]) -> list[OSError | None]:
+        """The blocking half of commit(): one result per message."""
+        errors: list[OSError | None] = []
+        for message, tail, envelope, _ in batch:
+            try:
+                message._commit_sync(tail, envelope)
+                errors.append(None)
+            except OSError as e:
+                errors.append(e)
+        if any(e is None for e in errors):
+            try:
+                self._sync_active()  # makes every rename above durable
+            except OSError as e:
+                return [e] * len(batch)
+        return errors
