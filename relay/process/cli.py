@@ -202,6 +202,19 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return run_operator(args)
 
 
+def workers_arg(text: str) -> int | None:
+    """--workers: None for auto (ProcessOptions counts the CPUs), else N >= 1."""
+    if text == "auto":
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"auto or a whole number >= 1, not {text!r}")
+    return number
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("mailrelay")
@@ -238,7 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     def relay_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--metrics-listen", default=None, help="HOST:PORT for /metrics")
         p.add_argument("--tls-dir", default=None, help="folder with tls.crt and tls.key")
-        p.add_argument("--workers", type=int, default=None, help="worker processes")
+        p.add_argument(
+            "--workers",
+            type=workers_arg,
+            default=None,
+            metavar="auto|N",
+            help="worker processes (default auto: the CPUs this process may use)",
+        )
 
     p = sub.add_parser("run", help="run one relay locally from manifests")
     manifests(p)

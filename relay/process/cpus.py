@@ -18,7 +18,6 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPU_LIMIT_ENV = "MAILRELAY_CPU_LIMIT"
-AUTO = "auto"
 
 
 def _cgroup_paths(root: Path) -> tuple[Path | None, Path | None]:
@@ -76,13 +75,3 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
     if value > 0:
         count = min(count, math.ceil(value))
     return max(1, count)
-
-
-def parse_workers(text: str | int | None) -> int:
-    """`auto` (or nothing) is available_cpus(); otherwise a whole number >= 1."""
-    if text is None or text == AUTO:
-        return available_cpus()
-    number = int(text)
-    if number < 1:
-        raise ValueError(f"workers must be auto or at least 1, not {text!r}")
-    return number

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.process.cpus import available_cpus
+
 DEFAULT_SHUTDOWN_GRACE = 25.0
 
 
@@ -41,7 +43,7 @@ class ProcessOptions:
     queue_dir: Path
     metrics_listen: str | None = None  # HOST:PORT of /metrics (the control port)
     tls_dir: Path | None = None  # tls.crt and tls.key for STARTTLS, reloaded when changed
-    workers: int | None = None  # None: one per CPU, or one with watch_sources
+    workers: int | None = None  # None: auto, the CPUs this process may use
     proxy_listen: str | None = None  # HOST:PORT expecting PROXY headers
     # `mailrelay run -f`: manifests rendered again by on_source_change when edited.
     watch_sources: list[Path] | None = None
@@ -53,4 +55,4 @@ class ProcessOptions:
     def worker_count(self) -> int:
         if self.workers is not None:
             return self.workers
-        return 1 if self.watch_sources is not None else (os.cpu_count() or 1)
+        return available_cpus()

@@ -1,12 +1,15 @@
 """The relay process: `run_relay()`, what `mailrelay run` and `mailrelay relay` call.
 
-- One worker (the default for `run`): everything runs in this process
-  (relay.process.worker).
-- N workers (the default for `relay`: one per CPU): this process, the
-  Supervisor, reserves the ports, forks N workers that each listen on them
-  with SO_REUSEPORT (relay.process.listeners), restarts a worker that dies,
-  serves /metrics for all of them (prometheus_client multiprocess mode),
-  re-renders the manifests of `run -f` and forwards SIGTERM.
+How many workers: `--workers N`, or auto (the default for `run` and `relay`):
+the CPUs this process may use (relay.process.cpus: affinity, cgroup quota,
+the pod's CPU limit).
+- One worker: everything runs in this process (relay.process.worker).
+- N workers: this process, the Supervisor, reserves the ports, forks N
+  workers that each listen on them with SO_REUSEPORT
+  (relay.process.listeners), restarts a worker that dies, serves /metrics for
+  all of them (prometheus_client multiprocess mode), re-renders the manifests
+  of `run -f` and forwards SIGTERM. It also holds the per-client counters in
+  shared memory (relay.smtpd.anvil_shared), so limits hold per relay.
 
 The metrics port is also the control port (relay.handover.control: /queue,
 POST /drain, authenticated with the handover secret). Options and the
@@ -153,6 +156,11 @@ class Supervisor:
         self.sources = sources
         self.children: dict[int, int] = {}  # pid -> slot
         self.stopping = False
+        # Made before the forks: per-client limits hold for the relay, not per worker.
+        # (Imported here, after run_relay prepared the multiprocess metrics.)
+        from relay.smtpd.anvil_shared import SharedCounters
+
+        self.counters = SharedCounters()
 
     def run(self, multiprocess: bool) -> int:
         """Until the workers stopped; `multiprocess`: /metrics sums theirs
@@ -196,8 +204,15 @@ class Supervisor:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                from relay.smtpd.anvil_shared import SharedAnvil
+
                 sockets = self.addresses.bind(reuse_port=True, listen=True)
-                worker = Worker(self.options, sockets, handover_secret=self.handover_secret)
+                worker = Worker(
+                    self.options,
+                    sockets,
+                    handover_secret=self.handover_secret,
+                    anvil=SharedAnvil(self.counters, slot),
+                )
                 code = asyncio.run(worker.run())
             except BaseException:
                 log.exception("worker %d failed", slot)
@@ -219,6 +234,7 @@ class Supervisor:
             slot = self.children.pop(pid, None)
             if slot is None:
                 continue
+            self.counters.forget_worker(slot)  # its connections died with it
             if "prometheus_client" in sys.modules and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 from prometheus_client import multiprocess as mp
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from relay.delivery.qmgr import Delivery
     from relay.dns import Resolver
     from relay.queue.store import Queue
+    from relay.smtpd.anvil import Anvil
     from relay.smtpd.screen import Postscreen
     from relay.smtpd.server import ServerContext
 
@@ -74,10 +75,12 @@ class Worker:
         *,
         handover_secret: bytes | None,
         sources: SourceWatcher | None = None,
+        anvil: Anvil | None = None,
     ) -> None:
         self.options = options
         self.sockets = sockets
         self.handover_secret = handover_secret
+        self.anvil = anvil  # the relay-wide counters with several workers; else a local one
         self.sources = sources  # re-rendered here (one worker); else by the supervisor
         self.stop_event = asyncio.Event()
 
@@ -124,6 +127,7 @@ class Worker:
             tls_context=tls.context if tls is not None else None,
             idle_timeout=env_float("MAILRELAY_SMTPD_TIMEOUT", 300.0),
             min_data_rate=env_float("MAILRELAY_SMTPD_MIN_DATA_RATE", 500.0),
+            anvil=self.anvil,
         )
         delivery = start_delivery(queue, lambda: ctx.config, resolver)
         ctx.on_queued = delivery.wake

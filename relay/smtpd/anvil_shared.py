@@ -37,8 +37,8 @@ from relay.smtpd.session import Reply, Session
 
 log = logging.getLogger("mailrelay.anvil")
 
-MAX_WORKERS = 32
-SLOTS = 16384  # ~1.5 MB; open connections are bounded far below this by sockets
+MAX_WORKERS = 64
+SLOTS = 16384  # ~2.6 MB; open connections are bounded far below this by sockets
 PROBES = 16
 # key, window start, connection rate, messages, recipients, padding, connections per worker
 _HEAD = struct.Struct("<QdIIII")

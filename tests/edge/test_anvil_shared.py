@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
+
+from mrtest.peers import RawClient
+from mrtest.relayproc import RelayProcess, next_loopback, write_manifests
 
 from relay.config import Limits
 from relay.smtpd.anvil_shared import SharedAnvil, SharedCounters
@@ -84,3 +88,26 @@ def test_a_full_table_counts_per_worker_and_refuses_nobody() -> None:
     assert anvil.connect(session("203.0.113.50"), one, "mx") is None
     assert anvil.connect(session("203.0.113.50"), one, "mx") is not None
     assert anvil.evicted == evicted  # counted in the shared table this time
+
+
+async def test_a_two_worker_relay_limits_per_relay(tmp_path: Path) -> None:
+    """connectionsPerClient 3 with two worker processes: the fourth connection is
+    refused whichever worker the kernel hands it to (it used to be 3 per worker)."""
+    manifests = write_manifests(
+        tmp_path / "manifests",
+        next_hop=("127.0.0.1", 9),
+        domains={"example.com": "any"},
+        spec={"limits": {"connectionsPerClient": 3}},
+    )
+    with RelayProcess(manifests, tmp_path, workers=2).start() as relay:
+        relay.wait_for_log("ready: listening on", count=2)
+        client = next_loopback()
+        replies, clients = [], []
+        for _ in range(8):
+            c = await RawClient(*relay.address, local=client, timeout=10).__aenter__()
+            clients.append(c)
+            replies.append(await c.read_reply())
+        for c in clients:
+            await c.__aexit__(None, None, None)
+    assert sum(r.startswith("220") for r in replies) == 3, replies
+    assert sum(r.startswith("421 4.7.0") for r in replies) == 5, replies

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import pytest
 
-from relay.process import cpus
+from relay.process import cpus, options
+from relay.process.cli import workers_arg
+from relay.process.options import ProcessOptions
 
 
 def fake_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc_cgroup: str) -> Path:
@@ -55,9 +58,16 @@ def test_affinity_and_the_pods_limit(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cpus.available_cpus(root) == 4
 
 
-def test_parse_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpus, "available_cpus", lambda: 3)
-    assert cpus.parse_workers("auto") == 3 and cpus.parse_workers(None) == 3
-    assert cpus.parse_workers("2") == 2 and cpus.parse_workers(5) == 5
-    with pytest.raises(ValueError):
-        cpus.parse_workers("0")
+def test_workers_argument() -> None:
+    assert workers_arg("auto") is None  # ProcessOptions counts the CPUs
+    assert workers_arg("2") == 2
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            workers_arg(bad)
+
+
+def test_auto_is_the_default_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(options, "available_cpus", lambda: 3)
+    auto = ProcessOptions(config_dir=Path("c"), listen="127.0.0.1:0", queue_dir=Path("q"))
+    assert auto.worker_count() == 3
+    assert ProcessOptions(Path("c"), "127.0.0.1:0", Path("q"), workers=1).worker_count() == 1
