@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -107,7 +106,7 @@ class HandedEnvelope:
         """Raises ValueError for anything but a well-formed envelope."""
         try:
             doc = json.loads(base64.b64decode(text, validate=True))
-        except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # binascii, UTF-8, JSON; too deep
             raise ValueError(f"not base64 JSON: {e}") from None
         if not isinstance(doc, dict):
             raise ValueError("not an object")
@@ -122,6 +121,8 @@ class HandedEnvelope:
         arrival = doc.get("arrival")
         if not isinstance(arrival, int | float) or isinstance(arrival, bool):
             raise ValueError("arrival must be a number")
+        if not -1e12 < arrival < 1e12:  # also NaN; a huge int never becomes a float
+            raise ValueError("arrival is not a time")
         return cls(
             queue_id=str(doc.get("id") or ""),
             sender=sender,
