@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,16 +39,15 @@ SECRET = b"hostile-test-secret-0123456789"
 DATA = b"Subject: handed over\r\nMessage-ID: <h1@test>\r\n\r\nbody\r\n"
 
 
+@dataclass
 class Listener:
-    def __init__(self, queue: Queue, server: asyncio.Server, receiver: HandoverServer) -> None:
-        self.queue = queue
-        self.server = server
-        self.receiver = receiver
+    queue: Queue
+    server: asyncio.Server
+    receiver: HandoverServer
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.server.sockets[0].getsockname()[:2]
-        return host, port
+        return self.server.sockets[0].getsockname()[:2]  # type: ignore[no-any-return]
 
 
 @pytest.fixture
