@@ -33,7 +33,9 @@ def sign(secret: bytes, data: bytes) -> str:
 
 
 def verify(secret: bytes, data: bytes, signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, data), signature.strip().lower())
+    # As bytes: compare_digest refuses str with non-ASCII characters.
+    answer = signature.strip().lower().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(sign(secret, data).encode(), answer)
 
 
 @dataclass(frozen=True)

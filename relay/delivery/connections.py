@@ -289,17 +289,30 @@ class ConnectionPool:
                                 r, kind, e.reason, e.status, smtp_reply=False
                             )
                         return [results[r] for r in recipients]
-                outcome = await run_transaction(
-                    conn.smtp,
-                    conn.label,
-                    sender,
-                    valid,
-                    chunks,
-                    results,
-                    reused=reused,
-                    pipelining=self.pipelining,
-                    timeout=self.command_timeout,
-                )
+                try:
+                    outcome = await run_transaction(
+                        conn.smtp,
+                        conn.label,
+                        sender,
+                        valid,
+                        chunks,
+                        results,
+                        reused=reused,
+                        pipelining=self.pipelining,
+                        timeout=self.command_timeout,
+                    )
+                except Exception as e:  # a bug or a surprise: defer, never leak the connection
+                    self._discard(conn)
+                    reason = f"local error while delivering to {conn.label}: {e!r}"
+                    for r in valid:
+                        if r not in results:
+                            results[r] = RecipientResult(
+                                r, DEFERRED, reason, "4.3.0", conn.label, False
+                            )
+                    break
+                except BaseException:  # cancelled: the connection goes with the attempt
+                    self._discard(conn)
+                    raise
                 if outcome is Outcome.RETRY:
                     continue
                 if outcome is Outcome.KEEP:

@@ -30,7 +30,13 @@ from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
 from relay.delivery.connections import ConnectionPool
 from relay.delivery.dsn import Failure, build_dsn
-from relay.delivery.transaction import BOUNCED, SENT, RecipientResult
+from relay.delivery.transaction import (
+    BOUNCED,
+    SENT,
+    AddressError,
+    RecipientResult,
+    check_address,
+)
 from relay.delivery.transaction import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
 from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, QueueState, id_time
@@ -300,9 +306,31 @@ class Delivery:
     async def _deliver_claim(self, claim: Claim) -> None:
         try:
             await self._attempt(claim)
+        except Exception as e:
+            # Whatever went wrong, the message waits its backoff like any
+            # deferred one (Postfix defers on an internal error) instead of
+            # being retried by every scan, or lost.
+            log.exception("%s: delivery attempt failed", claim.queue_id)
+            if claim.fd >= 0:
+                await self._defer_after_error(claim, f"4.3.0 local error in delivery: {e!r}")
         finally:
             if claim.fd >= 0:  # cancelled or failed midway: the message stays as it was
                 self.queue.release_sync(claim)
+
+    async def _defer_after_error(self, claim: Claim, reason: str) -> None:
+        config = self.config_getter()
+        now = self.clock()
+        age = now - claim.envelope.arrival
+        claim.progress.attempts += 1
+        claim.progress.last_reason = reason
+        at = now + backoff(age, config.queue.min_backoff, config.queue.max_backoff)
+        try:
+            state = await self.queue.run_io(self.queue.defer_sync, claim, at)
+        except OSError:
+            log.exception("%s: cannot defer", claim.queue_id)
+            return
+        if state == DEFERRED:
+            self._due[claim.queue_id] = _Due(DEFERRED, at)
 
     async def _attempt(self, claim: Claim) -> None:
         config = self.config_getter()
@@ -449,6 +477,11 @@ class Delivery:
             log.info(
                 "%s: not returned: the sender is null (a bounce is never bounced)", claim.queue_id
             )
+            return
+        try:
+            check_address(env.sender)
+        except AddressError as e:  # Postfix's double bounce, with no postmaster to get it
+            log.warning("%s: not returned to %r: %s", claim.queue_id, env.sender, e)
             return
         domain = env.sender.rpartition("@")[2]
         if config.domain_of(domain) is None:

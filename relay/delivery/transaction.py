@@ -72,6 +72,11 @@ class AddressError(ValueError):
 def check_address(address: str) -> None:
     if any(c in address for c in "\r\n\x00"):
         raise AddressError("address contains CR, LF or NUL")
+    if not address.isascii():
+        try:
+            address.encode()
+        except UnicodeEncodeError:  # bytes that were not UTF-8 (surrogate escapes)
+            raise AddressError("address is not valid UTF-8") from None
     rest = _QUOTED_LOCAL.sub("", address, count=1)
     if _UNSAFE.search(rest):
         raise AddressError(f"address {address!r} contains characters not allowed in a mailbox")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -57,6 +56,12 @@ MECHANISM = "MR-HMAC-SHA256"
 MIN_SECRET_BYTES = 16
 LINE_LIMIT = 1024 * 1024  # an XENVELOPE line carries up to 1000 recipients
 IDLE_TIMEOUT = 60.0
+# Before AUTH anyone may connect: short lines, little time, few at once.
+# When the cap is reached the oldest unauthenticated connection makes room,
+# so idle strangers cannot lock a peer pod out.
+AUTH_LINE_LIMIT = 1024
+AUTH_TIMEOUT = 10.0
+MAX_UNAUTHENTICATED = 32
 DATA_CHUNK = 256 * 1024
 # Room on top of the relay's messageSize for the Received header it added.
 SIZE_MARGIN = 64 * 1024
@@ -101,7 +106,7 @@ class HandedEnvelope:
         """Raises ValueError for anything but a well-formed envelope."""
         try:
             doc = json.loads(base64.b64decode(text, validate=True))
-        except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # binascii, UTF-8, JSON; too deep
             raise ValueError(f"not base64 JSON: {e}") from None
         if not isinstance(doc, dict):
             raise ValueError("not an object")
@@ -116,6 +121,8 @@ class HandedEnvelope:
         arrival = doc.get("arrival")
         if not isinstance(arrival, int | float) or isinstance(arrival, bool):
             raise ValueError("arrival must be a number")
+        if not -1e12 < arrival < 1e12:  # also NaN; a huge int never becomes a float
+            raise ValueError("arrival is not a time")
         return cls(
             queue_id=str(doc.get("id") or ""),
             sender=sender,
@@ -142,6 +149,8 @@ class HandoverServer:
         draining: Callable[[], bool],
         on_queued: Callable[[str], None] | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
+        auth_timeout: float = AUTH_TIMEOUT,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
         self.queue = queue
         self.secret = secret
@@ -150,16 +159,33 @@ class HandoverServer:
         self.draining = draining
         self.on_queued = on_queued
         self.idle_timeout = idle_timeout
+        self.auth_timeout = auth_timeout
+        self.max_unauthenticated = max_unauthenticated
+        self._unauthenticated: dict[asyncio.StreamWriter, None] = {}  # oldest first
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
+        if len(self._unauthenticated) >= self.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            oldest.transport.abort()  # its session ends on the lost connection
+        self._unauthenticated[writer] = None
+        # asyncio has no per-phase limit: until AUTH a line is short, whatever
+        # the server was started with (buffering pauses at twice the limit).
+        reader._limit = AUTH_LINE_LIMIT  # type: ignore[attr-defined]
         try:
             await self._session(reader, writer, str(peer[0]))
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        except (
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+        ):
             pass
         except Exception:
             log.exception("handover session from %s failed", peer[0])
         finally:
+            self._unauthenticated.pop(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -171,8 +197,14 @@ class HandoverServer:
             writer.write(line.encode() + b"\r\n")
             await writer.drain()
 
+        loop = asyncio.get_running_loop()
+        auth_deadline = loop.time() + self.auth_timeout
+        authed = False
+
         async def read_line() -> str:
-            raw = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout)
+            # Until AUTH one deadline covers everything: no slow trickle of NOOPs.
+            timeout = self.idle_timeout if authed else max(0.0, auth_deadline - loop.time())
+            raw = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
             return raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
 
         host = self.hostname()
@@ -181,7 +213,6 @@ class HandoverServer:
             await reply(f"421 4.3.2 {host} draining: not taking handovers")
             return
         await reply(f"220 {host} mailrelay handover")
-        authed = False
         envelope: HandedEnvelope | None = None
         while True:
             try:
@@ -208,6 +239,8 @@ class HandoverServer:
                     await reply("535 5.7.8 Authentication credentials invalid")
                     return
                 authed = True
+                self._unauthenticated.pop(writer, None)
+                reader._limit = LINE_LIMIT  # type: ignore[attr-defined]
                 await reply("235 2.7.0 Authentication successful")
             elif not authed:
                 log.warning("handover from %s: %s before AUTH, refused", peer, verb[:16])

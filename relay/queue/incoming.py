@@ -162,7 +162,11 @@ class IncomingMessage:
         (its retry schedule and lifetime go on from there)."""
         if self._closed:
             raise QueueError("message already committed or aborted")
-        await self._wait_writes()
+        try:
+            await self._wait_writes()
+        except BaseException:  # a failed write (disk full) or a cancel: nothing stays behind
+            self.abort()
+            raise
         self._closed = True
         tail = bytes(self._buffer)
         self._buffer.clear()
@@ -207,6 +211,19 @@ class IncomingMessage:
             os.close(self._fd)
             self._fd = None
 
+    def _orphaned(self, error: OSError | None) -> None:
+        """The caller was cancelled (its client hung up) while the commit ran on.
+
+        A committed message is delivered all the same: its lock is let go, for
+        the queue scan to take it (the client never saw 250 and may send it
+        again: RFC 1047's duplicate, as with Postfix). A failed one is removed.
+        """
+        if error is not None:
+            self.queue.track(asyncio.ensure_future(self.queue.run_io(self._discard_sync)))
+        elif self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def abort(self) -> None:
         """Drops the message (rejected, or the client went away)."""
         if self._closed:
@@ -226,8 +243,27 @@ class IncomingMessage:
 
 
 # One message of a commit batch: the message, its unwritten tail, its
-# envelope, and the future its commit() waits on (None: committed alone).
-_Pending = tuple[IncomingMessage, bytes, Envelope, "asyncio.Future[None] | None"]
+# envelope, and the future its commit() waits on.
+_Pending = tuple[IncomingMessage, bytes, Envelope, "asyncio.Future[None]"]
+
+
+def _settle(batch: list[_Pending], job: asyncio.Future[list[OSError | None]]) -> None:
+    """Tells each committer of a finished batch how it went (on the event loop)."""
+    if job.cancelled():
+        errors: list[OSError | None] = [OSError("commit cancelled")] * len(batch)
+    elif isinstance(job.exception(), OSError):
+        errors = [job.exception()] * len(batch)  # type: ignore[list-item]
+    elif job.exception() is not None:
+        errors = [OSError(f"commit failed: {job.exception()!r}")] * len(batch)
+    else:
+        errors = job.result()
+    for (message, _, _, future), error in zip(batch, errors, strict=True):
+        if future.done():  # its committer was cancelled: nobody waits for the result
+            message._orphaned(error)
+        elif error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class Committer:
@@ -257,15 +293,14 @@ class Committer:
         """Commits a message together with whichever others are waiting.
         Raises this message's own OSError."""
         loop = asyncio.get_running_loop()
-        if message._spilled:
-            alone: list[_Pending] = [(message, tail, envelope, None)]
-            errors = await loop.run_in_executor(self._io_pool, self._commit_batch_sync, alone)
-            if errors[0] is not None:
-                raise errors[0]
-            return
         future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((message, tail, envelope, future))
-        self._start_job()
+        if message._spilled:
+            alone: list[_Pending] = [(message, tail, envelope, future)]
+            job = loop.run_in_executor(self._io_pool, self._commit_batch_sync, alone)
+            job.add_done_callback(lambda job: _settle(alone, job))
+        else:
+            self._waiting.append((message, tail, envelope, future))
+            self._start_job()
         await future
 
     def _start_job(self) -> None:
@@ -279,21 +314,7 @@ class Committer:
 
         def done(job: asyncio.Future[list[OSError | None]]) -> None:
             self._running -= 1
-            if job.cancelled():
-                errors: list[OSError | None] = [OSError("commit cancelled")] * len(batch)
-            elif isinstance(job.exception(), OSError):
-                errors = [job.exception()] * len(batch)  # type: ignore[list-item]
-            elif job.exception() is not None:
-                errors = [OSError(f"commit failed: {job.exception()!r}")] * len(batch)
-            else:
-                errors = job.result()
-            for (_, _, _, future), error in zip(batch, errors, strict=True):
-                if future is None or future.done():
-                    continue
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+            _settle(batch, job)
             self._start_job()
 
         job.add_done_callback(done)

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from mrtest.delivery_helpers import FakeClock, Sink, free_port, message
 from mrtest.dnsserver import DnsServer
 from mrtest.edgeserver import edge_config, long_test
-from mrtest.faults import KillRun, RestartableRelay
+from mrtest.faults import KillRun, RestartableRelay, small_tmpfs
 from mrtest.peers import AiosmtpdSink, RawClient
 from mrtest.relayproc import next_loopback, write_manifests
 
@@ -244,21 +243,8 @@ async def test_next_hop_4xx_then_5xx_returns_the_message(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (we run as root in CI); the test is skipped if mounting
-    is not allowed, rather than faking ENOSPC."""
-    folder = tmp_path / "small-disk"
-    folder.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small-disk", "2m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 async def test_disk_full_never_acknowledges_what_was_not_stored(

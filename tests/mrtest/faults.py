@@ -8,15 +8,21 @@ what was acknowledged against what arrived at the next hop.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import signal
 import smtplib
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from mrtest.peers import AiosmtpdSink
 from mrtest.relayproc import RelayProcess, wait_until
@@ -202,3 +208,22 @@ def connectable(address: tuple[str, int]) -> bool:
             return True
         except OSError:
             return False
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` ("2m") on `folder` (we run as root in CI), for a disk
+    that fills up; the test is skipped where mounting is not allowed, rather
+    than faking ENOSPC."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
