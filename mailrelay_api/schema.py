@@ -8,6 +8,9 @@ way the API server's structural defaulting does.
 
 Cross-field rules are written once as `Rule`s: a CEL expression for the API
 server and a Python predicate for offline validation, side by side.
+
+Long because it is one declarative literal per kind, field by field with its
+description and default: splitting it would only scatter the one definition.
 """
 
 from __future__ import annotations

@@ -136,6 +136,27 @@ class HandedEnvelope:
 # -- the receiving side -------------------------------------------------------------
 
 
+@dataclass
+class _Conn:
+    """One handover connection: its stream, and whether the peer authenticated."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    auth_deadline: float  # loop time by which AUTH must be done
+    authed: bool = False
+
+    async def reply(self, line: str) -> None:
+        self.writer.write(line.encode() + b"\r\n")
+        await self.writer.drain()
+
+    async def read_line(self, idle_timeout: float) -> str:
+        # Until AUTH one deadline covers everything: no slow trickle of NOOPs.
+        now = asyncio.get_running_loop().time()
+        timeout = idle_timeout if self.authed else max(0.0, self.auth_deadline - now)
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\n"), timeout)
+        return raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
+
+
 class HandoverServer:
     """The handover listener of one worker process."""
 
@@ -193,85 +214,78 @@ class HandoverServer:
     async def _session(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
-        async def reply(line: str) -> None:
-            writer.write(line.encode() + b"\r\n")
-            await writer.drain()
-
-        loop = asyncio.get_running_loop()
-        auth_deadline = loop.time() + self.auth_timeout
-        authed = False
-
-        async def read_line() -> str:
-            # Until AUTH one deadline covers everything: no slow trickle of NOOPs.
-            timeout = self.idle_timeout if authed else max(0.0, auth_deadline - loop.time())
-            raw = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
-            return raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
-
+        conn = _Conn(reader, writer, asyncio.get_running_loop().time() + self.auth_timeout)
         host = self.hostname()
         if self.draining():
             # Never back to a pod that is itself leaving.
-            await reply(f"421 4.3.2 {host} draining: not taking handovers")
+            await conn.reply(f"421 4.3.2 {host} draining: not taking handovers")
             return
-        await reply(f"220 {host} mailrelay handover")
+        await conn.reply(f"220 {host} mailrelay handover")
         envelope: HandedEnvelope | None = None
         while True:
             try:
-                line = await read_line()
+                line = await conn.read_line(self.idle_timeout)
             except asyncio.LimitOverrunError:
-                await reply("500 5.5.2 Error: line too long")
+                await conn.reply("500 5.5.2 Error: line too long")
                 return
             verb, _, arg = line.partition(" ")
             verb = verb.upper()
             if verb == "QUIT":
-                await reply("221 2.0.0 Bye")
+                await conn.reply("221 2.0.0 Bye")
                 return
             if verb == "NOOP":
-                await reply("250 2.0.0 Ok")
-            elif verb == "AUTH" and not authed:
-                if arg.strip().upper() != MECHANISM:
-                    await reply(f"504 5.5.4 only {MECHANISM}")
+                await conn.reply("250 2.0.0 Ok")
+            elif verb == "AUTH" and not conn.authed:
+                if not await self._authenticate(conn, arg, host, peer):
                     return
-                challenge = base64.b64encode(os.urandom(32) + host.encode()).decode()
-                await reply(f"334 {challenge}")
-                answer = await read_line()
-                if not verify(self.secret, challenge.encode(), answer):
-                    log.warning("handover from %s: authentication failed", peer)
-                    await reply("535 5.7.8 Authentication credentials invalid")
-                    return
-                authed = True
-                self._unauthenticated.pop(writer, None)
-                reader._limit = LINE_LIMIT  # type: ignore[attr-defined]
-                await reply("235 2.7.0 Authentication successful")
-            elif not authed:
+            elif not conn.authed:
                 log.warning("handover from %s: %s before AUTH, refused", peer, verb[:16])
-                await reply("530 5.7.0 Authentication required")
+                await conn.reply("530 5.7.0 Authentication required")
                 return
             elif verb == "XENVELOPE":
                 try:
                     envelope = HandedEnvelope.decode(arg.strip())
                 except ValueError as e:
-                    await reply(f"501 5.5.4 bad envelope: {e}")
+                    await conn.reply(f"501 5.5.4 bad envelope: {e}")
                     envelope = None
                     continue
-                await reply("250 2.1.0 Ok")
+                await conn.reply("250 2.1.0 Ok")
             elif verb == "RSET":
                 envelope = None
-                await reply("250 2.0.0 Ok")
+                await conn.reply("250 2.0.0 Ok")
             elif verb == "DATA":
                 if envelope is None:
-                    await reply("503 5.5.1 Error: need XENVELOPE")
+                    await conn.reply("503 5.5.1 Error: need XENVELOPE")
                     continue
                 if self.draining():
-                    await reply(f"421 4.3.2 {host} draining: not taking handovers")
+                    await conn.reply(f"421 4.3.2 {host} draining: not taking handovers")
                     return
-                await reply("354 End data with <CR><LF>.<CR><LF>")
+                await conn.reply("354 End data with <CR><LF>.<CR><LF>")
                 answer, keep_going = await self._receive(reader, envelope, peer)
                 envelope = None
-                await reply(answer)
+                await conn.reply(answer)
                 if not keep_going:
                     return
             else:
-                await reply("502 5.5.2 Error: command not recognized")
+                await conn.reply("502 5.5.2 Error: command not recognized")
+
+    async def _authenticate(self, conn: _Conn, arg: str, host: str, peer: str) -> bool:
+        """AUTH with the relay's secret (HMAC of a fresh challenge); False ends the session."""
+        if arg.strip().upper() != MECHANISM:
+            await conn.reply(f"504 5.5.4 only {MECHANISM}")
+            return False
+        challenge = base64.b64encode(os.urandom(32) + host.encode()).decode()
+        await conn.reply(f"334 {challenge}")
+        answer = await conn.read_line(self.idle_timeout)
+        if not verify(self.secret, challenge.encode(), answer):
+            log.warning("handover from %s: authentication failed", peer)
+            await conn.reply("535 5.7.8 Authentication credentials invalid")
+            return False
+        conn.authed = True
+        self._unauthenticated.pop(conn.writer, None)
+        conn.reader._limit = LINE_LIMIT  # type: ignore[attr-defined]
+        await conn.reply("235 2.7.0 Authentication successful")
+        return True
 
     async def _receive(
         self, reader: asyncio.StreamReader, envelope: HandedEnvelope, peer: str
