@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,18 @@ async def relay(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def postfix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+def postfix() -> Iterator[tuple[str, int]]:
     """A running Postfix smtpd; skipped where Postfix cannot run."""
     if os.geteuid() != 0 or shutil.which("postfix") is None:
         pytest.skip("needs root and Postfix (hack/setup.sh)")
-    server, address = start_postfix(tmp_path_factory.mktemp("postfix"))
+    # Postfix's own user must get into its folders: pytest's tmp_path is private.
+    workdir = Path(tempfile.mkdtemp(prefix="hostile-postfix-"))
+    workdir.chmod(0o755)
     try:
-        yield address
+        server, address = start_postfix(workdir / "postfix")
+        try:
+            yield address
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
