@@ -7,16 +7,13 @@ exact bytes, and a Postfix 3.7 instance configured like the relay.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from mrtest.benchscripts import load_bench
 from mrtest.peers import RawClient
 from mrtest.relayproc import next_loopback
 
-ROOT = Path(__file__).resolve().parents[2]
 # Both servers see the same relay domain; every recipient there is valid.
 DOMAINS: dict[str, list[str] | str] = {"example.com": "any"}
 RECIPIENT_LIMIT = 3  # smtpd_recipient_limit / recipientsPerMessage, small to test
@@ -41,16 +38,6 @@ async def converse(address: tuple[str, int], chunks: list[bytes | tuple[bytes, i
     return replies
 
 
-def _load_bench() -> ModuleType:
-    path = ROOT / "bench" / "relay_vs_postfix.py"
-    spec = importlib.util.spec_from_file_location("relay_vs_postfix", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 class _NoSink:
     port = 9  # nothing is delivered in these tests
 
@@ -59,7 +46,7 @@ def start_postfix(workdir: Path) -> tuple[Any, tuple[str, int]]:
     """The benchmark's Postfix (relay_domains + relay_recipient_maps), with
     the test clients (127.0.0.x, x > 1) outside mynetworks, no error sleep
     and a small recipient limit. Returns the instance (`.stop()`) and address."""
-    bench = _load_bench()
+    bench = load_bench("relay_vs_postfix")
 
     class HostilePostfix(bench.Postfix):  # type: ignore[name-defined,misc]
         def _main_cf(self) -> str:
