@@ -470,15 +470,15 @@ class RelaySMTP(SMTP):
         word, _, arg = decoded.partition(" ")
         command = word.upper()
         arg = arg.strip(" \t")
+        handler = self.COMMANDS.get(command)
         # Postfix logs an unrecognised command as UNKNOWN: never its bytes.
-        self._last_command = command if command in self.COMMANDS else "UNKNOWN"
+        self._last_command = command if handler is not None else "UNKNOWN"
         if command in FORBIDDEN_COMMANDS:
             log.warning("non-SMTP command from %s: %s", client_name(self.state), printable(command))
             await self.reply(
                 521, "5.7.0", "Error: I can break rules, too. Goodbye.", disconnect=True
             )
             return
-        handler = self.COMMANDS.get(command)
         if handler is None:
             await self.reply(502, "5.5.2", "Error: command not recognized")
             return
