@@ -119,7 +119,7 @@ def run_relay(options: ProcessOptions) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 1
-    options.queue_dir.mkdir(parents=True, exist_ok=True)
+    options.queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as Postfix's queue
     sources = SourceWatcher(options.watch_sources) if options.watch_sources else None
     if options.worker_count() > 1:
         return Supervisor(options, addresses, handover_secret, sources).run(multiprocess)

@@ -136,7 +136,7 @@ class Queue:
         self.root = str(self.directory)
         self.clock = clock  # arrival times; tests inject a fake clock
         for name in (INCOMING, *QUEUE_STATES, STATE):
-            (self.directory / name).mkdir(parents=True, exist_ok=True)
+            (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)  # as Postfix
         # fsyncs of different files overlap on disk; a pool lets them group.
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="queue-io")
         # The per-message work (commit batches, removals) runs on one thread of
@@ -242,7 +242,7 @@ class Queue:
             except ValueError:
                 # Committed files are whole (fsynced before the rename): this
                 # one is damaged or foreign. Set aside, as Postfix's corrupt/.
-                (self.directory / CORRUPT).mkdir(exist_ok=True)
+                (self.directory / CORRUPT).mkdir(mode=0o700, exist_ok=True)
                 os.rename(path, self.directory / CORRUPT / queue_id)
                 os.close(fd)
                 return None

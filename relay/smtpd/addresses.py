@@ -10,6 +10,7 @@ controls, unbalanced quotes or brackets).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Postfix resolve.c: an address is "routed" when the first of these is not
@@ -19,6 +20,9 @@ ROUTING_CHARACTERS = "@!%"
 # RFC 5321 limits the path to 256 octets; Postfix is lenient. We allow more,
 # but bound it so a client cannot make us hold huge addresses.
 MAX_ADDRESS_LENGTH = 1000
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class AddressError(ValueError):
@@ -84,10 +88,8 @@ def _split_path(arg: str) -> tuple[str, str]:
 
 
 def _check_characters(text: str) -> None:
-    for c in text:
-        o = ord(c)
-        if o < 0x20 or o == 0x7F:
-            raise AddressError("control character in address")
+    if _CONTROL.search(text):
+        raise AddressError("control character in address")
 
 
 def _last_at_outside_quotes(mailbox: str) -> int:
@@ -220,6 +222,8 @@ def is_fqdn(domain: str) -> bool:
 
 def parse_esmtp_params(params: str) -> dict[str, str] | None:
     """'SIZE=123 BODY=8BITMIME' -> {'SIZE': '123', 'BODY': '8BITMIME'}; None if malformed."""
+    if _CONTROL_BUT_TAB.search(params):
+        return None  # str.split() would take CR, FF, \x1c.. for spaces
     out: dict[str, str] = {}
     for item in params.split():
         key, eq, value = item.partition("=")

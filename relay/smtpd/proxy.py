@@ -57,6 +57,8 @@ class ProxyInfo:
 
 
 def _address(text: str, version: int) -> str:
+    if "%" in text:  # an IPv6 scope id is free text: it would reach headers and logs
+        raise ProxyError(f"bad address {text!r}")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError as e:

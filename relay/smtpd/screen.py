@@ -203,14 +203,15 @@ class PostscreenCache:
     def _write_file(self, snapshot: dict[str, list[float]]) -> None:
         path = self.path
         assert path is not None and self.cache_dir is not None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Merge what other processes on this volume saved meanwhile.
         for ip, other in self._read_file().items():
             mine = snapshot.get(ip)
             if mine is None or max(mine) < other.newest():
                 snapshot[ip] = [other.pregreet, other.dnsbl, other.allowlist]
         tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
+        # Client addresses and verdicts: for the relay's eyes only.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump({"version": 1, "clients": snapshot}, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())

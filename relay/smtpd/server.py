@@ -31,10 +31,11 @@ from aiosmtpd.smtp import SMTP
 from relay import logbuffer, metrics
 from relay.config import RelayConfig
 from relay.queue.store import Queue
-from relay.smtpd import content
+from relay.smtpd import content, hygiene
 from relay.smtpd.addresses import AddressError, parse_esmtp_params, parse_path
 from relay.smtpd.anvil import Anvil
 from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.hygiene import printable
 from relay.smtpd.policy import Check, Transaction, check_recipient, in_mynetworks
 from relay.smtpd.proxy import accept_proxy
 from relay.smtpd.screen import Postscreen
@@ -86,6 +87,7 @@ class ServerContext:
         on_queued: Callable[[str], None] | None = None,
         anvil: Anvil | None = None,
         min_data_rate: float = MIN_DATA_RATE,
+        error_sleep: float = hygiene.ERROR_SLEEP,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -95,6 +97,7 @@ class ServerContext:
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
         self.min_data_rate = min_data_rate
+        self.error_sleep = error_sleep  # smtpd_error_sleep_time
         self.on_queued = on_queued
         # Per-client rate limits (relay.smtpd.anvil), shared by the process's sessions.
         self.anvil = anvil if anvil is not None else Anvil()
@@ -155,11 +158,6 @@ class ServerContext:
 def client_name(session: Session) -> str:
     """Postfix's `name[ip]` for logs and Received headers."""
     return f"{session.reverse_name or 'unknown'}[{session.client_ip}]"
-
-
-def printable(text: str, limit: int = 255) -> str:
-    """Client-supplied text made safe for a header or a log line."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -321,6 +319,8 @@ class RelaySMTP(SMTP):
         return held
 
     async def _write(self, data: bytes, *, hold: bool = False) -> None:
+        if data and self.state.errors >= hygiene.SOFT_ERROR_LIMIT and self.ctx.error_sleep:
+            await asyncio.sleep(self.ctx.error_sleep)  # Postfix smtpd_error_sleep_time
         if hold and self._holdable():
             self._held.append(data)
             return
@@ -342,6 +342,12 @@ class RelaySMTP(SMTP):
     async def send_lines(self, lines: list[str]) -> None:
         await self._write("".join(line + "\r\n" for line in lines).encode())
 
+    def _internal_error(self) -> None:
+        """A bug must not leave the client waiting for a reply until the idle
+        timeout: tell it to come back, and close."""
+        metrics.REJECTED.labels("internal_error").inc()
+        self.close_with(Reply(421, "4.3.0", f"{self.hostname} Error: internal error"))
+
     def close_with_nothing(self) -> None:
         self._closing = True
         if self.transport is not None:
@@ -362,6 +368,16 @@ class RelaySMTP(SMTP):
     _last_command = "CONNECT"
 
     async def _handle_client(self) -> None:
+        try:
+            await self._session()
+        except Exception:
+            # A session never dies silently: logged once, and the client told.
+            log.exception(
+                "internal error after %s from %s", self._last_command, client_name(self.state)
+            )
+            self._internal_error()
+
+    async def _session(self) -> None:
         s = self.state
         if self.via_proxy:
             # The real client's IP replaces the load balancer's before anything
@@ -444,24 +460,32 @@ class RelaySMTP(SMTP):
         text = line.rstrip(b"\n")
         if text.endswith(b"\r"):
             text = text[:-1]
-        word, _, arg_bytes = text.partition(b" ")
-        try:
-            command = word.decode("ascii").upper()
-        except UnicodeDecodeError:
-            await self.reply(500, "5.5.2", "Error: bad syntax")
+        decoded = hygiene.decode_command(text)
+        if decoded is None:
+            # Postfix (smtputf8_enable=yes), for any command: nothing that is
+            # not UTF-8 gets into the envelope, the logs or a header.
+            self._last_command = "UNKNOWN"
+            await self.reply(500, "5.5.2", "Error: bad UTF-8 syntax")
             return
-        arg = arg_bytes.decode("utf-8", "surrogateescape").strip(" \t")
-        self._last_command = command or "CONNECT"
+        word, _, arg = decoded.partition(" ")
+        command = word.upper()
+        arg = arg.strip(" \t")
+        handler = self.COMMANDS.get(command)
+        # Postfix logs an unrecognised command as UNKNOWN: never its bytes.
+        self._last_command = command if handler is not None else "UNKNOWN"
         if command in FORBIDDEN_COMMANDS:
             log.warning("non-SMTP command from %s: %s", client_name(self.state), printable(command))
             await self.reply(
                 521, "5.7.0", "Error: I can break rules, too. Goodbye.", disconnect=True
             )
             return
-        handler = self.COMMANDS.get(command)
         if handler is None:
             await self.reply(502, "5.5.2", "Error: command not recognized")
             return
+        if command in hygiene.JUNK_COMMANDS:
+            if hygiene.junk_is_error(self.state.junk_commands):
+                self.state.errors += 1
+            self.state.junk_commands += 1
         self._note_pipelining(command)
         self._reset_timeout()
         await handler(self, arg)
@@ -485,7 +509,9 @@ class RelaySMTP(SMTP):
         if not arg:
             await self.reply(501, "5.5.4", "Syntax: HELO hostname")
             return
-        self.state.helo = arg
+        # As Postfix's helo_cmd: the name is kept printable (it goes into
+        # Received:, Received-SPF: and log lines).
+        self.state.helo = printable(arg)
         self.state.esmtp = False
         self.txn = None
         await self.reply(250, "", self.hostname)
@@ -494,7 +520,7 @@ class RelaySMTP(SMTP):
         if not arg:
             await self.reply(501, "5.5.4", "Syntax: EHLO hostname")
             return
-        self.state.helo = arg
+        self.state.helo = printable(arg)
         self.state.esmtp = True
         self.txn = None
         lines = [
@@ -544,10 +570,10 @@ class RelaySMTP(SMTP):
         size: int | None = None
         for key, value in params.items():
             if key == "SIZE":
-                if not value.isdigit():
+                size = hygiene.ascii_number(value)
+                if size is None:
                     await self.reply(501, "5.5.4", "Bad message size syntax")
                     return
-                size = int(value)
                 if size > self.config.limits.message_size:
                     metrics.REJECTED.labels("message_size").inc()
                     await self.reply(552, "5.3.4", "Message size exceeds fixed limit")
@@ -603,7 +629,8 @@ class RelaySMTP(SMTP):
             await self.reply(555, "5.5.4", f"Unsupported option: {printable(next(iter(params)))}")
             return
         envelope = txn.envelope
-        if len(envelope.recipients) >= self.config.limits.recipients_per_message:
+        # Postfix smtpd_recipient_limit counts every accepted RCPT, repeats too.
+        if envelope.rcpt_count >= self.config.limits.recipients_per_message:
             metrics.REJECTED.labels("too_many_recipients").inc()
             await self.reply(452, "4.5.3", "Error: too many recipients")
             return
@@ -635,6 +662,7 @@ class RelaySMTP(SMTP):
             )
             await self.send(verdict)
             return
+        envelope.rcpt_count += 1
         if rcpt.text not in envelope.recipients:
             envelope.recipients.append(rcpt.text)
         await self.reply(250, "2.1.5", "Ok")
@@ -673,6 +701,14 @@ class RelaySMTP(SMTP):
             return
         try:
             await self._receive_data(txn, incoming)
+        except Exception as e:
+            incoming.abort()
+            if isinstance(e, (ConnectionError, asyncio.IncompleteReadError)):
+                raise
+            log.exception(
+                "%s: internal error in DATA from %s", incoming.queue_id, client_name(self.state)
+            )
+            self._internal_error()
         except BaseException:
             incoming.abort()
             raise
@@ -690,7 +726,7 @@ class RelaySMTP(SMTP):
         head = received_header(s, self.hostname, incoming.queue_id, envelope.recipients)
         if envelope.prepend_headers:
             head += b"".join(
-                h.encode("utf-8", "surrogateescape") + b"\r\n" for h in envelope.prepend_headers
+                hygiene.header_safe(h).encode() + b"\r\n" for h in envelope.prepend_headers
             )
         try:
             incoming.write(head)
@@ -767,6 +803,7 @@ class RelaySMTP(SMTP):
             return
         s.messages += 1
         s.errors = 0  # Postfix counts errors "without delivering mail"
+        s.junk_commands = 0  # and "the junk command count is reset after mail is delivered"
         metrics.ACCEPTED.inc()
         metrics.ACCEPTED_BYTES.inc(decoder.size)
         logbuffer.info(

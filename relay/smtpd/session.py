@@ -67,6 +67,7 @@ class Session:
     unauth_pipelining: bool = False
     reverse_name: str | None = None  # PTR result, once looked up
     errors: int = 0
+    junk_commands: int = 0  # NOOP, VRFY, ETRN, RSET (smtpd_junk_command_limit)
     messages: int = 0
 
 
@@ -78,6 +79,7 @@ class Envelope:
     recipients: list[str] = field(default_factory=list)
     mail_options: list[str] = field(default_factory=list)
     size_hint: int | None = None  # MAIL FROM SIZE=
+    rcpt_count: int = 0  # RCPTs accepted, repeats included (smtpd_recipient_limit)
     # Headers to prepend (Received-SPF, Received), in order.
     prepend_headers: list[str] = field(default_factory=list)
     # A defer_if_permit reply waiting for the rest of the restrictions.

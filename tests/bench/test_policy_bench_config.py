@@ -4,25 +4,14 @@ it is the policy the benchmark claims: every check on, nothing skipped."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import yaml
+from mrtest.benchscripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench() -> ModuleType:
-    path = ROOT / "bench" / "policy_vs_postfix.py"
-    spec = importlib.util.spec_from_file_location("policy_vs_postfix", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 class FakeSink:
@@ -30,7 +19,7 @@ class FakeSink:
 
 
 def test_manifests_validate_and_check_everything(tmp_path: Path) -> None:
-    bench = load_bench()
+    bench = load_bench("policy_vs_postfix")
     relay = bench.PolicyMailrelay(tmp_path / "mr", FakeSink(), 2, content_filter=True)
     text = relay._manifests()
     manifests = tmp_path / "relay.yaml"
