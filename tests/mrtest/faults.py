@@ -40,7 +40,7 @@ class RestartableRelay(RelayProcess):
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        wanted = self.starts * max(self.workers or 1, 1)
+        wanted = self.starts * self.worker_count
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

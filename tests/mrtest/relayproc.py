@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from relay.process.cpus import available_cpus
+
 # -- waiting and ports ------------------------------------------------------------
 
 
@@ -186,6 +188,8 @@ class RelayProcess:
         self.config_dir = config_dir or workdir / "config"
         self.queue_dir = workdir / "queue"
         self.workers = workers
+        # What the relay runs: --workers, else auto (the CPUs it may use, as it counts them).
+        self.worker_count = workers or available_cpus()
         self.tls_dir = tls_dir
         self.metrics_port = free_port(self.host) if metrics else None
         self.env = env or {}
@@ -245,7 +249,7 @@ class RelayProcess:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every worker logged that it listens (TCP alone is not enough
         with several workers)."""
-        wanted = max(self.workers or 1, 1)
+        wanted = self.worker_count
         quiet = self.env.get("MAILRELAY_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG")
 
         def ready() -> bool:
