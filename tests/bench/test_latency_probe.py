@@ -28,7 +28,7 @@ def test_probe_through_a_relay(tmp_path: Path) -> None:
         manifests = write_manifests(
             tmp_path / "manifests", next_hop=("127.0.0.1", port), domains={PROBE_DOMAIN: "any"}
         )
-        with RelayProcess(manifests, tmp_path).start() as relay:
+        with RelayProcess(manifests, tmp_path) as relay:
             probe.begin(relay.port, relay.host)
             deadline = time.monotonic() + 60
             while len(probe.latencies.accept_ms) < 5 and time.monotonic() < deadline:

@@ -99,7 +99,7 @@ async def test_a_two_worker_relay_limits_per_relay(tmp_path: Path) -> None:
         domains={"example.com": "any"},
         spec={"limits": {"connectionsPerClient": 3}},
     )
-    with RelayProcess(manifests, tmp_path, workers=2).start() as relay:
+    with RelayProcess(manifests, tmp_path, workers=2) as relay:
         relay.wait_for_log("ready: listening on", count=2)
         client = next_loopback()
         replies, clients = [], []

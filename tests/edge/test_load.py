@@ -7,32 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mrtest.edgeserver import edge_config, long_test
 from mrtest.peers import RawClient
+from mrtest.proc import raise_fd_limit, rss_kib
 from mrtest.relayproc import RelayProcess, write_manifests
 
 PER_ADDRESS = 40  # under connectionsPerClient (50)
-
-
-def raise_fd_limit(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
-        pytest.skip(f"cannot raise RLIMIT_NOFILE to {wanted}")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 async def hold_sessions(address: tuple[str, int], count: int) -> dict[str, Any]:

@@ -300,7 +300,8 @@ class RelayProcess:
         return code
 
     def __enter__(self) -> RelayProcess:
-        return self.start()
+        # `with RelayProcess(...).start() as r` must not start a second process.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
