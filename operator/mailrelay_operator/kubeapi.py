@@ -20,7 +20,11 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from mailrelay_api.schema import API_VERSION, KINDS
+from mailrelay_operator.certificate import CERT_MANAGER_API
 from mailrelay_operator.naming import FIELD_MANAGER
+
+# A Kubernetes object as the API server's JSON (what every builder returns).
+KubeObject = dict[str, Any]
 
 # apiVersion, kind -> plural; only the kinds the operator touches.
 PLURALS: dict[tuple[str, str], str] = {
@@ -29,7 +33,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Secret"): "secrets",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
-    ("cert-manager.io/v1", "Certificate"): "certificates",
+    (CERT_MANAGER_API, "Certificate"): "certificates",
     **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }
 
