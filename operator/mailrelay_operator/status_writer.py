@@ -33,13 +33,8 @@ class StatusWriter:
     written: dict[str, str] = field(default_factory=dict)
     pending: dict[str, tuple[KubeObject, KubeObject]] = field(default_factory=dict)
     in_flight: int = 0
-    _wakeup: asyncio.Event | None = None
-
-    @property
-    def wakeup(self) -> asyncio.Event:
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        return self._wakeup
+    # Binds to the running loop on first use (Python 3.10+), not when made.
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def idle(self) -> bool:

@@ -22,14 +22,8 @@ class WorkQueue:
     retry_seconds: float = 2.0
     dirty: dict[Key, bool] = field(default_factory=dict)  # relay -> needs a fresh render
     sweep: bool = False
-    _wakeup: asyncio.Event | None = None
-
-    @property
-    def wakeup(self) -> asyncio.Event:
-        # Made on first use: the queue may be built outside the running loop.
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        return self._wakeup
+    # Binds to the running loop on first use (Python 3.10+), not when made.
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, key: Key | None, render: bool = True) -> None:
         if key is None:
