@@ -24,8 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mailrelay_api.render import RenderCache, Rendered, render_relay
-from mailrelay_operator import certificate, naming, pods, scaledown, status
-from mailrelay_operator import handover_secret as handover
+from mailrelay_operator import certificate, handover_secret, naming, pods, scaledown, status
 from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
@@ -69,7 +68,7 @@ class Reconciler:
     pod_client: pods.PodClient = field(default_factory=pods.PodClient)
     drain_poll_seconds: float = scaledown.POLL_SECONDS
     # Relay handover keys derive from it (the operator never reads Secrets).
-    operator_key: bytes = field(default_factory=handover.load_operator_key)
+    operator_key: bytes = field(default_factory=handover_secret.load_operator_key)
 
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
     passes: int = 0
@@ -193,7 +192,7 @@ class Reconciler:
             await self.applier.find_cert_manager()
             obs.cert_manager_missing = self.applier.cert_manager is False
         if mem.handover_key is None:
-            mem.handover_key = handover.relay_key(self.operator_key, relay)
+            mem.handover_key = handover_secret.relay_key(self.operator_key, relay)
         children = desired_children(
             relay, rendered, self.image, self.applier.cert_manager is not False, mem.handover_key
         )
