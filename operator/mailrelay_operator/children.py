@@ -7,7 +7,8 @@ from typing import Any, cast
 import kopf
 
 from mailrelay_api.render import Rendered
-from mailrelay_operator import certificate, configmaps, handover, pdb, services, statefulset
+from mailrelay_operator import certificate, configmaps, pdb, services, statefulset
+from mailrelay_operator import handover_secret as handover
 
 
 def owned(child: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:

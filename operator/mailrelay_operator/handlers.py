@@ -1,4 +1,4 @@
-"""Kopf handlers: thin. They index objects and mark relays dirty; reconciler.py works.
+"""Kopf handlers: thin. They index objects and hand events to events.py; reconciler.py works.
 
 No @kopf.on.create/update handlers: those keep a diff-base annotation with a
 copy of the spec, which a large RecipientList overflows (256 KiB). Indexes and
@@ -16,14 +16,9 @@ import kopf
 
 from mailrelay_api.schema import GROUP
 from mailrelay_operator import naming
-from mailrelay_operator.cluster import (
-    ClusterView,
-    domain_key_of_list,
-    key_of,
-    relay_key_of_domain,
-    trim,
-)
-from mailrelay_operator.kubeapi import KubeApi
+from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
+from mailrelay_operator.events import EventRouter
+from mailrelay_operator.kubeapi import KubeApi, KubeObject
 from mailrelay_operator.reconciler import Reconciler
 
 OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
@@ -63,18 +58,16 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 
 # --- indexes: MailRelays and Namespace labels (few objects) -----------------------------
-# RelayDomains and RecipientLists are many (10,000 and more): they are not kopf
-# indexes, whose start-up readiness wait grows with the square of the objects
-# listed; the reconciler lists them once at start-up and event handlers keep
-# that cache current.
+# RelayDomains and RecipientLists are many: they live in the reconciler's own
+# cache (inputs.py), which the event handlers below keep current.
 @kopf.index(GROUP, "mailrelays", id="relays_idx")
-def relays_idx(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+def relays_idx(body: kopf.Body, **_: Any) -> dict[Key, KubeObject]:
     obj = trim(body)
     return {key_of(obj): obj}
 
 
 @kopf.index("", "v1", "namespaces", id="namespaces_idx")
-def namespaces_idx(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+def namespaces_idx(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
     return {name: dict(labels)}
 
 
@@ -83,11 +76,16 @@ def _view(memo: kopf.Memo) -> ClusterView:
     view = ClusterView.from_indexes(
         memo["indexes"]["relays_idx"], {}, {}, memo["indexes"]["namespaces_idx"]
     )
-    view.domains, view.lists = dict(reconciler.domains), dict(reconciler.lists)
+    view.domains, view.lists = dict(reconciler.inputs.domains), dict(reconciler.inputs.lists)
     return view
 
 
-async def _trimmed(body: kopf.Body) -> dict[str, Any]:
+def _events(memo: kopf.Memo) -> EventRouter:
+    reconciler: Reconciler = memo["reconciler"]
+    return reconciler.events
+
+
+async def _trimmed(body: kopf.Body) -> KubeObject:
     """trim() copies the spec: a big RecipientList is copied off the event loop."""
     if len((body.get("spec") or {}).get("addresses") or ()) > 2000:
         return await asyncio.to_thread(trim, body)
@@ -136,39 +134,34 @@ def _deleted(event: kopf.RawEvent) -> bool:
 # asyncio.Event that only the loop's own thread may touch.
 @kopf.on.event(GROUP, "mailrelays")
 async def relay_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["reconciler"].relay_event(dict(body), _deleted(event))
+    _events(memo).relay_event(dict(body), _deleted(event))
 
 
 @kopf.on.event(GROUP, "relaydomains")
 async def domain_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    obj = await _trimmed(body)
-    memo["reconciler"].domain_event(obj, relay_key_of_domain(obj), _deleted(event))
+    _events(memo).domain_event(await _trimmed(body), _deleted(event))
 
 
 @kopf.on.event(GROUP, "recipientlists")
 async def list_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    obj = await _trimmed(body)
-    reconciler: Reconciler = memo["reconciler"]
-    dom = reconciler.domains.get(domain_key_of_list(obj))
-    relay = relay_key_of_domain(dom) if dom else None
-    reconciler.list_event(obj, relay, _deleted(event))
+    _events(memo).list_event(await _trimmed(body), _deleted(event))
 
 
 @kopf.on.event("", "v1", "namespaces")
 async def namespace_event(name: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    memo["reconciler"].namespace_event(name, dict(labels), lambda: _view(memo))
+    _events(memo).namespace_event(name, dict(labels))
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels=OWNED)
 async def statefulset_event(
     event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    memo["reconciler"].statefulset_event(dict(body), _deleted(event))
+    _events(memo).statefulset_event(dict(body), _deleted(event))
 
 
 @kopf.on.event("", "v1", "services", labels=OWNED)
 async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["reconciler"].service_event(dict(body), _deleted(event))
+    _events(memo).service_event(dict(body), _deleted(event))
 
 
 # A deleted or foreign-edited ConfigMap or PDB comes back at once
@@ -177,16 +170,14 @@ async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
 async def config_map_event(
     event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    memo["reconciler"].child_event(_child(body, "v1", "ConfigMap"), _deleted(event))
+    _events(memo).child_event(_child(body, "v1", "ConfigMap"), _deleted(event))
 
 
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
 async def pdb_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["reconciler"].child_event(
-        _child(body, "policy/v1", "PodDisruptionBudget"), _deleted(event)
-    )
+    _events(memo).child_event(_child(body, "policy/v1", "PodDisruptionBudget"), _deleted(event))
 
 
-def _child(body: kopf.Body, api_version: str, kind: str) -> dict[str, Any]:
+def _child(body: kopf.Body, api_version: str, kind: str) -> KubeObject:
     """Only what child_event reads (not a big ConfigMap's data)."""
     return {"apiVersion": api_version, "kind": kind, "metadata": dict(body.get("metadata") or {})}

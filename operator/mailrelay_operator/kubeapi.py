@@ -20,7 +20,11 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from mailrelay_api.schema import API_VERSION, KINDS
+from mailrelay_operator.certificate import CERT_MANAGER_API
 from mailrelay_operator.naming import FIELD_MANAGER
+
+# A Kubernetes object as the API server's JSON (what every builder returns).
+KubeObject = dict[str, Any]
 
 # apiVersion, kind -> plural; only the kinds the operator touches.
 PLURALS: dict[tuple[str, str], str] = {
@@ -29,7 +33,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Secret"): "secrets",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
-    ("cert-manager.io/v1", "Certificate"): "certificates",
+    (CERT_MANAGER_API, "Certificate"): "certificates",
     **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }
 
@@ -90,7 +94,7 @@ class KubeApi:
         query: list[tuple[str, Any]] | None = None,
         body: Any = None,
         content_type: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> KubeObject:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -120,7 +124,7 @@ class KubeApi:
         return json.loads(data) if data else {}
 
     # --- blocking calls -------------------------------------------------------------
-    def get_sync(self, path: str) -> dict[str, Any] | None:
+    def get_sync(self, path: str) -> KubeObject | None:
         try:
             return self._call("GET", path)
         except KubeError as e:
@@ -128,13 +132,13 @@ class KubeApi:
                 return None
             raise
 
-    def list_objects_sync(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+    def list_objects_sync(self, path: str, label_selector: str = "") -> list[KubeObject]:
         query = [("labelSelector", label_selector)] if label_selector else []
         return list(self._call("GET", path, query).get("items") or [])
 
-    def list_all_sync(self, path: str, page: int = 500) -> tuple[list[dict[str, Any]], str]:
+    def list_all_sync(self, path: str, page: int = 500) -> tuple[list[KubeObject], str]:
         """Every object, paginated; with the listing's resourceVersion."""
-        items: list[dict[str, Any]] = []
+        items: list[KubeObject] = []
         query: list[tuple[str, Any]] = [("limit", page)]
         version = ""
         while True:
@@ -147,7 +151,7 @@ class KubeApi:
                 return items, version
             query = [("limit", page), ("continue", token)]
 
-    def apply_sync(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+    def apply_sync(self, obj: Mapping[str, Any]) -> KubeObject:
         """Server-side apply under the operator's one field manager, taking conflicts."""
         self._count_write()
         return self._call(
@@ -158,7 +162,7 @@ class KubeApi:
             "application/apply-patch+yaml",
         )
 
-    def patch_status_sync(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
+    def patch_status_sync(self, path: str, status: dict[str, Any]) -> KubeObject:
         """Merge-patch of /status: conditions is written whole (merge replaces lists)."""
         self._count_write()
         return self._call(
@@ -180,19 +184,19 @@ class KubeApi:
                 raise
 
     # --- the same, off the event loop ---------------------------------------------
-    async def get(self, path: str) -> dict[str, Any] | None:
+    async def get(self, path: str) -> KubeObject | None:
         return await asyncio.to_thread(self.get_sync, path)
 
-    async def list_objects(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+    async def list_objects(self, path: str, label_selector: str = "") -> list[KubeObject]:
         return await asyncio.to_thread(self.list_objects_sync, path, label_selector)
 
-    async def list_all(self, path: str) -> tuple[list[dict[str, Any]], str]:
+    async def list_all(self, path: str) -> tuple[list[KubeObject], str]:
         return await asyncio.to_thread(self.list_all_sync, path)
 
-    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+    async def apply(self, obj: Mapping[str, Any]) -> KubeObject:
         return await asyncio.to_thread(self.apply_sync, obj)
 
-    async def patch_status(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
+    async def patch_status(self, path: str, status: dict[str, Any]) -> KubeObject:
         return await asyncio.to_thread(self.patch_status_sync, path, status)
 
     async def delete(self, path: str, propagation: str = "Background") -> None:

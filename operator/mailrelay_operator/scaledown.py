@@ -30,11 +30,11 @@ from mailrelay_api.spec import relay_spec
 from mailrelay_api.units import parse_duration
 from mailrelay_operator import naming
 from mailrelay_operator.pods import PodAddresser, PodClient, PodError
-from mailrelay_operator.status import Condition
+from mailrelay_operator.status import Condition, ConditionType, ScalingDownReason
 
 log = logging.getLogger("mailrelay.operator")
 
-CONDITION = "ScalingDown"
+CONDITION = ConditionType.SCALING_DOWN
 POLL_SECONDS = 2.0
 
 
@@ -53,6 +53,43 @@ class Plan:
     poll: bool  # look again in POLL_SECONDS
 
 
+@dataclass(frozen=True)
+class PodReport:
+    """What a leaving pod answered to its drain order (relay.handover.control's /queue)."""
+
+    name: str
+    state: dict[str, Any] | None  # None: it did not answer
+    error: str = ""
+
+    @property
+    def held(self) -> int:
+        state = self.state or {}
+        return int(state.get("messages") or 0) + int(state.get("incoming") or 0)
+
+    @property
+    def drained(self) -> bool:
+        return self.state is not None and self.held == 0 and bool(self.state.get("settled"))
+
+    def describe(self) -> str:
+        if self.state is None:
+            return f"{self.name}: unreachable ({self.error})"
+        if self.held == 0:
+            return f"{self.name}: queue empty" + (
+                "" if self.state.get("settled") else " (settling)"
+            )
+        states = self.state.get("states") or {}
+        parts = [f"{states[s]} {s}" for s in ("active", "deferred", "hold") if states.get(s)]
+        return f"{self.name}: {self.held} messages waiting ({', '.join(parts) or 'being received'})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int  # what the StatefulSet gets now
+    poll: bool  # look again in POLL_SECONDS
+    condition: Condition
+    finished: bool  # the scale-down is over: the leaving pods go
+
+
 def _since(relay: dict[str, Any]) -> float | None:
     """When the current drain began: the ScalingDown=True condition's transition time."""
     for c in (relay.get("status") or {}).get("conditions") or []:
@@ -65,17 +102,63 @@ def _since(relay: dict[str, Any]) -> float | None:
     return None
 
 
-def _describe(name: str, state: dict[str, Any]) -> str:
-    states = state.get("states") or {}
-    held = int(state.get("messages") or 0) + int(state.get("incoming") or 0)
-    if held == 0:
-        return f"{name}: queue empty" + ("" if state.get("settled") else " (settling)")
-    parts = [f"{states[s]} {s}" for s in ("active", "deferred", "hold") if states.get(s)]
-    return f"{name}: {held} messages waiting ({', '.join(parts) or 'being received'})"
+def decide(
+    relay: dict[str, Any], current: int, want: int, reports: list[PodReport], now: float
+) -> Decision:
+    """Whether the StatefulSet may shrink from current to want replicas, given what
+    the leaving pods (ordinals want..current-1) reported (pure)."""
+    lines = "; ".join(r.describe() for r in reports)
+    leaving = ", ".join(r.name for r in reports)
+    target = f"{current} -> {want} replicas"
+    if all(r.drained for r in reports):
+        return Decision(
+            want,
+            poll=False,
+            condition=Condition(
+                CONDITION,
+                False,
+                ScalingDownReason.DRAINED,
+                f"{target}: {leaving} drained (queue empty); the StatefulSet has {want} replicas",
+            ),
+            finished=True,
+        )
+    spec = relay_spec(relay).scale_down
+    timeout = parse_duration(spec.drain_timeout)
+    waited = now - (_since(relay) or now)
+    where = (
+        f"handing over to {', '.join(naming.pod_name(relay, o) for o in range(want))}"
+        if want
+        else "no pod stays to take mail: delivering only"
+    )
+    if waited < timeout:
+        message = f"{target}; {where}: {lines}"
+        return Decision(
+            current, True, Condition(CONDITION, True, ScalingDownReason.DRAINING, message), False
+        )
+    if spec.on_timeout == "Proceed":
+        message = (
+            f"{target}: drainTimeout ({spec.drain_timeout}) passed, removed "
+            f"anyway (onTimeout: Proceed); left on their retained volumes: {lines}"
+        )
+        return Decision(
+            want,
+            False,
+            Condition(CONDITION, False, ScalingDownReason.DRAIN_TIMED_OUT, message),
+            True,
+        )
+    message = (
+        f"{target} waits past drainTimeout ({spec.drain_timeout}), "
+        f"onTimeout: Wait; {where}: {lines}"
+    )
+    return Decision(
+        current, True, Condition(CONDITION, True, ScalingDownReason.DRAIN_TIMED_OUT, message), False
+    )
 
 
 @dataclass
 class ScaleDown:
+    """Asks the leaving pods to drain (observation), then applies `decide`."""
+
     addresser: PodAddresser
     client: PodClient
     poll_seconds: float = POLL_SECONDS
@@ -103,72 +186,44 @@ class ScaleDown:
         mem.active = True
         # Pods no longer leaving (the target went up again meanwhile) take mail again.
         await self._undrain(relay, key, mem, [o for o in mem.asked if o < want])
+        reports = await self._drain(relay, current, want, key, mem)
+        decision = decide(relay, current, want, reports, time.time())
+        mem.condition = decision.condition
+        if decision.finished:
+            mem.active, mem.asked = False, set()
+            level = (
+                logging.INFO
+                if decision.condition.reason == ScalingDownReason.DRAINED
+                else logging.WARNING
+            )
+            log.log(level, "MailRelay %s: %s", naming.relay_name(relay), decision.condition.message)
+        return Plan(decision.replicas, decision.poll)
+
+    async def _drain(
+        self, relay: dict[str, Any], current: int, want: int, key: str, mem: DrainMemory
+    ) -> list[PodReport]:
+        """Asks (again: the drain is a lease) each leaving pod to drain towards the staying ones."""
         peers = [self.addresser(relay, o).handover for o in range(want)]
         ttl = max(60.0, 10 * self.poll_seconds)
-        lines, drained = [], True
+        reports = []
         for ordinal in range(want, current):
             name = naming.pod_name(relay, ordinal)
             try:
                 state = await self.client.drain(self.addresser(relay, ordinal), key, peers, ttl)
             except PodError as e:
-                drained = False
-                lines.append(f"{name}: unreachable ({e})")
+                reports.append(PodReport(name, None, str(e)))
                 continue
             mem.asked.add(ordinal)
-            lines.append(_describe(name, state))
-            empty = not int(state.get("messages") or 0) and not int(state.get("incoming") or 0)
-            drained = drained and empty and bool(state.get("settled"))
-        leaving = ", ".join(naming.pod_name(relay, o) for o in range(want, current))
-        target = f"{current} -> {want} replicas"
-        if drained:
-            mem.active, mem.asked = False, set()
-            mem.condition = Condition(
-                CONDITION,
-                False,
-                "Drained",
-                f"{target}: {leaving} drained (queue empty); the StatefulSet has {want} replicas",
-            )
-            log.info("MailRelay %s: %s", naming.relay_name(relay), mem.condition.message)
-            return Plan(want, poll=False)
-        spec = relay_spec(relay).scale_down
-        timeout = parse_duration(spec.drain_timeout)
-        since = _since(relay) or time.time()
-        waited = time.time() - since
-        where = (
-            f"handing over to {', '.join(naming.pod_name(relay, o) for o in range(want))}"
-            if want
-            else "no pod stays to take mail: delivering only"
-        )
-        if waited >= timeout:
-            if spec.on_timeout == "Proceed":
-                mem.active, mem.asked = False, set()
-                mem.condition = Condition(
-                    CONDITION,
-                    False,
-                    "DrainTimedOut",
-                    f"{target}: drainTimeout ({spec.drain_timeout}) passed, removed "
-                    f"anyway (onTimeout: Proceed); left on their retained volumes: "
-                    + "; ".join(lines),
-                )
-                log.warning("MailRelay %s: %s", naming.relay_name(relay), mem.condition.message)
-                return Plan(want, poll=False)
-            mem.condition = Condition(
-                CONDITION,
-                True,
-                "DrainTimedOut",
-                f"{target} waits past drainTimeout ({spec.drain_timeout}), "
-                f"onTimeout: Wait; {where}: " + "; ".join(lines),
-            )
-        else:
-            mem.condition = Condition(
-                CONDITION, True, "Draining", f"{target}; {where}: " + "; ".join(lines)
-            )
-        return Plan(current, poll=True)
+            reports.append(PodReport(name, state))
+        return reports
 
     async def _call_off(self, relay: dict[str, Any], want: int, key: str, mem: DrainMemory) -> None:
         if mem.active:
             mem.condition = Condition(
-                CONDITION, False, "Cancelled", f"spec.replicas is {want} again: drains ended"
+                CONDITION,
+                False,
+                ScalingDownReason.CANCELLED,
+                f"spec.replicas is {want} again: drains ended",
             )
             log.info("MailRelay %s: scale-down called off", naming.relay_name(relay))
         mem.active = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from mailrelay_api.render import DomainVerdict, RecipientListVerdict
@@ -16,9 +17,48 @@ from mailrelay_api.render import DomainVerdict, RecipientListVerdict
 MX_RECORDS_MAX_DOMAINS = 100  # status stays small with 10,000 domains
 
 
+class ConditionType(StrEnum):
+    RECONCILED = "Reconciled"  # MailRelay: its children are applied
+    READY = "Ready"  # MailRelay: its pods are ready
+    TLS = "TLS"  # MailRelay: where its certificate comes from
+    SCALING_DOWN = "ScalingDown"  # MailRelay: a scale-down's drain (scaledown.py)
+    ACCEPTED = "Accepted"  # RelayDomain, RecipientList: the relay serves it
+
+
+class ReconciledReason(StrEnum):
+    APPLIED = "Applied"
+    APPLY_FAILED = "ApplyFailed"
+    STATEFULSET_RECREATING = "StatefulSetRecreating"
+    STATEFULSET_RECREATED = "StatefulSetRecreated"
+
+
+class ReadyReason(StrEnum):
+    ALL_REPLICAS_READY = "AllReplicasReady"
+    REPLICAS_NOT_READY = "ReplicasNotReady"
+    SCALED_TO_ZERO = "ScaledToZero"
+
+
+class TLSReason(StrEnum):
+    CERTIFICATE_REQUESTED = "CertificateRequested"
+    CERT_MANAGER_MISSING = "CertManagerMissing"
+    SECRET_PROVIDED = "SecretProvided"
+
+
+class ScalingDownReason(StrEnum):
+    DRAINING = "Draining"  # True: the leaving pods hand their queues over
+    DRAINED = "Drained"  # False: their queues were empty, the StatefulSet shrank
+    DRAIN_TIMED_OUT = "DrainTimedOut"  # True: onTimeout Wait; False: Proceed, they went
+    CANCELLED = "Cancelled"  # False: spec.replicas went back up
+
+
+# Accepted's reasons come from the renderer (mailrelay_api.render's verdicts)
+# and cluster.py's orphan lists; a RelayDomain whose relay is gone gets this one.
+RELAY_NOT_FOUND = "RelayNotFound"
+
+
 @dataclass(frozen=True)
 class Condition:
-    type: str
+    type: ConditionType
     status: bool | None  # None = Unknown
     reason: str
     message: str = ""
@@ -44,9 +84,9 @@ def conditions(
         since = prev.get("lastTransitionTime") if prev and prev.get("status") == word else None
         out.append(
             {
-                "type": c.type,
+                "type": str(c.type),
                 "status": word,
-                "reason": c.reason,
+                "reason": str(c.reason),
                 "message": c.message,
                 "observedGeneration": generation,
                 "lastTransitionTime": since or at,
@@ -73,10 +113,10 @@ def domain_status(
     dom: dict[str, Any], verdict: DomainVerdict | None, relay_missing: str = "", at: str = ""
 ) -> dict[str, Any]:
     if verdict is None:
-        cond = Condition("Accepted", False, "RelayNotFound", relay_missing)
+        cond = Condition(ConditionType.ACCEPTED, False, RELAY_NOT_FOUND, relay_missing)
         recipients = 0
     else:
-        cond = Condition("Accepted", verdict.accepted, verdict.reason, verdict.message)
+        cond = Condition(ConditionType.ACCEPTED, verdict.accepted, verdict.reason, verdict.message)
         recipients = verdict.recipients
     gen = generation(dom)
     current = (dom.get("status") or {}).get("conditions")
@@ -95,9 +135,9 @@ def list_status(
     at: str = "",
 ) -> dict[str, Any]:
     if verdict is not None:
-        cond = Condition("Accepted", verdict.accepted, verdict.reason, verdict.message)
+        cond = Condition(ConditionType.ACCEPTED, verdict.accepted, verdict.reason, verdict.message)
     else:
-        cond = Condition("Accepted", False, reason, message)
+        cond = Condition(ConditionType.ACCEPTED, False, reason, message)
     gen = generation(rl)
     current = (rl.get("status") or {}).get("conditions")
     return {
@@ -152,40 +192,11 @@ class RelayObservation:
 
 def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> dict[str, Any]:
     spec = relay["spec"]
-    want = int(spec["replicas"])
     gen = generation(relay)
-    wanted: list[Condition] = []
-    if obs.recreating:
-        wanted.append(Condition("Reconciled", False, "StatefulSetRecreating", obs.recreating))
-    elif not obs.applied:
-        wanted.append(Condition("Reconciled", False, "ApplyFailed", obs.apply_error))
-    elif obs.recreated:
-        wanted.append(Condition("Reconciled", True, "StatefulSetRecreated", obs.recreated))
-    else:
-        wanted.append(Condition("Reconciled", True, "Applied", "all children are up to date"))
-    if want == 0:
-        wanted.append(Condition("Ready", True, "ScaledToZero", "spec.replicas is 0"))
-    elif obs.ready_replicas >= want:
-        wanted.append(Condition("Ready", True, "AllReplicasReady", f"{want}/{want} pods ready"))
-    else:
-        wanted.append(
-            Condition("Ready", False, "ReplicasNotReady", f"{obs.ready_replicas}/{want} pods ready")
-        )
-    tls = spec.get("tls") or {}
-    if tls.get("issuerRef"):
-        if obs.cert_manager_missing:
-            wanted.append(
-                Condition(
-                    "TLS",
-                    False,
-                    "CertManagerMissing",
-                    "cert-manager's Certificate CRD is not installed: running without STARTTLS",
-                )
-            )
-        else:
-            wanted.append(Condition("TLS", True, "CertificateRequested", "Certificate applied"))
-    elif tls.get("secretName"):
-        wanted.append(Condition("TLS", True, "SecretProvided", f"Secret {tls['secretName']}"))
+    wanted = [_reconciled(obs), _ready(int(spec["replicas"]), obs.ready_replicas)]
+    tls = _tls(spec.get("tls") or {}, obs.cert_manager_missing)
+    if tls is not None:
+        wanted.append(tls)
     if obs.scale_down is not None:
         wanted.append(obs.scale_down)
     current = (relay.get("status") or {}).get("conditions")
@@ -203,3 +214,39 @@ def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> 
     if omitted:
         out["mxRecordsOmittedDomains"] = omitted
     return out
+
+
+def _reconciled(obs: RelayObservation) -> Condition:
+    kind, why = ConditionType.RECONCILED, ReconciledReason
+    if obs.recreating:
+        return Condition(kind, False, why.STATEFULSET_RECREATING, obs.recreating)
+    if not obs.applied:
+        return Condition(kind, False, why.APPLY_FAILED, obs.apply_error)
+    if obs.recreated:
+        return Condition(kind, True, why.STATEFULSET_RECREATED, obs.recreated)
+    return Condition(kind, True, why.APPLIED, "all children are up to date")
+
+
+def _ready(want: int, ready: int) -> Condition:
+    kind, why = ConditionType.READY, ReadyReason
+    if want == 0:
+        return Condition(kind, True, why.SCALED_TO_ZERO, "spec.replicas is 0")
+    if ready >= want:
+        return Condition(kind, True, why.ALL_REPLICAS_READY, f"{want}/{want} pods ready")
+    return Condition(kind, False, why.REPLICAS_NOT_READY, f"{ready}/{want} pods ready")
+
+
+def _tls(tls: dict[str, Any], cert_manager_missing: bool) -> Condition | None:
+    kind, why = ConditionType.TLS, TLSReason
+    if tls.get("issuerRef"):
+        if cert_manager_missing:
+            return Condition(
+                kind,
+                False,
+                why.CERT_MANAGER_MISSING,
+                "cert-manager's Certificate CRD is not installed: running without STARTTLS",
+            )
+        return Condition(kind, True, why.CERTIFICATE_REQUESTED, "Certificate applied")
+    if tls.get("secretName"):
+        return Condition(kind, True, why.SECRET_PROVIDED, f"Secret {tls['secretName']}")
+    return None

@@ -1,12 +1,19 @@
 """Golden-file tests of the pure builders: MailRelay in, child objects out.
 
-UPDATE_GOLDEN=1 pytest tests/operator rewrites the files under golden/;
-review the diff before committing it.
+The golden files show ConfigMap data as what it is: JSON files as nested
+YAML, gzip recipient shards as their lines (with a digest of the exact
+bytes), other multi-line text as YAML block scalars. A golden file that is
+missing or differs fails the test; UPDATE_GOLDEN=1 pytest tests/operator
+writes them under golden/ (review the diff before committing it).
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import gzip
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,19 +32,63 @@ from relay.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
 IMAGE = "registry.test/mailrelay:test"
+UPDATE_ENV = "UPDATE_GOLDEN"
 
 
-class _NoAliases(yaml.SafeDumper):
+class _GoldenDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
+def _text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_GoldenDumper.add_representer(str, _text)
+
+
+def _readable_json(text: str) -> Any:
+    """A JSON file as data, when writing that data out again gives the same text."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    return doc if json.dumps(doc, indent=2, sort_keys=True) + "\n" == text else text
+
+
+def _readable_gzip(b64: str) -> Any:
+    raw = base64.b64decode(b64)
+    return {
+        "gunzipped": gzip.decompress(raw).decode(),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def readable(child: dict[str, Any]) -> dict[str, Any]:
+    """A child as its golden file shows it (nothing left out, nothing escaped)."""
+    if child["kind"] != "ConfigMap":
+        return child
+    child = copy.deepcopy(child)
+    data, binary = child.get("data") or {}, child.get("binaryData") or {}
+    for name, text in data.items():
+        if name.endswith(".json"):
+            data[name] = _readable_json(text)
+    for name, b64 in binary.items():
+        if name.endswith(".gz"):
+            binary[name] = _readable_gzip(b64)
+    return child
+
+
 def check_golden(name: str, docs: list[dict[str, Any]]) -> None:
-    text = yaml.dump_all(docs, Dumper=_NoAliases, sort_keys=True, default_flow_style=False)
+    text = yaml.dump_all(
+        [readable(d) for d in docs], Dumper=_GoldenDumper, sort_keys=True, width=100
+    )
     path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1" or not path.exists():
+    if os.environ.get(UPDATE_ENV) == "1":
         path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 and review"
+    assert path.exists(), f"{path} is missing; write it with {UPDATE_ENV}=1 and review it"
+    assert text == path.read_text(), f"{path} differs; rerun with {UPDATE_ENV}=1 and review"
 
 
 def with_identity(relay: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailrelay_operator.reconciler import _merge_listing
+from mailrelay_operator.inputs import merge_listing
 
 
 def obj(name: str, version: int, ns: str = "mail") -> dict[str, Any]:
@@ -22,7 +22,7 @@ def test_listing_keeps_newer_events_and_drops_missed_deletions() -> None:
         ("mail", "newer"): obj("newer", 100),
         ("mail", "stale"): obj("stale", 95),
     }
-    _merge_listing(cache, fresh, "110", "mail")
+    merge_listing(cache, fresh, "110", "mail")
     assert cache[("mail", "newer")]["metadata"]["resourceVersion"] == "120"
     assert ("mail", "gone") not in cache
     assert ("mail", "born") in cache
@@ -32,5 +32,5 @@ def test_listing_keeps_newer_events_and_drops_missed_deletions() -> None:
 
 def test_listing_across_all_namespaces() -> None:
     cache = {("a", "x"): obj("x", 5, "a")}
-    _merge_listing(cache, {}, "10", None)
+    merge_listing(cache, {}, "10", None)
     assert cache == {}

@@ -4,11 +4,12 @@ from a table: when the StatefulSet may shrink, what the status says."""
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 from mailrelay_operator.cluster import trim
 from mailrelay_operator.pods import PodAddress, PodError
-from mailrelay_operator.scaledown import DrainMemory, ScaleDown
+from mailrelay_operator.scaledown import DrainMemory, PodReport, ScaleDown, decide
 
 from mailrelay_api.schema import API_VERSION
 
@@ -132,3 +133,23 @@ async def test_called_off_when_replicas_go_back_up() -> None:
     assert sorted(pods.calls) == [(1, None), (2, None)]  # both take mail again
     assert mem.condition is not None and mem.condition.reason == "Cancelled"
     assert not mem.active and not mem.asked
+
+
+def test_the_decision_is_pure() -> None:
+    waiting = [PodReport("edge-1", state(3)), PodReport("edge-2", None, "refused")]
+    d = decide(relay(), 3, 1, waiting, now=0.0)
+    assert (d.replicas, d.poll, d.finished) == (3, True, False)
+    assert d.condition.message == (
+        "3 -> 1 replicas; handing over to edge-0: "
+        "edge-1: 3 messages waiting (3 deferred); edge-2: unreachable (refused)"
+    )
+    drained = [PodReport("edge-1", state(0)), PodReport("edge-2", state(0))]
+    d = decide(relay(), 3, 0, drained, now=0.0)
+    assert (d.replicas, d.poll, d.finished) == (0, False, True)
+    assert d.condition.reason == "Drained"
+    long_ago = started_long_ago(relay(onTimeout="Proceed"))
+    d = decide(long_ago, 2, 1, [PodReport("edge-1", state(0, settled=False))], time.time())
+    assert (d.replicas, d.finished, d.condition.reason) == (1, True, "DrainTimedOut")
+    assert d.condition.message.endswith(
+        "left on their retained volumes: edge-1: queue empty (settling)"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailrelay_operator.reconciler import _merge_listing, _store
+from mailrelay_operator.inputs import merge_listing, store
 
 
 def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> dict[str, Any]:
@@ -19,10 +19,10 @@ def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> 
 def test_a_status_event_keeps_the_spec_objects() -> None:
     cache: dict[Any, dict[str, Any]] = {}
     first = rl(1, ["a@x.example"])
-    _store(cache, first, deleted=False)
+    store(cache, first, deleted=False)
     again = rl(1, ["a@x.example"])
     again["status"] = {"conditions": [{"type": "Accepted"}]}
-    _store(cache, again, deleted=False)
+    store(cache, again, deleted=False)
     held = cache[("mail", "staff")]
     assert held["status"] == again["status"]
     assert held["spec"] is first["spec"]
@@ -30,17 +30,17 @@ def test_a_status_event_keeps_the_spec_objects() -> None:
 
 def test_a_new_generation_or_object_replaces_the_spec() -> None:
     cache: dict[Any, dict[str, Any]] = {}
-    _store(cache, rl(1, ["a@x.example"]), deleted=False)
-    _store(cache, rl(2, ["b@x.example"]), deleted=False)
+    store(cache, rl(1, ["a@x.example"]), deleted=False)
+    store(cache, rl(2, ["b@x.example"]), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
-    _store(cache, rl(2, ["c@x.example"], uid="u2"), deleted=False)
+    store(cache, rl(2, ["c@x.example"], uid="u2"), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["c@x.example"]
-    _merge_listing(cache, {("mail", "staff"): rl(3, ["d@x.example"], uid="u2")}, "8", "mail")
+    merge_listing(cache, {("mail", "staff"): rl(3, ["d@x.example"], uid="u2")}, "8", "mail")
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["d@x.example"]
 
 
 def test_objects_without_identity_always_replace() -> None:
     cache: dict[Any, dict[str, Any]] = {}
-    _store(cache, rl(None, ["a@x.example"], uid=None), deleted=False)
-    _store(cache, rl(None, ["b@x.example"], uid=None), deleted=False)
+    store(cache, rl(None, ["a@x.example"], uid=None), deleted=False)
+    store(cache, rl(None, ["b@x.example"], uid=None), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]

@@ -35,11 +35,17 @@ def domain(name: str, relay: str = "edge") -> dict[str, Any]:
 
 
 def test_conditions_keep_transition_time_while_status_holds() -> None:
-    first = status.conditions([status.Condition("Ready", False, "X")], None, 1, "T1")
-    again = status.conditions([status.Condition("Ready", False, "Y", "m")], first, 2, "T2")
+    first = status.conditions(
+        [status.Condition(status.ConditionType.READY, False, "X")], None, 1, "T1"
+    )
+    again = status.conditions(
+        [status.Condition(status.ConditionType.READY, False, "Y", "m")], first, 2, "T2"
+    )
     assert again[0]["lastTransitionTime"] == "T1"
     assert again[0]["observedGeneration"] == 2
-    flipped = status.conditions([status.Condition("Ready", True, "Z")], again, 2, "T3")
+    flipped = status.conditions(
+        [status.Condition(status.ConditionType.READY, True, "Z")], again, 2, "T3"
+    )
     assert flipped[0]["lastTransitionTime"] == "T3"
 
 

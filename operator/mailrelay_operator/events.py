@@ -1,0 +1,145 @@
+"""What a watch event changes: the input cache, the work queue, and what is known of children.
+
+Contract: kopf's handlers (handlers.py) call these in the event loop's
+thread; they never wait and never call the API. A MailRelay, RelayDomain or
+RecipientList event marks for a fresh render the relay it refers to now and
+the one it referred to before, and only when its spec changed (its
+generation): our own status writes come back as events too. An event of a
+child (found by its instance label) marks the owning relay for a look
+without a render: a StatefulSet's ready replicas or a Service's address
+changed, or the child must be applied again (ChildApplier.child_event).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from mailrelay_operator import naming, status
+from mailrelay_operator.apply import ChildApplier, digest
+from mailrelay_operator.cluster import (
+    ClusterView,
+    Key,
+    domain_key_of_list,
+    key_of,
+    relay_key_of_domain,
+)
+from mailrelay_operator.inputs import InputCache, store
+from mailrelay_operator.kubeapi import KubeObject
+from mailrelay_operator.workqueue import WorkQueue
+
+log = logging.getLogger("mailrelay.operator")
+
+ObjectRef = tuple[str, Key]  # (kind, (namespace, name))
+
+
+class Replicas(NamedTuple):
+    """A relay StatefulSet's status.replicas and status.readyReplicas."""
+
+    replicas: int = 0
+    ready: int = 0
+
+
+def owner_key(body: KubeObject) -> Key | None:
+    """The relay a child belongs to, by its instance label."""
+    meta = body.get("metadata") or {}
+    instance = (meta.get("labels") or {}).get(naming.LABEL_INSTANCE)
+    if not instance:
+        return None
+    return (str(meta.get("namespace") or "default"), str(instance))
+
+
+@dataclass
+class EventRouter:
+    queue: WorkQueue
+    inputs: InputCache
+    applier: ChildApplier
+    view: Callable[[], ClusterView]
+    seen: dict[ObjectRef, tuple[str, int]] = field(default_factory=dict)  # (uid, generation)
+    refs: dict[ObjectRef, Key | None] = field(default_factory=dict)  # last relay referred
+    replicas: dict[Key, Replicas] = field(default_factory=dict)
+    service_ready: dict[tuple[str, str], bool] = field(default_factory=dict)  # (ns, Service)
+
+    def forget(self, relay: Key) -> None:
+        self.replicas.pop(relay, None)
+
+    def _changed(self, kind: str, body: KubeObject, deleted: bool) -> bool:
+        """Spec changes bump generation; our own status writes do not."""
+        ref = (kind, key_of(body))
+        if deleted:
+            self.seen.pop(ref, None)
+            return True
+        now = (str(body["metadata"].get("uid")), int(body["metadata"].get("generation") or 0))
+        if self.seen.get(ref) == now:
+            return False
+        self.seen[ref] = now
+        return True
+
+    def relay_event(self, body: KubeObject, deleted: bool) -> None:
+        if self._changed("MailRelay", body, deleted):
+            self.queue.mark(key_of(body))
+            self.queue.mark_sweep()
+
+    def domain_event(self, body: KubeObject, deleted: bool) -> None:
+        self._input_event("RelayDomain", body, relay_key_of_domain(body), deleted)
+
+    def list_event(self, body: KubeObject, deleted: bool) -> None:
+        dom = self.inputs.domains.get(domain_key_of_list(body))
+        relay = relay_key_of_domain(dom) if dom else None
+        self._input_event("RecipientList", body, relay, deleted)
+
+    def _input_event(self, kind: str, body: KubeObject, relay: Key | None, deleted: bool) -> None:
+        store(self.inputs.of_kind(kind), body, deleted)
+        if not self._changed(kind, body, deleted):
+            return
+        ref = (kind, key_of(body))
+        self.queue.mark(self.refs.get(ref))
+        self.refs[ref] = None if deleted else relay
+        self.queue.mark(relay)
+        self.queue.mark_sweep()
+
+    def namespace_event(self, name: str, labels: dict[str, str]) -> None:
+        """New labels may change which RelayDomains a relay's selector allows."""
+        ref = ("Namespace", ("", name))
+        now = (digest(labels), 0)
+        if self.seen.get(ref) == now:
+            return
+        first = ref not in self.seen
+        self.seen[ref] = now
+        if not first:
+            for relay in self.view().relays_with_selector():
+                self.queue.mark(relay)
+
+    def statefulset_event(self, body: KubeObject, deleted: bool) -> None:
+        key = owner_key(body)
+        if key is None:
+            return
+        again = self.applier.child_event(body, deleted)
+        st = body.get("status") or {}
+        now = (
+            Replicas()
+            if deleted
+            else Replicas(int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0))
+        )
+        if again or deleted or self.replicas.get(key, Replicas()) != now:
+            self.replicas[key] = now
+            self.queue.mark(key, render=False)
+
+    def service_event(self, body: KubeObject, deleted: bool) -> None:
+        key = owner_key(body)
+        if key is None:
+            return
+        again = self.applier.child_event(body, deleted)
+        service = (key[0], str(body["metadata"]["name"]))
+        ready = not deleted and status.service_has_address(body)
+        if again or deleted or self.service_ready.get(service) != ready:
+            self.service_ready[service] = ready
+            self.queue.mark(key, render=False)
+
+    def child_event(self, body: KubeObject, deleted: bool) -> None:
+        """A ConfigMap or PDB (only its metadata): deleted or changed by another writer."""
+        key = owner_key(body)
+        if key is not None and body.get("kind") and self.applier.child_event(body, deleted):
+            self.queue.mark(key, render=False)

@@ -1,0 +1,111 @@
+"""Writes statuses (merge-patch of /status), only those that differ from what is there.
+
+Contract: StatusWriter owns `written` (object uid -> digest of the status
+last written or found, lastTransitionTimes left out) and a queue of pending
+writes, the newest per object winning. `write` writes one status now (a
+MailRelay's own); `queue` hands one to `run`, a task that drains the queue
+STATUS_WRITE_CONCURRENCY writes at a time, so thousands of RelayDomain and
+RecipientList statuses never keep the next reconcile waiting. `resync`
+forgets `written`, so the next pass compares with the objects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailrelay_operator import status
+from mailrelay_operator.apply import digest
+from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, resource_path
+
+log = logging.getLogger("mailrelay.operator")
+
+STATUS_WRITE_CONCURRENCY = 16
+
+
+@dataclass
+class StatusWriter:
+    api: KubeApi
+    retry_seconds: float = 2.0
+    written: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, tuple[KubeObject, KubeObject]] = field(default_factory=dict)
+    in_flight: int = 0
+    # Binds to the running loop on first use (Python 3.10+), not when made.
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.pending or self.in_flight)
+
+    def resync(self) -> None:
+        self.written.clear()
+
+    def _unchanged(self, obj: KubeObject, new: KubeObject) -> bool:
+        """True when `new` is what was written or what the object has (then remembered)."""
+        uid = str(obj["metadata"].get("uid"))
+        want = digest(status.without_times(new))
+        if want == self.written.get(uid):
+            return True
+        if status.without_times(obj.get("status")) == status.without_times(new):
+            self.written[uid] = want
+            return True
+        return False
+
+    async def write(self, obj: KubeObject, new: KubeObject) -> None:
+        if self._unchanged(obj, new):
+            return
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        try:
+            await self.api.patch_status(path, new)
+        except KubeError as e:
+            if e.status == 404:  # deleted meanwhile
+                return
+            raise
+        self.written[str(meta.get("uid"))] = digest(status.without_times(new))
+
+    def queue(self, obj: KubeObject, new: KubeObject) -> None:
+        """Queues a status write unless it is already there; the newest one per object wins."""
+        uid = str(obj["metadata"].get("uid"))
+        if self._unchanged(obj, new):
+            self.pending.pop(uid, None)
+            return
+        self.pending[uid] = (obj, new)
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        """Drains the queue, STATUS_WRITE_CONCURRENCY writes at a time."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pending:
+                batch = list(self.pending.values())
+                self.pending.clear()
+                self.in_flight = len(batch)
+                try:
+                    await _gather_limited([self.write(o, st) for o, st in batch])
+                    log.info("statuses: %d checked; %d writes so far", len(batch), self.api.writes)
+                except Exception:
+                    log.exception("writing statuses failed; retrying")
+                    for o, st in batch:
+                        self.pending.setdefault(str(o["metadata"].get("uid")), (o, st))
+                    await asyncio.sleep(self.retry_seconds)
+                finally:
+                    self.in_flight = 0
+
+
+async def _gather_limited(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Runs them all, STATUS_WRITE_CONCURRENCY at a time; raises the first error after."""
+    sem = asyncio.Semaphore(STATUS_WRITE_CONCURRENCY)
+
+    async def one(c: Coroutine[Any, Any, None]) -> None:
+        async with sem:
+            await c
+
+    results = await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
