@@ -1,11 +1,28 @@
-"""The RCPT restriction chain and the relay decision.
+"""The restrictions of every SMTP stage, and the relay decision.
 
-Read RECIPIENT_RESTRICTIONS below to see the order; each restriction is one
-small function. Postfix semantics (smtpd_check.c): the first restriction that
-permits or rejects ends the chain; a reply marked defer_if_permit (a
-temporary DNS failure) is remembered and only returned if nothing later
-rejects. After a permit, the implicit reject_unlisted_recipient still runs
-(Postfix's smtpd_reject_unlisted_recipient=yes).
+Each stage has its table, like Postfix's smtpd_*_restrictions; read the
+tables below to see what runs where and in which order. Each restriction is
+one small function of a Check:
+
+  CONNECT      CLIENT_RESTRICTIONS     after postscreen, before the greeting
+  HELO         HELO_RESTRICTIONS       HELO and EHLO
+  MAIL         SENDER_RESTRICTIONS     after MAIL FROM and its parameters parse
+  RCPT         RECIPIENT_RESTRICTIONS  after RCPT TO parses
+  DATA         DATA_RESTRICTIONS       before the 354
+  END-OF-DATA  END_OF_DATA_RESTRICTIONS  after the final dot, before the queue commit
+
+As with Postfix's default smtpd_delay_reject=yes, the client and HELO checks
+run at RCPT (they are in RECIPIENT_RESTRICTIONS), so the CONNECT and HELO
+tables are empty here: a restriction put there runs at that stage. The
+server (relay.smtpd.server, relay.smtpd.transaction) calls one check_* per
+stage, as smtpd.c calls smtpd_check_client/helo/mail/rcpt/data/eod; the
+protocol's own errors (syntax, sequence, limits on the session) stay there.
+
+Postfix semantics (smtpd_check.c): the first restriction that permits or
+rejects ends the chain; a reply marked defer_if_permit (a temporary DNS
+failure) is remembered and only returned if nothing later rejects. After a
+permit at RCPT, the implicit reject_unlisted_recipient still runs (Postfix's
+smtpd_reject_unlisted_recipient=yes).
 
 A deliberate departure from Postfix: mynetworks clients skip the spam checks
 but may still only relay to relay domains. Postfix's default
@@ -19,14 +36,40 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from relay.config import RelayConfig
 from relay.smtpd.addresses import Address, is_fqdn, is_ip_literal, is_routed
+from relay.smtpd.content import ContentCheck
 from relay.smtpd.dnschecks import DnsChecks
-from relay.smtpd.session import Envelope, Reply, Session
-from relay.smtpd.spf import SpfChecker, SpfOutcome
+from relay.smtpd.session import Reply, Session, Transaction, client_name
+from relay.smtpd.spf import SpfChecker
+
+log = logging.getLogger("mailrelay.smtpd")
+
+
+class Stage(enum.StrEnum):
+    """The SMTP stages that have a restriction table."""
+
+    CONNECT = "CONNECT"
+    HELO = "HELO"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    END_OF_DATA = "END-OF-DATA"
+
+
+# What a rejection names, per stage (Postfix's reply_class): "<name>: <class> rejected: ...".
+_REJECTED_CLASS = {
+    Stage.CONNECT: "Client host",
+    Stage.HELO: "Helo command",
+    Stage.MAIL: "Sender address",
+    Stage.RCPT: "Recipient address",
+    Stage.DATA: "Data command",
+    Stage.END_OF_DATA: "End-of-data",
+}
 
 
 class Permit(enum.Enum):
@@ -37,36 +80,62 @@ PERMIT = Permit.PERMIT
 Verdict = Reply | Permit | None  # None: no opinion (Postfix DUNNO), go on
 
 
-@dataclass
-class Transaction:
-    """Per-message state the restrictions keep between recipients."""
-
-    envelope: Envelope
-    spf: SpfOutcome | None = None  # SPF runs once per transaction
+def _storage_unknown() -> bool:
+    return True
 
 
 @dataclass
 class Check:
-    """What one restriction looks at."""
+    """What one restriction looks at. The server keeps one per session and
+    fills in what the stage adds (the transaction at MAIL, the recipient at
+    RCPT, the content check at DATA)."""
 
     config: RelayConfig
     session: Session
-    transaction: Transaction
-    rcpt: Address
+    transaction: Transaction | None
+    rcpt: Address | None
     dns: DnsChecks
     spf: SpfChecker
-    # The restriction that decided, for logs and metrics.
+    # The restrictions that decided in the last stage run, for logs and metrics.
     reasons: list[str] = field(default_factory=list)
+    stage: Stage = Stage.RCPT
+    # Enough free space on the queue's file system for a message of the maximum size.
+    storage_ok: Callable[[], bool] = _storage_unknown
+    content: ContentCheck | None = None  # the attachment filter, fed during DATA
+
+    @property
+    def recipient(self) -> Address:
+        """The RCPT stage's address (a recipient restriction outside RCPT is a bug)."""
+        assert self.rcpt is not None, f"a recipient restriction ran at {self.stage}"
+        return self.rcpt
+
+    @property
+    def txn(self) -> Transaction:
+        assert self.transaction is not None, f"a transaction restriction ran at {self.stage}"
+        return self.transaction
+
+    def rejected(self, code: int, status: str, text: str) -> Reply:
+        """Postfix's "<name>: <class> rejected: <text>" for this stage."""
+        name, what = self._reply_name(), _REJECTED_CLASS[self.stage]
+        return Reply(code, status, f"<{name}>: {what} rejected: {text}")
+
+    def _reply_name(self) -> str:
+        stage = self.stage
+        if stage is Stage.RCPT:
+            return self.recipient.original
+        if stage is Stage.MAIL:
+            return self.txn.sender
+        if stage is Stage.HELO:
+            return self.session.helo or ""
+        if stage is Stage.CONNECT:
+            return self.session.client_ip
+        return "DATA" if stage is Stage.DATA else "END-OF-MESSAGE"
 
 
 Restriction = Callable[[Check], Awaitable[Verdict]]
 
 
-def _rcpt_reply(code: int, status: str, rcpt: Address, text: str) -> Reply:
-    return Reply(code, status, f"<{rcpt.original}>: {text}")
-
-
-# --- the restrictions, in the order they run ---------------------------------
+# --- the restrictions ----------------------------------------------------------
 
 
 async def screen_enforce(c: Check) -> Verdict:
@@ -80,40 +149,34 @@ async def screen_enforce(c: Check) -> Verdict:
 async def relay_access(c: Check) -> Verdict:
     """reject_unauth_destination: only relay domains, and no sender-specified
     routing (% ! @, quoted local parts, source routes, IP literals)."""
-    rcpt = c.rcpt
+    rcpt = c.recipient
     if is_routed(rcpt) or is_ip_literal(rcpt.domain) or c.config.domain_of(rcpt.domain_key) is None:
-        return _rcpt_reply(554, "5.7.1", rcpt, "Relay access denied")
+        return Reply(554, "5.7.1", f"<{rcpt.original}>: Relay access denied")
     return None
 
 
 async def unauth_pipelining(c: Check) -> Verdict:
+    """reject_unauth_pipelining, at whichever stage it is listed."""
     if c.config.restrictions.reject_unauth_pipelining and c.session.unauth_pipelining:
-        return _rcpt_reply(
-            503,
-            "5.5.0",
-            c.rcpt,
-            "Recipient address rejected: Improper use of SMTP command pipelining",
-        )
+        return c.rejected(503, "5.5.0", "Improper use of SMTP command pipelining")
     return None
 
 
 async def non_fqdn_recipient(c: Check) -> Verdict:
-    domain = c.rcpt.domain
+    domain = c.recipient.domain
     if (
         c.config.restrictions.reject_non_fqdn_recipient
         and not is_ip_literal(domain)
         and not is_fqdn(domain)
     ):
-        return _rcpt_reply(
-            504, "5.5.2", c.rcpt, "Recipient address rejected: need fully-qualified address"
-        )
+        return c.rejected(504, "5.5.2", "need fully-qualified address")
     return None
 
 
 async def unknown_recipient_domain(c: Check) -> Verdict:
     if not c.config.restrictions.reject_unknown_recipient_domain:
         return None
-    return await c.dns.unknown_recipient_domain(c.rcpt.text, c.rcpt.domain_key)
+    return await c.dns.unknown_recipient_domain(c.recipient.text, c.recipient.domain_key)
 
 
 async def permit_mynetworks(c: Check) -> Verdict:
@@ -145,32 +208,54 @@ async def rbl_client(c: Check) -> Verdict:
 async def unlisted_recipient(c: Check) -> Verdict:
     """reject_unlisted_recipient: `listed` domains accept only their
     RecipientList addresses (or an `@domain` wildcard entry)."""
-    domain = c.config.domain_of(c.rcpt.domain_key)
+    rcpt = c.recipient
+    domain = c.config.domain_of(rcpt.domain_key)
     if domain is None or domain.recipients == "any":
         return None
     table = c.config.recipients
-    if c.rcpt.lookup_key in table or f"@{domain.name}" in table:
+    if rcpt.lookup_key in table or f"@{domain.name}" in table:
         return None
-    return _rcpt_reply(
-        550,
-        "5.1.1",
-        c.rcpt,
-        "Recipient address rejected: User unknown in relay recipient table",
-    )
+    return c.rejected(550, "5.1.1", "User unknown in relay recipient table")
 
 
 async def spf(c: Check) -> Verdict:
     """spf-engine, once per transaction; its header is prepended once."""
     if not c.config.restrictions.spf.enabled:
         return None
-    t = c.transaction
+    t = c.txn
     if t.spf is None:
-        t.spf = await c.spf.check(c.session, t.envelope.sender, c.rcpt.text)
+        t.spf = await c.spf.check(c.session, t.sender, c.recipient.text)
         if t.spf.header:
-            t.envelope.prepend_headers.append(t.spf.header)
+            t.prepend_headers.append(t.spf.header)
     return t.spf.reply
 
 
+async def message_size(c: Check) -> Verdict:
+    """MAIL FROM SIZE= over message_size_limit (Postfix smtpd_check_size)."""
+    size = c.txn.size_hint
+    if size is not None and size > c.config.limits.message_size:
+        return Reply(552, "5.3.4", "Message size exceeds fixed limit")
+    return None
+
+
+async def storage(c: Check) -> Verdict:
+    """Less free queue space than 1.5 x message_size_limit (Postfix smtpd_check_queue)."""
+    if c.storage_ok():
+        return None
+    log.warning("NOQUEUE: reject: MAIL from %s: insufficient queue space", client_name(c.session))
+    return Reply(452, "4.3.1", "Insufficient system storage")
+
+
+async def content(c: Check) -> Verdict:
+    """The attachment filter's verdict on the message it read during DATA."""
+    return c.content.verdict() if c.content is not None else None
+
+
+# --- the tables, one per stage, in the order they run ------------------------------
+
+CLIENT_RESTRICTIONS: tuple[Restriction, ...] = ()
+HELO_RESTRICTIONS: tuple[Restriction, ...] = ()
+SENDER_RESTRICTIONS: tuple[Restriction, ...] = (message_size, storage)
 RECIPIENT_RESTRICTIONS: tuple[Restriction, ...] = (
     screen_enforce,
     relay_access,  # smtpd_relay_restrictions, before everything else
@@ -184,19 +269,58 @@ RECIPIENT_RESTRICTIONS: tuple[Restriction, ...] = (
     unlisted_recipient,
     spf,
 )
+DATA_RESTRICTIONS: tuple[Restriction, ...] = (unauth_pipelining,)
+END_OF_DATA_RESTRICTIONS: tuple[Restriction, ...] = (content,)
 
-# Runs even when an earlier restriction permitted (Postfix's implicit
-# smtpd_reject_unlisted_recipient).
+# Runs even when an earlier recipient restriction permitted (Postfix's
+# implicit smtpd_reject_unlisted_recipient).
 IMPLICIT_AFTER_PERMIT: tuple[Restriction, ...] = (unlisted_recipient,)
+
+
+# --- running a stage -------------------------------------------------------------
+# Each check_* reads its table when it runs: a table replaced at run time counts.
+
+
+async def check_client(c: Check) -> Reply | None:
+    """CONNECT: None to greet the client, or the reply to send instead."""
+    return await _run(Stage.CONNECT, CLIENT_RESTRICTIONS, c)
+
+
+async def check_helo(c: Check) -> Reply | None:
+    return await _run(Stage.HELO, HELO_RESTRICTIONS, c)
+
+
+async def check_sender(c: Check) -> Reply | None:
+    return await _run(Stage.MAIL, SENDER_RESTRICTIONS, c)
 
 
 async def check_recipient(c: Check) -> Reply | None:
     """Runs the chain for one RCPT: None to accept, or the reply to send."""
+    return await _run(Stage.RCPT, RECIPIENT_RESTRICTIONS, c, IMPLICIT_AFTER_PERMIT)
+
+
+async def check_data(c: Check) -> Reply | None:
+    return await _run(Stage.DATA, DATA_RESTRICTIONS, c)
+
+
+async def check_end_of_data(c: Check) -> Reply | None:
+    return await _run(Stage.END_OF_DATA, END_OF_DATA_RESTRICTIONS, c)
+
+
+async def _run(
+    stage: Stage,
+    table: tuple[Restriction, ...],
+    c: Check,
+    after_permit: tuple[Restriction, ...] = (),
+) -> Reply | None:
+    """One stage's chain, Postfix's way: None to go on, or the reply to send."""
+    c.stage = stage
+    c.reasons.clear()
     deferred: Reply | None = None
-    ran: set[Restriction] = set()
     permitted = False
-    for restriction in RECIPIENT_RESTRICTIONS:
-        ran.add(restriction)
+    ran = 0
+    for restriction in table:
+        ran += 1
         verdict = await restriction(c)
         if verdict is None:
             continue
@@ -210,8 +334,8 @@ async def check_recipient(c: Check) -> Reply | None:
             continue
         return verdict
     if permitted:
-        for restriction in IMPLICIT_AFTER_PERMIT:
-            if restriction in ran:
+        for restriction in after_permit:
+            if restriction in table[:ran]:
                 continue
             verdict = await restriction(c)
             if isinstance(verdict, Reply) and not verdict.defer_if_permit:

@@ -44,6 +44,7 @@ from relay import logbuffer, metrics
 from relay.config import RelayConfig
 from relay.dns import Resolver
 from relay.smtpd import dnsbl
+from relay.smtpd.aiosmtpd_adapter import wait_readable
 from relay.smtpd.session import Reply, ScreenResult, Session
 
 log = logging.getLogger("mailrelay.postscreen")
@@ -86,20 +87,6 @@ def _escape(data: bytes) -> str:
         else:
             out.append(f"\\{b:03o}")
     return "".join(out)
-
-
-def _peek_buffer(reader: asyncio.StreamReader) -> bytes:
-    # StreamReader has no public peek; the buffer is what the SMTP engine will read.
-    return bytes(reader._buffer)  # type: ignore[attr-defined]
-
-
-async def _wait_readable(reader: asyncio.StreamReader) -> bytes:
-    """Waits until the client sends something or hangs up; consumes nothing.
-
-    Returns the bytes waiting (empty at EOF)."""
-    while not reader._buffer and not reader.at_eof():  # type: ignore[attr-defined]
-        await reader._wait_for_data("postscreen")  # type: ignore[attr-defined]
-    return _peek_buffer(reader)
 
 
 class PostscreenCache:
@@ -336,7 +323,7 @@ class Postscreen:
             asyncio.gather(*zone_tasks, return_exceptions=True) if zone_tasks else None
         )
         input_task: asyncio.Task[bytes] | None = (
-            loop.create_task(_wait_readable(reader)) if pregreet_todo else None
+            loop.create_task(wait_readable(reader)) if pregreet_todo else None
         )
         score: dnsbl.Score | None = None
         allowlisted_early = False

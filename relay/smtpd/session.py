@@ -1,13 +1,22 @@
-"""What the stages of an SMTP session share: replies, the session's state, verdicts.
+"""What the stages of an SMTP session share: replies, the session's state, the
+transaction, verdicts.
 
 The stages, in order, as Postfix splits them into programs:
-  screen (postscreen)  ->  smtpd + policy (RCPT restrictions)  ->  content checks
-  ->  queue (durable spool)  ->  delivery (qmgr + smtp client)
+  screen (postscreen)  ->  smtpd (the protocol) + policy (the restrictions of
+  every SMTP stage, content checks at end of DATA)  ->  queue (durable spool)
+  ->  delivery (qmgr + smtp client)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# postscreen's verdict: pass (go on), enforce (550 to every RCPT, no DATA),
+# drop (send the reply, if any, and close).
+ScreenAction = Literal["pass", "enforce", "drop"]
+# Which test decided; "" for none.
+ScreenReason = Literal["", "access", "pregreet", "dnsbl", "hangup"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,8 @@ class Reply:
 class ScreenResult:
     """The postscreen verdict on a connection."""
 
-    action: str = "pass"  # pass | enforce | drop
-    reason: str = ""  # pregreet | dnsbl | access | ""
+    action: ScreenAction = "pass"
+    reason: ScreenReason = ""
     reply: Reply | None = None  # under enforce: the answer to every RCPT
     dnsbl_score: int = 0
     # permit in clientAccess / mynetworks, or at or below the DNSBL allowlist
@@ -71,9 +80,19 @@ class Session:
     messages: int = 0
 
 
+@dataclass(frozen=True)
+class SpfOutcome:
+    """What the SPF check says about a transaction: a reply to refuse with,
+    and the header to prepend."""
+
+    reply: Reply | None = None
+    header: str | None = None  # "Received-SPF: ..." without CRLF
+
+
 @dataclass
-class Envelope:
-    """One message transaction (MAIL FROM .. end of DATA)."""
+class Transaction:
+    """One message transaction (MAIL FROM .. end of DATA): the envelope, and
+    what the restrictions keep between its recipients."""
 
     sender: str  # "" for the null sender
     recipients: list[str] = field(default_factory=list)
@@ -82,5 +101,9 @@ class Envelope:
     rcpt_count: int = 0  # RCPTs accepted, repeats included (smtpd_recipient_limit)
     # Headers to prepend (Received-SPF, Received), in order.
     prepend_headers: list[str] = field(default_factory=list)
-    # A defer_if_permit reply waiting for the rest of the restrictions.
-    deferred: Reply | None = None
+    spf: SpfOutcome | None = None  # SPF runs once per transaction
+
+
+def client_name(session: Session) -> str:
+    """Postfix's `name[ip]` for logs and Received headers."""
+    return f"{session.reverse_name or 'unknown'}[{session.client_ip}]"

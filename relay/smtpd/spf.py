@@ -35,7 +35,7 @@ import spf as pyspf
 
 from relay.config import RelayConfig, SpfPolicy
 from relay.dns import DnsTempError, Resolver, txt_strings
-from relay.smtpd.session import Reply, Session
+from relay.smtpd.session import Reply, Session, SpfOutcome
 
 log = logging.getLogger("mailrelay.spf")
 
@@ -53,12 +53,6 @@ REJECTS: dict[str, frozenset[str]] = {
     "False": frozenset(),
     "No_Check": frozenset(),
 }
-
-
-@dataclass(frozen=True)
-class SpfOutcome:
-    reply: Reply | None = None
-    header: str | None = None  # "Received-SPF: ..." without CRLF
 
 
 # --- pyspf's DNS, answered from what we fetched --------------------------------------

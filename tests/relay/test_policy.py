@@ -9,8 +9,8 @@ import pytest
 
 from relay.config import RelayConfig
 from relay.smtpd.addresses import parse_path
-from relay.smtpd.policy import RECIPIENT_RESTRICTIONS, Check, Transaction, check_recipient
-from relay.smtpd.session import Envelope, Reply, ScreenResult, Session
+from relay.smtpd.policy import RECIPIENT_RESTRICTIONS, Check, check_recipient
+from relay.smtpd.session import Reply, ScreenResult, Session, Transaction
 from relay.smtpd.spf import SpfOutcome
 
 from .conftest import make_config
@@ -87,7 +87,7 @@ async def run(
     check = Check(
         config=config,
         session=session,
-        transaction=txn or Transaction(Envelope(sender="a@client.test")),
+        transaction=txn or Transaction(sender="a@client.test"),
         rcpt=address,
         dns=dns or FakeDns(),
         spf=spf or FakeSpf(SpfOutcome()),
@@ -155,17 +155,17 @@ async def test_defer_if_permit(config: RelayConfig) -> None:
 
 async def test_spf_runs_once_per_transaction(config: RelayConfig) -> None:
     spf = FakeSpf(SpfOutcome(header="Received-SPF: Pass (mailfrom) identity=mailfrom"))
-    txn = Transaction(Envelope(sender="a@client.test"))
+    txn = Transaction(sender="a@client.test")
     for rcpt in ("info@example.com", "joe@example.com", "x@example.org"):
         assert (await run(config, rcpt, spf=spf, txn=txn))[0] is None
     assert spf.calls == 1
-    assert txn.envelope.prepend_headers == ["Received-SPF: Pass (mailfrom) identity=mailfrom"]
+    assert txn.prepend_headers == ["Received-SPF: Pass (mailfrom) identity=mailfrom"]
 
 
 async def test_spf_fail_rejects(config: RelayConfig) -> None:
     fail = Reply(550, "5.7.23", "Message rejected due to: SPF fail")
     spf = FakeSpf(SpfOutcome(reply=fail))
-    txn = Transaction(Envelope(sender="a@client.test"))
+    txn = Transaction(sender="a@client.test")
     assert (await run(config, "info@example.com", spf=spf, txn=txn))[0] == fail
     assert (await run(config, "joe@example.com", spf=spf, txn=txn))[0] == fail
     assert spf.calls == 1
@@ -181,7 +181,7 @@ async def test_non_fqdn_recipient(tmp_path: Path) -> None:
     check = Check(
         config,
         Session("127.0.0.9"),
-        Transaction(Envelope("")),
+        Transaction(""),
         address,
         FakeDns(),
         FakeSpf(SpfOutcome()),  # type: ignore[arg-type]
