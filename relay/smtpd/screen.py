@@ -17,9 +17,12 @@ What it does, in Postfix's order (postscreen.c, postscreen_early.c):
      PASS OLD and handed off at once, without the teaser or any wait.
   3. the early tests, together: the "220-" teaser, then up to greet.wait for
      the client to speak first (PREGREET), while every DNSBL zone is queried
-     in parallel. The DNSBL score is taken when the wait ends (partial if
-     answers are late); the wait ends early when all that is left to wait for
-     is done. A client that passes everything is PASS NEW.
+     in parallel; the wait ends early when all that is left to wait for is
+     done. Split as Postfix splits psc_early_tests/psc_early_event: `_race`
+     runs the tests and only records what it saw (a pregreet drop ends it at
+     once), `_verdict` concludes: the DNSBL score (partial if answers were
+     late), the action, and what the cache remembers. A client that passes
+     everything is PASS NEW.
   4. results are cached per client IP: pregreet 1 day, DNSBL the answer's
      TTL within [60 s, 1 h]; the cache file lives on the pod's volume.
 
@@ -39,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import RelayConfig
@@ -87,6 +91,30 @@ def _escape(data: bytes) -> str:
         else:
             out.append(f"\\{b:03o}")
     return "".join(out)
+
+
+@dataclass
+class EarlyRace:
+    """What the early tests saw before the greet wait ended."""
+
+    started: float  # time.monotonic() at the start of the wait
+    pregreet: bytes | None = None  # what the client sent before its turn
+    hangup: bool = False  # the client left during the wait
+    score: dnsbl.Score | None = None  # None: DNSBL not asked
+    allowlisted_early: bool = False  # met the DNSBL allowlist threshold during the wait
+
+    @property
+    def pregreet_done(self) -> bool:
+        return self.pregreet is not None or self.allowlisted_early
+
+
+async def _cancel(*waits: asyncio.Future[Any] | None) -> None:
+    """Stops what the race still waits for, and waits until it has stopped."""
+    for waited in waits:
+        if waited is not None and not waited.done():
+            waited.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waited
 
 
 class PostscreenCache:
@@ -284,61 +312,57 @@ class Postscreen:
             metrics.SCREEN.labels(result="pass_old").inc()
             return ScreenResult(cached=True, allowlisted=cached.allowlist > now)
 
-        return await self._early_tests(
-            session, reader, writer, result, cached, pregreet_todo, dnsbl_todo
-        )
+        race = await self._race(session, reader, writer, result, pregreet_todo, dnsbl_todo)
+        return self._verdict(session, result, cached, race, pregreet_todo, dnsbl_todo)
 
-    async def _early_tests(
+    async def _race(
         self,
         session: Session,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         result: ScreenResult,
-        entry: CacheEntry,
         pregreet_todo: bool,
         dnsbl_todo: bool,
-    ) -> ScreenResult:
-        ip = session.client_ip
-        where = f"[{ip}]:{session.client_port}"
+    ) -> EarlyRace:
+        """The early tests together, as psc_early_tests starts them: the "220-"
+        teaser, the wait for a client that speaks first and every DNSBL zone,
+        until greet.wait is over or nothing is left to wait for. Decides
+        nothing but the pregreet drop, which ends the wait at once."""
+        where = f"[{session.client_ip}]:{session.client_port}"
         ps = self.config.postscreen
-        started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        deadline = started + ps.greet_wait
-        failed = result.action != "pass"  # denylisted under enforce
-        pregreet_failed = False
-
+        race = EarlyRace(started=time.monotonic())
+        deadline = race.started + ps.greet_wait
         if pregreet_todo:
             try:
                 writer.write(f"220-{self.config.hostname} ESMTP\r\n".encode())
                 await writer.drain()
             except (ConnectionError, OSError):
-                return self._hangup(where, started)
-
-        answers: dict[str, dnsbl.ZoneAnswer] = {}
-        zone_tasks: list[asyncio.Task[dnsbl.ZoneAnswer]] = []
-        if dnsbl_todo:
-            for zone in dict.fromkeys(e.zone for e in self._entries):
-                zone_tasks.append(loop.create_task(dnsbl.query_zone(self.resolver, zone, ip)))
+                race.hangup = True
+                return race
+        loop = asyncio.get_running_loop()
+        zones = dict.fromkeys(e.zone for e in self._entries) if dnsbl_todo else {}
+        zone_tasks = [
+            loop.create_task(dnsbl.query_zone(self.resolver, zone, session.client_ip))
+            for zone in zones
+        ]
         dnsbl_all: asyncio.Future[list[dnsbl.ZoneAnswer | BaseException]] | None = (
             asyncio.gather(*zone_tasks, return_exceptions=True) if zone_tasks else None
         )
-        input_task: asyncio.Task[bytes] | None = (
-            loop.create_task(wait_readable(reader)) if pregreet_todo else None
-        )
-        score: dnsbl.Score | None = None
-        allowlisted_early = False
-        pregreet_done = not pregreet_todo
-        dnsbl_done = not dnsbl_todo
+        input_task = loop.create_task(wait_readable(reader)) if pregreet_todo else None
+        # Failed already (denylisted under enforce): no DNSBL allowlisting.
+        failed = result.action != "pass"
         try:
-            while not (pregreet_done and dnsbl_done):
+            while not (race.pregreet_done or not pregreet_todo) or (
+                dnsbl_all is not None and race.score is None
+            ):
+                waiting: set[asyncio.Future[object]] = set()
+                if input_task is not None and not race.pregreet_done:
+                    waiting.add(input_task)  # type: ignore[arg-type]
+                if dnsbl_all is not None and race.score is None:
+                    waiting.add(dnsbl_all)  # type: ignore[arg-type]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                waiting: set[asyncio.Future[object]] = set()
-                if input_task is not None and not pregreet_done:
-                    waiting.add(input_task)  # type: ignore[arg-type]
-                if dnsbl_all is not None and not dnsbl_done:
-                    waiting.add(dnsbl_all)  # type: ignore[arg-type]
                 done, _ = await asyncio.wait(
                     waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -347,53 +371,60 @@ class Postscreen:
                 if input_task is not None and input_task in done:
                     data = input_task.result()
                     if not data:  # EOF: the client hung up during the wait
-                        return self._hangup(where, started)
-                    pregreet_done = pregreet_failed = True
+                        race.hangup = True
+                        return race
+                    race.pregreet = data
+                    after = time.monotonic() - race.started
                     log.info(
-                        "PREGREET %d after %.2f from %s: %s",
-                        len(data),
-                        time.monotonic() - started,
-                        where,
-                        _escape(data),
+                        "PREGREET %d after %.2f from %s: %s", len(data), after, where, _escape(data)
                     )
                     metrics.SCREEN.labels(result="pregreet").inc()
                     if ps.greet_action == "drop":
-                        metrics.REJECTED.labels(reason="postscreen_pregreet").inc()
-                        return ScreenResult(
-                            "drop",
-                            "pregreet",
-                            Reply(521, "5.5.1", "Protocol error", disconnect=True),
-                        )
-                    if ps.greet_action == "enforce":
-                        failed = True
-                        result = ScreenResult(
-                            "enforce", "pregreet", Reply(550, "5.5.1", "Protocol error")
-                        )
+                        return race
+                    failed = failed or ps.greet_action == "enforce"
                 if dnsbl_all is not None and dnsbl_all in done:
-                    dnsbl_done = True
-                    self._collect(zone_tasks, answers)
-                    score = dnsbl.score(self._entries, answers)
-                    if self._allowlist(score, failed or pregreet_failed):
+                    race.score = self._score(zone_tasks)
+                    if self._allowlist(race.score, failed or race.pregreet is not None):
                         # Postfix: the other tests count as passed, until the DNSBL TTL.
-                        pregreet_done = allowlisted_early = True
+                        race.allowlisted_early = True
         finally:
-            if input_task is not None and not input_task.done():
-                input_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await input_task
-            if dnsbl_all is not None and not dnsbl_all.done():
-                dnsbl_all.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dnsbl_all
+            await _cancel(input_task, dnsbl_all)
+        if dnsbl_todo and race.score is None:
+            # Partial: the answers that came in before the wait ended.
+            race.score = self._score(zone_tasks)
+        return race
 
-        # The timer fired (or everything is in): conclude, as psc_early_event does.
+    def _verdict(
+        self,
+        session: Session,
+        result: ScreenResult,
+        entry: CacheEntry,
+        race: EarlyRace,
+        pregreet_todo: bool,
+        dnsbl_todo: bool,
+    ) -> ScreenResult:
+        """Concludes the race, as psc_early_event does when the timer fires
+        (or everything is in): the verdict, and what the cache remembers."""
+        ip = session.client_ip
+        where = f"[{ip}]:{session.client_port}"
+        ps = self.config.postscreen
+        if race.hangup:
+            return self._hangup(where, race.started)
+        failed = result.action != "pass"  # denylisted under enforce
+        pregreet_failed = race.pregreet is not None
+        if pregreet_failed and ps.greet_action == "drop":
+            metrics.REJECTED.labels(reason="postscreen_pregreet").inc()
+            return ScreenResult(
+                "drop", "pregreet", Reply(521, "5.5.1", "Protocol error", disconnect=True)
+            )
+        if pregreet_failed and ps.greet_action == "enforce":
+            failed = True
+            result = ScreenResult("enforce", "pregreet", Reply(550, "5.5.1", "Protocol error"))
         now = self.clock()
-        if pregreet_todo and not pregreet_failed and not allowlisted_early:
+        if pregreet_todo and not pregreet_failed and not race.allowlisted_early:
             entry.pregreet = max(entry.pregreet, now + PREGREET_TTL)
-        if dnsbl_todo:
-            if score is None:  # partial: the answers that came in before the wait ended
-                self._collect(zone_tasks, answers)
-                score = dnsbl.score(self._entries, answers)
+        if dnsbl_todo and race.score is not None:
+            score = race.score
             result.dnsbl_score = score.total
             if self._allowlist(score, failed or pregreet_failed):
                 entry.allowlist = now + score.ttl
@@ -404,34 +435,16 @@ class Postscreen:
             else:
                 log.info("DNSBL rank %d for %s (%s)", score.total, where, ", ".join(score.matched))
                 metrics.SCREEN.labels(result="dnsbl").inc()
-                zone = score.name or "?"
+                listed = f"Service unavailable; client [{ip}] blocked using {score.name or '?'}"
                 if ps.dnsbl_action == "drop":
                     metrics.REJECTED.labels(reason="postscreen_dnsbl").inc()
-                    return self._remember(
-                        ip,
-                        entry,
-                        ScreenResult(
-                            "drop",
-                            "dnsbl",
-                            Reply(
-                                521,
-                                "5.7.1",
-                                f"Service unavailable; client [{ip}] blocked using {zone}",
-                                disconnect=True,
-                            ),
-                            dnsbl_score=score.total,
-                        ),
-                    )
+                    reply = Reply(521, "5.7.1", listed, disconnect=True)
+                    dropped = ScreenResult("drop", "dnsbl", reply, dnsbl_score=score.total)
+                    return self._remember(ip, entry, dropped)
                 if ps.dnsbl_action == "enforce":
                     failed = True
-                    result = ScreenResult(
-                        "enforce",
-                        "dnsbl",
-                        Reply(
-                            550, "5.7.1", f"Service unavailable; client [{ip}] blocked using {zone}"
-                        ),
-                        dnsbl_score=score.total,
-                    )
+                    reply = Reply(550, "5.7.1", listed)
+                    result = ScreenResult("enforce", "dnsbl", reply, dnsbl_score=score.total)
         if result.action == "pass" and not pregreet_failed and not failed:
             log.info("PASS NEW %s", where)
             metrics.SCREEN.labels(result="pass_new").inc()
@@ -451,16 +464,16 @@ class Postscreen:
             and score.total <= ps.dnsbl_allowlist_threshold
         )
 
-    @staticmethod
-    def _collect(
-        tasks: list[asyncio.Task[dnsbl.ZoneAnswer]], answers: dict[str, dnsbl.ZoneAnswer]
-    ) -> None:
+    def _score(self, tasks: list[asyncio.Task[dnsbl.ZoneAnswer]]) -> dnsbl.Score:
+        """The DNSBL score from the zones that have answered."""
+        answers: dict[str, dnsbl.ZoneAnswer] = {}
         for t in tasks:
             if t.done() and not t.cancelled() and t.exception() is None:
                 za = t.result()
                 answers[za.zone] = za
             elif t.done() and not t.cancelled():
                 log.warning("DNSBL lookup failed: %s", t.exception())
+        return dnsbl.score(self._entries, answers)
 
     @staticmethod
     def _hangup(where: str, started: float) -> ScreenResult:
