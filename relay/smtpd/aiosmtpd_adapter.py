@@ -16,8 +16,6 @@ library offers publicly; every such access is here, nowhere else:
     dropping plaintext input at STARTTLS (CVE-2011-0411), postscreen's peek;
   - waiting for input without consuming it (StreamReader._wait_for_data),
     postscreen's MSG_PEEK;
-  - whether the transport asked us to stop writing (FlowControlMixin._paused),
-    so drain() is awaited only when it has something to wait for;
   - after loop.start_tls, pointing the protocol, reader and writer at the TLS
     transport (_transport, _over_ssl), as aiosmtpd's own STARTTLS does.
 
@@ -75,10 +73,17 @@ class StreamProtocol(SMTP):
         asyncio.StreamReaderProtocol.connection_lost(self, error)
         self.transport = None
 
-    @property
-    def output_paused(self) -> bool:
-        """The transport's write buffer is over its high-water mark."""
-        return bool(self._paused)  # type: ignore[attr-defined]
+    # The transport's write buffer is over its high-water mark: drain() has
+    # something to wait for. Kept by asyncio's own (public) flow-control callbacks.
+    output_paused = False
+
+    def pause_writing(self) -> None:
+        self.output_paused = True
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self.output_paused = False
+        super().resume_writing()
 
     @property
     def over_tls(self) -> bool:

@@ -40,6 +40,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from relay import metrics
 from relay.config import RelayConfig
 from relay.smtpd.addresses import Address, is_fqdn, is_ip_literal, is_routed
 from relay.smtpd.content import ContentCheck
@@ -279,32 +280,33 @@ IMPLICIT_AFTER_PERMIT: tuple[Restriction, ...] = (unlisted_recipient,)
 
 # --- running a stage -------------------------------------------------------------
 # Each check_* reads its table when it runs: a table replaced at run time counts.
+# They return _run's coroutine rather than await it: one coroutine per stage run.
 
 
-async def check_client(c: Check) -> Reply | None:
+def check_client(c: Check) -> Awaitable[Reply | None]:
     """CONNECT: None to greet the client, or the reply to send instead."""
-    return await _run(Stage.CONNECT, CLIENT_RESTRICTIONS, c)
+    return _run(Stage.CONNECT, CLIENT_RESTRICTIONS, c)
 
 
-async def check_helo(c: Check) -> Reply | None:
-    return await _run(Stage.HELO, HELO_RESTRICTIONS, c)
+def check_helo(c: Check) -> Awaitable[Reply | None]:
+    return _run(Stage.HELO, HELO_RESTRICTIONS, c)
 
 
-async def check_sender(c: Check) -> Reply | None:
-    return await _run(Stage.MAIL, SENDER_RESTRICTIONS, c)
+def check_sender(c: Check) -> Awaitable[Reply | None]:
+    return _run(Stage.MAIL, SENDER_RESTRICTIONS, c)
 
 
-async def check_recipient(c: Check) -> Reply | None:
+def check_recipient(c: Check) -> Awaitable[Reply | None]:
     """Runs the chain for one RCPT: None to accept, or the reply to send."""
-    return await _run(Stage.RCPT, RECIPIENT_RESTRICTIONS, c, IMPLICIT_AFTER_PERMIT)
+    return _run(Stage.RCPT, RECIPIENT_RESTRICTIONS, c, IMPLICIT_AFTER_PERMIT)
 
 
-async def check_data(c: Check) -> Reply | None:
-    return await _run(Stage.DATA, DATA_RESTRICTIONS, c)
+def check_data(c: Check) -> Awaitable[Reply | None]:
+    return _run(Stage.DATA, DATA_RESTRICTIONS, c)
 
 
-async def check_end_of_data(c: Check) -> Reply | None:
-    return await _run(Stage.END_OF_DATA, END_OF_DATA_RESTRICTIONS, c)
+def check_end_of_data(c: Check) -> Awaitable[Reply | None]:
+    return _run(Stage.END_OF_DATA, END_OF_DATA_RESTRICTIONS, c)
 
 
 async def _run(
@@ -313,35 +315,50 @@ async def _run(
     c: Check,
     after_permit: tuple[Restriction, ...] = (),
 ) -> Reply | None:
-    """One stage's chain, Postfix's way: None to go on, or the reply to send."""
+    """One stage's chain, Postfix's way: the first permit or reject ends it; a
+    defer_if_permit reply waits for a later reject, and is the answer if none
+    comes. None to go on, or the reply to send, counted under the restriction
+    that decided. A restriction that fails is a 451, never an accept."""
     c.stage = stage
     c.reasons.clear()
-    deferred: Reply | None = None
-    permitted = False
-    ran = 0
-    for restriction in table:
-        ran += 1
-        verdict = await restriction(c)
-        if verdict is None:
-            continue
-        c.reasons.append(restriction.__name__)
-        if verdict is PERMIT:
-            permitted = True
-            break
-        assert isinstance(verdict, Reply)
-        if verdict.defer_if_permit:
-            deferred = deferred or verdict
-            continue
-        return verdict
-    if permitted:
-        for restriction in after_permit:
-            if restriction in table[:ran]:
-                continue
+    result: Reply | None = None
+    try:
+        deferred: Reply | None = None
+        permitted = False
+        ran = 0
+        for restriction in table:
+            ran += 1
             verdict = await restriction(c)
-            if isinstance(verdict, Reply) and not verdict.defer_if_permit:
-                c.reasons.append(restriction.__name__)
-                return verdict
-    return deferred
+            if verdict is None:
+                continue
+            c.reasons.append(restriction.__name__)
+            if verdict is PERMIT:
+                permitted = True
+                break
+            assert isinstance(verdict, Reply)
+            if verdict.defer_if_permit:
+                deferred = deferred or verdict
+                continue
+            result = verdict
+            break
+        if permitted:
+            for restriction in after_permit:
+                if restriction in table[:ran]:
+                    continue
+                verdict = await restriction(c)
+                if isinstance(verdict, Reply) and not verdict.defer_if_permit:
+                    c.reasons.append(restriction.__name__)
+                    result = verdict
+                    break
+        if result is None:
+            result = deferred
+    except Exception:
+        log.exception("restriction failed for %s", client_name(c.session))
+        c.reasons.append("policy_error")
+        result = Reply(451, "4.3.5", "Server configuration problem")
+    if result is not None:
+        metrics.REJECTED.labels(c.reasons[-1] if c.reasons else "policy").inc()
+    return result
 
 
 def client_access_action(config: RelayConfig, client_ip: str) -> str | None:

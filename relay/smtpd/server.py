@@ -66,9 +66,25 @@ class RelaySMTP(MailTransaction):
     # -- the session -----------------------------------------------------------
 
     async def serve(self) -> None:
+        """Admission, then the command loop (inline: one coroutine frame per wakeup)."""
+        s = self.state
         try:
-            if await self._admit():
-                await self._command_loop()
+            if not await self._admit():
+                return
+            while self.transport is not None and not self._closing:
+                if s.errors >= self.config.limits.errors_per_session:
+                    log.info("too many errors after %s from %s", self._last_command, client_name(s))
+                    await self.reply(
+                        421, "4.7.0", f"{self.hostname} Error: too many errors", disconnect=True
+                    )
+                    return
+                if self.ctx.shutting_down and self.txn is None:
+                    self.close_with(self.ctx.shutdown_reply())
+                    return
+                line = await self._read_command()
+                if line is None:
+                    continue
+                await self._dispatch(line)
         except (ConnectionError, asyncio.IncompleteReadError):
             self.close_with_nothing()
         except Exception:
@@ -78,7 +94,7 @@ class RelaySMTP(MailTransaction):
             )
             self.internal_error()
         finally:
-            log.debug("disconnect from %s", client_name(self.state))
+            log.debug("disconnect from %s", client_name(s))
 
     async def _admit(self) -> bool:
         """From accept to the greeting: PROXY, anvil, postscreen, CLIENT_RESTRICTIONS.
@@ -102,7 +118,7 @@ class RelaySMTP(MailTransaction):
         if not await self._screen():
             return False
         if policy.CLIENT_RESTRICTIONS:  # empty by default: nothing to run per connection
-            refused = await self.restrict(policy.check_client)
+            refused = await policy.check_client(self.check)
             if refused is not None:
                 # Postfix with smtpd_delay_reject=no: the reject instead of the
                 # greeting, then 503 to every command but QUIT.
@@ -133,23 +149,6 @@ class RelaySMTP(MailTransaction):
         log.info("DISCONNECT %s: %s", client_name(s), reply)
         await self.send(Reply(reply.code, reply.status, reply.text, disconnect=True))
         return False
-
-    async def _command_loop(self) -> None:
-        s = self.state
-        while self.transport is not None and not self._closing:
-            if s.errors >= self.config.limits.errors_per_session:
-                log.info("too many errors after %s from %s", self._last_command, client_name(s))
-                await self.reply(
-                    421, "4.7.0", f"{self.hostname} Error: too many errors", disconnect=True
-                )
-                return
-            if self.ctx.shutting_down and self.txn is None:
-                self.close_with(self.ctx.shutdown_reply())
-                return
-            line = await self._read_command()
-            if line is None:
-                continue
-            await self._dispatch(line)
 
     async def _read_command(self) -> bytes | None:
         self.idle = self.txn is None
@@ -260,7 +259,7 @@ class RelaySMTP(MailTransaction):
         session). A refused name is not kept."""
         s = self.state
         previous, s.helo = s.helo, name
-        refused = await self.restrict(policy.check_helo)
+        refused = await policy.check_helo(self.check)
         if refused is None:
             return False
         s.helo = previous

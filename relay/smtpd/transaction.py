@@ -18,7 +18,6 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from relay import logbuffer, metrics
@@ -89,20 +88,6 @@ class MailTransaction(SmtpConnection):
             ctx.config, self.state, None, None, ctx.dns_checks, ctx.spf, storage_ok=ctx.storage_ok
         )
 
-    async def restrict(self, stage: Callable[[Check], Awaitable[Reply | None]]) -> Reply | None:
-        """Runs one stage's restrictions (a policy.check_*): None to go on, or
-        the reply to send, counted under the restriction that decided."""
-        c = self.check
-        try:
-            verdict = await stage(c)
-        except Exception:
-            log.exception("restriction failed for %s", client_name(self.state))
-            c.reasons.append("policy_error")
-            verdict = Reply(451, "4.3.5", "Server configuration problem")
-        if verdict is not None:
-            metrics.REJECTED.labels(c.reasons[-1] if c.reasons else "policy").inc()
-        return verdict
-
     async def need_helo(self) -> bool:
         if self.state.helo is None:
             await self.reply(503, "5.5.1", "Error: send HELO/EHLO first")
@@ -134,7 +119,7 @@ class MailTransaction(SmtpConnection):
         if txn is None:
             return
         self.check.transaction = txn
-        verdict = await self.restrict(policy.check_sender)
+        verdict = await policy.check_sender(self.check)
         if verdict is not None:
             self.check.transaction = None
             await self.send(verdict)
@@ -163,18 +148,15 @@ class MailTransaction(SmtpConnection):
             return None
         return Transaction(sender=sender.text, mail_options=param_text.split(), size_hint=size)
 
-    async def _open_transaction(self) -> Transaction | None:
-        """The transaction RCPT and DATA add to, or None after the reply that
-        there is none."""
-        if await self.need_helo():
-            return None
-        if self.txn is None:
+    async def _no_transaction(self) -> None:
+        """The reply to RCPT or DATA outside a transaction."""
+        if not await self.need_helo():
             await self.reply(503, "5.5.1", "Error: need MAIL command")
-        return self.txn
 
     async def smtp_RCPT(self, arg: str) -> None:
-        txn = await self._open_transaction()
-        if txn is None:
+        txn = self.txn
+        if txn is None:  # (also without HELO: HELO, EHLO and STARTTLS end it)
+            await self._no_transaction()
             return
         if arg[:3].upper() != "TO:":
             await self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
@@ -204,7 +186,7 @@ class MailTransaction(SmtpConnection):
             await self.reply(452, "4.5.3", "Error: too many recipients")
             return
         self.check.rcpt = rcpt
-        verdict = await self.restrict(policy.check_recipient)
+        verdict = await policy.check_recipient(self.check)
         if verdict is not None:
             log.info(
                 "NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
@@ -223,8 +205,9 @@ class MailTransaction(SmtpConnection):
         await self.reply(250, "2.1.5", "Ok")
 
     async def smtp_DATA(self, arg: str) -> None:
-        txn = await self._open_transaction()
-        if txn is None:
+        txn = self.txn
+        if txn is None:  # (also without HELO: HELO, EHLO and STARTTLS end it)
+            await self._no_transaction()
             return
         if self.state.screen.action == "enforce":
             # postscreen enforce: the client never gets to send a message.
@@ -236,7 +219,7 @@ class MailTransaction(SmtpConnection):
         if arg:
             await self.reply(501, "5.5.4", "Syntax: DATA")
             return
-        verdict = await self.restrict(policy.check_data)
+        verdict = await policy.check_data(self.check)
         if verdict is not None:
             await self.send(verdict)
             return
@@ -350,7 +333,7 @@ class MailTransaction(SmtpConnection):
             incoming.abort()
             await self._queue_error(write_failed)
             return
-        verdict = await self.restrict(policy.check_end_of_data)
+        verdict = await policy.check_end_of_data(self.check)
         if verdict is not None:
             incoming.abort()
             log.info(

@@ -61,6 +61,9 @@ def test_every_protocol_callback_of_aiosmtpd_is_overridden() -> None:
     assert defined_by_aiosmtpd == {"connection_made", "connection_lost", "eof_received"}
     for name in defined_by_aiosmtpd:
         assert getattr(RelaySMTP, name) is not getattr(SMTP, name), name
+    # The flow-control callbacks StreamProtocol extends are asyncio's.
+    for name in ("pause_writing", "resume_writing"):
+        assert name not in vars(SMTP), name
 
 
 async def test_stream_reader_internals() -> None:
