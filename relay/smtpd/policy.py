@@ -45,7 +45,14 @@ from relay.config import RelayConfig
 from relay.smtpd.addresses import Address, is_fqdn, is_ip_literal, is_routed
 from relay.smtpd.content import ContentCheck
 from relay.smtpd.dnschecks import DnsChecks
-from relay.smtpd.session import Reply, Session, Transaction, client_name
+from relay.smtpd.session import (
+    AccessAction,
+    Reply,
+    Session,
+    Transaction,
+    access_action,
+    client_name,
+)
 from relay.smtpd.spf import SpfChecker
 
 log = logging.getLogger("mailrelay.smtpd")
@@ -361,8 +368,8 @@ async def _run(
     return result
 
 
-def client_access_action(config: RelayConfig, client_ip: str) -> str | None:
-    """'permit', 'reject' or None, from the first clientAccess CIDR that matches."""
+def client_access_action(config: RelayConfig, client_ip: str) -> AccessAction | None:
+    """The first clientAccess CIDR that matches decides; None when none does."""
     if not config.client_access:
         return None
     try:
@@ -371,7 +378,7 @@ def client_access_action(config: RelayConfig, client_ip: str) -> str | None:
         return None
     for entry in config.client_access:
         if ip.version == entry.network.version and ip in entry.network:
-            return entry.action
+            return access_action(entry.action)
     return None
 
 

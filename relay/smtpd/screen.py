@@ -49,7 +49,7 @@ from relay.config import RelayConfig
 from relay.dns import Resolver
 from relay.smtpd import dnsbl
 from relay.smtpd.aiosmtpd_adapter import wait_readable
-from relay.smtpd.session import Reply, ScreenResult, Session
+from relay.smtpd.session import AccessAction, Reply, ScreenResult, Session, access_action
 
 log = logging.getLogger("mailrelay.postscreen")
 
@@ -257,8 +257,8 @@ class Postscreen:
         await self.cache.flush()
 
     # --- the access list ---------------------------------------------------------
-    def access(self, ip: str) -> str | None:
-        """permit | reject | None (no match): permit_mynetworks, then clientAccess."""
+    def access(self, ip: str) -> AccessAction | None:
+        """None when nothing matches: permit_mynetworks, then clientAccess."""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -269,7 +269,7 @@ class Postscreen:
             return "permit"
         for entry in self.config.client_access:
             if addr in entry.network:
-                return entry.action
+                return access_action(entry.action)
         return None
 
     # --- the screen ----------------------------------------------------------------

@@ -17,6 +17,13 @@ from typing import Literal
 ScreenAction = Literal["pass", "enforce", "drop"]
 # Which test decided; "" for none.
 ScreenReason = Literal["", "access", "pregreet", "dnsbl", "hangup"]
+# What the access list (mynetworks, clientAccess CIDRs) says of a client.
+AccessAction = Literal["permit", "reject"]
+
+
+def access_action(action: str) -> AccessAction:
+    """A clientAccess entry's action (the schema allows these two only)."""
+    return "permit" if action == "permit" else "reject"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import spf as pyspf
 
@@ -169,8 +169,13 @@ def _in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return any(addr.version == n.version and addr in n for n in networks)
 
 
-def _action(policy_value: str, result: str, policy: SpfPolicy) -> str:
-    """reject | defer | prepend for one identity's result (spf-engine _get_resultcodes)."""
+# What to do with one identity's result (spf-engine): refuse, defer
+# (defer_if_permit), or only prepend the Received-SPF header; dunno: nothing.
+SpfAction = Literal["reject", "defer", "prepend", "dunno"]
+
+
+def _action(policy_value: str, result: str, policy: SpfPolicy) -> SpfAction:
+    """One identity's action (spf-engine _get_resultcodes)."""
     if policy_value == "False":
         return "prepend"
     if result in REJECTS.get(policy_value, frozenset()):
@@ -209,7 +214,7 @@ class SpfChecker:
         header_sender = sender or "<>"
         header = ""
         helo_result = "None"
-        helo_action = "prepend"
+        helo_action: SpfAction = "prepend"
 
         if policy.helo_reject != "No_Check":
             result, explanation = await evaluate(self.resolver, ip, "postmaster@" + helo, helo)
@@ -254,7 +259,7 @@ class SpfChecker:
 
     @staticmethod
     def _refuse(
-        action: str,
+        action: SpfAction,
         result: str,
         explanation: str,
         scope: str,
