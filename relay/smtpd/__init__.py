@@ -8,6 +8,6 @@ the restrictions at each stage, content checks at end of DATA.
   aiosmtpd_adapter  every private aiosmtpd/asyncio access, and why
   policy       the restriction table of each stage (CONNECT .. END-OF-DATA)
   session      Session, Transaction, Reply, ScreenResult: what the stages share
-  proxy, anvil, screen (postscreen), dnsbl, dnschecks, spf, content,
+  proxy, anvil (+ anvil_shared), screen (postscreen), dnsbl, dnschecks, spf, content,
   addresses, smtpdata  the parts the stages use
 """
