@@ -77,6 +77,23 @@ def parse_mail_size(params: dict[str, str]) -> int | Reply | None:
     return size
 
 
+def parse_mail(arg: str, *, esmtp: bool) -> Transaction | Reply:
+    """MAIL FROM's argument as a new transaction, or the reply to its syntax error."""
+    if arg[:5].upper() != "FROM:":
+        return Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+    try:
+        sender, param_text = parse_path(arg[5:])
+    except AddressError:
+        return Reply(501, "5.1.7", "Bad sender address syntax")
+    params = parse_esmtp_params(param_text)
+    if params is None or (params and not esmtp):
+        return Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+    size = parse_mail_size(params) if params else None
+    if isinstance(size, Reply):
+        return size
+    return Transaction(sender=sender.text, mail_options=param_text.split(), size_hint=size)
+
+
 class MailTransaction(SmtpConnection):
     """The transaction commands of a session (RelaySMTP adds the rest)."""
 
@@ -96,8 +113,8 @@ class MailTransaction(SmtpConnection):
 
     def end_transaction(self) -> None:
         self.txn = None
-        self.check.transaction = None
-        self.check.content = None
+        c = self.check
+        c.transaction = c.rcpt = c.content = None
 
     async def smtp_MAIL(self, arg: str) -> None:
         if await self.need_helo():
@@ -115,8 +132,9 @@ class MailTransaction(SmtpConnection):
         if refused is not None:
             await self.send(refused)
             return
-        txn = await self._parse_mail(arg)
-        if txn is None:
+        txn = parse_mail(arg, esmtp=self.state.esmtp)
+        if isinstance(txn, Reply):
+            await self.send(txn)
             return
         self.check.transaction = txn
         verdict = await policy.check_sender(self.check)
@@ -126,27 +144,6 @@ class MailTransaction(SmtpConnection):
             return
         self.txn = txn
         await self.reply(250, "2.1.0", "Ok")
-
-    async def _parse_mail(self, arg: str) -> Transaction | None:
-        """MAIL FROM's argument as a new transaction, or None after the reply
-        to a syntax error."""
-        if arg[:5].upper() != "FROM:":
-            await self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-            return None
-        try:
-            sender, param_text = parse_path(arg[5:])
-        except AddressError:
-            await self.reply(501, "5.1.7", "Bad sender address syntax")
-            return None
-        params = parse_esmtp_params(param_text)
-        if params is None or (params and not self.state.esmtp):
-            await self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-            return None
-        size = parse_mail_size(params) if params else None
-        if isinstance(size, Reply):
-            await self.send(size)
-            return None
-        return Transaction(sender=sender.text, mail_options=param_text.split(), size_hint=size)
 
     async def _no_transaction(self) -> None:
         """The reply to RCPT or DATA outside a transaction."""
