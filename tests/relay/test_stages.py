@@ -4,15 +4,18 @@ of a real session."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mrtest.peers import RawClient
 from mrtest.relayproc import next_loopback
 
 from relay.smtpd import policy
+from relay.smtpd.addresses import parse_path
 from relay.smtpd.policy import Check, Stage, Verdict
-from relay.smtpd.session import Reply
+from relay.smtpd.session import Reply, Session, Transaction
 
-from .conftest import Harness, ServerFactory
+from .conftest import Harness, ServerFactory, make_config
 
 
 def names(table: tuple[policy.Restriction, ...]) -> list[str]:
@@ -169,3 +172,23 @@ async def test_unauth_pipelining_names_the_stage(
             "503 5.5.0 <a@client.test>: Sender address rejected:"
             " Improper use of SMTP command pipelining"
         )
+
+
+def test_a_rejection_names_what_its_stage_looks_at(tmp_path: Path) -> None:
+    """Postfix's "<name>: <class> rejected: ..." (smtpd_check.c reply_name/reply_class)."""
+    session = Session("127.0.0.9", helo="client.test")
+    txn = Transaction("a@client.test")
+    c = Check(make_config(tmp_path), session, txn, None, None, None)  # type: ignore[arg-type]
+    c.rcpt, _ = parse_path("<Info@Example.com>")
+    expected = {
+        Stage.CONNECT: "<127.0.0.9>: Client host rejected: x",
+        Stage.HELO: "<client.test>: Helo command rejected: x",
+        Stage.MAIL: "<a@client.test>: Sender address rejected: x",
+        Stage.RCPT: "<Info@Example.com>: Recipient address rejected: x",
+        Stage.DATA: "<DATA>: Data command rejected: x",
+        Stage.END_OF_DATA: "<END-OF-MESSAGE>: End-of-data rejected: x",
+    }
+    assert set(expected) == set(Stage)
+    for stage, text in expected.items():
+        c.stage = stage
+        assert c.rejected(550, "5.7.1", "x") == Reply(550, "5.7.1", text)
