@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 
 from relay import logbuffer, metrics
-from relay.queue.store import IncomingMessage
+from relay.queue.incoming import IncomingMessage
 from relay.smtpd import content, hygiene, policy
 from relay.smtpd.addresses import AddressError, parse_esmtp_params, parse_path
 from relay.smtpd.connection import SmtpConnection

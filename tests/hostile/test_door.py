@@ -16,7 +16,7 @@ from mrtest.peers import AiosmtpdSink, RawClient
 from mrtest.relayproc import RelayProcess, next_loopback, write_manifests
 
 from relay.queue.store import INCOMING, Queue
-from relay.smtpd import server as smtpd_server
+from relay.smtpd import transaction as smtpd_transaction
 from relay.smtpd.proxy import ProxyError, parse_v1
 from relay.smtpd.screen import CacheEntry, PostscreenCache
 from relay.smtpd.server import RelaySMTP
@@ -190,7 +190,7 @@ async def test_a_failure_during_data_leaves_no_queue_file(
     def broken(*args: object) -> bytes:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(smtpd_server, "received_header", broken)
+    monkeypatch.setattr(smtpd_transaction, "received_header", broken)
     door = await relay()
     with caplog.at_level(logging.ERROR, logger="mailrelay.smtpd"):
         replies = await converse(door.address, [b"EHLO client.test\r\n", *MESSAGE])
