@@ -28,7 +28,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ]; then
+if [ -L .venv ]; then
+  # A copy sharing another checkout's .venv (the README tour test): installing
+  # here would point that venv at this copy. The owner's setup.sh installs.
+  [ -f "$stamp" ] || echo "setup: .venv is shared and was set up for another pyproject.toml" >&2
+elif [ ! -f "$stamp" ]; then
   echo "setup: installing mailrelay and its dev tools into .venv"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
