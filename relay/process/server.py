@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ from relay.process.worker import Worker
 log = logging.getLogger("mailrelay.server")
 
 WORKER_RESTART_DELAY = 1.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def setup_logging() -> None:
@@ -139,6 +141,14 @@ def run_relay(options: ProcessOptions) -> int:
     return asyncio.run(worker.run())
 
 
+def stop_with_parent(signum: int) -> None:
+    """Linux's PR_SET_PDEATHSIG: `signum` to this process when its parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+
+
 class Supervisor:
     """Forks the workers and keeps them running; synchronous on purpose (it
     forks, so it never runs an event loop itself)."""
@@ -198,12 +208,18 @@ class Supervisor:
         return 0
 
     def _fork(self, slot: int) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                # A supervisor killed outright (kill -9, OOM) takes its workers
+                # along: they stop as on SIGTERM instead of serving on, orphaned.
+                stop_with_parent(signal.SIGTERM)
+                if os.getppid() != supervisor:  # it died before the line above
+                    return
                 from relay.smtpd.anvil_shared import SharedAnvil
 
                 sockets = self.addresses.bind(reuse_port=True, listen=True)

@@ -239,8 +239,14 @@ class RelayProcess:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.update(self.env)
         log = self.log_path.open("ab")
+        # A session of its own: stop(SIGKILL) kills the whole relay, as a pod's end does.
         self.proc = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+            self.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
         )
         log.close()
         self.wait_ready(timeout)
@@ -289,11 +295,16 @@ class RelayProcess:
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
-            self.proc.send_signal(signum)
+            if signum == signal.SIGKILL:  # every process of the relay, at once
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.send_signal(signum)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         code = self.proc.returncode
         self.proc = None

@@ -5,11 +5,13 @@ next hop."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import urllib.request
 from pathlib import Path
 
 from mrtest.peers import AiosmtpdSink, PostfixSink, RawClient, smtp_source, swaks
+from mrtest.proc import tree_pids
 from mrtest.relayproc import (
     RelayProcess,
     make_certificate,
@@ -212,3 +214,26 @@ def test_workers_metrics_with_a_handover_secret(tmp_path: Path) -> None:
             wait_until(accepted, 10, "6 accepted in /metrics")
             assert "already imported" not in relay.log()
             assert relay.stop() == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the supervisor alone: its workers stop too (PR_SET_PDEATHSIG), and
+    none keeps serving the port orphaned."""
+    manifests = write_manifests(tmp_path / "m", next_hop=("127.0.0.1", 9), domains=DOMAINS)
+    relay = RelayProcess(manifests, tmp_path / "relay", workers=2).start()
+    try:
+        assert relay.proc is not None
+        workers = [pid for pid in tree_pids(relay.proc.pid) if pid != relay.proc.pid]
+        assert len(workers) == 2
+        os.kill(relay.proc.pid, signal.SIGKILL)
+        relay.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return True
+
+        wait_until(lambda: all(gone(pid) for pid in workers), 30, "the workers to stop")
+    finally:
+        relay.stop(signal.SIGKILL)
