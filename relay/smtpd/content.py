@@ -21,9 +21,6 @@ rather than half-checked.
 from __future__ import annotations
 
 import asyncio
-import email.errors
-import email.header
-import email.utils
 import logging
 import re
 import unicodedata
@@ -33,6 +30,7 @@ from email.message import Message
 from pathlib import Path
 
 from relay.config import RelayConfig
+from relay.smtpd import mimeparams
 from relay.smtpd.session import Reply
 
 log = logging.getLogger("mailrelay.content")
@@ -43,8 +41,12 @@ MAX_LINE = 64 * 1024  # longest line kept; also the cap on a part's name-bearing
 # Header lines are read one by one (the rest of a body is skipped by regex):
 # capped per message so that scanning stays cheap whatever is sent.
 MAX_HEADER_LINES = 20_000
-NAME_PARAMS = ("filename", "name")
-_CONTINUATION = re.compile(r"^(filename|name)\*(\d+)?\*?$", re.IGNORECASE)
+# Distinct boundaries per message: each is an alternative of the delimiter
+# regex, compiled again when one is added.
+MAX_BOUNDARIES = 100
+# Longer boundaries are cut, as Postfix does (mime_boundary_length_limit):
+# delimiters match by prefix, so a cut one still matches its lines.
+MAX_BOUNDARY_LENGTH = 2048
 # Chunks bigger than this are scanned off the event loop, at most
 # SCAN_THREADS at a time per process.
 INLINE_SCAN_BYTES = 64 * 1024
@@ -52,127 +54,10 @@ SCAN_THREADS = 2
 READ_CHUNK = 256 * 1024
 
 
-def _decode_words(text: str) -> str:
-    """RFC 2047 encoded words anywhere in text (also inside quotes, which RFC 2047
-    forbids but mail clients decode anyway)."""
-    if "=?" not in text:
-        return text
-    try:
-        parts = email.header.decode_header(text)
-    except (ValueError, LookupError, email.errors.HeaderParseError):
-        return text
-    out = []
-    for chunk, charset in parts:
-        if isinstance(chunk, bytes):
-            try:
-                out.append(chunk.decode(charset or "ascii", "replace"))
-            except LookupError:
-                out.append(chunk.decode("latin-1"))
-        else:
-            out.append(chunk)
-    return "".join(out)
-
-
-def _rfc2231_join(params: list[tuple[str, str]]) -> dict[str, str]:
-    """filename*0*=utf-8''a%2E; filename*1=exe  ->  {'filename': 'a.exe'} (by hand,
-    so that a part the library would skip is still seen)."""
-    pieces: dict[str, list[tuple[int, str, bool]]] = {}
-    for key, value in params:
-        m = _CONTINUATION.match(key.strip())
-        if not m:
-            continue
-        name = m.group(1).lower()
-        index = int(m.group(2) or 0)
-        encoded = key.strip().endswith("*")
-        pieces.setdefault(name, []).append((index, value, encoded))
-    out: dict[str, str] = {}
-    for name, items in pieces.items():
-        items.sort()
-        charset = "utf-8"
-        raw = b""
-        for i, (_index, value, encoded) in enumerate(items):
-            value = email.utils.unquote(value)
-            if encoded:
-                if i == 0 and value.count("'") >= 2:
-                    cs, _lang, value = value.split("'", 2)
-                    charset = cs or charset
-                raw += _percent_decode(value)
-            else:
-                raw += value.encode("utf-8", "surrogateescape")
-        try:
-            out[name] = raw.decode(charset, "replace")
-        except LookupError:
-            out[name] = raw.decode("latin-1")
-    return out
-
-
-def _percent_decode(value: str) -> bytes:
-    out = bytearray()
-    i = 0
-    data = value.encode("utf-8", "surrogateescape")
-    while i < len(data):
-        if data[i] == 0x25 and i + 3 <= len(data):
-            try:
-                out.append(int(data[i + 1 : i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        out.append(data[i])
-        i += 1
-    return bytes(out)
-
-
 def part_filenames(part: Message) -> set[str]:
-    """Every reading of the part's file names, decoded, before normalising."""
-    names: set[str] = set()
-    for header in ("content-disposition", "content-type"):
-        for value in part.get_all(header, []) or []:
-            params = _params(str(value))
-            for key, val in params:
-                if key.strip().lower() in NAME_PARAMS:
-                    names.add(_decode_words(email.utils.unquote(val)))
-            for joined in _rfc2231_join(params).values():
-                names.add(_decode_words(joined))
-    # The library's own reading too (its RFC 2231 handling may differ from ours).
-    for getter in (part.get_filename, lambda: part.get_param("name")):
-        try:
-            found: object = getter()
-        except Exception:  # a malformed header: our own readings above still count
-            continue
-        if isinstance(found, tuple):
-            found = email.utils.collapse_rfc2231_value(found)
-        if isinstance(found, str):
-            names.add(_decode_words(found))
-    return {n for n in names if n}
-
-
-def _params(header_value: str) -> list[tuple[str, str]]:
-    """key=value pairs of a header, split on ';' outside quotes."""
-    out: list[tuple[str, str]] = []
-    cur, quoted, escaped = "", False, False
-    items: list[str] = []
-    for c in header_value:
-        if escaped:
-            cur += c
-            escaped = False
-        elif c == "\\" and quoted:
-            cur += c
-            escaped = True
-        elif c == '"':
-            quoted = not quoted
-            cur += c
-        elif c == ";" and not quoted:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += c
-    items.append(cur)
-    for item in items[1:]:  # the first item is the value (type or disposition)
-        key, sep, value = item.partition("=")
-        if sep:
-            out.append((key.strip(), value.strip()))
-    return out
+    """Every reading of a parsed part's file names, decoded, before normalising."""
+    headers = [(k, str(v)) for k, v in part.items() if k.strip().lower() in _NAME_HEADER_NAMES]
+    return mimeparams.file_names(headers)
 
 
 def normalise(name: str) -> str:
@@ -194,17 +79,20 @@ class LimitExceeded(Exception):
     pass
 
 
-_HEADER_LINE = re.compile(rb"^(From |[\041-\071\073-\176]*:|[\t ])")
-_NAME_HEADERS = frozenset({b"content-type", b"content-disposition"})
+# A header line, as the stdlib reads one ("From ", a label and a colon, a
+# continuation) or as Postfix's is_header() does: white space may come
+# between the label and the colon (RFC 822's obsolete syntax; clients
+# still read `Content-Type : ...`).
+_HEADER_LINE = re.compile(rb"^(From |[\041-\071\073-\176]*[\t ]*:|[\t ])")
+_NAME_HEADER_NAMES = frozenset({"content-type", "content-disposition"})
 _HEADERS, _BODY, _DONE = "headers", "body", "done"
 _NO_DELIMITER = re.compile(rb"(?!)")  # matches nothing
 
 
 @dataclass
 class _Multipart:
-    """An open multipart entity: its delimiter line and where it sits."""
+    """A multipart entity seen so far, by one of its boundaries."""
 
-    delimiter: bytes  # b"--" + boundary
     depth: int
     digest: bool  # multipart/digest: parts default to message/rfc822
 
@@ -214,13 +102,20 @@ class AttachmentScanner:
     arrives, then finish() says which name (if any) is rejected.
 
     The stdlib parser would keep every part in memory. This keeps only what
-    decides: the open multipart delimiters, the Content-Type and
-    Content-Disposition lines of the part whose header is being read, and
-    one line at most MAX_LINE long. Body lines are skipped with bytes.find
-    for the next line starting with "--". The structure it follows is the
-    stdlib feedparser's (first Content-Type wins, any enclosing delimiter
-    ends inner parts, message/* holds a message, multipart/digest parts are
-    messages), and every header is read by part_filenames(), as before.
+    decides: the boundaries declared so far, the name-bearing header lines of
+    the part whose header is being read, and one line at most MAX_LINE long.
+    Body lines are skipped by one regex search for the next delimiter line.
+
+    Where readers disagree about the structure, this takes the union, so
+    that every header section any of them reads is read here:
+    - every reading of a Content-Type (mimeparams) counts: a part is
+      multipart, or holds a message, if any reading says so;
+    - a delimiter is a line starting with "--" and any boundary seen so far,
+      as Postfix matches them (a prefix: `--Bx` delimits boundary `B`), which
+      includes the stdlib's exact match; a close delimiter closes nothing:
+      later delimiter lines of that boundary still start parts (a reader
+      that disagrees about what closed where still sees them);
+    - a header line is one for the stdlib or for Postfix.
     """
 
     def __init__(self, extensions: frozenset[str]) -> None:
@@ -229,16 +124,17 @@ class AttachmentScanner:
         self._buf = bytearray()
         self._state = _HEADERS
         self._skip_line = False  # inside a line too long to matter: drop to its end
-        self._open: list[_Multipart] = []
+        self._boundaries: dict[bytes, _Multipart] = {}
+        self._delimiters_dirty = False
         self._delimiter_re = self._next_delimiter_re = _NO_DELIMITER
+        self._longest = 0  # of a delimiter line's start that tells whose it is
         self._header_line_count = 0
         self._parts = 0
         self._depth = 0
         self._default_type = "text/plain"
         self._status_blocks = False  # message/delivery-status: blocks of headers
         self._name_headers: list[list[bytes]] = []  # lines of each name-bearing header
-        self._header_open = False  # a header line was seen: continuations belong to it
-        self._header_lines: list[bytes] | None = None  # that header's lines, if it bears names
+        self._header_lines: list[bytes] | None = None  # the open header's lines, if it bears names
         self._header_bytes = 0
         self._begin_entity(0, "text/plain")
 
@@ -280,21 +176,10 @@ class AttachmentScanner:
                 self._skip_line = False
                 continue
             if self._state == _BODY:
-                # Only delimiter lines matter in a body: found by one regex search.
-                m = self._delimiter_re.match(buf, pos) or self._next_delimiter_re.search(buf, pos)
-                if m is not None:
-                    pos = m.end()
-                    match = self._match_delimiter(bytes(buf[m.start(1) : pos]).rstrip(b"\r\n"))
-                    if match is not None:  # always, unless one line delimits two ways
-                        self._apply_delimiter(*match)
-                    continue
-                # No whole delimiter line: keep the last line if it may become one.
-                start = max(pos, buf.rfind(b"\n", pos) + 1)
-                rest = n - start
-                if rest <= MAX_LINE and buf.startswith(b"--"[: min(rest, 2)], start):
-                    return start
-                self._skip_line = start < n  # it goes on in the next chunk
-                return n
+                pos = self._scan_body(buf, pos)
+                if self._state == _BODY:  # no whole delimiter line left in buf
+                    return pos
+                continue
             end = buf.find(b"\n", pos)
             if end < 0:
                 if n - pos > MAX_LINE:
@@ -306,73 +191,79 @@ class AttachmentScanner:
                 pos = end + 1
         return pos if self._state != _DONE else n
 
+    def _scan_body(self, buf: bytearray, pos: int) -> int:
+        """Skips body lines up to the next delimiter line: one regex search."""
+        if self._delimiters_dirty:
+            self._compile_delimiters()
+        m = self._delimiter_re.match(buf, pos) or self._next_delimiter_re.search(buf, pos)
+        if m is not None:
+            end = buf.find(b"\n", m.end())
+            if end >= 0 or len(buf) - m.start(1) > MAX_LINE:
+                self._start_part(bytes(buf[m.start(1) : m.start(1) + self._longest]))
+                if end >= 0:
+                    return end + 1
+                self._skip_line = True  # the rest of a long delimiter line
+                return len(buf)
+            return m.start(1)  # the delimiter line goes on in the next chunk
+        # No delimiter line: keep the last line if it may become one.
+        n = len(buf)
+        start = max(pos, buf.rfind(b"\n", pos) + 1)
+        rest = n - start
+        if rest <= MAX_LINE and buf.startswith(b"--"[: min(rest, 2)], start):
+            return start
+        self._skip_line = start < n  # it goes on in the next chunk
+        return n
+
     def _long_line(self, start: bytes) -> None:
-        """A line longer than MAX_LINE: never a delimiter; in a header, it must
-        not bear names (those are rejected as too big to check)."""
-        if self._state == _HEADERS:
-            if start[:1] in (b" ", b"\t"):
-                bears_names = self._header_lines is not None
-            elif _HEADER_LINE.match(start):
-                bears_names = start.partition(b":")[0].strip().lower() in _NAME_HEADERS
-                self._header_open, self._header_lines = True, None
-            else:  # the first body line: the header ends here
-                self._end_headers()
-                bears_names = False
-            if bears_names:
-                raise LimitExceeded("MIME header too long")
+        """A line longer than MAX_LINE in a header: it must not bear names
+        (those are rejected as too big to check)."""
+        if start[:1] in (b" ", b"\t"):
+            bears_names = self._header_lines is not None
+        elif _HEADER_LINE.match(start):
+            bears_names = _header_name(start) in _NAME_HEADER_NAMES
+            self._header_lines = None
+        else:  # the first body line: the header ends here
+            self._end_headers()
+            bears_names = False
+        if bears_names:
+            raise LimitExceeded("MIME header too long")
         self._skip_line = True
 
-    def _delimiters_changed(self) -> None:
-        """One regex finds the candidate delimiter lines of every open multipart."""
-        if not self._open:
-            self._delimiter_re = self._next_delimiter_re = _NO_DELIMITER
-            return
-        alternatives = sorted({m.delimiter for m in self._open}, key=len, reverse=True)
-        line = rb"(" + b"|".join(re.escape(d) for d in alternatives) + rb")(--)?[ \t]*\r?\n"
+    def _compile_delimiters(self) -> None:
+        """One regex finds the lines that start a part: "--", a boundary, and
+        not "--" right after it (that closes it)."""
+        self._delimiters_dirty = False
+        alternatives = sorted(self._boundaries, key=len, reverse=True)
+        self._longest = len(alternatives[0]) + 4  # "--", the boundary, 2 more to tell a close
+        line = rb"(--(?:" + b"|".join(re.escape(d) for d in alternatives) + rb")(?!--))"
         self._delimiter_re = re.compile(line)  # at the line start
         # A literal "\n" first lets the regex engine skip ahead fast (memchr).
         self._next_delimiter_re = re.compile(rb"\n" + line)
 
-    def _match_delimiter(self, line: bytes) -> tuple[int, bool] | None:
-        """(index of the multipart, is its close delimiter) for a delimiter line.
-
-        The outermost multipart it delimits wins, as in the stdlib parser (an
-        enclosing boundary ends the inner parts first)."""
-        text = line.rstrip(b" \t")
-        for i, multipart in enumerate(self._open):
-            if text == multipart.delimiter:
-                return i, False
-            if text == multipart.delimiter + b"--":
-                return i, True
-        return None
-
-    def _apply_delimiter(self, index: int, close: bool) -> None:
-        # An enclosing delimiter ends every part opened inside it.
-        parent = self._open[index]
-        del self._open[index if close else index + 1 :]
-        self._delimiters_changed()
-        if close:
-            self._enter_body()
-            return
+    def _start_part(self, line: bytes) -> None:
+        """A delimiter line: the next part's header section starts. It belongs
+        to every multipart whose boundary the line starts with (one, unless
+        boundaries overlap): the deepest gives its depth (Postfix tries the
+        innermost first), a digest its default type."""
+        owners = [
+            multipart
+            for boundary, multipart in self._boundaries.items()
+            if line.startswith(boundary, 2) and line[2 + len(boundary) : 4 + len(boundary)] != b"--"
+        ]
+        depth = max((m.depth for m in owners), default=self._depth)
+        digest = any(m.digest for m in owners)
         self._state = _HEADERS
-        self._begin_entity(parent.depth + 1, "message/rfc822" if parent.digest else "text/plain")
+        self._begin_entity(depth + 1, "message/rfc822" if digest else "text/plain")
 
     def _header_line(self, line: bytes) -> bool:
         """One line of a header section; False if it must be read again in the new state."""
         self._header_line_count += 1
         if self._header_line_count > MAX_HEADER_LINES:
             raise LimitExceeded(f"more than {MAX_HEADER_LINES} header lines")
-        if self._open and line.startswith(b"--"):
-            match = self._match_delimiter(line)
-            if match is not None:
-                self._end_headers()
-                if self._state != _DONE:
-                    self._apply_delimiter(*match)
-                return True
         if not _HEADER_LINE.match(line):
             if self._status_blocks:
                 # delivery-status: a blank line starts the next block of fields
-                self._header_open, self._header_lines = False, None
+                self._header_lines = None
                 if not line:
                     self._end_headers()
                     if self._state == _HEADERS:
@@ -385,12 +276,7 @@ class AttachmentScanner:
                 self._add_header_bytes(len(line))
                 self._header_lines.append(line)
             return True
-        name, colon, _ = line.partition(b":")
-        if line.startswith(b"From ") or not colon or not name:
-            self._header_open, self._header_lines = False, None  # the stdlib drops these
-            return True
-        self._header_open = True
-        if name.strip().lower() in _NAME_HEADERS:
+        if _header_name(line) in _NAME_HEADER_NAMES:
             self._add_header_bytes(len(line))
             self._header_lines = [line]
             self._name_headers.append(self._header_lines)
@@ -415,59 +301,63 @@ class AttachmentScanner:
         self._default_type = default_type
         self._status_blocks = status_block
         self._name_headers = []
-        self._header_open, self._header_lines = False, None
+        self._header_lines = None
         self._header_bytes = 0
 
     def _end_headers(self) -> None:
         """The header section of an entity is complete: check its names and
         see what its body holds."""
-        part = Message()
-        part.set_default_type(self._default_type)
-        for lines in self._name_headers:
-            text = [x.decode("ascii", "surrogateescape") for x in lines]
-            name, _, first = text[0].partition(":")
-            part.set_raw(name.strip(), first.lstrip(" \t") + "".join("\r\n" + t for t in text[1:]))
+        headers = [_unfold(lines) for lines in self._name_headers]
         self._name_headers = []
-        self._header_open, self._header_lines = False, None
-        hit = rejected_name(part_filenames(part), self.extensions) if len(part) else None
-        if hit is not None:
-            self.found = hit
-            self._state = _DONE
-            return
+        self._header_lines = None
+        if headers:
+            hit = rejected_name(mimeparams.file_names(headers), self.extensions)
+            if hit is not None:
+                self.found = hit
+                self._state = _DONE
+                return
         if self._status_blocks:
             return  # a block of delivery-status fields: the next block follows
-        content_type = part.get_content_type()
-        maintype = content_type.partition("/")[0]
-        if maintype == "multipart":
-            boundary = _boundary(part)
-            if boundary:
-                self._open.append(
-                    _Multipart(
-                        b"--" + boundary.encode("utf-8", "surrogateescape"),
-                        self._depth,
-                        content_type == "multipart/digest",
-                    )
-                )
-                self._delimiters_changed()
-            self._enter_body()
-        elif content_type == "message/delivery-status":
-            self._begin_entity(self._depth + 1, "text/plain", status_block=True)
-        elif maintype == "message":
+        values = [value for name, value in headers if name == "content-type"]
+        types = mimeparams.content_types(values) if values else {self._default_type}
+        mains = {t.partition("/")[0].strip() for t in types}
+        if "multipart" in mains:
+            digest = any(t.endswith("/digest") for t in types)
+            for boundary in mimeparams.boundaries(values):
+                encoded = boundary.encode("utf-8", "surrogateescape")
+                self._add_boundary(encoded[:MAX_BOUNDARY_LENGTH], digest)
+        if "message" in mains and types != {"message/delivery-status"}:
             self._begin_entity(self._depth + 1, "text/plain")
+        elif "message/delivery-status" in types:
+            self._begin_entity(self._depth + 1, "text/plain", status_block=True)
         else:
             self._enter_body()
 
+    def _add_boundary(self, boundary: bytes, digest: bool) -> None:
+        known = self._boundaries.get(boundary)
+        if known is not None:
+            known.digest = known.digest or digest
+            return
+        if len(self._boundaries) >= MAX_BOUNDARIES:
+            raise LimitExceeded(f"more than {MAX_BOUNDARIES} MIME boundaries")
+        self._boundaries[boundary] = _Multipart(self._depth, digest)
+        self._delimiters_dirty = True
+
     def _enter_body(self) -> None:
         self._status_blocks = False
-        # Outside every multipart, nothing more can start a part.
-        self._state = _BODY if self._open else _DONE
+        # With no boundary seen, nothing more can start a part.
+        self._state = _BODY if self._boundaries else _DONE
 
 
-def _boundary(part: Message) -> str | None:
-    try:
-        return part.get_boundary()
-    except Exception:  # a malformed parameter: no usable boundary
-        return None
+def _header_name(line: bytes) -> str:
+    return line.partition(b":")[0].strip().lower().decode("ascii", "replace")
+
+
+def _unfold(lines: list[bytes]) -> tuple[str, str]:
+    """A header's lines -> (lower-case name, value with the line breaks removed)."""
+    text = b"".join(lines).decode("utf-8", "surrogateescape")
+    name, _, value = text.partition(":")
+    return name.strip().lower(), value.strip(" \t")
 
 
 def find_rejected_attachment(data: bytes, extensions: frozenset[str]) -> str | None:
