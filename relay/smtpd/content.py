@@ -126,7 +126,7 @@ class AttachmentScanner:
         self._skip_line = False  # inside a line too long to matter: drop to its end
         self._boundaries: dict[bytes, _Multipart] = {}
         self._delimiters_dirty = False
-        self._delimiter_re = self._next_delimiter_re = _NO_DELIMITER
+        self._delimiter_re = _NO_DELIMITER
         self._longest = 0  # of a delimiter line's start that tells whose it is
         self._header_line_count = 0
         self._parts = 0
@@ -195,18 +195,28 @@ class AttachmentScanner:
         """Skips body lines up to the next delimiter line: one regex search."""
         if self._delimiters_dirty:
             self._compile_delimiters()
-        m = self._delimiter_re.match(buf, pos) or self._next_delimiter_re.search(buf, pos)
-        if m is not None:
-            end = buf.find(b"\n", m.end())
-            if end >= 0 or len(buf) - m.start(1) > MAX_LINE:
-                self._start_part(bytes(buf[m.start(1) : m.start(1) + self._longest]))
+        n = len(buf)
+        while True:
+            if buf.startswith(b"--", pos):  # the line at pos may be one
+                start = pos
+            else:
+                m = self._delimiter_re.search(buf, pos)
+                if m is None:
+                    break
+                start = m.start(1)
+            end = buf.find(b"\n", start)
+            if end < 0 and n - start <= MAX_LINE:
+                return start  # the line goes on in the next chunk
+            if self._start_part(bytes(buf[start : start + self._longest])):
                 if end >= 0:
                     return end + 1
                 self._skip_line = True  # the rest of a long delimiter line
-                return len(buf)
-            return m.start(1)  # the delimiter line goes on in the next chunk
+                return n
+            if end < 0:
+                self._skip_line = True
+                return n
+            pos = end + 1
         # No delimiter line: keep the last line if it may become one.
-        n = len(buf)
         start = max(pos, buf.rfind(b"\n", pos) + 1)
         rest = n - start
         if rest <= MAX_LINE and buf.startswith(b"--"[: min(rest, 2)], start):
@@ -236,24 +246,26 @@ class AttachmentScanner:
         alternatives = sorted(self._boundaries, key=len, reverse=True)
         self._longest = len(alternatives[0]) + 4  # "--", the boundary, 2 more to tell a close
         line = rb"(--(?:" + b"|".join(re.escape(d) for d in alternatives) + rb")(?!--))"
-        self._delimiter_re = re.compile(line)  # at the line start
         # A literal "\n" first lets the regex engine skip ahead fast (memchr).
-        self._next_delimiter_re = re.compile(rb"\n" + line)
+        self._delimiter_re = re.compile(rb"\n" + line)
 
-    def _start_part(self, line: bytes) -> None:
-        """A delimiter line: the next part's header section starts. It belongs
-        to every multipart whose boundary the line starts with (one, unless
-        boundaries overlap): the deepest gives its depth (Postfix tries the
-        innermost first), a digest its default type."""
+    def _start_part(self, line: bytes) -> bool:
+        """If line (its start) is a delimiter line, the next part's header
+        section starts. It belongs to every multipart whose boundary the line
+        starts with (one, unless boundaries overlap): the deepest gives its
+        depth (Postfix tries the innermost first), a digest its default type."""
         owners = [
             multipart
             for boundary, multipart in self._boundaries.items()
             if line.startswith(boundary, 2) and line[2 + len(boundary) : 4 + len(boundary)] != b"--"
         ]
-        depth = max((m.depth for m in owners), default=self._depth)
+        if not owners:
+            return False
+        depth = max(m.depth for m in owners)
         digest = any(m.digest for m in owners)
         self._state = _HEADERS
         self._begin_entity(depth + 1, "message/rfc822" if digest else "text/plain")
+        return True
 
     def _header_line(self, line: bytes) -> bool:
         """One line of a header section; False if it must be read again in the new state."""
@@ -324,8 +336,8 @@ class AttachmentScanner:
         if "multipart" in mains:
             digest = any(t.endswith("/digest") for t in types)
             for boundary in mimeparams.boundaries(values):
-                encoded = boundary.encode("utf-8", "surrogateescape")
-                self._add_boundary(encoded[:MAX_BOUNDARY_LENGTH], digest)
+                encoded = mimeparams.to_bytes(boundary)[:MAX_BOUNDARY_LENGTH]
+                self._add_boundary(encoded, digest)
         if "message" in mains and types != {"message/delivery-status"}:
             self._begin_entity(self._depth + 1, "text/plain")
         elif "message/delivery-status" in types:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import email.errors
 import email.header
 import email.utils
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.S)
 # as `xname`, as a header regexp would) and its value up to the next `;`.
 _NAME_IN_TEXT = re.compile(r'name[ \t]*=[ \t]*"?([^;]*)', re.I)
 _CONTINUATION = re.compile(r"^([a-z0-9_.-]+)\*(?:(\d{1,4})\*?|\*?)$", re.I)
+CACHED_VALUE_LENGTH = 200
 # A sane cap: a header is at most MAX_LINE bytes, so this only stops
 # pathological `a*9999=` sections from allocating much.
 MAX_SECTIONS = 1000
@@ -165,9 +167,19 @@ def naive_reading(value: str) -> Reading:
     return Reading(items[0].strip().lower(), tuple(params))
 
 
-def readings(value: str) -> list[Reading]:
-    """Every reading of one header value."""
-    return [*rfc_readings(value), naive_reading(value)]
+def readings(value: str) -> tuple[Reading, ...]:
+    """Every reading of one header value (common short values are cached:
+    `text/plain; charset=utf-8` is read once per process, not per part)."""
+    if len(value) > CACHED_VALUE_LENGTH:
+        return _readings(value)
+    return _cached_readings(value)
+
+
+def _readings(value: str) -> tuple[Reading, ...]:
+    return (*rfc_readings(value), naive_reading(value))
+
+
+_cached_readings = functools.lru_cache(maxsize=1024)(_readings)
 
 
 # -- decoding ---------------------------------------------------------------------
@@ -197,8 +209,17 @@ def decode_words(text: str) -> set[str]:
     return {text, *out}
 
 
+def to_bytes(text: str) -> bytes:
+    """Text read from raw bytes (surrogateescape) back to those bytes; any
+    other lone surrogate is kept rather than raising."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _percent_decode(value: str) -> bytes:
-    data = value.encode("utf-8", "surrogateescape")
+    data = to_bytes(value)
     out = bytearray()
     i = 0
     while i < len(data):
@@ -217,30 +238,42 @@ def _percent_decode(value: str) -> bytes:
 def rfc2231_values(params: Iterable[tuple[str, str]], wanted: frozenset[str]) -> set[str]:
     """`filename*0*=utf-8''a%2E; filename*1=exe` -> {"a.exe"}: the sections of
     each wanted attribute put in order and decoded (by hand, so that a
-    parameter a library would drop is still seen)."""
+    parameter a library would drop is still seen). A section given twice
+    is read both ways (first wins, last wins), and each first section
+    (`name*=`, `name*0=`) alone too."""
     sections: dict[str, list[tuple[int, str, bool]]] = {}
     for key, value in params:
         m = _CONTINUATION.match(key.strip())
         if m is None or m.group(1).lower() not in wanted:
             continue
-        sections.setdefault(m.group(1).lower(), []).append(
-            (int(m.group(2) or 0), value, key.strip().endswith("*"))
-        )
+        items = sections.setdefault(m.group(1).lower(), [])
+        if len(items) < MAX_SECTIONS:
+            items.append((int(m.group(2) or 0), value, key.strip().endswith("*")))
     out: set[str] = set()
     for items in sections.values():
-        items.sort()
-        charset = "utf-8"
-        raw = b""
-        for i, (_index, value, encoded) in enumerate(items[:MAX_SECTIONS]):
-            if encoded:
-                if i == 0 and value.count("'") >= 2:
-                    cs, _lang, value = value.split("'", 2)
-                    charset = cs or charset
-                raw += _percent_decode(value)
-            else:
-                raw += value.encode("utf-8", "surrogateescape")
-        out |= decode_bytes(raw, charset)
+        first = {index: (value, enc) for index, value, enc in reversed(items)}
+        last = {index: (value, enc) for index, value, enc in items}
+        for chosen in (first, last):
+            out |= _decode_sections([chosen[i] for i in sorted(chosen)])
+        for index, value, encoded in items:
+            if index == 0:  # a reader that takes this one as the whole value
+                out |= _decode_sections([(value, encoded)])
     return out
+
+
+def _decode_sections(sections: list[tuple[str, bool]]) -> set[str]:
+    """Joins (value, is percent-encoded) sections; the first may name a charset."""
+    charset = "utf-8"
+    raw = b""
+    for i, (value, encoded) in enumerate(sections):
+        if encoded:
+            if i == 0 and value.count("'") >= 2:
+                cs, _lang, value = value.split("'", 2)
+                charset = cs or charset
+            raw += _percent_decode(value)
+        else:
+            raw += to_bytes(value)
+    return decode_bytes(raw, charset)
 
 
 def _values(reading: Reading, wanted: frozenset[str]) -> set[str]:

@@ -1,5 +1,5 @@
-"""The streaming attachment filter: same verdicts as the stdlib parser's
-reading of the whole message, whatever the chunking, in bounded memory."""
+"""The streaming attachment filter: every rejection the stdlib parser's
+reading of the whole message makes, whatever the chunking, in bounded memory."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from relay.smtpd.content import (
     LimitExceeded,
     content_check,
     find_rejected_attachment,
+    normalise,
     part_filenames,
     rejected_name,
 )
@@ -114,10 +115,17 @@ def entity(draw: Any, depth: int = 0) -> str:
 
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(entity(), st.sampled_from([1, 2, 3, 7, 64, 10_000]))
-def test_same_verdict_as_the_stdlib_whatever_the_chunks(text: str, chunk: int) -> None:
+def test_stdlib_verdicts_kept_whatever_the_chunks(text: str, chunk: int) -> None:
     data = ("Received: from x\r\n\tby y; now\r\n" + text).encode()
     whole = find_rejected_attachment(data, EXTS)
-    assert (whole is None) == (stdlib_reading(data, EXTS) is None)
+    # What the stdlib sees, we see; we may see more (a boundary reused inside
+    # its own multipart: Postfix, and this scanner, read parts after the
+    # inner close that the stdlib puts in the epilogue), but never a name
+    # that was not written.
+    if stdlib_reading(data, EXTS) is not None:
+        assert whole is not None
+    if whole is not None:
+        assert normalise(whole) in {"a.exe", "b.scr", "setup.exe"}
     assert scan_in_chunks(data, chunk) == whole
 
 
