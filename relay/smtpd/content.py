@@ -2,20 +2,21 @@
 
 The message is scanned as it arrives, chunk by chunk (AttachmentScanner),
 in bounded memory: a 25 MB message costs no more than a 5 KB one, and the
-spooled file is never read again.
+spooled file is never read again. ContentCheck is what smtpd feeds: the
+headers we prepend first, then the client's data.
 
-Every MIME part's file names are looked at the way a mail client could
-read them, and the message is rejected if any reading ends in a rejected
-extension: Content-Disposition `filename` and Content-Type `name`, every
-occurrence, RFC 2231 continuations (`filename*0*=`) and charsets, RFC 2047
-encoded words, any case, trailing dots and spaces (Windows drops them).
-Nested multiparts and message/rfc822 parts are walked. Postfix's regex on
-raw headers misses encoded names; this does not.
+Every MIME part's file names are looked at the way any reader could read
+them (mimeparams: RFC 2045/2231/2047, a naive split, a Postfix header
+regexp, the stdlib), and the message is rejected if any reading ends in a
+rejected extension, after normalising as a desktop would (NFKC, any case,
+controls, trailing dots and spaces dropped). Where readers could disagree
+about the structure, the scanner takes the union: see AttachmentScanner.
+A name or charset that cannot be decoded never raises.
 
 Bounded work: linear in the message size (capped by the SMTP size limit);
-the scan stops at MAX_PARTS parts or MAX_DEPTH levels, and a structure past
-those limits (or a name-bearing header over MAX_LINE bytes) is rejected
-rather than half-checked.
+the scan stops at MAX_PARTS parts, MAX_DEPTH levels or MAX_BOUNDARIES
+boundaries, and a structure past those limits (or a name-bearing header
+over MAX_LINE bytes) is rejected rather than half-checked.
 """
 
 from __future__ import annotations

@@ -82,6 +82,8 @@ PART_HEADERS = {
     "rfc2231-idna": f"{CD}filename*=idna''a.EXT",
     "rfc2231-unknown-charset": f"{CD}filename*=x-unknown''a%2EEXT",
     "rfc2231-broken-utf8": f"{CD}filename*0*=utf-8''%E2%80; filename*1=.EXT",
+    "rfc2231-twice": f"{CD}filename*=utf-8''a.pdf; filename*=utf-8''a.EXT",
+    "rfc2231-section-twice": f'{CD}filename*0="a."; filename*1="pdf"; filename*1="EXT"',
     "rfc2231-no-charset": f"{CD}filename*=''a.EXT",
     "rfc2047-idna": f'{CD}filename="=?idna?q?a.EXT?="',
     "rfc2047-unknown-charset": f'{CD}filename="=?x-unknown?q?a=2EEXT?="',
@@ -142,6 +144,26 @@ NESTED = {
 }
 
 
+# Whole messages: structures the two-part template cannot write.
+REUSED_BOUNDARY = (
+    f"{TOP}{MULTI}boundary=B\r\n\r\n"
+    f"--B\r\n{MULTI}boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n--B--\r\n"
+    f"--B\r\n{ATTACHMENT}\r\n\r\n{BODY}\r\n--B--\r\n"
+)
+MESSAGES = {
+    # Postfix closes the inner multipart and reads the next part; the stdlib
+    # puts it in the epilogue.
+    "reused-boundary": REUSED_BOUNDARY,
+    # A forwarded message announced with white space before the colon.
+    "message-space-before-colon": multipart("Content-Type : message/rfc822")
+    .decode()
+    .replace(BODY, f"{MULTI}boundary=C\r\n\r\n--C\r\n{ATTACHMENT}\r\n\r\n{BODY}\r\n--C--", 1),
+    # multipart/digest parts are messages unless they say otherwise.
+    "digest-default": f"{TOP}Content-Type: multipart/digest; boundary=D\r\n\r\n"
+    f"--D\r\n\r\n{MULTI}boundary=E\r\n\r\n--E\r\n{ATTACHMENT}\r\n\r\nx\r\n--E--\r\n--D--\r\n",
+}
+
+
 def corpus() -> list[Case]:
     """Every case, with an id that says what it tries."""
     cases = [Case("part/" + k, multipart(v)) for k, v in PART_HEADERS.items()]
@@ -151,4 +173,5 @@ def corpus() -> list[Case]:
             data = data.replace(b"MIME-Version: 1.0\r\n", b"")
         cases.append(Case("structure/" + key, data))
     cases += [Case("nested/" + k, nested(v)) for k, v in NESTED.items()]
+    cases += [Case("message/" + k, v.encode()) for k, v in MESSAGES.items()]
     return cases
