@@ -233,9 +233,13 @@ class AttachmentScanner:
         elif _HEADER_LINE.match(start):
             bears_names = _header_name(start) in _NAME_HEADER_NAMES
             self._header_lines = None
-        else:  # the first body line: the header ends here
+        elif not self._status_blocks:
+            # The header ends before this line; it is read again in the new
+            # state (a long delimiter line still starts a part).
             self._end_headers()
-            bears_names = False
+            return
+        else:
+            bears_names = False  # a delivery-status block goes on
         if bears_names:
             raise LimitExceeded("MIME header too long")
         self._skip_line = True

@@ -9,7 +9,7 @@ import pytest
 from hostile.corpus import Case, corpus
 from hostile.oracle import BLOCKED, email_sees_blocked
 
-from relay.smtpd.content import AttachmentScanner, ContentCheck, find_rejected_attachment
+from relay.smtpd.content import MAX_LINE, AttachmentScanner, ContentCheck, find_rejected_attachment
 
 CASES = corpus()
 
@@ -73,3 +73,18 @@ def test_the_rejection_names_the_file_as_sent() -> None:
     reply = check.verdict()
     assert reply is not None and (reply.code, reply.status) == (550, "5.7.1")
     assert ".exe files are not accepted" in reply.text
+
+
+@pytest.mark.parametrize("blank", ["", "\r\n"])
+def test_a_long_delimiter_line_still_starts_a_part(blank: str) -> None:
+    """`--B` and white space past MAX_LINE is a delimiter for the stdlib
+    and (by prefix) for Postfix, also right after a part's header."""
+    long_delimiter = "--B" + " " * (MAX_LINE + 100)
+    data = (
+        'Subject: s\r\nContent-Type: multipart/mixed; boundary="B"\r\n\r\n'
+        f"--B\r\nContent-Type: text/plain\r\n{blank}{long_delimiter}\r\n"
+        'Content-Disposition: attachment; filename="a.exe"\r\n\r\nx\r\n--B--\r\n'
+    ).encode()
+    assert email_sees_blocked(data)
+    for chunk in (len(data), 4096, 1000):
+        assert scan(data, chunk) == "a.exe"
