@@ -109,8 +109,10 @@ class Reading:
 
 
 def rfc_readings(value: str) -> list[Reading]:
-    """The RFC reading; a parameter value of several words (`"B"x`) gives a
-    second reading, with the words joined instead of the first alone."""
+    """The RFC reading, in up to three forms where words follow a parameter's
+    `=`: the first word alone (`"B"x` -> `B`), the words up to the next
+    `attribute =`, and the words up to the next `;` (an unquoted
+    `boundary=----=_Part_1` is one value, not a value and a parameter)."""
     groups: list[list[Token]] = [[]]
     for t in tokens(value):
         if t.kind == "special" and t.text == ";":
@@ -122,16 +124,23 @@ def rfc_readings(value: str) -> list[Reading]:
     if main and len(head) >= 3 and head[1].text == "/" and head[2].kind == "atom":
         main += "/" + head[2].text.lower()
     first: list[tuple[str, str]] = []
-    joined: list[tuple[str, str]] = []
+    to_next: list[tuple[str, str]] = []
+    to_end: list[tuple[str, str]] = []
     for group in groups:
         starts = [i for i in range(len(group) - 1) if _is_attribute(group, i)]
         for n, i in enumerate(starts):
-            words = group[i + 2 : starts[n + 1] if n + 1 < len(starts) else len(group)]
-            first.append((group[i].text, words[0].text if words else ""))
-            joined.append((group[i].text, "".join(t.text for t in words)))
-    readings = [Reading(main, tuple(first))]
-    if joined != first:
-        readings.append(Reading(main, tuple(joined)))
+            rest = group[i + 2 :]
+            # Up to the next `attribute =`, unless that is right here (`=----=x`).
+            words = group[i + 2 : starts[n + 1] if n + 1 < len(starts) else len(group)] or rest
+            attribute = group[i].text
+            first.append((attribute, rest[0].text if rest else ""))
+            to_next.append((attribute, "".join(t.text for t in words)))
+            to_end.append((attribute, "".join(t.text for t in (rest if n == 0 else words))))
+    readings: list[Reading] = []
+    for params in (first, to_next, to_end):
+        reading = Reading(main, tuple(params))
+        if reading not in readings:
+            readings.append(reading)
     return readings
 
 

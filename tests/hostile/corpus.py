@@ -123,6 +123,8 @@ STRUCTURES = {
     ),
     "boundary-continued": (f"{MULTI}boundary*0=B; boundary*1=C", "BC"),
     "boundary-2231": (f"{MULTI}boundary*=us-ascii''B%43", "BC"),
+    "boundary-unquoted-equals": (f"{MULTI}boundary=----=_Part_1.2", "----=_Part_1.2"),
+    "boundary-unquoted-equals-short": (f"{MULTI}boundary=----=_Part_1.2", "----"),
     "boundary-spaces-around-equals": (f"{MULTI}boundary = B", "B"),
     "boundary-trailing-space-quoted": (f'{MULTI}boundary="B "', "B "),
     "boundary-folded": ("Content-Type: multipart/mixed;\r\n boundary=\r\n B", "B"),

@@ -88,3 +88,17 @@ def test_a_long_delimiter_line_still_starts_a_part(blank: str) -> None:
     assert email_sees_blocked(data)
     for chunk in (len(data), 4096, 1000):
         assert scan(data, chunk) == "a.exe"
+
+
+def test_an_unquoted_boundary_with_equals_is_one_boundary() -> None:
+    """`boundary=----=_Part_1` (unquoted, common) reads as that boundary and
+    as Postfix's `----`, never as an empty one that would make every `--`
+    line a delimiter: text quoting a MIME header in a body stays text."""
+    data = (
+        b"Subject: s\r\nContent-Type: multipart/mixed; boundary=----=_Part_1\r\n\r\n"
+        b"------=_Part_1\r\nContent-Type: text/plain\r\n\r\nSee below:\r\n--\r\n"
+        b"Content-Disposition: attachment; filename=quoted.exe\r\n\r\n"
+        b"------=_Part_1--\r\n"
+    )
+    assert not email_sees_blocked(data)
+    assert find_rejected_attachment(data, BLOCKED) is None
