@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from hostile.oracle import BLOCKED, blocked, email_sees_blocked
-from mrtest.edgeserver import long_test
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mrtest.edgeserver import long_test
 
 from relay.smtpd import mimeparams
 from relay.smtpd.content import AttachmentScanner, LimitExceeded, rejected_name
