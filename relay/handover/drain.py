@@ -32,11 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from relay import metrics
 from relay.handover.transfer import HandoverClient, HandoverError
-from relay.queue.format import ACTIVE, HOLD
+from relay.queue.format import ACTIVE, HOLD, Claim
 from relay.queue.store import Queue
 
 log = logging.getLogger("mailrelay.drain")
@@ -183,7 +182,7 @@ class Drainer:
                     self.queue.release_sync(claim)
         return sent
 
-    async def _send(self, order: DrainOrder, claim: Any, *, hold: bool) -> str | None:
+    async def _send(self, order: DrainOrder, claim: Claim, *, hold: bool) -> str | None:
         """Tries the peers in turn, starting with the next one; None if none took it."""
         assert self.secret is not None
         peers = order.peers

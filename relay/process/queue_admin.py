@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mailrelay_api.units import parse_duration
 from relay.process.output import emit, format_table
@@ -118,7 +118,7 @@ def _filters(args: argparse.Namespace) -> Filters:
     )
 
 
-def _ids(raw: Iterable[str], stdin: Any) -> list[str]:
+def _ids(raw: Iterable[str], stdin: TextIO) -> list[str]:
     """The ids given, with `-` replaced by the ids read from standard input."""
     out: list[str] = []
     for item in raw:
