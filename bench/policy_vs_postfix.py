@@ -639,7 +639,8 @@ def report(results: dict[str, Any]) -> str:
         f"{results['machine']}: smtp-source -> relay "
         f"-> smtp-sink, {results['messages']} x {results['size']} B, {results['sessions']} "
         f"sessions from {CLIENT_IP}, {results['rounds']} interleaved runs after warm-up, "
-        f"medians; mailrelay with {results['workers']} workers; the seed's full policy on "
+        f"medians; mailrelay with {results['workers'] or 'its default number of'} workers; "
+        "the seed's full policy on "
         "both (postscreen DNSBL x2 + greet enforce as cached passes, RCPT restrictions with "
         "PTR, RBL x2, SPF; attachment checks "
         f"{'on' if results['content_filter'] else 'off'}); "
@@ -785,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
     p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument(
