@@ -40,6 +40,7 @@ SpfReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Che
 SpfMailFromReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "False", "No_Check"]  # no Null
 TlsMode = Literal["none", "may", "encrypt", "verify"]  # Postfix smtp_tls_security_level
 RecipientsMode = Literal["listed", "any"]
+MilterDefaultAction = Literal["tempfail", "accept", "reject"]  # Postfix milter_default_action
 
 
 def values(enum: Any) -> list[str]:
@@ -73,6 +74,8 @@ IPV4_PATTERN = r"^([0-9]{1,3}\.){3}[0-9]{1,3}$"
 NAMESERVER_PATTERN = (
     r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(:[0-9]{1,5})?|[0-9A-Fa-f:]+|\[[0-9A-Fa-f:]+\]:[0-9]{1,5})$"
 )
+# A milter's socket, as Postfix writes it: inet:host:port, inet:[ipv6]:port or unix:/path.
+MILTER_ADDRESS_PATTERN = r"^(inet:([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}|unix:/[^\x00]+)$"
 # Postfix-style time: 10d, 4000s, 5m, 1h30m.
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d|w))+$"
 # A DNSBL reply filter: d.d.d.d where each d is a number or [a;b;c..d].
@@ -271,6 +274,40 @@ RBL_CLIENT = obj(
         ),
     },
     required=["zone"],
+)
+
+
+MILTER = obj(
+    "A milter (Sendmail milter protocol 6), like an entry of Postfix smtpd_milters.",
+    {
+        "name": string(
+            "Names the milter in logs and metrics.",
+            pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            max_length=63,
+        ),
+        "address": string(
+            "inet:host:port, inet:[ipv6]:port or unix:/path.",
+            pattern=MILTER_ADDRESS_PATTERN,
+            max_length=1024,
+        ),
+        "connectTimeout": string(
+            "milter_connect_timeout: connecting and negotiating. " + DURATION,
+            pattern=DURATION_PATTERN,
+            default="30s",
+        ),
+        "commandTimeout": string(
+            "milter_command_timeout: waiting for each answer. " + DURATION,
+            pattern=DURATION_PATTERN,
+            default="30s",
+        ),
+        "defaultAction": string(
+            "milter_default_action: what a milter that is down, slow or broken means "
+            "(tempfail: 451 4.7.1; accept: go on without it; reject: 550 5.7.1).",
+            enum=values(MilterDefaultAction),
+            default="tempfail",
+        ),
+    },
+    required=["name", "address"],
 )
 
 
@@ -585,6 +622,13 @@ MAILRELAY_SPEC = obj(
                     string("An extension.", pattern=r"^[A-Za-z0-9_-]{1,32}$"),
                     default=["bat", "com", "exe", "jar", "pif", "scr", "swf"],
                 ),
+                "milters": array(
+                    "Milters applied in order (Postfix smtpd_milters): events at connect, "
+                    "HELO, MAIL, RCPT, the message as it streams in, end of message.",
+                    MILTER,
+                    default=[],
+                    max_items=16,
+                ),
             },
             default={},
         ),
@@ -637,6 +681,12 @@ MAILRELAY_RULES = [
         cel="self.all(a, self.exists_one(b, b.hostname == a.hostname))",
         message="each mx hostname may appear only once",
         check=lambda o: len({str(m.get("hostname", "")).lower() for m in o}) == len(o),
+    ),
+    Rule(
+        path="spec.contentFilters.milters",
+        cel="self.all(a, self.exists_one(b, b.name == a.name))",
+        message="each milter name may appear only once",
+        check=lambda o: len({str(m.get("name", "")) for m in o}) == len(o),
     ),
     Rule(
         path="spec.proxyProtocol",

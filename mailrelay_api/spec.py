@@ -379,12 +379,35 @@ class RestrictionsSpec:
 
 
 @dataclass(frozen=True)
+class MilterSpec:
+    name: str
+    address: str  # inet:host:port | unix:/path
+    connect_timeout: str  # a duration
+    command_timeout: str  # a duration
+    default_action: S.MilterDefaultAction
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> MilterSpec:
+        return cls(
+            name=str(d["name"]),
+            address=str(d["address"]),
+            connect_timeout=str(d["connectTimeout"]),
+            command_timeout=str(d["commandTimeout"]),
+            default_action=d["defaultAction"],
+        )
+
+
+@dataclass(frozen=True)
 class ContentFiltersSpec:
     reject_attachment_extensions: tuple[str, ...]
+    milters: tuple[MilterSpec, ...]
 
     @classmethod
     def from_dict(cls, d: Doc) -> ContentFiltersSpec:
-        return cls(reject_attachment_extensions=_strings(d["rejectAttachmentExtensions"]))
+        return cls(
+            reject_attachment_extensions=_strings(d["rejectAttachmentExtensions"]),
+            milters=tuple(MilterSpec.from_dict(x) for x in d["milters"]),
+        )
 
 
 @dataclass(frozen=True)

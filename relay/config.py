@@ -22,6 +22,7 @@ from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE
 from mailrelay_api.schema import (
     ClientAction,
     DsnOnExpiry,
+    MilterDefaultAction,
     RecipientsMode,
     ScreenAction,
     SpfMailFromReject,
@@ -32,6 +33,7 @@ from mailrelay_api.spec import (
     DnsSpec,
     LimitsSpec,
     MailRelaySpec,
+    MilterSpec,
     NextHopSpec,
     PostscreenSpec,
     ProxyProtocolSpec,
@@ -218,6 +220,27 @@ class DnsPolicy:
 
 
 @dataclass(frozen=True)
+class Milter:
+    """One of contentFilters.milters (Postfix smtpd_milters), timeouts in seconds."""
+
+    name: str
+    address: str  # inet:host:port | unix:/path
+    connect_timeout: float = 30.0
+    command_timeout: float = 30.0
+    default_action: MilterDefaultAction = "tempfail"
+
+    @classmethod
+    def from_spec(cls, s: MilterSpec) -> Milter:
+        return cls(
+            name=s.name,
+            address=s.address,
+            connect_timeout=parse_duration(s.connect_timeout),
+            command_timeout=parse_duration(s.command_timeout),
+            default_action=s.default_action,
+        )
+
+
+@dataclass(frozen=True)
 class ProxyProtocol:
     enabled: bool = _SPEC.proxy_protocol.enabled
     trusted: tuple[IPNetwork, ...] = ()
@@ -244,6 +267,7 @@ class RelayConfig:
     postscreen: Postscreen = field(default_factory=Postscreen)
     restrictions: Restrictions = field(default_factory=Restrictions)
     reject_attachment_extensions: frozenset[str] = frozenset()
+    milters: tuple[Milter, ...] = ()
     dns: DnsPolicy = field(default_factory=DnsPolicy)
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
     policy: dict[str, Any] = field(default_factory=dict)  # relay.json's policy, as read
@@ -277,6 +301,7 @@ def config_from_spec(
         reject_attachment_extensions=frozenset(
             e.lower() for e in spec.content_filters.reject_attachment_extensions
         ),
+        milters=tuple(Milter.from_spec(x) for x in spec.content_filters.milters),
         dns=DnsPolicy.from_spec(spec.dns),
         proxy_protocol=ProxyProtocol.from_spec(spec.proxy_protocol),
         policy=policy if policy is not None else {},

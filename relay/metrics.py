@@ -37,3 +37,14 @@ HANDOVER = Counter(
     "Messages handed over between pods of a relay (scale-down), by direction and result.",
     ["direction", "result"],
 )  # direction: sent | received; result: ok | error | too_big
+MILTER_VERDICTS = Counter(
+    "mailrelay_milter_verdicts_total",
+    "Milter answers, per milter (smtpd_milters) and verdict.",
+    ["milter", "verdict"],
+)  # continue, accept, reject, tempfail, discard, reply, skip; error: its defaultAction applied
+MILTER_SECONDS = Histogram(
+    "mailrelay_milter_seconds",
+    "Time from sending an event to a milter to its answer (connect: negotiation).",
+    ["milter"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
+)
