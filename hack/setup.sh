@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything mailrelay needs on a fresh Debian machine: system
-# packages (SMTP peers, Postfix for benchmarks, Lua for the Argo CD checks),
+# packages (SMTP peers, Postfix for benchmarks, Lua for the Argo CD checks,
+# rspamd and OpenDKIM as real milters for the tests),
 # a virtualenv in .venv with the project and its dev tools.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(swaks libnet-ssleay-perl postfix lua5.4 shellcheck openssl ca-certificates iproute2 procps)
+APT_PACKAGES=(swaks libnet-ssleay-perl postfix lua5.4 shellcheck openssl ca-certificates iproute2 procps
+  rspamd opendkim opendkim-tools)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -20,6 +22,12 @@ if ((${#missing[@]})); then
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests start their own rspamd and OpenDKIM (tests/mrtest/realmilters.py):
+  # the system services the packages may have started are not wanted.
+  if [[ " ${missing[*]} " == *" rspamd "* || " ${missing[*]} " == *" opendkim "* ]] \
+    && systemctl is-system-running >/dev/null 2>&1; then
+    $SUDO systemctl disable --now rspamd opendkim >/dev/null 2>&1 || true
+  fi
 fi
 
 PY=${PYTHON:-python3}
