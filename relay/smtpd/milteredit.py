@@ -70,7 +70,7 @@ def edit_headers(headers: list[bytes], edits: Iterable[HeaderEdit], leading_spac
                 headers.append(_render(edit, leading_space))
 
 
-def _read_header_section(src: IO[bytes]) -> tuple[bytes, bytes]:
+def read_header_section(src: IO[bytes]) -> tuple[bytes, bytes]:
     """(header section without its blank line, what was read past it)."""
     data = b""
     while len(data) < HEADER_SECTION_LIMIT:
@@ -88,22 +88,30 @@ def _read_header_section(src: IO[bytes]) -> tuple[bytes, bytes]:
     return data, b""
 
 
+def edited_head(section: bytes, modifications: list[Modifications]) -> bytes:
+    """The header section with every milter's edits, and the blank line after it."""
+    headers = split_headers(section)
+    for mods in modifications:
+        edit_headers(headers, mods.header_edits, mods.leading_space)
+    return b"".join(headers) + b"\r\n"
+
+
+def replacement_body(modifications: list[Modifications]) -> IO[bytes] | None:
+    """The body a milter sent instead of the message's (the last one's wins)."""
+    bodies = [mods.new_body for mods in modifications if mods.new_body is not None]
+    return bodies[-1] if bodies else None
+
+
 def rewrite_message(
     src: IO[bytes], write: Callable[[bytes], None], modifications: list[Modifications]
 ) -> None:
     """Copies the message from src through write, with the modifications applied."""
-    section, rest = _read_header_section(src)
-    headers = split_headers(section)
-    for mods in modifications:
-        edit_headers(headers, mods.header_edits, mods.leading_space)
-    write(b"".join(headers) + b"\r\n")
-    replacement = next(
-        (mods.new_body for mods in reversed(modifications) if mods.new_body is not None), None
-    )
+    section, rest = read_header_section(src)
+    write(edited_head(section, modifications))
+    replacement = replacement_body(modifications)
     if replacement is not None:
         replacement.seek(0)
-        src = replacement
-        rest = b""
+        src, rest = replacement, b""
     if rest:
         write(rest)
     while chunk := src.read(COPY_CHUNK):

@@ -1,0 +1,240 @@
+"""The session side of the milters: what the SMTP protocol code calls.
+
+`SessionMilters` wraps one session's MilterChain with what Postfix sends and
+does around it:
+- the macros, per stage, as Postfix's defaults send them (milter_*_macros):
+  j {daemon_name} {daemon_addr} v _ {client_addr} {client_name} {client_port}
+  {client_ptr} at CONNECT; {tls_version} {cipher} {cipher_bits} {cert_subject}
+  {cert_issuer} at HELO; i {auth_type} {auth_authen} {auth_author}
+  {mail_addr} {mail_host} {mail_mailer} at MAIL; i {rcpt_addr} {rcpt_host}
+  {rcpt_mailer} at RCPT; i from DATA on. There is no AUTH on port 25: the
+  {auth_*} macros are empty. {i} is the queue id, known from DATA on (as in
+  Postfix with smtpd_delay_open_until_valid_rcpt, before the first RCPT);
+- a refusal at CONNECT answers every later command (Postfix's
+  access_denied), a refusal while the message streams is kept for the end
+  of DATA, as Postfix's cleanup does;
+- at end of data, `finish` applies the verdict to the received message:
+  refuse it, discard it, or copy it with the milters' edits into a new queue
+  file (headers edited in memory, the body copied in chunks) and hold it when
+  a milter asked for quarantine.
+Nothing here raises for what a milter does (relay.smtpd.milters turns that
+into the milter's defaultAction); queue errors are the caller's, as for any
+write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import IO
+
+from relay.config import RelayConfig
+from relay.queue.format import HOLD
+from relay.queue.incoming import IncomingMessage
+from relay.queue.store import Queue
+from relay.smtpd.milteredit import (
+    COPY_CHUNK,
+    edit_envelope,
+    edited_head,
+    modified,
+    read_header_section,
+    replacement_body,
+)
+from relay.smtpd.milters import MessageVerdict, MilterChain
+from relay.smtpd.session import Reply, Session
+
+log = logging.getLogger("mailrelay.milter")
+
+DAEMON_NAME = "mailrelay"  # Postfix: {daemon_name} is the service name (smtpd)
+MAILER = "smtp"  # {mail_mailer}, {rcpt_mailer}: Postfix's transport names
+
+
+def _host_of(address: str) -> str:
+    return address.rpartition("@")[2] if "@" in address else ""
+
+
+class SessionMilters:
+    """The milters of one SMTP session (None of them when none are configured)."""
+
+    def __init__(self, config: RelayConfig, session: Session, tls: dict[str, str]) -> None:
+        self.session = session
+        self.tls = tls  # {tls_version} {cipher} ... ("" each without TLS)
+        name = session.reverse_name or "unknown"
+        self.chain = MilterChain(
+            config.milters,
+            {
+                "j": config.hostname,
+                "{daemon_name}": DAEMON_NAME,
+                "{daemon_addr}": session.local_ip,
+                "v": DAEMON_NAME,
+                "_": f"{name} [{session.client_ip}]",
+                "{client_addr}": session.client_ip,
+                "{client_name}": name,
+                "{client_port}": str(session.client_port),
+                "{client_ptr}": name,
+            },
+        )
+        self.denied: Reply | None = None  # a refusal at CONNECT: every command gets it
+        self.content_refusal: Reply | None = None  # a refusal while DATA streamed
+        self.in_message = False
+
+    @classmethod
+    def for_session(
+        cls, config: RelayConfig, session: Session, tls: dict[str, str] | None = None
+    ) -> SessionMilters | None:
+        return cls(config, session, tls or {}) if config.milters else None
+
+    async def connect(self) -> Reply | None:
+        s = self.session
+        self.denied = await self.chain.connect(
+            s.reverse_name or "unknown", s.client_ip, s.client_port
+        )
+        return self.denied
+
+    async def helo(self, name: str) -> Reply | None:
+        if self.denied is not None:
+            return self.denied
+        await self.abort()  # HELO and EHLO end a transaction
+        macros = {
+            k: self.tls.get(k, "")
+            for k in (
+                "{tls_version}",
+                "{cipher}",
+                "{cipher_bits}",
+                "{cert_subject}",
+                "{cert_issuer}",
+            )
+        }
+        return await self.chain.helo(name, macros)
+
+    async def mail(self, sender: str, args: list[str]) -> Reply | None:
+        if self.denied is not None:
+            return self.denied
+        await self.abort()
+        self.content_refusal = None
+        macros = {
+            "i": "",
+            "{auth_type}": "",
+            "{auth_authen}": "",
+            "{auth_author}": "",
+            "{mail_addr}": sender,
+            "{mail_host}": _host_of(sender),
+            "{mail_mailer}": MAILER,
+        }
+        reply = await self.chain.mail(sender, args, macros)
+        self.in_message = reply is None
+        return reply
+
+    async def rcpt(self, recipient: str, args: list[str]) -> Reply | None:
+        if self.denied is not None:
+            return self.denied
+        macros = {
+            "i": "",
+            "{rcpt_addr}": recipient,
+            "{rcpt_host}": _host_of(recipient),
+            "{rcpt_mailer}": MAILER,
+        }
+        return await self.chain.rcpt(recipient, args, macros)
+
+    async def data(self, queue_id: str) -> Reply | None:
+        if self.denied is not None:
+            return self.denied
+        self.chain.macros["i"] = queue_id
+        return await self.chain.data()
+
+    async def feed(self, chunk: bytes) -> None:
+        """Message data as it arrives; a refusal is kept for the end of data."""
+        if self.content_refusal is None:
+            self.content_refusal = await self.chain.feed(chunk)
+
+    async def end_of_message(self) -> MessageVerdict:
+        self.in_message = False
+        if self.content_refusal is not None:
+            await self.chain.abort()
+            return MessageVerdict(reply=self.content_refusal)
+        return await self.chain.end_of_message()
+
+    async def abort(self) -> None:
+        """The transaction ended before its end of data (RSET, HELO, a refusal)."""
+        if self.in_message:
+            self.in_message = False
+            await self.chain.abort()
+
+    async def close(self) -> None:
+        await self.chain.close()
+
+
+@dataclass
+class Finished:
+    """The message after the milters' verdict, ready to commit."""
+
+    incoming: IncomingMessage
+    sender: str
+    recipients: list[str]
+    hold_reason: str | None = None
+
+
+async def finish(
+    verdict: MessageVerdict,
+    incoming: IncomingMessage,
+    queue: Queue,
+    sender: str,
+    recipients: list[str],
+) -> Finished:
+    """The message with the verdict's modifications applied; the caller
+    commits `incoming` of the result (a new one when the content changed: the
+    old one is aborted) and holds it when `hold_reason` says so."""
+    mods = verdict.modifications
+    try:
+        sender, recipients = edit_envelope(sender, recipients, mods)
+        if modified(mods):
+            incoming = await _copy_edited(incoming, queue, verdict)
+    finally:
+        verdict.close()
+    return Finished(incoming, sender, recipients, verdict.quarantine)
+
+
+async def _copy_edited(
+    original: IncomingMessage, queue: Queue, verdict: MessageVerdict
+) -> IncomingMessage:
+    """A new queue file: the edited header section, then the body (the
+    original's or a milter's replacement), copied in chunks."""
+    path = await original.flush()
+    src: IO[bytes] = await queue.run_io(open, path, "rb")
+    edited = queue.incoming()
+    try:
+        section, rest = await queue.run_io(read_header_section, src)
+        head = edited_head(section, verdict.modifications)
+        # Our Received header names the queue file: it follows the message.
+        edited.write(
+            head.replace(f" id {original.queue_id}".encode(), f" id {edited.queue_id}".encode(), 1)
+        )
+        body = replacement_body(verdict.modifications)
+        if body is not None:
+            await queue.run_io(body.seek, 0)
+            source: IO[bytes] = body
+        else:
+            source = src
+            edited.write(rest)
+        while chunk := await queue.run_io(source.read, COPY_CHUNK):
+            edited.write(chunk)
+            await edited.drain()
+    except BaseException:
+        edited.abort()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            await queue.run_io(src.close)
+    original.abort()
+    log.info("%s: milter-edited, queued as %s", original.queue_id, edited.queue_id)
+    return edited
+
+
+async def hold(queue: Queue, queue_id: str, reason: str) -> None:
+    """Moves a just-committed message to hold/ (a milter's quarantine)."""
+    claim = queue.take_fresh(queue_id)
+    await queue.run_io(queue.move_sync, queue_id, HOLD)
+    if claim is not None:
+        await queue.run_io(queue.release_sync, claim)
+    log.info("%s: hold: milter quarantine: %s", queue_id, reason)
