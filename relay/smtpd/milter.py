@@ -242,6 +242,8 @@ class MilterConnection:
         if actions & ~OFFERED_ACTIONS or protocol & ~OFFERED_PROTOCOL:
             raise MilterError(f"{self.address}: asked for actions or steps not offered")
         self.actions, self.protocol = actions, protocol
+        if version < 4:  # before version 4 there was no SMFIC_DATA (Postfix skips it too)
+            self.protocol |= P_NODATA | P_NOUNKNOWN
         rest = data[12:]
         while len(rest) >= 5:  # SMFIR_SETSYMLIST pairs: stage, macro names
             (stage,) = struct.unpack("!I", rest[:4])
