@@ -257,7 +257,7 @@ class MilterConnection:
                 self._writer.close()
         self._writer = self._reader = None
 
-    async def quit(self) -> None:
+    def quit(self) -> None:
         """SMFIC_QUIT, then close: never waits for the milter."""
         if self._writer is not None:
             with contextlib.suppress(Exception):

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from relay import metrics
@@ -94,7 +95,8 @@ class MilterChain:
             _State(c, m.MilterConnection(c.address, c.connect_timeout, c.command_timeout))
             for c in milters
         ]
-        self.macros = dict(macros)  # the session's: j, {daemon_name}, {client_addr}, ...
+        self.connect_macros = dict(macros)  # j, {daemon_name}, {client_addr}, ...
+        self.queue_id = ""  # {i}, from DATA on
         self.discard = False  # a milter said "discard" during this message
         self._header: bytearray | None = None  # the header being received
         self._in_body = False
@@ -105,7 +107,7 @@ class MilterChain:
     async def connect(self, client_name: str, client_ip: str, client_port: int) -> Reply | None:
         await asyncio.gather(*(self._open(s) for s in self.states))
         data = m.connect_data(client_name, client_ip, client_port)
-        return await self._step(m.CONNECT, data, {}, message=False)
+        return await self._step(m.CONNECT, data, self.connect_macros, message=False)
 
     async def helo(self, helo: str, tls_macros: dict[str, str]) -> Reply | None:
         return await self._step(m.HELO, m._cstr(helo), tls_macros, message=False)
@@ -123,7 +125,7 @@ class MilterChain:
         return await self._step(m.RCPT, m.envelope_data(recipient, args), macros)
 
     async def data(self) -> Reply | None:
-        return await self._step(m.DATA, b"", {})
+        return await self._step(m.DATA, b"", {"i": self.queue_id})
 
     async def feed(self, chunk: bytes) -> Reply | None:
         """Message data as received (CRLF lines, dot-unstuffed, no final dot)."""
@@ -168,7 +170,7 @@ class MilterChain:
                 continue
             if not s.active_for_message:
                 continue
-            answer, mods = await self._call(s, m.BODYEOB, {})
+            answer, mods = await self._call(s, m.BODYEOB, {"i": self.queue_id})
             if mods is not None:
                 verdict.modifications.append(mods)
                 verdict.quarantine = verdict.quarantine or mods.quarantine
@@ -188,9 +190,9 @@ class MilterChain:
                     self._fail(s, e)
         self._body.clear()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         for s in self.states:
-            await s.connection.quit()
+            s.connection.quit()
 
     # --- internals ----------------------------------------------------------------
     async def _open(self, s: _State) -> None:
@@ -211,9 +213,15 @@ class MilterChain:
         s.connection.close()
 
     async def _step(
-        self, event: bytes, data: bytes, macros: dict[str, str], *, message: bool = True
+        self,
+        event: bytes,
+        data: bytes | Callable[[_State], bytes],
+        macros: dict[str, str],
+        *,
+        message: bool = True,
     ) -> Reply | None:
-        """One event to each milter in order; the first refusal wins."""
+        """One event to each milter in order (data: the same for all, or made
+        per milter); the first refusal wins."""
         if message and self.discard:
             return None
         for s in self.states:
@@ -223,9 +231,10 @@ class MilterChain:
                 continue
             if s.done_connection or (message and s.done_message):
                 continue
-            if not s.connection.wants(event):
+            if not s.connection.wants(event) or (event == m.BODY and s.skip_body):
                 continue
-            answer, _ = await self._call(s, event, macros, data)
+            payload = data if isinstance(data, bytes) else data(s)
+            answer, _ = await self._call(s, event, macros, payload)
             reply, discard = self._decide(s, answer, message=message)
             if discard:
                 self.discard = True
@@ -237,11 +246,13 @@ class MilterChain:
     async def _call(
         self, s: _State, event: bytes, macros: dict[str, str], data: bytes = b""
     ) -> tuple[m.Answer, m.Modifications | None]:
-        """Macros, then the event, timed and counted; a failure -> defaultAction."""
+        """The stage's macros, then the event, timed and counted; a failure ->
+        defaultAction. Headers and body chunks come without macros, as from Postfix."""
         started = time.monotonic()
         mods = None
         try:
-            s.connection.send_macros(event, {**self.macros, **macros})
+            if macros:
+                s.connection.send_macros(event, macros)
             if event == m.BODYEOB:
                 answer, mods = await s.connection.end_of_message()
             else:
@@ -301,28 +312,19 @@ class MilterChain:
             return None
         # Postfix sends folded lines joined by "\n", as its queue file stores them.
         value = value.replace(b"\r\n", b"\n")
-        return await self._step_each(m.HEADER, name.strip(), value)
-
-    async def _step_each(self, event: bytes, name: bytes, value: bytes) -> Reply | None:
-        """A header: its value keeps its leading space only for HDR_LEADSPC milters."""
+        name = name.strip()
         stripped = value[1:] if value[:1] == b" " else value
-        for s in self.states:
-            if not s.active_for_message or not s.connection.wants(event):
-                continue
-            v = value if s.connection.protocol & m.P_HDR_LEADSPC else stripped
-            data = name + b"\0" + v + b"\0"
-            answer, _ = await self._call(s, event, {}, data)
-            reply, discard = self._decide(s, answer, message=True)
-            if discard:
-                self.discard = True
-                return None
-            if reply is not None:
-                return reply
-        return None
+
+        def header(s: _State) -> bytes:
+            """Its value keeps its leading space only for HDR_LEADSPC milters."""
+            kept = value if s.connection.protocol & m.P_HDR_LEADSPC else stripped
+            return name + b"\0" + kept + b"\0"
+
+        return await self._step(m.HEADER, header, {})
 
     async def _end_headers(self) -> Reply | None:
         reply = await self._send_header()
-        return reply or await self._step(m.EOH, b"", {})
+        return reply or await self._step(m.EOH, b"", {"i": self.queue_id})
 
     async def _feed_body(self, chunk: bytes) -> Reply | None:
         self._body += chunk
@@ -334,18 +336,8 @@ class MilterChain:
                 return reply
         return None
 
-    async def _body_step(self, piece: bytes) -> Reply | None:
-        for s in self.states:
-            if s.skip_body or not s.active_for_message or not s.connection.wants(m.BODY):
-                continue
-            answer, _ = await self._call(s, m.BODY, {}, piece)
-            reply, discard = self._decide(s, answer, message=True)
-            if discard:
-                self.discard = True
-                return None
-            if reply is not None:
-                return reply
-        return None
+    def _body_step(self, piece: bytes) -> Awaitable[Reply | None]:
+        return self._step(m.BODY, piece, {})
 
 
 def _failed_answer(s: _State) -> m.Answer:

@@ -10,13 +10,13 @@ does around it:
   {rcpt_mailer} at RCPT; i from DATA on. There is no AUTH on port 25: the
   {auth_*} macros are empty. {i} is the queue id, known from DATA on (as in
   Postfix with smtpd_delay_open_until_valid_rcpt, before the first RCPT);
-- a refusal at CONNECT answers every later command (Postfix's
-  access_denied), a refusal while the message streams is kept for the end
-  of DATA, as Postfix's cleanup does;
-- at end of data, `finish` applies the verdict to the received message:
-  refuse it, discard it, or copy it with the milters' edits into a new queue
-  file (headers edited in memory, the body copied in chunks) and hold it when
-  a milter asked for quarantine.
+- a refusal while the message streams is kept for the end of DATA, as
+  Postfix's cleanup does; a milter that was sent MAIL gets ABORT before the
+  next MAIL or HELO when its message did not reach the end of data;
+- at end of data, `end_of_message` applies the verdict to the received
+  message: refuse it, discard it (250, then dropped), or copy it with the
+  milters' edits into a new queue file (headers edited in memory, the body
+  copied in chunks) to be held when a milter asked for quarantine.
 Nothing here raises for what a milter does (relay.smtpd.milters turns that
 into the milter's defaultAction); queue errors are the caller's, as for any
 write.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from relay.config import RelayConfig
 from relay.queue.format import HOLD
@@ -54,12 +54,19 @@ def _host_of(address: str) -> str:
     return address.rpartition("@")[2] if "@" in address else ""
 
 
+def tls_macros(ssl_object: Any) -> dict[str, str]:
+    """{tls_version} {cipher} {cipher_bits} of a TLS session (none without TLS)."""
+    if ssl_object is None:
+        return {}
+    name, version, bits = ssl_object.cipher() or ("", "", 0)
+    return {"{tls_version}": str(version), "{cipher}": str(name), "{cipher_bits}": str(bits)}
+
+
 class SessionMilters:
     """The milters of one SMTP session (None of them when none are configured)."""
 
-    def __init__(self, config: RelayConfig, session: Session, tls: dict[str, str]) -> None:
+    def __init__(self, config: RelayConfig, session: Session) -> None:
         self.session = session
-        self.tls = tls  # {tls_version} {cipher} ... ("" each without TLS)
         name = session.reverse_name or "unknown"
         self.chain = MilterChain(
             config.milters,
@@ -75,29 +82,21 @@ class SessionMilters:
                 "{client_ptr}": name,
             },
         )
-        self.denied: Reply | None = None  # a refusal at CONNECT: every command gets it
         self.content_refusal: Reply | None = None  # a refusal while DATA streamed
         self.in_message = False
 
     @classmethod
-    def for_session(
-        cls, config: RelayConfig, session: Session, tls: dict[str, str] | None = None
-    ) -> SessionMilters | None:
-        return cls(config, session, tls or {}) if config.milters else None
+    def for_session(cls, config: RelayConfig, session: Session) -> SessionMilters | None:
+        return cls(config, session) if config.milters else None
 
     async def connect(self) -> Reply | None:
         s = self.session
-        self.denied = await self.chain.connect(
-            s.reverse_name or "unknown", s.client_ip, s.client_port
-        )
-        return self.denied
+        return await self.chain.connect(s.reverse_name or "unknown", s.client_ip, s.client_port)
 
-    async def helo(self, name: str) -> Reply | None:
-        if self.denied is not None:
-            return self.denied
+    async def helo(self, name: str, tls: dict[str, str]) -> Reply | None:
         await self.abort()  # HELO and EHLO end a transaction
         macros = {
-            k: self.tls.get(k, "")
+            k: tls.get(k, "")
             for k in (
                 "{tls_version}",
                 "{cipher}",
@@ -109,10 +108,9 @@ class SessionMilters:
         return await self.chain.helo(name, macros)
 
     async def mail(self, sender: str, args: list[str]) -> Reply | None:
-        if self.denied is not None:
-            return self.denied
         await self.abort()
         self.content_refusal = None
+        self.in_message = True  # ABORT before the next MAIL, whatever the answer
         macros = {
             "i": "",
             "{auth_type}": "",
@@ -122,13 +120,9 @@ class SessionMilters:
             "{mail_host}": _host_of(sender),
             "{mail_mailer}": MAILER,
         }
-        reply = await self.chain.mail(sender, args, macros)
-        self.in_message = reply is None
-        return reply
+        return await self.chain.mail(sender, args, macros)
 
     async def rcpt(self, recipient: str, args: list[str]) -> Reply | None:
-        if self.denied is not None:
-            return self.denied
         macros = {
             "i": "",
             "{rcpt_addr}": recipient,
@@ -138,9 +132,7 @@ class SessionMilters:
         return await self.chain.rcpt(recipient, args, macros)
 
     async def data(self, queue_id: str) -> Reply | None:
-        if self.denied is not None:
-            return self.denied
-        self.chain.macros["i"] = queue_id
+        self.chain.queue_id = queue_id
         return await self.chain.data()
 
     async def feed(self, chunk: bytes) -> None:
@@ -148,12 +140,28 @@ class SessionMilters:
         if self.content_refusal is None:
             self.content_refusal = await self.chain.feed(chunk)
 
-    async def end_of_message(self) -> MessageVerdict:
+    async def end_of_message(
+        self, incoming: IncomingMessage, queue: Queue, sender: str, recipients: list[str]
+    ) -> Finished | Reply:
+        """The milters' verdict on the received message: a Reply to send
+        instead of committing (a refusal, or a discard's 250: the message is
+        dropped), or the message to commit."""
         self.in_message = False
         if self.content_refusal is not None:
             await self.chain.abort()
-            return MessageVerdict(reply=self.content_refusal)
-        return await self.chain.end_of_message()
+            verdict = MessageVerdict(reply=self.content_refusal)
+        else:
+            verdict = await self.chain.end_of_message()
+        if verdict.reply is None and not verdict.discard:
+            done = await finish(verdict, incoming, queue, sender, recipients)
+            if done.recipients:
+                return done
+            incoming = done.incoming  # a milter deleted every recipient: nothing to send
+        incoming.abort()
+        if verdict.reply is not None:
+            return verdict.reply
+        log.info("%s: milter-discard: from=<%s>", incoming.queue_id, sender)
+        return Reply(250, "2.0.0", f"Ok: queued as {incoming.queue_id}")
 
     async def abort(self) -> None:
         """The transaction ended before its end of data (RSET, HELO, a refusal)."""
@@ -161,8 +169,9 @@ class SessionMilters:
             self.in_message = False
             await self.chain.abort()
 
-    async def close(self) -> None:
-        await self.chain.close()
+    def close(self) -> None:
+        """SMFIC_QUIT to every milter; never waits (also from a cancelled session)."""
+        self.chain.close()
 
 
 @dataclass

@@ -69,6 +69,7 @@ def chain_of(
 
 async def run_message(chain: MilterChain, message: bytes = MESSAGE, chunk: int = 7):
     """Connect to end of message; the first refusal, or the end-of-message verdict."""
+    chain.queue_id = "QID1"
     for step in (
         lambda: chain.connect("client.example.org", "192.0.2.7", 40000),
         lambda: chain.helo("client.example.org", {"{tls_version}": "", "{cipher}": ""}),
@@ -101,7 +102,7 @@ async def milter():
 async def test_negotiation_events_macros_and_headers(milter: ScriptedMilter):
     chain = chain_of(await milter.start())
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert milter.offered == (6, m.OFFERED_ACTIONS, m.OFFERED_PROTOCOL)
     assert milter.events == [
         m.CONNECT,
@@ -123,6 +124,9 @@ async def test_negotiation_events_macros_and_headers(milter: ScriptedMilter):
     assert milter.macros[m.MAIL]["i"] == "QID1"
     assert milter.macros[m.MAIL]["{auth_type}"] == ""
     assert "{tls_version}" in milter.macros[m.HELO]
+    assert milter.macros[m.DATA] == milter.macros[m.BODYEOB] == {"i": "QID1"}
+    assert "{client_addr}" not in milter.macros[m.MAIL]  # each stage its own
+    assert m.HEADER not in milter.macros and m.BODY not in milter.macros
     # No SMFIP_HDR_LEADSPC: values without the space; folds joined by "\n".
     assert milter.headers[1] == ("Subject", "hello")
     assert milter.headers[2] == ("X-Folded", "one\n\ttwo")
@@ -135,7 +139,7 @@ async def test_symlist_limits_the_macros(milter: ScriptedMilter):
     milter.symlists = {2: "{mail_addr} i"}  # SMFIM_ENVFROM
     chain = chain_of(await milter.start())
     await run_message(chain)
-    await chain.close()
+    chain.close()
     assert set(milter.macros[m.MAIL]) == {"i"}
 
 
@@ -143,7 +147,7 @@ async def test_leading_space_kept_when_negotiated(milter: ScriptedMilter):
     milter.protocol = m.P_HDR_LEADSPC
     chain = chain_of(await milter.start())
     await run_message(chain)
-    await chain.close()
+    chain.close()
     assert milter.headers[1] == ("Subject", " hello")
 
 
@@ -164,7 +168,7 @@ async def test_refusals_at_each_step(milter: ScriptedMilter, event, packet, expe
     milter.answers = {event: [packet]}
     chain = chain_of(await milter.start())
     refusal = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert str(refusal_of(refusal)) == str(expected)
 
 
@@ -172,7 +176,7 @@ async def test_replycode_421_disconnects(milter: ScriptedMilter):
     milter.answers = {m.MAIL: [reply("421 4.7.0 closing")]}
     chain = chain_of(await milter.start())
     refusal = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert refusal.code == 421 and refusal.disconnect
 
 
@@ -185,7 +189,7 @@ async def test_end_of_message_verdicts(milter: ScriptedMilter):
     await chain.abort()
     verdict = await run_message_again(chain)
     assert verdict.reply == TEMPFAIL_REPLY
-    await chain.close()
+    chain.close()
 
 
 async def run_message_again(chain: MilterChain):
@@ -207,7 +211,7 @@ async def test_discard(milter: ScriptedMilter, event):
     milter.answers = {event: [DISCARD]}
     chain = chain_of(await milter.start())
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert verdict.discard and verdict.reply is None
 
 
@@ -215,7 +219,7 @@ async def test_accept_at_connect_ends_the_milters_events(milter: ScriptedMilter)
     milter.answers = {m.CONNECT: [ACCEPT]}
     chain = chain_of(await milter.start())
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert milter.events == [m.CONNECT]
     assert verdict.reply is None
 
@@ -226,7 +230,7 @@ async def test_accept_at_mail_ends_the_message_only(milter: ScriptedMilter):
     await run_message(chain)
     assert milter.events == [m.CONNECT, m.HELO, m.MAIL]
     await run_message_again(chain)
-    await chain.close()
+    chain.close()
     assert milter.events.count(m.MAIL) == 2
 
 
@@ -235,7 +239,7 @@ async def test_skip_stops_the_body(milter: ScriptedMilter):
     chain = chain_of(await milter.start())
     body = b"x" * 70 + b"\r\n"
     verdict = await run_message(chain, MESSAGE + body * 10_000, chunk=64 * 1024)
-    await chain.close()
+    chain.close()
     assert milter.body_chunks == 1 and milter.events[-1] == m.BODYEOB
     assert verdict.reply is None
 
@@ -245,7 +249,7 @@ async def test_body_streams_in_bounded_chunks(milter: ScriptedMilter):
     body = b"0123456789" * 7 + b"\r\n"
     message = MESSAGE + body * 50_000  # 3.6 MB
     await run_message(chain, message, chunk=256 * 1024)
-    await chain.close()
+    chain.close()
     assert bytes(milter.body) == message[message.index(b"\r\n\r\n") + 4 :]
     assert milter.largest_chunk <= m.BODY_CHUNK
     assert len(chain._body) == 0
@@ -255,7 +259,7 @@ async def test_first_refusal_wins_and_later_milters_are_not_asked():
     first, second = ScriptedMilter(answers={m.RCPT: [REJECT]}), ScriptedMilter()
     chain = chain_of(await first.start(), await second.start())
     refusal = await run_message(chain)
-    await chain.close()
+    chain.close()
     await first.stop()
     await second.stop()
     assert refusal == REJECT_REPLY
@@ -266,7 +270,7 @@ async def test_no_reply_steps_are_not_waited_for(milter: ScriptedMilter):
     milter.protocol = m.P_NR_CONN | m.P_NR_HELO | m.P_NR_HDR | m.P_NOBODY
     chain = chain_of(await milter.start())
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert verdict.reply is None and m.BODY not in milter.events
 
 
@@ -291,7 +295,7 @@ async def test_every_modification(milter: ScriptedMilter):
     }
     chain = chain_of(await milter.start())
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert verdict.reply is None and verdict.quarantine == "looks odd"
     out = io.BytesIO()
     rewrite_message(io.BytesIO(MESSAGE), out.write, verdict.modifications)
@@ -315,7 +319,7 @@ async def test_modification_not_negotiated_is_a_failure(milter: ScriptedMilter):
     milter.answers = {m.BODYEOB: [(m.R_DELRCPT, cstr("<b@example.net>")), CONTINUE]}
     chain = chain_of(await milter.start())
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert verdict.reply == TEMPFAIL_REPLY
 
 
@@ -344,7 +348,7 @@ def closed_port() -> int:
 async def test_down_milter_applies_its_default_action(action, expected):
     chain = chain_of(f"inet:127.0.0.1:{closed_port()}", default_action=action)
     result = await run_message(chain)
-    await chain.close()
+    chain.close()
     if expected is None:
         assert result.reply is None
     else:
@@ -363,7 +367,7 @@ async def test_slow_milter_applies_its_default_action(milter: ScriptedMilter, ev
     milter.hang_on = event
     chain = chain_of(await milter.start(), timeout=0.2)
     result = await run_message(chain, MESSAGE * 3)
-    await chain.close()
+    chain.close()
     assert refusal_of(result) == TEMPFAIL_REPLY
 
 
@@ -371,7 +375,7 @@ async def test_slow_milter_with_accept_is_skipped(milter: ScriptedMilter):
     milter.hang_on = m.MAIL
     chain = chain_of(await milter.start(), default_action="accept", timeout=0.2)
     verdict = await run_message(chain)
-    await chain.close()
+    chain.close()
     assert verdict.reply is None
 
 
@@ -379,16 +383,16 @@ async def test_broken_negotiation_and_garbage_apply_the_default_action(milter: S
     milter.refuse_negotiation = True
     chain = chain_of(await milter.start(), default_action="reject")
     assert await run_message(chain) == REJECT_REPLY
-    await chain.close()
+    chain.close()
     milter.refuse_negotiation = False
     milter.answers = {m.HELO: [(b"Z", b"")]}  # no such reply
     chain = chain_of(await milter.start())
     assert await run_message(chain) == TEMPFAIL_REPLY
-    await chain.close()
+    chain.close()
     milter.answers = {m.RCPT: [(m.R_REPLYCODE, cstr("250 fine"))]}  # not a refusal code
     chain = chain_of(await milter.start())
     assert await run_message(chain) == TEMPFAIL_REPLY
-    await chain.close()
+    chain.close()
 
 
 def test_addresses():

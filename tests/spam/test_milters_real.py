@@ -55,7 +55,7 @@ async def scan(address: str, data: bytes, client_ip: str = "127.0.0.1") -> Messa
             assert refusal is None, refusal
         return await chain.end_of_message()
     finally:
-        await chain.close()
+        chain.close()
 
 
 def edited(data: bytes, verdict: MessageVerdict) -> bytes:
