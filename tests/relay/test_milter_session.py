@@ -13,7 +13,7 @@ from relay.queue.format import ACTIVE, HOLD, INCOMING
 from relay.queue.store import Queue
 from relay.smtpd import milter as m
 from relay.smtpd.milters import MessageVerdict
-from relay.smtpd.miltersession import finish, hold
+from relay.smtpd.miltersession import finish, hold, tls_macros
 
 
 @pytest.fixture
@@ -67,3 +67,16 @@ async def test_unedited_message_stays_as_received(queue: Queue):
     assert done.incoming is original and done.hold_reason is None
     assert (done.sender, done.recipients) == ("other@example.org", ["c@example.net"])
     original.abort()
+
+
+def test_tls_macros():
+    class FakeSsl:
+        def cipher(self) -> tuple[str, str, int]:
+            return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
+
+    assert tls_macros(None) == {}
+    assert tls_macros(FakeSsl()) == {
+        "{tls_version}": "TLSv1.3",
+        "{cipher}": "TLS_AES_256_GCM_SHA384",
+        "{cipher_bits}": "256",
+    }
