@@ -404,7 +404,8 @@ class MilterConnection:
             return Answer(simple[command])
         if command == R_REPLYCODE:
             text = _cstrings(data)[0]
-            if len(text) < 3 or text[0] not in "45" or not text[:3].isdigit():
+            code = text[:3]
+            if not (code.isascii() and code.isdigit() and code[0] in "45"):
                 raise MilterError(f"{self.address}: bad reply code {text[:40]!r}")
             return Answer(Verdict.REPLY, text)
         raise MilterError(f"{self.address}: unexpected reply {command!r}")

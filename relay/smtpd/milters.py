@@ -260,6 +260,10 @@ class MilterChain:
         except m.MilterError as e:
             self._fail(s, e)
             return _failed_answer(s), None
+        except Exception as e:  # a packet we failed to read is the milter's failure too
+            log.exception("milter %s: unreadable answer", s.config.name)
+            self._fail(s, e)
+            return _failed_answer(s), None
         finally:
             metrics.MILTER_SECONDS.labels(s.config.name).observe(time.monotonic() - started)
         return answer, mods

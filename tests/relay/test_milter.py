@@ -389,6 +389,10 @@ async def test_broken_negotiation_and_garbage_apply_the_default_action(milter: S
     chain = chain_of(await milter.start())
     assert await run_message(chain) == TEMPFAIL_REPLY
     chain.close()
+    milter.answers = {m.RCPT: [(m.R_REPLYCODE, cstr("5²0 odd"))]}  # not a number
+    chain = chain_of(await milter.start())
+    assert await run_message(chain) == TEMPFAIL_REPLY
+    chain.close()
     milter.answers = {m.RCPT: [(m.R_REPLYCODE, cstr("250 fine"))]}  # not a refusal code
     chain = chain_of(await milter.start())
     assert await run_message(chain) == TEMPFAIL_REPLY
