@@ -24,6 +24,7 @@ from mrtest.testmilter import (
     insert_header,
     reply,
 )
+from prometheus_client import REGISTRY
 
 from mailrelay_api.spec import MailRelaySpec
 from mailrelay_api.validate import validate_object
@@ -457,3 +458,22 @@ def test_manifest_validation():
         [{"address": "inet:h:1"}],
     ):
         assert validate_object(manifest(bad)), bad
+
+
+async def test_metrics_per_milter(milter: ScriptedMilter):
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    milter.answers = {m.RCPT: [REJECT]}
+    before = sample("mailrelay_milter_verdicts_total", milter="m0", verdict="reject")
+    timed = sample("mailrelay_milter_seconds_count", milter="m0")
+    chain = chain_of(await milter.start())
+    await run_message(chain)
+    chain.close()
+    assert sample("mailrelay_milter_verdicts_total", milter="m0", verdict="reject") == before + 1
+    assert sample("mailrelay_milter_seconds_count", milter="m0") > timed
+    errors = sample("mailrelay_milter_verdicts_total", milter="m0", verdict="error")
+    chain = chain_of(f"inet:127.0.0.1:{closed_port()}")
+    await run_message(chain)
+    chain.close()
+    assert sample("mailrelay_milter_verdicts_total", milter="m0", verdict="error") == errors + 1
