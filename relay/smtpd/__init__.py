@@ -10,4 +10,6 @@ the restrictions at each stage, content checks at end of DATA.
   session      Session, Transaction, Reply, ScreenResult: what the stages share
   proxy, anvil (+ anvil_shared), screen (postscreen), dnsbl, dnschecks, spf, content,
   addresses, smtpdata  the parts the stages use
+  milter, milters, milteredit, miltersession  the milter client (smtpd_milters): the
+               wire protocol, the chain of one session, edits, what the protocol calls
 """

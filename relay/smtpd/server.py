@@ -29,6 +29,7 @@ from relay import metrics
 from relay.smtpd import hygiene, policy
 from relay.smtpd.context import ServerContext
 from relay.smtpd.hygiene import printable
+from relay.smtpd.miltersession import SessionMilters, tls_macros
 from relay.smtpd.policy import in_mynetworks
 from relay.smtpd.proxy import accept_proxy
 from relay.smtpd.session import Reply, ScreenResult, client_name
@@ -94,6 +95,8 @@ class RelaySMTP(MailTransaction):
             )
             self.internal_error()
         finally:
+            if self.milters is not None:
+                self.milters.close()
             log.debug("disconnect from %s", client_name(s))
 
     async def _admit(self) -> bool:
@@ -117,15 +120,19 @@ class RelaySMTP(MailTransaction):
             return False
         if not await self._screen():
             return False
+        refused = None
         if policy.CLIENT_RESTRICTIONS:  # empty by default: nothing to run per connection
             refused = await policy.check_client(self.check)
-            if refused is not None:
-                # Postfix with smtpd_delay_reject=no: the reject instead of the
-                # greeting, then 503 to every command but QUIT.
-                log.info("NOQUEUE: reject: CONNECT from %s: %s", client_name(s), refused)
-                self.commands = self.ACCESS_DENIED
-                await self.send(refused)
-                return True
+        self.milters = SessionMilters.for_session(self.config, s)
+        if refused is None and self.milters is not None:
+            refused = await self.milters.connect()
+        if refused is not None:
+            # Postfix with smtpd_delay_reject=no: the reject instead of the
+            # greeting, then 503 to every command but QUIT.
+            log.info("NOQUEUE: reject: CONNECT from %s: %s", client_name(s), refused)
+            self.commands = self.ACCESS_DENIED
+            await self.send(refused)
+            return True
         await self.send_lines([f"220 {self.hostname} ESMTP {MAIL_NAME}"])
         return True
 
@@ -228,6 +235,8 @@ class RelaySMTP(MailTransaction):
             return
         if policy.HELO_RESTRICTIONS and await self._helo_refused(arg):
             return
+        if self.milters is not None and await self._milter_helo_refused(arg):
+            return
         # As Postfix's helo_cmd: the name is kept printable (it goes into
         # Received:, Received-SPF: and log lines).
         self.state.helo = printable(arg)
@@ -240,6 +249,8 @@ class RelaySMTP(MailTransaction):
             await self.reply(501, "5.5.4", "Syntax: EHLO hostname")
             return
         if policy.HELO_RESTRICTIONS and await self._helo_refused(arg):
+            return
+        if self.milters is not None and await self._milter_helo_refused(arg):
             return
         self.state.helo = printable(arg)
         self.state.esmtp = True
@@ -264,6 +275,17 @@ class RelaySMTP(MailTransaction):
             return False
         s.helo = previous
         log.info("NOQUEUE: reject: HELO from %s: %s", client_name(s), refused)
+        await self.send(refused)
+        return True
+
+    async def _milter_helo_refused(self, name: str) -> bool:
+        """The milters' HELO event (after HELO_RESTRICTIONS, as Postfix)."""
+        assert self.milters is not None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        refused = await self.milters.helo(name, tls_macros(ssl_object))
+        if refused is None:
+            return False
+        log.info("NOQUEUE: milter-reject: HELO from %s: %s", client_name(self.state), refused)
         await self.send(refused)
         return True
 

@@ -27,6 +27,7 @@ from relay.smtpd.addresses import AddressError, parse_esmtp_params, parse_path
 from relay.smtpd.connection import SmtpConnection
 from relay.smtpd.context import ServerContext
 from relay.smtpd.hygiene import printable
+from relay.smtpd.miltersession import SessionMilters, hold
 from relay.smtpd.policy import Check
 from relay.smtpd.session import Reply, Session, Transaction, client_name
 from relay.smtpd.smtpdata import DataDecoder
@@ -100,6 +101,7 @@ class MailTransaction(SmtpConnection):
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
         self.txn: Transaction | None = None
+        self.milters: SessionMilters | None = None  # contentFilters.milters, from the greeting on
         # The session's restriction context, filled in at each stage.
         self.check = Check(
             ctx.config, self.state, None, None, ctx.dns_checks, ctx.spf, storage_ok=ctx.storage_ok
@@ -138,6 +140,8 @@ class MailTransaction(SmtpConnection):
             return
         self.check.transaction = txn
         verdict = await policy.check_sender(self.check)
+        if verdict is None and self.milters is not None:
+            verdict = await self.milters.mail(txn.sender, txn.mail_options)
         if verdict is not None:
             self.check.transaction = None
             await self.send(verdict)
@@ -184,6 +188,8 @@ class MailTransaction(SmtpConnection):
             return
         self.check.rcpt = rcpt
         verdict = await policy.check_recipient(self.check)
+        if verdict is None and self.milters is not None:
+            verdict = await self.milters.rcpt(rcpt.text, [])
         if verdict is not None:
             log.info(
                 "NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
@@ -227,6 +233,12 @@ class MailTransaction(SmtpConnection):
             await self.reply(451, "4.3.0", "Error: queue file write error")
             return
         try:
+            if self.milters is not None:
+                verdict = await self.milters.data(incoming.queue_id)
+                if verdict is not None:
+                    incoming.abort()
+                    await self.send(verdict)
+                    return
             await self._receive_data(txn, incoming)
         except Exception as e:
             incoming.abort()
@@ -256,6 +268,8 @@ class MailTransaction(SmtpConnection):
             write_failed = e
         if check is not None:
             check.feed_inline(head)
+        if self.milters is not None:  # milters see our Received header, as with Postfix
+            await self.milters.feed(head)
         decoder = DataDecoder()
         read = await self._read_message(decoder, incoming, check, write_failed)
         if read is None:  # the client hung up
@@ -305,6 +319,8 @@ class MailTransaction(SmtpConnection):
                     write_failed = e
                 if check is not None and not check.done:
                     await check.feed(chunk)
+                if self.milters is not None:
+                    await self.milters.feed(chunk)
         return too_big, write_failed
 
     async def _end_of_data(
@@ -343,11 +359,32 @@ class MailTransaction(SmtpConnection):
             )
             await self.send(verdict)
             return
+        sender, recipients, hold_reason = txn.sender, txn.recipients, None
         try:
-            queue_id = await incoming.commit(
-                txn.sender, txn.recipients, client=self.state.client_ip
-            )
+            if self.milters is not None:
+                done = await self.milters.end_of_message(
+                    incoming, self.ctx.queue, sender, recipients
+                )
+                if isinstance(done, Reply):  # refused or discarded by a milter
+                    if done.code >= 400:
+                        metrics.REJECTED.labels("milter").inc()
+                        log.info(
+                            "%s: milter-reject: END-OF-MESSAGE from %s: %s; from=<%s> to=<%s>",
+                            incoming.queue_id,
+                            client_name(self.state),
+                            done,
+                            sender,
+                            ",".join(recipients),
+                        )
+                    await self.send(done)
+                    return
+                incoming, sender, recipients = done.incoming, done.sender, done.recipients
+                hold_reason = done.hold_reason
+            queue_id = await incoming.commit(sender, recipients, client=self.state.client_ip)
+            if hold_reason is not None:
+                await hold(self.ctx.queue, queue_id, hold_reason)
         except Exception as e:
+            incoming.abort()
             await self._queue_error(e)
             return
         await self._queued(txn, queue_id, size)
