@@ -6,9 +6,9 @@ message as it streams in (headers one by one, the body in chunks of at most
 Each step returns None (go on) or the Reply the session must send instead.
 
 Postfix's semantics:
-- the first milter that does not answer "continue" decides the step; a milter
-  that answered "accept" gets no more events for the connection (at CONNECT
-  or HELO) or for the message (later);
+- the first milter that refuses (reject, tempfail, a reply code) decides the
+  step; a milter that answered "accept" gets no more events for the
+  connection (at CONNECT or HELO) or for the message (later);
 - a milter that cannot be reached, times out or breaks the protocol applies
   its defaultAction (milter_default_action) for the rest of the session:
   accept = as if it were not configured, tempfail = "451 4.7.1 Service

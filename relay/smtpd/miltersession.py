@@ -8,8 +8,8 @@ does around it:
   {cert_issuer} at HELO; i {auth_type} {auth_authen} {auth_author}
   {mail_addr} {mail_host} {mail_mailer} at MAIL; i {rcpt_addr} {rcpt_host}
   {rcpt_mailer} at RCPT; i from DATA on. There is no AUTH on port 25: the
-  {auth_*} macros are empty. {i} is the queue id, known from DATA on (as in
-  Postfix with smtpd_delay_open_until_valid_rcpt, before the first RCPT);
+  {auth_*} macros are empty. {i} is the queue id, known here from DATA on
+  (Postfix knows it from the first accepted RCPT): empty at MAIL and RCPT;
 - a refusal while the message streams is kept for the end of DATA, as
   Postfix's cleanup does; a milter that was sent MAIL gets ABORT before the
   next MAIL or HELO when its message did not reach the end of data;
