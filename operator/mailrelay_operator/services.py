@@ -3,6 +3,7 @@ and one per spec.mx entry on port 25."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mailrelay_api.spec import relay_spec
@@ -46,10 +47,14 @@ def headless_service(relay: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def mx_services(relay: dict[str, Any]) -> list[dict[str, Any]]:
+def mx_services(
+    relay: dict[str, Any], kept: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """kept: hostname -> name of an existing MX Service (naming.mx_service_names)."""
     proxy = relay_spec(relay).proxy_protocol.enabled
     out = []
-    for entry, name in zip(naming.mx_entries(relay), naming.mx_service_names(relay), strict=True):
+    names = naming.mx_service_names(relay, kept)
+    for entry, name in zip(naming.mx_entries(relay), names, strict=True):
         svc_opts = entry.service
         svc_type = svc_opts.type
         spec: dict[str, Any] = {

@@ -16,7 +16,7 @@ CHILDREN = [
     ("configmap", "quickstart-recipients-0"),
     ("statefulset", "quickstart"),
     ("service", "quickstart-pods"),
-    ("service", "quickstart-mx10"),
+    ("service", "quickstart-mx-quickstart-test"),
     ("poddisruptionbudget", "quickstart"),
 ]
 
@@ -74,7 +74,7 @@ def test_quickstart_children_owned_and_labelled(kube: Kube, quickstart: dict[str
     assert sts is not None
     pod = sts["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.test/mailrelay:test"
-    mx = kube.get("service", "quickstart-mx10")
+    mx = kube.get("service", "quickstart-mx-quickstart-test")
     assert mx is not None and mx["metadata"]["labels"]["mailrelay.io/mx-priority"] == "10"
     assert mx["spec"]["ports"][0]["port"] == 25
 
@@ -314,7 +314,7 @@ def test_ready_and_mx_records_follow_the_children(
     kube.kubectl(
         "patch",
         "service",
-        "quickstart-mx10",
+        "quickstart-mx-quickstart-test",
         "--subresource=status",
         "--type=merge",
         "-p",

@@ -170,7 +170,12 @@ def test_mx_services_one_per_entry_with_unique_names() -> None:
     relay = full_relay()
     children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
     mx = [s for s in by_kind(children, "Service") if s["spec"].get("clusterIP") != "None"]
-    assert [s["metadata"]["name"] for s in mx] == ["edge-mx10", "edge-mx20", "edge-mx20-2"]
+    # Named by MX host: a new priority keeps the Service and its load-balancer IP.
+    assert [s["metadata"]["name"] for s in mx] == [
+        "edge-mx1-example-net",
+        "edge-mx2-example-net",
+        "edge-mx3-example-net",
+    ]
     assert [s["metadata"]["labels"][naming.MX_PRIORITY_LABEL] for s in mx] == ["10", "20", "20"]
     lb, nodeport, cluster_ip = mx
     assert lb["spec"]["externalTrafficPolicy"] == "Local"
@@ -182,7 +187,8 @@ def test_mx_services_one_per_entry_with_unique_names() -> None:
 def test_default_mx_from_hostname() -> None:
     relay, inv = quickstart()
     children = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
-    mx = [s for s in by_kind(children, "Service") if s["metadata"]["name"].endswith("-mx10")]
+    name = "quickstart-mx-quickstart-test"
+    mx = [s for s in by_kind(children, "Service") if s["metadata"]["name"] == name]
     assert len(mx) == 1
     assert mx[0]["spec"]["type"] == "LoadBalancer"
     assert mx[0]["metadata"]["annotations"]["mailrelay.io/mx-hostname"] == "mx.quickstart.test"
