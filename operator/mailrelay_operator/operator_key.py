@@ -19,7 +19,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mailrelay_operator import naming
 
@@ -94,7 +94,8 @@ def _api_calls() -> tuple[ReadSecret, CreateSecret]:
 
     def read(namespace: str, name: str) -> Mapping[str, str] | None:
         try:
-            return dict(core.read_namespaced_secret(name, namespace).data or {})
+            data = core.read_namespaced_secret(name, namespace).data or {}
+            return {str(k): str(v) for k, v in data.items()}
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -102,7 +103,8 @@ def _api_calls() -> tuple[ReadSecret, CreateSecret]:
 
     def create(secret: dict[str, Any]) -> None:
         try:
-            core.create_namespaced_secret(secret["metadata"]["namespace"], secret)
+            # The client takes a plain dict body as well as a V1Secret.
+            core.create_namespaced_secret(secret["metadata"]["namespace"], cast(Any, secret))
         except ApiException as e:
             if e.status == 409:
                 raise Exists() from e
