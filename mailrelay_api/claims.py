@@ -130,7 +130,12 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _inside_cluster(host: str, cluster: ClusterNetworks) -> bool:
+def is_loopback(host: str) -> bool:
+    ip = _ip(host)
+    return ip.is_loopback if ip is not None else host.lower().rstrip(".") == "localhost"
+
+
+def inside_cluster(host: str, cluster: ClusterNetworks) -> bool:
     ip = _ip(host)
     if ip is not None:
         return (
@@ -168,7 +173,7 @@ def next_hop_allowed(
         return any(_rule_matches(r, hop) for r in spec.allowed_next_hops)
     if not tenant:
         return True
-    return hop.port in DEFAULT_NEXT_HOP_PORTS and not _inside_cluster(hop.host, cluster)
+    return hop.port in DEFAULT_NEXT_HOP_PORTS and not inside_cluster(hop.host, cluster)
 
 
 # --- sticky claims ---------------------------------------------------------------

@@ -77,6 +77,7 @@ class Rendered:
     recipient_lists: list[RecipientListVerdict] = field(default_factory=list)
     recipients: int = 0
     claims: list[Claim] = field(default_factory=list)  # MailRelay status.domains
+    next_hops: list[NextHopSpec] = field(default_factory=list)  # of the accepted domains
 
     @property
     def config_hash(self) -> str:
@@ -333,6 +334,7 @@ def render_relay(
         recipient_lists=list_verdicts,
         recipients=shards.recipients,
         claims=claims,
+        next_hops=[NextHopSpec.from_dict(d["spec"]["nextHop"]) for d in attached],
     )
 
 

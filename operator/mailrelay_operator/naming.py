@@ -107,6 +107,10 @@ def pdb_name(relay: dict[str, Any]) -> str:
     return relay_name(relay)
 
 
+def network_policy_name(relay: dict[str, Any]) -> str:
+    return relay_name(relay)
+
+
 def handover_secret_name(relay: dict[str, Any]) -> str:
     return f"{relay_name(relay)}-handover"
 

@@ -49,7 +49,7 @@ def test_default_render() -> None:
         ["ClusterRole"] * 2
         + ["ClusterRoleBinding"] * 2
         + ["CustomResourceDefinition"] * 3
-        + ["Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
+        + ["Deployment", "NetworkPolicy", "Role", "RoleBinding", "Service", "ServiceAccount"]
     )
     # No Secret: the operator creates its own key (operator-key.yaml).
     assert not by_kind(docs, "Secret")
