@@ -214,3 +214,10 @@ def award(
     if not claimants:
         return Award(None, None)
     return Award(claimants[0], Claim(domain, claimants[0]))
+
+
+def next_release(claims: Iterable[Claim], release_after: str) -> datetime.datetime | None:
+    """When the first gone holder's claim lapses (the operator looks again then)."""
+    wait = datetime.timedelta(seconds=parse_duration(release_after))
+    times = [_parse(c.gone_since) + wait for c in claims if c.gone_since]
+    return min(times) if times else None

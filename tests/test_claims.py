@@ -222,3 +222,15 @@ def test_allowed_next_hops_replace_the_default_for_everyone() -> None:
         domain("mail", "own", "e.example", host="127.0.0.1", port=2526),
     )
     assert {k for k, v in verdicts.items() if v.accepted} == {"t/cidr", "t/host"}
+
+
+def test_next_release_is_when_the_first_gone_claim_lapses() -> None:
+    from mailrelay_api.claims import Claim, next_release
+
+    claims = [
+        Claim("a.example", "a/x"),
+        Claim("b.example", "b/x", "2026-01-01T00:10:00Z"),
+        Claim("c.example", "c/x", "2026-01-01T00:05:00Z"),
+    ]
+    assert next_release(claims, "1h") == T0 + datetime.timedelta(hours=1, minutes=5)
+    assert next_release(claims[:1], "1h") is None
