@@ -583,6 +583,32 @@ MX_ENTRY = obj(
             },
             default={},
         ),
+        "pods": checked(
+            obj(
+                "Only these relay pods serve this MX (a backup MX in its own failure "
+                "domain): those with one of the ordinals or in one of the zones. Unset: "
+                "every pod.",
+                {
+                    "ordinals": array(
+                        "StatefulSet ordinals (0 is <relay>-0).",
+                        integer("An ordinal.", minimum=0, maximum=99),
+                        max_items=100,
+                    ),
+                    "zones": array(
+                        "Values of the nodes' topology.kubernetes.io/zone label.",
+                        string("A zone.", max_length=63),
+                        max_items=16,
+                    ),
+                },
+            ),
+            Rule(
+                path="",
+                cel="(has(self.ordinals) && size(self.ordinals) > 0) || "
+                "(has(self.zones) && size(self.zones) > 0)",
+                message="name at least one ordinal or zone (or leave pods out: every pod)",
+                check=lambda o: bool(o.get("ordinals") or o.get("zones")),
+            ),
+        ),
     },
     required=["hostname", "priority"],
 )

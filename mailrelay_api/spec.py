@@ -67,17 +67,35 @@ class MxServiceSpec:
 
 
 @dataclass(frozen=True)
+class MxPods:
+    """The pods serving one MX: any with one of the ordinals or in one of the zones."""
+
+    ordinals: tuple[int, ...]
+    zones: tuple[str, ...]
+
+    def serves(self, ordinal: int, zone: str | None) -> bool:
+        return ordinal in self.ordinals or (zone is not None and zone in self.zones)
+
+
+@dataclass(frozen=True)
 class MxEntrySpec:
     hostname: str
     priority: int
     service: MxServiceSpec
+    pods: MxPods | None = None  # None: every pod
 
     @classmethod
     def from_dict(cls, d: Doc) -> MxEntrySpec:
+        pods = d.get("pods")
         return cls(
             hostname=str(d["hostname"]),
             priority=int(d["priority"]),
             service=MxServiceSpec.from_dict(d["service"]),
+            pods=MxPods(
+                tuple(int(o) for o in pods.get("ordinals") or ()), _strings(pods.get("zones") or ())
+            )
+            if pods is not None
+            else None,
         )
 
 
@@ -177,9 +195,7 @@ class NextHopRule:
     def from_dict(cls, d: Doc) -> NextHopRule:
         item = S.MAILRELAY_SPEC["properties"]["allowedNextHops"]["items"]
         d = _defaulted(item, dict(d))
-        return cls(
-            cidr=d.get("cidr"), host=d.get("host"), ports=tuple(int(p) for p in d["ports"])
-        )
+        return cls(cidr=d.get("cidr"), host=d.get("host"), ports=tuple(int(p) for p in d["ports"]))
 
 
 @dataclass(frozen=True)

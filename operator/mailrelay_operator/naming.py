@@ -149,6 +149,12 @@ def mx_service_name(relay: dict[str, Any], hostname: str) -> str:
     return f"{name[:52].rstrip('-')}-{digest}"
 
 
+def mx_pods_label(hostname: str) -> str:
+    """The pod label an MX Service with spec.mx[].pods selects (the operator
+    sets it on the pods that serve that MX; a hash: label names are short)."""
+    return f"{GROUP}/mx-{hashlib.sha256(hostname.lower().encode()).hexdigest()[:10]}"
+
+
 def mx_service_names(relay: dict[str, Any], kept: Mapping[str, str] | None = None) -> list[str]:
     """One Service name per MX entry. kept: hostname -> the name of a Service
     this relay already has for it (MX_HOSTNAME_ANNOTATION), which stays: an

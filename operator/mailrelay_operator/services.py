@@ -57,9 +57,12 @@ def mx_services(
     for entry, name in zip(naming.mx_entries(relay), names, strict=True):
         svc_opts = entry.service
         svc_type = svc_opts.type
+        selector = naming.pod_selector(relay)
+        if entry.pods is not None:
+            selector[naming.mx_pods_label(entry.hostname)] = "true"
         spec: dict[str, Any] = {
             "type": svc_type,
-            "selector": naming.pod_selector(relay),
+            "selector": selector,
             "ports": [
                 {
                     "name": "smtp",
@@ -91,3 +94,14 @@ def mx_services(
         }
         out.append({"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec})
     return out
+
+
+def pod_mx_labels(relay: dict[str, Any], ordinal: int, zone: str | None) -> dict[str, str | None]:
+    """The labels a relay pod needs for the MX Services with spec.mx[].pods:
+    "true" where it serves that MX, None (remove) where it does not. A merge
+    patch of these onto the pod's labels."""
+    return {
+        naming.mx_pods_label(e.hostname): "true" if e.pods.serves(ordinal, zone) else None
+        for e in naming.mx_entries(relay)
+        if e.pods is not None
+    }

@@ -68,6 +68,7 @@ INVALID = {
     "next hop cidr": {"allowedNextHops": [{"cidr": "10.0.0.0/99"}]},
     "next hop cidr and host": {"allowedNextHops": [{"cidr": "10.0.0.0/8", "host": "a.example"}]},
     "workers zero": {"workers": 0},
+    "mx pods naming none": {"mx": [{"hostname": "mx2.example.net", "priority": 20, "pods": {}}]},
     "workers word": {"workers": "many"},
 }
 VALID = {
@@ -89,6 +90,16 @@ VALID = {
                 },
             ]
         }
+    },
+    "mx pods": {
+        "mx": [
+            {"hostname": "mx1.example.net", "priority": 10},
+            {
+                "hostname": "mx2.example.net",
+                "priority": 20,
+                "pods": {"ordinals": [2], "zones": ["b"]},
+            },
+        ]
     },
     "scheduling": {
         "workers": 4,

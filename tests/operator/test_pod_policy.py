@@ -144,3 +144,23 @@ def test_an_internal_next_hop_opens_the_cluster_ranges() -> None:
     loopback_only = [NextHopSpec.with_defaults({"host": "127.0.0.1", "port": 2526})]
     mail = networkpolicy.network_policy(relay(), loopback_only, SETTINGS)["spec"]["egress"][2]
     assert mail["to"][0]["ipBlock"]["except"] == ["10.96.0.0/12"]
+
+
+def test_an_mx_may_be_served_by_a_subset_of_pods() -> None:
+    mx = [
+        {"hostname": "mx1.example.net", "priority": 10},
+        {
+            "hostname": "mx2.example.net",
+            "priority": 20,
+            "pods": {"ordinals": [2], "zones": ["eu-b"]},
+        },
+    ]
+    r = relay(mx=mx)
+    primary, backup = services.mx_services(r)
+    assert primary["spec"]["selector"] == naming.pod_selector(r)
+    label = naming.mx_pods_label("mx2.example.net")
+    assert backup["spec"]["selector"] == {**naming.pod_selector(r), label: "true"}
+    assert services.pod_mx_labels(r, 2, "eu-a") == {label: "true"}
+    assert services.pod_mx_labels(r, 0, "eu-b") == {label: "true"}
+    assert services.pod_mx_labels(r, 1, "eu-a") == {label: None}
+    assert services.pod_mx_labels(relay(), 0, None) == {}
