@@ -18,19 +18,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailrelay_api.render import RenderCache, Rendered, render_relay
-from mailrelay_operator import certificate, handover_secret, naming, pods, scaledown, status
+from mailrelay_api.claims import Claim, next_release
+from mailrelay_api.render import RenderCache, Rendered, RenderSettings, render_relay
+from mailrelay_api.spec import relay_spec
+from mailrelay_operator import (
+    certificate,
+    handover_secret,
+    naming,
+    operator_key,
+    pods,
+    scaledown,
+    status,
+)
 from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
 from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, object_path
+from mailrelay_operator.settings import NetworkSettings
 from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
 
@@ -51,6 +63,10 @@ class RelayMemory:
     failures: int = 0  # passes in a row that could not apply everything
     handover_key: str | None = None  # the key of the relay's handover Secret
     drain: scaledown.DrainMemory = field(default_factory=scaledown.DrainMemory)
+    # The domain claims of the last render (what status.domains gets): the
+    # next render starts from these, not from a status the watch may not
+    # have brought back yet.
+    claims: list[Claim] | None = None
 
 
 @dataclass
@@ -67,8 +83,9 @@ class Reconciler:
     pod_address: pods.PodAddresser = pods.cluster_address
     pod_client: pods.PodClient = field(default_factory=pods.PodClient)
     drain_poll_seconds: float = scaledown.POLL_SECONDS
-    # Relay handover keys derive from it (the operator never reads Secrets).
-    operator_key: bytes = field(default_factory=handover_secret.load_operator_key)
+    # Relay handover keys derive from it (operator_key.py: the one Secret it reads).
+    operator_key: bytes = field(default_factory=operator_key.load)
+    network: NetworkSettings = field(default_factory=NetworkSettings.from_env)
 
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
     passes: int = 0
@@ -229,8 +246,19 @@ class Reconciler:
             return mem.rendered
         inventory = view.inventory()
         started = time.monotonic()
-        rendered = await asyncio.to_thread(render_relay, relay, inventory, mem.render_cache)
-        mem.rendered, mem.generation = rendered, gen
+        if mem.claims is not None:
+            claimed = [c.to_status() for c in mem.claims]
+            relay = {**relay, "status": {**(relay.get("status") or {}), "domains": claimed}}
+        settings = RenderSettings(cluster=self.network.cluster)
+        rendered = await asyncio.to_thread(
+            render_relay, relay, inventory, mem.render_cache, settings
+        )
+        mem.rendered, mem.generation, mem.claims = rendered, gen, rendered.claims
+        release = next_release(rendered.claims, relay_spec(relay).allowed_domains.release_after)
+        if release is not None:
+            # A gone holder's claim lapses then: render again to hand the domain on.
+            wait = (release - datetime.datetime.now(datetime.UTC)).total_seconds()
+            self.queue.mark_after(max(wait, 0.0) + 1.0, key, render=True)
         log.info(
             "rendered MailRelay %s/%s: %d domains, %d recipients, %d files in %.2fs",
             key[0],
@@ -307,6 +335,7 @@ class Reconciler:
         obs.replicas, obs.ready_replicas = self.events.replicas.get(key, Replicas())
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
+        obs.claims = [c.to_status() for c in rendered.claims]
         entries = naming.mx_entries(relay)
         mx = [(e.priority, e.hostname) for e in entries]
         ready_hosts = {

@@ -8,7 +8,7 @@ recomputed from unchanged inputs is identical and nothing gets written.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -185,6 +185,7 @@ class RelayObservation:
     ready_replicas: int = 0
     config_hash: str = ""
     domains: int = 0
+    claims: list[dict[str, str]] = field(default_factory=list)  # status.domains
     recipients: int = 0
     mx_records: tuple[list[str], int] = ([], 0)
     scale_down: Condition | None = None  # ScalingDown (scaledown.py), once there was one
@@ -206,7 +207,8 @@ def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> 
         "conditions": conditions(wanted, current, gen, at or now()),
         "replicas": obs.replicas,
         "readyReplicas": obs.ready_replicas,
-        "domains": obs.domains,
+        "acceptedDomains": obs.domains,
+        "domains": obs.claims,
         "recipients": obs.recipients,
         "configHash": obs.config_hash,
         "mxRecords": lines,

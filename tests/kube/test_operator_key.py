@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from kube.conftest import service_account_kubeconfig
-from mailrelay_operator import handover, operator_key
+from mailrelay_operator import handover_secret as handover
+from mailrelay_operator import operator_key
 from mailrelay_operator.statefulset import PodOptions, statefulset
 from mrtest.kube import Kube
 
