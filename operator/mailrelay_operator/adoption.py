@@ -21,18 +21,23 @@ def controller_uid(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def is_ours(existing: Mapping[str, Any], relay: Mapping[str, Any]) -> bool:
-    """Controlled by this relay; or an orphan of a relay of its name (our
-    labels, no controller: a StatefulSet orphan-deleted to be recreated, or
-    children left by a MailRelay deleted with --cascade=orphan)."""
+def is_ours(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Controlled by the relay that wants it (the desired child's controller);
+    or an orphan of a relay of that name (our labels, no controller: a
+    StatefulSet orphan-deleted to be recreated, children left by a MailRelay
+    deleted with --cascade=orphan, or an MX Service of an older operator)."""
     owner = controller_uid(existing)
     if owner is not None:
-        return owner == str(relay["metadata"].get("uid"))
-    labels = (existing.get("metadata") or {}).get("labels") or {}
-    return (
-        labels.get(naming.LABEL_MANAGED_BY) == naming.MANAGED_BY
-        and labels.get(naming.LABEL_INSTANCE) == relay["metadata"]["name"]
-    )
+        return owner == controller_uid(desired)
+    have = (existing.get("metadata") or {}).get("labels") or {}
+    want = (desired.get("metadata") or {}).get("labels") or {}
+    return have.get(naming.LABEL_MANAGED_BY) == naming.MANAGED_BY and have.get(
+        naming.LABEL_INSTANCE
+    ) == want.get(naming.LABEL_INSTANCE)
+
+
+class ForeignObject(Exception):
+    """An object under a child's name that is not the relay's (see refusal)."""
 
 
 def refusal(existing: Mapping[str, Any]) -> str:

@@ -61,9 +61,13 @@ class EventRouter:
     refs: dict[ObjectRef, Key | None] = field(default_factory=dict)  # last relay referred
     replicas: dict[Key, Replicas] = field(default_factory=dict)
     service_ready: dict[tuple[str, str], bool] = field(default_factory=dict)  # (ns, Service)
+    # relay -> MX hostname -> the name of its Service now: a Service made
+    # under an older naming keeps its name (and load-balancer IP).
+    mx_services: dict[Key, dict[str, str]] = field(default_factory=dict)
 
     def forget(self, relay: Key) -> None:
         self.replicas.pop(relay, None)
+        self.mx_services.pop(relay, None)
 
     def _changed(self, kind: str, body: KubeObject, deleted: bool) -> bool:
         """Spec changes bump generation; our own status writes do not."""
@@ -131,12 +135,25 @@ class EventRouter:
         key = owner_key(body)
         if key is None:
             return
+        self._mx_service(key, body, deleted)
         again = self.applier.child_event(body, deleted)
         service = (key[0], str(body["metadata"]["name"]))
         ready = not deleted and status.service_has_address(body)
         if again or deleted or self.service_ready.get(service) != ready:
             self.service_ready[service] = ready
             self.queue.mark(key, render=False)
+
+    def _mx_service(self, key: Key, body: KubeObject, deleted: bool) -> None:
+        meta = body.get("metadata") or {}
+        host = (meta.get("annotations") or {}).get(naming.MX_HOSTNAME_ANNOTATION)
+        if not host or (meta.get("labels") or {}).get(naming.LABEL_COMPONENT) != "mx":
+            return
+        names = self.mx_services.setdefault(key, {})
+        if deleted:
+            if names.get(host.lower()) == meta.get("name"):
+                names.pop(host.lower())
+        else:
+            names.setdefault(host.lower(), str(meta["name"]))
 
     def child_event(self, body: KubeObject, deleted: bool) -> None:
         """A ConfigMap or PDB (only its metadata): deleted or changed by another writer."""

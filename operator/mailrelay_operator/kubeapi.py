@@ -33,6 +33,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Secret"): "secrets",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     (CERT_MANAGER_API, "Certificate"): "certificates",
     **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }

@@ -36,12 +36,19 @@ from mailrelay_operator import (
     scaledown,
     status,
 )
+from mailrelay_operator.adoption import ForeignObject
 from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
 from mailrelay_operator.inputs import InputCache
-from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, object_path
+from mailrelay_operator.kubeapi import (
+    KubeApi,
+    KubeError,
+    KubeObject,
+    object_path,
+    resource_path,
+)
 from mailrelay_operator.settings import NetworkSettings
 from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
@@ -142,22 +149,26 @@ class Reconciler:
             if loop.time() >= next_resync:
                 next_resync = loop.time() + self.resync_seconds
                 if self.started:
+                    # From the watch caches: re-listing a million recipients
+                    # every few minutes would cost more than the drift it finds.
                     self.resync()
-                    try:
-                        await self.seed()
-                    except Exception:
-                        log.exception("listing RelayDomains and RecipientLists failed")
             self.queue.wakeup.clear()
             await asyncio.sleep(self.debounce_seconds)
             await self.process()
 
     async def seed(self) -> None:
-        """Lists RelayDomains and RecipientLists into the input cache.
+        """Lists RelayDomains and RecipientLists into the input cache, and the
+        relays' MX Services (their names are kept: see EventRouter.mx_services).
 
-        At start-up (before kopf watches) this is the complete picture; later
-        (each resync) it also drops objects whose deletion was missed.
+        Once, at start-up, before kopf watches: the complete picture. Later the
+        watches keep it current (a resync replays the cache, it lists nothing).
         """
         await self.inputs.seed(self.api, self.namespaces)
+        selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_COMPONENT}=mx"
+        for namespace in self.namespaces or (None,):
+            path = resource_path("v1", "Service", namespace)
+            for svc in await self.api.list_objects(path, selector):
+                self.events.service_event({"apiVersion": "v1", "kind": "Service", **svc}, False)
 
     def resync(self) -> None:
         """Forget what was applied and written: the next pass checks everything again."""
@@ -211,7 +222,13 @@ class Reconciler:
         if mem.handover_key is None:
             mem.handover_key = handover_secret.relay_key(self.operator_key, relay)
         children = desired_children(
-            relay, rendered, self.image, self.applier.cert_manager is not False, mem.handover_key
+            relay,
+            rendered,
+            self.image,
+            self.applier.cert_manager is not False,
+            mem.handover_key,
+            self.network,
+            self.events.mx_services.get(key),
         )
         await self._apply(key, relay, mem, children, obs)
         self._observe(key, relay, mem, rendered, obs)
@@ -294,8 +311,9 @@ class Reconciler:
                 self.queue.mark_later(key, mem.failures)
             await self.applier.prune(key, relay, children)
             mem.failures = 0
-        except KubeError as e:
+        except (KubeError, ForeignObject) as e:
             obs.applied, obs.apply_error = False, str(e)
+            obs.foreign = isinstance(e, ForeignObject)
             log.warning("MailRelay %s/%s: %s", key[0], key[1], e)
             mem.failures += 1
             self.queue.mark_later(key, mem.failures)

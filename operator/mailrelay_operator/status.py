@@ -28,6 +28,8 @@ class ConditionType(StrEnum):
 class ReconciledReason(StrEnum):
     APPLIED = "Applied"
     APPLY_FAILED = "ApplyFailed"
+    RESOURCE_EXISTS = "ResourceExists"  # a child's name is taken by an object not ours
+    INVALID_SPEC = "InvalidSpec"  # the spec fails mailrelay validate's checks
     STATEFULSET_RECREATING = "StatefulSetRecreating"
     STATEFULSET_RECREATED = "StatefulSetRecreated"
 
@@ -178,6 +180,7 @@ class RelayObservation:
 
     applied: bool = True
     apply_error: str = ""
+    foreign: bool = False  # apply_error is about an object not ours (ResourceExists)
     recreating: str = ""  # message while the StatefulSet is orphan-deleted and recreated
     recreated: str = ""  # message after a recreate
     cert_manager_missing: bool = False
@@ -223,7 +226,8 @@ def _reconciled(obs: RelayObservation) -> Condition:
     if obs.recreating:
         return Condition(kind, False, why.STATEFULSET_RECREATING, obs.recreating)
     if not obs.applied:
-        return Condition(kind, False, why.APPLY_FAILED, obs.apply_error)
+        reason = why.RESOURCE_EXISTS if obs.foreign else why.APPLY_FAILED
+        return Condition(kind, False, reason, obs.apply_error)
     if obs.recreated:
         return Condition(kind, True, why.STATEFULSET_RECREATED, obs.recreated)
     return Condition(kind, True, why.APPLIED, "all children are up to date")

@@ -81,7 +81,11 @@ def test_quickstart_children_owned_and_labelled(kube: Kube, quickstart: dict[str
 
 def test_quickstart_statuses(kube: Kube, quickstart: dict[str, Any]) -> None:
     st = quickstart["status"]
-    assert st["domains"] == 2 and st["recipients"] == 3
+    assert st["acceptedDomains"] == 2 and st["recipients"] == 3
+    assert {c["domain"]: c["holder"] for c in st["domains"]} == {
+        "example.com": "default/example-com",
+        "example.org": "default/example-org",
+    }
     ready = condition(quickstart, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ReplicasNotReady")
     assert all(

@@ -6,7 +6,16 @@ from typing import Any
 
 from mailrelay_operator import adoption, naming
 
-RELAY = {"metadata": {"name": "edge", "namespace": "mail", "uid": "u-1"}}
+# What the relay wants under that name: controlled by it, with its labels.
+DESIRED = {
+    "kind": "Service",
+    "metadata": {
+        "name": "edge-mx1-example-net",
+        "labels": {naming.LABEL_MANAGED_BY: naming.MANAGED_BY, naming.LABEL_INSTANCE: "edge"},
+        "ownerReferences": [{"uid": "u-1", "controller": True, "kind": "MailRelay"}],
+    },
+}
+RELAY = DESIRED
 
 
 def svc(owner: str | None = None, **labels: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from mailrelay_operator import configmaps, naming, statefulset
 from mailrelay_operator.children import desired_children
+from mailrelay_operator.settings import NetworkSettings
 
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import render_relay
@@ -146,7 +147,16 @@ def test_quickstart_children_match_golden() -> None:
 
 def test_full_relay_children_match_golden() -> None:
     relay = full_relay()
-    children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
+    # With the operator's network settings: the relay pods' NetworkPolicy.
+    network = NetworkSettings.from_env(
+        {
+            "MAILRELAY_CLUSTER_CIDRS": "10.96.0.0/12,10.244.0.0/16",
+            "POD_NAMESPACE": "mailrelay-system",
+            "MAILRELAY_METRICS_NAMESPACE": "monitoring",
+        }
+    )
+    rendered = render_relay(relay, Inventory())
+    children = desired_children(relay, rendered, IMAGE, cert_manager=True, network=network)
     check_golden("full.yaml", children)
 
 
