@@ -159,7 +159,8 @@ class ChildApplier:
             want = digest(child)
             if self.applied.get(path) == want:
                 continue
-            if path not in self.owned:
+            # Secrets are never read (RBAC): the handover Secret goes unchecked.
+            if path not in self.owned and child["kind"] != "Secret":
                 await self._refuse_foreign(path, child)
             if child["kind"] == "StatefulSet":
                 if not await self._apply_statefulset(key, child, recreate, generation):

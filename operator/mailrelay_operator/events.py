@@ -67,7 +67,8 @@ class EventRouter:
 
     def forget(self, relay: Key) -> None:
         self.replicas.pop(relay, None)
-        self.mx_services.pop(relay, None)
+        # mx_services stays: it follows the Services themselves (one may
+        # exist before its MailRelay, left by an older operator).
 
     def _changed(self, kind: str, body: KubeObject, deleted: bool) -> bool:
         """Spec changes bump generation; our own status writes do not."""
