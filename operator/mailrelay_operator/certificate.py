@@ -8,7 +8,9 @@ from typing import Any
 from mailrelay_api.spec import relay_spec
 from mailrelay_operator import naming
 
-CERT_MANAGER_API = "cert-manager.io/v1"
+CERT_MANAGER_GROUP = "cert-manager.io"
+CERT_MANAGER_API = f"{CERT_MANAGER_GROUP}/v1"
+CERTIFICATE_CRD = f"certificates.{CERT_MANAGER_GROUP}"
 
 
 def wants_certificate(relay: dict[str, Any]) -> bool:

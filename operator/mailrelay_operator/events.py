@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mailrelay_operator import naming, status
+from mailrelay_operator import certificate, naming, status
 from mailrelay_operator.apply import ChildApplier, digest
 from mailrelay_operator.cluster import (
     ClusterView,
@@ -64,6 +64,10 @@ class EventRouter:
     # relay -> MX hostname -> the name of its Service now: a Service made
     # under an older naming keeps its name (and load-balancer IP).
     mx_services: dict[Key, dict[str, str]] = field(default_factory=dict)
+    # relay -> its StatefulSet's generation and status (rollout.py reads them)
+    statefulsets: dict[Key, KubeObject] = field(default_factory=dict)
+    # relay -> its Certificate's Ready: (ready, message) (certificate.certificate_ready)
+    certificates: dict[Key, tuple[bool, str]] = field(default_factory=dict)
 
     def forget(self, relay: Key) -> None:
         self.replicas.pop(relay, None)
@@ -128,7 +132,16 @@ class EventRouter:
             if deleted
             else Replicas(int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0))
         )
-        if again or deleted or self.replicas.get(key, Replicas()) != now:
+        state: KubeObject = {
+            "metadata": {"generation": body["metadata"].get("generation")},
+            "status": dict(st),
+        }
+        rolled = deleted or self.statefulsets.get(key) != state
+        if deleted:
+            self.statefulsets.pop(key, None)
+        else:
+            self.statefulsets[key] = state
+        if again or deleted or rolled or self.replicas.get(key, Replicas()) != now:
             self.replicas[key] = now
             self.queue.mark(key, render=False)
 
@@ -155,6 +168,25 @@ class EventRouter:
                 names.pop(host.lower())
         else:
             names.setdefault(host.lower(), str(meta["name"]))
+
+    def certificate_event(self, body: KubeObject, deleted: bool) -> None:
+        """Issued or not: TLS=True only once cert-manager says Ready."""
+        key = owner_key(body)
+        if key is None:
+            return
+        again = self.applier.child_event(body, deleted)
+        now = certificate.certificate_ready(None if deleted else body)
+        if again or self.certificates.get(key) != now:
+            self.certificates[key] = now
+            self.queue.mark(key, render=False)
+
+    def certificate_kind_event(self) -> None:
+        """cert-manager installed (or removed) since we looked: look again now,
+        not at the next resync, for every relay that wants a Certificate."""
+        self.applier.cert_manager = None
+        for key, relay in self.view().relays.items():
+            if certificate.wants_certificate(relay):
+                self.queue.mark(key, render=False)
 
     def child_event(self, body: KubeObject, deleted: bool) -> None:
         """A ConfigMap or PDB (only its metadata): deleted or changed by another writer."""

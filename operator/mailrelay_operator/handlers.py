@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from mailrelay_api.schema import GROUP
-from mailrelay_operator import naming, operator_key
+from mailrelay_operator import certificate, naming, operator_key
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
 from mailrelay_operator.kubeapi import KubeApi, KubeObject
@@ -29,6 +29,7 @@ CHILD_PLURALS = (
     "statefulsets",
     "poddisruptionbudgets",
     "networkpolicies",
+    "certificates",
 )
 log = logging.getLogger("mailrelay.operator")
 # The reconcilers started in this process, with their loops: tests and the
@@ -184,6 +185,24 @@ async def config_map_event(
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
 async def pdb_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _events(memo).child_event(_child(body, "policy/v1", "PodDisruptionBudget"), _deleted(event))
+
+
+@kopf.on.event(certificate.CERT_MANAGER_GROUP, "v1", "certificates", labels=OWNED)
+async def certificate_event(
+    event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    _events(memo).certificate_event(dict(body), _deleted(event))
+
+
+@kopf.on.event(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    field="metadata.name",
+    value=certificate.CERTIFICATE_CRD,
+)
+async def certificate_crd_event(memo: kopf.Memo, **_: Any) -> None:
+    _events(memo).certificate_kind_event()
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)

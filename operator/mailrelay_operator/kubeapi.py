@@ -164,10 +164,15 @@ class KubeApi:
         )
 
     def patch_status_sync(self, path: str, status: dict[str, Any]) -> KubeObject:
-        """Merge-patch of /status: conditions is written whole (merge replaces lists)."""
+        """Merge-patch of /status: conditions is written whole (merge replaces lists).
+        Under our field manager, so `kubectl get --show-managed-fields` says who wrote it."""
         self._count_write()
         return self._call(
-            "PATCH", path + "/status", [], {"status": status}, "application/merge-patch+json"
+            "PATCH",
+            path + "/status",
+            [("fieldManager", FIELD_MANAGER)],
+            {"status": status},
+            "application/merge-patch+json",
         )
 
     def delete_sync(self, path: str, propagation: str = "Background") -> None:

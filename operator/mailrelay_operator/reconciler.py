@@ -49,6 +49,7 @@ from mailrelay_operator.kubeapi import (
     object_path,
     resource_path,
 )
+from mailrelay_operator.rollout import PROGRESS_DEADLINE_SECONDS, ProgressClock, rollout
 from mailrelay_operator.settings import NetworkSettings
 from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
@@ -74,6 +75,7 @@ class RelayMemory:
     # next render starts from these, not from a status the watch may not
     # have brought back yet.
     claims: list[Claim] | None = None
+    progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
 
 
 @dataclass
@@ -351,6 +353,14 @@ class Reconciler:
         obs.recreating = mem.recreate.recreating
         obs.scale_down = mem.drain.condition
         obs.replicas, obs.ready_replicas = self.events.replicas.get(key, Replicas())
+        want = relay_spec(relay).replicas
+        obs.rollout = rollout(self.events.statefulsets.get(key), want)
+        at = time.monotonic()
+        obs.stuck = mem.progress.stuck(obs.rollout, at)
+        if not obs.rollout.done and mem.progress.since == at:
+            # No event may come (a crash-looping pod): look again at the deadline.
+            self.queue.mark_after(PROGRESS_DEADLINE_SECONDS + 1.0, key)
+        obs.certificate = self.events.certificates.get(key)
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
         obs.claims = [c.to_status() for c in rendered.claims]

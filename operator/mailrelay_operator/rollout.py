@@ -20,27 +20,33 @@ PROGRESS_DEADLINE_SECONDS = 600.0
 @dataclass(frozen=True)
 class Rollout:
     done: bool
+    reason: str  # while not done: ReplicasNotReady or RollingOut (status.ReadyReason)
     message: str
     progress: tuple[int, ...]  # what counts as progress: changes reset the deadline
 
 
+NOT_READY, ROLLING_OUT = "ReplicasNotReady", "RollingOut"
+
+
 def rollout(sts: Mapping[str, Any] | None, want: int) -> Rollout:
     if sts is None:
-        return Rollout(False, "StatefulSet not created yet", ())
+        return Rollout(False, NOT_READY, f"0/{want} pods ready", ())
     meta, st = sts.get("metadata") or {}, sts.get("status") or {}
     generation = int(meta.get("generation") or 0)
     observed = int(st.get("observedGeneration") or 0)
     ready = int(st.get("readyReplicas") or 0)
     updated = int(st.get("updatedReplicas") or 0)
-    update = st.get("updateRevision") or ""
+    update = str(st.get("updateRevision") or "")
     progress = (observed, ready, updated, hash(update))
-    if observed < generation:
-        return Rollout(False, "the StatefulSet controller has not seen the new spec", progress)
-    if updated < want:
-        return Rollout(False, f"{updated}/{want} pods updated to revision {update}", progress)
     if ready < want:
-        return Rollout(False, f"{ready}/{want} pods ready", progress)
-    return Rollout(True, f"{want}/{want} pods ready", progress)
+        return Rollout(False, NOT_READY, f"{ready}/{want} pods ready", progress)
+    if observed < generation:
+        message = "the StatefulSet controller has not seen the new spec"
+        return Rollout(False, ROLLING_OUT, message, progress)
+    if updated < want:
+        message = f"{updated}/{want} pods updated to revision {update}"
+        return Rollout(False, ROLLING_OUT, message, progress)
+    return Rollout(True, "", f"{want}/{want} pods ready", progress)
 
 
 @dataclass

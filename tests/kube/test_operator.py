@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -305,16 +306,32 @@ spec:
 def test_ready_and_mx_records_follow_the_children(
     kube: Kube, operator: RunningOperator, quickstart: dict[str, Any]
 ) -> None:
-    # Play the StatefulSet controller and the cloud load balancer.
+    # Play the StatefulSet controller and the cloud load balancer. A ready pod
+    # on the old template is not a finished rollout: Ready waits for it.
+    sts = kube.get("statefulset", "quickstart") or {}
+    rolling = {
+        "observedGeneration": sts["metadata"]["generation"],
+        "replicas": 1,
+        "readyReplicas": 1,
+        "availableReplicas": 1,
+        "updatedReplicas": 0,
+        "currentRevision": "quickstart-old",
+        "updateRevision": "quickstart-new",
+    }
     kube.kubectl(
-        "patch",
-        "statefulset",
-        "quickstart",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status":{"replicas":1,"readyReplicas":1,"availableReplicas":1}}',
+        "patch", "statefulset", "quickstart", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": rolling}),
+    )  # fmt: skip
+    wait_for(
+        "RollingOut",
+        lambda: condition(kube.get("mailrelay", "quickstart"), "Ready").get("reason")
+        == "RollingOut",
     )
+    done = {**rolling, "updatedReplicas": 1, "currentRevision": "quickstart-new"}
+    kube.kubectl(
+        "patch", "statefulset", "quickstart", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": done}),
+    )  # fmt: skip
     kube.kubectl(
         "patch",
         "service",

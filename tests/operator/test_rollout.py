@@ -18,13 +18,16 @@ DONE = {"observedGeneration": 2, "replicas": 2, "readyReplicas": 2, "updatedRepl
 
 def test_ready_pods_are_not_enough() -> None:
     assert rollout(sts(**DONE), 2).done
-    assert rollout(sts(**{**DONE, "observedGeneration": 1}), 2).message == (
-        "the StatefulSet controller has not seen the new spec"
+    stale = rollout(sts(**{**DONE, "observedGeneration": 1}), 2)
+    assert (stale.reason, stale.message) == (
+        "RollingOut",
+        "the StatefulSet controller has not seen the new spec",
     )
     # Two ready pods, one still on the old template.
-    half = {**DONE, "updatedReplicas": 1, "currentRevision": "edge-a"}
-    assert rollout(sts(**half), 2).message == "1/2 pods updated to revision edge-b"
-    assert rollout(sts(**{**DONE, "readyReplicas": 1}), 2).message == "1/2 pods ready"
+    half = rollout(sts(**{**DONE, "updatedReplicas": 1, "currentRevision": "edge-a"}), 2)
+    assert (half.reason, half.message) == ("RollingOut", "1/2 pods updated to revision edge-b")
+    short = rollout(sts(**{**DONE, "readyReplicas": 1}), 2)
+    assert (short.reason, short.message) == ("ReplicasNotReady", "1/2 pods ready")
     assert not rollout(None, 2).done
 
 
