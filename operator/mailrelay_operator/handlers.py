@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from mailrelay_api.schema import GROUP
-from mailrelay_operator import certificate, naming, operator_key
+from mailrelay_operator import certificate, health, naming, operator_key
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
 from mailrelay_operator.kubeapi import KubeApi, KubeObject
@@ -37,6 +37,8 @@ log = logging.getLogger("mailrelay.operator")
 RUNNING: list[tuple[Reconciler, asyncio.AbstractEventLoop]] = []
 # The namespaces served (empty: all); main.run sets it before kopf starts.
 NAMESPACES: list[str] = []
+# Where /healthz (this URL) and /readyz are served (health.py); main.run sets it.
+HEALTH_ENDPOINT: list[str] = []
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -117,12 +119,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         view=lambda: _view(memo),
         image=os.environ.get(naming.RELAY_IMAGE_ENV) or naming.DEFAULT_RELAY_IMAGE,
         resync_seconds=float(os.environ.get("MAILRELAY_OPERATOR_RESYNC_SECONDS", "300")),
+        workers=int(os.environ.get("MAILRELAY_OPERATOR_WORKERS", "4")),
         namespaces=tuple(NAMESPACES),
     )
     # Before kopf starts watching: every event it delivers is newer than this.
     await reconciler.seed()
     memo["reconciler"] = reconciler
     memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
+    reconciler.health.loop = memo["task"]
+    if HEALTH_ENDPOINT:
+        memo["health"] = await health.serve(HEALTH_ENDPOINT[0], reconciler.health)
     RUNNING.append((reconciler, asyncio.get_running_loop()))
 
 
@@ -132,6 +138,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    if memo.get("health") is not None:
+        await memo["health"].cleanup()
 
 
 # --- events: mark what changed --------------------------------------------------------

@@ -30,6 +30,7 @@ from mailrelay_api.spec import relay_spec
 from mailrelay_operator import (
     certificate,
     handover_secret,
+    metrics,
     naming,
     operator_key,
     pods,
@@ -41,6 +42,7 @@ from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
+from mailrelay_operator.health import HEALTH, Health
 from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import (
     KubeApi,
@@ -96,7 +98,12 @@ class Reconciler:
     operator_key: bytes = field(default_factory=operator_key.load)
     network: NetworkSettings = field(default_factory=NetworkSettings.from_env)
 
+    workers: int = 4  # relays reconciled at once
+    health: Health = field(default_factory=lambda: HEALTH)
+
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
+    running: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    slots: asyncio.Semaphore = field(init=False)
     passes: int = 0
     started: bool = False
     busy: bool = False
@@ -108,6 +115,7 @@ class Reconciler:
     events: EventRouter = field(init=False)
 
     def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.workers)
         self.queue = WorkQueue(self.retry_seconds)
         self.inputs = InputCache()
         self.applier = ChildApplier(self.api)
@@ -117,7 +125,7 @@ class Reconciler:
     # --- for tests and benchmarks (call in the loop's thread) --------------------------
     @property
     def idle(self) -> bool:
-        return not self.busy and self.queue.empty and self.statuses.idle
+        return not self.busy and not self.running and self.queue.empty and self.statuses.idle
 
     def resync_now(self) -> None:
         """A full pass now."""
@@ -135,8 +143,10 @@ class Reconciler:
         try:
             await self._run()
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            tasks = [writer, *self.running.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.pod_client.close()
 
     async def _run(self) -> None:
@@ -181,27 +191,30 @@ class Reconciler:
         self.queue.mark_sweep()
 
     async def process(self) -> None:
-        """One pass over whatever is dirty now."""
+        """One pass over whatever is dirty now: each relay's reconcile starts
+        in its own task (at most `workers` run at once), so a slow relay (pods
+        that do not answer a drain) holds up no other."""
         self.started = self.busy = True
+        self.health.begin_pass()
         try:
             await self._process()
         finally:
             self.busy = False
             self.passes += 1
+            self.health.end_pass()
 
     async def _process(self) -> None:
         view = self.view()
         dirty, sweep = self.queue.take()
         for key, render in sorted(dirty.items()):
-            try:
-                await self.reconcile_relay(key, render, view)
-            except Exception:
-                log.exception("reconciling MailRelay %s/%s failed; retrying", *key)
-                failures = 0
-                if key in self.relays:
-                    self.relays[key].failures += 1
-                    failures = self.relays[key].failures
-                self.queue.mark_later(key, failures, render=True)
+            if key in self.running:
+                # One reconcile per relay at a time: this mark waits for it.
+                self.queue.dirty[key] = self.queue.dirty.get(key, False) or render
+                continue
+            self.running[key] = asyncio.create_task(
+                self._reconcile_one(key, render, view), name=f"mailrelay-{key[0]}-{key[1]}"
+            )
+        metrics.QUEUE_DEPTH.set(len(self.queue.dirty) + len(self.running))
         if sweep:
             try:
                 self.sweep_orphans(view)
@@ -209,12 +222,38 @@ class Reconciler:
                 log.exception("writing statuses of unattached objects failed; retrying")
                 self.queue.sweep_later()
 
+    async def _reconcile_one(self, key: Key, render: bool, view: ClusterView) -> None:
+        started = time.monotonic()
+        try:
+            async with self.slots:
+                applied = await self.reconcile_relay(key, render, view)
+            metrics.RECONCILES.labels("applied" if applied else "failed").inc()
+            if applied:
+                metrics.LAST_SUCCESS.labels(*key).set(time.time())
+            else:
+                metrics.ERRORS.inc()
+        except Exception:
+            log.exception("reconciling MailRelay %s/%s failed; retrying", *key)
+            metrics.RECONCILES.labels("error").inc()
+            metrics.ERRORS.inc()
+            failures = 0
+            if key in self.relays:
+                self.relays[key].failures += 1
+                failures = self.relays[key].failures
+            self.queue.mark_later(key, failures, render=True)
+        finally:
+            metrics.DURATION.observe(time.monotonic() - started)
+            self.running.pop(key, None)
+            if key in self.queue.dirty:
+                self.queue.wakeup.set()  # a mark that waited for this reconcile
+
     # --- one relay --------------------------------------------------------------------
-    async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> None:
+    async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> bool:
+        """One relay's pass; whether every child was applied."""
         relay = view.relays.get(key)
         if relay is None:
             self._forget(key)
-            return
+            return True
         mem = self._memory(key, relay)
         rendered = await self._render(key, relay, mem, render, view)
         obs = status.RelayObservation(config_hash=rendered.config_hash)
@@ -247,6 +286,7 @@ class Reconciler:
             if rl is not None and view.relay_of_list(rl) == key:
                 self.statuses.queue(rl, status.list_status(rl, lv))
         log.info("reconciled MailRelay %s/%s; %d writes so far", key[0], key[1], self.api.writes)
+        return obs.applied
 
     def _memory(self, key: Key, relay: KubeObject) -> RelayMemory:
         """The relay's memory; a fresh one for a new object of the same name."""

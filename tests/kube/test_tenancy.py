@@ -21,7 +21,7 @@ from mrtest.kube import Kube, RunningOperator, condition, wait_for
 pytestmark = pytest.mark.kube
 
 RELAY_NS = "mail-shared"
-A, B = "tenant-a", "tenant-b"
+A, B = "tenancy-a", "tenancy-b"
 TENANT_ROLE = {
     "apiVersion": "rbac.authorization.k8s.io/v1",
     "kind": "Role",
@@ -138,8 +138,8 @@ def test_grants_decide_who_may_claim_what(kube: Kube, tenants: tuple[Kube, Kube]
     wait_for("a.example accepted", lambda: settled(kube, A, "a", "Accepted"))
     wait_for("mail.b.example accepted", lambda: settled(kube, B, "sub", "Accepted"))
     refused = wait_for("steal-a refused", lambda: settled(kube, B, "steal-a", "NotAllowed"))
-    assert "tenant-a" not in refused["message"]
-    assert holders(kube)["a.example"]["holder"] == "tenant-a/a"
+    assert A not in refused["message"]
+    assert holders(kube)["a.example"]["holder"] == "tenancy-a/a"
 
 
 def test_an_older_object_cannot_be_edited_into_a_held_domain(
@@ -150,7 +150,7 @@ def test_an_older_object_cannot_be_edited_into_a_held_domain(
     wait_for("b holds shared.example", lambda: settled(kube, B, "old", "Accepted"))
     a.apply(relay_domain("mine", "shared.example"), "-n", A)
     refused = wait_for("a's claim refused", lambda: settled(kube, A, "mine", "Conflict"))
-    assert "tenant-b" not in refused["message"] and "old" not in refused["message"]
+    assert B not in refused["message"] and "old" not in refused["message"]
     # The hijack of old: tenant a's own older object (a) edited to the held domain.
     edit = a.kubectl_run(
         "patch", "relaydomain", "a", "-n", A, "--type=merge",
@@ -162,7 +162,7 @@ def test_an_older_object_cannot_be_edited_into_a_held_domain(
         "-p", json.dumps({"spec": {"relayRef": {"name": "other"}}}),
     )  # fmt: skip
     assert moved.returncode != 0 and "spec.relayRef is immutable" in moved.stderr
-    assert holders(kube)["shared.example"]["holder"] == "tenant-b/old"
+    assert holders(kube)["shared.example"]["holder"] == "tenancy-b/old"
 
 
 def test_replacing_the_owners_object_hands_nothing_to_a_squatter(
@@ -177,7 +177,7 @@ def test_replacing_the_owners_object_hands_nothing_to_a_squatter(
     assert gone
     operator.settle()
     assert verdict(kube, A, "mine")["reason"] == "Conflict"
-    assert holders(kube)["shared.example"]["holder"] == "tenant-b/old"
+    assert holders(kube)["shared.example"]["holder"] == "tenancy-b/old"
     # The owner applies its object again: it gets the domain back.
     b.apply(relay_domain("old", "shared.example"), "-n", B)
     wait_for("b holds it again", lambda: settled(kube, B, "old", "Accepted"))
@@ -186,7 +186,7 @@ def test_replacing_the_owners_object_hands_nothing_to_a_squatter(
     # The relay's configuration routes the domain to its holder.
     config = kube.get("configmap", "shared-config", RELAY_NS) or {}
     domains = json.loads(config["data"]["domains.json"])["domains"]
-    assert {d["domain"]: d["source"] for d in domains}["shared.example"] == "tenant-b/old"
+    assert {d["domain"]: d["source"] for d in domains}["shared.example"] == "tenancy-b/old"
 
 
 def test_a_claim_is_released_after_release_after(kube: Kube, tenants: tuple[Kube, Kube]) -> None:
@@ -196,7 +196,7 @@ def test_a_claim_is_released_after_release_after(kube: Kube, tenants: tuple[Kube
     )  # fmt: skip
     kube.kubectl("delete", "relaydomain", "old", "-n", B)
     wait_for("a gets shared.example", lambda: settled(kube, A, "mine", "Accepted"), 60)
-    assert holders(kube)["shared.example"]["holder"] == "tenant-a/mine"
+    assert holders(kube)["shared.example"]["holder"] == "tenancy-a/mine"
 
 
 def test_tenants_cannot_send_mail_into_the_cluster(kube: Kube, tenants: tuple[Kube, Kube]) -> None:
