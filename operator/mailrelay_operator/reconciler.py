@@ -78,6 +78,7 @@ class RelayMemory:
     # have brought back yet.
     claims: list[Claim] | None = None
     progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
+    applied_replicas: int | None = None  # the StatefulSet replicas we last applied
 
 
 @dataclass
@@ -365,15 +366,14 @@ class Reconciler:
     ) -> KubeObject:
         """The StatefulSet to apply: fewer replicas only once the leaving pods are drained."""
         found = await self.api.get(object_path(sts))
-        current = None
-        if found is not None and not found["metadata"].get("deletionTimestamp"):
-            current = int((found.get("spec") or {}).get("replicas") or 0)
+        current = pods_in_place(found, mem.applied_replicas)
         want = int(sts["spec"]["replicas"])
         assert mem.handover_key is not None
         planner = scaledown.ScaleDown(self.pod_address, self.pod_client, self.drain_poll_seconds)
         plan = await planner.plan(relay, current, want, mem.handover_key, mem.drain)
         if plan.poll:
             self.queue.mark_after(self.drain_poll_seconds, key)
+        mem.applied_replicas = plan.replicas
         if plan.replicas == want:
             return sts
         return {**sts, "spec": {**sts["spec"], "replicas": plan.replicas}}
@@ -428,3 +428,18 @@ class Reconciler:
             self.statuses.queue(dom, status.domain_status(dom, None, msg))
         for rl, reason, message in view.orphan_lists():
             self.statuses.queue(rl, status.list_status(rl, None, reason, message))
+
+
+def pods_in_place(found: KubeObject | None, applied: int | None) -> int | None:
+    """How many relay pods a scale-down starts from: what we applied, not what
+    another writer raised spec.replicas to, and no more pods than exist
+    (status.replicas, when the controller reported it). None: no StatefulSet."""
+    if found is None or found["metadata"].get("deletionTimestamp"):
+        return None
+    current = int((found.get("spec") or {}).get("replicas") or 0)
+    if applied is not None:
+        current = min(current, applied)
+    created = (found.get("status") or {}).get("replicas")
+    if created is not None:
+        current = min(current, int(created))
+    return current

@@ -60,3 +60,18 @@ def test_a_slow_relay_delays_no_other() -> None:
         assert r.health.passes >= 2
 
     asyncio.run(scenario())
+
+
+def test_a_scale_down_starts_from_what_we_applied_and_pods_that_exist() -> None:
+    from mailrelay_operator.reconciler import pods_in_place
+
+    def sts(spec: int, created: int | None = None) -> dict[str, Any]:
+        status = {} if created is None else {"replicas": created}
+        return {"metadata": {"name": "edge"}, "spec": {"replicas": spec}, "status": status}
+
+    # Someone raised spec.replicas to 5: not a scale-down from 5.
+    assert pods_in_place(sts(5), applied=2) == 2
+    # After a restart (nothing applied yet): no more than the pods created.
+    assert pods_in_place(sts(5, created=3), applied=None) == 3
+    assert pods_in_place(sts(3, created=3), applied=None) == 3
+    assert pods_in_place(None, applied=2) is None
