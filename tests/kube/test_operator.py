@@ -180,7 +180,8 @@ metadata: {name: tenant-domain, namespace: tenant-a}
 spec:
   domain: tenant.example
   relayRef: {name: quickstart, namespace: default}
-  nextHop: {host: 127.0.0.1}
+  # Outside the cluster: a tenant may not use loopback (docs/security.md).
+  nextHop: {host: mx.tenant.example}
   recipients: any
 ---
 apiVersion: mailrelay.io/v1alpha1
