@@ -31,6 +31,7 @@ from mailrelay_operator import (
     certificate,
     handover_secret,
     metrics,
+    mx_pods,
     naming,
     operator_key,
     pods,
@@ -273,6 +274,12 @@ class Reconciler:
             self.events.mx_services.get(key),
         )
         await self._apply(key, relay, mem, children, obs)
+        if obs.applied:
+            try:
+                await mx_pods.label_mx_pods(self.api, relay)
+            except KubeError as e:
+                log.warning("MailRelay %s/%s: labelling pods for spec.mx[].pods: %s", *key, e)
+                self.queue.mark_later(key, mem.failures)
         self._observe(key, relay, mem, rendered, obs)
 
         # The relay's own status now; its domains' and lists' (thousands, maybe)

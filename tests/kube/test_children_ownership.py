@@ -112,3 +112,45 @@ def test_relay_pods_get_a_network_policy(kube: Kube, namespace: str) -> None:
     assert handover["from"][0]["podSelector"] == spec["podSelector"]
     [owner] = policy["metadata"]["ownerReferences"]
     assert owner["kind"] == "MailRelay" and owner["name"] == "fenced"
+
+
+def test_a_backup_mx_served_by_a_subset_of_pods(kube: Kube, namespace: str) -> None:
+    # Play the scheduler: two nodes in two zones, and the relay's two pods.
+    for node, zone in (("node-a", "zone-a"), ("node-b", "zone-b")):
+        kube.apply(json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": node, "labels": {"topology.kubernetes.io/zone": zone}}}))  # fmt: skip
+    labels = {
+        "app.kubernetes.io/name": "mailrelay",
+        "app.kubernetes.io/instance": "split",
+        "app.kubernetes.io/component": "relay",
+    }
+    for ordinal, node in ((0, "node-a"), (1, "node-b")):
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"split-{ordinal}", "namespace": NS, "labels": labels},
+            "spec": {
+                "nodeName": node,
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "relay", "image": "registry.test/mailrelay:test"}],
+            },
+        }
+        kube.apply(json.dumps(pod))
+    spec = json.loads(relay("split"))
+    spec["spec"]["mx"].append(
+        {"hostname": "backup.split.example", "priority": 20, "pods": {"zones": ["zone-b"]}}
+    )
+    kube.apply(json.dumps(spec))
+    label = wait_for(
+        "the zone-b pod labelled",
+        lambda: [
+            k
+            for k in (kube.get("pod", "split-1", NS) or {})["metadata"].get("labels", {})
+            if k.startswith("mailrelay.io/mx-")
+        ],
+    )[0]
+    assert label not in (kube.get("pod", "split-0", NS) or {})["metadata"]["labels"]
+    backup = kube.get("service", "split-backup-split-example", NS) or {}
+    assert backup["spec"]["selector"][label] == "true"
+    primary = kube.get("service", "split-mx-split-example", NS) or {}
+    assert label not in primary["spec"]["selector"]
