@@ -440,13 +440,15 @@ class Reconciler:
 def pods_in_place(found: KubeObject | None, applied: int | None) -> int | None:
     """How many relay pods a scale-down starts from: what we applied, not what
     another writer raised spec.replicas to, and no more pods than exist
-    (status.replicas, when the controller reported it). None: no StatefulSet."""
+    (status.replicas, once the controller reported). None: no StatefulSet."""
     if found is None or found["metadata"].get("deletionTimestamp"):
         return None
     current = int((found.get("spec") or {}).get("replicas") or 0)
     if applied is not None:
         current = min(current, applied)
-    created = (found.get("status") or {}).get("replicas")
-    if created is not None:
-        current = min(current, int(created))
+    st = found.get("status") or {}
+    # status.replicas counts the pods the controller made, once it has looked
+    # (the API server writes a 0 at creation, before any controller has).
+    if st.get("observedGeneration") and st.get("replicas") is not None:
+        current = min(current, int(st["replicas"]))
     return current

@@ -66,7 +66,9 @@ def test_a_scale_down_starts_from_what_we_applied_and_pods_that_exist() -> None:
     from mailrelay_operator.reconciler import pods_in_place
 
     def sts(spec: int, created: int | None = None) -> dict[str, Any]:
-        status = {} if created is None else {"replicas": created}
+        status = (
+            {"replicas": 0} if created is None else {"replicas": created, "observedGeneration": 1}
+        )
         return {"metadata": {"name": "edge"}, "spec": {"replicas": spec}, "status": status}
 
     # Someone raised spec.replicas to 5: not a scale-down from 5.
