@@ -67,8 +67,8 @@ kubectl wait --for=condition=Ready pod/mail-sink --timeout=180s
 kubectl wait --for=condition=Ready mailrelay/quickstart --timeout=300s
 kubectl get mailrelays,relaydomains,recipientlists,statefulsets,services
 
-log "sending a mail through the MX Service (port-forward to quickstart-mx10:25)"
-kubectl port-forward svc/quickstart-mx10 "$LOCAL_PORT:25" >/tmp/kind-e2e-port-forward.log 2>&1 &
+log "sending a mail through the MX Service (port-forward to quickstart-mx-quickstart-test:25)"
+kubectl port-forward svc/quickstart-mx-quickstart-test "$LOCAL_PORT:25" >/tmp/kind-e2e-port-forward.log 2>&1 &
 forward=$!
 trap 'kill "$forward" 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do

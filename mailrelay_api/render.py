@@ -15,18 +15,31 @@ Files:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailrelay_api.claims import (
+    Claim,
+    ClusterNetworks,
+    award,
+    claims_of,
+    domain_allowed,
+    next_hop_allowed,
+)
 from mailrelay_api.load import Inventory
+from mailrelay_api.schema import POD_SCHEDULING
 from mailrelay_api.shards import ListPart, RenderCache, list_part, render_shards
-from mailrelay_api.spec import AllowedNamespaces, relay_spec
+from mailrelay_api.spec import NextHopSpec, relay_spec
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
 DOMAINS_FILE = "domains.json"
+# MailRelay spec keys for the operator and the pods, not the relay's policy:
+# changing them must not touch relay.json.
+NOT_POLICY = ("replicas", "storage", "image", "allowedNextHops", *POD_SCHEDULING)
 
 
 @dataclass
@@ -37,7 +50,8 @@ class DomainVerdict:
     name: str
     domain: str
     accepted: bool
-    reason: str  # Accepted | Conflict | NotAllowed | RelayNotFound | NoRecipients
+    # Accepted | Conflict | NotAllowed | NextHopNotAllowed | RelayNotFound | NoRecipients
+    reason: str
     message: str
     recipients: int = 0
 
@@ -62,6 +76,8 @@ class Rendered:
     domains: list[DomainVerdict] = field(default_factory=list)
     recipient_lists: list[RecipientListVerdict] = field(default_factory=list)
     recipients: int = 0
+    claims: list[Claim] = field(default_factory=list)  # MailRelay status.domains
+    next_hops: list[NextHopSpec] = field(default_factory=list)  # of the accepted domains
 
     @property
     def config_hash(self) -> str:
@@ -84,24 +100,10 @@ def _name(obj: dict[str, Any]) -> str:
 
 
 def _age_key(obj: dict[str, Any], index: int) -> tuple[str, int, str, str]:
-    # Older wins; offline objects have no timestamp and keep their file order.
+    # Orders first claims on a free domain (never against a recorded holder);
+    # offline objects have no timestamp and keep their file order.
     ts = str(obj["metadata"].get("creationTimestamp") or "")
     return (ts or "9999", index, _ns(obj), _name(obj))
-
-
-def namespace_allowed(
-    rule: AllowedNamespaces,
-    relay_namespace: str,
-    namespace: str,
-    namespace_labels: dict[str, dict[str, str]],
-) -> bool:
-    """MailRelay.spec.allowedDomains.namespaces, Gateway API style."""
-    if rule.from_ == "All":
-        return True
-    if rule.from_ == "Same":
-        return namespace == relay_namespace
-    # Selector: the schema's rule makes the selector present.
-    return rule.selector is not None and rule.selector.matches(namespace_labels.get(namespace, {}))
 
 
 def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
@@ -109,46 +111,91 @@ def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
     return ref["name"] == _name(relay) and (ref.get("namespace") or _ns(domain)) == _ns(relay)
 
 
+@dataclass(frozen=True)
+class RenderSettings:
+    """What the render needs beyond the manifests (the operator's settings)."""
+
+    cluster: ClusterNetworks = field(default_factory=ClusterNetworks)
+    now: datetime.datetime | None = None  # None: the clock
+
+
+def _policy_verdict(
+    relay: dict[str, Any], dom: dict[str, Any], inv: Inventory, cluster: ClusterNetworks
+) -> DomainVerdict | None:
+    """Why a RelayDomain may not attach at all (None: it may); names only its own relay."""
+    spec = relay_spec(relay)
+    domain = str(dom["spec"]["domain"]).lower().rstrip(".")
+    ns = _ns(dom)
+    where = f"MailRelay {_ns(relay)}/{_name(relay)}"
+    if not domain_allowed(spec.allowed_domains, _ns(relay), ns, domain, inv.namespace_labels):
+        return DomainVerdict(
+            ns,
+            _name(dom),
+            domain,
+            False,
+            "NotAllowed",
+            f"{where} grants namespace {ns} no claim on {domain}",
+        )
+    hop = NextHopSpec.from_dict(dom["spec"]["nextHop"])
+    if not next_hop_allowed(spec, hop, tenant=ns != _ns(relay), cluster=cluster):
+        return DomainVerdict(
+            ns,
+            _name(dom),
+            domain,
+            False,
+            "NextHopNotAllowed",
+            f"{where} does not allow next hop {hop.host}:{hop.port} (spec.allowedNextHops)",
+        )
+    return None
+
+
 def attach_domains(
-    relay: dict[str, Any], inv: Inventory
-) -> tuple[list[dict[str, Any]], list[DomainVerdict]]:
-    """The RelayDomains attached to a relay (oldest claim wins), with a verdict each."""
-    accepted: list[dict[str, Any]] = []
+    relay: dict[str, Any], inv: Inventory, settings: RenderSettings | None = None
+) -> tuple[list[dict[str, Any]], list[DomainVerdict], list[Claim]]:
+    """The RelayDomains attached to a relay, a verdict each, and the claims to record.
+
+    Policy first (grants, next hops), then the sticky claims of the relay's
+    status (claims.award); age only orders first claims on a free domain."""
+    settings = settings or RenderSettings()
+    now = settings.now or datetime.datetime.now(datetime.UTC)
+    spec = relay_spec(relay)
+    previous = claims_of(relay)
     verdicts: list[DomainVerdict] = []
-    owner: dict[str, str] = {}
-    allowed = relay_spec(relay).allowed_domains.namespaces
+    by_domain: dict[str, list[dict[str, Any]]] = {}
     candidates = [(i, d) for i, d in enumerate(inv.domains) if refers_to(d, relay)]
     for _, dom in sorted(candidates, key=lambda c: _age_key(c[1], c[0])):
-        domain = str(dom["spec"]["domain"]).lower().rstrip(".")
-        key = f"{_ns(dom)}/{_name(dom)}"
-        if not namespace_allowed(allowed, _ns(relay), _ns(dom), inv.namespace_labels):
-            verdicts.append(
-                DomainVerdict(
-                    _ns(dom),
-                    _name(dom),
-                    domain,
-                    False,
-                    "NotAllowed",
-                    f"MailRelay {_ns(relay)}/{_name(relay)} does not allow domains from "
-                    f"namespace {_ns(dom)}",
-                )
-            )
-        elif domain in owner:
-            verdicts.append(
-                DomainVerdict(
-                    _ns(dom),
-                    _name(dom),
-                    domain,
-                    False,
-                    "Conflict",
-                    f"{domain} is already claimed by RelayDomain {owner[domain]}",
-                )
-            )
+        refused = _policy_verdict(relay, dom, inv, settings.cluster)
+        if refused is not None:
+            verdicts.append(refused)
         else:
-            owner[domain] = key
-            accepted.append(dom)
-            verdicts.append(DomainVerdict(_ns(dom), _name(dom), domain, True, "Accepted", ""))
-    return accepted, verdicts
+            by_domain.setdefault(str(dom["spec"]["domain"]).lower().rstrip("."), []).append(dom)
+
+    accepted: list[dict[str, Any]] = []
+    claims: list[Claim] = []
+    for domain in sorted(set(by_domain) | set(previous)):
+        doms = by_domain.get(domain, [])
+        keys = [f"{_ns(d)}/{_name(d)}" for d in doms]
+        won = award(domain, keys, previous.get(domain), spec.allowed_domains.release_after, now)
+        if won.claim is not None:
+            claims.append(won.claim)
+        for key, dom in zip(keys, doms, strict=True):
+            if key == won.winner:
+                accepted.append(dom)
+                verdicts.append(DomainVerdict(_ns(dom), _name(dom), domain, True, "Accepted", ""))
+            else:
+                # Never who holds it: that is another tenant's business.
+                until = f" (until {won.held_until} at the latest)" if won.held_until else ""
+                verdicts.append(
+                    DomainVerdict(
+                        _ns(dom),
+                        _name(dom),
+                        domain,
+                        False,
+                        "Conflict",
+                        f"{domain} is held by another RelayDomain on this relay{until}",
+                    )
+                )
+    return accepted, verdicts, claims
 
 
 def _list_key(rl: dict[str, Any], domain: str) -> str | None:
@@ -169,7 +216,10 @@ def _list_part(rl: dict[str, Any], domain: str, cache: RenderCache | None) -> Li
 
 
 def render_relay(
-    relay: dict[str, Any], inv: Inventory, cache: RenderCache | None = None
+    relay: dict[str, Any],
+    inv: Inventory,
+    cache: RenderCache | None = None,
+    settings: RenderSettings | None = None,
 ) -> Rendered:
     """The configuration files of one MailRelay, and the verdicts behind them.
 
@@ -177,7 +227,7 @@ def render_relay(
     and recipient shards are reused from the previous render; the files are
     the same as without one.
     """
-    attached, verdicts = attach_domains(relay, inv)
+    attached, verdicts, claims = attach_domains(relay, inv, settings)
     by_key = {(_ns(d), _name(d)): d for d in attached}
     verdict_of = {(v.namespace, v.name): v for v in verdicts}
     list_verdicts: list[RecipientListVerdict] = []
@@ -258,7 +308,7 @@ def render_relay(
     if cache is not None:
         used.update((p.key, p) for p in shards.parts if p.key is not None)
         cache.lists = used
-    policy = {k: v for k, v in relay["spec"].items() if k not in ("replicas", "storage", "image")}
+    policy = {k: v for k, v in relay["spec"].items() if k not in NOT_POLICY}
     relay_doc = {
         "format": CONFIG_FORMAT,
         "name": f"{_ns(relay)}/{_name(relay)}",
@@ -283,6 +333,8 @@ def render_relay(
         domains=verdicts,
         recipient_lists=list_verdicts,
         recipients=shards.recipients,
+        claims=claims,
+        next_hops=[NextHopSpec.from_dict(d["spec"]["nextHop"]) for d in attached],
     )
 
 

@@ -15,6 +15,8 @@ description and default: splitting it would only scatter the one definition.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -41,6 +43,7 @@ SpfMailFromReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "False", "No_Che
 TlsMode = Literal["none", "may", "encrypt", "verify"]  # Postfix smtp_tls_security_level
 RecipientsMode = Literal["listed", "any"]
 MilterDefaultAction = Literal["tempfail", "accept", "reject"]  # Postfix milter_default_action
+Spread = Literal["Preferred", "Required"]
 
 
 def values(enum: Any) -> list[str]:
@@ -69,6 +72,12 @@ ADDRESS_PATTERN = (
 IPV4_CIDR = r"([0-9]{1,3}\.){3}[0-9]{1,3}(/[0-9]{1,2})?"
 IPV6_CIDR = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?"
 CIDR_PATTERN = f"^({IPV4_CIDR}|{IPV6_CIDR})$"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL_ = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+# A grant's domain: a name of two labels or more, "*.suffix" or "*".
+DOMAIN_GRANT_PATTERN = rf"^(\*|(\*\.)?({_LABEL}\.)+{_LABEL})$"
+# An allowed next-hop host: a name (one label or more) or "*.suffix".
+HOST_GRANT_PATTERN = rf"^(\*\.)?({_LABEL_}\.)*{_LABEL_}$"
 IPV4_PATTERN = r"^([0-9]{1,3}\.){3}[0-9]{1,3}$"
 # "ip" or "ip:port" (IPv6 with a port: "[::1]:53").
 NAMESERVER_PATTERN = (
@@ -190,6 +199,110 @@ class Rule:
     check: Callable[[Any], bool]
 
 
+# Rules that sit on a schema node itself (a CIDR string, a grant): the CRD
+# carries the CEL, and `mailrelay validate` finds the Python check by the CEL
+# text when it walks the schema (validate._node_rules).
+NODE_RULES: dict[str, Rule] = {}
+
+
+def checked(schema: Schema, *rules: Rule) -> Schema:
+    """The schema node with the rules' CEL on it; registers their Python checks."""
+    for rule in rules:
+        NODE_RULES[rule.cel] = rule
+    out = dict(schema)
+    out["x-kubernetes-validations"] = [
+        *schema.get("x-kubernetes-validations", []),
+        *({"rule": r.cel, "message": r.message} for r in rules),
+    ]
+    return out
+
+
+def immutable(schema: Schema, what: str) -> Schema:
+    """A transition rule: the API server refuses any change after creation.
+    (Offline validation sees one version only: nothing to compare.)"""
+    out = dict(schema)
+    out["x-kubernetes-validations"] = [
+        *schema.get("x-kubernetes-validations", []),
+        {
+            "rule": "self == oldSelf",
+            "message": f"{what} is immutable: create a new RelayDomain (and delete this one) "
+            "to move it",
+        },
+    ]
+    return out
+
+
+def _is_network(value: Any) -> bool:
+    try:
+        ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ip(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _nameserver_ok(value: str) -> bool:
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]:")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    return _is_ip(host) and 1 <= int(port) <= 65535
+
+
+# The CEL IP library (k8s 1.31+) refuses IPv4-mapped IPv6 ("::ffff:1.2.3.4",
+# one of spf.skipAddresses' defaults); those are checked by pattern only.
+CIDR_RULE = Rule(
+    path="",
+    cel="self.startsWith('::ffff:') || (self.contains('/') ? isCIDR(self) : isIP(self))",
+    message="must be a valid IP address or CIDR (e.g. 192.0.2.0/24, 2001:db8::/32)",
+    check=lambda v: _is_network(v),
+)
+RETURN_CODE_RULE = Rule(
+    path="",
+    cel="self.findAll('[0-9]+').all(n, int(n) <= 255)",
+    message="each number of a reply filter must be 0..255",
+    check=lambda v: all(int(n) <= 255 for n in re.findall("[0-9]+", str(v))),
+)
+NAMESERVER_RULE = Rule(
+    path="",
+    cel="self.startsWith('[') ? "
+    "(isIP(self.substring(1, self.indexOf(']'))) && "
+    "int(self.substring(self.indexOf(']') + 2)) <= 65535) : "
+    "(self.contains('.') && self.contains(':') ? "
+    "(isIP(self.split(':')[0]) && int(self.split(':')[1]) <= 65535) : isIP(self))",
+    message="must be an IP address, optionally with a port 1..65535",
+    check=lambda v: _nameserver_ok(str(v)),
+)
+
+
+def cidr_string(description: str = "A CIDR.") -> Schema:
+    # maxLength bounds the CEL cost estimate (an IPv6 CIDR is at most 49 characters).
+    return checked(string(description, pattern=CIDR_PATTERN, max_length=64), CIDR_RULE)
+
+
+def return_code_string() -> Schema:
+    return checked(
+        string("A reply filter.", pattern=RETURN_CODE_PATTERN, max_length=64), RETURN_CODE_RULE
+    )
+
+
+# List bounds: the API server estimates each CEL rule's cost from them (an
+# unbounded list of CIDRs costs more than a CRD may), so lists that carry
+# rules have one, well above any real use.
+MAX_CIDRS = 1000
+MAX_RETURN_CODES = 32
+MAX_DNSBL_SITES = 64
+MAX_NAMESERVERS = 8
+
+
 def _dig(obj_: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj_, dict):
@@ -252,8 +365,9 @@ DNSBL_SITE = obj(
         "returnCodes": array(
             "Reply filters d.d.d.d (each d a number or [a;b;c..d]); empty = any reply "
             "in 127.0.0.0/24 except the 127.255.255.x error codes.",
-            string("A reply filter.", pattern=RETURN_CODE_PATTERN),
+            return_code_string(),
             default=[],
+            max_items=MAX_RETURN_CODES,
         ),
         "weight": integer(
             "Added to the score once when the site lists the client; negative allowlists.",
@@ -269,8 +383,9 @@ RBL_CLIENT = obj(
         "zone": string("The RBL zone.", pattern=FQDN_PATTERN),
         "returnCodes": array(
             "Reply filters d.d.d.d; empty = any reply in 127.0.0.0/24 except 127.255.255.x.",
-            string("A reply filter.", pattern=RETURN_CODE_PATTERN),
+            return_code_string(),
             default=[],
+            max_items=MAX_RETURN_CODES,
         ),
     },
     required=["zone"],
@@ -312,6 +427,134 @@ MILTER = obj(
 
 
 # --- MailRelay ------------------------------------------------------------------
+ALLOWED_NAMESPACES = checked(
+    obj(
+        "Namespaces whose RelayDomains may attach.",
+        {
+            "from": string(
+                "Same: this namespace; All: any; Selector: those matching selector.",
+                enum=values(NamespacesFrom),
+                default="Same",
+            ),
+            "selector": LABEL_SELECTOR,
+        },
+        default={},
+    ),
+    Rule(
+        path="",
+        # has(): the API server also checks rules against the schema defaults ({}).
+        cel="!has(self.from) || self.from != 'Selector' || has(self.selector)",
+        message="selector is required when from is Selector",
+        check=lambda o: o.get("from") != "Selector" or "selector" in o,
+    ),
+)
+NEXT_HOP_ENTRY_RULE = Rule(
+    path="",
+    cel="has(self.cidr) != has(self.host)",
+    message="set exactly one of cidr and host",
+    check=lambda o: ("cidr" in o) != ("host" in o),
+)
+# The mail ports a tenant's next hop may use by default (SMTP, submissions, submission).
+DEFAULT_NEXT_HOP_PORTS = (25, 465, 587)
+
+RESOURCE_QUANTITY = {
+    "x-kubernetes-int-or-string": True,
+    "anyOf": [{"type": "integer"}, {"type": "string"}],
+    "pattern": r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+}
+SPREAD = values(Spread)
+TOLERATION = obj(
+    "A core/v1 Toleration.",
+    {
+        "key": string("The taint key; empty with Exists matches every taint."),
+        "operator": string("Exists or Equal.", enum=["Exists", "Equal"]),
+        "value": string("The taint value (Equal)."),
+        "effect": string(
+            "NoSchedule, PreferNoSchedule or NoExecute; empty: all.",
+            enum=["NoSchedule", "PreferNoSchedule", "NoExecute", ""],
+        ),
+        "tolerationSeconds": integer("How long a NoExecute taint is tolerated."),
+    },
+)
+# The relay pods' scheduling, as the pod spec has it.
+POD_SCHEDULING: dict[str, Schema] = {
+    "resources": {
+        **obj(
+            "The relay container's core/v1 ResourceRequirements. The defaults come from "
+            "the benchmarks (docs/benchmarks.md): about 1.4 ms of CPU per message, so "
+            "250m carries some 180 messages/s, and 68 MB peak for a relay with two "
+            "workers, so 128Mi requested; the 512Mi limit leaves room for a large "
+            "recipient table. With requests the pod is Burstable, not BestEffort (the "
+            "first evicted under pressure, with mail on board).",
+            {
+                "requests": {
+                    "type": "object",
+                    "description": "Requested cpu and memory.",
+                    "additionalProperties": RESOURCE_QUANTITY,
+                },
+                "limits": {
+                    "type": "object",
+                    "description": "Limits; a cpu limit also sets the workers of `auto`.",
+                    "additionalProperties": RESOURCE_QUANTITY,
+                },
+            },
+        ),
+        "default": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+    },
+    "workers": checked(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "description": "Relay worker processes per pod: auto (the CPUs the container "
+            "may use: its cpu limit, else its request, rounded up) or a number.",
+            "default": "auto",
+        },
+        Rule(
+            path="",
+            cel="type(self) == int ? (self >= 1 && self <= 64) : self == 'auto'",
+            message="must be auto or a number 1..64",
+            check=lambda v: (
+                v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64)
+            ),
+        ),
+    ),
+    "affinity": obj(
+        "Where relay pods may run.",
+        {
+            "nodeSelector": string_map("Node labels the pods' nodes must have."),
+            "tolerations": array("Taints the pods tolerate.", TOLERATION, max_items=32),
+            "nodeAffinity": {
+                "type": "object",
+                "description": "A core/v1 NodeAffinity, passed to the pods as written.",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+        },
+        default={},
+    ),
+    "priorityClassName": string(
+        "The pods' PriorityClass: a relay holds queued mail, so rank it above "
+        "workloads that can be restarted anywhere.",
+        pattern=K8S_NAME_PATTERN,
+        max_length=253,
+    ),
+    "imagePullSecrets": array(
+        "Secrets (in this namespace) to pull the relay image with.",
+        obj("A Secret reference.", {"name": string("The Secret's name.")}, required=["name"]),
+        max_items=16,
+    ),
+    "spread": obj(
+        "How relay pods spread across zones and hosts. Preferred: the scheduler tries "
+        "(whenUnsatisfiable: ScheduleAnyway); Required: a pod waits rather than share a "
+        "zone or host while another is free (DoNotSchedule, with minDomains: two zones, "
+        "a host per pod).",
+        {
+            "zones": string("topology.kubernetes.io/zone.", enum=SPREAD, default="Preferred"),
+            "hosts": string("kubernetes.io/hostname.", enum=SPREAD, default="Preferred"),
+        },
+        default={},
+    ),
+}
+
 MX_ENTRY = obj(
     "One MX host: a Service on port 25 in front of the relay pods.",
     {
@@ -334,10 +577,37 @@ MX_ENTRY = obj(
                 "loadBalancerClass": string("The Service's loadBalancerClass."),
                 "loadBalancerSourceRanges": array(
                     "CIDRs allowed through the load balancer.",
-                    string("A CIDR.", pattern=CIDR_PATTERN),
+                    cidr_string(),
+                    max_items=MAX_CIDRS,
                 ),
             },
             default={},
+        ),
+        "pods": checked(
+            obj(
+                "Only these relay pods serve this MX (a backup MX in its own failure "
+                "domain): those with one of the ordinals or in one of the zones. Unset: "
+                "every pod.",
+                {
+                    "ordinals": array(
+                        "StatefulSet ordinals (0 is <relay>-0).",
+                        integer("An ordinal.", minimum=0, maximum=99),
+                        max_items=100,
+                    ),
+                    "zones": array(
+                        "Values of the nodes' topology.kubernetes.io/zone label.",
+                        string("A zone.", max_length=63),
+                        max_items=16,
+                    ),
+                },
+            ),
+            Rule(
+                path="",
+                cel="(has(self.ordinals) && size(self.ordinals) > 0) || "
+                "(has(self.zones) && size(self.zones) > 0)",
+                message="name at least one ordinal or zone (or leave pods out: every pod)",
+                check=lambda o: bool(o.get("ordinals") or o.get("zones")),
+            ),
         ),
     },
     required=["hostname", "priority"],
@@ -357,23 +627,74 @@ MAILRELAY_SPEC = obj(
             max_items=16,  # bounds the cost of the uniqueness CEL rule
         ),
         "allowedDomains": obj(
-            "Which RelayDomains may attach (Gateway API style).",
+            "Which RelayDomains may attach, and which domains they may claim (Gateway "
+            "API style). An accepted claim is sticky: status.domains records its holder, "
+            "and no other RelayDomain gets the domain until the holder has been gone for "
+            "releaseAfter.",
             {
-                "namespaces": obj(
-                    "Namespaces whose RelayDomains may attach.",
-                    {
-                        "from": string(
-                            "Same: this namespace; All: any; Selector: those matching selector.",
-                            enum=values(NamespacesFrom),
-                            default="Same",
-                        ),
-                        "selector": LABEL_SELECTOR,
-                    },
-                    default={},
+                "namespaces": ALLOWED_NAMESPACES,
+                "grants": array(
+                    "Who may claim which domains. Empty: any domain, from the namespaces "
+                    "above. Otherwise a RelayDomain is accepted only when a grant for its "
+                    "namespace matches its domain, and `namespaces` above is not used.",
+                    obj(
+                        "Namespaces and the domains they may claim.",
+                        {
+                            "namespaces": ALLOWED_NAMESPACES,
+                            "domains": array(
+                                'Domain names, "*.suffix" (any name under suffix, not '
+                                'suffix itself) or "*" (every domain).',
+                                string("A domain or pattern.", pattern=DOMAIN_GRANT_PATTERN),
+                                max_items=256,
+                            ),
+                        },
+                        required=["domains"],
+                    ),
+                    default=[],
+                    max_items=64,
+                ),
+                "releaseAfter": string(
+                    "How long a domain stays with its holder after the holder's RelayDomain "
+                    "is gone (deleted, or no longer allowed); re-created under the same "
+                    "namespace and name within this time, it gets the domain back. " + DURATION,
+                    pattern=DURATION_PATTERN,
+                    default="1h",
                 ),
             },
             default={},
         ),
+        "allowedNextHops": array(
+            "Where RelayDomains may send mail: an entry with cidr or host, and its ports. "
+            "Empty: RelayDomains in this MailRelay's namespace may use any next hop; those "
+            "of other namespaces only hosts outside the cluster (not a cluster-internal name, "
+            "not an address in the operator's cluster ranges, loopback or link-local) on "
+            "ports 25, 465 and 587. A RelayDomain whose nextHop is not allowed is not "
+            "Accepted (NextHopNotAllowed).",
+            checked(
+                obj(
+                    "A next-hop range or host pattern and its ports.",
+                    {
+                        "cidr": cidr_string("Next-hop addresses (nextHop.host an IP)."),
+                        "host": string(
+                            'A host name or "*.suffix" (nextHop.host a name; with mxLookup '
+                            "the domain whose MX is looked up).",
+                            pattern=HOST_GRANT_PATTERN,
+                            max_length=253,
+                        ),
+                        "ports": array(
+                            "Allowed ports.",
+                            integer("A port.", minimum=1, maximum=65535),
+                            default=list(DEFAULT_NEXT_HOP_PORTS),
+                            max_items=16,
+                        ),
+                    },
+                ),
+                NEXT_HOP_ENTRY_RULE,
+            ),
+            default=[],
+            max_items=64,
+        ),
+        **POD_SCHEDULING,
         "storage": obj(
             "The queue PVC of each pod.",
             {
@@ -411,8 +732,9 @@ MAILRELAY_SPEC = obj(
                 "enabled": boolean("Expect a PROXY header on the proxy port.", default=False),
                 "trustedCIDRs": array(
                     "Only these peers may send a PROXY header.",
-                    string("A CIDR.", pattern=CIDR_PATTERN),
+                    cidr_string(),
                     default=[],
+                    max_items=MAX_CIDRS,
                 ),
             },
             default={},
@@ -422,20 +744,22 @@ MAILRELAY_SPEC = obj(
             {
                 "mynetworks": array(
                     "Trusted clients (skip spam checks); default: none at all.",
-                    string("A CIDR.", pattern=CIDR_PATTERN),
+                    cidr_string(),
                     default=[],
+                    max_items=MAX_CIDRS,
                 ),
                 "clientAccess": array(
                     "Postfix check_client_access cidr table: first match wins.",
                     obj(
                         "A CIDR and what to do with it.",
                         {
-                            "cidr": string("A CIDR.", pattern=CIDR_PATTERN),
+                            "cidr": cidr_string(),
                             "action": string("permit or reject.", enum=values(ClientAction)),
                         },
                         required=["cidr", "action"],
                     ),
                     default=[],
+                    max_items=MAX_CIDRS,
                 ),
             },
             default={},
@@ -570,7 +894,12 @@ MAILRELAY_SPEC = obj(
                             "turns it on).",
                             default=0,
                         ),
-                        "sites": array("DNSBL sites and weights.", DNSBL_SITE, default=[]),
+                        "sites": array(
+                            "DNSBL sites and weights.",
+                            DNSBL_SITE,
+                            default=[],
+                            max_items=MAX_DNSBL_SITES,
+                        ),
                     },
                     default={},
                 ),
@@ -588,7 +917,9 @@ MAILRELAY_SPEC = obj(
                 "rejectUnknownReverseClientHostname": boolean(
                     "reject_unknown_reverse_client_hostname.", default=True
                 ),
-                "rblClients": array("reject_rbl_client entries.", RBL_CLIENT, default=[]),
+                "rblClients": array(
+                    "reject_rbl_client entries.", RBL_CLIENT, default=[], max_items=MAX_DNSBL_SITES
+                ),
                 "spf": obj(
                     "SPF checks with spf-engine's semantics.",
                     {
@@ -605,8 +936,9 @@ MAILRELAY_SPEC = obj(
                         "tempErrorDefer": boolean("Defer Temperror.", default=False),
                         "skipAddresses": array(
                             "Clients never checked.",
-                            string("A CIDR.", pattern=CIDR_PATTERN),
+                            cidr_string(),
                             default=["127.0.0.0/8", "::ffff:127.0.0.0/104", "::1"],
+                            max_items=MAX_CIDRS,
                         ),
                     },
                     default={},
@@ -637,8 +969,12 @@ MAILRELAY_SPEC = obj(
             {
                 "nameservers": array(
                     '"ip" or "ip:port"; empty = the pod\'s resolver.',
-                    string("A name server.", pattern=NAMESERVER_PATTERN),
+                    checked(
+                        string("A name server.", pattern=NAMESERVER_PATTERN, max_length=64),
+                        NAMESERVER_RULE,
+                    ),
                     default=[],
+                    max_items=MAX_NAMESERVERS,
                 ),
                 "timeout": string(
                     "Per-query timeout. " + DURATION, pattern=DURATION_PATTERN, default="5s"
@@ -657,7 +993,22 @@ MAILRELAY_STATUS = obj(
         "conditions": CONDITIONS,
         "replicas": integer("Pods the StatefulSet has."),
         "readyReplicas": integer("Pods ready."),
-        "domains": integer("RelayDomains attached."),
+        "acceptedDomains": integer("RelayDomains attached."),
+        "domains": array(
+            "Who holds each accepted domain (sticky claims; see spec.allowedDomains).",
+            obj(
+                "A domain and its holder.",
+                {
+                    "domain": string("The domain."),
+                    "holder": string("The RelayDomain holding it, as namespace/name."),
+                    "goneSince": string(
+                        "When the holder was last seen gone (deleted or no longer "
+                        "allowed); the claim is released releaseAfter later."
+                    ),
+                },
+                required=["domain", "holder"],
+            ),
+        ),
         "recipients": integer("Recipient addresses in the rendered tables."),
         "configHash": string("Hash of the rendered configuration."),
         "mxRecords": array("MX records to publish.", string("An MX record.")),
@@ -669,13 +1020,6 @@ MAILRELAY_STATUS = obj(
 )
 
 MAILRELAY_RULES = [
-    Rule(
-        path="spec.allowedDomains.namespaces",
-        # has(): the API server also checks rules against the schema defaults ({}).
-        cel="!has(self.from) || self.from != 'Selector' || has(self.selector)",
-        message="selector is required when from is Selector",
-        check=lambda o: o.get("from") != "Selector" or "selector" in o,
-    ),
     Rule(
         path="spec.mx",
         cel="self.all(a, self.exists_one(b, b.hostname == a.hostname))",
@@ -701,16 +1045,22 @@ MAILRELAY_RULES = [
 RELAYDOMAIN_SPEC = obj(
     "A domain this relay accepts, and where its mail goes.",
     {
-        "domain": string("The mail domain.", pattern=FQDN_PATTERN),
-        "relayRef": obj(
-            "The MailRelay to attach to.",
-            {
-                "name": string("The MailRelay's name.", pattern=K8S_NAME_PATTERN),
-                "namespace": string(
-                    "Its namespace; defaults to this object's own.", pattern=DNS_LABEL_PATTERN
-                ),
-            },
-            required=["name"],
+        "domain": immutable(
+            string("The mail domain; immutable.", pattern=FQDN_PATTERN), "spec.domain"
+        ),
+        "relayRef": immutable(
+            obj(
+                "The MailRelay to attach to; immutable.",
+                {
+                    "name": string("The MailRelay's name.", pattern=K8S_NAME_PATTERN),
+                    "namespace": string(
+                        "Its namespace; defaults to this object's own.",
+                        pattern=DNS_LABEL_PATTERN,
+                    ),
+                },
+                required=["name"],
+            ),
+            "spec.relayRef",
         ),
         "nextHop": obj(
             "Where accepted mail is forwarded (Postfix transport smtp:[host]:port).",
@@ -809,7 +1159,7 @@ KINDS: dict[str, Kind] = {
             {"name": "Hostname", "type": "string", "jsonPath": ".spec.hostname"},
             {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
             {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
-            {"name": "Domains", "type": "integer", "jsonPath": ".status.domains"},
+            {"name": "Domains", "type": "integer", "jsonPath": ".status.acceptedDomains"},
             _condition_column("Status", "Ready", "reason"),
             AGE_COLUMN,
         ],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from mailrelay_api import schema as S
 from mailrelay_api.validate import apply_defaults
@@ -67,17 +67,35 @@ class MxServiceSpec:
 
 
 @dataclass(frozen=True)
+class MxPods:
+    """The pods serving one MX: any with one of the ordinals or in one of the zones."""
+
+    ordinals: tuple[int, ...]
+    zones: tuple[str, ...]
+
+    def serves(self, ordinal: int, zone: str | None) -> bool:
+        return ordinal in self.ordinals or (zone is not None and zone in self.zones)
+
+
+@dataclass(frozen=True)
 class MxEntrySpec:
     hostname: str
     priority: int
     service: MxServiceSpec
+    pods: MxPods | None = None  # None: every pod
 
     @classmethod
     def from_dict(cls, d: Doc) -> MxEntrySpec:
+        pods = d.get("pods")
         return cls(
             hostname=str(d["hostname"]),
             priority=int(d["priority"]),
             service=MxServiceSpec.from_dict(d["service"]),
+            pods=MxPods(
+                tuple(int(o) for o in pods.get("ordinals") or ()), _strings(pods.get("zones") or ())
+            )
+            if pods is not None
+            else None,
         )
 
 
@@ -136,12 +154,73 @@ class AllowedNamespaces:
 
 
 @dataclass(frozen=True)
+class DomainGrant:
+    namespaces: AllowedNamespaces
+    domains: tuple[str, ...]  # names, "*.suffix" or "*"
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> DomainGrant:
+        return cls(
+            namespaces=AllowedNamespaces.from_dict(
+                _defaulted(S.ALLOWED_NAMESPACES, dict(d.get("namespaces") or {}))
+            ),
+            domains=_strings(d["domains"]),
+        )
+
+
+@dataclass(frozen=True)
 class AllowedDomainsSpec:
     namespaces: AllowedNamespaces
+    grants: tuple[DomainGrant, ...]  # empty: any domain from `namespaces`
+    release_after: str  # a duration
 
     @classmethod
     def from_dict(cls, d: Doc) -> AllowedDomainsSpec:
-        return cls(namespaces=AllowedNamespaces.from_dict(d["namespaces"]))
+        return cls(
+            namespaces=AllowedNamespaces.from_dict(d["namespaces"]),
+            grants=tuple(DomainGrant.from_dict(g) for g in d["grants"]),
+            release_after=str(d["releaseAfter"]),
+        )
+
+
+@dataclass(frozen=True)
+class NextHopRule:
+    """One spec.allowedNextHops entry: exactly one of cidr and host."""
+
+    cidr: str | None
+    host: str | None  # a name or "*.suffix"
+    ports: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> NextHopRule:
+        item = S.MAILRELAY_SPEC["properties"]["allowedNextHops"]["items"]
+        d = _defaulted(item, dict(d))
+        return cls(cidr=d.get("cidr"), host=d.get("host"), ports=tuple(int(p) for p in d["ports"]))
+
+
+@dataclass(frozen=True)
+class AffinitySpec:
+    node_selector: Mapping[str, str]
+    tolerations: tuple[Mapping[str, Any], ...]  # core/v1 Tolerations, as written
+    node_affinity: Mapping[str, Any] | None  # a core/v1 NodeAffinity, as written
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> AffinitySpec:
+        return cls(
+            node_selector=_map(d.get("nodeSelector")),
+            tolerations=tuple(dict(t) for t in d.get("tolerations") or ()),
+            node_affinity=d.get("nodeAffinity"),
+        )
+
+
+@dataclass(frozen=True)
+class SpreadSpec:
+    zones: S.Spread
+    hosts: S.Spread
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> SpreadSpec:
+        return cls(zones=d["zones"], hosts=d["hosts"])
 
 
 @dataclass(frozen=True)
@@ -427,6 +506,13 @@ class MailRelaySpec:
     image: str | None  # None: the operator's default
     mx: tuple[MxEntrySpec, ...]  # as written; see mx_entries()
     allowed_domains: AllowedDomainsSpec
+    allowed_next_hops: tuple[NextHopRule, ...]  # empty: the default policy (render.py)
+    resources: Mapping[str, Mapping[str, str | int]]  # core/v1 ResourceRequirements
+    workers: int | Literal["auto"]  # auto: the CPUs the container may use
+    affinity: AffinitySpec
+    priority_class_name: str | None
+    image_pull_secrets: tuple[str, ...]  # Secret names
+    spread: SpreadSpec
     storage: StorageSpec
     tls: TlsSpec
     proxy_protocol: ProxyProtocolSpec
@@ -447,6 +533,13 @@ class MailRelaySpec:
             image=d.get("image") or None,
             mx=tuple(MxEntrySpec.from_dict(e) for e in d["mx"]),
             allowed_domains=AllowedDomainsSpec.from_dict(d["allowedDomains"]),
+            allowed_next_hops=tuple(NextHopRule.from_dict(e) for e in d["allowedNextHops"]),
+            resources={k: dict(v) for k, v in d["resources"].items()},
+            workers="auto" if d["workers"] == "auto" else int(d["workers"]),
+            affinity=AffinitySpec.from_dict(d["affinity"]),
+            priority_class_name=d.get("priorityClassName") or None,
+            image_pull_secrets=tuple(str(s["name"]) for s in d.get("imagePullSecrets") or ()),
+            spread=SpreadSpec.from_dict(d["spread"]),
             storage=StorageSpec.from_dict(d["storage"]),
             tls=TlsSpec.from_dict(d["tls"]),
             proxy_protocol=ProxyProtocolSpec.from_dict(d["proxyProtocol"]),

@@ -7,7 +7,6 @@ the way the API server does: `spec.limits.messageSize: must be >= 1024`.
 from __future__ import annotations
 
 import copy
-import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,35 +123,37 @@ def apply_defaults(schema: S.Schema, value: Any) -> Any:
     return value
 
 
-def _semantic_checks(kind: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
-    """Checks a regex cannot do: real CIDRs and IPs, rules written as CEL in the CRD."""
+def _node_rules(schema: S.Schema, value: Any, path: str) -> list[tuple[str, str]]:
+    """The CEL rules written on schema nodes (S.checked), checked in Python."""
     problems: list[tuple[str, str]] = []
+    if not isinstance(schema, dict) or value is None:
+        return problems
+    for v in schema.get("x-kubernetes-validations", []):
+        rule = S.NODE_RULES.get(v["rule"])
+        if rule is not None and not rule.check(value):
+            problems.append(
+                (path, f"{value!r}: {rule.message}" if isinstance(value, str) else rule.message)
+            )
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in value:
+                problems += _node_rules(sub, value[key], f"{path}.{key}")
+    elif schema.get("type") == "array" and isinstance(value, list):
+        for i, item in enumerate(value):
+            problems += _node_rules(schema["items"], item, f"{path}[{i}]")
+    return problems
+
+
+def _semantic_checks(kind: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a pattern cannot check: the CEL rules of the CRD, run in Python."""
     spec = obj.get("spec") or {}
-
-    def cidr(field: str, value: Any) -> None:
-        try:
-            ipaddress.ip_network(str(value), strict=False)
-        except ValueError:
-            problems.append((field, f"{value!r} is not a valid CIDR"))
-
-    if kind == "MailRelay":
-        net = spec.get("network") or {}
-        for i, c in enumerate(net.get("mynetworks") or []):
-            cidr(f"spec.network.mynetworks[{i}]", c)
-        for i, entry in enumerate(net.get("clientAccess") or []):
-            if isinstance(entry, dict) and "cidr" in entry:
-                cidr(f"spec.network.clientAccess[{i}].cidr", entry["cidr"])
-        for i, c in enumerate((spec.get("proxyProtocol") or {}).get("trustedCIDRs") or []):
-            cidr(f"spec.proxyProtocol.trustedCIDRs[{i}]", c)
-        spf = (spec.get("restrictions") or {}).get("spf") or {}
-        for i, c in enumerate(spf.get("skipAddresses") or []):
-            cidr(f"spec.restrictions.spf.skipAddresses[{i}]", c)
-        for rule in S.KINDS[kind].rules:
-            node: Any = obj
-            for key in rule.path.split("."):
-                node = node.get(key) if isinstance(node, dict) else None
-            if node is not None and not rule.check(node):
-                problems.append((rule.path, rule.message))
+    problems = _node_rules(S.KINDS[kind].spec, spec, "spec")
+    for rule in S.KINDS[kind].rules:
+        node: Any = obj
+        for key in rule.path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None and not rule.check(node):
+            problems.append((rule.path, rule.message))
     return problems
 
 

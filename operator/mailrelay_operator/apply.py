@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from mailrelay_operator import certificate, naming
+from mailrelay_operator import adoption, certificate, naming
 from mailrelay_operator.cluster import Key, key_of
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, object_path, resource_path
 
@@ -35,6 +35,8 @@ PRUNABLE = (
     ("v1", "ConfigMap", "recipients"),
     ("v1", "Service", "mx"),
     (certificate.CERT_MANAGER_API, "Certificate", "tls"),
+    # When the operator's settings turn relay NetworkPolicies off.
+    ("networking.k8s.io/v1", "NetworkPolicy", "relay"),
 )
 RECREATING = (
     "an immutable StatefulSet field changed (volumeClaimTemplates, selector or "
@@ -157,6 +159,9 @@ class ChildApplier:
             want = digest(child)
             if self.applied.get(path) == want:
                 continue
+            # Secrets are never read (RBAC): the handover Secret goes unchecked.
+            if path not in self.owned and child["kind"] != "Secret":
+                await self._refuse_foreign(path, child)
             if child["kind"] == "StatefulSet":
                 if not await self._apply_statefulset(key, child, recreate, generation):
                     out.again = True
@@ -173,6 +178,14 @@ class ChildApplier:
                     raise
             self.applied[path] = want
         return out
+
+    async def _refuse_foreign(self, path: str, child: KubeObject) -> None:
+        """Before our first apply of a child: an object of that name that is
+        not the relay's is refused (apply would adopt it, and delete it with
+        the MailRelay)."""
+        existing = await self.api.get(path)
+        if existing is not None and not adoption.is_ours(existing, child):
+            raise adoption.ForeignObject(adoption.refusal({"kind": child["kind"], **existing}))
 
     def _owns(self, applied: KubeObject) -> None:
         """Remembers which fields the apply left us owning (see child_event)."""

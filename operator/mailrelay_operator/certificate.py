@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mailrelay_api.spec import relay_spec
 from mailrelay_operator import naming
 
-CERT_MANAGER_API = "cert-manager.io/v1"
+CERT_MANAGER_GROUP = "cert-manager.io"
+CERT_MANAGER_API = f"{CERT_MANAGER_GROUP}/v1"
+CERTIFICATE_CRD = f"certificates.{CERT_MANAGER_GROUP}"
 
 
 def wants_certificate(relay: dict[str, Any]) -> bool:
@@ -53,3 +56,18 @@ def certificate(relay: dict[str, Any]) -> dict[str, Any]:
             "usages": ["server auth", "digital signature", "key encipherment"],
         },
     }
+
+
+def certificate_ready(cert: Mapping[str, Any] | None) -> tuple[bool, str]:
+    """Whether cert-manager has issued the Certificate (its Ready condition),
+    and what to say: TLS=True only then (the pods serve STARTTLS from its Secret)."""
+    if cert is None:
+        return False, "Certificate not created yet"
+    name = cert.get("metadata", {}).get("name", "")
+    for c in (cert.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            word = f"{c.get('reason') or c.get('status')}"
+            if c.get("message"):
+                word += f": {c['message']}"
+            return c.get("status") == "True", f"Certificate {name}: {word}"
+    return False, f"Certificate {name}: Issuing"

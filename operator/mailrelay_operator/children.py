@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 
 from mailrelay_api.render import Rendered
-from mailrelay_operator import certificate, configmaps, pdb, services, statefulset
+from mailrelay_operator import certificate, configmaps, networkpolicy, pdb, services, statefulset
 from mailrelay_operator import handover_secret as handover
+from mailrelay_operator.settings import NetworkSettings
 
 
 def owned(child: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:
@@ -23,11 +25,16 @@ def desired_children(
     image: str,
     cert_manager: bool,
     handover_key: str | None = None,
+    network: NetworkSettings | None = None,
+    kept_mx: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The children in apply order: configuration first, then the pods that read it.
 
     handover_key: the relay's handover Secret is among them (the reconciler
-    always has one; the golden tests leave it out, it is random)."""
+    always has one; the golden tests leave it out, it is random).
+    network: the NetworkPolicy is among them unless its settings turn it off.
+    kept_mx: hostname -> name of an MX Service the relay already has (naming.mx_service_names).
+    """
     tls = certificate.wants_tls(relay) and (
         cert_manager or not certificate.wants_certificate(relay)
     )
@@ -46,7 +53,9 @@ def desired_children(
     children += [
         services.headless_service(relay),
         statefulset.statefulset(relay, opts),
-        *services.mx_services(relay),
+        *services.mx_services(relay, kept_mx),
         pdb.pod_disruption_budget(relay),
     ]
+    if network is not None and network.network_policy:
+        children.append(networkpolicy.network_policy(relay, rendered.next_hops, network))
     return [owned(c, relay) for c in children]

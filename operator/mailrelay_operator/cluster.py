@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_api.load import Inventory
-from mailrelay_api.spec import relay_spec
+from mailrelay_api.spec import AllowedDomainsSpec, relay_spec
 from mailrelay_api.validate import with_defaults
 
 Key = tuple[str, str]  # (namespace, name)
@@ -55,6 +55,13 @@ def first(store: Iterable[Any]) -> Any:
     return None
 
 
+def _uses_selector(allowed: AllowedDomainsSpec) -> bool:
+    """Namespace labels matter to this relay (allowedDomains or one of its grants)."""
+    if allowed.grants:
+        return any(g.namespaces.from_ == "Selector" for g in allowed.grants)
+    return allowed.namespaces.from_ == "Selector"
+
+
 @dataclass
 class ClusterView:
     relays: dict[Key, dict[str, Any]] = field(default_factory=dict)
@@ -94,11 +101,7 @@ class ClusterView:
         return relay_key_of_domain(dom) if dom else None
 
     def relays_with_selector(self) -> list[Key]:
-        return [
-            k
-            for k, r in self.relays.items()
-            if relay_spec(r).allowed_domains.namespaces.from_ == "Selector"
-        ]
+        return [k for k, r in self.relays.items() if _uses_selector(relay_spec(r).allowed_domains)]
 
     def orphan_domains(self) -> list[dict[str, Any]]:
         """RelayDomains whose relayRef names no existing MailRelay."""

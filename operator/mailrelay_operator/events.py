@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mailrelay_operator import naming, status
+from mailrelay_operator import certificate, naming, status
 from mailrelay_operator.apply import ChildApplier, digest
 from mailrelay_operator.cluster import (
     ClusterView,
@@ -61,9 +61,18 @@ class EventRouter:
     refs: dict[ObjectRef, Key | None] = field(default_factory=dict)  # last relay referred
     replicas: dict[Key, Replicas] = field(default_factory=dict)
     service_ready: dict[tuple[str, str], bool] = field(default_factory=dict)  # (ns, Service)
+    # relay -> MX hostname -> the name of its Service now: a Service made
+    # under an older naming keeps its name (and load-balancer IP).
+    mx_services: dict[Key, dict[str, str]] = field(default_factory=dict)
+    # relay -> its StatefulSet's generation and status (rollout.py reads them)
+    statefulsets: dict[Key, KubeObject] = field(default_factory=dict)
+    # relay -> its Certificate's Ready: (ready, message) (certificate.certificate_ready)
+    certificates: dict[Key, tuple[bool, str]] = field(default_factory=dict)
 
     def forget(self, relay: Key) -> None:
         self.replicas.pop(relay, None)
+        # mx_services stays: it follows the Services themselves (one may
+        # exist before its MailRelay, left by an older operator).
 
     def _changed(self, kind: str, body: KubeObject, deleted: bool) -> bool:
         """Spec changes bump generation; our own status writes do not."""
@@ -123,7 +132,16 @@ class EventRouter:
             if deleted
             else Replicas(int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0))
         )
-        if again or deleted or self.replicas.get(key, Replicas()) != now:
+        state: KubeObject = {
+            "metadata": {"generation": body["metadata"].get("generation")},
+            "status": dict(st),
+        }
+        rolled = deleted or self.statefulsets.get(key) != state
+        if deleted:
+            self.statefulsets.pop(key, None)
+        else:
+            self.statefulsets[key] = state
+        if again or deleted or rolled or self.replicas.get(key, Replicas()) != now:
             self.replicas[key] = now
             self.queue.mark(key, render=False)
 
@@ -131,12 +149,44 @@ class EventRouter:
         key = owner_key(body)
         if key is None:
             return
+        self._mx_service(key, body, deleted)
         again = self.applier.child_event(body, deleted)
         service = (key[0], str(body["metadata"]["name"]))
         ready = not deleted and status.service_has_address(body)
         if again or deleted or self.service_ready.get(service) != ready:
             self.service_ready[service] = ready
             self.queue.mark(key, render=False)
+
+    def _mx_service(self, key: Key, body: KubeObject, deleted: bool) -> None:
+        meta = body.get("metadata") or {}
+        host = (meta.get("annotations") or {}).get(naming.MX_HOSTNAME_ANNOTATION)
+        if not host or (meta.get("labels") or {}).get(naming.LABEL_COMPONENT) != "mx":
+            return
+        names = self.mx_services.setdefault(key, {})
+        if deleted:
+            if names.get(host.lower()) == meta.get("name"):
+                names.pop(host.lower())
+        else:
+            names.setdefault(host.lower(), str(meta["name"]))
+
+    def certificate_event(self, body: KubeObject, deleted: bool) -> None:
+        """Issued or not: TLS=True only once cert-manager says Ready."""
+        key = owner_key(body)
+        if key is None:
+            return
+        again = self.applier.child_event(body, deleted)
+        now = certificate.certificate_ready(None if deleted else body)
+        if again or self.certificates.get(key) != now:
+            self.certificates[key] = now
+            self.queue.mark(key, render=False)
+
+    def certificate_kind_event(self) -> None:
+        """cert-manager installed (or removed) since we looked: look again now,
+        not at the next resync, for every relay that wants a Certificate."""
+        self.applier.cert_manager = None
+        for key, relay in self.view().relays.items():
+            if certificate.wants_certificate(relay):
+                self.queue.mark(key, render=False)
 
     def child_event(self, body: KubeObject, deleted: bool) -> None:
         """A ConfigMap or PDB (only its metadata): deleted or changed by another writer."""

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from mailrelay_api.schema import GROUP
-from mailrelay_operator import naming
+from mailrelay_operator import certificate, health, naming, operator_key
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
 from mailrelay_operator.kubeapi import KubeApi, KubeObject
@@ -23,13 +23,22 @@ from mailrelay_operator.reconciler import Reconciler
 
 OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 OWNED_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
-CHILD_PLURALS = ("configmaps", "services", "statefulsets", "poddisruptionbudgets")
+CHILD_PLURALS = (
+    "configmaps",
+    "services",
+    "statefulsets",
+    "poddisruptionbudgets",
+    "networkpolicies",
+    "certificates",
+)
 log = logging.getLogger("mailrelay.operator")
 # The reconcilers started in this process, with their loops: tests and the
 # benchmark look inside (writes, passes) and poke them (resync).
 RUNNING: list[tuple[Reconciler, asyncio.AbstractEventLoop]] = []
 # The namespaces served (empty: all); main.run sets it before kopf starts.
 NAMESPACES: list[str] = []
+# Where /healthz (this URL) and /readyz are served (health.py); main.run sets it.
+HEALTH_ENDPOINT: list[str] = []
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -105,15 +114,21 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     memo["indexes"] = {k: kwargs[k] for k in ("relays_idx", "namespaces_idx")}
     reconciler = Reconciler(
         api=KubeApi(),
+        # Reads (or on first start creates) its Secret: a blocking call, once.
+        operator_key=await asyncio.to_thread(operator_key.load),
         view=lambda: _view(memo),
         image=os.environ.get(naming.RELAY_IMAGE_ENV) or naming.DEFAULT_RELAY_IMAGE,
         resync_seconds=float(os.environ.get("MAILRELAY_OPERATOR_RESYNC_SECONDS", "300")),
+        workers=int(os.environ.get("MAILRELAY_OPERATOR_WORKERS", "4")),
         namespaces=tuple(NAMESPACES),
     )
     # Before kopf starts watching: every event it delivers is newer than this.
     await reconciler.seed()
     memo["reconciler"] = reconciler
     memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
+    reconciler.health.loop = memo["task"]
+    if HEALTH_ENDPOINT:
+        memo["health"] = await health.serve(HEALTH_ENDPOINT[0], reconciler.health)
     RUNNING.append((reconciler, asyncio.get_running_loop()))
 
 
@@ -123,6 +138,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    if memo.get("health") is not None:
+        await memo["health"].cleanup()
 
 
 # --- events: mark what changed --------------------------------------------------------
@@ -164,7 +181,7 @@ async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     _events(memo).service_event(dict(body), _deleted(event))
 
 
-# A deleted or foreign-edited ConfigMap or PDB comes back at once
+# A deleted or foreign-edited ConfigMap, PDB or NetworkPolicy comes back at once
 # (StatefulSets and Services: the handlers above do the same).
 @kopf.on.event("", "v1", "configmaps", labels=OWNED)
 async def config_map_event(
@@ -176,6 +193,33 @@ async def config_map_event(
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
 async def pdb_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _events(memo).child_event(_child(body, "policy/v1", "PodDisruptionBudget"), _deleted(event))
+
+
+@kopf.on.event(certificate.CERT_MANAGER_GROUP, "v1", "certificates", labels=OWNED)
+async def certificate_event(
+    event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    _events(memo).certificate_event(dict(body), _deleted(event))
+
+
+@kopf.on.event(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    field="metadata.name",
+    value=certificate.CERTIFICATE_CRD,
+)
+async def certificate_crd_event(memo: kopf.Memo, **_: Any) -> None:
+    _events(memo).certificate_kind_event()
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
+async def network_policy_event(
+    event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    _events(memo).child_event(
+        _child(body, "networking.k8s.io/v1", "NetworkPolicy"), _deleted(event)
+    )
 
 
 def _child(body: kopf.Body, api_version: str, kind: str) -> KubeObject:

@@ -4,11 +4,11 @@ One key per MailRelay, in Secret `<relay>-handover`, mounted into the pods:
 it authenticates a pod handing its queue over to a peer on scale-down
 (relay.handover.transfer) and the operator's drain requests (relay.handover.control).
 
-The operator never reads Secrets (its RBAC may create and patch them, not
-get, list or watch them): each relay's key is derived from the operator's
-own key (a file mounted from the chart's Secret, $MAILRELAY_OPERATOR_KEY_FILE)
-and the relay's uid, so the operator knows it without reading it back and
-it stays the same across operator restarts.
+The operator never reads these Secrets (its RBAC may create and patch
+Secrets, and get only its own key): each relay's key is derived from the
+operator's own key (operator_key.py) and the relay's uid, so the operator
+knows it without reading it back and it stays the same across operator
+restarts.
 """
 
 from __future__ import annotations
@@ -16,32 +16,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import logging
-import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 from mailrelay_operator import naming
-
-KEY_FILE_ENV = "MAILRELAY_OPERATOR_KEY_FILE"
-log = logging.getLogger("mailrelay.operator")
-
-
-def load_operator_key() -> bytes:
-    """The operator's own key; without one, a random key for this process
-    (relay keys then change, and relay pods roll, when the operator restarts)."""
-    path = os.environ.get(KEY_FILE_ENV)
-    if path:
-        key = Path(path).read_bytes().strip()
-        if len(key) >= 16:
-            return key
-        log.warning("%s holds fewer than 16 bytes: not used", path)
-    log.warning(
-        "no operator key (%s): handover keys are random for this run of the operator",
-        KEY_FILE_ENV,
-    )
-    return secrets.token_bytes(32)
 
 
 def relay_key(operator_key: bytes, relay: dict[str, Any]) -> str:

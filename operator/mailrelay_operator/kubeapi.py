@@ -31,8 +31,10 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Secret"): "secrets",
+    ("v1", "Pod"): "pods",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     (CERT_MANAGER_API, "Certificate"): "certificates",
     **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }
@@ -162,11 +164,27 @@ class KubeApi:
             "application/apply-patch+yaml",
         )
 
-    def patch_status_sync(self, path: str, status: dict[str, Any]) -> KubeObject:
-        """Merge-patch of /status: conditions is written whole (merge replaces lists)."""
+    def patch_labels_sync(self, path: str, labels: Mapping[str, str | None]) -> KubeObject:
+        """Merge-patch of metadata.labels (None removes one), under our field manager."""
         self._count_write()
         return self._call(
-            "PATCH", path + "/status", [], {"status": status}, "application/merge-patch+json"
+            "PATCH",
+            path,
+            [("fieldManager", FIELD_MANAGER)],
+            {"metadata": {"labels": dict(labels)}},
+            "application/merge-patch+json",
+        )
+
+    def patch_status_sync(self, path: str, status: dict[str, Any]) -> KubeObject:
+        """Merge-patch of /status: conditions is written whole (merge replaces lists).
+        Under our field manager, so `kubectl get --show-managed-fields` says who wrote it."""
+        self._count_write()
+        return self._call(
+            "PATCH",
+            path + "/status",
+            [("fieldManager", FIELD_MANAGER)],
+            {"status": status},
+            "application/merge-patch+json",
         )
 
     def delete_sync(self, path: str, propagation: str = "Background") -> None:
@@ -195,6 +213,9 @@ class KubeApi:
 
     async def apply(self, obj: Mapping[str, Any]) -> KubeObject:
         return await asyncio.to_thread(self.apply_sync, obj)
+
+    async def patch_labels(self, path: str, labels: Mapping[str, str | None]) -> KubeObject:
+        return await asyncio.to_thread(self.patch_labels_sync, path, labels)
 
     async def patch_status(self, path: str, status: dict[str, Any]) -> KubeObject:
         return await asyncio.to_thread(self.patch_status_sync, path, status)

@@ -46,11 +46,12 @@ def run(
     from mailrelay_operator import handlers  # registers the handlers
 
     handlers.NAMESPACES[:] = list(namespaces)
+    # Our own /healthz (the reconcile loop, not only kopf's) and /readyz.
+    handlers.HEALTH_ENDPOINT[:] = [liveness] if liveness else []
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,
         namespaces=list(namespaces),
-        liveness_endpoint=liveness,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )

@@ -6,6 +6,8 @@ parent's labels are never copied onto them (Argo CD tracks by label too).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from mailrelay_api.schema import GROUP
@@ -41,6 +43,9 @@ SERVICE_PORT = 25
 RELAY_UID = 10025
 DEFAULT_RELAY_IMAGE = "ghcr.io/mailrelay/mailrelay:0.1.0"
 RELAY_IMAGE_ENV = "MAILRELAY_RELAY_IMAGE"
+# The container's cpu limit (or request) for `--workers auto`; the relay reads
+# it in relay.process.cpus (the operator imports nothing from relay/).
+CPU_LIMIT_ENV = "MAILRELAY_CPU_LIMIT"
 
 
 def relay_name(relay: dict[str, Any]) -> str:
@@ -102,6 +107,10 @@ def pdb_name(relay: dict[str, Any]) -> str:
     return relay_name(relay)
 
 
+def network_policy_name(relay: dict[str, Any]) -> str:
+    return relay_name(relay)
+
+
 def handover_secret_name(relay: dict[str, Any]) -> str:
     return f"{relay_name(relay)}-handover"
 
@@ -129,13 +138,29 @@ def mx_entries(relay: dict[str, Any]) -> tuple[MxEntrySpec, ...]:
     return relay_spec(relay).mx_entries()
 
 
-def mx_service_names(relay: dict[str, Any]) -> list[str]:
-    """`<relay>-mx<priority>`, one per entry; a repeated priority gets -2, -3..."""
-    names: list[str] = []
-    seen: dict[int, int] = {}
-    for entry in mx_entries(relay):
-        prio = entry.priority
-        seen[prio] = seen.get(prio, 0) + 1
-        suffix = "" if seen[prio] == 1 else f"-{seen[prio]}"
-        names.append(f"{relay_name(relay)}-mx{prio}{suffix}")
-    return names
+def mx_service_name(relay: dict[str, Any], hostname: str) -> str:
+    """`<relay>-<hostname, dots as dashes>`: named by what it serves, so a new
+    priority keeps the Service (and its load-balancer IP). A name over 63
+    characters (a Service name is a DNS label) ends in a hash of the hostname."""
+    name = f"{relay_name(relay)}-{hostname.lower().rstrip('.').replace('.', '-')}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(hostname.lower().encode()).hexdigest()[:10]
+    return f"{name[:52].rstrip('-')}-{digest}"
+
+
+def mx_pods_label(hostname: str) -> str:
+    """The pod label an MX Service with spec.mx[].pods selects (the operator
+    sets it on the pods that serve that MX; a hash: label names are short)."""
+    return f"{GROUP}/mx-{hashlib.sha256(hostname.lower().encode()).hexdigest()[:10]}"
+
+
+def mx_service_names(relay: dict[str, Any], kept: Mapping[str, str] | None = None) -> list[str]:
+    """One Service name per MX entry. kept: hostname -> the name of a Service
+    this relay already has for it (MX_HOSTNAME_ANNOTATION), which stays: an
+    upgrade from `<relay>-mx<priority>` names keeps each Service and its IP."""
+    kept = kept or {}
+    return [
+        kept.get(e.hostname.lower()) or mx_service_name(relay, e.hostname)
+        for e in mx_entries(relay)
+    ]

@@ -18,19 +18,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailrelay_api.render import RenderCache, Rendered, render_relay
-from mailrelay_operator import certificate, handover_secret, naming, pods, scaledown, status
+from mailrelay_api.claims import Claim, next_release
+from mailrelay_api.render import RenderCache, Rendered, RenderSettings, render_relay
+from mailrelay_api.spec import relay_spec
+from mailrelay_operator import (
+    certificate,
+    handover_secret,
+    metrics,
+    mx_pods,
+    naming,
+    operator_key,
+    pods,
+    scaledown,
+    status,
+)
+from mailrelay_operator.adoption import ForeignObject
 from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
+from mailrelay_operator.health import HEALTH, Health
 from mailrelay_operator.inputs import InputCache
-from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, object_path
+from mailrelay_operator.kubeapi import (
+    KubeApi,
+    KubeError,
+    KubeObject,
+    object_path,
+    resource_path,
+)
+from mailrelay_operator.rollout import PROGRESS_DEADLINE_SECONDS, ProgressClock, rollout
+from mailrelay_operator.settings import NetworkSettings
 from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
 
@@ -51,6 +74,12 @@ class RelayMemory:
     failures: int = 0  # passes in a row that could not apply everything
     handover_key: str | None = None  # the key of the relay's handover Secret
     drain: scaledown.DrainMemory = field(default_factory=scaledown.DrainMemory)
+    # The domain claims of the last render (what status.domains gets): the
+    # next render starts from these, not from a status the watch may not
+    # have brought back yet.
+    claims: list[Claim] | None = None
+    progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
+    applied_replicas: int | None = None  # the StatefulSet replicas we last applied
 
 
 @dataclass
@@ -67,10 +96,16 @@ class Reconciler:
     pod_address: pods.PodAddresser = pods.cluster_address
     pod_client: pods.PodClient = field(default_factory=pods.PodClient)
     drain_poll_seconds: float = scaledown.POLL_SECONDS
-    # Relay handover keys derive from it (the operator never reads Secrets).
-    operator_key: bytes = field(default_factory=handover_secret.load_operator_key)
+    # Relay handover keys derive from it (operator_key.py: the one Secret it reads).
+    operator_key: bytes = field(default_factory=operator_key.load)
+    network: NetworkSettings = field(default_factory=NetworkSettings.from_env)
+
+    workers: int = 4  # relays reconciled at once
+    health: Health = field(default_factory=lambda: HEALTH)
 
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
+    running: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    slots: asyncio.Semaphore = field(init=False)
     passes: int = 0
     started: bool = False
     busy: bool = False
@@ -82,6 +117,7 @@ class Reconciler:
     events: EventRouter = field(init=False)
 
     def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.workers)
         self.queue = WorkQueue(self.retry_seconds)
         self.inputs = InputCache()
         self.applier = ChildApplier(self.api)
@@ -91,7 +127,7 @@ class Reconciler:
     # --- for tests and benchmarks (call in the loop's thread) --------------------------
     @property
     def idle(self) -> bool:
-        return not self.busy and self.queue.empty and self.statuses.idle
+        return not self.busy and not self.running and self.queue.empty and self.statuses.idle
 
     def resync_now(self) -> None:
         """A full pass now."""
@@ -109,8 +145,10 @@ class Reconciler:
         try:
             await self._run()
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            tasks = [writer, *self.running.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.pod_client.close()
 
     async def _run(self) -> None:
@@ -125,22 +163,26 @@ class Reconciler:
             if loop.time() >= next_resync:
                 next_resync = loop.time() + self.resync_seconds
                 if self.started:
+                    # From the watch caches: re-listing a million recipients
+                    # every few minutes would cost more than the drift it finds.
                     self.resync()
-                    try:
-                        await self.seed()
-                    except Exception:
-                        log.exception("listing RelayDomains and RecipientLists failed")
             self.queue.wakeup.clear()
             await asyncio.sleep(self.debounce_seconds)
             await self.process()
 
     async def seed(self) -> None:
-        """Lists RelayDomains and RecipientLists into the input cache.
+        """Lists RelayDomains and RecipientLists into the input cache, and the
+        relays' MX Services (their names are kept: see EventRouter.mx_services).
 
-        At start-up (before kopf watches) this is the complete picture; later
-        (each resync) it also drops objects whose deletion was missed.
+        Once, at start-up, before kopf watches: the complete picture. Later the
+        watches keep it current (a resync replays the cache, it lists nothing).
         """
         await self.inputs.seed(self.api, self.namespaces)
+        selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_COMPONENT}=mx"
+        for namespace in self.namespaces or (None,):
+            path = resource_path("v1", "Service", namespace)
+            for svc in await self.api.list_objects(path, selector):
+                self.events.service_event({"apiVersion": "v1", "kind": "Service", **svc}, False)
 
     def resync(self) -> None:
         """Forget what was applied and written: the next pass checks everything again."""
@@ -151,27 +193,30 @@ class Reconciler:
         self.queue.mark_sweep()
 
     async def process(self) -> None:
-        """One pass over whatever is dirty now."""
+        """One pass over whatever is dirty now: each relay's reconcile starts
+        in its own task (at most `workers` run at once), so a slow relay (pods
+        that do not answer a drain) holds up no other."""
         self.started = self.busy = True
+        self.health.begin_pass()
         try:
             await self._process()
         finally:
             self.busy = False
             self.passes += 1
+            self.health.end_pass()
 
     async def _process(self) -> None:
         view = self.view()
         dirty, sweep = self.queue.take()
         for key, render in sorted(dirty.items()):
-            try:
-                await self.reconcile_relay(key, render, view)
-            except Exception:
-                log.exception("reconciling MailRelay %s/%s failed; retrying", *key)
-                failures = 0
-                if key in self.relays:
-                    self.relays[key].failures += 1
-                    failures = self.relays[key].failures
-                self.queue.mark_later(key, failures, render=True)
+            if key in self.running:
+                # One reconcile per relay at a time: this mark waits for it.
+                self.queue.dirty[key] = self.queue.dirty.get(key, False) or render
+                continue
+            self.running[key] = asyncio.create_task(
+                self._reconcile_one(key, render, view), name=f"mailrelay-{key[0]}-{key[1]}"
+            )
+        metrics.QUEUE_DEPTH.set(len(self.queue.dirty) + len(self.running))
         if sweep:
             try:
                 self.sweep_orphans(view)
@@ -179,12 +224,38 @@ class Reconciler:
                 log.exception("writing statuses of unattached objects failed; retrying")
                 self.queue.sweep_later()
 
+    async def _reconcile_one(self, key: Key, render: bool, view: ClusterView) -> None:
+        started = time.monotonic()
+        try:
+            async with self.slots:
+                applied = await self.reconcile_relay(key, render, view)
+            metrics.RECONCILES.labels("applied" if applied else "failed").inc()
+            if applied:
+                metrics.LAST_SUCCESS.labels(*key).set(time.time())
+            else:
+                metrics.ERRORS.inc()
+        except Exception:
+            log.exception("reconciling MailRelay %s/%s failed; retrying", *key)
+            metrics.RECONCILES.labels("error").inc()
+            metrics.ERRORS.inc()
+            failures = 0
+            if key in self.relays:
+                self.relays[key].failures += 1
+                failures = self.relays[key].failures
+            self.queue.mark_later(key, failures, render=True)
+        finally:
+            metrics.DURATION.observe(time.monotonic() - started)
+            self.running.pop(key, None)
+            if key in self.queue.dirty:
+                self.queue.wakeup.set()  # a mark that waited for this reconcile
+
     # --- one relay --------------------------------------------------------------------
-    async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> None:
+    async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> bool:
+        """One relay's pass; whether every child was applied."""
         relay = view.relays.get(key)
         if relay is None:
             self._forget(key)
-            return
+            return True
         mem = self._memory(key, relay)
         rendered = await self._render(key, relay, mem, render, view)
         obs = status.RelayObservation(config_hash=rendered.config_hash)
@@ -194,9 +265,21 @@ class Reconciler:
         if mem.handover_key is None:
             mem.handover_key = handover_secret.relay_key(self.operator_key, relay)
         children = desired_children(
-            relay, rendered, self.image, self.applier.cert_manager is not False, mem.handover_key
+            relay,
+            rendered,
+            self.image,
+            self.applier.cert_manager is not False,
+            mem.handover_key,
+            self.network,
+            self.events.mx_services.get(key),
         )
         await self._apply(key, relay, mem, children, obs)
+        if obs.applied:
+            try:
+                await mx_pods.label_mx_pods(self.api, relay)
+            except KubeError as e:
+                log.warning("MailRelay %s/%s: labelling pods for spec.mx[].pods: %s", *key, e)
+                self.queue.mark_later(key, mem.failures)
         self._observe(key, relay, mem, rendered, obs)
 
         # The relay's own status now; its domains' and lists' (thousands, maybe)
@@ -211,6 +294,7 @@ class Reconciler:
             if rl is not None and view.relay_of_list(rl) == key:
                 self.statuses.queue(rl, status.list_status(rl, lv))
         log.info("reconciled MailRelay %s/%s; %d writes so far", key[0], key[1], self.api.writes)
+        return obs.applied
 
     def _memory(self, key: Key, relay: KubeObject) -> RelayMemory:
         """The relay's memory; a fresh one for a new object of the same name."""
@@ -229,8 +313,19 @@ class Reconciler:
             return mem.rendered
         inventory = view.inventory()
         started = time.monotonic()
-        rendered = await asyncio.to_thread(render_relay, relay, inventory, mem.render_cache)
-        mem.rendered, mem.generation = rendered, gen
+        if mem.claims is not None:
+            claimed = [c.to_status() for c in mem.claims]
+            relay = {**relay, "status": {**(relay.get("status") or {}), "domains": claimed}}
+        settings = RenderSettings(cluster=self.network.cluster)
+        rendered = await asyncio.to_thread(
+            render_relay, relay, inventory, mem.render_cache, settings
+        )
+        mem.rendered, mem.generation, mem.claims = rendered, gen, rendered.claims
+        release = next_release(rendered.claims, relay_spec(relay).allowed_domains.release_after)
+        if release is not None:
+            # A gone holder's claim lapses then: render again to hand the domain on.
+            wait = (release - datetime.datetime.now(datetime.UTC)).total_seconds()
+            self.queue.mark_after(max(wait, 0.0) + 1.0, key, render=True)
         log.info(
             "rendered MailRelay %s/%s: %d domains, %d recipients, %d files in %.2fs",
             key[0],
@@ -266,8 +361,9 @@ class Reconciler:
                 self.queue.mark_later(key, mem.failures)
             await self.applier.prune(key, relay, children)
             mem.failures = 0
-        except KubeError as e:
+        except (KubeError, ForeignObject) as e:
             obs.applied, obs.apply_error = False, str(e)
+            obs.foreign = isinstance(e, ForeignObject)
             log.warning("MailRelay %s/%s: %s", key[0], key[1], e)
             mem.failures += 1
             self.queue.mark_later(key, mem.failures)
@@ -277,15 +373,14 @@ class Reconciler:
     ) -> KubeObject:
         """The StatefulSet to apply: fewer replicas only once the leaving pods are drained."""
         found = await self.api.get(object_path(sts))
-        current = None
-        if found is not None and not found["metadata"].get("deletionTimestamp"):
-            current = int((found.get("spec") or {}).get("replicas") or 0)
+        current = pods_in_place(found, mem.applied_replicas)
         want = int(sts["spec"]["replicas"])
         assert mem.handover_key is not None
         planner = scaledown.ScaleDown(self.pod_address, self.pod_client, self.drain_poll_seconds)
         plan = await planner.plan(relay, current, want, mem.handover_key, mem.drain)
         if plan.poll:
             self.queue.mark_after(self.drain_poll_seconds, key)
+        mem.applied_replicas = plan.replicas
         if plan.replicas == want:
             return sts
         return {**sts, "spec": {**sts["spec"], "replicas": plan.replicas}}
@@ -305,8 +400,17 @@ class Reconciler:
         obs.recreating = mem.recreate.recreating
         obs.scale_down = mem.drain.condition
         obs.replicas, obs.ready_replicas = self.events.replicas.get(key, Replicas())
+        want = relay_spec(relay).replicas
+        obs.rollout = rollout(self.events.statefulsets.get(key), want)
+        at = time.monotonic()
+        obs.stuck = mem.progress.stuck(obs.rollout, at)
+        if not obs.rollout.done and mem.progress.since == at:
+            # No event may come (a crash-looping pod): look again at the deadline.
+            self.queue.mark_after(PROGRESS_DEADLINE_SECONDS + 1.0, key)
+        obs.certificate = self.events.certificates.get(key)
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
+        obs.claims = [c.to_status() for c in rendered.claims]
         entries = naming.mx_entries(relay)
         mx = [(e.priority, e.hostname) for e in entries]
         ready_hosts = {
@@ -331,3 +435,20 @@ class Reconciler:
             self.statuses.queue(dom, status.domain_status(dom, None, msg))
         for rl, reason, message in view.orphan_lists():
             self.statuses.queue(rl, status.list_status(rl, None, reason, message))
+
+
+def pods_in_place(found: KubeObject | None, applied: int | None) -> int | None:
+    """How many relay pods a scale-down starts from: what we applied, not what
+    another writer raised spec.replicas to, and no more pods than exist
+    (status.replicas, once the controller reported). None: no StatefulSet."""
+    if found is None or found["metadata"].get("deletionTimestamp"):
+        return None
+    current = int((found.get("spec") or {}).get("replicas") or 0)
+    if applied is not None:
+        current = min(current, applied)
+    st = found.get("status") or {}
+    # status.replicas counts the pods the controller made, once it has looked
+    # (the API server writes a 0 at creation, before any controller has).
+    if st.get("observedGeneration") and st.get("replicas") is not None:
+        current = min(current, int(st["replicas"]))
+    return current

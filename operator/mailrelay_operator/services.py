@@ -3,6 +3,7 @@ and one per spec.mx entry on port 25."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mailrelay_api.spec import relay_spec
@@ -46,15 +47,22 @@ def headless_service(relay: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def mx_services(relay: dict[str, Any]) -> list[dict[str, Any]]:
+def mx_services(
+    relay: dict[str, Any], kept: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """kept: hostname -> name of an existing MX Service (naming.mx_service_names)."""
     proxy = relay_spec(relay).proxy_protocol.enabled
     out = []
-    for entry, name in zip(naming.mx_entries(relay), naming.mx_service_names(relay), strict=True):
+    names = naming.mx_service_names(relay, kept)
+    for entry, name in zip(naming.mx_entries(relay), names, strict=True):
         svc_opts = entry.service
         svc_type = svc_opts.type
+        selector = naming.pod_selector(relay)
+        if entry.pods is not None:
+            selector[naming.mx_pods_label(entry.hostname)] = "true"
         spec: dict[str, Any] = {
             "type": svc_type,
-            "selector": naming.pod_selector(relay),
+            "selector": selector,
             "ports": [
                 {
                     "name": "smtp",
@@ -86,3 +94,14 @@ def mx_services(relay: dict[str, Any]) -> list[dict[str, Any]]:
         }
         out.append({"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec})
     return out
+
+
+def pod_mx_labels(relay: dict[str, Any], ordinal: int, zone: str | None) -> dict[str, str | None]:
+    """The labels a relay pod needs for the MX Services with spec.mx[].pods:
+    "true" where it serves that MX, None (remove) where it does not. A merge
+    patch of these onto the pod's labels."""
+    return {
+        naming.mx_pods_label(e.hostname): "true" if e.pods.serves(ordinal, zone) else None
+        for e in naming.mx_entries(relay)
+        if e.pods is not None
+    }

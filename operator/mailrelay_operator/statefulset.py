@@ -9,7 +9,7 @@ from typing import Any
 
 from mailrelay_api.spec import MailRelaySpec, relay_spec
 from mailrelay_api.units import parse_duration
-from mailrelay_operator import naming
+from mailrelay_operator import naming, scheduling
 
 # Every recipient shard ConfigMap has a slot in the projected config volume,
 # marked optional, so a new shard appears in the pod without a template change
@@ -72,7 +72,7 @@ def relay_command(spec: MailRelaySpec, tls: bool) -> list[str]:
         cmd += ["--tls-dir", naming.TLS_DIR]
     if spec.proxy_protocol.enabled:
         cmd += ["--proxy-listen", f"0.0.0.0:{naming.PROXY_PORT}"]
-    return cmd
+    return cmd + scheduling.workers_args(spec)
 
 
 def probe_timeout(relay: dict[str, Any]) -> int:
@@ -166,7 +166,9 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "MAILRELAY_SHUTDOWN_GRACE", "value": str(SHUTDOWN_GRACE_SECONDS)},
+            *scheduling.cpu_env(spec),
         ],
+        "resources": scheduling.resources(spec),
         "volumeMounts": mounts,
         # The relay may load a large recipient table first: give it time.
         "startupProbe": {**_probe(timeout), "periodSeconds": 5, "failureThreshold": 60},
@@ -227,17 +229,7 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
                         "fsGroup": naming.RELAY_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    # ScheduleAnyway, not DoNotSchedule: a small cluster with one
-                    # zone (or pods pinned by zonal volumes) must still run every
-                    # replica; the spread is a preference, mail delivery is not.
-                    "topologySpreadConstraints": [
-                        {
-                            "maxSkew": 1,
-                            "topologyKey": "topology.kubernetes.io/zone",
-                            "whenUnsatisfiable": "ScheduleAnyway",
-                            "labelSelector": {"matchLabels": selector},
-                        }
-                    ],
+                    **scheduling.pod_scheduling(spec, selector),
                     "containers": [container],
                     "volumes": volumes,
                 },

@@ -8,11 +8,12 @@ recomputed from unchanged inputs is identical and nothing gets written.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from mailrelay_api.render import DomainVerdict, RecipientListVerdict
+from mailrelay_operator.rollout import PROGRESS_DEADLINE_SECONDS, Rollout, rollout
 
 MX_RECORDS_MAX_DOMAINS = 100  # status stays small with 10,000 domains
 
@@ -28,6 +29,8 @@ class ConditionType(StrEnum):
 class ReconciledReason(StrEnum):
     APPLIED = "Applied"
     APPLY_FAILED = "ApplyFailed"
+    RESOURCE_EXISTS = "ResourceExists"  # a child's name is taken by an object not ours
+    INVALID_SPEC = "InvalidSpec"  # the spec fails mailrelay validate's checks
     STATEFULSET_RECREATING = "StatefulSetRecreating"
     STATEFULSET_RECREATED = "StatefulSetRecreated"
 
@@ -35,11 +38,14 @@ class ReconciledReason(StrEnum):
 class ReadyReason(StrEnum):
     ALL_REPLICAS_READY = "AllReplicasReady"
     REPLICAS_NOT_READY = "ReplicasNotReady"
+    ROLLING_OUT = "RollingOut"  # pods not all on the applied template yet
+    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"  # no progress (rollout.py)
     SCALED_TO_ZERO = "ScaledToZero"
 
 
 class TLSReason(StrEnum):
-    CERTIFICATE_REQUESTED = "CertificateRequested"
+    CERTIFICATE_READY = "CertificateReady"
+    CERTIFICATE_NOT_READY = "CertificateNotReady"  # cert-manager has not issued it (yet)
     CERT_MANAGER_MISSING = "CertManagerMissing"
     SECRET_PROVIDED = "SecretProvided"
 
@@ -178,6 +184,7 @@ class RelayObservation:
 
     applied: bool = True
     apply_error: str = ""
+    foreign: bool = False  # apply_error is about an object not ours (ResourceExists)
     recreating: str = ""  # message while the StatefulSet is orphan-deleted and recreated
     recreated: str = ""  # message after a recreate
     cert_manager_missing: bool = False
@@ -185,16 +192,20 @@ class RelayObservation:
     ready_replicas: int = 0
     config_hash: str = ""
     domains: int = 0
+    claims: list[dict[str, str]] = field(default_factory=list)  # status.domains
     recipients: int = 0
     mx_records: tuple[list[str], int] = ([], 0)
     scale_down: Condition | None = None  # ScalingDown (scaledown.py), once there was one
+    rollout: Rollout | None = None  # the StatefulSet's (None: not seen yet)
+    stuck: bool = False  # the rollout made no progress for its deadline
+    certificate: tuple[bool, str] | None = None  # (Ready, message) of the Certificate
 
 
 def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> dict[str, Any]:
     spec = relay["spec"]
     gen = generation(relay)
-    wanted = [_reconciled(obs), _ready(int(spec["replicas"]), obs.ready_replicas)]
-    tls = _tls(spec.get("tls") or {}, obs.cert_manager_missing)
+    wanted = [_reconciled(obs), _ready(int(spec["replicas"]), obs)]
+    tls = _tls(spec.get("tls") or {}, obs)
     if tls is not None:
         wanted.append(tls)
     if obs.scale_down is not None:
@@ -206,7 +217,8 @@ def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> 
         "conditions": conditions(wanted, current, gen, at or now()),
         "replicas": obs.replicas,
         "readyReplicas": obs.ready_replicas,
-        "domains": obs.domains,
+        "acceptedDomains": obs.domains,
+        "domains": obs.claims,
         "recipients": obs.recipients,
         "configHash": obs.config_hash,
         "mxRecords": lines,
@@ -221,32 +233,39 @@ def _reconciled(obs: RelayObservation) -> Condition:
     if obs.recreating:
         return Condition(kind, False, why.STATEFULSET_RECREATING, obs.recreating)
     if not obs.applied:
-        return Condition(kind, False, why.APPLY_FAILED, obs.apply_error)
+        reason = why.RESOURCE_EXISTS if obs.foreign else why.APPLY_FAILED
+        return Condition(kind, False, reason, obs.apply_error)
     if obs.recreated:
         return Condition(kind, True, why.STATEFULSET_RECREATED, obs.recreated)
     return Condition(kind, True, why.APPLIED, "all children are up to date")
 
 
-def _ready(want: int, ready: int) -> Condition:
+def _ready(want: int, obs: RelayObservation) -> Condition:
     kind, why = ConditionType.READY, ReadyReason
     if want == 0:
         return Condition(kind, True, why.SCALED_TO_ZERO, "spec.replicas is 0")
-    if ready >= want:
-        return Condition(kind, True, why.ALL_REPLICAS_READY, f"{want}/{want} pods ready")
-    return Condition(kind, False, why.REPLICAS_NOT_READY, f"{ready}/{want} pods ready")
+    state = obs.rollout or rollout(None, want)
+    if state.done:
+        return Condition(kind, True, why.ALL_REPLICAS_READY, state.message)
+    if obs.stuck:
+        message = f"{state.message}; no progress for {PROGRESS_DEADLINE_SECONDS / 60:.0f}m"
+        return Condition(kind, False, why.PROGRESS_DEADLINE_EXCEEDED, message)
+    return Condition(kind, False, ReadyReason(state.reason), state.message)
 
 
-def _tls(tls: dict[str, Any], cert_manager_missing: bool) -> Condition | None:
+def _tls(tls: dict[str, Any], obs: RelayObservation) -> Condition | None:
     kind, why = ConditionType.TLS, TLSReason
     if tls.get("issuerRef"):
-        if cert_manager_missing:
+        if obs.cert_manager_missing:
             return Condition(
                 kind,
                 False,
                 why.CERT_MANAGER_MISSING,
                 "cert-manager's Certificate CRD is not installed: running without STARTTLS",
             )
-        return Condition(kind, True, why.CERTIFICATE_REQUESTED, "Certificate applied")
+        ready, message = obs.certificate or (False, "Certificate not seen yet")
+        reason = why.CERTIFICATE_READY if ready else why.CERTIFICATE_NOT_READY
+        return Condition(kind, ready, reason, message)
     if tls.get("secretName"):
         return Condition(kind, True, why.SECRET_PROVIDED, f"Secret {tls['secretName']}")
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ CHILDREN = [
     ("configmap", "quickstart-recipients-0"),
     ("statefulset", "quickstart"),
     ("service", "quickstart-pods"),
-    ("service", "quickstart-mx10"),
+    ("service", "quickstart-mx-quickstart-test"),
     ("poddisruptionbudget", "quickstart"),
 ]
 
@@ -74,14 +75,18 @@ def test_quickstart_children_owned_and_labelled(kube: Kube, quickstart: dict[str
     assert sts is not None
     pod = sts["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.test/mailrelay:test"
-    mx = kube.get("service", "quickstart-mx10")
+    mx = kube.get("service", "quickstart-mx-quickstart-test")
     assert mx is not None and mx["metadata"]["labels"]["mailrelay.io/mx-priority"] == "10"
     assert mx["spec"]["ports"][0]["port"] == 25
 
 
 def test_quickstart_statuses(kube: Kube, quickstart: dict[str, Any]) -> None:
     st = quickstart["status"]
-    assert st["domains"] == 2 and st["recipients"] == 3
+    assert st["acceptedDomains"] == 2 and st["recipients"] == 3
+    assert {c["domain"]: c["holder"] for c in st["domains"]} == {
+        "example.com": "default/example-com",
+        "example.org": "default/example-org",
+    }
     ready = condition(quickstart, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ReplicasNotReady")
     assert all(
@@ -175,7 +180,8 @@ metadata: {name: tenant-domain, namespace: tenant-a}
 spec:
   domain: tenant.example
   relayRef: {name: quickstart, namespace: default}
-  nextHop: {host: 127.0.0.1}
+  # Outside the cluster: a tenant may not use loopback (docs/security.md).
+  nextHop: {host: mx.tenant.example}
   recipients: any
 ---
 apiVersion: mailrelay.io/v1alpha1
@@ -198,8 +204,9 @@ spec:
         "Conflict", lambda: (c := accepted(kube, "relaydomain", "example-com-again")) and c
     )
     assert (conflict["status"], conflict["reason"]) == ("False", "Conflict")
-    assert "default/example-com" in conflict["message"]
-    # The older claim keeps the domain.
+    # Who holds it is not said (it may be another tenant's); status.domains says it.
+    assert "default/example-com" not in conflict["message"]
+    # The recorded holder keeps the domain.
     assert accepted(kube, "relaydomain", "example-com")["status"] == "True"
     refused = wait_for(
         "NotAllowed",
@@ -301,20 +308,36 @@ spec:
 def test_ready_and_mx_records_follow_the_children(
     kube: Kube, operator: RunningOperator, quickstart: dict[str, Any]
 ) -> None:
-    # Play the StatefulSet controller and the cloud load balancer.
+    # Play the StatefulSet controller and the cloud load balancer. A ready pod
+    # on the old template is not a finished rollout: Ready waits for it.
+    sts = kube.get("statefulset", "quickstart") or {}
+    rolling = {
+        "observedGeneration": sts["metadata"]["generation"],
+        "replicas": 1,
+        "readyReplicas": 1,
+        "availableReplicas": 1,
+        "updatedReplicas": 0,
+        "currentRevision": "quickstart-old",
+        "updateRevision": "quickstart-new",
+    }
     kube.kubectl(
-        "patch",
-        "statefulset",
-        "quickstart",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status":{"replicas":1,"readyReplicas":1,"availableReplicas":1}}',
+        "patch", "statefulset", "quickstart", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": rolling}),
+    )  # fmt: skip
+    wait_for(
+        "RollingOut",
+        lambda: condition(kube.get("mailrelay", "quickstart"), "Ready").get("reason")
+        == "RollingOut",
     )
+    done = {**rolling, "updatedReplicas": 1, "currentRevision": "quickstart-new"}
+    kube.kubectl(
+        "patch", "statefulset", "quickstart", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": done}),
+    )  # fmt: skip
     kube.kubectl(
         "patch",
         "service",
-        "quickstart-mx10",
+        "quickstart-mx-quickstart-test",
         "--subresource=status",
         "--type=merge",
         "-p",

@@ -68,7 +68,7 @@ def sturdy(kube: Kube, operator: RunningOperator) -> dict[str, Any]:
 CHILDREN = [
     ("configmap", f"{NAME}-config"),
     ("service", f"{NAME}-pods"),
-    ("service", f"{NAME}-mx10"),
+    ("service", f"{NAME}-mx-sturdy-example"),
     ("poddisruptionbudget", NAME),
     ("statefulset", NAME),
 ]

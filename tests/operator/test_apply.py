@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
+import pytest
+from mailrelay_operator import naming
+from mailrelay_operator.adoption import ForeignObject
 from mailrelay_operator.apply import RECREATED, RECREATING, ChildApplier, Recreate
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, object_path
 
@@ -38,7 +41,9 @@ class FakeApi:
 
 
 def child(kind: str, api_version: str = "v1", **spec: Any) -> KubeObject:
-    meta = {"name": "edge", "namespace": "mail"}
+    # The relay's labels: an object of that name found before our first apply is ours.
+    labels = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY, naming.LABEL_INSTANCE: "edge"}
+    meta = {"name": "edge", "namespace": "mail", "labels": labels}
     return {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec}
 
 
@@ -89,3 +94,13 @@ async def test_a_certificate_crd_gone_meanwhile_is_reported() -> None:
     a.cert_manager = True
     outcome = await a.apply(KEY, [cert], Recreate(), 1, keep)
     assert outcome.again and outcome.cert_manager_missing and a.cert_manager is False
+
+
+async def test_an_object_not_ours_under_a_childs_name_is_refused() -> None:
+
+    a, api = applier()
+    theirs = {**child("Service"), "metadata": {"name": "edge", "namespace": "mail"}}
+    api.objects[object_path(theirs)] = theirs
+    with pytest.raises(ForeignObject, match="Service mail/edge exists and is not this MailRelay"):
+        await a.apply(KEY, [child("Service")], Recreate(), 1, keep)
+    assert api.applied == []

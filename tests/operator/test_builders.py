@@ -23,6 +23,7 @@ import pytest
 import yaml
 from mailrelay_operator import configmaps, naming, statefulset
 from mailrelay_operator.children import desired_children
+from mailrelay_operator.settings import NetworkSettings
 
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import render_relay
@@ -146,7 +147,16 @@ def test_quickstart_children_match_golden() -> None:
 
 def test_full_relay_children_match_golden() -> None:
     relay = full_relay()
-    children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
+    # With the operator's network settings: the relay pods' NetworkPolicy.
+    network = NetworkSettings.from_env(
+        {
+            "MAILRELAY_CLUSTER_CIDRS": "10.96.0.0/12,10.244.0.0/16",
+            "POD_NAMESPACE": "mailrelay-system",
+            "MAILRELAY_METRICS_NAMESPACE": "monitoring",
+        }
+    )
+    rendered = render_relay(relay, Inventory())
+    children = desired_children(relay, rendered, IMAGE, cert_manager=True, network=network)
     check_golden("full.yaml", children)
 
 
@@ -170,7 +180,12 @@ def test_mx_services_one_per_entry_with_unique_names() -> None:
     relay = full_relay()
     children = desired_children(relay, render_relay(relay, Inventory()), IMAGE, cert_manager=True)
     mx = [s for s in by_kind(children, "Service") if s["spec"].get("clusterIP") != "None"]
-    assert [s["metadata"]["name"] for s in mx] == ["edge-mx10", "edge-mx20", "edge-mx20-2"]
+    # Named by MX host: a new priority keeps the Service and its load-balancer IP.
+    assert [s["metadata"]["name"] for s in mx] == [
+        "edge-mx1-example-net",
+        "edge-mx2-example-net",
+        "edge-mx3-example-net",
+    ]
     assert [s["metadata"]["labels"][naming.MX_PRIORITY_LABEL] for s in mx] == ["10", "20", "20"]
     lb, nodeport, cluster_ip = mx
     assert lb["spec"]["externalTrafficPolicy"] == "Local"
@@ -182,7 +197,8 @@ def test_mx_services_one_per_entry_with_unique_names() -> None:
 def test_default_mx_from_hostname() -> None:
     relay, inv = quickstart()
     children = desired_children(relay, render_relay(relay, inv), IMAGE, cert_manager=True)
-    mx = [s for s in by_kind(children, "Service") if s["metadata"]["name"].endswith("-mx10")]
+    name = "quickstart-mx-quickstart-test"
+    mx = [s for s in by_kind(children, "Service") if s["metadata"]["name"] == name]
     assert len(mx) == 1
     assert mx[0]["spec"]["type"] == "LoadBalancer"
     assert mx[0]["metadata"]["annotations"]["mailrelay.io/mx-hostname"] == "mx.quickstart.test"

@@ -49,10 +49,10 @@ def test_default_render() -> None:
         ["ClusterRole"] * 2
         + ["ClusterRoleBinding"] * 2
         + ["CustomResourceDefinition"] * 3
-        + ["Deployment", "Secret", "Service", "ServiceAccount"]
+        + ["Deployment", "NetworkPolicy", "Role", "RoleBinding", "Service", "ServiceAccount"]
     )
-    (key,) = by_kind(docs, "Secret")  # the operator's own key (operator-key.yaml)
-    assert key["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    # No Secret: the operator creates its own key (operator-key.yaml).
+    assert not by_kind(docs, "Secret")
     (deploy,) = by_kind(docs, "Deployment")
     assert deploy["spec"]["replicas"] == 1
     assert deploy["spec"]["strategy"] == {"type": "Recreate"}
@@ -146,22 +146,52 @@ def test_crds_switches() -> None:
 
 
 def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb), with "resource/name" where a rule names its objects."""
     return {
-        (group, resource, verb)
+        (group, f"{resource}/{name}" if name else resource, verb)
         for rule in role["rules"]
         for group in rule.get("apiGroups", [""])
         for resource in rule["resources"]
+        for name in rule.get("resourceNames") or [""]
         for verb in rule["verbs"]
     }
 
 
+def roles(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return set().union(*(rules_of(r) for r in docs if r["kind"] in ("ClusterRole", "Role")))
+
+
+def test_helm_template_is_the_same_every_time() -> None:
+    """What Argo CD runs: a random value in it (a key) is never in sync."""
+    for args in ([], list(EVERYTHING_ON), ["--set", "operatorKey.existingSecret=mine"]):
+        first, second = helm_template(*args), helm_template(*args)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == second.stdout
+
+
+def test_operator_key_from_an_existing_secret() -> None:
+    docs = render_chart("--set", "operatorKey.existingSecret=mine")
+    assert not by_kind(docs, "Role"), "no Secret access when the key is given"
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "MAILRELAY_OPERATOR_KEY_SECRET" not in env
+    assert env["MAILRELAY_OPERATOR_KEY_FILE"] == "/etc/mailrelay-operator/key/key"
+    assert {"name": "key", "secret": {"secretName": "mine", "defaultMode": 0o400}} in pod["volumes"]
+
+
 def test_rbac_is_least_privilege() -> None:
     docs = render_chart()
-    granted = set().union(*(rules_of(r) for r in by_kind(docs, "ClusterRole")))
+    granted = roles(docs)
     assert not any("*" in triple for triple in granted), "no wildcards"
     assert not any(res == "pods/exec" for _, res, _ in granted)
-    # Secrets: write-only (the relays' handover Secrets), never read.
+    # Secrets: write-only (the relays' handover Secrets), never read, except
+    # the operator's own key, by its name.
     assert {verb for _, res, verb in granted if res == "secrets"} <= {"create", "patch"}
+    assert {(res, verb) for _, res, verb in granted if res.startswith("secrets/")} == {
+        ("secrets/mailrelay-mailrelay-operator-key", "get")  # <fullname>-key
+    }
     # The spec is the user's: the operator writes status only.
     for kind in ("mailrelays", "relaydomains", "recipientlists"):
         assert not {("mailrelay.io", kind, v) for v in ("patch", "update")} & granted
@@ -176,7 +206,9 @@ def test_rbac_is_the_operators_own_rbac() -> None:
             if doc and doc.get("kind") in ("ClusterRole", "Role"):
                 wanted |= rules_of(doc)
     assert wanted, "deploy/rbac/ has the operator's ClusterRole"
-    granted = set().union(*(rules_of(r) for r in by_kind(render_chart(), "ClusterRole")))
+    # The key's name follows the release (<fullname>-key): deploy/rbac/ names
+    # the key of a release called mailrelay-operator.
+    granted = roles(render_chart(release="mailrelay-operator"))
     assert granted == wanted, (
         f"only in the chart: {sorted(granted - wanted)}; only in deploy/rbac: "
         f"{sorted(wanted - granted)}"
@@ -185,7 +217,7 @@ def test_rbac_is_the_operators_own_rbac() -> None:
 
 def test_watch_namespaces_bind_per_namespace() -> None:
     docs = render_chart("--set", "watchNamespaces={mail,customer-a}")
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["customer-a", "mail"]
     # Only the cluster-scoped reads stay cluster-wide.
     (crb,) = by_kind(docs, "ClusterRoleBinding")

@@ -73,7 +73,7 @@ def test_the_mx_service_the_script_forwards_to() -> None:
 
     (relay,) = [d for d in cluster_manifests() if d["kind"] == "MailRelay"]
     names = naming.mx_service_names(with_defaults(relay))
-    assert names == ["quickstart-mx10"]
+    assert names == ["quickstart-mx-quickstart-test"]
     assert f"svc/{names[0]} " in SCRIPT.read_text()
     assert relay["spec"]["mx"][0]["service"]["type"] == "ClusterIP"
 

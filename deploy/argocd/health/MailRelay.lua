@@ -2,10 +2,13 @@
 -- Healthy:     Ready=True and status.observedGeneration == metadata.generation
 -- Progressing: not yet observed, an older generation observed, Ready=Unknown,
 --              or Ready/Reconciled=False while pods start or roll out
+--              (until the operator's progress deadline), TLS=False while the
+--              Certificate is being issued,
 --              or ScalingDown=True while leaving pods drain their queues
--- Degraded:    Reconciled=False (children could not be applied), Ready=False
---              with a failure reason, TLS=False (no STARTTLS), or a scale-down
---              whose drain timed out
+-- Degraded:    Reconciled=False (children could not be applied, InvalidSpec,
+--              ResourceExists), Ready=False with a failure reason (such as
+--              ProgressDeadlineExceeded: pods crash-loop or never get ready),
+--              TLS=False (no STARTTLS), or a scale-down whose drain timed out
 -- Written for Lua 5.1 (Argo CD's gopher-lua); tests run it with lua5.4.
 local KIND = "MailRelay"
 --#include lib.lua
@@ -14,6 +17,7 @@ local KIND = "MailRelay"
 local in_progress = {
   ReplicasNotReady = true, StatefulSetRecreating = true,
   Reconciling = true, Progressing = true, Pending = true, RollingOut = true,
+  CertificateNotReady = true,
 }
 
 local status = obj.status
@@ -65,5 +69,5 @@ local replicas = ""
 if status.readyReplicas ~= nil then
   replicas = tostring(status.readyReplicas) .. " ready pod(s), "
 end
-hs.message = replicas .. tostring(status.domains or 0) .. " domain(s) attached"
+hs.message = replicas .. tostring(status.acceptedDomains or 0) .. " domain(s) attached"
 return hs
