@@ -7,4 +7,5 @@
 - render.py, shards.py: manifests -> the relay's configuration files
 - units.py: durations as the manifests write them
 - drain_protocol.py: the signed drain requests of the operator to the relay pods
+- pod_env.py: the environment the operator sets in relay pods for the relay
 """

@@ -43,9 +43,6 @@ SERVICE_PORT = 25
 RELAY_UID = 10025
 DEFAULT_RELAY_IMAGE = "ghcr.io/mailrelay/mailrelay:0.1.0"
 RELAY_IMAGE_ENV = "MAILRELAY_RELAY_IMAGE"
-# The container's cpu limit (or request) for `--workers auto`; the relay reads
-# it in relay.process.cpus (the operator imports nothing from relay/).
-CPU_LIMIT_ENV = "MAILRELAY_CPU_LIMIT"
 
 
 def relay_name(relay: dict[str, Any]) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailrelay_api.pod_env import CPU_LIMIT_ENV
 from mailrelay_api.spec import MailRelaySpec
-from mailrelay_operator import naming
 
 ZONE_KEY = "topology.kubernetes.io/zone"
 HOST_KEY = "kubernetes.io/hostname"
@@ -67,7 +67,7 @@ def cpu_env(spec: MailRelaySpec) -> list[dict[str, Any]]:
     for kind in ("limits", "requests"):
         if "cpu" in spec.resources.get(kind, {}):
             ref = {"containerName": "relay", "resource": f"{kind}.cpu", "divisor": "1"}
-            return [{"name": naming.CPU_LIMIT_ENV, "valueFrom": {"resourceFieldRef": ref}}]
+            return [{"name": CPU_LIMIT_ENV, "valueFrom": {"resourceFieldRef": ref}}]
     return []
 
 

@@ -16,8 +16,9 @@ import math
 import os
 from pathlib import Path
 
+from mailrelay_api.pod_env import CPU_LIMIT_ENV
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CPU_LIMIT_ENV = "MAILRELAY_CPU_LIMIT"
 
 
 def _cgroup_paths(root: Path) -> tuple[Path | None, Path | None]:

@@ -9,6 +9,7 @@ from mailrelay_operator.settings import NetworkSettings
 from mailrelay_operator.statefulset import PodOptions, statefulset
 
 from mailrelay_api.claims import ClusterNetworks
+from mailrelay_api.pod_env import CPU_LIMIT_ENV
 from mailrelay_api.spec import NextHopSpec
 from mailrelay_api.validate import with_defaults
 
@@ -44,7 +45,7 @@ def test_defaults_make_a_burstable_pod_spread_by_preference() -> None:
         assert absent not in spec
     # workers: auto -> no flag; the cpu request (no cpu limit) through the downward API.
     assert "--workers" not in c["command"]
-    (cpu,) = [e for e in c["env"] if e["name"] == naming.CPU_LIMIT_ENV]
+    (cpu,) = [e for e in c["env"] if e["name"] == CPU_LIMIT_ENV]
     assert cpu["valueFrom"]["resourceFieldRef"] == {
         "containerName": "relay",
         "resource": "requests.cpu",
@@ -78,14 +79,14 @@ def test_scheduling_fields_pass_through() -> None:
     assert (zone["whenUnsatisfiable"], zone["minDomains"]) == ("DoNotSchedule", 2)
     assert (host["whenUnsatisfiable"], host["minDomains"]) == ("DoNotSchedule", 3)
     (c,) = spec["containers"]
-    (cpu,) = [e for e in c["env"] if e["name"] == naming.CPU_LIMIT_ENV]
+    (cpu,) = [e for e in c["env"] if e["name"] == CPU_LIMIT_ENV]
     assert cpu["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
 
 
 def test_a_number_of_workers_is_passed_as_a_flag() -> None:
     (c,) = pod(relay(workers=3))["containers"]
     assert c["command"][-2:] == ["--workers", "3"]
-    assert not [e for e in c["env"] if e["name"] == naming.CPU_LIMIT_ENV]
+    assert not [e for e in c["env"] if e["name"] == CPU_LIMIT_ENV]
 
 
 def test_mx_services_keep_their_name_across_priorities_and_upgrades() -> None:
