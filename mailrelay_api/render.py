@@ -228,86 +228,13 @@ def render_relay(
     the same as without one.
     """
     attached, verdicts, claims = attach_domains(relay, inv, settings)
-    by_key = {(_ns(d), _name(d)): d for d in attached}
     verdict_of = {(v.namespace, v.name): v for v in verdicts}
-    list_verdicts: list[RecipientListVerdict] = []
-    per_domain: dict[tuple[str, str], list[ListPart]] = {k: [] for k in by_key}
-    used: dict[str, ListPart] = {}
-    all_domains: set[tuple[str, str]] | None = None  # built when first needed
-    for rl in inv.recipient_lists:
-        key = (_ns(rl), str(rl["spec"]["domainRef"]["name"]))
-        dom = by_key.get(key)
-        if dom is None:
-            v = verdict_of.get(key)
-            if v is None:
-                # It belongs to another relay's domain, or to none at all.
-                if all_domains is None:
-                    all_domains = {(_ns(d), _name(d)) for d in inv.domains}
-                if key not in all_domains:
-                    list_verdicts.append(
-                        RecipientListVerdict(
-                            _ns(rl),
-                            _name(rl),
-                            False,
-                            "DomainNotFound",
-                            f"no RelayDomain {key[1]} in namespace {key[0]}",
-                        )
-                    )
-                continue
-            list_verdicts.append(
-                RecipientListVerdict(
-                    _ns(rl),
-                    _name(rl),
-                    False,
-                    "DomainNotAccepted",
-                    f"RelayDomain {key[1]} is not accepted: {v.reason}",
-                )
-            )
-            continue
-        domain = str(dom["spec"]["domain"]).lower().rstrip(".")
-        part = _list_part(rl, domain, cache)
-        if part.key is not None:
-            used[part.key] = part
-        per_domain[key].append(part)
-        foreign = part.foreign
-        list_verdicts.append(
-            RecipientListVerdict(
-                _ns(rl),
-                _name(rl),
-                True,
-                "ForeignAddresses" if foreign else "Accepted",
-                f"{foreign} address(es) not in {domain} ignored" if foreign else "",
-                part.in_domain,
-            )
-        )
-
-    listed: list[ListPart] = []
-    domains_doc = []
-    for dom in sorted(attached, key=lambda d: str(d["spec"]["domain"]).lower()):
-        key = (_ns(dom), _name(dom))
-        spec = dom["spec"]
-        domain = str(spec["domain"]).lower().rstrip(".")
-        v = verdict_of[key]
-        if spec["recipients"] == "listed":
-            parts = per_domain[key]
-            listed.extend(parts)
-            v.recipients = _distinct(parts)
-            if not v.recipients:
-                v.reason = "NoRecipients"
-                v.message = "recipients: listed and no RecipientList: every address is refused"
-        domains_doc.append(
-            {
-                "domain": domain,
-                "nextHop": spec["nextHop"],
-                "recipients": spec["recipients"],
-                "source": f"{key[0]}/{key[1]}",
-            }
-        )
-
+    lists = _attach_lists(attached, inv, verdict_of, cache)
+    listed, domains_doc = _domains_document(attached, verdict_of, lists.per_domain)
     shards = render_shards(listed, cache)
     if cache is not None:
-        used.update((p.key, p) for p in shards.parts if p.key is not None)
-        cache.lists = used
+        lists.used.update((p.key, p) for p in shards.parts if p.key is not None)
+        cache.lists = lists.used
     policy = {k: v for k, v in relay["spec"].items() if k not in NOT_POLICY}
     relay_doc = {
         "format": CONFIG_FORMAT,
@@ -331,11 +258,109 @@ def render_relay(
         name=_name(relay),
         files=files,
         domains=verdicts,
-        recipient_lists=list_verdicts,
+        recipient_lists=lists.verdicts,
         recipients=shards.recipients,
         claims=claims,
         next_hops=[NextHopSpec.from_dict(d["spec"]["nextHop"]) for d in attached],
     )
+
+
+@dataclass
+class _Lists:
+    """The RecipientLists of a render: per attached domain, reused parts, verdicts."""
+
+    per_domain: dict[tuple[str, str], list[ListPart]]
+    used: dict[str, ListPart]  # cache key -> part, for the next render
+    verdicts: list[RecipientListVerdict]
+
+
+def _attach_lists(
+    attached: list[dict[str, Any]],
+    inv: Inventory,
+    verdict_of: dict[tuple[str, str], DomainVerdict],
+    cache: RenderCache | None,
+) -> _Lists:
+    """Each RecipientList to its attached domain, or a verdict saying why not."""
+    by_key = {(_ns(d), _name(d)): d for d in attached}
+    lists = _Lists({k: [] for k in by_key}, {}, [])
+    all_domains: set[tuple[str, str]] | None = None  # built when first needed
+    for rl in inv.recipient_lists:
+        key = (_ns(rl), str(rl["spec"]["domainRef"]["name"]))
+        dom = by_key.get(key)
+        if dom is None:
+            v = verdict_of.get(key)
+            if v is not None:
+                lists.verdicts.append(
+                    RecipientListVerdict(
+                        _ns(rl),
+                        _name(rl),
+                        False,
+                        "DomainNotAccepted",
+                        f"RelayDomain {key[1]} is not accepted: {v.reason}",
+                    )
+                )
+                continue
+            # It belongs to another relay's domain, or to none at all.
+            if all_domains is None:
+                all_domains = {(_ns(d), _name(d)) for d in inv.domains}
+            if key not in all_domains:
+                lists.verdicts.append(
+                    RecipientListVerdict(
+                        _ns(rl),
+                        _name(rl),
+                        False,
+                        "DomainNotFound",
+                        f"no RelayDomain {key[1]} in namespace {key[0]}",
+                    )
+                )
+            continue
+        domain = str(dom["spec"]["domain"]).lower().rstrip(".")
+        part = _list_part(rl, domain, cache)
+        if part.key is not None:
+            lists.used[part.key] = part
+        lists.per_domain[key].append(part)
+        foreign = part.foreign
+        lists.verdicts.append(
+            RecipientListVerdict(
+                _ns(rl),
+                _name(rl),
+                True,
+                "ForeignAddresses" if foreign else "Accepted",
+                f"{foreign} address(es) not in {domain} ignored" if foreign else "",
+                part.in_domain,
+            )
+        )
+    return lists
+
+
+def _domains_document(
+    attached: list[dict[str, Any]],
+    verdict_of: dict[tuple[str, str], DomainVerdict],
+    per_domain: dict[tuple[str, str], list[ListPart]],
+) -> tuple[list[ListPart], list[dict[str, Any]]]:
+    """domains.json's entries, sorted by domain, and the parts of the listed ones."""
+    listed: list[ListPart] = []
+    domains_doc = []
+    for dom in sorted(attached, key=lambda d: str(d["spec"]["domain"]).lower()):
+        key = (_ns(dom), _name(dom))
+        spec = dom["spec"]
+        v = verdict_of[key]
+        if spec["recipients"] == "listed":
+            parts = per_domain[key]
+            listed.extend(parts)
+            v.recipients = _distinct(parts)
+            if not v.recipients:
+                v.reason = "NoRecipients"
+                v.message = "recipients: listed and no RecipientList: every address is refused"
+        domains_doc.append(
+            {
+                "domain": str(spec["domain"]).lower().rstrip("."),
+                "nextHop": spec["nextHop"],
+                "recipients": spec["recipients"],
+                "source": f"{key[0]}/{key[1]}",
+            }
+        )
+    return listed, domains_doc
 
 
 def _distinct(parts: list[ListPart]) -> int:

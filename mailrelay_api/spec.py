@@ -11,6 +11,9 @@ Field names are the manifest's, in snake_case (`from` is `from_`);
 durations and quantities stay as written ("15m", "10Gi": users convert them
 with mailrelay_api.units), lists become tuples, string enums are the
 schema's Literals.
+
+Long because it mirrors the schema field by field, a small dataclass per part:
+the parts are read together, and splitting them would split the one mapping.
 """
 
 from __future__ import annotations
