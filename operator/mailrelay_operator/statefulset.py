@@ -121,70 +121,15 @@ def config_volume(relay: dict[str, Any], shards: int) -> dict[str, Any]:
 
 def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
     spec = relay_spec(relay)
-    timeout = _probe_timeout(spec)
     selector = naming.pod_selector(relay)
-    proxy = spec.proxy_protocol.enabled
-    ports = [{"name": "smtp", "containerPort": naming.SMTP_PORT, "protocol": "TCP"}]
-    if proxy:
-        ports.append({"name": "smtp-proxy", "containerPort": naming.PROXY_PORT, "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"})
-    ports.append({"name": "handover", "containerPort": naming.HANDOVER_PORT, "protocol": "TCP"})
-    mounts = [
-        {"name": "config", "mountPath": naming.CONFIG_DIR, "readOnly": True},
-        {"name": "queue", "mountPath": naming.QUEUE_DIR},
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "handover", "mountPath": naming.HANDOVER_DIR, "readOnly": True},
-    ]
-    volumes: list[dict[str, Any]] = [
-        config_volume(relay, opts.shards),
-        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
-        {
-            "name": "handover",
-            "secret": {"secretName": naming.handover_secret_name(relay), "defaultMode": 0o400},
-        },
-    ]
-    if opts.tls:
-        mounts.append({"name": "tls", "mountPath": naming.TLS_DIR, "readOnly": True})
-        # optional: the Secret appears once cert-manager has issued it.
-        volumes.append(
-            {
-                "name": "tls",
-                "secret": {"secretName": naming.tls_secret_name(relay), "optional": True},
-            }
-        )
+    mounts, volumes = _storage(relay, opts)
     claim_spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": spec.storage.size}},
     }
     if spec.storage.storage_class_name:
         claim_spec["storageClassName"] = spec.storage.storage_class_name
-    container = {
-        "name": "relay",
-        "image": spec.image or opts.image,
-        "command": relay_command(spec, opts.tls),
-        "ports": ports,
-        "env": [
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-            {"name": "MAILRELAY_SHUTDOWN_GRACE", "value": str(SHUTDOWN_GRACE_SECONDS)},
-            *scheduling.cpu_env(spec),
-        ],
-        "resources": scheduling.resources(spec),
-        "volumeMounts": mounts,
-        # The relay may load a large recipient table first: give it time.
-        "startupProbe": {**_probe(timeout), "periodSeconds": 5, "failureThreshold": 60},
-        "readinessProbe": {**_probe(timeout), "periodSeconds": 15, "failureThreshold": 2},
-        "livenessProbe": {
-            **_probe(timeout, "--liveness"),
-            "periodSeconds": 30,
-            "failureThreshold": 4,
-        },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
+    container = _container(spec, opts, mounts)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -242,5 +187,73 @@ def statefulset(relay: dict[str, Any], opts: PodOptions) -> dict[str, Any]:
                     "spec": claim_spec,
                 }
             ],
+        },
+    }
+
+
+def _storage(
+    relay: dict[str, Any], opts: PodOptions
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The relay container's mounts and the pod's volumes (the queue is a claim)."""
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": naming.CONFIG_DIR, "readOnly": True},
+        {"name": "queue", "mountPath": naming.QUEUE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "handover", "mountPath": naming.HANDOVER_DIR, "readOnly": True},
+    ]
+    volumes: list[dict[str, Any]] = [
+        config_volume(relay, opts.shards),
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        {
+            "name": "handover",
+            "secret": {"secretName": naming.handover_secret_name(relay), "defaultMode": 0o400},
+        },
+    ]
+    if opts.tls:
+        mounts.append({"name": "tls", "mountPath": naming.TLS_DIR, "readOnly": True})
+        # optional: the Secret appears once cert-manager has issued it.
+        volumes.append(
+            {
+                "name": "tls",
+                "secret": {"secretName": naming.tls_secret_name(relay), "optional": True},
+            }
+        )
+    return mounts, volumes
+
+
+def _container(
+    spec: MailRelaySpec, opts: PodOptions, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    timeout = _probe_timeout(spec)
+    ports = [{"name": "smtp", "containerPort": naming.SMTP_PORT, "protocol": "TCP"}]
+    if spec.proxy_protocol.enabled:
+        ports.append({"name": "smtp-proxy", "containerPort": naming.PROXY_PORT, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": naming.METRICS_PORT, "protocol": "TCP"})
+    ports.append({"name": "handover", "containerPort": naming.HANDOVER_PORT, "protocol": "TCP"})
+    return {
+        "name": "relay",
+        "image": spec.image or opts.image,
+        "command": relay_command(spec, opts.tls),
+        "ports": ports,
+        "env": [
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "MAILRELAY_SHUTDOWN_GRACE", "value": str(SHUTDOWN_GRACE_SECONDS)},
+            *scheduling.cpu_env(spec),
+        ],
+        "resources": scheduling.resources(spec),
+        "volumeMounts": mounts,
+        # The relay may load a large recipient table first: give it time.
+        "startupProbe": {**_probe(timeout), "periodSeconds": 5, "failureThreshold": 60},
+        "readinessProbe": {**_probe(timeout), "periodSeconds": 15, "failureThreshold": 2},
+        "livenessProbe": {
+            **_probe(timeout, "--liveness"),
+            "periodSeconds": 30,
+            "failureThreshold": 4,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
         },
     }
