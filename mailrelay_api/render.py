@@ -352,14 +352,15 @@ def _domains_document(
             if not v.recipients:
                 v.reason = "NoRecipients"
                 v.message = "recipients: listed and no RecipientList: every address is refused"
-        domains_doc.append(
-            {
-                "domain": str(spec["domain"]).lower().rstrip("."),
-                "nextHop": spec["nextHop"],
-                "recipients": spec["recipients"],
-                "source": f"{key[0]}/{key[1]}",
-            }
-        )
+        entry = {
+            "domain": str(spec["domain"]).lower().rstrip("."),
+            "nextHop": spec["nextHop"],
+            "recipients": spec["recipients"],
+            "source": f"{key[0]}/{key[1]}",
+        }
+        if spec["recipients"] == "verify":
+            entry["verify"] = spec.get("verify", {})
+        domains_doc.append(entry)
     return listed, domains_doc
 
 

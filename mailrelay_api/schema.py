@@ -41,9 +41,11 @@ ScreenAction = Literal["ignore", "enforce", "drop"]  # postscreen's *_action
 SpfReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Check"]
 SpfMailFromReject = Literal["Fail", "SPF_Not_Pass", "Softfail", "False", "No_Check"]  # no Null
 TlsMode = Literal["none", "may", "encrypt", "verify"]  # Postfix smtp_tls_security_level
-RecipientsMode = Literal["listed", "any"]
+RecipientsMode = Literal["listed", "any", "verify"]
 MilterDefaultAction = Literal["tempfail", "accept", "reject"]  # Postfix milter_default_action
 Spread = Literal["Preferred", "Required"]
+BounceDelivery = Literal["mx", "relayDomainsOnly", "none"]
+WhenUnreachable = Literal["defer", "accept"]
 
 
 def values(enum: Any) -> list[str]:
@@ -827,6 +829,27 @@ MAILRELAY_SPEC = obj(
             },
             default={},
         ),
+        "bounces": obj(
+            "Non-delivery notifications (DSNs) this relay writes when mail bounces or "
+            "expires. They come from the null sender and are never bounced themselves: one "
+            "that cannot be delivered is dropped and logged.",
+            {
+                "delivery": string(
+                    "mx (to the sender's domain by its MX records, opportunistic TLS, as "
+                    "Postfix does), relayDomainsOnly (only to senders in this relay's "
+                    "domains, through their next hop) or none (log only).",
+                    enum=values(BounceDelivery),
+                    default="mx",
+                ),
+                "lifetime": string(
+                    "bounce_queue_lifetime: how long a message from the null sender (a "
+                    "DSN) is retried before it is dropped. " + DURATION,
+                    pattern=DURATION_PATTERN,
+                    default="5d",
+                ),
+            },
+            default={},
+        ),
         "scaleDown": obj(
             "How pods leave when spec.replicas goes down: each leaving pod stops taking "
             "mail, delivers what it can and hands the rest of its queue over to a pod that "
@@ -1079,9 +1102,36 @@ RELAYDOMAIN_SPEC = obj(
             required=["host"],
         ),
         "recipients": string(
-            "listed = only RecipientList addresses; any = every address @domain.",
+            "listed = only RecipientList addresses; any = every address @domain; verify = "
+            "the addresses the next hop accepts, asked at RCPT time with a probe (MAIL FROM:<>, "
+            "RCPT TO, no DATA) and cached (Postfix reject_unverified_recipient).",
             enum=values(RecipientsMode),
             default="listed",
+        ),
+        "verify": obj(
+            "The probe cache of recipients: verify (verify(8)).",
+            {
+                "positiveTTL": string(
+                    "How long an address the next hop accepted is known good "
+                    "(address_verify_positive_expire_time; Postfix 31d). " + DURATION,
+                    pattern=DURATION_PATTERN,
+                    default="31d",
+                ),
+                "negativeTTL": string(
+                    "How long an address the next hop refused with 5xx is refused with 550 "
+                    "(address_verify_negative_expire_time; Postfix 3d, shorter here: a "
+                    "mailbox created on the primary is reachable within it). " + DURATION,
+                    pattern=DURATION_PATTERN,
+                    default="1h",
+                ),
+                "whenUnreachable": string(
+                    "When the probe gets no definite answer (next hop down, 4xx): defer "
+                    "(450 4.1.1, the sender retries) or accept (queue it, as recipients: any).",
+                    enum=values(WhenUnreachable),
+                    default="defer",
+                ),
+            },
+            default={},
         ),
     },
     required=["domain", "relayRef", "nextHop"],

@@ -335,6 +335,16 @@ class QueueSpec:
 
 
 @dataclass(frozen=True)
+class BouncesSpec:
+    delivery: S.BounceDelivery
+    lifetime: str  # a duration
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> BouncesSpec:
+        return cls(delivery=d["delivery"], lifetime=str(d["lifetime"]))
+
+
+@dataclass(frozen=True)
 class ScaleDownSpec:
     drain_timeout: str  # a duration
     on_timeout: S.OnTimeout
@@ -522,6 +532,7 @@ class MailRelaySpec:
     network: NetworkSpec
     limits: LimitsSpec
     queue: QueueSpec
+    bounces: BouncesSpec
     scale_down: ScaleDownSpec
     postscreen: PostscreenSpec
     restrictions: RestrictionsSpec
@@ -549,6 +560,7 @@ class MailRelaySpec:
             network=NetworkSpec.from_dict(d["network"]),
             limits=LimitsSpec.from_dict(d["limits"]),
             queue=QueueSpec.from_dict(d["queue"]),
+            bounces=BouncesSpec.from_dict(d["bounces"]),
             scale_down=ScaleDownSpec.from_dict(d["scaleDown"]),
             postscreen=PostscreenSpec.from_dict(d["postscreen"]),
             restrictions=RestrictionsSpec.from_dict(d["restrictions"]),
@@ -603,11 +615,31 @@ class NextHopSpec:
 
 
 @dataclass(frozen=True)
+class VerifySpec:
+    positive_ttl: str  # durations
+    negative_ttl: str
+    when_unreachable: S.WhenUnreachable
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> VerifySpec:
+        return cls(
+            positive_ttl=str(d["positiveTTL"]),
+            negative_ttl=str(d["negativeTTL"]),
+            when_unreachable=d["whenUnreachable"],
+        )
+
+    @classmethod
+    def with_defaults(cls, d: Doc) -> VerifySpec:
+        return cls.from_dict(_defaulted(S.RELAYDOMAIN_SPEC["properties"]["verify"], dict(d)))
+
+
+@dataclass(frozen=True)
 class RelayDomainSpec:
     domain: str
     relay_ref: RelayRef
     next_hop: NextHopSpec
     recipients: S.RecipientsMode
+    verify: VerifySpec
 
     @classmethod
     def from_dict(cls, d: Doc) -> RelayDomainSpec:
@@ -616,6 +648,7 @@ class RelayDomainSpec:
             relay_ref=RelayRef.from_dict(d["relayRef"]),
             next_hop=NextHopSpec.from_dict(d["nextHop"]),
             recipients=d["recipients"],
+            verify=VerifySpec.from_dict(d["verify"]),
         )
 
     @classmethod

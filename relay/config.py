@@ -20,6 +20,7 @@ from typing import Any
 
 from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE
 from mailrelay_api.schema import (
+    BounceDelivery,
     ClientAction,
     DsnOnExpiry,
     MilterDefaultAction,
@@ -28,8 +29,10 @@ from mailrelay_api.schema import (
     SpfMailFromReject,
     SpfReject,
     TlsMode,
+    WhenUnreachable,
 )
 from mailrelay_api.spec import (
+    BouncesSpec,
     DnsSpec,
     LimitsSpec,
     MailRelaySpec,
@@ -40,6 +43,7 @@ from mailrelay_api.spec import (
     QueueSpec,
     RestrictionsSpec,
     SpfSpec,
+    VerifySpec,
 )
 from mailrelay_api.units import parse_duration
 from relay.recipient_table import RecipientLookup, RecipientTable
@@ -52,6 +56,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # client skips SPF, no extension is refused, unless the code says so.
 _SPEC = MailRelaySpec.defaults()
 _NEXT_HOP = NextHopSpec.with_defaults({"host": "localhost"})
+_VERIFY = VerifySpec.with_defaults({})
 
 
 def networks(cidrs: Iterable[str]) -> list[IPNetwork]:
@@ -71,11 +76,29 @@ class NextHop:
 
 
 @dataclass(frozen=True)
+class VerifyPolicy:
+    """recipients: verify's probe cache (seconds)."""
+
+    positive_ttl: float = parse_duration(_VERIFY.positive_ttl)
+    negative_ttl: float = parse_duration(_VERIFY.negative_ttl)
+    when_unreachable: WhenUnreachable = _VERIFY.when_unreachable
+
+    @classmethod
+    def from_spec(cls, s: VerifySpec) -> VerifyPolicy:
+        return cls(
+            positive_ttl=parse_duration(s.positive_ttl),
+            negative_ttl=parse_duration(s.negative_ttl),
+            when_unreachable=s.when_unreachable,
+        )
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str  # lowercased, no trailing dot
     next_hop: NextHop
     recipients: RecipientsMode
     source: str = ""  # namespace/name of the RelayDomain
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)
 
 
 @dataclass(frozen=True)
@@ -210,6 +233,16 @@ class QueuePolicy:
 
 
 @dataclass(frozen=True)
+class BouncePolicy:
+    delivery: BounceDelivery = _SPEC.bounces.delivery
+    lifetime: float = parse_duration(_SPEC.bounces.lifetime)  # bounce_queue_lifetime
+
+    @classmethod
+    def from_spec(cls, s: BouncesSpec) -> BouncePolicy:
+        return cls(delivery=s.delivery, lifetime=parse_duration(s.lifetime))
+
+
+@dataclass(frozen=True)
 class DnsPolicy:
     nameservers: tuple[str, ...] = ()
     timeout: float = parse_duration(_SPEC.dns.timeout)
@@ -264,6 +297,7 @@ class RelayConfig:
     client_access: tuple[ClientAccessEntry, ...] = ()
     limits: Limits = field(default_factory=Limits)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
+    bounces: BouncePolicy = field(default_factory=BouncePolicy)
     postscreen: Postscreen = field(default_factory=Postscreen)
     restrictions: Restrictions = field(default_factory=Restrictions)
     reject_attachment_extensions: frozenset[str] = frozenset()
@@ -296,6 +330,7 @@ def config_from_spec(
         ),
         limits=Limits.from_spec(spec.limits),
         queue=QueuePolicy.from_spec(spec.queue),
+        bounces=BouncePolicy.from_spec(spec.bounces),
         postscreen=Postscreen.from_spec(spec.postscreen),
         restrictions=Restrictions.from_spec(spec.restrictions),
         reject_attachment_extensions=frozenset(
@@ -315,6 +350,7 @@ def domain_from_document(d: dict[str, Any]) -> Domain:
         next_hop=NextHop.from_spec(NextHopSpec.with_defaults(d["nextHop"])),
         recipients=d["recipients"],
         source=d["source"],
+        verify=VerifyPolicy.from_spec(VerifySpec.with_defaults(d.get("verify", {}))),
     )
 
 
