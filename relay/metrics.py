@@ -21,6 +21,12 @@ DELIVERED = Counter("mailrelay_delivered_total", "Recipients delivered to the ne
 DEFERRED = Counter("mailrelay_deferred_total", "Delivery attempts deferred (4xx, no connection).")
 BOUNCED = Counter("mailrelay_bounced_total", "Recipients returned to the sender (5xx).")
 EXPIRED = Counter("mailrelay_expired_total", "Messages expired after the queue lifetime.")
+DSN = Counter(
+    "mailrelay_dsn_total",
+    "Non-delivery notifications: sent (accepted by the sender's mail server) or dropped.",
+    ["result", "reason"],
+)  # sent: mx | relay_domain; dropped: null_sender | disabled | not_relay_domain |
+#    bad_sender | rejected | expired
 QUEUE_SIZE = Gauge("mailrelay_queue_messages", "Messages in the queue.", ["state"])
 QUEUE_OLDEST_AGE = Gauge("mailrelay_queue_oldest_age_seconds", "Age of the oldest queued message.")
 DELIVERY_SECONDS = Histogram(

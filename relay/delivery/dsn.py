@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from email.utils import formatdate
 
 MAILER_DAEMON = "MAILER-DAEMON"
+# The envelope's client of a DSN this relay queued: it marks the message
+# as ours (routed to the sender's domain by MX, dropped when undeliverable)
+# and travels with it in a handover.
+CLIENT = "bounce"
 SUBJECT = "Undelivered Mail Returned to Sender"
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _STATUS = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
@@ -32,7 +36,7 @@ class Failure:
     expired: bool = False
 
 
-def _fold_safe(text: str) -> str:
+def one_line(text: str) -> str:
     """One header line: no CR/LF may come from a remote reply into our headers."""
     return " ".join(text.split())
 
@@ -59,11 +63,11 @@ def _human_text(hostname: str, failures: list[Failure], lifetime_days: float | N
     ]
     for f in failures:
         if f.remote_mta and f.smtp_reply:
-            said = f"host {f.remote_mta} said: {_fold_safe(f.diagnostic)}"
+            said = f"host {f.remote_mta} said: {one_line(f.diagnostic)}"
             if f.in_reply_to:
                 said += f" (in reply to {f.in_reply_to} command)"
         else:
-            said = _fold_safe(f.diagnostic)
+            said = one_line(f.diagnostic)
         lines.append(f"<{f.recipient}>: {said}")
     return "\r\n".join(lines) + "\r\n"
 
@@ -79,7 +83,7 @@ def _status_block(f: Failure) -> str:
     if f.remote_mta:
         block.append(f"Remote-MTA: dns; {f.remote_mta.split('[')[0]}")
     kind = "smtp" if f.smtp_reply else "X-mailrelay"
-    block.append(f"Diagnostic-Code: {kind}; {_fold_safe(f.diagnostic)}")
+    block.append(f"Diagnostic-Code: {kind}; {one_line(f.diagnostic)}")
     return "\r\n".join(block) + "\r\n"
 
 

@@ -15,6 +15,10 @@ import socket
 from relay.config import NextHop
 from relay.dns import DnsTempError, Resolver
 
+# Where a domain's MX hosts listen (RFC 5321): the next hop of a DSN to a
+# sender's domain.
+SMTP_PORT = 25
+
 
 class ConnectError(Exception):
     """No conversation with the next hop (lookup, connect, greeting or TLS failed)."""

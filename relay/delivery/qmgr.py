@@ -28,8 +28,10 @@ from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
+from relay.delivery import dsn
 from relay.delivery.connections import ConnectionPool
 from relay.delivery.dsn import Failure, build_dsn
+from relay.delivery.nexthop import SMTP_PORT
 from relay.delivery.transaction import (
     BOUNCED,
     SENT,
@@ -84,6 +86,7 @@ class Delivery:
         command_timeout: float = 300.0,
         verify_context: ssl.SSLContext | None = None,
         source_address: str | None = None,
+        smtp_port: int = SMTP_PORT,
     ) -> None:
         self.queue = queue
         self.config_getter = config_getter
@@ -92,6 +95,7 @@ class Delivery:
         self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self.max_messages = max_messages
+        self.smtp_port = smtp_port  # of sender domains' MX hosts, for DSNs (tests move it)
         self.pool = ConnectionPool(
             resolver,
             concurrency=destination_concurrency,
@@ -339,8 +343,8 @@ class Delivery:
         unrouted: list[RecipientResult] = []
         groups: dict[NextHop, list[str]] = {}
         for rcpt in pending:
-            domain = config.domain_of(rcpt.rpartition("@")[2])
-            if domain is None:  # removed from the configuration since: wait for it
+            hop = self._next_hop(config, claim, rcpt)
+            if hop is None:  # removed from the configuration since: wait for it
                 unrouted.append(
                     RecipientResult(
                         rcpt,
@@ -351,7 +355,7 @@ class Delivery:
                     )
                 )
             else:
-                groups.setdefault(domain.next_hop, []).append(rcpt)
+                groups.setdefault(hop, []).append(rcpt)
         self._log_and_count(claim, unrouted)
         results = list(unrouted)
         chunks = self._chunks(claim)
@@ -365,6 +369,17 @@ class Delivery:
         elif groups:
             await self._deliver_groups(claim, config, groups, chunks, results)
         await self._conclude(claim, config, results)
+
+    def _next_hop(self, config: RelayConfig, claim: Claim, rcpt: str) -> NextHop | None:
+        """The recipient domain's next hop; for our own DSN to a sender outside
+        the relay domains, the sender domain's MX (bounces.delivery: mx)."""
+        name = rcpt.rpartition("@")[2]
+        domain = config.domain_of(name)
+        if domain is not None:
+            return domain.next_hop
+        if claim.envelope.client == dsn.CLIENT and config.bounces.delivery == "mx" and name:
+            return NextHop(name.lower().rstrip("."), self.smtp_port, mx_lookup=True, tls="may")
+        return None
 
     async def _deliver_groups(
         self,
@@ -431,9 +446,13 @@ class Delivery:
             progress.last_reason = deferred[0].reply
             for r in deferred:
                 progress.reasons[r.recipient] = r.reply
-            if now >= env.arrival + config.queue.lifetime:
+            # Mail from the null sender (bounces) has its own, shorter
+            # lifetime: Postfix's bounce_queue_lifetime.
+            lifetime = config.queue.lifetime if env.sender else config.bounces.lifetime
+            if now >= env.arrival + lifetime:
                 # spec.queue.dsnOnExpiry: none = no backscatter from expired mail.
-                notify = config.queue.dsn_on_expiry != "none"
+                # (a null sender's "notice" is only the log line saying it is dropped)
+                notify = config.queue.dsn_on_expiry != "none" or not env.sender
                 for r in deferred:
                     log.info(
                         "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=expired, %s (%s)",
@@ -442,7 +461,11 @@ class Delivery:
                         r.relay,
                         _format_delay(now - env.arrival),
                         r.status,
-                        "returned to sender" if notify else "not returned (dsnOnExpiry: none)",
+                        "not returned (null sender)"
+                        if not env.sender
+                        else "returned to sender"
+                        if notify
+                        else "not returned (dsnOnExpiry: none)",
                         r.reply,
                     )
                     if notify:
@@ -454,6 +477,8 @@ class Delivery:
         for r in results:
             if r.kind == SENT:
                 progress.done[r.recipient] = SENT
+                if env.client == dsn.CLIENT:
+                    self._dsn_sent(claim, config, r)
         if failures:
             await self._return_to_sender(claim, config, failures)
             for f in failures:
@@ -469,29 +494,54 @@ class Delivery:
             self.queue.finish_later(claim)
             log.debug("%s: removed", claim.queue_id)
 
+    def _dsn_sent(self, claim: Claim, config: RelayConfig, r: RecipientResult) -> None:
+        route = "relay_domain" if config.domain_of(r.recipient.rpartition("@")[2]) else "mx"
+        log.info(
+            "%s: non-delivery notification to <%s> sent (relay=%s, %s)",
+            claim.queue_id,
+            r.recipient,
+            r.relay,
+            r.reply,
+        )
+        metrics.DSN.labels("sent", route).inc()
+
+    def _not_returned(
+        self, claim: Claim, config: RelayConfig, failures: list[Failure]
+    ) -> tuple[str, str] | None:
+        """Why no DSN goes back for `failures`: (metric reason, log text), or None."""
+        env = claim.envelope
+        if not env.sender:
+            if env.client == dsn.CLIENT:  # our own DSN failed: never a bounce of a bounce
+                why = "expired" if any(f.expired for f in failures) else "rejected"
+                return why, f"{why}: {dsn.one_line(failures[0].diagnostic)}"
+            return "null_sender", "the sender is null (a bounce is never bounced)"
+        if config.bounces.delivery == "none":
+            return "disabled", "bounces.delivery is none"
+        try:
+            check_address(env.sender)
+        except AddressError as e:  # Postfix's double bounce, with no postmaster to get it
+            return "bad_sender", str(e)
+        domain = env.sender.rpartition("@")[2]
+        if not domain:
+            return "bad_sender", "the sender has no domain"
+        if config.bounces.delivery == "relayDomainsOnly" and config.domain_of(domain) is None:
+            return "not_relay_domain", (
+                f"{domain} is not a relay domain here (bounces.delivery: relayDomainsOnly)"
+            )
+        return None
+
     async def _return_to_sender(
         self, claim: Claim, config: RelayConfig, failures: list[Failure]
     ) -> None:
         env = claim.envelope
-        if not env.sender:
-            log.info(
-                "%s: not returned: the sender is null (a bounce is never bounced)", claim.queue_id
-            )
-            return
-        try:
-            check_address(env.sender)
-        except AddressError as e:  # Postfix's double bounce, with no postmaster to get it
-            log.warning("%s: not returned to %r: %s", claim.queue_id, env.sender, e)
-            return
-        domain = env.sender.rpartition("@")[2]
-        if config.domain_of(domain) is None:
-            # A relay has no outbound MX delivery: only relay domains are reachable.
+        not_returned = self._not_returned(claim, config, failures)
+        if not_returned is not None:
+            reason, text = not_returned
+            to = env.recipients[0] if env.client == dsn.CLIENT and not env.sender else env.sender
             log.warning(
-                "%s: cannot return to <%s>: %s is not a relay domain here",
-                claim.queue_id,
-                env.sender,
-                domain,
+                "%s: non-delivery notification to <%s> dropped: %s", claim.queue_id, to, text
             )
+            metrics.DSN.labels("dropped", reason).inc()
             return
         headers = await self.queue.run_io(self.queue.read_headers_sync, claim)
         msg = self.queue.incoming()
@@ -507,7 +557,7 @@ class Delivery:
             lifetime_days=config.queue.lifetime / 86400,
         )
         msg.write(data)
-        dsn_id = await msg.commit("", [env.sender], "")
+        dsn_id = await msg.commit("", [env.sender], dsn.CLIENT)
         log.info("%s: sender non-delivery notification: %s", claim.queue_id, dsn_id)
         self.wake(dsn_id)
 

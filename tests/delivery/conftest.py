@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,18 @@ async def relay_factory(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Calla
     for r in made:
         await r.delivery.stop(grace=5)
         await r.queue.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: Any) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    crt, key = folder / "tls.crt", folder / "tls.key"
+    key_options = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    names = "subjectAltName=DNS:mx.tls.test,IP:127.0.0.7"
+    files = ["-keyout", str(key), "-out", str(crt), "-addext", names]
+    subprocess.run(
+        ["openssl", "req", "-x509", *key_options, "-days", "2", "-subj", "/CN=mx.tls.test", *files],
+        check=True,
+        capture_output=True,
+    )
+    return crt, key

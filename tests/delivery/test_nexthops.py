@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mrtest.delivery_helpers import make_config, message
+from mrtest.delivery_helpers import make_config, message, server_context
 from mrtest.dnsserver import DnsServer
 
 from relay.config import DnsPolicy, NextHop
@@ -75,27 +74,6 @@ async def test_unknown_next_hop_name_defers(
     await relay.delivery.idle()
     assert [m.queue_id for m in relay.queue.messages()] == [qid]
     assert "Host or domain name not found: nowhere.test" in caplog.text
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: Any) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    crt, key = folder / "tls.crt", folder / "tls.key"
-    key_options = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    names = "subjectAltName=DNS:mx.tls.test,IP:127.0.0.7"
-    files = ["-keyout", str(key), "-out", str(crt), "-addext", names]
-    subprocess.run(
-        ["openssl", "req", "-x509", *key_options, "-days", "2", "-subj", "/CN=mx.tls.test", *files],
-        check=True,
-        capture_output=True,
-    )
-    return crt, key
-
-
-def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(*certificate)
-    return ctx
 
 
 async def test_tls_may_uses_starttls_when_offered(

@@ -6,11 +6,12 @@ import asyncio
 import socket
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from relay.config import Domain, NextHop, QueuePolicy, RelayConfig
+from relay.config import BouncePolicy, Domain, NextHop, QueuePolicy, RelayConfig
 from relay.delivery.qmgr import Delivery
 from relay.queue.store import Queue
 
@@ -105,6 +106,12 @@ class Sink:
         return counts
 
 
+def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*certificate)
+    return ctx
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -118,6 +125,10 @@ def make_config(hops: dict[str, NextHop], **queue: float) -> RelayConfig:
         domains={d: Domain(d, hop, "any") for d, hop in hops.items()},
         recipients=set(),
         queue=QueuePolicy(**queue) if queue else QueuePolicy(),
+        # DSNs only to the domains above: an MX lookup of a sender's domain
+        # would ask the system's resolver (tests/delivery/test_bounces.py
+        # serves the sender's domain from its own DNS server instead).
+        bounces=BouncePolicy(delivery="relayDomainsOnly"),
     )
 
 
