@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -29,6 +30,7 @@ from relay.delivery.transaction import (
     RecipientResult,
     check_address,
     enhanced_status,
+    run_probe,
     run_transaction,
 )
 from relay.dns import Resolver
@@ -274,6 +276,55 @@ class ConnectionPool:
             ]
         if not valid:
             return [results[r] for r in recipients]
+
+        def transaction(conn: Connection, reused: bool) -> Awaitable[Outcome]:
+            return run_transaction(
+                conn.smtp,
+                conn.label,
+                sender,
+                valid,
+                chunks,
+                results,
+                reused=reused,
+                pipelining=self.pipelining,
+                timeout=self.command_timeout,
+            )
+
+        await self._converse(hop, local_hostname, valid, results, transaction)
+        return [results[r] for r in recipients]
+
+    async def probe(self, hop: NextHop, recipient: str, *, local_hostname: str) -> RecipientResult:
+        """verify(8)'s probe of one address (MAIL FROM:<>, RCPT, RSET); never raises.
+        SENT: the next hop accepted the RCPT."""
+        results: dict[str, RecipientResult] = {}
+        try:
+            check_address(recipient)
+        except AddressError as e:
+            return RecipientResult(recipient, BOUNCED, f"bad address syntax: {e}", "5.1.3")
+
+        def probe(conn: Connection, reused: bool) -> Awaitable[Outcome]:
+            return run_probe(
+                conn.smtp,
+                conn.label,
+                recipient,
+                results,
+                reused=reused,
+                timeout=self.command_timeout,
+            )
+
+        await self._converse(hop, local_hostname, [recipient], results, probe)
+        return results[recipient]
+
+    async def _converse(
+        self,
+        hop: NextHop,
+        local_hostname: str,
+        valid: list[str],
+        results: dict[str, RecipientResult],
+        run: Callable[[Connection, bool], Awaitable[Outcome]],
+    ) -> None:
+        """`run(connection, reused)` on a pooled or new connection to `hop`;
+        fills `results` for every one of `valid`."""
         dest = self._destination(hop)
         async with dest.slots:
             for attempt in range(2):  # a reused connection may have been closed by the peer
@@ -288,19 +339,9 @@ class ConnectionPool:
                             results[r] = RecipientResult(
                                 r, kind, e.reason, e.status, smtp_reply=False
                             )
-                        return [results[r] for r in recipients]
+                        return
                 try:
-                    outcome = await run_transaction(
-                        conn.smtp,
-                        conn.label,
-                        sender,
-                        valid,
-                        chunks,
-                        results,
-                        reused=reused,
-                        pipelining=self.pipelining,
-                        timeout=self.command_timeout,
-                    )
+                    outcome = await run(conn, reused)
                 except Exception as e:  # a bug or a surprise: defer, never leak the connection
                     self._discard(conn)
                     reason = f"local error while delivering to {conn.label}: {e!r}"
@@ -309,7 +350,7 @@ class ConnectionPool:
                             results[r] = RecipientResult(
                                 r, DEFERRED, reason, "4.3.0", conn.label, False
                             )
-                    break
+                    return
                 except BaseException:  # cancelled: the connection goes with the attempt
                     self._discard(conn)
                     raise
@@ -319,5 +360,4 @@ class ConnectionPool:
                     self._put_idle(dest, conn)
                 else:
                     self._discard(conn)
-                break
-        return [results[r] for r in recipients]
+                return

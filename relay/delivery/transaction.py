@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -273,9 +273,59 @@ async def run_transaction(
     commands.append(b"DATA\r\n")
     window = len(commands) if pipelining and smtp.supports_extension("pipelining") else 1
     exchange = _Exchange(label, recipients, results)
+
+    async def converse(reader: ReplyReader) -> None:
+        await exchange.run(reader, commands, window, chunks, timeout)
+
+    return await _conversation(smtp, exchange, converse, reused=reused)
+
+
+async def run_probe(
+    smtp: aiosmtplib.SMTP,
+    label: str,
+    recipient: str,
+    results: dict[str, RecipientResult],
+    *,
+    reused: bool,
+    timeout: float,
+) -> Outcome:
+    """verify(8)'s probe: MAIL FROM:<>, RCPT TO, then RSET; never DATA.
+    The recipient's result is SENT when the RCPT was accepted."""
+    exchange = _Exchange(label, [recipient], results)
+
+    async def converse(reader: ReplyReader) -> None:
+        reader.write(b"MAIL FROM:<>\r\n")
+        async with asyncio.timeout(timeout):
+            mail = await reader.next_reply()
+        if mail.code != 250:
+            exchange.fail(mail, [recipient], MAIL_STAGE)
+            return
+        exchange.stage = RCPT_STAGE
+        reader.write(b"RCPT TO:<" + recipient.encode() + b">\r\n")
+        async with asyncio.timeout(timeout):
+            rcpt = await reader.next_reply()
+        if rcpt.code not in (250, 251):
+            exchange.fail(rcpt, [recipient], RCPT_STAGE)
+            return
+        text, status = f"{rcpt.code} {rcpt.message}", enhanced_status(rcpt.code, rcpt.message)
+        results[recipient] = RecipientResult(recipient, SENT, text, status, label, True, RCPT_STAGE)
+
+    return await _conversation(smtp, exchange, converse, reused=reused)
+
+
+async def _conversation(
+    smtp: aiosmtplib.SMTP,
+    exchange: _Exchange,
+    converse: Callable[[ReplyReader], Awaitable[None]],
+    *,
+    reused: bool,
+) -> Outcome:
+    """Runs `converse` on the connection: a lost or failed conversation
+    defers what has no result, a transaction not delivered is reset."""
+    label, recipients, results = exchange.label, exchange.recipients, exchange.results
     try:
         async with Borrowed(smtp) as reader:
-            await exchange.run(reader, commands, window, chunks, timeout)
+            await converse(reader)
     except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
         smtp.close()
         if reused and exchange.stage == MAIL_STAGE:
