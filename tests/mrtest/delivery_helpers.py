@@ -45,6 +45,8 @@ class Sink:
     port: int = 0
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
+    rcpts_asked: list[str] = field(default_factory=list)  # every RCPT address, in order
+    rcpt_delay: float = 0.0  # seconds before each RCPT reply (a slow next hop)
     data_reply: str | None = None
     transactions: int = 0
     connections: int = 0
@@ -54,6 +56,9 @@ class Sink:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
     ) -> str:
+        self.rcpts_asked.append(address)
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
         reply = self.rcpt_replies.get(address)
         if reply:
             return reply
