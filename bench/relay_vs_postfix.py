@@ -315,16 +315,10 @@ class Postfix:
 
     def _master_cf(self) -> str:
         """Debian's master.cf with chroot off and smtpd on our port."""
-        lines = []
-        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-            fields = line.split()
-            if line and not line[0].isspace() and not line.startswith("#") and len(fields) >= 8:
-                if fields[0] == "smtp" and fields[1] == "inet":
-                    fields[0] = f"{HOST}:{self.port}"
-                fields[4] = "n"  # chroot off
-                line = "  ".join(fields)
-            lines.append(line)
-        return "\n".join(lines) + "\n"
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from mrtest.postfix import master_cf
+
+        return master_cf(f"{HOST}:{self.port}")
 
     def root_pid(self) -> int:
         for candidate in (

@@ -41,6 +41,20 @@ BASE_MAIN_CF = {
 }
 
 
+def master_cf(listen: str) -> str:
+    """Debian's master.cf with chroot off and smtpd on `listen` (host:port)."""
+    lines = []
+    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+        fields = line.split()
+        if line and not line[0].isspace() and not line.startswith("#") and len(fields) >= 8:
+            if fields[0] == "smtp" and fields[1] == "inet":
+                fields[0] = listen
+            fields[4] = "n"  # chroot off
+            line = "  ".join(fields)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def available() -> bool:
     return os.geteuid() == 0 and Path(POSTFIX).exists() and Path("/etc/postfix/master.cf").exists()
 
@@ -79,7 +93,7 @@ class PostfixServer:
         owner = pwd.getpwnam("postfix")
         os.chown(self.workdir / "data", owner.pw_uid, owner.pw_gid)
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self.settings.items()))
-        (self.etc / "master.cf").write_text(self._master_cf())
+        (self.etc / "master.cf").write_text(master_cf(f"{self.host}:{self.port}"))
         self.started = True
         done = self._postfix("start")
         if done.returncode != 0:
@@ -87,19 +101,6 @@ class PostfixServer:
             raise RuntimeError(f"postfix start failed: {done.stderr}\n{self.maillog()[-2000:]}")
         wait_until(lambda: connectable(self.host, self.port), 30, "postfix smtpd")
         return self
-
-    def _master_cf(self) -> str:
-        """Debian's master.cf with chroot off and smtpd on our address."""
-        lines = []
-        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-            fields = line.split()
-            if line and not line[0].isspace() and not line.startswith("#") and len(fields) >= 8:
-                if fields[0] == "smtp" and fields[1] == "inet":
-                    fields[0] = f"{self.host}:{self.port}"
-                fields[4] = "n"
-                line = "  ".join(fields)
-            lines.append(line)
-        return "\n".join(lines) + "\n"
 
     def maillog(self) -> str:
         path = self.workdir / "maillog"
