@@ -42,6 +42,8 @@ from relay.config import Domain, NextHop
 
 log = logging.getLogger("relay.verify")
 
+# The cache's folder in the queue directory.
+VERIFY_FOLDER = "verify"
 # An unreachable next hop (or a 4xx) is remembered this long: the primary
 # is not asked again by every RCPT while it is down, and is asked again soon
 # once it is back.
@@ -72,6 +74,12 @@ class ProbeResult:
     status: Status
     reply: str  # the next hop's reply, or why there was none
     probed: bool = False  # this answer came from a probe made for this request
+
+
+class RecipientVerifier(Protocol):
+    """What the RCPT restriction needs (Verifier, or a stand-in in tests)."""
+
+    async def verify(self, address: str, domain: Domain) -> ProbeResult: ...
 
 
 class Probe(Protocol):
@@ -159,7 +167,9 @@ class Verifier:
             if not self._take_token(domain.next_hop):
                 return ProbeResult(Status.UNREACHABLE, "too many verification probes, try later")
             self.probes += 1
-            result = await self.probe(address, domain.next_hop)
+            probed = await self.probe(address, domain.next_hop)
+            # One line: the reply goes into our own SMTP reply at RCPT.
+            result = ProbeResult(probed.status, " ".join(probed.reply.split()))
             await asyncio.to_thread(self._write_sync, key, result, self._ttl(result, domain))
             log.info("verify <%s>: %s (%s)", address, result.status, result.reply)
             return ProbeResult(result.status, result.reply, probed=True)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from relay.smtpd.anvil import Anvil
     from relay.smtpd.screen import Postscreen
     from relay.smtpd.server import ServerContext
+    from relay.verify_cache import Verifier
 
 log = logging.getLogger("mailrelay.server")
 
@@ -53,6 +54,7 @@ class _Running:
     queue: Queue
     postscreen: Postscreen
     delivery: Delivery
+    verifier: Verifier
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -99,6 +101,7 @@ class Worker:
         return 0
 
     async def _start(self, config: RelayConfig) -> _Running:
+        from relay.delivery.verify import Prober
         from relay.dns import Resolver
         from relay.process.tlsreload import TlsReloader
         from relay.queue.store import Queue
@@ -106,6 +109,7 @@ class Worker:
         from relay.smtpd.screen import Postscreen
         from relay.smtpd.server import RelaySMTP, ServerContext
         from relay.smtpd.spf import SpfChecker
+        from relay.verify_cache import VERIFY_FOLDER, Verifier
 
         loop = asyncio.get_running_loop()
         queue_dir = self.options.queue_dir
@@ -131,9 +135,15 @@ class Worker:
         )
         delivery = start_delivery(queue, lambda: ctx.config, resolver)
         ctx.on_queued = delivery.wake
+        # recipients: verify probes over delivery's connections; the cache is
+        # shared with the other workers on the queue volume.
+        verifier = Verifier(
+            queue_dir / VERIFY_FOLDER, Prober(delivery.pool, lambda: ctx.config.hostname)
+        )
+        ctx.verifier = verifier
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_event.set)
-        running = _Running(ctx, queue, postscreen, delivery)
+        running = _Running(ctx, queue, postscreen, delivery, verifier)
         running.servers.append(
             await loop.create_server(lambda: RelaySMTP(ctx), sock=self.sockets.smtp)
         )
@@ -218,6 +228,7 @@ class Worker:
         reload_task.cancel()
         with contextlib.suppress(Exception):
             await running.delivery.stop()
+        running.verifier.close()
         for t in running.background:
             t.cancel()
         await asyncio.gather(reload_task, *running.background, return_exceptions=True)

@@ -24,6 +24,7 @@ from relay.smtpd.policy import in_mynetworks
 from relay.smtpd.screen import Postscreen
 from relay.smtpd.session import Reply
 from relay.smtpd.spf import SpfChecker
+from relay.verify_cache import RecipientVerifier
 
 IDLE_TIMEOUT = 300.0  # Postfix smtpd_timeout
 # Postfix smtpd_min_data_rate: during DATA each byte buys this much more time
@@ -77,6 +78,8 @@ class ServerContext:
         self.on_queued = on_queued
         # Per-client rate limits (relay.smtpd.anvil), shared by the process's sessions.
         self.anvil = anvil if anvil is not None else Anvil()
+        # recipients: verify's probes and cache (relay.verify_cache); the worker sets it.
+        self.verifier: RecipientVerifier | None = None
         self.sessions: set[Connection] = set()
         self.shutting_down = False
         self._free_space_checked = 0.0

@@ -54,6 +54,7 @@ from relay.smtpd.session import (
     client_name,
 )
 from relay.smtpd.spf import SpfChecker
+from relay.verify_cache import ProbeResult, RecipientVerifier, Status
 
 log = logging.getLogger("mailrelay.smtpd")
 
@@ -110,6 +111,7 @@ class Check:
     # Enough free space on the queue's file system for a message of the maximum size.
     storage_ok: Callable[[], bool] = _storage_unknown
     content: ContentCheck | None = None  # the attachment filter, fed during DATA
+    verifier: RecipientVerifier | None = None  # the probe cache of recipients: verify
 
     @property
     def recipient(self) -> Address:
@@ -218,12 +220,34 @@ async def unlisted_recipient(c: Check) -> Verdict:
     RecipientList addresses (or an `@domain` wildcard entry)."""
     rcpt = c.recipient
     domain = c.config.domain_of(rcpt.domain_key)
-    if domain is None or domain.recipients == "any":
+    if domain is None or domain.recipients != "listed":
         return None
     table = c.config.recipients
     if rcpt.lookup_key in table or f"@{domain.name}" in table:
         return None
     return c.rejected(550, "5.1.1", "User unknown in relay recipient table")
+
+
+async def unverified_recipient(c: Check) -> Verdict:
+    """reject_unverified_recipient: `verify` domains accept what their next
+    hop accepts, asked with a probe (relay.verify_cache). A definite 5xx from
+    it is a 550 here, where Postfix's unverified_recipient_reject_code is 450:
+    a backup MX that asked the primary knows the user does not exist."""
+    rcpt = c.recipient
+    domain = c.config.domain_of(rcpt.domain_key)
+    if domain is None or domain.recipients != "verify":
+        return None
+    if c.verifier is None:
+        result = ProbeResult(Status.UNREACHABLE, "address verification is not available")
+    else:
+        result = await c.verifier.verify(rcpt.text, domain)
+    if result.status is Status.OK:
+        return None
+    if result.status is Status.REJECTED:
+        return c.rejected(550, "5.1.1", f"undeliverable address: {result.reply}")
+    if domain.verify.when_unreachable == "accept":
+        return None
+    return c.rejected(450, "4.1.1", f"unverified address: {result.reply}")
 
 
 async def spf(c: Check) -> Verdict:
@@ -276,13 +300,14 @@ RECIPIENT_RESTRICTIONS: tuple[Restriction, ...] = (
     rbl_client,
     unlisted_recipient,
     spf,
+    unverified_recipient,  # last: a probe costs the primary more than any check above
 )
 DATA_RESTRICTIONS: tuple[Restriction, ...] = (unauth_pipelining,)
 END_OF_DATA_RESTRICTIONS: tuple[Restriction, ...] = (content,)
 
 # Runs even when an earlier recipient restriction permitted (Postfix's
-# implicit smtpd_reject_unlisted_recipient).
-IMPLICIT_AFTER_PERMIT: tuple[Restriction, ...] = (unlisted_recipient,)
+# implicit smtpd_reject_unlisted_recipient; for `verify` domains the same holds).
+IMPLICIT_AFTER_PERMIT: tuple[Restriction, ...] = (unlisted_recipient, unverified_recipient)
 
 
 # --- running a stage -------------------------------------------------------------

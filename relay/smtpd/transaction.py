@@ -104,7 +104,14 @@ class MailTransaction(SmtpConnection):
         self.milters: SessionMilters | None = None  # contentFilters.milters, from the greeting on
         # The session's restriction context, filled in at each stage.
         self.check = Check(
-            ctx.config, self.state, None, None, ctx.dns_checks, ctx.spf, storage_ok=ctx.storage_ok
+            ctx.config,
+            self.state,
+            None,
+            None,
+            ctx.dns_checks,
+            ctx.spf,
+            storage_ok=ctx.storage_ok,
+            verifier=ctx.verifier,
         )
 
     async def need_helo(self) -> bool:

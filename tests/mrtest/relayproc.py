@@ -103,11 +103,13 @@ def write_manifests(
     spec: dict[str, Any] | None = None,
     name: str = "test",
     namespace: str = "default",
+    domain_spec: dict[str, Any] | None = None,
 ) -> Path:
     """Writes a MailRelay and its RelayDomains/RecipientLists; returns the folder.
 
-    `domains` maps each domain to its recipients: a list (recipients: listed)
-    or "any". Call again with other domains to change a running relay.
+    `domains` maps each domain to its recipients: a list (recipients: listed),
+    "any" or "verify"; `domain_spec` goes into every RelayDomain's spec (e.g.
+    `verify`). Call again with other domains to change a running relay.
     """
     folder.mkdir(parents=True, exist_ok=True)
     relay = {
@@ -128,11 +130,12 @@ def write_manifests(
                     "domain": domain,
                     "relayRef": {"name": name},
                     "nextHop": {"host": next_hop[0], "port": next_hop[1], "tls": "none"},
-                    "recipients": "any" if recipients == "any" else "listed",
+                    "recipients": recipients if isinstance(recipients, str) else "listed",
+                    **(domain_spec or {}),
                 },
             }
         )
-        if recipients != "any":
+        if not isinstance(recipients, str):
             docs.append(
                 {
                     "apiVersion": "mailrelay.io/v1alpha1",
