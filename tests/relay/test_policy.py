@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relay.config import RelayConfig
+from mailrelay_api.schema import WhenUnreachable
+from relay.config import Domain, NextHop, RelayConfig, VerifyPolicy
 from relay.smtpd.addresses import parse_path
 from relay.smtpd.policy import RECIPIENT_RESTRICTIONS, Check, check_recipient
 from relay.smtpd.session import Reply, ScreenResult, Session, Transaction
 from relay.smtpd.spf import SpfOutcome
+from relay.verify_cache import ProbeResult, Status
 
 from .conftest import make_config
 
@@ -80,6 +83,7 @@ async def run(
     spf: Any = None,
     txn: Transaction | None = None,
     session: Session | None = None,
+    verifier: Any = None,
 ) -> tuple[Reply | None, list[str]]:
     session = session or Session(client_ip=ip)
     session.trusted = ip.startswith("127.0.1.")
@@ -91,6 +95,7 @@ async def run(
         rcpt=address,
         dns=dns or FakeDns(),
         spf=spf or FakeSpf(SpfOutcome()),
+        verifier=verifier,
     )
     return await check_recipient(check), check.reasons
 
@@ -108,7 +113,62 @@ def test_the_order_reads_in_one_place() -> None:
         "rbl_client",
         "unlisted_recipient",
         "spf",
+        "unverified_recipient",
     ]
+
+
+class FakeVerifier:
+    def __init__(self, result: ProbeResult) -> None:
+        self.result = result
+        self.asked: list[str] = []
+
+    async def verify(self, address: str, domain: Domain) -> ProbeResult:
+        self.asked.append(address)
+        return self.result
+
+
+def with_verify_domain(
+    config: RelayConfig, when_unreachable: WhenUnreachable = "defer"
+) -> RelayConfig:
+    hop = NextHop("127.0.0.1", 9)
+    policy = VerifyPolicy(when_unreachable=when_unreachable)
+    domains = {**config.domains, "v.test": Domain("v.test", hop, "verify", verify=policy)}
+    return dataclasses.replace(config, domains=domains)
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.9", "127.0.1.5"])  # a stranger; mynetworks
+async def test_verify_domain_rejects_what_the_next_hop_refused(
+    config: RelayConfig, ip: str
+) -> None:
+    said = "host p[127.0.0.1] said: 550 5.1.1 no such user (in reply to RCPT TO command)"
+    verifier = FakeVerifier(ProbeResult(Status.REJECTED, said))
+    reply, reasons = await run(with_verify_domain(config), "x@v.test", ip=ip, verifier=verifier)
+    assert str(reply) == (
+        f"550 5.1.1 <x@v.test>: Recipient address rejected: undeliverable address: {said}"
+    )
+    assert reasons[-1] == "unverified_recipient" and verifier.asked == ["x@v.test"]
+
+
+@pytest.mark.parametrize(("when", "code"), [("defer", "450 4.1.1"), ("accept", None)])
+async def test_verify_domain_without_an_answer(
+    config: RelayConfig, when: WhenUnreachable, code: str | None
+) -> None:
+    verifier = FakeVerifier(ProbeResult(Status.UNREACHABLE, "connect to p: Connection refused"))
+    reply, _ = await run(with_verify_domain(config, when), "x@v.test", verifier=verifier)
+    if code is None:
+        assert reply is None
+    else:
+        assert str(reply) == (
+            f"{code} <x@v.test>: Recipient address rejected: unverified address: "
+            "connect to p: Connection refused"
+        )
+
+
+async def test_only_verify_domains_are_probed(config: RelayConfig) -> None:
+    verifier = FakeVerifier(ProbeResult(Status.OK, "250 ok"))
+    assert (await run(with_verify_domain(config), "x@v.test", verifier=verifier))[0] is None
+    await run(config, "nobody@example.com", verifier=verifier)
+    assert verifier.asked == ["x@v.test"]
 
 
 async def test_screen_enforce_comes_first(config: RelayConfig) -> None:
