@@ -453,6 +453,12 @@ class Delivery:
                 # spec.queue.dsnOnExpiry: none = no backscatter from expired mail.
                 # (a null sender's "notice" is only the log line saying it is dropped)
                 notify = config.queue.dsn_on_expiry != "none" or not env.sender
+                if not env.sender:
+                    outcome = "not returned (null sender)"
+                elif notify:
+                    outcome = "returned to sender"
+                else:
+                    outcome = "not returned (dsnOnExpiry: none)"
                 for r in deferred:
                     log.info(
                         "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=expired, %s (%s)",
@@ -461,11 +467,7 @@ class Delivery:
                         r.relay,
                         _format_delay(now - env.arrival),
                         r.status,
-                        "not returned (null sender)"
-                        if not env.sender
-                        else "returned to sender"
-                        if notify
-                        else "not returned (dsnOnExpiry: none)",
+                        outcome,
                         r.reply,
                     )
                     if notify:
