@@ -127,6 +127,7 @@ class Verifier:
     async def verify(self, address: str, domain: Domain) -> ProbeResult:
         """What the next hop of `domain` says about `address`, cached."""
         key = address.lower()
+        self._maybe_sweep()
         cached = await asyncio.to_thread(self._read_sync, key)
         if cached is not None:
             return cached
@@ -135,7 +136,6 @@ class Verifier:
             task = asyncio.ensure_future(self._probe_once(key, address, domain))
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._probe_done(key, t))
-        self._maybe_sweep()
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.wait)
         except TimeoutError:

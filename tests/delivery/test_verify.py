@@ -5,6 +5,7 @@ address across sessions and across processes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from relay.config import Domain, NextHop, VerifyPolicy
 from relay.delivery.connections import ConnectionPool
 from relay.delivery.verify import Prober
 from relay.dns import Resolver
-from relay.verify_cache import UNREACHABLE_TTL, Status, Verifier
+from relay.verify_cache import SWEEP_INTERVAL, UNREACHABLE_TTL, Status, Verifier
 
 POLICY = VerifyPolicy(positive_ttl=3600, negative_ttl=600, when_unreachable="defer")
 
@@ -179,3 +180,27 @@ async def test_worker_processes_share_the_cache_and_the_probe(
     assert all(out[0] == ",".join(["ok"] * 5) for out in outputs)
     assert sorted(int(out[1]) for out in outputs) == [0, 0, 1]
     assert sink.rcpts_asked == ["shared@example.com"]
+
+
+async def test_expired_entries_are_swept_from_the_folder(
+    sink_factory: Any, pool: ConnectionPool, tmp_path: Path, clock: FakeClock
+) -> None:
+    sink = await sink_factory("127.0.0.2", rcpt_replies={"gone@example.com": "550 5.1.1 no"})
+    verifier = verifier_for(pool, tmp_path, clock)
+    policy = VerifyPolicy(positive_ttl=2 * SWEEP_INTERVAL, negative_ttl=600)
+    domain = dataclasses.replace(domain_at(sink.port), verify=policy)
+    await verifier.verify("gone@example.com", domain)
+    await verifier.verify("kept@example.com", domain)
+    entries = [p for p in (tmp_path / "verify").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 2
+    clock.advance(SWEEP_INTERVAL)
+    await verifier.verify("kept@example.com", domain)  # starts the sweep
+    for _ in range(500):  # the sweep runs in a thread
+        if len([p for p in (tmp_path / "verify").iterdir() if not p.name.startswith(".")]) == 1:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the expired entry was not swept")
+    kept = await verifier.verify("kept@example.com", domain)
+    assert kept.status == Status.OK and not kept.probed
+    verifier.close()
