@@ -34,7 +34,7 @@ def test_each_stage_lists_its_restrictions_in_order() -> None:
     ]  # the whole RCPT table: test_policy.test_the_order_reads_in_one_place
     assert names(policy.DATA_RESTRICTIONS) == ["unauth_pipelining"]
     assert names(policy.END_OF_DATA_RESTRICTIONS) == ["content"]
-    assert names(policy.IMPLICIT_AFTER_PERMIT) == ["unlisted_recipient"]
+    assert names(policy.IMPLICIT_AFTER_PERMIT) == ["unlisted_recipient", "unverified_recipient"]
 
 
 def test_reject_unauth_pipelining_is_one_restriction_in_two_tables() -> None:
