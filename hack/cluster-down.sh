@@ -96,6 +96,18 @@ fi
 if [ -x "$ASSETS/kube-proxy" ]; then
   "$ASSETS/kube-proxy" --cleanup >/dev/null 2>&1 || true
 fi
+# The kubelet's own chains (its canaries, and KUBE-FIREWALL on INPUT/OUTPUT).
+for ipt in iptables ip6tables; do
+  command -v "$ipt" >/dev/null || continue
+  for table in filter nat mangle; do
+    for hook in INPUT OUTPUT; do
+      while "$ipt" -t "$table" -D "$hook" -j KUBE-FIREWALL 2>/dev/null; do :; done
+    done
+    for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+      "$ipt" -t "$table" -F "$chain" 2>/dev/null && "$ipt" -t "$table" -X "$chain" 2>/dev/null
+    done
+  done
+done
 while iptables -D FORWARD -j "$FWD_CHAIN" 2>/dev/null; do :; done
 iptables -F "$FWD_CHAIN" 2>/dev/null && iptables -X "$FWD_CHAIN" 2>/dev/null
 if ip link show "$BRIDGE" >/dev/null 2>&1; then

@@ -44,6 +44,15 @@ ASSETS=${KUBEBUILDER_ASSETS:-$REPO/.tools/bin}
 for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
   [ -x "$ASSETS/$b" ] || die "$ASSETS/$b not found; run hack/install-tools.sh"
 done
+missing=()
+for p in containerd runc containernetworking-plugins iptables conntrack; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 for t in openssl curl setsid ip iptables containerd ctr runc go; do
   command -v "$t" >/dev/null 2>&1 || die "$t is needed (apt-get install docker.io containerd runc containernetworking-plugins iptables)"
 done
@@ -164,7 +173,7 @@ wait_for() { # NAME TIMEOUT CMD... : until CMD succeeds, while NAME lives
 
 log "starting containerd"
 mkdir -p "$NODE_DIR/containerd" "$RUN_DIR/containerd" "$CNI_CONF_DIR" "$NODE_DIR/cni-ipam"
-netns_list() { find /var/run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null | sort; }
+netns_list() { { find /var/run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null || true; } | sort; }
 netns_list >"$NODE_DIR/netns.before"
 cat >"$NODE_DIR/containerd.toml" <<EOF
 # containerd for the mailrelay node (hack/cluster-up.sh)
@@ -248,6 +257,7 @@ daemon kube-apiserver "$ASSETS/kube-apiserver" \
   --service-cluster-ip-range "$SERVICE_CIDR" \
   --service-account-issuer https://kubernetes.default.svc \
   --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+  --kubelet-preferred-address-types InternalIP \
   --authorization-mode RBAC --allow-privileged=true
 wait_for kube-apiserver 120 "${KUBECTL[@]}" get --raw /readyz
 

@@ -15,10 +15,17 @@ set -euo pipefail
 log() { printf 'docker-up: %s\n' "$*" >&2; }
 die() { printf 'docker-up: error: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "needs root (dockerd)"
 RUN_DIR=/run/mailrelay
 SOCK=/var/run/docker.sock
 DOCKER=(docker -H "unix://$SOCK")
+
+# An engine that already runs (a user's Docker, or ours from an earlier run) is used as it is.
+if "${DOCKER[@]}" info >/dev/null 2>&1; then
+  log "a Docker engine already answers on $SOCK"
+  exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || die "no Docker engine answers, and starting one needs root"
 
 missing=()
 for p in docker.io containerd runc mmdebstrap; do
@@ -30,11 +37,6 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 [ -x /usr/sbin/dockerd ] || die "/usr/sbin/dockerd is missing (package docker.io)"
-
-if "${DOCKER[@]}" info >/dev/null 2>&1; then
-  log "a Docker engine already answers on $SOCK"
-  exit 0
-fi
 
 mkdir -p "$RUN_DIR"
 log "starting dockerd (log: $RUN_DIR/dockerd.log)"
