@@ -81,6 +81,9 @@ total=$SECONDS
 # ---- 1. base image -------------------------------------------------------------
 if "${DOCKER[@]}" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   log "base image $BASE_IMAGE exists"
+elif [ "$BASE_IMAGE" != mailrelay-base:bookworm ]; then
+  # Another base (python:3.11.14-slim-bookworm with a registry): pulled.
+  "${DOCKER[@]}" pull "$BASE_IMAGE" >/dev/null || die "cannot pull $BASE_IMAGE"
 else
   command -v mmdebstrap >/dev/null || die "mmdebstrap is missing (apt-get install mmdebstrap)"
   start=$SECONDS
@@ -112,13 +115,29 @@ fi
 start=$SECONDS
 log "building wheels into .tools/wheels/ (host pip, pinned by hack/image-constraints.txt)"
 build_wheels --constraint "$CONSTRAINTS"
-cp "$CONSTRAINTS" "$WHEELS/constraints.txt"
 shopt -s nullglob
 mine=("$WHEELS"/mailrelay-*.whl)
 ((${#mine[@]} == 1)) || die "expected one mailrelay wheel in $WHEELS, found ${#mine[@]}"
 version=$(basename "${mine[0]}" | cut -d- -f2)
-echo "mailrelay==$version" >"$WHEELS/relay.txt"
-echo "mailrelay[operator]==$version" >"$WHEELS/operator.txt"
+# deps/: every dependency, pinned (relay.txt: the relay's; operator.txt: with the
+# operator extra). mailrelay/: the wheel of this checkout.
+mkdir -p "$WHEELS/deps" "$WHEELS/mailrelay"
+mv "${mine[0]}" "$WHEELS/mailrelay/"
+mv "$WHEELS"/*.whl "$WHEELS/deps/"
+pins() { # the constraints lines of the given distributions (and their dependencies)
+  "$PIP" install --dry-run --quiet --no-index --find-links "$WHEELS/deps" \
+    --find-links "$WHEELS/mailrelay" --ignore-installed --report - "$1" 2>/dev/null |
+    python3 -c 'import json, sys
+for item in json.load(sys.stdin)["install"]:
+    meta = item["metadata"]
+    if meta["name"] != "mailrelay":
+        print(meta["name"].lower().replace("_", "-") + "==" + meta["version"])' | sort
+}
+pins "mailrelay==$version" >"$WHEELS/deps/relay.txt"
+pins "mailrelay[operator]==$version" >"$WHEELS/deps/operator.txt"
+for f in relay operator; do [ -s "$WHEELS/deps/$f.txt" ] || die "could not list the dependencies ($f)"; done
+echo "mailrelay==$version" >"$WHEELS/mailrelay/relay.txt"
+echo "mailrelay[operator]==$version" >"$WHEELS/mailrelay/operator.txt"
 # Rebuilt wheels carry new timestamps; a fixed mtime keeps docker's layer cache valid.
 find "$WHEELS" -exec touch -h -d '2000-01-01 00:00:00 UTC' {} +
 log "wheels ready in $((SECONDS - start))s"
