@@ -124,9 +124,8 @@ def delivered_once(c: Cluster, subjects: list[str], timeout: float = 120) -> Non
 
 def send(addr: tuple[str, int], to: str = "info@example.com", **kw: Any) -> tuple[str, Any]:
     subj = kw.pop("subj", None) or subject()
-    result = swaks(
-        addr, to=to, helo="client.node.test", extra=["--header", f"Subject: {subj}"], **kw
-    )
+    extra = ["--header", f"Subject: {subj}", *kw.pop("extra", [])]
+    result = swaks(addr, to=to, helo="client.node.test", extra=extra, **kw)
     return subj, result
 
 
@@ -207,7 +206,9 @@ def installed(cluster: Cluster) -> Cluster:
             f"        {sink_ip} mail.example.com example.com example.org\n"
             f"        {node_ip(c)} client.node.test\n"
             "        ttl 5\n"
-            "        fallthrough\n"
+            # Names it does not know, outside the cluster's zones, get no answer
+            # (not passed on): no MX for example.com is an empty answer, not an error.
+            "        fallthrough cluster.local in-addr.arpa ip6.arpa\n"
             "    }\n"
         )
         corefile = re.sub(r"^(\s*kubernetes )", block + r"\1", corefile, count=1, flags=re.M)
