@@ -14,6 +14,7 @@ MAILRELAY_CLUSTER_KEEP=1 leaves this machine's node running after the tests.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from collections.abc import Iterator
@@ -49,11 +50,15 @@ def cluster() -> Iterator[Cluster]:
         raise pytest.UsageError(f"MAILRELAY_CLUSTER={MODE!r}: expected node or kind")
     if os.geteuid() != 0:
         pytest.fail("tests/cluster needs root (containerd, kubelet, iptables): run as root")
-    up = subprocess.run(
-        ["bash", str(HACK / "cluster-up.sh")], capture_output=True, text=True, timeout=900,
-        cwd=REPO, check=False,
-    )  # fmt: skip
+    # One node per machine: a second run of this suite (another checkout) waits here
+    # until the first has stopped its node.
+    lock = open("/run/mailrelay-node.suite.lock", "w")  # noqa: SIM115 - held for the session
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
+        up = subprocess.run(
+            ["bash", str(HACK / "cluster-up.sh")], capture_output=True, text=True, timeout=900,
+            cwd=REPO, check=False,
+        )  # fmt: skip
         if up.returncode != 0:
             pytest.fail(f"hack/cluster-up.sh failed:\n{up.stderr[-6000:]}")
         kubeconfig = up.stdout.strip().splitlines()[-1]
@@ -69,3 +74,4 @@ def cluster() -> Iterator[Cluster]:
             )  # fmt: skip
             if down.returncode != 0:
                 print(f"hack/cluster-down.sh failed:\n{down.stderr}")
+        lock.close()

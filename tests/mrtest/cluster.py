@@ -88,8 +88,10 @@ class Cluster:
             c["type"] == "Ready" and c["status"] == "True" for c in conds
         )
 
-    def exec(self, pod: str, *cmd: str, ns: str = MAIL_NS) -> subprocess.CompletedProcess[str]:
-        return self.kubectl("-n", ns, "exec", pod, "-c", "relay", "--", *cmd)
+    def exec(
+        self, pod: str, *cmd: str, ns: str = MAIL_NS, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("-n", ns, "exec", pod, "-c", "relay", "--", *cmd, check=check)
 
     def secret_data(self, ns: str, name: str, key: str) -> bytes:
         s = self.get("-n", ns, "secret", name)
