@@ -43,6 +43,8 @@ EXAMPLE = REPO / "examples" / "two-mx"
 TLS_SECRET = "mx-example-net-tls"
 UPGRADE_TAG = f"{TAG}-upgrade"
 SANS = "DNS:mx1.example.net,DNS:mx2.example.net"
+# One Service per MX host of the example, named by the host.
+MX_SERVICES = ("edge-mx1-example-net", "edge-mx2-example-net")
 
 
 # ---- helpers ---------------------------------------------------------------------
@@ -228,8 +230,11 @@ def installed(cluster: Cluster) -> Cluster:
         "--set", "image.repository=mailrelay-operator", "--set", f"image.tag={TAG}",
         "--set", "image.pullPolicy=IfNotPresent",
         "--set", "relayImage.repository=mailrelay", "--set", f"relayImage.tag={TAG}",
-        "--wait", "--timeout", "5m",
     )  # fmt: skip
+    # Not `helm --wait`: the operator is not Ready until it has reconciled a
+    # MailRelay (test_operator_ready_before_any_mailrelay), so it is awaited
+    # after the example is applied.
+    STATE["ready_alone"] = operator_ready_within(c, 90)
     c.kubectl("apply", "-f", str(EXAMPLE / "namespace.yaml"))
     # The next hop and the names the example needs, inside the cluster.
     api_ip = c.get("-n", "default", "service", "kubernetes")["spec"]["clusterIP"]
@@ -253,7 +258,23 @@ def installed(cluster: Cluster) -> Cluster:
         patch = json.dumps({"data": {"Corefile": corefile}})
         c.kubectl("-n", "kube-system", "patch", "configmap", "coredns", "-p", patch)
     c.kubectl("apply", "-f", str(EXAMPLE))
+    c.kubectl("-n", OPERATOR_NS, "rollout", "status", "deploy/mailrelay-operator", "--timeout=300s")
     return c
+
+
+STATE: dict[str, Any] = {}
+
+
+def operator_ready_within(c: Cluster, seconds: float) -> bool:
+    def ready() -> bool:
+        pods = c.get("-n", OPERATOR_NS, "pods", "-l", "app.kubernetes.io/name=mailrelay-operator")
+        return bool(pods["items"]) and all(c.ready(p) for p in pods["items"])
+
+    try:
+        wait_until("operator Ready", ready, seconds, every=2)
+    except AssertionError:
+        return False
+    return True
 
 
 def dns_answers(c: Cluster, pod: str, name: str) -> bool:
@@ -281,6 +302,16 @@ def test_images_are_ours(cluster: Cluster) -> None:
         assert no_cc.returncode != 0, f"{image} has a compiler: {no_cc.stdout}"
     relay = json.loads(cluster.run(["docker", "image", "inspect", f"mailrelay:{TAG}"]).stdout)[0]
     assert "MAILRELAY_QUEUE_DIR=/var/spool/mailrelay" in relay["Config"]["Env"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: the operator's /readyz waits for a first reconcile pass, which only "
+    "a MailRelay event starts; on a cluster without MailRelays it stays 503 (so `helm install "
+    "--wait` times out, as the README's order does)",
+)
+def test_operator_ready_before_any_mailrelay(installed: Cluster) -> None:
+    assert STATE["ready_alone"], "the operator pod was not Ready within 90 s of helm install"
 
 
 def test_operator_pod_ready(installed: Cluster) -> None:
@@ -312,9 +343,15 @@ def test_relay_pods_ready_with_bound_claims(installed: Cluster) -> None:
     # replicas run, on that node, and the constraint is what the pods carry.
     (node,) = c.get("nodes")["items"]
     assert {p["spec"]["nodeName"] for p in pods} == {node["metadata"]["name"]}
-    (spread,) = pods[0]["spec"]["topologySpreadConstraints"]
-    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
-    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    # The example leaves spec.spread at Preferred for zones and hosts.
+    spread = {
+        t["topologyKey"]: t["whenUnsatisfiable"]
+        for t in pods[0]["spec"]["topologySpreadConstraints"]
+    }
+    assert spread == {
+        "topology.kubernetes.io/zone": "ScheduleAnyway",
+        "kubernetes.io/hostname": "ScheduleAnyway",
+    }, spread
     # The cluster DNS answers the example's next hop (mail.example.com).
     wait_until(
         "mail.example.com in the cluster DNS",
@@ -326,7 +363,7 @@ def test_relay_pods_ready_with_bound_claims(installed: Cluster) -> None:
 def test_mail_through_every_mx_service_and_pod(installed: Cluster) -> None:
     c = installed
     targets: list[tuple[str, tuple[str, int]]] = []
-    for name in ("edge-mx10", "edge-mx20"):
+    for name in MX_SERVICES:
         svc = c.get("-n", MAIL_NS, "service", name)
         (port,) = [p for p in svc["spec"]["ports"] if p["port"] == 25]
         targets.append((f"{name} ClusterIP", (svc["spec"]["clusterIP"], 25)))
@@ -343,7 +380,7 @@ def test_mail_through_every_mx_service_and_pod(installed: Cluster) -> None:
 
 def test_refusals_with_postfix_codes(installed: Cluster) -> None:
     c = installed
-    svc = c.get("-n", MAIL_NS, "service", "edge-mx10")
+    svc = c.get("-n", MAIL_NS, "service", MX_SERVICES[0])
     addr = (svc["spec"]["clusterIP"], 25)
     _, unknown = send(addr, to="nobody@example.com")
     assert unknown.returncode != 0
@@ -525,7 +562,7 @@ def test_rolling_upgrade_to_a_rebuilt_image_loses_nothing(installed: Cluster) ->
         "--set", f"image.tag={UPGRADE_TAG}", "--set", f"relayImage.tag={UPGRADE_TAG}",
         "--wait", "--timeout", "5m",
     )  # fmt: skip
-    svc = c.get("-n", MAIL_NS, "service", "edge-mx10")
+    svc = c.get("-n", MAIL_NS, "service", MX_SERVICES[0])
     during = []
 
     def rolled() -> bool:
