@@ -8,8 +8,8 @@
 # `docker build --network=none`; they need nothing from outside (hack/build-images.sh
 # builds the base and the wheels on the host).
 #
-# The engine is left running for the next build; hack/docker-down.sh stops it
-# (only if this script started it: it records its pid in /run/mailrelay/dockerd.pid).
+# The engine is left running for the next build (its pid is in
+# /run/mailrelay/dockerd.pid; `kill` that pid stops it).
 set -euo pipefail
 
 log() { printf 'docker-up: %s\n' "$*" >&2; }
