@@ -1,0 +1,3 @@
+module mailrelay.local/hack/pause
+
+go 1.22
