@@ -85,7 +85,7 @@ def reconciled(st: dict[str, Any], domains: int, recipients: int) -> bool:
     conds = {c["type"]: c for c in st.get("conditions") or []}
     return (
         conds.get("Reconciled", {}).get("status") == "True"
-        and st.get("domains") == domains
+        and st.get("acceptedDomains") == domains  # status.domains lists the holders
         and st.get("recipients") == recipients
     )
 
