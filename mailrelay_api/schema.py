@@ -46,6 +46,7 @@ MilterDefaultAction = Literal["tempfail", "accept", "reject"]  # Postfix milter_
 Spread = Literal["Preferred", "Required"]
 BounceDelivery = Literal["mx", "relayDomainsOnly", "none"]
 WhenUnreachable = Literal["defer", "accept"]
+DmarcEnforce = Literal["none", "quarantine", "reject"]  # what a failing p=quarantine/reject does
 
 
 def values(enum: Any) -> list[str]:
@@ -393,6 +394,44 @@ RBL_CLIENT = obj(
     required=["zone"],
 )
 
+
+AUTHENTICATION = obj(
+    "Sender authentication in the relay (OpenDKIM and OpenDMARC in verify mode): the results "
+    "go in one Authentication-Results header with the relay's hostname as authserv-id "
+    "(forged ones claiming it are removed).",
+    {
+        "dkim": obj(
+            "DKIM signatures (RFC 6376).",
+            {"enabled": boolean("Verify DKIM signatures.", default=False)},
+            default={},
+        ),
+        "arc": obj(
+            "ARC chains (RFC 8617).",
+            {"enabled": boolean("Validate the ARC chain.", default=False)},
+            default={},
+        ),
+        "dmarc": obj(
+            "DMARC (RFC 7489) of the From domain, from the DKIM results and SPF's "
+            "(when restrictions.spf ran).",
+            {
+                "enabled": boolean(
+                    "Evaluate DMARC (the DKIM signatures are verified, and reported, for it "
+                    "even without dkim.enabled).",
+                    default=False,
+                ),
+                "enforce": string(
+                    "What a DMARC fail does when the domain's policy asks for more than none: "
+                    "none = only report; quarantine = hold p=quarantine and p=reject mail in the "
+                    "queue; reject = 550 for p=reject, hold for p=quarantine.",
+                    enum=values(DmarcEnforce),
+                    default="none",
+                ),
+            },
+            default={},
+        ),
+    },
+    default={},
+)
 
 MILTER = obj(
     "A milter (Sendmail milter protocol 6), like an entry of Postfix smtpd_milters.",
@@ -984,6 +1023,7 @@ MAILRELAY_SPEC = obj(
                     default=[],
                     max_items=16,
                 ),
+                "authentication": AUTHENTICATION,
             },
             default={},
         ),

@@ -490,15 +490,51 @@ class MilterSpec:
 
 
 @dataclass(frozen=True)
+class ToggleSpec:
+    enabled: bool
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> ToggleSpec:
+        return cls(enabled=bool(d["enabled"]))
+
+
+@dataclass(frozen=True)
+class DmarcSpec:
+    enabled: bool
+    enforce: S.DmarcEnforce
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> DmarcSpec:
+        return cls(enabled=bool(d["enabled"]), enforce=d["enforce"])
+
+
+@dataclass(frozen=True)
+class AuthenticationSpec:
+    dkim: ToggleSpec
+    arc: ToggleSpec
+    dmarc: DmarcSpec
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> AuthenticationSpec:
+        return cls(
+            dkim=ToggleSpec.from_dict(d["dkim"]),
+            arc=ToggleSpec.from_dict(d["arc"]),
+            dmarc=DmarcSpec.from_dict(d["dmarc"]),
+        )
+
+
+@dataclass(frozen=True)
 class ContentFiltersSpec:
     reject_attachment_extensions: tuple[str, ...]
     milters: tuple[MilterSpec, ...]
+    authentication: AuthenticationSpec
 
     @classmethod
     def from_dict(cls, d: Doc) -> ContentFiltersSpec:
         return cls(
             reject_attachment_extensions=_strings(d["rejectAttachmentExtensions"]),
             milters=tuple(MilterSpec.from_dict(x) for x in d["milters"]),
+            authentication=AuthenticationSpec.from_dict(d["authentication"]),
         )
 
 

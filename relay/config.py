@@ -22,6 +22,7 @@ from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE
 from mailrelay_api.schema import (
     BounceDelivery,
     ClientAction,
+    DmarcEnforce,
     DsnOnExpiry,
     MilterDefaultAction,
     RecipientsMode,
@@ -32,6 +33,7 @@ from mailrelay_api.schema import (
     WhenUnreachable,
 )
 from mailrelay_api.spec import (
+    AuthenticationSpec,
     BouncesSpec,
     DnsSpec,
     LimitsSpec,
@@ -274,6 +276,30 @@ class Milter:
 
 
 @dataclass(frozen=True)
+class Authentication:
+    """contentFilters.authentication: what the relay verifies and reports in its
+    Authentication-Results header (relay.smtpd.authres)."""
+
+    dkim: bool = _SPEC.content_filters.authentication.dkim.enabled
+    arc: bool = _SPEC.content_filters.authentication.arc.enabled
+    dmarc: bool = _SPEC.content_filters.authentication.dmarc.enabled
+    dmarc_enforce: DmarcEnforce = _SPEC.content_filters.authentication.dmarc.enforce
+
+    @property
+    def enabled(self) -> bool:
+        return self.dkim or self.arc or self.dmarc
+
+    @classmethod
+    def from_spec(cls, s: AuthenticationSpec) -> Authentication:
+        return cls(
+            dkim=s.dkim.enabled,
+            arc=s.arc.enabled,
+            dmarc=s.dmarc.enabled,
+            dmarc_enforce=s.dmarc.enforce,
+        )
+
+
+@dataclass(frozen=True)
 class ProxyProtocol:
     enabled: bool = _SPEC.proxy_protocol.enabled
     trusted: tuple[IPNetwork, ...] = ()
@@ -302,6 +328,7 @@ class RelayConfig:
     restrictions: Restrictions = field(default_factory=Restrictions)
     reject_attachment_extensions: frozenset[str] = frozenset()
     milters: tuple[Milter, ...] = ()
+    authentication: Authentication = field(default_factory=Authentication)
     dns: DnsPolicy = field(default_factory=DnsPolicy)
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
     policy: dict[str, Any] = field(default_factory=dict)  # relay.json's policy, as read
@@ -337,6 +364,7 @@ def config_from_spec(
             e.lower() for e in spec.content_filters.reject_attachment_extensions
         ),
         milters=tuple(Milter.from_spec(x) for x in spec.content_filters.milters),
+        authentication=Authentication.from_spec(spec.content_filters.authentication),
         dns=DnsPolicy.from_spec(spec.dns),
         proxy_protocol=ProxyProtocol.from_spec(spec.proxy_protocol),
         policy=policy if policy is not None else {},
