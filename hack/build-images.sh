@@ -3,7 +3,8 @@
 # Docker engine (hack/docker-up.sh starts it), without any registry:
 #
 #   1. the base image (BASE_IMAGE, default mailrelay-base:bookworm): Debian
-#      bookworm minbase with python3, python3-venv and ca-certificates, made
+#      bookworm minbase with python3, python3-venv, ca-certificates and publicsuffix
+#      (the public-suffix list, for DMARC), made
 #      with mmdebstrap from the machine's apt sources and `docker import`ed;
 #      built once, reused while it exists;
 #   2. the wheels: `pip wheel` on the host (the host's pip settings reach PyPI;
@@ -93,7 +94,7 @@ else
   # No documentation, man pages or translations; no apt lists.
   # shellcheck disable=SC2016 # "$1" in the hook is expanded by mmdebstrap
   mmdebstrap --quiet --variant=minbase \
-    --include=python3,python3-venv,ca-certificates,passwd \
+    --include=python3,python3-venv,ca-certificates,passwd,publicsuffix \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' \

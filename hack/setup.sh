@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything mailrelay needs on a fresh Debian machine: system
 # packages (SMTP peers, Postfix for benchmarks, Lua for the Argo CD checks,
-# rspamd and OpenDKIM as real milters for the tests),
+# rspamd and OpenDKIM as real milters for the tests, the public-suffix list
+# for DMARC),
 # a virtualenv in .venv with the project and its dev tools.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(swaks libnet-ssleay-perl postfix lua5.4 shellcheck openssl ca-certificates iproute2 procps
-  rspamd opendkim opendkim-tools)
+  rspamd opendkim opendkim-tools publicsuffix)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
