@@ -54,3 +54,13 @@ MILTER_SECONDS = Histogram(
     ["milter"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
 )
+AUTH_RESULTS = Counter(
+    "mailrelay_authentication_results_total",
+    "Results written in the relay's Authentication-Results header (contentFilters.authentication).",
+    ["method", "result"],
+)  # method: dkim (one per signature) | arc | spf | dmarc; result: pass, fail, none, ...
+DMARC_POLICY = Counter(
+    "mailrelay_dmarc_policy_total",
+    "DMARC fails, by what the relay did about them (dmarc.enforce).",
+    ["action"],
+)  # none (reported only) | quarantine (held) | reject (550)

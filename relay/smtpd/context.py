@@ -19,6 +19,7 @@ from relay.config import RelayConfig
 from relay.queue.store import Queue
 from relay.smtpd import hygiene
 from relay.smtpd.anvil import Anvil
+from relay.smtpd.authres import Authenticator
 from relay.smtpd.dnschecks import DnsChecks
 from relay.smtpd.policy import in_mynetworks
 from relay.smtpd.screen import Postscreen
@@ -71,6 +72,8 @@ class ServerContext:
         self.postscreen = postscreen
         self.dns_checks = dns_checks
         self.spf = spf
+        # contentFilters.authentication: DNS through the same resolver as SPF's.
+        self.authenticator = Authenticator(spf.resolver)
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
         self.min_data_rate = min_data_rate

@@ -33,6 +33,7 @@ from relay.config import RelayConfig
 from relay.queue.format import HOLD
 from relay.queue.incoming import IncomingMessage
 from relay.queue.store import Queue
+from relay.smtpd.milter import Modifications
 from relay.smtpd.milteredit import (
     COPY_CHUNK,
     edit_envelope,
@@ -141,11 +142,17 @@ class SessionMilters:
             self.content_refusal = await self.chain.feed(chunk)
 
     async def end_of_message(
-        self, incoming: IncomingMessage, queue: Queue, sender: str, recipients: list[str]
+        self,
+        incoming: IncomingMessage,
+        queue: Queue,
+        sender: str,
+        recipients: list[str],
+        first: list[Modifications] | None = None,
     ) -> Finished | Reply:
         """The milters' verdict on the received message: a Reply to send
         instead of committing (a refusal, or a discard's 250: the message is
-        dropped), or the message to commit."""
+        dropped), or the message to commit. `first`: the relay's own edits
+        (its Authentication-Results header), applied before the milters'."""
         self.in_message = False
         if self.content_refusal is not None:
             await self.chain.abort()
@@ -153,6 +160,7 @@ class SessionMilters:
         else:
             verdict = await self.chain.end_of_message()
         if verdict.reply is None and not verdict.discard:
+            verdict.modifications[:0] = first or []
             done = await finish(verdict, incoming, queue, sender, recipients)
             if done.recipients:
                 return done
@@ -241,9 +249,9 @@ async def _copy_edited(
 
 
 async def hold(queue: Queue, queue_id: str, reason: str) -> None:
-    """Moves a just-committed message to hold/ (a milter's quarantine)."""
+    """Moves a just-committed message to hold/ (a milter's or DMARC's quarantine)."""
     claim = queue.take_fresh(queue_id)
     await queue.run_io(queue.move_sync, queue_id, HOLD)
     if claim is not None:
         await queue.run_io(queue.release_sync, claim)
-    log.info("%s: hold: milter quarantine: %s", queue_id, reason)
+    log.info("%s: hold: %s", queue_id, reason)

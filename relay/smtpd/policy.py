@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 
 from relay import metrics
 from relay.config import RelayConfig
+from relay.queue.incoming import IncomingMessage
 from relay.smtpd.addresses import Address, is_fqdn, is_ip_literal, is_routed
+from relay.smtpd.authres import Authenticator, Outcome
 from relay.smtpd.content import ContentCheck
 from relay.smtpd.dnschecks import DnsChecks
 from relay.smtpd.session import (
@@ -112,6 +114,9 @@ class Check:
     storage_ok: Callable[[], bool] = _storage_unknown
     content: ContentCheck | None = None  # the attachment filter, fed during DATA
     verifier: RecipientVerifier | None = None  # the probe cache of recipients: verify
+    authenticator: Authenticator | None = None  # contentFilters.authentication
+    message: IncomingMessage | None = None  # at END-OF-DATA: the received message
+    authenticated: Outcome | None = None  # its results, header edits, DMARC verdict
 
     @property
     def recipient(self) -> Address:
@@ -283,6 +288,27 @@ async def content(c: Check) -> Verdict:
     return c.content.verdict() if c.content is not None else None
 
 
+async def authentication(c: Check) -> Verdict:
+    """contentFilters.authentication (OpenDKIM/OpenDMARC verify, relay.smtpd.authres):
+    DKIM, ARC and DMARC results for the Authentication-Results header the message
+    gets; a DMARC fail is refused (or held) only as dmarc.enforce says."""
+    policy = c.config.authentication
+    if not policy.enabled or c.authenticator is None or c.message is None:
+        return None
+    path = str(await c.message.flush())
+    outcome = c.txn.spf
+    spf = (outcome.result, outcome.domain) if outcome is not None and outcome.result else None
+    c.authenticated = done = await c.authenticator.check(
+        policy, c.config.hostname, path, spf, trusted=c.session.trusted
+    )
+    log.info(
+        "%s: authentication: %s",
+        c.message.queue_id,
+        "; ".join(m.text() for m in done.methods) or "none",
+    )
+    return done.reply
+
+
 # --- the tables, one per stage, in the order they run ------------------------------
 
 CLIENT_RESTRICTIONS: tuple[Restriction, ...] = ()
@@ -303,7 +329,7 @@ RECIPIENT_RESTRICTIONS: tuple[Restriction, ...] = (
     unverified_recipient,  # last: a probe costs the primary more than any check above
 )
 DATA_RESTRICTIONS: tuple[Restriction, ...] = (unauth_pipelining,)
-END_OF_DATA_RESTRICTIONS: tuple[Restriction, ...] = (content,)
+END_OF_DATA_RESTRICTIONS: tuple[Restriction, ...] = (content, authentication)
 
 # Runs even when an earlier recipient restriction permitted (Postfix's
 # implicit smtpd_reject_unlisted_recipient; for `verify` domains the same holds).

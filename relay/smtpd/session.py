@@ -94,6 +94,10 @@ class SpfOutcome:
 
     reply: Reply | None = None
     header: str | None = None  # "Received-SPF: ..." without CRLF
+    # For DMARC (relay.smtpd.authres): pyspf's result for MAIL FROM (for the null
+    # sender: HELO) and that identity's domain; "" when SPF did not evaluate it.
+    result: str = ""
+    domain: str = ""
 
 
 @dataclass

@@ -232,7 +232,12 @@ class SpfChecker:
                 )
 
         if not sender:  # the null sender: the HELO result stands
-            return SpfOutcome(header=header or None)
+            evaluated = policy.helo_reject != "No_Check"
+            return SpfOutcome(
+                header=header or None,
+                result=helo_result.lower() if evaluated else "",
+                domain=helo if evaluated else "",
+            )
         if policy.mail_from_reject == "No_Check":
             return SpfOutcome(header=header or None)
 
@@ -248,7 +253,8 @@ class SpfChecker:
                 action, mfrom_result, explanation, "mfrom", sender, session, recipient
             )
         log.debug("SPF %s for %s from [%s]", mfrom_result, sender, ip)
-        return SpfOutcome(header=header or None)
+        domain = sender.rpartition("@")[2].lower()
+        return SpfOutcome(header=header or None, result=mfrom_result.lower(), domain=domain)
 
     @staticmethod
     def _header(result: str, comment: str, identity: str, ip: str, helo: str, sender: str) -> str:

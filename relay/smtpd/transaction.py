@@ -27,7 +27,8 @@ from relay.smtpd.addresses import AddressError, parse_esmtp_params, parse_path
 from relay.smtpd.connection import SmtpConnection
 from relay.smtpd.context import ServerContext
 from relay.smtpd.hygiene import printable
-from relay.smtpd.miltersession import SessionMilters, hold
+from relay.smtpd.milters import MessageVerdict
+from relay.smtpd.miltersession import SessionMilters, finish, hold
 from relay.smtpd.policy import Check
 from relay.smtpd.session import Reply, Session, Transaction, client_name
 from relay.smtpd.smtpdata import DataDecoder
@@ -112,6 +113,7 @@ class MailTransaction(SmtpConnection):
             ctx.spf,
             storage_ok=ctx.storage_ok,
             verifier=ctx.verifier,
+            authenticator=ctx.authenticator,
         )
 
     async def need_helo(self) -> bool:
@@ -124,6 +126,7 @@ class MailTransaction(SmtpConnection):
         self.txn = None
         c = self.check
         c.transaction = c.rcpt = c.content = None
+        c.message = c.authenticated = None
 
     async def smtp_MAIL(self, arg: str) -> None:
         if await self.need_helo():
@@ -353,6 +356,7 @@ class MailTransaction(SmtpConnection):
             incoming.abort()
             await self._queue_error(write_failed)
             return
+        self.check.message = incoming
         verdict = await policy.check_end_of_data(self.check)
         if verdict is not None:
             incoming.abort()
@@ -366,27 +370,12 @@ class MailTransaction(SmtpConnection):
             )
             await self.send(verdict)
             return
-        sender, recipients, hold_reason = txn.sender, txn.recipients, None
         try:
-            if self.milters is not None:
-                done = await self.milters.end_of_message(
-                    incoming, self.ctx.queue, sender, recipients
-                )
-                if isinstance(done, Reply):  # refused or discarded by a milter
-                    if done.code >= 400:
-                        metrics.REJECTED.labels("milter").inc()
-                        log.info(
-                            "%s: milter-reject: END-OF-MESSAGE from %s: %s; from=<%s> to=<%s>",
-                            incoming.queue_id,
-                            client_name(self.state),
-                            done,
-                            sender,
-                            ",".join(recipients),
-                        )
-                    await self.send(done)
-                    return
-                incoming, sender, recipients = done.incoming, done.sender, done.recipients
-                hold_reason = done.hold_reason
+            done = await self._filtered(txn, incoming)
+            if isinstance(done, Reply):  # refused or discarded by a milter
+                await self.send(done)
+                return
+            incoming, sender, recipients, hold_reason = done
             queue_id = await incoming.commit(sender, recipients, client=self.state.client_ip)
             if hold_reason is not None:
                 await hold(self.ctx.queue, queue_id, hold_reason)
@@ -395,6 +384,43 @@ class MailTransaction(SmtpConnection):
             await self._queue_error(e)
             return
         await self._queued(txn, queue_id, size)
+
+    async def _filtered(
+        self, txn: Transaction, incoming: IncomingMessage
+    ) -> tuple[IncomingMessage, str, list[str], str | None] | Reply:
+        """The milters' verdict and edits, and the Authentication-Results header
+        (contentFilters.authentication): the message to commit (a new copy when
+        its headers changed), its envelope and why to hold it; or the reply when a
+        milter refused or discarded it."""
+        sender, recipients = txn.sender, txn.recipients
+        auth = self.check.authenticated
+        first = [auth.edits] if auth is not None else []
+        hold_reason = auth.hold_reason if auth is not None else None
+        if self.milters is not None:
+            done = await self.milters.end_of_message(
+                incoming, self.ctx.queue, sender, recipients, first
+            )
+            if isinstance(done, Reply) and done.code >= 400:
+                metrics.REJECTED.labels("milter").inc()
+                log.info(
+                    "%s: milter-reject: END-OF-MESSAGE from %s: %s; from=<%s> to=<%s>",
+                    incoming.queue_id,
+                    client_name(self.state),
+                    done,
+                    sender,
+                    ",".join(recipients),
+                )
+            if isinstance(done, Reply):
+                return done
+        elif first:
+            done = await finish(
+                MessageVerdict(modifications=first), incoming, self.ctx.queue, sender, recipients
+            )
+        else:
+            return incoming, sender, recipients, hold_reason
+        if done.hold_reason is not None:
+            hold_reason = f"milter quarantine: {done.hold_reason}"
+        return done.incoming, done.sender, done.recipients, hold_reason
 
     async def _queued(self, txn: Transaction, queue_id: str, size: int) -> None:
         s = self.state
