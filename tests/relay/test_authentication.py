@@ -1,0 +1,346 @@
+"""contentFilters.authentication: DKIM, ARC and DMARC in the relay (OpenDKIM and
+OpenDMARC in verify mode), end to end over SMTP. Messages are signed here with
+dkimpy and keys made here; the keys and DMARC records are served by the test
+DNS server, which SERVFAILs the names that stand for a DNS outage."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mrtest.authmail import Key, arc_seal, dkim_sign, make_key, message, verifies
+from mrtest.dnsserver import DnsServer
+from mrtest.peers import RawClient
+from mrtest.relayproc import next_loopback
+from mrtest.testmilter import ScriptedMilter, add_header, cstr
+
+from relay import metrics
+from relay.config import Milter
+from relay.queue.format import ACTIVE, HOLD, INCOMING
+from relay.smtpd import milter as m
+from relay.smtpd.authres import authserv_id
+from relay.smtpd.dmarc import parse_record
+
+from .conftest import Harness, ServerFactory, make_config
+
+HOST = "mx.relay.test"  # relay_spec_for_tests' hostname: our authserv-id
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Key]:
+    folder = tmp_path_factory.mktemp("keys")
+    return {name: make_key(folder, name) for name in ("signer", "strict", "arc", "gone")}
+
+
+@pytest.fixture(scope="module")
+def dns(keys: dict[str, Key]) -> Iterator[DnsServer]:
+    reject = '"v=DMARC1; p=reject"'
+    records = {
+        "sel._domainkey.signer.test": [("TXT", keys["signer"].record)],
+        "_dmarc.signer.test": [("TXT", reject)],
+        "_dmarc.nokey.test": [("TXT", reject)],
+        "_dmarc.broken.test": [("TXT", reject)],
+        "sel._domainkey.mail.strict.test": [("TXT", keys["strict"].record)],
+        "_dmarc.strict.test": [("TXT", '"v=DMARC1; p=reject; adkim=s"')],
+        "sel._domainkey.mail.relaxed.test": [("TXT", keys["strict"].record)],
+        "_dmarc.relaxed.test": [("TXT", reject)],
+        "_dmarc.quar.test": [("TXT", '"v=DMARC1; p=reject; sp=quarantine"')],
+        "sel._domainkey.arc.test": [("TXT", keys["arc"].record)],
+        "spfonly.test": [("TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')],
+        "_dmarc.spfonly.test": [("TXT", reject)],
+    }
+    servfail = {"sel._domainkey.broken.test", "_dmarc.dnsdown.test"}
+    with DnsServer(records, servfail=servfail) as server:
+        yield server
+
+
+def auth_spec(dns: DnsServer, enforce: str = "none", **extra: Any) -> dict[str, Any]:
+    return {
+        "dns": {"nameservers": [dns.nameserver]},
+        "contentFilters": {
+            "authentication": {
+                "dkim": {"enabled": True},
+                "arc": {"enabled": True},
+                "dmarc": {"enabled": True, "enforce": enforce},
+            }
+        },
+        **extra,
+    }
+
+
+async def start(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, enforce: str = "none", **extra
+) -> Harness:
+    config = make_config(tmp_path, spec=auth_spec(dns, enforce, **extra), name=enforce)
+    return await relay_server(config=config)
+
+
+async def send(h: Harness, data: bytes, sender: str = "bounce@signer.test") -> str:
+    """One transaction; the reply to the message (or the first refusal)."""
+    async with RawClient(h.host, h.port, local=next_loopback(), timeout=20) as c:
+        await c.greet()
+        for command in (f"MAIL FROM:<{sender}>", "RCPT TO:<info@example.com>", "DATA"):
+            answer = await c.command(command)
+            if not answer.startswith(("250", "354")):
+                return answer
+        await c.send(data + b".\r\n")
+        return await c.read_reply()
+
+
+async def stored(h: Harness, answer: str, folder: str = ACTIVE) -> bytes:
+    """The queued message of a 250 "queued as" answer, from its folder."""
+    assert answer.startswith("250 2.0.0 Ok: queued as "), answer
+    queue_id = answer.rsplit(" ", 1)[1]
+    await h.queue.settle()
+    assert await h.queue.run_io(h.queue.locate_sync, queue_id) == folder
+    done = await h.queue.run_io(h.queue.read_message_sync, queue_id, folder)
+    assert done is not None
+    path = h.queue.directory / folder / queue_id
+    return path.read_bytes()[: done.size]
+
+
+def results(data: bytes) -> list[str]:
+    """Our Authentication-Results header, one result per entry (unfolded)."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith(f"Authentication-Results: {HOST};")
+    first = head.split("\r\n")[0]
+    rest = []
+    for line in head.split("\r\n")[1:]:
+        if not line.startswith("\t"):
+            break
+        rest.append(line.strip().rstrip(";"))
+    assert first == f"Authentication-Results: {HOST};"
+    return rest
+
+
+async def test_signed_mail_passes_and_the_stored_signature_still_verifies(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    h = await start(relay_server, tmp_path, dns, "reject")
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    data = await stored(h, await send(h, signed))
+    [dkim_line, arc, dmarc] = results(data)
+    assert dkim_line.startswith("dkim=pass header.d=signer.test header.s=sel header.b=")
+    assert arc == "arc=none"
+    assert dmarc == "dmarc=pass (p=reject dis=none) header.from=signer.test"
+    # The header was added by copying the message: the body and the signature are intact.
+    assert data.endswith(b"\r\n\r\nhello\r\n")
+    assert verifies(data, {"sel._domainkey.signer.test": keys["signer"]})
+    await h.queue.settle()
+    assert os.listdir(h.queue.directory / INCOMING) == []
+
+
+@pytest.mark.parametrize(
+    ("enforce", "outcome"),
+    [("none", ACTIVE), ("quarantine", HOLD), ("reject", "550")],
+)
+async def test_altered_body_fails_and_dmarc_reject_is_enforced_only_when_asked(
+    relay_server: ServerFactory,
+    tmp_path: Path,
+    dns: DnsServer,
+    keys: dict[str, Key],
+    enforce: str,
+    outcome: str,
+) -> None:
+    h = await start(relay_server, tmp_path, dns, enforce)
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    altered = signed.replace(b"hello", b"HELLO")
+    answer = await send(h, altered)
+    if outcome == "550":
+        assert answer == "550 5.7.1 rejected by DMARC policy for signer.test"
+        await h.queue.settle()
+        assert h.queued() == [] and os.listdir(h.queue.directory / INCOMING) == []
+        return
+    [dkim_line, _arc, dmarc] = results(await stored(h, answer, outcome))
+    assert dkim_line.startswith("dkim=fail (body hash did not verify) header.d=signer.test")
+    dis = "none" if enforce == "none" else "quarantine"
+    assert dmarc == f"dmarc=fail (p=reject dis={dis}) header.from=signer.test"
+
+
+async def test_missing_key_is_permerror(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    h = await start(relay_server, tmp_path, dns)
+    signed = dkim_sign(message("alice@nokey.test"), keys["gone"], "nokey.test")
+    [dkim_line, _arc, dmarc] = results(await stored(h, await send(h, signed)))
+    assert dkim_line.startswith("dkim=permerror (no key for signature) header.d=nokey.test")
+    assert dmarc == "dmarc=fail (p=reject dis=none) header.from=nokey.test"
+
+
+async def test_dns_temp_error_is_temperror_and_never_rejected(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    h = await start(relay_server, tmp_path, dns, "reject")
+    signed = dkim_sign(message("alice@broken.test"), keys["signer"], "broken.test")
+    [dkim_line, _arc, dmarc] = results(await stored(h, await send(h, signed)))
+    assert dkim_line.startswith("dkim=temperror (key query failed) header.d=broken.test")
+    assert dmarc.startswith("dmarc=temperror (p=reject dis=none) header.from=broken.test")
+    # The DMARC record itself unavailable: temperror too, and accepted.
+    [_dkim, _arc, dmarc] = results(await stored(h, await send(h, message("a@dnsdown.test"))))
+    assert dmarc.startswith("dmarc=temperror") and "header.from=dnsdown.test" in dmarc
+
+
+@pytest.mark.parametrize(
+    ("from_domain", "result"),
+    [("relaxed.test", "pass"), ("strict.test", "fail")],
+)
+async def test_alignment_relaxed_and_strict(
+    relay_server: ServerFactory,
+    tmp_path: Path,
+    dns: DnsServer,
+    keys: dict[str, Key],
+    from_domain: str,
+    result: str,
+) -> None:
+    """Signed by mail.<domain>: aligned for adkim=r (same organizational
+    domain), not for adkim=s (strict.test)."""
+    h = await start(relay_server, tmp_path, dns)
+    signed = dkim_sign(message(f"alice@{from_domain}"), keys["strict"], f"mail.{from_domain}")
+    [dkim_line, _arc, dmarc] = results(await stored(h, await send(h, signed)))
+    assert dkim_line.startswith(f"dkim=pass header.d=mail.{from_domain}")
+    assert dmarc == f"dmarc={result} (p=reject dis=none) header.from={from_domain}"
+
+
+async def test_subdomain_policy_from_the_organizational_domain_holds(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer
+) -> None:
+    """No record at _dmarc.news.quar.test: quar.test's sp=quarantine applies,
+    and enforce: reject holds a quarantine (only p=reject is refused)."""
+    h = await start(relay_server, tmp_path, dns, "reject")
+    answer = await send(h, message("alice@news.quar.test"))
+    [dkim_line, _arc, dmarc] = results(await stored(h, answer, HOLD))
+    assert dkim_line == "dkim=none"
+    assert dmarc == "dmarc=fail (p=quarantine dis=quarantine) header.from=news.quar.test"
+
+
+async def test_spf_pass_aligns_for_dmarc_when_spf_ran(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer
+) -> None:
+    spf = {"restrictions": {"spf": {"enabled": True, "skipAddresses": []}}}
+    h = await start(relay_server, tmp_path, dns, "reject", **spf)
+    answer = await send(h, message("alice@spfonly.test"), sender="bounce@spfonly.test")
+    lines = results(await stored(h, answer))
+    assert "spf=pass smtp.mailfrom=spfonly.test" in lines
+    assert lines[-1] == "dmarc=pass (p=reject dis=none) header.from=spfonly.test"
+    # Without the SPF check, DKIM alone decides: the same unsigned mail is refused.
+    h = await start(relay_server, tmp_path / "nospf", dns, "reject")
+    answer = await send(h, message("alice@spfonly.test"), sender="bounce@spfonly.test")
+    assert answer == "550 5.7.1 rejected by DMARC policy for spfonly.test"
+
+
+async def test_arc_chain_is_verified(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    h = await start(relay_server, tmp_path, dns)
+    sealed = arc_seal(message("alice@elsewhere.test"), keys["arc"], "arc.test", "lists.arc.test")
+    [_dkim, arc, _dmarc] = results(await stored(h, await send(h, sealed)))
+    assert arc == "arc=pass (i=1)"
+    broken = sealed.replace(b"hello", b"HELLO")
+    [_dkim, arc, _dmarc] = results(await stored(h, await send(h, broken)))
+    assert arc.startswith("arc=fail")
+
+
+async def test_forged_results_claiming_our_id_are_removed(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer
+) -> None:
+    forged = (
+        f"Authentication-Results: {HOST}; dkim=pass header.d=bank.test\r\n"
+        "Authentication-Results: other.example; spf=pass smtp.mailfrom=x.test\r\n"
+        "Authentication-Results: (sneaky) MX.RELAY.TEST;\r\n\tdmarc=pass header.from=bank.test\r\n"
+    )
+    h = await start(relay_server, tmp_path, dns)
+    data = await stored(h, await send(h, message("alice@signer.test", extra=forged)))
+    head = data.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.count("Authentication-Results:") == 2
+    assert "bank.test" not in head
+    assert "Authentication-Results: other.example; spf=pass" in head
+    assert results(data)[-1] == "dmarc=fail (p=reject dis=none) header.from=signer.test"
+
+
+async def test_disabled_leaves_the_message_alone(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer
+) -> None:
+    forged = f"Authentication-Results: {HOST}; dkim=pass\r\n"
+    h = await relay_server(
+        config=make_config(tmp_path, spec={"dns": {"nameservers": [dns.nameserver]}})
+    )
+    data = await stored(h, await send(h, message("alice@signer.test", extra=forged)))
+    assert data.startswith(b"Received: ")  # nothing above our Received header
+    assert data.count(b"Authentication-Results:") == 1 and forged.encode() in data
+
+
+async def test_with_milters_one_copy_carries_both_edits(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    """A milter's header and quarantine, and ours: the milter sees the message as
+    received (no Authentication-Results of ours), the stored copy has both."""
+    milter = ScriptedMilter()
+    try:
+        milter.answers = {
+            m.BODYEOB: [
+                add_header("X-Milter", "seen"),
+                (m.R_QUARANTINE, cstr("review")),
+                (m.R_CONTINUE, b""),
+            ]
+        }
+        config = make_config(tmp_path, spec=auth_spec(dns))
+        config = dataclasses.replace(config, milters=(Milter("test", await milter.start()),))
+        h = await relay_server(config=config)
+        signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+        data = await stored(h, await send(h, signed), HOLD)
+        assert results(data)[0].startswith("dkim=pass header.d=signer.test")
+        assert data.split(b"\r\n\r\n", 1)[0].endswith(b"\r\nX-Milter: seen")
+        assert "Authentication-Results" not in [name for name, _ in milter.headers]
+        assert verifies(data, {"sel._domainkey.signer.test": keys["signer"]})
+    finally:
+        await milter.stop()
+
+
+async def test_metrics_count_results(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    def count(method: str, result: str) -> float:
+        return metrics.AUTH_RESULTS.labels(method, result)._value.get()
+
+    before = count("dkim", "pass"), count("dmarc", "pass")
+    h = await start(relay_server, tmp_path, dns)
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    await stored(h, await send(h, signed))
+    assert (count("dkim", "pass"), count("dmarc", "pass")) == (before[0] + 1, before[1] + 1)
+
+
+async def test_swaks_sends_a_signed_message(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    h = await start(relay_server, tmp_path, dns, "reject")
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    (tmp_path / "signed.eml").write_bytes(signed)
+    swaks = await asyncio.create_subprocess_exec(
+        "swaks", "--server", f"{h.host}:{h.port}", "--from", "bounce@signer.test",
+        "--to", "info@example.com", "--data", f"@{tmp_path / 'signed.eml'}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await swaks.communicate()
+    assert swaks.returncode == 0, out.decode()
+    [data] = h.queued()
+    assert results(data)[0].startswith("dkim=pass header.d=signer.test")
+
+
+def test_dmarc_records_and_authserv_ids_parse() -> None:
+    record = parse_record("v=DMARC1; p=Quarantine; sp=bogus; adkim=s; pct=50; rua=mailto:x@y")
+    assert record is not None
+    assert (record.p, record.sp, record.adkim, record.aspf, record.pct) == (
+        "quarantine", "quarantine", "s", "r", 50,
+    )  # fmt: skip
+    assert parse_record("p=reject; v=DMARC1") is None  # v= must come first
+    assert parse_record("v=DMARC1; p=maybe") is None
+    none = parse_record("v=DMARC1; p=maybe; rua=mailto:x@y")
+    assert none is not None and none.p == "none"  # RFC 7489 6.6.3
+    assert authserv_id(" (c) Mx.Relay.Test 1; dkim=pass") == "mx.relay.test"
+    assert authserv_id(" mx.relay.test;") == "mx.relay.test"
+    assert authserv_id(" other.test; x") == "other.test"
