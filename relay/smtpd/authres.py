@@ -28,6 +28,7 @@ never held twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -48,6 +49,7 @@ log = logging.getLogger("mailrelay.auth")
 
 HEADER = "Authentication-Results"
 MAX_SIGNATURES = 5  # DKIM signatures verified per message (OpenDKIM: MaximumSignaturesToVerify 3)
+MAX_ARC_SETS = 10  # a longer ARC chain fails unverified (each set costs two key lookups)
 ARC_HEADERS = (b"arc-seal", b"arc-message-signature")
 _TEMPFAIL = "temperror"
 
@@ -83,8 +85,8 @@ def _ctext(text: str) -> str:
 
 
 def _value(text: str) -> str:
-    """A property value: a token, or a quoted string."""
-    if re.fullmatch(r"[A-Za-z0-9!#$%&'*+./=?^_`{|}~@-]+", text):
+    """A property value: a token (a domain, local-part@domain), else a quoted string."""
+    if re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`{|}~@-]+", text):
         return text
     return '"' + re.sub(r'["\\\r\n]', "", text) + '"'
 
@@ -123,6 +125,7 @@ class Head:
 
     dkim: list[Signature] = field(default_factory=list)  # the ones verified, top first
     arc_keys: list[str] = field(default_factory=list)
+    arc_seals: int = 0
     from_values: list[str] = field(default_factory=list)
     forged: list[int] = field(default_factory=list)  # 1-based among Authentication-Results
 
@@ -146,8 +149,9 @@ def parse_head(section: bytes, hostname: str) -> Head:
         if key == b"dkim-signature" and len(head.dkim) < MAX_SIGNATURES:
             head.dkim.append(signature(value))
         elif key in ARC_HEADERS:
+            head.arc_seals += key == b"arc-seal"
             found = signature(value).key
-            if found and found not in head.arc_keys:
+            if head.arc_seals <= MAX_ARC_SETS and found and found not in head.arc_keys:
                 head.arc_keys.append(found)
         elif key == b"from":
             head.from_values.append(value.decode("utf-8", "replace").replace("\r\n", ""))
@@ -213,6 +217,9 @@ def _dkim_result(d: dkim.DKIM, idx: int, sig: Signature, answers: Answers) -> Me
         result, comment = "fail", "body hash did not verify" if body else str(e)
     except dkim.DKIMException as e:
         result, comment = "permerror", str(e) or e.__class__.__name__
+    except Exception as e:  # dkimpy on input it did not expect (bad base64 ...)
+        log.info("DKIM signature %s.%s unreadable: %r", sig.selector, sig.domain, e)
+        result, comment = "permerror", "unreadable signature"
     props = (("header.d", sig.domain), ("header.s", sig.selector), ("header.b", sig.b))
     return Method("dkim", result, comment, props)
 
@@ -224,8 +231,8 @@ def _arc_result(message: dkim.DKIM, answers: Answers) -> Method:
         cv, sets, comment = a.verify(dnsfunc=_dnsfunc(answers, set()))
     except _KeyTempError:
         return Method("arc", _TEMPFAIL, "key query failed")
-    except dkim.DKIMException as e:
-        return Method("arc", "fail", str(e))
+    except Exception as e:  # DKIMException, or dkimpy on input it did not expect
+        return Method("arc", "fail", str(e) or e.__class__.__name__)
     if cv == dkim.CV_Pass:
         return Method("arc", "pass", f"i={len(sets)}")
     if cv == dkim.CV_None:
@@ -240,7 +247,9 @@ def verify_sync(path: str, head: Head, answers: Answers, arc: bool) -> list[Meth
     d = dkim.DKIM(message, logger=_DKIMPY_LOG)
     del message
     methods = [_dkim_result(d, i, sig, answers) for i, sig in enumerate(head.dkim)]
-    if arc:
+    if arc and head.arc_seals > MAX_ARC_SETS:
+        methods.append(Method("arc", "fail", "too many ARC sets"))
+    elif arc:
         methods.append(_arc_result(d, answers) if head.arc_keys else Method("arc", "none"))
     return methods
 
@@ -326,7 +335,7 @@ class Authenticator:
         answers = await prefetch(self.resolver, wanted if (verify_dkim or policy.arc) else set())
         methods: list[Method] = []
         if (verify_dkim and head.dkim) or (policy.arc and head.arc_keys):
-            dkim_head = head if verify_dkim else Head(arc_keys=head.arc_keys)
+            dkim_head = head if verify_dkim else dataclasses.replace(head, dkim=[])
             methods = await loop.run_in_executor(
                 None, verify_sync, path, dkim_head, answers, policy.arc
             )

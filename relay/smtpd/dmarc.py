@@ -32,6 +32,7 @@ log = logging.getLogger("mailrelay.auth")
 # bundled with the publicsuffixlist module when it is missing.
 PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
 POLICIES = ("none", "quarantine", "reject")
+MAX_FROM_DOMAINS = 5  # more (each costs up to two lookups) is a permerror
 
 
 @functools.cache
@@ -194,5 +195,7 @@ async def check(resolver: Resolver, from_values: list[str], evidence: Evidence) 
     domains = from_domains(from_values)
     if not domains:
         return DmarcResult("permerror", "", comment="no From domain")
+    if len(domains) > MAX_FROM_DOMAINS:
+        return DmarcResult("permerror", domains[0], comment="too many From domains")
     results = await asyncio.gather(*(evaluate(resolver, d, evidence) for d in domains))
     return max(results, key=lambda r: r.rank)

@@ -262,6 +262,18 @@ async def test_forged_results_claiming_our_id_are_removed(
     assert results(data)[-1] == "dmarc=fail (p=reject dis=none) header.from=signer.test"
 
 
+async def test_several_from_domains_report_the_worst(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    """RFC 7489 6.6.1: a signature aligned with one From domain does not cover another."""
+    h = await start(relay_server, tmp_path, dns, "reject")
+    two = message("alice@signer.test").replace(
+        b"From: Alice <alice@signer.test>", b"From: alice@signer.test, mallory@relaxed.test"
+    )
+    answer = await send(h, dkim_sign(two, keys["signer"], "signer.test"))
+    assert answer == "550 5.7.1 rejected by DMARC policy for relaxed.test"
+
+
 async def test_disabled_leaves_the_message_alone(
     relay_server: ServerFactory, tmp_path: Path, dns: DnsServer
 ) -> None:
