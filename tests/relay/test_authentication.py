@@ -162,6 +162,16 @@ async def test_altered_body_fails_and_dmarc_reject_is_enforced_only_when_asked(
     assert dmarc == f"dmarc=fail (p=reject dis={dis}) header.from=signer.test"
 
 
+async def test_mynetworks_clients_are_reported_never_refused(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    h = await start(relay_server, tmp_path, dns, "reject", network={"mynetworks": ["127.0.0.0/8"]})
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    answer = await send(h, signed.replace(b"hello", b"HELLO"))
+    lines = results(await stored(h, answer))
+    assert lines[-1] == "dmarc=fail (p=reject dis=none) header.from=signer.test"
+
+
 async def test_missing_key_is_permerror(
     relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
 ) -> None:

@@ -13,7 +13,13 @@ from ship.tools import REPO, run
 from mailrelay_api import schema as S
 
 DOCS = REPO / "docs"
-PAGES = ["install.md", "migrating-from-postfix.md", "operations.md", "security.md"]
+PAGES = [
+    "install.md",
+    "migrating-from-postfix.md",
+    "operations.md",
+    "security.md",
+    "authentication.md",
+]
 
 
 def test_reference_is_generated_from_the_schema() -> None:
