@@ -13,7 +13,9 @@ on the message as received and spooled:
 2. those are fetched with the relay's async resolver (relay.dns, cached by
    TTL) — dkimpy is synchronous and takes a `dnsfunc`: here that function
    only reads the fetched answers, so no lookup ever blocks a thread;
-3. dkimpy verifies in an executor (RSA is CPU work), reading the spooled file;
+3. dkimpy verifies in an executor (RSA is CPU work): the body hashes are
+   computed reading the spooled file in chunks (relay.smtpd.dkimbody), dkimpy
+   gets the header section only;
 4. DMARC from the DKIM results and, when the SPF check ran at RCPT, its
    MAIL FROM result (without it, DKIM alone decides).
 
@@ -41,6 +43,7 @@ from relay import metrics
 from relay.config import Authentication
 from relay.dns import DnsTempError, Resolver, txt_strings
 from relay.smtpd import dmarc
+from relay.smtpd.dkimbody import BodyKey, StreamedARC, StreamedDKIM, body_hashes, body_key
 from relay.smtpd.milter import HeaderEdit, Modifications
 from relay.smtpd.milteredit import read_header_section, split_headers
 from relay.smtpd.session import Reply
@@ -98,6 +101,7 @@ class Signature:
     domain: str = ""
     selector: str = ""
     b: str = ""  # the first characters of b=: which signature (RFC 6008)
+    body: BodyKey | None = None  # what its bh= hashes
 
     @property
     def key(self) -> str:
@@ -107,7 +111,7 @@ class Signature:
         return f"{self.selector}._domainkey.{self.domain}".lower().rstrip(".")
 
 
-def signature(value: bytes) -> Signature:
+def signature(value: bytes, default_c: bytes = b"simple/simple") -> Signature:
     try:
         tags = parse_tag_value(re.sub(rb"\r?\n", b"", value))
     except InvalidTagValueList:
@@ -116,7 +120,8 @@ def signature(value: bytes) -> Signature:
     def tag(name: bytes) -> str:
         return re.sub(r"\s+", "", tags.get(name, b"").decode("ascii", "replace"))
 
-    return Signature(tag(b"d").lower(), tag(b"s"), tag(b"b")[:8])
+    body = body_key(tags, default_c) if b"bh" in tags else None
+    return Signature(tag(b"d").lower(), tag(b"s"), tag(b"b")[:8], body)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class Head:
 
     dkim: list[Signature] = field(default_factory=list)  # the ones verified, top first
     arc_keys: list[str] = field(default_factory=list)
+    arc_bodies: set[BodyKey] = field(default_factory=set)
     arc_seals: int = 0
     from_values: list[str] = field(default_factory=list)
     forged: list[int] = field(default_factory=list)  # 1-based among Authentication-Results
@@ -150,9 +156,11 @@ def parse_head(section: bytes, hostname: str) -> Head:
             head.dkim.append(signature(value))
         elif key in ARC_HEADERS:
             head.arc_seals += key == b"arc-seal"
-            found = signature(value).key
-            if head.arc_seals <= MAX_ARC_SETS and found and found not in head.arc_keys:
-                head.arc_keys.append(found)
+            sig = signature(value, b"relaxed/relaxed")
+            if head.arc_seals <= MAX_ARC_SETS and sig.key and sig.key not in head.arc_keys:
+                head.arc_keys.append(sig.key)
+            if sig.body is not None and head.arc_seals <= MAX_ARC_SETS:
+                head.arc_bodies.add(sig.body)
         elif key == b"from":
             head.from_values.append(value.decode("utf-8", "replace").replace("\r\n", ""))
         elif key == HEADER.lower().encode():
@@ -200,7 +208,7 @@ def _dnsfunc(answers: Answers, missing: set[str]) -> Callable[..., bytes | None]
 # --- verification, in an executor ------------------------------------------------
 
 
-def _dkim_result(d: dkim.DKIM, idx: int, sig: Signature, answers: Answers) -> Method:
+def _dkim_result(d: StreamedDKIM, idx: int, sig: Signature, answers: Answers) -> Method:
     missing: set[str] = set()
     try:
         ok = d.verify(idx, dnsfunc=_dnsfunc(answers, missing))
@@ -224,9 +232,9 @@ def _dkim_result(d: dkim.DKIM, idx: int, sig: Signature, answers: Answers) -> Me
     return Method("dkim", result, comment, props)
 
 
-def _arc_result(message: dkim.DKIM, answers: Answers) -> Method:
-    a = dkim.ARC(None, logger=_DKIMPY_LOG)
-    a.headers, a.body = message.headers, message.body  # parsed once, for both
+def _arc_result(message: StreamedDKIM, answers: Answers) -> Method:
+    a = StreamedARC(None, logger=_DKIMPY_LOG)
+    a.headers, a.bodyhashes = message.headers, message.bodyhashes  # parsed once, for both
     try:
         cv, sets, comment = a.verify(dnsfunc=_dnsfunc(answers, set()))
     except _KeyTempError:
@@ -241,11 +249,15 @@ def _arc_result(message: dkim.DKIM, answers: Answers) -> Method:
 
 
 def verify_sync(path: str, head: Head, answers: Answers, arc: bool) -> list[Method]:
-    """The DKIM results of head.dkim, then ARC's when asked (blocking: file and RSA)."""
+    """The DKIM results of head.dkim, then ARC's when asked (blocking: file and RSA).
+    The body is hashed in chunks (relay.smtpd.dkimbody): dkimpy gets the headers only."""
+    bodies = {s.body for s in head.dkim if s.body is not None}
+    bodies |= head.arc_bodies if arc else set()
     with open(path, "rb") as f:
-        message = f.read()
-    d = dkim.DKIM(message, logger=_DKIMPY_LOG)
-    del message
+        section, rest = read_header_section(f)
+        hashes = body_hashes(f, rest, bodies)
+    d = StreamedDKIM(section + b"\r\n", logger=_DKIMPY_LOG)
+    d.bodyhashes = hashes
     methods = [_dkim_result(d, i, sig, answers) for i, sig in enumerate(head.dkim)]
     if arc and head.arc_seals > MAX_ARC_SETS:
         methods.append(Method("arc", "fail", "too many ARC sets"))

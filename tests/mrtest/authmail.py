@@ -56,15 +56,23 @@ def message(from_: str, body: str = "hello\r\n", *, extra: str = "") -> bytes:
     ).encode()
 
 
-def dkim_sign(msg: bytes, key: Key, domain: str, selector: str = "sel") -> bytes:
-    """The message with a DKIM-Signature header (relaxed/relaxed) on top."""
+def dkim_sign(
+    msg: bytes,
+    key: Key,
+    domain: str,
+    selector: str = "sel",
+    canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
+    length: bool = False,
+) -> bytes:
+    """The message with a DKIM-Signature header on top (length: with l=)."""
     sig = dkim.sign(
         msg,
         selector.encode(),
         domain.encode(),
         key.private,
-        canonicalize=(b"relaxed", b"relaxed"),
+        canonicalize=canonicalize,
         include_headers=SIGNED_HEADERS,
+        length=length,
     )
     return sig + msg
 

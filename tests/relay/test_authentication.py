@@ -136,6 +136,31 @@ async def test_signed_mail_passes_and_the_stored_signature_still_verifies(
 
 
 @pytest.mark.parametrize(
+    ("canonicalize", "length"),
+    [((b"simple", b"simple"), False), ((b"relaxed", b"relaxed"), True)],
+)
+async def test_a_big_body_is_hashed_in_chunks(
+    relay_server: ServerFactory,
+    tmp_path: Path,
+    dns: DnsServer,
+    keys: dict[str, Key],
+    canonicalize: tuple[bytes, bytes],
+    length: bool,
+) -> None:
+    """3 MB of lines with trailing white space and empty lines, in both
+    canonicalizations (and l=): the body is hashed as it is read."""
+    body = "".join(f"line {i}\t  with  space \r\n\r\n" for i in range(100_000)) + "\r\n" * 5
+    msg = message("alice@signer.test", body)
+    h = await start(relay_server, tmp_path, dns, "reject")
+    signed = dkim_sign(msg, keys["signer"], "signer.test", canonicalize=canonicalize, length=length)
+    data = await stored(h, await send(h, signed))
+    assert results(data)[0].startswith("dkim=pass header.d=signer.test")
+    if length:  # l= covers what was signed: text appended later does not break it
+        appended = signed + b"-- \r\nappended by a list\r\n"
+        assert results(await stored(h, await send(h, appended)))[0].startswith("dkim=pass")
+
+
+@pytest.mark.parametrize(
     ("enforce", "outcome"),
     [("none", ACTIVE), ("quarantine", HOLD), ("reject", "550")],
 )
