@@ -48,8 +48,15 @@ def public_suffixes() -> PublicSuffixList:
         return PublicSuffixList()
 
 
+_loaded: PublicSuffixList | None = None
+
+
 async def load_public_suffixes() -> PublicSuffixList:
-    return await asyncio.get_running_loop().run_in_executor(None, public_suffixes)
+    """The list, read in an executor the first time."""
+    global _loaded
+    if _loaded is None:
+        _loaded = await asyncio.get_running_loop().run_in_executor(None, public_suffixes)
+    return _loaded
 
 
 def organizational_domain(psl: PublicSuffixList, domain: str) -> str:

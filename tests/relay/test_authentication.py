@@ -18,8 +18,8 @@ from mrtest.dnsserver import DnsServer
 from mrtest.peers import RawClient
 from mrtest.relayproc import next_loopback
 from mrtest.testmilter import ScriptedMilter, add_header, cstr
+from prometheus_client import REGISTRY
 
-from relay import metrics
 from relay.config import Milter
 from relay.queue.format import ACTIVE, HOLD, INCOMING
 from relay.smtpd import milter as m
@@ -123,7 +123,11 @@ async def test_signed_mail_passes_and_the_stored_signature_still_verifies(
 ) -> None:
     h = await start(relay_server, tmp_path, dns, "reject")
     signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    queried = dns.count("sel._domainkey.signer.test"), dns.count("_dmarc.signer.test")
     data = await stored(h, await send(h, signed))
+    await stored(h, await send(h, signed))  # the second message's answers come from the cache
+    assert dns.count("sel._domainkey.signer.test") - queried[0] == 1
+    assert dns.count("_dmarc.signer.test") - queried[1] == 1
     [dkim_line, arc, dmarc] = results(data)
     assert dkim_line.startswith("dkim=pass header.d=signer.test header.s=sel header.b=")
     assert arc == "arc=none"
@@ -352,13 +356,20 @@ async def test_metrics_count_results(
     relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
 ) -> None:
     def count(method: str, result: str) -> float:
-        return metrics.AUTH_RESULTS.labels(method, result)._value.get()
+        labels = {"method": method, "result": result}
+        return REGISTRY.get_sample_value("mailrelay_authentication_results_total", labels) or 0.0
 
-    before = count("dkim", "pass"), count("dmarc", "pass")
-    h = await start(relay_server, tmp_path, dns)
+    def held() -> float:
+        labels = {"action": "quarantine"}
+        return REGISTRY.get_sample_value("mailrelay_dmarc_policy_total", labels) or 0.0
+
+    before = count("dkim", "pass"), count("dmarc", "pass"), count("dkim", "fail"), held()
+    h = await start(relay_server, tmp_path, dns, "quarantine")
     signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
     await stored(h, await send(h, signed))
-    assert (count("dkim", "pass"), count("dmarc", "pass")) == (before[0] + 1, before[1] + 1)
+    await stored(h, await send(h, signed.replace(b"hello", b"HELLO")), HOLD)
+    after = count("dkim", "pass"), count("dmarc", "pass"), count("dkim", "fail"), held()
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
 
 
 async def test_swaks_sends_a_signed_message(
