@@ -189,14 +189,16 @@ async def prefetch(resolver: Resolver, names: set[str]) -> Answers:
 
 
 def _dnsfunc(answers: Answers, missing: set[str]) -> Callable[..., bytes | None]:
-    """dkimpy's dnsfunc over the fetched answers (a name not fetched: temperror)."""
+    """dkimpy's dnsfunc over the fetched answers. A name that was not fetched
+    (tags we read otherwise than dkimpy does) has no key: never a temperror, which
+    a forged signature could otherwise use to turn a DMARC fail into a temperror."""
 
     def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
         key = (name.decode("ascii", "replace") if isinstance(name, bytes) else name).lower()
         key = key.rstrip(".")
-        if key not in answers or answers[key] is None:
+        if key in answers and answers[key] is None:
             raise _KeyTempError(key)
-        records = answers[key] or ()
+        records = answers.get(key) or ()
         if not records:
             missing.add(key)
             return None

@@ -219,6 +219,12 @@ async def test_dns_temp_error_is_temperror_and_never_rejected(
     [dkim_line, _arc, dmarc] = results(await stored(h, await send(h, signed)))
     assert dkim_line.startswith("dkim=temperror (key query failed) header.d=broken.test")
     assert dmarc.startswith("dmarc=temperror (p=reject dis=none) header.from=broken.test")
+    # A signature whose key name only dkimpy reads ("se l") is not a temperror:
+    # the spoofed From is refused as without it.
+    forged = dkim_sign(message("alice@signer.test"), keys["gone"], "signer.test")
+    assert b"s=sel;" in forged
+    answer = await send(h, forged.replace(b"s=sel;", b"s=se l;", 1))
+    assert answer == "550 5.7.1 rejected by DMARC policy for signer.test"
     # The DMARC record itself unavailable: temperror too, and accepted.
     [_dkim, _arc, dmarc] = results(await stored(h, await send(h, message("a@dnsdown.test"))))
     assert dmarc.startswith("dmarc=temperror") and "header.from=dnsdown.test" in dmarc
