@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mrtest import postfix
 from mrtest.authmail import Key, arc_seal, dkim_sign, make_key, message, verifies
 from mrtest.dnsserver import DnsServer
 from mrtest.peers import RawClient
@@ -393,6 +394,45 @@ async def test_swaks_sends_a_signed_message(
     assert swaks.returncode == 0, out.decode()
     [data] = h.queued()
     assert results(data)[0].startswith("dkim=pass header.d=signer.test")
+
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Postfix")
+async def test_through_a_real_postfix(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    """Postfix, the sending MTA, relays a signed message and a forged one to us."""
+    h = await start(relay_server, tmp_path, dns, "quarantine")
+    settings = {
+        "myhostname": "out.signer.test",
+        "relayhost": f"[{h.host}]:{h.port}",
+        "default_transport": "smtp",
+    }
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    spoofed = message("ceo@signer.test", "wire the money\r\n")
+    with postfix.PostfixServer("127.0.0.9", main_cf=settings) as sender:
+        for i, data in enumerate((signed, spoofed)):
+            (tmp_path / f"{i}.eml").write_bytes(data)
+            swaks = await asyncio.create_subprocess_exec(
+                "swaks", "--server", "{}:{}".format(*sender.address),
+                "--from", "alice@signer.test", "--to", "info@example.com",
+                "--data", f"@{tmp_path / f'{i}.eml'}",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await swaks.communicate()
+            assert swaks.returncode == 0, out.decode()
+        for _ in range(300):
+            await h.queue.settle()
+            if (
+                len(os.listdir(h.queue.directory / ACTIVE))
+                + len(os.listdir(h.queue.directory / HOLD))
+                >= 2
+            ):
+                break
+            await asyncio.sleep(0.1)
+    [passed] = h.queued()
+    assert results(passed)[0].startswith("dkim=pass header.d=signer.test")
+    [held] = os.listdir(h.queue.directory / HOLD)
+    assert b"wire the money" in (h.queue.directory / HOLD / held).read_bytes()
 
 
 def test_dmarc_records_and_authserv_ids_parse() -> None:
