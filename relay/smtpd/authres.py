@@ -131,7 +131,7 @@ class Head:
     dkim: list[Signature] = field(default_factory=list)  # the ones verified, top first
     arc_keys: list[str] = field(default_factory=list)
     arc_bodies: set[BodyKey] = field(default_factory=set)
-    arc_seals: int = 0
+    arc_headers: int = 0  # ARC-Seal and ARC-Message-Signature
     from_values: list[str] = field(default_factory=list)
     forged: list[int] = field(default_factory=list)  # 1-based among Authentication-Results
 
@@ -155,11 +155,13 @@ def parse_head(section: bytes, hostname: str) -> Head:
         if key == b"dkim-signature" and len(head.dkim) < MAX_SIGNATURES:
             head.dkim.append(signature(value))
         elif key in ARC_HEADERS:
-            head.arc_seals += key == b"arc-seal"
+            head.arc_headers += 1
+            if head.arc_headers > 2 * MAX_ARC_SETS:  # what a chain that long needs, at most
+                continue
             sig = signature(value, b"relaxed/relaxed")
-            if head.arc_seals <= MAX_ARC_SETS and sig.key and sig.key not in head.arc_keys:
+            if sig.key and sig.key not in head.arc_keys:
                 head.arc_keys.append(sig.key)
-            if sig.body is not None and head.arc_seals <= MAX_ARC_SETS:
+            if sig.body is not None:
                 head.arc_bodies.add(sig.body)
         elif key == b"from":
             head.from_values.append(value.decode("utf-8", "replace").replace("\r\n", ""))
@@ -261,7 +263,7 @@ def verify_sync(path: str, head: Head, answers: Answers, arc: bool) -> list[Meth
     d = StreamedDKIM(section + b"\r\n", logger=_DKIMPY_LOG)
     d.bodyhashes = hashes
     methods = [_dkim_result(d, i, sig, answers) for i, sig in enumerate(head.dkim)]
-    if arc and head.arc_seals > MAX_ARC_SETS:
+    if arc and head.arc_headers > 2 * MAX_ARC_SETS:
         methods.append(Method("arc", "fail", "too many ARC sets"))
     elif arc:
         methods.append(_arc_result(d, answers) if head.arc_keys else Method("arc", "none"))

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from relay.config import Milter
 from relay.queue.format import ACTIVE, HOLD, INCOMING
 from relay.smtpd import milter as m
-from relay.smtpd.authres import authserv_id
+from relay.smtpd.authres import MAX_SIGNATURES, authserv_id, parse_head
 from relay.smtpd.dmarc import parse_record
 
 from .conftest import Harness, ServerFactory, make_config
@@ -444,3 +444,18 @@ def test_dmarc_records_and_authserv_ids_parse() -> None:
     assert authserv_id(" (c) Mx.Relay.Test 1; dkim=pass") == "mx.relay.test"
     assert authserv_id(" mx.relay.test;") == "mx.relay.test"
     assert authserv_id(" other.test; x") == "other.test"
+
+
+def test_what_a_message_can_make_us_look_up_is_bounded() -> None:
+    section = b"".join(
+        f"ARC-Seal: i={i}; a=rsa-sha256; cv=pass; d=d{i}.test; s=s; t=1; b=x\r\n"
+        f"ARC-Message-Signature: i={i}; a=rsa-sha256; c=relaxed/relaxed; l={i}; d=m{i}.test;"
+        f" s=s; h=from; bh=x; b=x\r\n"
+        f"DKIM-Signature: v=1; a=rsa-sha256; d=k{i}.test; s=s; h=from; bh=x; b=x\r\n".encode()
+        for i in range(1, 51)
+    )
+    head = parse_head(section + b"From: a@b.test\r\n", HOST)
+    assert len(head.dkim) == MAX_SIGNATURES
+    # Ten sets' worth: a seal's key and a message signature's key and body each.
+    assert (len(head.arc_keys), len(head.arc_bodies)) == (20, 10)
+    assert len(head.names) == MAX_SIGNATURES + 20
