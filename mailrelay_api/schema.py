@@ -260,6 +260,13 @@ def _nameserver_ok(value: str) -> bool:
     return _is_ip(host) and 1 <= int(port) <= 65535
 
 
+def _milter_port_ok(value: str) -> bool:
+    if not value.startswith("inet:"):
+        return True
+    port = value.rpartition(":")[2]
+    return port.isdigit() and 1 <= int(port) <= 65535
+
+
 # The CEL IP library (k8s 1.31+) refuses IPv4-mapped IPv6 ("::ffff:1.2.3.4",
 # one of spf.skipAddresses' defaults); those are checked by pattern only.
 CIDR_RULE = Rule(
@@ -278,11 +285,22 @@ NAMESERVER_RULE = Rule(
     path="",
     cel="self.startsWith('[') ? "
     "(isIP(self.substring(1, self.indexOf(']'))) && "
+    "int(self.substring(self.indexOf(']') + 2)) >= 1 && "
     "int(self.substring(self.indexOf(']') + 2)) <= 65535) : "
     "(self.contains('.') && self.contains(':') ? "
-    "(isIP(self.split(':')[0]) && int(self.split(':')[1]) <= 65535) : isIP(self))",
+    "(isIP(self.split(':')[0]) && int(self.split(':')[1]) >= 1 && "
+    "int(self.split(':')[1]) <= 65535) : isIP(self))",
     message="must be an IP address, optionally with a port 1..65535",
     check=lambda v: _nameserver_ok(str(v)),
+)
+# The pattern allows five digits; the relay cannot connect to a port over 65535.
+MILTER_ADDRESS_RULE = Rule(
+    path="",
+    cel="!self.startsWith('inet:') || "
+    "(int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && "
+    "int(self.substring(self.lastIndexOf(':') + 1)) <= 65535)",
+    message="the port of an inet: address must be 1..65535",
+    check=lambda v: _milter_port_ok(str(v)),
 )
 
 
@@ -441,10 +459,13 @@ MILTER = obj(
             pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
             max_length=63,
         ),
-        "address": string(
-            "inet:host:port, inet:[ipv6]:port or unix:/path.",
-            pattern=MILTER_ADDRESS_PATTERN,
-            max_length=1024,
+        "address": checked(
+            string(
+                "inet:host:port, inet:[ipv6]:port or unix:/path.",
+                pattern=MILTER_ADDRESS_PATTERN,
+                max_length=1024,
+            ),
+            MILTER_ADDRESS_RULE,
         ),
         "connectTimeout": string(
             "milter_connect_timeout: connecting and negotiating. " + DURATION,

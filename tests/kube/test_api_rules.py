@@ -64,6 +64,11 @@ INVALID = {
         "restrictions": {"rblClients": [{"zone": "bl.example.org", "returnCodes": ["127.0.300.2"]}]}
     },
     "nameserver port": {"dns": {"nameservers": ["192.0.2.53:70000"]}},
+    "nameserver port zero": {"dns": {"nameservers": ["192.0.2.53:0"]}},
+    "milter port": {
+        "contentFilters": {"milters": [{"name": "m", "address": "inet:127.0.0.1:99999"}]}
+    },
+    "milter v6 port": {"contentFilters": {"milters": [{"name": "m", "address": "inet:[::1]:0"}]}},
     "nameserver address": {"dns": {"nameservers": ["192.0.2.530"]}},
     "next hop cidr": {"allowedNextHops": [{"cidr": "10.0.0.0/99"}]},
     "next hop cidr and host": {"allowedNextHops": [{"cidr": "10.0.0.0/8", "host": "a.example"}]},
@@ -78,6 +83,15 @@ VALID = {
     "dnsbl filters": {
         "postscreen": {
             "dnsbl": {"sites": [{"zone": "bl.example.org", "returnCodes": ["127.0.0.[2..11;255]"]}]}
+        }
+    },
+    "milters": {
+        "contentFilters": {
+            "milters": [
+                {"name": "a", "address": "inet:127.0.0.1:65535"},
+                {"name": "b", "address": "inet:[::1]:8891"},
+                {"name": "c", "address": "unix:/run/milter.sock"},
+            ]
         }
     },
     "grants": {
