@@ -47,6 +47,36 @@ Defaults are filled in by the API server; `kubectl get -o yaml` shows them.
 """
 
 
+COMMAND_LINE = """
+## Command line: `mailrelay validate` and `mailrelay render`
+
+`mailrelay validate -f PATH...` checks manifests offline with the rules above
+(the CRDs' schemas and CEL rules, run in Python) and their cross references
+(each RelayDomain's MailRelay, each RecipientList's RelayDomain). An error
+exits 1. `mailrelay render` and `mailrelay run` refuse manifests with errors.
+
+Warnings are values the API server takes but the relay ignores. Each names
+the file and document (`lists.yaml#2`), the object and the field, on stderr:
+
+```
+warning: lists.yaml#2: RecipientList mail/staff: spec.addresses[3]: 'joe@example.org' is not in example.com: the relay ignores it
+```
+
+- an address outside its RecipientList's domain (the first 5 of a list by
+  index, then how many more);
+- a RecipientList over 1 MiB of addresses: the API server stores at most
+  1.5 MiB per object (etcd); split it into several RecipientLists with the
+  same `domainRef`;
+- a reply filter (`returnCodes`) with a range `a..b` where a > b.
+
+`validate`, `render` and `run` print them; they do not change the exit code
+unless `--strict` is given (`validate` and `render`): then a warning exits 1
+and `render` writes nothing. `validate -o json|yaml` lists them under
+`warnings`. The operator writes the RecipientList warnings into the list's
+`Accepted` condition message.
+"""
+
+
 def _type(node: dict[str, Any]) -> str:
     t = str(node.get("type", "object"))
     if t == "array":
@@ -129,7 +159,7 @@ def reference() -> str:
         out += "### spec\n\n" + _table(schema["properties"]["spec"], "spec")
         out += "\n### status (written by the operator)\n\n"
         out += _table(kind.status, "status")
-    return out
+    return out + COMMAND_LINE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,15 @@ from mailrelay_api.claims import (
 )
 from mailrelay_api.load import Inventory
 from mailrelay_api.schema import POD_SCHEDULING
-from mailrelay_api.shards import ListPart, RenderCache, list_part, render_shards
+from mailrelay_api.shards import (
+    RECIPIENT_LIST_ADVISE_BYTES,
+    ListPart,
+    RenderCache,
+    list_part,
+    render_shards,
+)
 from mailrelay_api.spec import NextHopSpec, relay_spec
+from mailrelay_api.validate import list_size_advice
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
@@ -319,18 +326,24 @@ def _attach_lists(
         if part.key is not None:
             lists.used[part.key] = part
         lists.per_domain[key].append(part)
-        foreign = part.foreign
-        lists.verdicts.append(
-            RecipientListVerdict(
-                _ns(rl),
-                _name(rl),
-                True,
-                "ForeignAddresses" if foreign else "Accepted",
-                f"{foreign} address(es) not in {domain} ignored" if foreign else "",
-                part.in_domain,
-            )
-        )
+        lists.verdicts.append(_accepted_list(rl, domain, part))
     return lists
+
+
+def _accepted_list(rl: dict[str, Any], domain: str, part: ListPart) -> RecipientListVerdict:
+    """An attached list's verdict; its message has the warnings `mailrelay validate` gives."""
+    foreign = part.foreign
+    notes = [f"{foreign} address(es) not in {domain} ignored"] if foreign else []
+    if part.listed_bytes > RECIPIENT_LIST_ADVISE_BYTES:
+        notes.append(list_size_advice(part.listed_bytes))
+    return RecipientListVerdict(
+        _ns(rl),
+        _name(rl),
+        True,
+        "ForeignAddresses" if foreign else "Accepted",
+        "; ".join(notes),
+        part.in_domain,
+    )
 
 
 def _domains_document(

@@ -24,6 +24,8 @@ from typing import Any, Literal, get_args
 GROUP = "mailrelay.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# Where an object came from (file and document), for messages and `mailrelay render`.
+SOURCE_ANNOTATION = f"{GROUP}/source"
 
 Schema = dict[str, Any]
 

@@ -29,6 +29,11 @@ SHARD_MAX_BYTES = 512 * 1024
 # Uncompressed bytes per shard at most (on average): address lists gzip 3-10x,
 # so shards land far under SHARD_MAX_BYTES; a shard over it doubles N.
 SHARD_RAW_BYTES = 1024 * 1024
+# A RecipientList is one object: etcd stores at most 1.5 MiB per request, so
+# past 1 MiB of addresses `mailrelay validate` and the list's status advise
+# splitting it (several RecipientLists may name the same domain).
+RECIPIENT_LIST_ADVISE_BYTES = 1024 * 1024
+_JSON_EXTRA = 3  # an address's quotes and comma in the object's JSON
 
 
 def shard_count(raw_bytes: int) -> int:
@@ -55,6 +60,7 @@ class ListPart:
     in_domain: int = 0  # addresses in the domain as listed (before deduplication)
     foreign: int = 0  # addresses of other domains (ignored)
     digests: list[bytes] = field(default_factory=list)  # of each part, once split
+    listed_bytes: int = 0  # the list's addresses as the API server holds them (listed_bytes())
 
     def for_count(self, count: int) -> ListPart:
         """The same addresses split for another shard count."""
@@ -72,6 +78,7 @@ class ListPart:
             self.in_domain,
             self.foreign,
             [_digest(p) for p in parts],
+            self.listed_bytes,
         )
 
     def addresses(self) -> Iterable[str]:
@@ -83,14 +90,30 @@ def _digest(addresses: list[str]) -> bytes:
     return blake2b("\n".join(addresses).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def address_in_domain(lowercased: str, domain: str) -> bool:
+    """Whether an address (lowercased) belongs to `domain`: the relay's one test."""
+    return lowercased.rpartition("@")[2] == domain
+
+
+def foreign_addresses(addresses: Iterable[object], domain: str) -> list[int]:
+    """The indexes of the addresses not in `domain` (the render ignores them)."""
+    return [i for i, a in enumerate(addresses) if not address_in_domain(str(a).lower(), domain)]
+
+
+def listed_bytes(addresses: Iterable[object]) -> int:
+    """About what a RecipientList's addresses weigh in the API server (JSON)."""
+    return sum(len(str(a)) + _JSON_EXTRA for a in addresses)
+
+
 def list_part(key: str | None, addresses: Iterable[object], domain: str) -> ListPart:
     """A RecipientList's addresses of `domain`, lowercased, as one part."""
     ours: list[str] = []
-    foreign = 0
+    foreign = size = 0
     for a in addresses:
         text = str(a)
+        size += len(text) + _JSON_EXTRA
         low = text.lower()
-        if low.rpartition("@")[2] != domain:
+        if not address_in_domain(low, domain):
             foreign += 1
             continue
         # Keep the object the list already holds when lowercasing changed nothing.
@@ -103,6 +126,7 @@ def list_part(key: str | None, addresses: Iterable[object], domain: str) -> List
         raw_bytes=sum(len(a) + 1 for a in unique),
         in_domain=len(ours),
         foreign=foreign,
+        listed_bytes=size,
     )
 
 

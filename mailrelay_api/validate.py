@@ -2,29 +2,38 @@
 
 The same schemas as the CRDs (mailrelay_api.schema); errors name the field
 the way the API server does: `spec.limits.messageSize: must be >= 1024`.
+
+Warnings (`manifest_warnings`) are what the schema lets through and the
+relay then ignores: addresses outside their RecipientList's domain, a reply
+filter range that runs backwards, a RecipientList too big for one object.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 
 from mailrelay_api import schema as S
+from mailrelay_api.shards import RECIPIENT_LIST_ADVISE_BYTES, foreign_addresses, listed_bytes
 
 
 @dataclass(frozen=True)
 class ManifestError:
+    """An error or a warning: where (file#document, object, field) and what."""
+
     source: str  # file name (and document index) or object reference
     field: str  # dotted path, "" for the whole object
     message: str
+    document: str = ""  # "Kind namespace/name", when known
 
     def __str__(self) -> str:
-        where = f"{self.source}: " if self.source else ""
-        field = f"{self.field}: " if self.field else ""
-        return f"{where}{field}{self.message}"
+        where = [self.source, self.document, self.field]
+        return ": ".join([*(w for w in where if w), self.message])
 
 
 def _to_json_schema(node: Any) -> Any:
@@ -157,6 +166,25 @@ def _semantic_checks(kind: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+_ADDRESS = S.RECIPIENTLIST_SPEC["properties"]["addresses"]["items"]
+_ADDRESS_MATCH = re.compile(_ADDRESS["pattern"]).match
+
+
+def _without_plain_addresses(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object minus spec.addresses when every address passes the item schema
+    (pattern, maxLength): jsonschema takes seconds over 200,000 of them, this
+    check a tenth of that. Else the object itself, for jsonschema's messages."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("addresses"), list):
+        return obj
+    addresses = spec["addresses"]
+    limit = _ADDRESS["maxLength"]
+    for a in addresses:
+        if not isinstance(a, str) or len(a) > limit or _ADDRESS_MATCH(a) is None:
+            return obj
+    return {**obj, "spec": {**spec, "addresses": []}}
+
+
 def validate_object(obj: dict[str, Any], source: str = "") -> list[ManifestError]:
     """Schema errors of one mailrelay.io object (after defaults are applied)."""
     kind = obj.get("kind")
@@ -168,9 +196,10 @@ def validate_object(obj: dict[str, Any], source: str = "") -> list[ManifestError
                 f"not a {S.API_VERSION} MailRelay, RelayDomain or RecipientList",
             )
         ]
+    checked = _without_plain_addresses(obj) if kind == "RecipientList" else obj
     errors = [
         ManifestError(source, _path(e.absolute_path), _message(e))
-        for e in sorted(_validator(kind).iter_errors(obj), key=lambda e: list(map(str, e.path)))
+        for e in sorted(_validator(kind).iter_errors(checked), key=lambda e: list(map(str, e.path)))
     ]
     if not errors:
         errors = [ManifestError(source, f, m) for f, m in _semantic_checks(kind, obj)]
@@ -183,4 +212,106 @@ def with_defaults(obj: dict[str, Any]) -> dict[str, Any]:
     kind = out.get("kind")
     if kind in S.KINDS and isinstance(out.get("spec"), dict):
         apply_defaults(S.KINDS[kind].spec, out["spec"])
+    return out
+
+
+# --- warnings: valid, but the relay ignores it ------------------------------------
+FOREIGN_SHOWN = 5  # foreign addresses named one by one per RecipientList, then a count
+_RANGE = re.compile(r"([0-9]+)\.\.([0-9]+)")
+
+
+def _namespace(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"].get("namespace") or "default")
+
+
+def _where(obj: dict[str, Any]) -> tuple[str, str]:
+    """The object's file#document and "Kind namespace/name"."""
+    meta = obj["metadata"]
+    source = str((meta.get("annotations") or {}).get(S.SOURCE_ANNOTATION, ""))
+    return source, f"{obj.get('kind')} {_namespace(obj)}/{meta.get('name')}"
+
+
+def _reply_filter_warnings(relay: dict[str, Any]) -> list[ManifestError]:
+    """Reply filters with a range a..b where a > b: the relay skips them."""
+    spec = relay.get("spec") or {}
+    holders = [
+        ("spec.postscreen.dnsbl.sites", ((spec.get("postscreen") or {}).get("dnsbl") or {})),
+        ("spec.restrictions.rblClients", spec.get("restrictions") or {}),
+    ]
+    source, document = _where(relay)
+    out = []
+    for path, holder in holders:
+        entries = holder.get("sites" if path.endswith("sites") else "rblClients") or []
+        for i, entry in enumerate(entries):
+            for j, code in enumerate(entry.get("returnCodes") or []):
+                if any(int(a) > int(b) for a, b in _RANGE.findall(str(code))):
+                    out.append(
+                        ManifestError(
+                            source,
+                            f"{path}[{i}].returnCodes[{j}]",
+                            f"{code!r} has a range a..b with a > b: it matches nothing "
+                            "and the relay ignores this filter",
+                            document,
+                        )
+                    )
+    return out
+
+
+def _list_warnings(rl: dict[str, Any], domain: str) -> list[ManifestError]:
+    addresses = (rl.get("spec") or {}).get("addresses") or []
+    source, document = _where(rl)
+    out = []
+    foreign = foreign_addresses(addresses, domain)
+    for i in foreign[:FOREIGN_SHOWN]:
+        out.append(
+            ManifestError(
+                source,
+                f"spec.addresses[{i}]",
+                f"{addresses[i]!r} is not in {domain}: the relay ignores it",
+                document,
+            )
+        )
+    if len(foreign) > FOREIGN_SHOWN:
+        more = len(foreign) - FOREIGN_SHOWN
+        out.append(
+            ManifestError(
+                source,
+                "spec.addresses",
+                f"{more} more address(es) not in {domain}: the relay ignores them",
+                document,
+            )
+        )
+    size = listed_bytes(addresses)
+    if size > RECIPIENT_LIST_ADVISE_BYTES:
+        out.append(ManifestError(source, "spec.addresses", list_size_advice(size), document))
+    return out
+
+
+def list_size_advice(size: int) -> str:
+    """What to do about a RecipientList of `size` bytes of addresses."""
+    return (
+        f"{size / 2**20:.1f} MiB of addresses, over "
+        f"{RECIPIENT_LIST_ADVISE_BYTES / 2**20:.0f} MiB: the API server stores at most "
+        "1.5 MiB per object (etcd); split it into several RecipientLists with the same "
+        "domainRef"
+    )
+
+
+def manifest_warnings(
+    relays: Iterable[dict[str, Any]],
+    domains: Iterable[dict[str, Any]],
+    recipient_lists: Iterable[dict[str, Any]],
+) -> list[ManifestError]:
+    """Valid objects (defaults applied) holding values the relay ignores."""
+    out: list[ManifestError] = []
+    for relay in relays:
+        out += _reply_filter_warnings(relay)
+    domain_of = {
+        (_namespace(d), d["metadata"]["name"]): str(d["spec"]["domain"]).lower().rstrip(".")
+        for d in domains
+    }
+    for rl in recipient_lists:
+        key = (_namespace(rl), rl["spec"]["domainRef"]["name"])
+        if key in domain_of:  # else an error (cross_reference_errors)
+            out += _list_warnings(rl, domain_of[key])
     return out

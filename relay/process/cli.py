@@ -12,6 +12,7 @@ from typing import Any
 
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
+from mailrelay_api.validate import manifest_warnings
 from relay.process.options import ProcessOptions
 from relay.process.output import emit, format_table
 from relay.process.queue_admin import add_queue_parser, default_queue_dir
@@ -26,6 +27,14 @@ def _load(paths: list[str]) -> Inventory:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
     return inv
+
+
+def warn(inv: Inventory) -> list[str]:
+    """Prints to stderr what the manifests hold that the relay ignores; returns it."""
+    warnings = [str(w) for w in manifest_warnings(inv.relays, inv.domains, inv.recipient_lists)]
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return warnings
 
 
 def pick_relay(inv: Inventory, name: str | None) -> dict[str, Any]:
@@ -66,6 +75,7 @@ def render_to_dir(rendered: Rendered, config_dir: Path) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     inv = load_manifests(args.file)
     problems = [str(e) for e in inv.errors] + cross_reference_errors(inv)
+    warnings = warn(inv)
     objects = [
         {
             "kind": o["kind"],
@@ -81,17 +91,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
             rows = [[o["kind"], o["name"], o["source"]] for o in objects]
             print(format_table(["KIND", "NAME", "SOURCE"], rows), end="")
         if not problems:
+            noted = f" ({len(warnings)} warning(s))" if warnings else ""
             print(
                 f"ok: {len(inv.relays)} MailRelay, {len(inv.domains)} RelayDomain, "
-                f"{len(inv.recipient_lists)} RecipientList"
+                f"{len(inv.recipient_lists)} RecipientList{noted}"
             )
     else:
-        emit({"valid": not problems, "errors": problems, "objects": objects}, args.output)
-    return 1 if problems else 0
+        doc = {"valid": not problems, "errors": problems, "warnings": warnings, "objects": objects}
+        emit(doc, args.output)
+    return 1 if problems or (warnings and args.strict) else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     inv = _load(args.file)
+    if warn(inv) and args.strict:
+        print("error: warnings with --strict: nothing rendered", file=sys.stderr)
+        return 1
     relay = pick_relay(inv, args.relay)
     rendered = render_relay(relay, inv)
     if args.out:
@@ -133,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from relay.process.server import run_relay  # the relay process, with its reload loop
 
     inv = _load(args.file)
+    warn(inv)
     relay = pick_relay(inv, args.relay)
     config_dir = Path(args.config_dir or tempfile.mkdtemp(prefix="mailrelay-config-"))
     render_to_dir(render_relay(relay, inv), config_dir)
@@ -239,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="manifest file or folder (repeatable)",
         )
 
+    def strict(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--strict",
+            action="store_true",
+            help="exit 1 on warnings too (values the relay would ignore)",
+        )
+
     def output(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "-o",
@@ -275,11 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", help="which MailRelay, when the manifests hold several")
     p.add_argument("--out", help="write the files to this folder instead of printing them")
     output(p)
+    strict(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="check manifests against the CRD schemas")
     manifests(p)
     output(p)
+    strict(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("relay", help="the relay pod's entrypoint")
