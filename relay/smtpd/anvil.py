@@ -24,6 +24,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from relay import metrics
 from relay.config import Limits
@@ -34,6 +35,18 @@ log = logging.getLogger("mailrelay.anvil")
 DEFAULT_MAX_CLIENTS = 100_000
 # Expired entries looked at per event: amortised cleanup, O(1) per call.
 _SWEEP_PER_EVENT = 4
+
+
+@runtime_checkable
+class ClientCounters(Protocol):
+    """One client's counters, wherever they live: a _Client in this process, or
+    a slot of the table the workers share (anvil_shared._SharedClient)."""
+
+    connections: int
+    window_start: float
+    connection_rate: int
+    messages: int
+    recipients: int
 
 
 class _Client:
@@ -145,7 +158,7 @@ class Anvil:
             disconnect=True,
         )
 
-    def _touch(self, ip: str, limits: Limits) -> _Client:
+    def _touch(self, ip: str, limits: Limits) -> ClientCounters:
         now = self.clock()
         unit = limits.rate_time_unit
         client = self._clients.get(ip)

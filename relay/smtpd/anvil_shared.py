@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.config import Limits
-from relay.smtpd.anvil import Anvil, _Client
+from relay.smtpd.anvil import Anvil, ClientCounters
 from relay.smtpd.session import Reply, Session
 
 log = logging.getLogger("mailrelay.anvil")
@@ -68,7 +68,7 @@ class SharedCounters:
 
 
 class _SharedClient:
-    """One slot seen through _Client's attributes; used under the table's lock only."""
+    """One slot as ClientCounters; used under the table's lock only."""
 
     __slots__ = ("_base", "_memory", "_worker")
 
@@ -177,7 +177,7 @@ class SharedAnvil(Anvil):
                 return slot
         return None
 
-    def _touch(self, ip: str, limits: Limits) -> _Client:
+    def _touch(self, ip: str, limits: Limits) -> ClientCounters:
         """The client's slot (taking a free or stale one), under the lock."""
         memory, slots = self.counters.memory, self.counters.slots
         key, now, unit = client_key(ip), self.clock(), limits.rate_time_unit
@@ -190,7 +190,7 @@ class SharedAnvil(Anvil):
                 if now - client.window_start >= unit:
                     client.window_start = now
                     client.connection_rate = client.messages = client.recipients = 0
-                return client  # type: ignore[return-value]  # same attributes as _Client
+                return client
             stale = slot_key == 0 or (client.connections == 0 and now - client.window_start >= unit)
             if reusable is None and stale:
                 reusable = slot
@@ -203,4 +203,4 @@ class SharedAnvil(Anvil):
         base = reusable * SLOT_SIZE
         memory[base : base + SLOT_SIZE] = bytes(SLOT_SIZE)
         _HEAD.pack_into(memory, base, key, now, 0, 0, 0, 0)
-        return _SharedClient(memory, reusable, self.worker)  # type: ignore[return-value]
+        return _SharedClient(memory, reusable, self.worker)

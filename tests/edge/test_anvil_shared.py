@@ -12,6 +12,7 @@ from mrtest.peers import RawClient
 from mrtest.relayproc import RelayProcess, next_loopback, write_manifests
 
 from relay.config import Limits
+from relay.smtpd.anvil import Anvil, ClientCounters
 from relay.smtpd.anvil_shared import SharedAnvil, SharedCounters
 from relay.smtpd.session import Session
 
@@ -111,3 +112,20 @@ async def test_a_two_worker_relay_limits_per_relay(tmp_path: Path) -> None:
             await c.__aexit__(None, None, None)
     assert sum(r.startswith("220") for r in replies) == 3, replies
     assert sum(r.startswith("421 4.7.0") for r in replies) == 5, replies
+
+
+def test_both_stores_hand_out_the_same_counters() -> None:
+    """Anvil's logic runs unchanged on a shared slot: _touch returns ClientCounters
+    from either store (mypy checks the attributes' types, this their presence and
+    that a slot reads back what was written)."""
+    clock = FakeClock()
+    local = Anvil(clock=clock)._touch("192.0.2.1", LIMITS)
+    shared = SharedAnvil(SharedCounters(slots=64), 0, clock=clock)
+    with shared.counters.lock:
+        slot = shared._touch("192.0.2.1", LIMITS)
+        assert isinstance(local, ClientCounters) and isinstance(slot, ClientCounters)
+        slot.connections, slot.messages, slot.recipients, slot.connection_rate = 2, 3, 4, 5
+        again = shared._touch("192.0.2.1", LIMITS)
+    got = (again.connections, again.messages, again.recipients, again.connection_rate)
+    assert got == (2, 3, 4, 5)
+    assert again.window_start == clock.now
