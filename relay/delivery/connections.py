@@ -7,11 +7,17 @@ plaintext; `encrypt`: required, unverified; `verify`: required, verified),
 then hand the connection to relay.delivery.transaction. Connections are
 reused (a small pool per destination) and the number open per destination
 is capped.
+
+A next hop that answers EHLO with our own hostname is ourselves (another pod
+of this relay, or this one): Postfix's "mail for X loops back to myself"
+(5.4.6). At the best MX (or a fixed next hop) the mail bounces, as Postfix's
+smtp(8) does; at a lower-preference MX the next one is tried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +40,8 @@ from relay.delivery.transaction import (
     run_transaction,
 )
 from relay.dns import Resolver
+
+log = logging.getLogger("relay.delivery")
 
 
 @dataclass
@@ -58,6 +66,21 @@ async def _quit(conn: Connection, timeout: float) -> None:
         pass
     finally:
         conn.smtp.close()
+
+
+class LoopError(ConnectError):
+    """The next hop is ourselves (it answered EHLO with our hostname)."""
+
+
+def _check_loop(smtp: aiosmtplib.SMTP, hop: NextHop, label: str, local_hostname: str) -> None:
+    """Raises LoopError (closing the connection) when the EHLO reply names us."""
+    reply = smtp.last_ehlo_response
+    words = reply.message.split() if reply is not None else []
+    if not words or words[0].lower().rstrip(".") != local_hostname.lower().rstrip("."):
+        return
+    log.warning("warning: host %s replied to HELO/EHLO with my own hostname %s", label, words[0])
+    smtp.close()
+    raise LoopError(f"mail for {hop.host} loops back to myself", "4.4.6")
 
 
 def unverified_tls_context() -> ssl.SSLContext:
@@ -117,10 +140,16 @@ class ConnectionPool:
     async def _open(self, hop: NextHop, local_hostname: str) -> Connection:
         errors: list[str] = []
         last: ConnectError | None = None
-        for name, ip in await next_hop_addresses(self.resolver, hop):
+        addresses = await next_hop_addresses(self.resolver, hop)
+        for name, ip in addresses:
             label = f"{name}[{ip}]:{hop.port}"
             try:
                 return await self._open_one(hop, name, ip, label, local_hostname)
+            except LoopError as e:
+                if name == addresses[0][0]:  # the best MX is ourselves: give up, bounce
+                    raise ConnectError(e.reason, "5.4.6", permanent=True) from e
+                last = ConnectError(e.reason, "4.4.6")
+                errors.append(e.reason)
             except ConnectError as e:
                 last = e
                 errors.append(e.reason)
@@ -158,6 +187,7 @@ class ConnectionPool:
                 # (mmap) and shrink a buffer that big for each one.
                 smtp.transport.max_size = 16 * 1024
             await smtp.ehlo()
+            _check_loop(smtp, hop, label, local_hostname)
         except aiosmtplib.SMTPConnectResponseError as e:
             smtp.close()
             raise ConnectError(

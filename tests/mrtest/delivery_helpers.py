@@ -52,6 +52,7 @@ class Sink:
     connections: int = 0
     tls_context: ssl.SSLContext | None = None
     server: asyncio.AbstractServer | None = None
+    hostname: str = "sink.test"  # in its greeting and EHLO reply
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -86,7 +87,7 @@ class Sink:
             self.connections += 1
             return SMTP(
                 self,
-                hostname="sink.test",
+                hostname=self.hostname,
                 decode_data=False,
                 tls_context=self.tls_context,
                 auth_exclude_mechanism=["LOGIN", "PLAIN"],
