@@ -42,6 +42,10 @@ log = logging.getLogger("mailrelay.spf")
 LOOKUP_TIME = 20.0  # spf-engine Lookup_Time: one identity's whole evaluation
 VOID_LIMIT = 2  # spf-engine Void_Limit
 MAX_ROUNDS = 40  # pyspf's own limits (10 DNS mechanisms, 10 MX/PTR names) keep it far below
+# spf-engine 2.9.2's _rejectmessage puts data['recipient'] in r=, and with its
+# default Hide_Receiver=Yes policyd_spf.py has replaced that with '<UNKNOWN>'
+# before any check runs (as in receiver= of Received-SPF): so r=<UNKNOWN>, not
+# the recipient nor its domain.
 WHY_URL = "http://www.openspf.net/Why?s={scope};id={identity};ip={ip};r=<UNKNOWN>"
 
 # Results each *_reject setting rejects (spf-engine _get_resultcodes).
