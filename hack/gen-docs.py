@@ -59,7 +59,7 @@ Warnings are values the API server takes but the relay ignores. Each names
 the file and document (`lists.yaml#2`), the object and the field, on stderr:
 
 ```
-warning: lists.yaml#2: RecipientList mail/staff: spec.addresses[3]: 'joe@example.org' is not in example.com: the relay ignores it
+{example}
 ```
 
 - an address outside its RecipientList's domain (the first 5 of a list by
@@ -73,8 +73,11 @@ warning: lists.yaml#2: RecipientList mail/staff: spec.addresses[3]: 'joe@example
 unless `--strict` is given (`validate` and `render`): then a warning exits 1
 and `render` writes nothing. `validate -o json|yaml` lists them under
 `warnings`. The operator writes the RecipientList warnings into the list's
-`Accepted` condition message.
-"""
+`Accepted` condition message, and a MailRelay's in its `Reconciled` condition message.
+""".format(
+    example="warning: lists.yaml#2: RecipientList mail/staff: spec.addresses[3]: "
+    "'joe@example.org' is not in example.com: the relay ignores it"
+)
 
 
 def _type(node: dict[str, Any]) -> str:

@@ -231,8 +231,9 @@ def _where(obj: dict[str, Any]) -> tuple[str, str]:
     return source, f"{obj.get('kind')} {_namespace(obj)}/{meta.get('name')}"
 
 
-def _reply_filter_warnings(relay: dict[str, Any]) -> list[ManifestError]:
-    """Reply filters with a range a..b where a > b: the relay skips them."""
+def relay_warnings(relay: dict[str, Any]) -> list[ManifestError]:
+    """A MailRelay's: reply filters with a range a..b where a > b (the relay
+    skips them). The operator puts them in the Reconciled condition's message."""
     spec = relay.get("spec") or {}
     holders = [
         ("spec.postscreen.dnsbl.sites", ((spec.get("postscreen") or {}).get("dnsbl") or {})),
@@ -305,7 +306,7 @@ def manifest_warnings(
     """Valid objects (defaults applied) holding values the relay ignores."""
     out: list[ManifestError] = []
     for relay in relays:
-        out += _reply_filter_warnings(relay)
+        out += relay_warnings(relay)
     domain_of = {
         (_namespace(d), d["metadata"]["name"]): str(d["spec"]["domain"]).lower().rstrip(".")
         for d in domains

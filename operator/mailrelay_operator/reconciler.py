@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from mailrelay_api.claims import Claim, next_release
 from mailrelay_api.render import RenderCache, Rendered, RenderSettings, render_relay
 from mailrelay_api.spec import relay_spec
+from mailrelay_api.validate import relay_warnings
 from mailrelay_operator import (
     certificate,
     handover_secret,
@@ -259,6 +260,7 @@ class Reconciler:
         mem = self._memory(key, relay)
         rendered = await self._render(key, relay, mem, render, view)
         obs = status.RelayObservation(config_hash=rendered.config_hash)
+        obs.warnings = [f"{w.field}: {w.message}" for w in relay_warnings(relay)]
         if certificate.wants_certificate(relay):
             await self.applier.find_cert_manager()
             obs.cert_manager_missing = self.applier.cert_manager is False

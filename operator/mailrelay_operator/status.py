@@ -199,6 +199,7 @@ class RelayObservation:
     rollout: Rollout | None = None  # the StatefulSet's (None: not seen yet)
     stuck: bool = False  # the rollout made no progress for its deadline
     certificate: tuple[bool, str] | None = None  # (Ready, message) of the Certificate
+    warnings: list[str] = field(default_factory=list)  # "field: message", as validate warns
 
 
 def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> dict[str, Any]:
@@ -237,7 +238,8 @@ def _reconciled(obs: RelayObservation) -> Condition:
         return Condition(kind, False, reason, obs.apply_error)
     if obs.recreated:
         return Condition(kind, True, why.STATEFULSET_RECREATED, obs.recreated)
-    return Condition(kind, True, why.APPLIED, "all children are up to date")
+    notes = "".join(f"; warning: {w}" for w in obs.warnings)
+    return Condition(kind, True, why.APPLIED, f"all children are up to date{notes}")
 
 
 def _ready(want: int, obs: RelayObservation) -> Condition:

@@ -8,6 +8,7 @@ from mailrelay_operator import status
 from mailrelay_operator.cluster import ClusterView, trim
 
 from mailrelay_api.render import DomainVerdict
+from mailrelay_api.validate import relay_warnings
 
 
 def obj(
@@ -119,3 +120,23 @@ def test_cluster_view_orphans_and_defaults() -> None:
     inv = view.inventory()
     assert inv.domains[0]["spec"]["recipients"] == "listed"  # defaults applied
     assert RELAY["spec"]["replicas"] == 2
+
+
+def test_reconciled_carries_the_relays_warnings() -> None:
+    """What `mailrelay validate` warns about a MailRelay, the operator says in
+    its Reconciled condition (the RecipientLists' warnings are in theirs)."""
+    site = {"zone": "bl.example.org", "returnCodes": ["127.0.0.[9..2]"]}
+    spec = {**RELAY["spec"], "postscreen": {"dnsbl": {"sites": [site]}}}
+    relay = {**RELAY, "spec": spec}
+    obs = status.RelayObservation(
+        warnings=[f"{w.field}: {w.message}" for w in relay_warnings(relay)]
+    )
+    [cond] = [c for c in status.relay_status(relay, obs)["conditions"] if c["type"] == "Reconciled"]
+    assert (cond["status"], cond["reason"]) == ("True", "Applied")
+    assert cond["message"] == (
+        "all children are up to date; warning: spec.postscreen.dnsbl.sites[0].returnCodes[0]: "
+        "'127.0.0.[9..2]' has a range a..b with a > b: it matches nothing and the relay "
+        "ignores this filter"
+    )
+    plain = status.relay_status(RELAY, status.RelayObservation())["conditions"]
+    assert {c["type"]: c["message"] for c in plain}["Reconciled"] == "all children are up to date"
