@@ -67,6 +67,8 @@ the file and document (`lists.yaml#2`), the object and the field, on stderr:
 - a RecipientList over 1 MiB of addresses: the API server stores at most
   1.5 MiB per object (etcd); split it into several RecipientLists with the
   same `domainRef`;
+- a RecipientList of a RelayDomain whose `recipients` is `any` or `verify`
+  (only `listed` domains use RecipientLists);
 - a reply filter (`returnCodes`) with a range `a..b` where a > b.
 
 `validate`, `render` and `run` print them; they do not change the exit code

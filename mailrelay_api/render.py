@@ -39,7 +39,7 @@ from mailrelay_api.shards import (
     render_shards,
 )
 from mailrelay_api.spec import NextHopSpec, relay_spec
-from mailrelay_api.validate import list_size_advice
+from mailrelay_api.validate import list_size_advice, unused_list_note
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
@@ -326,14 +326,19 @@ def _attach_lists(
         if part.key is not None:
             lists.used[part.key] = part
         lists.per_domain[key].append(part)
-        lists.verdicts.append(_accepted_list(rl, domain, part))
+        lists.verdicts.append(_accepted_list(rl, dom, domain, part))
     return lists
 
 
-def _accepted_list(rl: dict[str, Any], domain: str, part: ListPart) -> RecipientListVerdict:
+def _accepted_list(
+    rl: dict[str, Any], dom: dict[str, Any], domain: str, part: ListPart
+) -> RecipientListVerdict:
     """An attached list's verdict; its message has the warnings `mailrelay validate` gives."""
-    foreign = part.foreign
-    notes = [f"{foreign} address(es) not in {domain} ignored"] if foreign else []
+    unused = unused_list_note(dom)
+    foreign = 0 if unused else part.foreign  # no address of it is used anyway
+    notes = [unused] if unused else []
+    if foreign:
+        notes.append(f"{foreign} address(es) not in {domain} ignored")
     if part.listed_bytes > RECIPIENT_LIST_ADVISE_BYTES:
         notes.append(list_size_advice(part.listed_bytes))
     return RecipientListVerdict(

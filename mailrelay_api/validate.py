@@ -4,8 +4,9 @@ The same schemas as the CRDs (mailrelay_api.schema); errors name the field
 the way the API server does: `spec.limits.messageSize: must be >= 1024`.
 
 Warnings (`manifest_warnings`) are what the schema lets through and the
-relay then ignores: addresses outside their RecipientList's domain, a reply
-filter range that runs backwards, a RecipientList too big for one object.
+relay then ignores: addresses outside their RecipientList's domain, a
+RecipientList of a domain that is not `listed`, a reply filter range that
+runs backwards; and a RecipientList too big for one object.
 """
 
 from __future__ import annotations
@@ -258,9 +259,24 @@ def relay_warnings(relay: dict[str, Any]) -> list[ManifestError]:
     return out
 
 
-def _list_warnings(rl: dict[str, Any], domain: str) -> list[ManifestError]:
+def unused_list_note(dom: dict[str, Any]) -> str:
+    """Why a RecipientList of this RelayDomain is not used, or "" (it is)."""
+    mode = dom["spec"].get("recipients", "listed")
+    if mode == "listed":
+        return ""
+    return (
+        f"RelayDomain {dom['metadata']['name']} has recipients: {mode}: the relay "
+        "uses no RecipientList for it (only for recipients: listed)"
+    )
+
+
+def _list_warnings(rl: dict[str, Any], dom: dict[str, Any]) -> list[ManifestError]:
     addresses = (rl.get("spec") or {}).get("addresses") or []
+    domain = str(dom["spec"]["domain"]).lower().rstrip(".")
     source, document = _where(rl)
+    unused = unused_list_note(dom)
+    if unused and addresses:
+        return [ManifestError(source, "spec.addresses", unused, document)]
     out = []
     foreign = foreign_addresses(addresses, domain)
     for i in foreign[:FOREIGN_SHOWN]:
@@ -307,12 +323,9 @@ def manifest_warnings(
     out: list[ManifestError] = []
     for relay in relays:
         out += relay_warnings(relay)
-    domain_of = {
-        (_namespace(d), d["metadata"]["name"]): str(d["spec"]["domain"]).lower().rstrip(".")
-        for d in domains
-    }
+    by_key = {(_namespace(d), d["metadata"]["name"]): d for d in domains}
     for rl in recipient_lists:
         key = (_namespace(rl), rl["spec"]["domainRef"]["name"])
-        if key in domain_of:  # else an error (cross_reference_errors)
-            out += _list_warnings(rl, domain_of[key])
+        if key in by_key:  # else an error (cross_reference_errors)
+            out += _list_warnings(rl, by_key[key])
     return out

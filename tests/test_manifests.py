@@ -211,3 +211,19 @@ def test_a_bad_address_among_many_is_named() -> None:
     assert "'not an address' is not valid: expected a plain address" in error.message
     rl["spec"]["addresses"] = ["a@example.com", 7]
     assert [e.field for e in validate_object(rl)] == ["spec.addresses[1]"]
+
+
+def test_a_list_for_a_domain_that_is_not_listed_is_a_warning(tmp_path: Path) -> None:
+    folder = write_lists(tmp_path / "m", ["joe@example.com", "ann@example.org"])
+    lists = folder / "lists.yaml"
+    lists.write_text(lists.read_text().replace("recipients: listed", "recipients: any"))
+    note = (
+        "RelayDomain example-com has recipients: any: the relay uses no RecipientList for it "
+        "(only for recipients: listed)"
+    )
+    assert warnings_of(folder) == [
+        f"{lists}#2: RecipientList default/staff: spec.addresses: {note}"
+    ]
+    inv = load_manifests([folder])
+    [verdict] = render_relay(inv.relays[0], inv).recipient_lists
+    assert (verdict.reason, verdict.message) == ("Accepted", note)
