@@ -2,11 +2,24 @@
 
 Names follow Prometheus conventions with the `mailrelay_` prefix; every stage
 counts what it decides here, so the alerts in the Helm chart have one source.
+
+Units are in the names and help texts: messages, recipients or attempts are
+never mixed in one metric. Labels come from fixed sets or from the relay's
+configuration (a relay domain, a DNSBL zone, a milter), never from what a
+client sends, so the number of series stays bounded.
+
+With several workers every process writes its own values and /metrics sums
+them (prometheus_client's multiprocess mode, relay.process.server); a gauge
+says how its workers' values combine (`multiprocess_mode`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+# The `domain` label of delivery metrics for a recipient outside the relay
+# domains (a DSN to a sender's MX): one value, however many senders.
+OTHER_DOMAIN = "other"
 
 CONNECTIONS = Counter("mailrelay_connections_total", "Client connections accepted.")
 SCREEN = Counter(
@@ -17,9 +30,15 @@ ACCEPTED_BYTES = Counter("mailrelay_accepted_bytes_total", "Bytes of accepted me
 REJECTED = Counter(
     "mailrelay_rejected_total", "Rejected commands or messages, by reason.", ["reason"]
 )
-DELIVERED = Counter("mailrelay_delivered_total", "Recipients delivered to the next hop.")
-DEFERRED = Counter("mailrelay_deferred_total", "Delivery attempts deferred (4xx, no connection).")
-BOUNCED = Counter("mailrelay_bounced_total", "Recipients returned to the sender (5xx).")
+DELIVERED = Counter(
+    "mailrelay_delivered_total", "Recipients delivered to the next hop.", ["domain"]
+)  # domain: a relay domain or OTHER_DOMAIN, as for every delivery metric
+DEFERRED = Counter(
+    "mailrelay_deferred_total",
+    "Recipients deferred by one delivery attempt (4xx, no connection): one per attempt.",
+    ["domain"],
+)
+BOUNCED = Counter("mailrelay_bounced_total", "Recipients returned to the sender (5xx).", ["domain"])
 EXPIRED = Counter("mailrelay_expired_total", "Messages expired after the queue lifetime.")
 DSN = Counter(
     "mailrelay_dsn_total",
@@ -27,12 +46,58 @@ DSN = Counter(
     ["result", "reason"],
 )  # sent: mx | relay_domain; dropped: null_sender | disabled | not_relay_domain |
 #    bad_sender | rejected | expired
-QUEUE_SIZE = Gauge("mailrelay_queue_messages", "Messages in the queue.", ["state"])
-QUEUE_OLDEST_AGE = Gauge("mailrelay_queue_oldest_age_seconds", "Age of the oldest queued message.")
-DELIVERY_SECONDS = Histogram(
-    "mailrelay_delivery_seconds", "Time of one delivery attempt to a next hop."
+# Every worker scans the same queue folder: the newest scan is the truth.
+QUEUE_SIZE = Gauge(
+    "mailrelay_queue_messages",
+    "Messages in the queue.",
+    ["state"],
+    multiprocess_mode="livemostrecent",
+)  # active | deferred | hold
+QUEUE_BYTES = Gauge(
+    "mailrelay_queue_bytes",
+    "Bytes of the queued messages' files.",
+    ["state"],
+    multiprocess_mode="livemostrecent",
 )
-CONFIG_RELOADS = Counter("mailrelay_config_reloads_total", "Configuration reloads.", ["result"])
+QUEUE_OLDEST_AGE = Gauge(
+    "mailrelay_queue_oldest_age_seconds",
+    "Age of the oldest message waiting for delivery (active or deferred; held mail waits "
+    "for a person, not a next hop, and is not counted).",
+    multiprocess_mode="livemostrecent",
+)
+QUEUE_VOLUME_AVAILABLE = Gauge(
+    "mailrelay_queue_volume_available_bytes",
+    "Bytes available to the relay on the queue's filesystem.",
+    multiprocess_mode="livemostrecent",
+)
+QUEUE_VOLUME_SIZE = Gauge(
+    "mailrelay_queue_volume_size_bytes",
+    "Size of the queue's filesystem.",
+    multiprocess_mode="livemostrecent",
+)
+DELIVERY_SECONDS = Histogram(
+    "mailrelay_delivery_seconds",
+    "Time of one delivery attempt of one message to a next hop (connection included).",
+    ["domain"],
+)
+CONFIG_RELOADS = Counter(
+    "mailrelay_config_reloads_total", "Configuration reloads.", ["result"]
+)  # ok | error (the old configuration stays in force)
+DNSBL_HITS = Counter(
+    "mailrelay_dnsbl_hits_total",
+    "Clients a DNSBL zone lists (postscreen's score or reject_rbl_client), per zone.",
+    ["zone"],
+)
+SPF = Counter(
+    "mailrelay_spf_results_total",
+    "SPF results (RFC 7208), per identity checked.",
+    ["identity", "result"],
+)  # identity: helo | mailfrom; result: pass, fail, softfail, neutral, none, temperror, permerror
+TLS = Counter(
+    "mailrelay_tls_sessions_total",
+    "TLS sessions established: from clients (in) and to next hops (out).",
+    ["direction", "protocol", "cipher", "verified"],
+)  # protocol and cipher from fixed sets (relay.tlslog); verified: yes | no
 DNSBL_ERRORS = Counter(
     "mailrelay_dnsbl_errors_total",
     "DNSBL answers not obeyed: error codes (127.255.255.x) or a list that lists everything.",
@@ -43,6 +108,12 @@ HANDOVER = Counter(
     "Messages handed over between pods of a relay (scale-down), by direction and result.",
     ["direction", "result"],
 )  # direction: sent | received; result: ok | error | too_big
+BUILD_INFO = Gauge(
+    "mailrelay_build_info",
+    "Always 1; the labels say which relay runs.",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
 MILTER_VERDICTS = Counter(
     "mailrelay_milter_verdicts_total",
     "Milter answers, per milter (smtpd_milters) and verdict.",

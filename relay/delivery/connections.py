@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from relay import tlslog
 from relay.config import NextHop
 from relay.delivery.nexthop import ConnectError, next_hop_addresses
 from relay.delivery.transaction import (
@@ -228,6 +229,14 @@ class ConnectionPool:
             raise ConnectError(
                 f"Cannot start TLS: handshake failure with {label}: {e}", "4.7.5"
             ) from e
+        transport = smtp.transport
+        tlslog.session(
+            log,
+            transport.get_extra_info("ssl_object") if transport is not None else None,
+            inbound=False,
+            peer=label,
+            verified=verify,
+        )
         return True
 
     def _take_idle(self, dest: _Destination) -> Connection | None:

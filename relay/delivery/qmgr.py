@@ -42,6 +42,7 @@ from relay.delivery.transaction import (
 from relay.delivery.transaction import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
 from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, QueueState, id_time
+from relay.queue.gauges import count_queue
 from relay.queue.store import Queue
 
 log = logging.getLogger("relay.delivery")
@@ -217,16 +218,12 @@ class Delivery:
         self._start_due()
 
     async def _rescan(self, *, force_all: bool) -> None:
-        entries = await self.queue.run_io(self.queue.scan_sync)
+        entries = await self.queue.run_io(self.queue.scan_sizes_sync)
         self._last_scan = time.monotonic()
         now = self.clock()
-        counts: dict[QueueState, int] = {ACTIVE: 0, DEFERRED: 0, HOLD: 0}
-        oldest = now
         seen = set()
         fresh = set(self.queue.fresh_ids())
-        for queue_id, state, mtime in entries:
-            counts[state] += 1
-            oldest = min(oldest, id_time(queue_id))
+        for queue_id, state, mtime, _size in entries:
             seen.add(queue_id)
             if queue_id in fresh and time.time() - id_time(queue_id) > FRESH_HANDOFF_GRACE:
                 # Committed here but never handed to wake() (a lost hand-off):
@@ -244,9 +241,11 @@ class Delivery:
         for queue_id in list(self._due):
             if queue_id not in seen:
                 del self._due[queue_id]
-        for state, n in counts.items():
-            metrics.QUEUE_SIZE.labels(state).set(n)
-        metrics.QUEUE_OLDEST_AGE.set(max(0.0, now - oldest) if entries else 0.0)
+        try:
+            volume = await self.queue.run_io(self.queue.volume_sync)
+        except OSError:
+            volume = None
+        count_queue(entries, now, volume)
 
     def _start_due(self) -> None:
         if self._stopping:
@@ -361,14 +360,27 @@ class Delivery:
         chunks = self._chunks(claim)
         if len(groups) == 1:  # the common case: no extra tasks
             [(hop, rcpts)] = groups.items()
-            group = await self.pool.deliver(
-                hop, env.sender, rcpts, chunks, local_hostname=config.hostname
-            )
+            group = await self._deliver_timed(config, hop, env.sender, rcpts, chunks)
             results += group
             self._log_and_count(claim, group)
         elif groups:
             await self._deliver_groups(claim, config, groups, chunks, results)
         await self._conclude(claim, config, results)
+
+    async def _deliver_timed(
+        self,
+        config: RelayConfig,
+        hop: NextHop,
+        sender: str,
+        rcpts: list[str],
+        chunks: Callable[[], AsyncIterator[bytes]],
+    ) -> list[RecipientResult]:
+        """One attempt at one next hop, its time in mailrelay_delivery_seconds."""
+        started = time.monotonic()
+        group = await self.pool.deliver(hop, sender, rcpts, chunks, local_hostname=config.hostname)
+        domain = metric_domain(config, rcpts[0])
+        metrics.DELIVERY_SECONDS.labels(domain).observe(time.monotonic() - started)
+        return group
 
     def _next_hop(self, config: RelayConfig, claim: Claim, rcpt: str) -> NextHop | None:
         """The recipient domain's next hop; for our own DSN to a sender outside
@@ -392,9 +404,7 @@ class Delivery:
         """Several next hops at once; what is done is saved as each finishes."""
         env = claim.envelope
         tasks = [
-            asyncio.ensure_future(
-                self.pool.deliver(hop, env.sender, rcpts, chunks, local_hostname=config.hostname)
-            )
+            asyncio.ensure_future(self._deliver_timed(config, hop, env.sender, rcpts, chunks))
             for hop, rcpts in groups.items()
         ]
         try:
@@ -414,6 +424,7 @@ class Delivery:
 
     def _log_and_count(self, claim: Claim, results: list[RecipientResult]) -> None:
         delay = _format_delay(self.clock() - claim.envelope.arrival)
+        config = self.config_getter()
         for r in results:
             logbuffer.info(
                 log,
@@ -426,12 +437,13 @@ class Delivery:
                 r.kind,
                 r.reply,
             )
+            domain = metric_domain(config, r.recipient)
             if r.kind == SENT:
-                metrics.DELIVERED.inc()
+                metrics.DELIVERED.labels(domain).inc()
             elif r.kind == BOUNCED:
-                metrics.BOUNCED.inc()
+                metrics.BOUNCED.labels(domain).inc()
             else:
-                metrics.DEFERRED.inc()
+                metrics.DEFERRED.labels(domain).inc()
 
     async def _conclude(
         self, claim: Claim, config: RelayConfig, results: list[RecipientResult]
@@ -562,6 +574,13 @@ class Delivery:
         dsn_id = await msg.commit("", [env.sender], dsn.CLIENT)
         log.info("%s: sender non-delivery notification: %s", claim.queue_id, dsn_id)
         self.wake(dsn_id)
+
+
+def metric_domain(config: RelayConfig, recipient: str) -> str:
+    """The `domain` label of a recipient: its relay domain, else one value for
+    all others (never a name the sender chose: the series stay bounded)."""
+    domain = recipient.rpartition("@")[2].lower().rstrip(".")
+    return domain if config.domain_of(domain) is not None else metrics.OTHER_DOMAIN
 
 
 def _failure(r: RecipientResult, *, expired: bool = False) -> Failure:

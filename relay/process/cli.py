@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from typing import Any
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
 from mailrelay_api.validate import manifest_warnings
-from relay.process.options import ProcessOptions
+from relay.process.options import ProcessOptions, relay_version
 from relay.process.output import emit, format_table
 from relay.process.queue_admin import add_queue_parser, default_queue_dir
 
@@ -231,18 +230,11 @@ def workers_arg(text: str) -> int | None:
     return number
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("mailrelay")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailrelay", description="A Kubernetes-native mail relay, MX backup and spam filter."
     )
-    parser.add_argument("--version", action="version", version=f"mailrelay {_version()}")
+    parser.add_argument("--version", action="version", version=f"mailrelay {relay_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def manifests(p: argparse.ArgumentParser) -> None:

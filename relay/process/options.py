@@ -15,6 +15,7 @@ operators; the CLI keeps to docs/reference.md):
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,3 +57,11 @@ class ProcessOptions:
         if self.workers is not None:
             return self.workers
         return available_cpus()
+
+
+def relay_version() -> str:
+    """The installed package's version (`mailrelay --version`, mailrelay_build_info)."""
+    try:
+        return importlib.metadata.version("mailrelay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"

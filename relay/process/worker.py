@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 import ssl
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from relay.process.listeners import Sockets
-from relay.process.options import ProcessOptions, env_float
+from relay.process.options import ProcessOptions, env_float, relay_version
 from relay.process.watch import SourceWatcher, config_hash, config_signature
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class Worker:
         return 0
 
     async def _start(self, config: RelayConfig) -> _Running:
+        from relay import metrics
         from relay.delivery.verify import Prober
         from relay.dns import Resolver
         from relay.process.tlsreload import TlsReloader
@@ -112,6 +114,7 @@ class Worker:
         from relay.verify_cache import VERIFY_FOLDER, Verifier
 
         loop = asyncio.get_running_loop()
+        metrics.BUILD_INFO.labels(relay_version(), platform.python_version()).set(1)
         queue_dir = self.options.queue_dir
         resolver = Resolver(config.dns)
         queue = Queue(queue_dir)

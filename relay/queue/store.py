@@ -366,7 +366,11 @@ class Queue:
 
     def scan_sync(self) -> list[tuple[str, QueueState, float]]:
         """(queue_id, state, mtime) of every committed message: cheap, no file opened."""
-        out: list[tuple[str, QueueState, float]] = []
+        return [(queue_id, state, mtime) for queue_id, state, mtime, _ in self.scan_sizes_sync()]
+
+    def scan_sizes_sync(self) -> list[tuple[str, QueueState, float, int]]:
+        """(queue_id, state, mtime, bytes) of every committed message (one stat each)."""
+        out: list[tuple[str, QueueState, float, int]] = []
         for state in QUEUE_STATES:
             folder = self.directory / state
             with os.scandir(folder) as it:
@@ -374,10 +378,16 @@ class Queue:
                     if not is_queue_id(entry.name):
                         continue
                     try:
-                        out.append((entry.name, state, entry.stat().st_mtime))
+                        st = entry.stat()
                     except FileNotFoundError:
                         continue
+                    out.append((entry.name, state, st.st_mtime, st.st_size))
         return out
+
+    def volume_sync(self) -> tuple[int, int]:
+        """(bytes available to us, size) of the queue's filesystem."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def recover_sync(self, stale_age: float = STALE_INCOMING_AGE) -> list[str]:
         """Start-up cleanup: removes half-received messages and orphaned sidecars.

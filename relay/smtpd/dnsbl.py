@@ -259,6 +259,7 @@ def score(entries: list[SiteEntry], answers: dict[str, ZoneAnswer]) -> Score:
     def lower(cur: float, ttl: float) -> float:
         return ttl if cur < 0 or ttl < cur else cur
 
+    hit_zones: set[str] = set()
     for e in entries:
         za = answers.get(e.zone)
         if za is None or za.failed or za.refused:
@@ -269,6 +270,7 @@ def score(entries: list[SiteEntry], answers: dict[str, ZoneAnswer]) -> Score:
                     result.name, best_weight = e.zone, e.weight
                 result.total += e.weight
                 result.matched.append(e.text)
+                hit_zones.add(e.zone)
             if e.weight > 0:
                 fail_ttl = lower(fail_ttl, za.ttl)
             else:
@@ -278,6 +280,8 @@ def score(entries: list[SiteEntry], answers: dict[str, ZoneAnswer]) -> Score:
         else:
             fail_ttl = lower(fail_ttl, za.ttl)
     result.ttl = clamp_ttl(fail_ttl if result.total > 0 else pass_ttl)
+    for zone in hit_zones:  # configured zones only: bounded
+        metrics.DNSBL_HITS.labels(zone).inc()
     return result
 
 
@@ -294,4 +298,6 @@ async def listed(
     if za.refused:
         return None
     hits = tuple(a for a in za.addresses if reply_counts(a, reply_filter))
+    if hits:
+        metrics.DNSBL_HITS.labels(zone).inc()
     return hits or None

@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
-from relay import metrics
+from relay import metrics, tlslog
 from relay.smtpd import hygiene, policy
 from relay.smtpd.context import ServerContext
 from relay.smtpd.hygiene import printable
@@ -339,6 +339,13 @@ class RelaySMTP(MailTransaction):
             self.close_with_nothing()
             return
         self.use_tls_transport(new_transport)
+        tlslog.session(
+            log,
+            new_transport.get_extra_info("ssl_object"),
+            inbound=True,
+            peer=client_name(self.state),
+            verified=bool(new_transport.get_extra_info("peercert")),
+        )
         # RFC 3207: forget everything learned before TLS.
         self.state.tls = True
         self.state.helo = None

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import spf as pyspf
 
+from relay import metrics
 from relay.config import RelayConfig, SpfPolicy
 from relay.dns import DnsTempError, Resolver, txt_strings
 from relay.smtpd.session import Reply, Session, SpfOutcome
@@ -165,6 +166,15 @@ async def evaluate(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple
 # --- spf-engine's policy ----------------------------------------------------------------
 
 
+RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})
+
+
+def count_result(identity: str, result: str) -> None:
+    """mailrelay_spf_results_total; anything outside RFC 7208's results is `permerror`."""
+    result = result.lower()
+    metrics.SPF.labels(identity, result if result in RESULTS else "permerror").inc()
+
+
 def _in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
@@ -222,6 +232,7 @@ class SpfChecker:
 
         if policy.helo_reject != "No_Check":
             result, explanation = await evaluate(self.resolver, ip, "postmaster@" + helo, helo)
+            count_result("helo", result)
             helo_result = result.capitalize()
             if helo_result == "None":
                 explanation = "no SPF record"
@@ -246,6 +257,7 @@ class SpfChecker:
             return SpfOutcome(header=header or None)
 
         result, explanation = await evaluate(self.resolver, ip, sender, helo)
+        count_result("mailfrom", result)
         mfrom_result = result.capitalize()
         if mfrom_result == "None":
             explanation = "no SPF record"
