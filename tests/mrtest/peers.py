@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -67,11 +68,13 @@ class AiosmtpdSink:
         *,
         rcpt_reply: Callable[[str], str | None] | None = None,
         data_reply: Callable[[CapturedMessage], str | None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.rcpt_reply = rcpt_reply
         self.data_reply = data_reply
+        self.tls_context = tls_context  # offers STARTTLS with it (never requires it)
         self.messages: list[CapturedMessage] = []
         self.sessions = 0
         self._lock = threading.Lock()
@@ -114,7 +117,11 @@ class AiosmtpdSink:
                 return "250 2.0.0 Ok: captured"
 
         self._controller = Controller(
-            Handler(), hostname=self.host, port=self.port, ready_timeout=10
+            Handler(),
+            hostname=self.host,
+            port=self.port,
+            ready_timeout=10,
+            tls_context=self.tls_context,
         )
         self._controller.start()
         return self

@@ -1,0 +1,321 @@
+"""Monitoring that tells the truth: every metric a panel of the Grafana
+dashboard or an alert of the PrometheusRule reads is produced by a real relay
+and read back from its /metrics.
+
+One `mailrelay run` with two workers (so /metrics is the workers' sum, as in
+a pod), the test DNS server, a next hop offering STARTTLS, and real clients
+(swaks) on 127.0.0.x; the events: mail delivered, bounced (a DSN back to a
+relay domain), deferred then expired (a DSN that expires too: dropped), held,
+refused (DNSBL, unknown recipient), a DNSBL answering error codes, SPF, TLS in
+and out, a configuration refused then one loaded. Then every selector of every
+expression (label matchers included) must match a sample of the scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from mrtest.dnsserver import DnsServer
+from mrtest.peers import AiosmtpdSink, swaks
+from mrtest.relayproc import (
+    RelayProcess,
+    make_certificate,
+    next_loopback,
+    wait_until,
+    write_manifests,
+)
+from mrtest.spamzones import RECORDS
+from prometheus_client.parser import text_string_to_metric_families
+from ship.tools import CHART, by_kind, render_chart
+
+from relay.process.tlsreload import build_context
+
+EVERYTHING_ON = (
+    "--set", "metrics.serviceMonitor.enabled=true",
+    "--set", "metrics.prometheusRule.enabled=true",
+    "--set", "grafanaDashboard.enabled=true",
+)  # fmt: skip
+# What the alerts read that is not ours: kube-state-metrics and Prometheus itself.
+EXTERNAL = {"kube_statefulset_status_replicas_ready", "kube_statefulset_replicas"}
+EXTERNAL |= {"kube_statefulset_labels", "up"}
+# Labels Prometheus adds to every series it scrapes (not the relay's).
+TARGET_LABELS = {"namespace", "pod", "job", "instance"}
+
+# A metric name, with its label matchers if any (names of functions, followed
+# by "(", and the words below are not metrics).
+SELECTOR = re.compile(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])\s*(\{[^}]*\})?(?!\s*\()")
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+KEYWORDS = {"and", "or", "unless", "offset", "bool"}
+
+
+@dataclass(frozen=True)
+class Selector:
+    metric: str
+    matchers: tuple[tuple[str, str, str], ...]  # (label, op, value)
+    where: str
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for label, op, value in self.matchers:
+            if label in TARGET_LABELS:
+                continue
+            have = labels.get(label, "")
+            ok = {
+                "=": have == value,
+                "!=": have != value,
+                "=~": re.fullmatch(value, have) is not None,
+                "!~": re.fullmatch(value, have) is None,
+            }[op]
+            if not ok:
+                return False
+        return True
+
+
+def selectors_in(expr: str, where: str) -> list[Selector]:
+    """The series selectors of a PromQL expression."""
+    found = []
+    for name, braces in SELECTOR.findall(GROUPING.sub(" ", expr)):
+        if name not in KEYWORDS:
+            found.append(Selector(name, tuple(MATCHER.findall(braces)), where))
+    return found
+
+
+def chart_expressions() -> dict[str, str]:
+    """Every PromQL expression of the chart: alert name or panel title -> expr."""
+    docs = render_chart(*EVERYTHING_ON)
+    (rule,) = by_kind(docs, "PrometheusRule")
+    exprs = {
+        f"alert {r['alert']}": str(r["expr"]) for g in rule["spec"]["groups"] for r in g["rules"]
+    }
+    (dash,) = [d for d in by_kind(docs, "ConfigMap") if "mailrelay.json" in d.get("data", {})]
+    dashboard = json.loads(dash["data"]["mailrelay.json"])
+    for panel in dashboard["panels"]:
+        for t in panel["targets"]:
+            exprs[f"panel {panel['title']!r} {t['refId']}"] = t["expr"]
+    assert dashboard == json.loads((CHART / "files/dashboards/mailrelay.json").read_text())
+    return exprs
+
+
+def test_expressions_parse_into_known_selectors() -> None:
+    """The parser finds the selectors it should (a check of the check)."""
+    sels = selectors_in(
+        'sum by (ns) (increase(mailrelay_dsn_total{result="dropped", reason=~"a|b"}[1h])) > 3',
+        "x",
+    )
+    assert [(s.metric, s.matchers) for s in sels] == [
+        ("mailrelay_dsn_total", (("result", "=", "dropped"), ("reason", "=~", "a|b")))
+    ]
+    everything = [s for w, e in chart_expressions().items() for s in selectors_in(e, w)]
+    names = {s.metric for s in everything}
+    assert "mailrelay_delivery_seconds_bucket" in names
+    assert names - EXTERNAL, "no relay metric found: the parser is broken"
+    unknown = {n for n in names if not n.startswith("mailrelay_")} - EXTERNAL
+    assert not unknown, f"neither ours nor known external metrics: {unknown}"
+
+
+# --- the relay and its events --------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    relay: RelayProcess
+    sink: AiosmtpdSink
+    manifests: Path
+
+
+def set_next_hop_tls(manifests: Path, domain: str, tls: str) -> None:
+    path = manifests / "relay.yaml"
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for d in docs:
+        if d["kind"] == "RelayDomain" and d["spec"]["domain"] == domain:
+            d["spec"]["nextHop"]["tls"] = tls
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def write_scenario_manifests(
+    folder: Path,
+    sink: AiosmtpdSink,
+    nameserver: str,
+    extra: list[str] = (),  # type: ignore[assignment]
+) -> Path:
+    down = ("127.0.0.1", 9)  # nothing listens there (discard)
+    spec = {
+        "postscreen": {
+            "greet": {"action": "ignore", "wait": "1s"},  # the DNSBL answers' time
+            "dnsbl": {
+                "action": "enforce",
+                "sites": [{"zone": "bl.test", "returnCodes": ["127.0.0.2"]}],
+            }
+        },
+        "restrictions": {"spf": {"enabled": True, "skipAddresses": []}},
+        "dns": {"nameservers": [nameserver], "timeout": "500ms"},
+        "queue": {"lifetime": "6s", "minBackoff": "1s", "maxBackoff": "1s"},
+        "bounces": {"lifetime": "3s"},
+    }
+    write_manifests(
+        folder,
+        next_hop=sink.address,
+        domains={
+            "example.com": [f"{u}@example.com" for u in ("info", "alice", "bounce")] + list(extra)
+        },
+        spec=spec,
+    )
+    both = folder / "relay.yaml"
+    first = both.read_text()
+    write_manifests(folder, next_hop=down, domains={"down.test": "any", "held.test": "any"})
+    docs = [d for d in yaml.safe_load_all(both.read_text()) if d["kind"] != "MailRelay"]
+    both.write_text(first + "---\n" + yaml.safe_dump_all(docs, sort_keys=False))
+    set_next_hop_tls(folder, "example.com", "encrypt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    workdir = tmp_path_factory.mktemp("monitoring")
+    tls_dir = make_certificate(workdir / "tls")
+    sink_tls = build_context(tls_dir)
+
+    def rcpt_reply(address: str) -> str | None:
+        return "550 5.1.1 no such user here" if address.startswith("bounce@") else None
+
+    with (
+        DnsServer(RECORDS) as dns,
+        AiosmtpdSink(next_loopback(), rcpt_reply=rcpt_reply, tls_context=sink_tls) as sink,
+    ):
+        manifests = write_scenario_manifests(workdir / "manifests", sink, dns.nameserver)
+        with RelayProcess(manifests, workdir, workers=2, tls_dir=tls_dir, metrics=True) as relay:
+            produce_events(relay, sink, manifests, dns.nameserver)
+            yield Scenario(relay, sink, manifests)
+
+
+def queue_cli(relay: RelayProcess, *args: str) -> str:
+    cmd = [sys.executable, "-m", "relay.process.cli", "queue", *args]
+    cmd += ["--queue-dir", str(relay.queue_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def send(
+    relay: RelayProcess,
+    to: str,
+    *,
+    sender: str = "joe@pass.test",
+    local: str = "127.0.0.20",
+    helo: str = "helo-pass.test",
+    tls: bool = False,
+) -> int:
+    """swaks from a client SPF passes (127.0.0.20, helo-pass.test, pass.test)."""
+    r = swaks(relay.address, to=to, sender=sender, local=local, helo=helo, tls=tls)
+    return r.returncode
+
+
+def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns: str) -> None:
+    # Held first (it must be held before its lifetime runs out): waits for a person.
+    assert send(relay, "dave@held.test") == 0
+    queue_cli(relay, "hold", "--domain", "held.test")
+    # Delivered over TLS both ways, SPF pass for HELO and MAIL FROM.
+    assert send(relay, "info@example.com", tls=True) == 0
+    # Bounced by the next hop: the DSN goes back to alice@example.com, a relay domain.
+    assert send(relay, "bounce@example.com", sender="alice@example.com") == 0
+    # Deferred (next hop down), expired, its DSN deferred and expired too: dropped.
+    assert send(relay, "carol@down.test", sender="bob@down.test") == 0
+    # Refused: a client bl.test lists (postscreen), an unknown recipient.
+    assert send(relay, "info@example.com", local="127.0.0.10") != 0
+    assert send(relay, "nobody@example.com") != 0
+    # bl.test answers 127.255.255.254 for this client: not obeyed, counted.
+    send(relay, "info@example.com", local="127.0.0.12")
+    relay.wait_for_log(r"DNSBL bl\.test not obeyed")
+    # A configuration the workers refuse (both keep theirs), then a new good one.
+    (relay.config_dir / "relay.json").write_text("{ not json")
+    relay.wait_for_log("configuration not reloaded", count=2)
+    write_scenario_manifests(manifests, sink, ns, extra=["new@example.com"])
+    relay.wait_for_log("configuration reloaded", count=2)
+    relay.wait_for_log(r"non-delivery notification to <alice@example\.com> sent")
+    relay.wait_for_log(r"non-delivery notification to <bob@down\.test> dropped", timeout=60)
+    queue_cli(relay, "flush")  # a scan now: the queue gauges
+
+
+def scrape(relay: RelayProcess) -> list[tuple[str, dict[str, str], float]]:
+    text = urllib.request.urlopen(relay.metrics_url, timeout=10).read().decode()
+    return [
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+def test_every_panel_and_alert_reads_a_metric_the_relay_produced(scenario: Scenario) -> None:
+    wanted = [
+        s
+        for where, expr in chart_expressions().items()
+        for s in selectors_in(expr, where)
+        if s.metric not in EXTERNAL
+    ]
+
+    def missing() -> list[str]:
+        samples = scrape(scenario.relay)
+        return [
+            f"{s.where}: {s.metric}{dict((m[0], m[2]) for m in s.matchers)}"
+            for s in wanted
+            if not any(
+                name == s.metric and s.matches(labels) and (value > 0 or is_gauge(name))
+                for name, labels, value in samples
+            )
+        ]
+
+    try:
+        wait_until(lambda: not missing(), 30, "every selector fed")
+    except AssertionError:
+        raise AssertionError("not produced:\n" + "\n".join(missing())) from None
+
+
+def is_gauge(name: str) -> bool:
+    return not name.endswith(("_total", "_bucket", "_count", "_sum"))
+
+
+def value_of(relay: RelayProcess, name: str, **labels: str) -> float:
+    return sum(v for n, lab, v in scrape(relay) if n == name and labels.items() <= lab.items())
+
+
+def test_units_and_labels(scenario: Scenario) -> None:
+    relay = scenario.relay
+    assert value_of(relay, "mailrelay_delivered_total", domain="example.com") >= 2
+    assert value_of(relay, "mailrelay_bounced_total", domain="example.com") == 1
+    assert value_of(relay, "mailrelay_deferred_total", domain="down.test") >= 1
+    assert value_of(relay, "mailrelay_expired_total") >= 1
+    assert value_of(relay, "mailrelay_dsn_total", result="sent", reason="relay_domain") == 1
+    assert value_of(relay, "mailrelay_dsn_total", result="dropped", reason="expired") == 1
+    assert value_of(relay, "mailrelay_delivery_seconds_count", domain="example.com") >= 2
+    assert value_of(relay, "mailrelay_queue_messages", state="hold") == 1
+    assert value_of(relay, "mailrelay_queue_bytes", state="hold") > 100
+    assert value_of(relay, "mailrelay_dnsbl_hits_total", zone="bl.test") >= 1
+    assert value_of(relay, "mailrelay_dnsbl_errors_total", zone="bl.test") >= 1
+    assert value_of(relay, "mailrelay_spf_results_total", identity="mailfrom", result="pass") >= 1
+    assert value_of(relay, "mailrelay_spf_results_total", identity="helo", result="pass") >= 1
+    assert value_of(relay, "mailrelay_tls_sessions_total", direction="in", verified="no") == 1
+    assert value_of(relay, "mailrelay_tls_sessions_total", direction="out", verified="no") >= 1
+    assert value_of(relay, "mailrelay_config_reloads_total", result="error") == 2
+    # Held mail is not "waiting for a next hop": with only it left, the age is 0.
+    assert value_of(relay, "mailrelay_queue_oldest_age_seconds") == 0
+    # build_info: one series (the workers' max), the version installed.
+    (info,) = [lab for n, lab, _ in scrape(relay) if n == "mailrelay_build_info"]
+    assert info["version"] and info["python"].count(".") == 2
+    # Every label value comes from a fixed set or the configuration.
+    tls = {
+        (lab["protocol"], lab["cipher"])
+        for n, lab, _ in scrape(relay)
+        if n.startswith("mailrelay_tls")
+    }
+    assert {p for p, _ in tls} <= {"TLSv1.2", "TLSv1.3"} and "other" not in {c for _, c in tls}
+    domains = {lab.get("domain") for n, lab, _ in scrape(relay) if "domain" in lab}
+    assert domains <= {"example.com", "down.test", "held.test", "other"}
