@@ -49,6 +49,8 @@ Spread = Literal["Preferred", "Required"]
 BounceDelivery = Literal["mx", "relayDomainsOnly", "none"]
 WhenUnreachable = Literal["defer", "accept"]
 DmarcEnforce = Literal["none", "quarantine", "reject"]  # what a failing p=quarantine/reject does
+LogFormat = Literal["text", "json"]  # text: Postfix-like lines; json: one object a line
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 def values(enum: Any) -> list[str]:
@@ -1064,6 +1066,25 @@ MAILRELAY_SPEC = obj(
                 ),
                 "timeout": string(
                     "Per-query timeout. " + DURATION, pattern=DURATION_PATTERN, default="5s"
+                ),
+            },
+            default={},
+        ),
+        "logging": obj(
+            "The relay's log lines (on stderr). Applied at start and on every reload; "
+            "`mailrelay relay --log-format/--log-level` override it.",
+            {
+                "format": string(
+                    "text: one line per event, greppable like Postfix's, with the level "
+                    "and the component; json: one JSON object per line (time, level, "
+                    "component, pid, message, queue_id) for log pipelines.",
+                    enum=values(LogFormat),
+                    default="text",
+                ),
+                "level": string(
+                    "The least severe lines written; debug is verbose.",
+                    enum=values(LogLevel),
+                    default="info",
                 ),
             },
             default={},

@@ -549,6 +549,16 @@ class DnsSpec:
 
 
 @dataclass(frozen=True)
+class LoggingSpec:
+    format: S.LogFormat
+    level: S.LogLevel
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> LoggingSpec:
+        return cls(format=d["format"], level=d["level"])
+
+
+@dataclass(frozen=True)
 class MailRelaySpec:
     hostname: str
     replicas: int
@@ -574,6 +584,7 @@ class MailRelaySpec:
     restrictions: RestrictionsSpec
     content_filters: ContentFiltersSpec
     dns: DnsSpec
+    logging: LoggingSpec
 
     @classmethod
     def from_dict(cls, d: Doc) -> MailRelaySpec:
@@ -602,6 +613,7 @@ class MailRelaySpec:
             restrictions=RestrictionsSpec.from_dict(d["restrictions"]),
             content_filters=ContentFiltersSpec.from_dict(d["contentFilters"]),
             dns=DnsSpec.from_dict(d["dns"]),
+            logging=LoggingSpec.from_dict(d["logging"]),
         )
 
     @classmethod

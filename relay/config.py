@@ -37,6 +37,7 @@ from mailrelay_api.spec import (
     BouncesSpec,
     DnsSpec,
     LimitsSpec,
+    LoggingSpec,
     MailRelaySpec,
     MilterSpec,
     NextHopSpec,
@@ -255,6 +256,16 @@ class DnsPolicy:
 
 
 @dataclass(frozen=True)
+class LoggingPolicy:
+    format: str = _SPEC.logging.format  # text | json
+    level: str = _SPEC.logging.level  # debug | info | warning | error
+
+    @classmethod
+    def from_spec(cls, s: LoggingSpec) -> LoggingPolicy:
+        return cls(format=s.format, level=s.level)
+
+
+@dataclass(frozen=True)
 class Milter:
     """One of contentFilters.milters (Postfix smtpd_milters), timeouts in seconds."""
 
@@ -331,6 +342,7 @@ class RelayConfig:
     authentication: Authentication = field(default_factory=Authentication)
     dns: DnsPolicy = field(default_factory=DnsPolicy)
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
+    logging: LoggingPolicy = field(default_factory=LoggingPolicy)
     policy: dict[str, Any] = field(default_factory=dict)  # relay.json's policy, as read
 
     def domain_of(self, domain: str) -> Domain | None:
@@ -367,6 +379,7 @@ def config_from_spec(
         authentication=Authentication.from_spec(spec.content_filters.authentication),
         dns=DnsPolicy.from_spec(spec.dns),
         proxy_protocol=ProxyProtocol.from_spec(spec.proxy_protocol),
+        logging=LoggingPolicy.from_spec(spec.logging),
         policy=policy if policy is not None else {},
     )
 

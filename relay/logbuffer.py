@@ -11,35 +11,104 @@ Timestamps are formatted once a second.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import os
+import re
 import time
 from typing import IO, Any
 
-FORMAT = "%(asctime)s mailrelay[%(process)d]: %(message)s"
+# Loggers whose last name part is not the component a line should name.
+COMPONENTS = {"root": "main", "mail.log": "aiosmtpd"}
+# A queue id at the start of a message ("02QV6CJ47T00: to=<...>"), for JSON's queue_id.
+QUEUE_ID_AT_START = re.compile(r"(?=[0-9A-Z]*[0-9])([0-9A-Z]{10,16}): ")
+
+
+@functools.cache
+def component_of(logger_name: str) -> str:
+    """mailrelay.smtpd -> smtpd, relay.delivery -> delivery: Postfix's program name."""
+    return COMPONENTS.get(logger_name) or logger_name.rpartition(".")[2] or "main"
 
 
 class SecondCachedFormatter(logging.Formatter):
-    """asctime costs a strftime per line; within one second it is the same text."""
+    """The text format, greppable like Postfix's lines, with the level and
+    the component (Postfix's program) on each:
 
-    def __init__(self, fmt: str = FORMAT) -> None:
-        super().__init__(fmt)
+        2026-12-02 04:00:00,123 info mailrelay/smtpd[1234]: 02QV6CJ47T00: client=...
+
+    asctime costs a strftime per line; within one second it is the same text."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self._second = -1
         self._text = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return self._time(record.created)
 
     def _time(self, created: float) -> str:
         second = int(created)
         if second != self._second:
             self._second = second
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-        return f"{self._text},{int((created - second) * 1000):03d}"
+            self._text = self.second_text(second)
+        return f"{self._text}{self.millis_text(int((created - second) * 1000))}"
 
-    def prefix(self, created: float) -> str:
-        """FORMAT's text before the message (asctime and pid), without a record."""
-        return f"{self._time(created)} mailrelay[{os.getpid()}]: "
+    def second_text(self, second: int) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+
+    def millis_text(self, millis: int) -> str:
+        return f",{millis:03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        exception = self.formatException(record.exc_info) if record.exc_info else ""
+        if record.stack_info:
+            exception = "\n".join(x for x in (exception, record.stack_info) if x)
+        return self.line(
+            record.created, record.levelname, record.name, record.getMessage(), exception
+        )
+
+    def line(
+        self, created: float, level: str, logger: str, message: str, exception: str = ""
+    ) -> str:
+        """One line (and the traceback under it) without a LogRecord."""
+        text = (
+            f"{self._time(created)} {level.lower()} "
+            f"mailrelay/{component_of(logger)}[{os.getpid()}]: {message}"
+        )
+        return f"{text}\n{exception}" if exception else text
+
+
+class JsonFormatter(SecondCachedFormatter):
+    """`--log-format json`: one JSON object a line, for log pipelines:
+    time (UTC, RFC 3339), level, component, pid, message, and queue_id when
+    the message is about one queued message; a traceback in `exception`."""
+
+    def second_text(self, second: int) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+    def millis_text(self, millis: int) -> str:
+        return f".{millis:03d}Z"
+
+    def line(
+        self, created: float, level: str, logger: str, message: str, exception: str = ""
+    ) -> str:
+        doc: dict[str, object] = {
+            "time": self._time(created),
+            "level": level.lower(),
+            "component": component_of(logger),
+            "pid": os.getpid(),
+            "message": message,
+        }
+        queue_id = QUEUE_ID_AT_START.match(message)
+        if queue_id:
+            doc["queue_id"] = queue_id.group(1)
+        if exception:
+            doc["exception"] = exception
+        return json.dumps(doc, ensure_ascii=False)
+
+
+FORMATTERS: dict[str, type[SecondCachedFormatter]] = {
+    "text": SecondCachedFormatter,
+    "json": JsonFormatter,
+}
 
 
 class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
@@ -72,12 +141,12 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg,unuse
             self._scheduled = loop
             loop.call_soon(self._flush_from_loop)
 
-    def formatter_prefix(self, created: float) -> str:
-        """What FORMAT puts before the message, for a line made without a record."""
+    def format_line(self, created: float, logger: str, message: str) -> str:
+        """An INFO line of `logger` without a record, as the formatter writes it."""
         formatter = self.formatter
         if isinstance(formatter, SecondCachedFormatter):
-            return formatter.prefix(created)
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) + " "
+            return formatter.line(created, "INFO", logger, message) + self.terminator
+        return f"{message}{self.terminator}"
 
     def _flush_from_loop(self) -> None:
         self.acquire()
@@ -116,8 +185,7 @@ def info(logger: logging.Logger, msg: str, *args: object) -> None:
     if handler is None or not logger.isEnabledFor(logging.INFO) or not _only_root_handles(logger):
         logger.info(msg, *args)
         return
-    now = time.time()
-    line = f"{handler.formatter_prefix(now)}{msg % args if args else msg}\n"
+    line = handler.format_line(time.time(), logger.name, msg % args if args else msg)
     handler.acquire()
     try:
         handler.add_line(line)
@@ -138,13 +206,13 @@ def _only_root_handles(logger: logging.Logger) -> bool:
 _FAST: LoopBufferedHandler | None = None
 
 
-def install(stream: IO[str], level: str | int) -> Any:
+def install(stream: IO[str], level: str | int, log_format: str = "text") -> Any:
     """The root logger writes through a LoopBufferedHandler (unless it has handlers)."""
     global _FAST
     root = logging.getLogger()
     if not root.handlers:
         handler = LoopBufferedHandler(stream)
-        handler.setFormatter(SecondCachedFormatter())
+        handler.setFormatter(FORMATTERS[log_format]())
         root.addHandler(handler)
         _FAST = handler
     root.setLevel(level)
@@ -154,3 +222,16 @@ def install(stream: IO[str], level: str | int) -> Any:
     logging.logMultiprocessing = False
     logging._srcfile = None
     return root
+
+
+def configure(log_format: str, level: str | int) -> None:
+    """Switches the relay's handler to another format and the root logger to
+    another level (spec.logging, at start and on every reload)."""
+    handler = _FAST
+    if handler is not None and type(handler.formatter) is not FORMATTERS[log_format]:
+        handler.acquire()
+        try:
+            handler.setFormatter(FORMATTERS[log_format]())
+        finally:
+            handler.release()
+    logging.getLogger().setLevel(level)

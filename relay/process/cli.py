@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mailrelay_api import schema as S
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
 from mailrelay_api.validate import manifest_warnings
@@ -173,6 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             tls_dir=Path(args.tls_dir) if args.tls_dir else None,
             workers=args.workers,
+            log_format=args.log_format,
+            log_level=args.log_level,
             watch_sources=[Path(p) for p in args.file],
             on_source_change=rerender,
         )
@@ -190,6 +193,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             tls_dir=Path(args.tls_dir) if args.tls_dir else None,
             workers=args.workers,
+            log_format=args.log_format,
+            log_level=args.log_level,
             proxy_listen=args.proxy_listen,
             handover_listen=args.handover_listen,
             handover_secret_file=(
@@ -272,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             metavar="auto|N",
             help="worker processes (default auto: the CPUs this process may use)",
+        )
+        p.add_argument(
+            "--log-format",
+            choices=S.values(S.LogFormat),
+            default=None,
+            help="text (Postfix-like lines) or json (one object a line); default spec.logging",
+        )
+        p.add_argument(
+            "--log-level",
+            choices=S.values(S.LogLevel),
+            default=None,
+            help="least severe lines written; default spec.logging, or $MAILRELAY_LOG_LEVEL",
         )
 
     p = sub.add_parser("run", help="run one relay locally from manifests")

@@ -41,11 +41,13 @@ WORKER_RESTART_DELAY = 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def setup_logging() -> None:
+def setup_logging(options: ProcessOptions) -> None:
+    """Until the configuration is read: the command line's format and level,
+    else text and MAILRELAY_LOG_LEVEL."""
     from relay import logbuffer
 
-    level = os.environ.get("MAILRELAY_LOG_LEVEL", "INFO").upper()
-    logbuffer.install(sys.stderr, level)  # one write per event-loop iteration
+    level = (options.log_level or os.environ.get("MAILRELAY_LOG_LEVEL", "INFO")).upper()
+    logbuffer.install(sys.stderr, level, options.log_format or "text")  # one write per iteration
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter
 
 
@@ -89,7 +91,7 @@ def _prepare_multiprocess_metrics() -> bool:
 
 def run_relay(options: ProcessOptions) -> int:
     """Runs the relay until SIGTERM/SIGINT; returns the exit code."""
-    setup_logging()
+    setup_logging(options)
     try:
         addresses = Addresses.of(options)
     except ValueError as e:
@@ -114,13 +116,15 @@ def run_relay(options: ProcessOptions) -> int:
     if addresses.handover is not None and handover_secret is None:
         log.error("--handover-listen needs --handover-secret-file")
         return 2
+    from relay import logbuffer
     from relay.config import load_config
 
     try:
-        load_config(options.config_dir)  # fail fast, before binding anything
+        config = load_config(options.config_dir)  # fail fast, before binding anything
     except ValueError as e:
         log.error("%s", e)
         return 1
+    logbuffer.configure(*options.logging_of(config))  # spec.logging, unless the CLI said
     options.queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as Postfix's queue
     sources = SourceWatcher(options.watch_sources) if options.watch_sources else None
     if options.worker_count() > 1:

@@ -88,6 +88,7 @@ class Worker:
         self.stop_event = asyncio.Event()
 
     async def run(self) -> int:
+        from relay import logbuffer
         from relay.config import load_config
 
         loop = asyncio.get_running_loop()
@@ -95,6 +96,7 @@ class Worker:
         sig = config_signature(config_dir)
         digest = await loop.run_in_executor(None, config_hash, config_dir)
         config = await loop.run_in_executor(None, load_config, config_dir)
+        logbuffer.configure(*self.options.logging_of(config))
         running = await self._start(config)
         reload_task = asyncio.create_task(self._watch_config(running.ctx, sig, digest))
         await self.stop_event.wait()
@@ -242,7 +244,7 @@ class Worker:
         log.info("stopped")
 
     async def _watch_config(self, ctx: ServerContext, sig: tuple[Any, ...], digest: str) -> None:
-        from relay import metrics
+        from relay import logbuffer, metrics
         from relay.config import load_config
 
         loop = asyncio.get_running_loop()
@@ -266,6 +268,7 @@ class Worker:
                 continue
             digest = new_digest
             ctx.update_config(config)
+            logbuffer.configure(*self.options.logging_of(config))
             metrics.CONFIG_RELOADS.labels("ok").inc()
             log.info(
                 "configuration reloaded: %d domains, %d recipients",

@@ -183,7 +183,7 @@ def test_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
             assert result.returncode == 0, result.output
             sink.wait_for(40)
             lines = relay.wait_for_log("queue active", count=40)
-            pids = {ln.split("mailrelay[")[1].split("]")[0] for ln in lines}
+            pids = {ln.split("mailrelay/smtpd[")[1].split("]")[0] for ln in lines}
             assert len(pids) == 2, "both workers took connections"
 
             def accepted() -> bool:
