@@ -91,7 +91,7 @@ class Anvil:
         count_limit = limits.connections_per_client
         if count_limit > 0 and client.connections > count_limit:
             log.warning(
-                "warning: Connection concurrency limit exceeded: %d from [%s]",
+                "Connection concurrency limit exceeded: %d from [%s]",
                 client.connections,
                 session.client_ip,
             )
@@ -100,7 +100,7 @@ class Anvil:
         rate_limit = limits.connection_rate_per_client
         if rate_limit > 0 and client.connection_rate > rate_limit:
             log.warning(
-                "warning: Connection rate limit exceeded: %d from [%s]",
+                "Connection rate limit exceeded: %d from [%s]",
                 client.connection_rate,
                 session.client_ip,
             )
@@ -122,7 +122,7 @@ class Anvil:
         client.messages += 1
         if client.messages > limit:
             log.warning(
-                "warning: Message delivery request rate limit exceeded: %d from [%s]",
+                "Message delivery request rate limit exceeded: %d from [%s]",
                 client.messages,
                 session.client_ip,
             )
@@ -139,7 +139,7 @@ class Anvil:
         client.recipients += 1
         if client.recipients > limit:
             log.warning(
-                "warning: Recipient address rate limit exceeded: %d from [%s]",
+                "Recipient address rate limit exceeded: %d from [%s]",
                 client.recipients,
                 session.client_ip,
             )

@@ -196,7 +196,7 @@ class SharedAnvil(Anvil):
                 reusable = slot
         if reusable is None:
             if not self._overflow_logged:
-                log.warning("warning: anvil table full near [%s]: counted per worker", ip)
+                log.warning("anvil table full near [%s]: counted per worker", ip)
                 self._overflow_logged = True
             self.evicted += 1
             return super()._touch(ip, limits)

@@ -279,7 +279,7 @@ async def storage(c: Check) -> Verdict:
     """Less free queue space than 1.5 x message_size_limit (Postfix smtpd_check_queue)."""
     if c.storage_ok():
         return None
-    log.warning("NOQUEUE: reject: MAIL from %s: insufficient queue space", client_name(c.session))
+    log.warning("not enough free space in the queue for MAIL from %s", client_name(c.session))
     return Reply(452, "4.3.1", "Insufficient system storage")
 
 

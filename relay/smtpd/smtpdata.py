@@ -109,3 +109,35 @@ class DataDecoder:
         part = part.replace(b"\r", b" ")
         self.size += len(part)
         return part
+
+
+# Header bytes kept to find the Message-ID in; past them it is not looked for.
+HEADER_PEEK_LIMIT = 64 * 1024
+
+
+class MessageIdPeek:
+    """The Message-ID header, from the first bytes of a message (decoded
+    DATA: every line ends in CRLF), for the log line Postfix's cleanup writes:
+    `QUEUEID: message-id=<...>`."""
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        self._head += chunk[: HEADER_PEEK_LIMIT - len(self._head)]
+        if b"\r\n\r\n" in self._head or len(self._head) >= HEADER_PEEK_LIMIT:
+            self.done = True
+
+    def value(self) -> str:
+        """The header's value as sent (unfolded; "" without one); the caller
+        makes it printable."""
+        header = bytes(self._head).split(b"\r\n\r\n", 1)[0]
+        unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+        for line in unfolded.split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if colon and name.strip().lower() == b"message-id":
+                return value.strip().decode("utf-8", "replace")
+        return ""

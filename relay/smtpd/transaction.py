@@ -31,7 +31,7 @@ from relay.smtpd.milters import MessageVerdict
 from relay.smtpd.miltersession import SessionMilters, finish, hold
 from relay.smtpd.policy import Check
 from relay.smtpd.session import Reply, Session, Transaction, client_name
-from relay.smtpd.smtpdata import DataDecoder
+from relay.smtpd.smtpdata import DataDecoder, MessageIdPeek
 
 log = logging.getLogger("mailrelay.smtpd")
 
@@ -102,6 +102,7 @@ class MailTransaction(SmtpConnection):
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
         self.txn: Transaction | None = None
+        self.message_id: MessageIdPeek | None = None  # of the message being received
         self.milters: SessionMilters | None = None  # contentFilters.milters, from the greeting on
         # The session's restriction context, filled in at each stage.
         self.check = Check(
@@ -114,6 +115,25 @@ class MailTransaction(SmtpConnection):
             storage_ok=ctx.storage_ok,
             verifier=ctx.verifier,
             authenticator=ctx.authenticator,
+        )
+
+    def log_reject(
+        self, stage: str, reply: Reply, *, sender: str | None = None, recipient: str | None = None
+    ) -> None:
+        """Postfix's one line per rejected command:
+        NOQUEUE: reject: RCPT from host[ip]: 550 5.1.1 <...>: ...; from=<> to=<> proto=ESMTP helo=<>
+        (a 4xx is a reject too, as Postfix logs it)."""
+        envelope = "" if sender is None else f" from=<{sender}>"
+        if recipient is not None:
+            envelope += f" to=<{recipient}>"
+        log.info(
+            "NOQUEUE: reject: %s from %s: %s;%s proto=%s helo=<%s>",
+            stage,
+            client_name(self.state),
+            reply,
+            envelope,
+            "ESMTP" if self.state.esmtp else "SMTP",
+            printable(self.state.helo or ""),
         )
 
     async def need_helo(self) -> bool:
@@ -142,6 +162,7 @@ class MailTransaction(SmtpConnection):
         self.config = self.check.config = self.ctx.config
         refused = self.ctx.anvil.message(self.state, self.config.limits)
         if refused is not None:
+            self.log_reject("MAIL", refused)
             await self.send(refused)
             return
         txn = parse_mail(arg, esmtp=self.state.esmtp)
@@ -154,6 +175,7 @@ class MailTransaction(SmtpConnection):
             verdict = await self.milters.mail(txn.sender, txn.mail_options)
         if verdict is not None:
             self.check.transaction = None
+            self.log_reject("MAIL", verdict, sender=txn.sender)
             await self.send(verdict)
             return
         self.txn = txn
@@ -174,6 +196,7 @@ class MailTransaction(SmtpConnection):
             return
         refused = self.ctx.anvil.recipient(self.state, self.config.limits)
         if refused is not None:
+            self.log_reject("RCPT", refused, sender=txn.sender)
             await self.send(refused)
             return
         try:
@@ -194,22 +217,16 @@ class MailTransaction(SmtpConnection):
         # Postfix smtpd_recipient_limit counts every accepted RCPT, repeats too.
         if txn.rcpt_count >= self.config.limits.recipients_per_message:
             metrics.REJECTED.labels("too_many_recipients").inc()
-            await self.reply(452, "4.5.3", "Error: too many recipients")
+            too_many = Reply(452, "4.5.3", "Error: too many recipients")
+            self.log_reject("RCPT", too_many, sender=txn.sender, recipient=rcpt.original)
+            await self.send(too_many)
             return
         self.check.rcpt = rcpt
         verdict = await policy.check_recipient(self.check)
         if verdict is None and self.milters is not None:
             verdict = await self.milters.rcpt(rcpt.text, [])
         if verdict is not None:
-            log.info(
-                "NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-                client_name(self.state),
-                verdict,
-                txn.sender,
-                rcpt.original,
-                "ESMTP" if self.state.esmtp else "SMTP",
-                printable(self.state.helo or ""),
-            )
+            self.log_reject("RCPT", verdict, sender=txn.sender, recipient=rcpt.original)
             await self.send(verdict)
             return
         txn.rcpt_count += 1
@@ -234,6 +251,7 @@ class MailTransaction(SmtpConnection):
             return
         verdict = await policy.check_data(self.check)
         if verdict is not None:
+            self.log_reject("DATA", verdict, sender=txn.sender)
             await self.send(verdict)
             return
         try:
@@ -305,6 +323,7 @@ class MailTransaction(SmtpConnection):
         idle = self.idle_timeout
         too_big = False
         flushed = 0
+        message_id = self.message_id = MessageIdPeek()
         data_started = self.loop.time()
         while not decoder.done:
             data = await self.reader.read(DATA_CHUNK)
@@ -317,6 +336,8 @@ class MailTransaction(SmtpConnection):
             self.reset_timeout(max(0.001, min(idle, earned - self.loop.time())))
             if decoder.size > limit:
                 too_big = True
+            if chunk and not message_id.done:
+                message_id.feed(chunk)
             if chunk and not too_big and write_failed is None:
                 try:
                     incoming.write(chunk)
@@ -439,6 +460,8 @@ class MailTransaction(SmtpConnection):
             size,
             len(txn.recipients),
         )
+        message_id = printable(self.message_id.value()) if self.message_id else ""
+        logbuffer.info(log, "%s: message-id=%s", queue_id, message_id or "<>")
         try:
             await self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         finally:
