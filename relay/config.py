@@ -423,6 +423,12 @@ def read_domains_text(config_dir: Path) -> str:
         return f.read()
 
 
+def load_logging(config_dir: str | Path) -> LoggingPolicy:
+    """spec.logging alone, from relay.json (without reading the recipients)."""
+    policy = json.loads((Path(config_dir) / RELAY_FILE).read_text())["policy"]
+    return LoggingPolicy.from_spec(MailRelaySpec.with_defaults(policy).logging)
+
+
 def load_config(config_dir: str | Path) -> RelayConfig:
     """Reads a rendered config folder; raises ValueError with the file at fault."""
     d = Path(config_dir)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from relay.process.cpus import available_cpus
 
 if TYPE_CHECKING:
-    from relay.config import RelayConfig
+    from relay.config import LoggingPolicy
 
 DEFAULT_SHUTDOWN_GRACE = 25.0
 
@@ -60,12 +60,9 @@ class ProcessOptions:
     log_format: str | None = None
     log_level: str | None = None
 
-    def logging_of(self, config: RelayConfig) -> tuple[str, str]:
+    def logging_of(self, policy: LoggingPolicy) -> tuple[str, str]:
         """(format, level): the command line's, else the configuration's (spec.logging)."""
-        return (
-            self.log_format or config.logging.format,
-            (self.log_level or config.logging.level).upper(),
-        )
+        return self.log_format or policy.format, (self.log_level or policy.level).upper()
 
     def worker_count(self) -> int:
         if self.workers is not None:

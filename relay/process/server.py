@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mailrelay_api.render import RELAY_FILE
 from relay.process.listeners import Addresses, ListenError, parse_listen
 from relay.process.options import ProcessOptions, env_float
 from relay.process.watch import SourceWatcher
@@ -124,7 +125,7 @@ def run_relay(options: ProcessOptions) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 1
-    logbuffer.configure(*options.logging_of(config))  # spec.logging, unless the CLI said
+    logbuffer.configure(*options.logging_of(config.logging))  # spec.logging, unless the CLI said
     options.queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as Postfix's queue
     sources = SourceWatcher(options.watch_sources) if options.watch_sources else None
     if options.worker_count() > 1:
@@ -169,6 +170,7 @@ class Supervisor:
         self.handover_secret = handover_secret
         self.sources = sources
         self.children: dict[int, int] = {}  # pid -> slot
+        self._relay_file_sig: tuple[int, int, int] | None = None
         self.stopping = False
         # Made before the forks: per-client limits hold for the relay, not per worker.
         # (Imported here, after run_relay prepared the multiprocess metrics.)
@@ -206,6 +208,7 @@ class Supervisor:
             if not self.stopping and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + interval
                 self._poll_sources()
+                self._follow_logging()
             time.sleep(0.1)
         reservations.close()
         log.info("all workers stopped")
@@ -272,6 +275,22 @@ class Supervisor:
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+    def _follow_logging(self) -> None:
+        """The supervisor's own lines follow spec.logging as the workers' do."""
+        from relay import logbuffer
+        from relay.config import load_logging
+
+        path = self.options.config_dir / RELAY_FILE
+        try:
+            st = path.stat()
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if sig == self._relay_file_sig:
+                return
+            self._relay_file_sig = sig
+            logbuffer.configure(*self.options.logging_of(load_logging(self.options.config_dir)))
+        except (OSError, KeyError, ValueError, TypeError):
+            pass  # the workers log why the configuration is refused
 
     def _poll_sources(self) -> None:
         rerender = self.options.on_source_change

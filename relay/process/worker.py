@@ -96,7 +96,7 @@ class Worker:
         sig = config_signature(config_dir)
         digest = await loop.run_in_executor(None, config_hash, config_dir)
         config = await loop.run_in_executor(None, load_config, config_dir)
-        logbuffer.configure(*self.options.logging_of(config))
+        logbuffer.configure(*self.options.logging_of(config.logging))
         running = await self._start(config)
         reload_task = asyncio.create_task(self._watch_config(running.ctx, sig, digest))
         await self.stop_event.wait()
@@ -268,13 +268,14 @@ class Worker:
                 continue
             digest = new_digest
             ctx.update_config(config)
-            logbuffer.configure(*self.options.logging_of(config))
             metrics.CONFIG_RELOADS.labels("ok").inc()
             log.info(
                 "configuration reloaded: %d domains, %d recipients",
                 len(config.domains),
                 len(config.recipients),
             )
+            # After the line above: it is written as the lines before it were.
+            logbuffer.configure(*self.options.logging_of(config.logging))
 
     async def _rerender_sources(self) -> None:
         rerender = self.options.on_source_change
