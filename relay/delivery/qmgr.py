@@ -375,7 +375,9 @@ class Delivery:
         rcpts: list[str],
         chunks: Callable[[], AsyncIterator[bytes]],
     ) -> list[RecipientResult]:
-        """One attempt at one next hop, its time in mailrelay_delivery_seconds."""
+        """One attempt at one next hop, its time in mailrelay_delivery_seconds
+        (under the first recipient's domain: domains with the same next hop
+        are delivered together)."""
         started = time.monotonic()
         group = await self.pool.deliver(hop, sender, rcpts, chunks, local_hostname=config.hostname)
         domain = metric_domain(config, rcpts[0])
