@@ -80,9 +80,7 @@ DELIVERY_SECONDS = Histogram(
     "Time of one delivery attempt of one message to a next hop (connection included).",
     ["domain"],
 )
-CONFIG_RELOADS = Counter(
-    "mailrelay_config_reloads_total", "Configuration reloads.", ["result"]
-)  # ok | error (the old configuration stays in force)
+CONFIG_RELOADS = Counter("mailrelay_config_reloads_total", "Configuration reloads.", ["result"])
 DNSBL_HITS = Counter(
     "mailrelay_dnsbl_hits_total",
     "Clients a DNSBL zone lists (postscreen's score or reject_rbl_client), per zone.",
