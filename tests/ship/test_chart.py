@@ -107,6 +107,8 @@ def test_image_digest_and_tag() -> None:
             "/metrics/prometheusRule/oldestMessage",
         ),
         ("metrics.prometheusRule.rejectsSpiking.factor=1", "/rejectsSpiking/factor"),
+        ("metrics.prometheusRule.queueVolume.freeRatio=1", "/queueVolume/freeRatio"),
+        ("metrics.prometheusRule.dsnsDropped.for=soon", "/dsnsDropped/for"),
         ("serviceAccount.name=Bad Name", "/serviceAccount/name"),
     ],
 )
@@ -264,6 +266,10 @@ def test_alerts_and_dashboard_use_real_metric_names() -> None:
         "MailRelayOldestMessageTooOld",
         "MailRelayRejectsSpiking",
         "MailRelayNotReady",
+        "MailRelayDnsblNotObeyed",
+        "MailRelayConfigReloadFailing",
+        "MailRelayQueueVolumeFilling",
+        "MailRelayDsnsDropped",
     } <= alerts.keys()
     (dash,) = by_kind(docs, "ConfigMap")
     text = " ".join(alerts.values()) + dash["data"]["mailrelay.json"]
