@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--log-level",
             choices=S.values(S.LogLevel),
             default=None,
-            help="least severe lines written; default spec.logging, or $MAILRELAY_LOG_LEVEL",
+            help="least severe lines written; default $MAILRELAY_LOG_LEVEL, else spec.logging",
         )
 
     p = sub.add_parser("run", help="run one relay locally from manifests")

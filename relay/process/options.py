@@ -5,7 +5,7 @@ One value from the command line down to the supervisor and its workers
 arguments threaded through each. Also the environment knobs (for tests and
 operators; the CLI keeps to docs/reference.md):
 
-  MAILRELAY_LOG_LEVEL         the level until the configuration is read (default INFO)
+  MAILRELAY_LOG_LEVEL         the log level, over spec.logging.level (--log-level wins)
   MAILRELAY_SHUTDOWN_GRACE    seconds sessions get after SIGTERM (default 25)
   MAILRELAY_SMTPD_TIMEOUT     idle timeout of a session (default 300)
   MAILRELAY_SMTPD_MIN_DATA_RATE  bytes/s a client must keep up in DATA (default 500)
@@ -56,13 +56,15 @@ class ProcessOptions:
     shutdown_grace: float = field(default_factory=_shutdown_grace)  # seconds after SIGTERM
     handover_listen: str | None = None  # HOST:PORT where peer pods hand their queue over
     handover_secret_file: Path | None = None
-    # --log-format / --log-level; None: spec.logging decides (the level: else MAILRELAY_LOG_LEVEL).
+    # --log-format / --log-level; None: spec.logging decides (the level: MAILRELAY_LOG_LEVEL first).
     log_format: str | None = None
     log_level: str | None = None
 
     def logging_of(self, policy: LoggingPolicy) -> tuple[str, str]:
-        """(format, level): the command line's, else the configuration's (spec.logging)."""
-        return self.log_format or policy.format, (self.log_level or policy.level).upper()
+        """(format, level): the command line's, else (the level) MAILRELAY_LOG_LEVEL,
+        else the configuration's (spec.logging)."""
+        level = self.log_level or os.environ.get("MAILRELAY_LOG_LEVEL") or policy.level
+        return self.log_format or policy.format, level.upper()
 
     def worker_count(self) -> int:
         if self.workers is not None:

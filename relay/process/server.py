@@ -44,7 +44,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def setup_logging(options: ProcessOptions) -> None:
     """Until the configuration is read: the command line's format and level,
-    else text and MAILRELAY_LOG_LEVEL."""
+    else text and MAILRELAY_LOG_LEVEL (else INFO)."""
     from relay import logbuffer
 
     level = (options.log_level or os.environ.get("MAILRELAY_LOG_LEVEL", "INFO")).upper()
