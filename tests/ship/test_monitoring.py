@@ -154,7 +154,7 @@ def write_scenario_manifests(
             "dnsbl": {
                 "action": "enforce",
                 "sites": [{"zone": "bl.test", "returnCodes": ["127.0.0.2"]}],
-            }
+            },
         },
         "restrictions": {"spf": {"enabled": True, "skipAddresses": []}},
         "dns": {"nameservers": [nameserver], "timeout": "500ms"},
