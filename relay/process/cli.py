@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -156,15 +157,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     def rerender() -> None:
         # Called by the relay's reload loop: manifests edited while running
         # are rendered again and picked up without a restart.
+        # Logged, not printed: in the relay's log format, with its level and component.
+        log = logging.getLogger("mailrelay.run")
         fresh = load_manifests(args.file)
         if fresh.errors:
             for e in fresh.errors:
-                print(f"error: {e} (keeping the running configuration)", file=sys.stderr)
+                log.error("%s (keeping the running configuration)", e)
             return
         try:
             render_to_dir(render_relay(pick_relay(fresh, args.relay), fresh), config_dir)
         except SystemExit:
-            print("error: manifests changed; keeping the running configuration", file=sys.stderr)
+            log.error("manifests changed; keeping the running configuration")
 
     return run_relay(
         ProcessOptions(

@@ -161,20 +161,22 @@ def write_scenario_manifests(
         "queue": {"lifetime": "6s", "minBackoff": "1s", "maxBackoff": "1s"},
         "bounces": {"lifetime": "3s"},
     }
-    write_manifests(
-        folder,
-        next_hop=sink.address,
-        domains={
-            "example.com": [f"{u}@example.com" for u in ("info", "alice", "bounce")] + list(extra)
-        },
-        spec=spec,
+    # Made beside the folder the relay watches, then moved in at once.
+    staging = folder.parent / f".{folder.name}-staging"
+    recipients = [f"{u}@example.com" for u in ("info", "alice", "bounce", *extra)]
+    good = write_manifests(
+        staging / "good", next_hop=sink.address, domains={"example.com": recipients}, spec=spec
     )
-    both = folder / "relay.yaml"
-    first = both.read_text()
-    write_manifests(folder, next_hop=down, domains={"down.test": "any", "held.test": "any"})
-    docs = [d for d in yaml.safe_load_all(both.read_text()) if d["kind"] != "MailRelay"]
-    both.write_text(first + "---\n" + yaml.safe_dump_all(docs, sort_keys=False))
-    set_next_hop_tls(folder, "example.com", "encrypt")
+    set_next_hop_tls(good, "example.com", "encrypt")
+    down_docs = write_manifests(
+        staging / "down", next_hop=down, domains={"down.test": "any", "held.test": "any"}
+    )
+    docs = list(yaml.safe_load_all((down_docs / "relay.yaml").read_text()))
+    text = (good / "relay.yaml").read_text() + "---\n"
+    text += yaml.safe_dump_all([d for d in docs if d["kind"] != "MailRelay"], sort_keys=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    (staging / "relay.yaml").write_text(text)
+    (staging / "relay.yaml").replace(folder / "relay.yaml")
     return folder
 
 
@@ -238,7 +240,7 @@ def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns:
     # A configuration the workers refuse (both keep theirs), then a new good one.
     (relay.config_dir / "relay.json").write_text("{ not json")
     relay.wait_for_log("configuration not reloaded", count=2)
-    write_scenario_manifests(manifests, sink, ns, extra=["new@example.com"])
+    write_scenario_manifests(manifests, sink, ns, extra=["new"])
     relay.wait_for_log("configuration reloaded", count=2)
     relay.wait_for_log(r"non-delivery notification to <alice@example\.com> sent")
     relay.wait_for_log(r"non-delivery notification to <bob@down\.test> dropped", timeout=60)
