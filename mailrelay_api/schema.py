@@ -1030,6 +1030,42 @@ MAILRELAY_SPEC = obj(
                     },
                     default={},
                 ),
+                "greylist": obj(
+                    "Greylisting, as postgrey does it behind Postfix's check_policy_service "
+                    "(opt-in): the first attempt of a triplet (the client's network: IPv4 /24, "
+                    "IPv6 /64; the sender; the recipient) is answered 450 4.2.0, a retry after "
+                    "delay and within retryWindow passes and the triplet is remembered for ttl. "
+                    "mynetworks and clientAccess permit are never greylisted. The state is on "
+                    "the queue volume, shared by the pod's worker processes, kept across "
+                    "restarts.",
+                    {
+                        "enabled": boolean("Greylist at RCPT.", default=False),
+                        "delay": string(
+                            "How long a new triplet is deferred (postgrey --delay, 300s). "
+                            + DURATION,
+                            pattern=DURATION_PATTERN,
+                            default="300s",
+                        ),
+                        "retryWindow": string(
+                            "How long after the first attempt a retry still counts (postgrey "
+                            "--retry-window, 2d); later, the triplet starts over. " + DURATION,
+                            pattern=DURATION_PATTERN,
+                            default="2d",
+                        ),
+                        "ttl": string(
+                            "How long a triplet that passed is remembered after its last mail "
+                            "(postgrey --max-age, 35d). " + DURATION,
+                            pattern=DURATION_PATTERN,
+                            default="35d",
+                        ),
+                        "skipAllowlisted": boolean(
+                            "Clients postscreen allowlisted (a clientAccess permit, a DNSBL score "
+                            "at or below allowlistThreshold) are not greylisted.",
+                            default=True,
+                        ),
+                    },
+                    default={},
+                ),
             },
             default={},
         ),

@@ -450,6 +450,25 @@ class SpfSpec:
 
 
 @dataclass(frozen=True)
+class GreylistSpec:
+    enabled: bool
+    delay: str  # durations
+    retry_window: str
+    ttl: str
+    skip_allowlisted: bool
+
+    @classmethod
+    def from_dict(cls, d: Doc) -> GreylistSpec:
+        return cls(
+            enabled=bool(d["enabled"]),
+            delay=str(d["delay"]),
+            retry_window=str(d["retryWindow"]),
+            ttl=str(d["ttl"]),
+            skip_allowlisted=bool(d["skipAllowlisted"]),
+        )
+
+
+@dataclass(frozen=True)
 class RestrictionsSpec:
     reject_unauth_pipelining: bool
     reject_non_fqdn_recipient: bool
@@ -457,6 +476,7 @@ class RestrictionsSpec:
     reject_unknown_reverse_client_hostname: bool
     rbl_clients: tuple[RblClientSpec, ...]
     spf: SpfSpec
+    greylist: GreylistSpec
 
     @classmethod
     def from_dict(cls, d: Doc) -> RestrictionsSpec:
@@ -467,6 +487,7 @@ class RestrictionsSpec:
             reject_unknown_reverse_client_hostname=bool(d["rejectUnknownReverseClientHostname"]),
             rbl_clients=tuple(RblClientSpec.from_dict(c) for c in d["rblClients"]),
             spf=SpfSpec.from_dict(d["spf"]),
+            greylist=GreylistSpec.from_dict(d["greylist"]),
         )
 
 

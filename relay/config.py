@@ -36,6 +36,7 @@ from mailrelay_api.spec import (
     AuthenticationSpec,
     BouncesSpec,
     DnsSpec,
+    GreylistSpec,
     LimitsSpec,
     LoggingSpec,
     MailRelaySpec,
@@ -145,6 +146,27 @@ class SpfPolicy:
 
 
 @dataclass(frozen=True)
+class GreylistPolicy:
+    """restrictions.greylist (seconds)."""
+
+    enabled: bool = _SPEC.restrictions.greylist.enabled
+    delay: float = parse_duration(_SPEC.restrictions.greylist.delay)
+    retry_window: float = parse_duration(_SPEC.restrictions.greylist.retry_window)
+    ttl: float = parse_duration(_SPEC.restrictions.greylist.ttl)
+    skip_allowlisted: bool = _SPEC.restrictions.greylist.skip_allowlisted
+
+    @classmethod
+    def from_spec(cls, s: GreylistSpec) -> GreylistPolicy:
+        return cls(
+            enabled=s.enabled,
+            delay=parse_duration(s.delay),
+            retry_window=parse_duration(s.retry_window),
+            ttl=parse_duration(s.ttl),
+            skip_allowlisted=s.skip_allowlisted,
+        )
+
+
+@dataclass(frozen=True)
 class Restrictions:
     reject_unauth_pipelining: bool = _SPEC.restrictions.reject_unauth_pipelining
     reject_non_fqdn_recipient: bool = _SPEC.restrictions.reject_non_fqdn_recipient
@@ -154,6 +176,7 @@ class Restrictions:
     )
     rbl_clients: tuple[RblClient, ...] = ()
     spf: SpfPolicy = field(default_factory=SpfPolicy)
+    greylist: GreylistPolicy = field(default_factory=GreylistPolicy)
 
     @classmethod
     def from_spec(cls, s: RestrictionsSpec) -> Restrictions:
@@ -164,6 +187,7 @@ class Restrictions:
             reject_unknown_reverse_client_hostname=s.reject_unknown_reverse_client_hostname,
             rbl_clients=tuple(RblClient(c.zone.lower(), c.return_codes) for c in s.rbl_clients),
             spf=SpfPolicy.from_spec(s.spf),
+            greylist=GreylistPolicy.from_spec(s.greylist),
         )
 
 
