@@ -25,6 +25,9 @@ CONNECTIONS = Counter("mailrelay_connections_total", "Client connections accepte
 SCREEN = Counter(
     "mailrelay_screen_total", "Postscreen verdicts.", ["result"]
 )  # pass_new, pass_old, pregreet, dnsbl, access, allowlisted
+GREYLIST = Counter(
+    "mailrelay_greylist_total", "Greylisting decisions at RCPT (restrictions.greylist).", ["result"]
+)  # new, early (both deferred 450), passed (retried after the delay), known, allowlisted
 ACCEPTED = Counter("mailrelay_messages_accepted_total", "Messages queued (250 after DATA).")
 ACCEPTED_BYTES = Counter("mailrelay_accepted_bytes_total", "Bytes of accepted messages.")
 REJECTED = Counter(

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from relay.dns import Resolver
     from relay.queue.store import Queue
     from relay.smtpd.anvil import Anvil
+    from relay.smtpd.greylist import Greylist
     from relay.smtpd.screen import Postscreen
     from relay.smtpd.server import ServerContext
     from relay.verify_cache import Verifier
@@ -56,6 +57,7 @@ class _Running:
     postscreen: Postscreen
     delivery: Delivery
     verifier: Verifier
+    greylist: Greylist
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -110,6 +112,7 @@ class Worker:
         from relay.process.tlsreload import TlsReloader
         from relay.queue.store import Queue
         from relay.smtpd.dnschecks import DnsChecks
+        from relay.smtpd.greylist import GREYLIST_FOLDER, Greylist
         from relay.smtpd.screen import Postscreen
         from relay.smtpd.server import RelaySMTP, ServerContext
         from relay.smtpd.spf import SpfChecker
@@ -146,9 +149,12 @@ class Worker:
             queue_dir / VERIFY_FOLDER, Prober(delivery.pool, lambda: ctx.config.hostname)
         )
         ctx.verifier = verifier
+        # restrictions.greylist: the triplets on the queue volume, shared with the
+        # other workers and kept across restarts.
+        ctx.greylist = Greylist(queue_dir / GREYLIST_FOLDER)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_event.set)
-        running = _Running(ctx, queue, postscreen, delivery, verifier)
+        running = _Running(ctx, queue, postscreen, delivery, verifier, ctx.greylist)
         running.servers.append(
             await loop.create_server(lambda: RelaySMTP(ctx), sock=self.sockets.smtp)
         )
@@ -234,6 +240,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await running.delivery.stop()
         running.verifier.close()
+        running.greylist.close()
         for t in running.background:
             t.cancel()
         await asyncio.gather(reload_task, *running.background, return_exceptions=True)

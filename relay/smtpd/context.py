@@ -21,6 +21,7 @@ from relay.smtpd import hygiene
 from relay.smtpd.anvil import Anvil
 from relay.smtpd.authres import Authenticator
 from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.greylist import Greylist
 from relay.smtpd.policy import in_mynetworks
 from relay.smtpd.screen import Postscreen
 from relay.smtpd.session import Reply
@@ -83,6 +84,8 @@ class ServerContext:
         self.anvil = anvil if anvil is not None else Anvil()
         # recipients: verify's probes and cache (relay.verify_cache); the worker sets it.
         self.verifier: RecipientVerifier | None = None
+        # restrictions.greylist's triplets (relay.smtpd.greylist); the worker sets it.
+        self.greylist: Greylist | None = None
         self.sessions: set[Connection] = set()
         self.shutting_down = False
         self._free_space_checked = 0.0

@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ from relay.smtpd.addresses import Address, is_fqdn, is_ip_literal, is_routed
 from relay.smtpd.authres import Authenticator, Outcome
 from relay.smtpd.content import ContentCheck
 from relay.smtpd.dnschecks import DnsChecks
+from relay.smtpd.greylist import Greylist
+from relay.smtpd.greylist import Outcome as Greylisted
 from relay.smtpd.session import (
     AccessAction,
     Reply,
@@ -117,6 +120,7 @@ class Check:
     authenticator: Authenticator | None = None  # contentFilters.authentication
     message: IncomingMessage | None = None  # at END-OF-DATA: the received message
     authenticated: Outcome | None = None  # its results, header edits, DMARC verdict
+    greylist: Greylist | None = None  # the triplets of restrictions.greylist
 
     @property
     def recipient(self) -> Address:
@@ -267,6 +271,33 @@ async def spf(c: Check) -> Verdict:
     return t.spf.reply
 
 
+async def greylist(c: Check) -> Verdict:
+    """postgrey: the first attempt of a (client network, sender, recipient)
+    triplet is deferred, its retry after the delay passes (relay.smtpd.greylist).
+    A plain 450, not Postfix's DEFER_IF_PERMIT: only the recipient probe comes
+    after it, and a sender that never retries should never cost a probe."""
+    policy = c.config.restrictions.greylist
+    if not policy.enabled or c.greylist is None:
+        return None
+    if policy.skip_allowlisted and c.session.screen.allowlisted:
+        metrics.GREYLIST.labels("allowlisted").inc()
+        return None
+    sender, rcpt = c.txn.sender, c.recipient.text
+    decision = await c.greylist.check(c.session.client_ip, sender, rcpt, policy)
+    metrics.GREYLIST.labels(str(decision.outcome)).inc()
+    if decision.outcome is Greylisted.PASSED:
+        log.info(
+            "greylist: pass after %.0fs: %s from=<%s> to=<%s>",
+            decision.waited,
+            client_name(c.session),
+            sender,
+            rcpt,
+        )
+    if decision.passes:
+        return None
+    return c.rejected(450, "4.2.0", f"Greylisted, try again in {math.ceil(decision.wait)} seconds")
+
+
 async def message_size(c: Check) -> Verdict:
     """MAIL FROM SIZE= over message_size_limit (Postfix smtpd_check_size)."""
     size = c.txn.size_hint
@@ -326,6 +357,7 @@ RECIPIENT_RESTRICTIONS: tuple[Restriction, ...] = (
     rbl_client,
     unlisted_recipient,
     spf,
+    greylist,  # opt-in; after every check that refuses for good
     unverified_recipient,  # last: a probe costs the primary more than any check above
 )
 DATA_RESTRICTIONS: tuple[Restriction, ...] = (unauth_pipelining,)

@@ -115,6 +115,7 @@ class MailTransaction(SmtpConnection):
             storage_ok=ctx.storage_ok,
             verifier=ctx.verifier,
             authenticator=ctx.authenticator,
+            greylist=ctx.greylist,
         )
 
     def log_reject(

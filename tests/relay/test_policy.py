@@ -113,6 +113,7 @@ def test_the_order_reads_in_one_place() -> None:
         "rbl_client",
         "unlisted_recipient",
         "spf",
+        "greylist",
         "unverified_recipient",
     ]
 
