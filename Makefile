@@ -21,6 +21,7 @@ bench:  ## every benchmark the README quotes, side by side with Postfix (root; r
 	@bash hack/setup.sh
 	.venv/bin/python bench/relay_vs_postfix.py
 	.venv/bin/python bench/policy_vs_postfix.py
+	.venv/bin/python bench/milter_vs_postfix.py
 	.venv/bin/python bench/sessions.py
 	bash hack/install-tools.sh
 	KUBEBUILDER_ASSETS=$(CURDIR)/.tools/bin .venv/bin/python bench/operator_scale.py

@@ -247,7 +247,12 @@ class Postfix:
     name = "postfix"
 
     def __init__(
-        self, workdir: Path, sink: Sink, content_filter: bool = False, probe_port: int = 0
+        self,
+        workdir: Path,
+        sink: Sink,
+        content_filter: bool = False,
+        probe_port: int = 0,
+        milter: str = "",
     ) -> None:
         self.workdir = workdir
         self.sink = sink
@@ -256,6 +261,7 @@ class Postfix:
         self.etc = workdir / "etc"
         self.started = False
         self.content_filter = content_filter
+        self.milter = milter  # "inet:host:port": smtpd_milters (bench/milter_vs_postfix.py)
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -311,6 +317,8 @@ class Postfix:
                 "\\s*(;|$)/\n    REJECT Attachment type not allowed\n"
             )
             main_cf += f"mime_header_checks = regexp:{checks}\n"
+        if self.milter:
+            main_cf += f"smtpd_milters = {self.milter}\nmilter_default_action = tempfail\n"
         return main_cf
 
     def _master_cf(self) -> str:
@@ -392,13 +400,20 @@ class Mailrelay:
     name = "mailrelay"
 
     def __init__(
-        self, workdir: Path, sink: Sink, workers: int, content_filter: bool, probe_port: int = 0
+        self,
+        workdir: Path,
+        sink: Sink,
+        workers: int,
+        content_filter: bool,
+        probe_port: int = 0,
+        milter: str = "",
     ) -> None:
         self.workdir = workdir
         self.sink = sink
         self.workers = workers  # 0: mailrelay's default
         self.content_filter = content_filter
         self.probe_port = probe_port
+        self.milter = milter  # "inet:host:port": contentFilters.milters
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -436,6 +451,10 @@ class Mailrelay:
         content = (
             "" if self.content_filter else "  contentFilters: {rejectAttachmentExtensions: []}"
         )
+        if self.milter:  # the same defaultAction as Postfix's milter_default_action
+            milter = f'{{name: milter, address: "{self.milter}", defaultAction: tempfail}}'
+            extensions = "" if self.content_filter else "rejectAttachmentExtensions: [], "
+            content = f"  contentFilters: {{{extensions}milters: [{milter}]}}"
         manifests = RELAY_YAML.format(sink_port=self.sink.port, content_filter=content)
         if self.probe_port:
             manifests += PROBE_DOMAIN_YAML.format(domain=PROBE_DOMAIN, port=self.probe_port)
@@ -634,7 +653,12 @@ def report(results: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def systems(
-    workdir: Path, workers: int, which: list[str], content_filter: bool, probe_port: int = 0
+    workdir: Path,
+    workers: int,
+    which: list[str],
+    content_filter: bool,
+    probe_port: int = 0,
+    milter: str = "",
 ) -> Iterator[list[System]]:
     started: list[Any] = []
     try:
@@ -644,9 +668,11 @@ def systems(
             started.append(sink)
             system: System
             if name == "postfix":
-                system = Postfix(workdir / "postfix", sink, content_filter, probe_port)
+                system = Postfix(workdir / "postfix", sink, content_filter, probe_port, milter)
             else:
-                system = Mailrelay(workdir / "mailrelay", sink, workers, content_filter, probe_port)
+                system = Mailrelay(
+                    workdir / "mailrelay", sink, workers, content_filter, probe_port, milter
+                )
             started.append(system)
             system.start()
             out.append(system)
