@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -225,17 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     finally:
-        results["load_average_end"] = os.getloadavg()
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-        summary = report(results)
-        (out_dir / "summary.md").write_text(summary)
-        print()
-        print(summary)
-        print(f"results: {out_dir}")
-        if args.keep:
-            print(f"scratch folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        base.finish(results, report, out_dir, workdir, keep=args.keep)
     return 0
 
 

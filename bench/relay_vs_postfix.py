@@ -759,20 +759,33 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     finally:
-        results["load_average_end"] = os.getloadavg()
         if probe is not None:
             probe.close()
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-        summary = report(results)
-        (out_dir / "summary.md").write_text(summary)
-        print()
-        print(summary)
-        print(f"results: {out_dir}")
-        if args.keep:
-            print(f"scratch folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(results, report, out_dir, workdir, keep=args.keep)
     return 0
+
+
+def finish(
+    results: dict[str, Any],
+    report: Callable[[dict[str, Any]], str],
+    out_dir: Path,
+    workdir: Path,
+    *,
+    keep: bool = False,
+) -> None:
+    """The end of a benchmark, pass or fail: the load average, results.json and
+    summary.md in out_dir (printed too), the scratch folder removed unless kept."""
+    results["load_average_end"] = os.getloadavg()
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    summary = report(results)
+    (out_dir / "summary.md").write_text(summary)
+    print()
+    print(summary)
+    print(f"results: {out_dir}")
+    if keep:
+        print(f"scratch folder kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

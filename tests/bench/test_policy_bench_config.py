@@ -4,14 +4,10 @@ it is the policy the benchmark claims: every check on, nothing skipped."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from mrtest.benchscripts import load_bench
-
-ROOT = Path(__file__).resolve().parents[2]
+from mrtest.benchscripts import load_bench, validate
 
 
 class FakeSink:
@@ -22,15 +18,7 @@ def test_manifests_validate_and_check_everything(tmp_path: Path) -> None:
     bench = load_bench("policy_vs_postfix")
     relay = bench.PolicyMailrelay(tmp_path / "mr", FakeSink(), 2, content_filter=True)
     text = relay._manifests()
-    manifests = tmp_path / "relay.yaml"
-    manifests.write_text(text)
-    done = subprocess.run(
-        [sys.executable, "-m", "relay.process.cli", "validate", "-f", str(manifests), "-o", "json"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    validate(text, tmp_path)
 
     spec = next(d for d in yaml.safe_load_all(text) if d["kind"] == "MailRelay")["spec"]
     assert spec["network"]["mynetworks"] == [bench.MYNETWORKS]

@@ -4,6 +4,7 @@ that check them or reuse their setups (the Postfix instance, say)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -21,3 +22,16 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def validate(manifests: str, folder: Path) -> None:
+    """`mailrelay validate` accepts a benchmark's manifests (written into folder)."""
+    path = folder / "relay.yaml"
+    path.write_text(manifests)
+    done = subprocess.run(
+        [sys.executable, "-m", "relay.process.cli", "validate", "-f", str(path), "-o", "json"],
+        capture_output=True,
+        text=True,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
