@@ -213,6 +213,8 @@ class MilterConnection:
         self.symlists: dict[bytes, list[str]] = {}  # command -> macro names it wants
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # SMFIC_MACRO packets go out with the event they belong to: one write.
+        self._macros = b""
 
     # --- connection ---------------------------------------------------------
     async def open(self) -> None:
@@ -276,7 +278,7 @@ class MilterConnection:
             want = {n.strip("{}") for n in wanted}
             macros = {k: v for k, v in macros.items() if k.strip("{}") in want}
         if macros:
-            self._send(MACRO, event + _cstr(*(x for kv in macros.items() for x in kv)))
+            self._macros += _packet(MACRO, event + _cstr(*(x for kv in macros.items() for x in kv)))
 
     async def event(self, event: bytes, data: bytes) -> Answer:
         """Sends one event; its answer (CONTINUE when the milter sends none)."""
@@ -351,7 +353,8 @@ class MilterConnection:
     def _send(self, command: bytes, data: bytes) -> None:
         if self._writer is None:
             raise MilterError(f"{self.address}: not connected")
-        self._writer.write(struct.pack("!I", len(data) + 1) + command + data)
+        self._writer.write(self._macros + _packet(command, data))
+        self._macros = b""
 
     async def _drain(self) -> None:
         assert self._writer is not None
@@ -373,16 +376,22 @@ class MilterConnection:
         if self._reader is None:
             raise MilterError(f"{self.address}: not connected")
         try:
-            await asyncio.wait_for(self._drain_writer(), self.command_timeout)
+            # asyncio.timeout, not wait_for: no task per packet (a round trip per
+            # header is the milter protocol's; its overhead is ours).
+            async with asyncio.timeout(self.command_timeout):
+                await self._drain_writer()
             while True:
-                command, data = await asyncio.wait_for(self._read(), self.command_timeout)
+                async with asyncio.timeout(self.command_timeout):
+                    command, data = await self._read()
                 if command != R_PROGRESS:
                     return command, data
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
             raise MilterError(f"{self.address}: {str(e) or type(e).__name__}") from e
 
     async def _drain_writer(self) -> None:
-        if self._writer is not None:
+        # Nothing buffered (the usual case): nothing to wait for; a connection
+        # that is gone shows in the read that follows.
+        if self._writer is not None and self._writer.transport.get_write_buffer_size():
             await self._writer.drain()
 
     async def _answer(self) -> Answer:
@@ -409,6 +418,10 @@ class MilterConnection:
                 raise MilterError(f"{self.address}: bad reply code {text[:40]!r}")
             return Answer(Verdict.REPLY, text)
         raise MilterError(f"{self.address}: unexpected reply {command!r}")
+
+
+def _packet(command: bytes, data: bytes) -> bytes:
+    return struct.pack("!I", len(data) + 1) + command + data
 
 
 def connect_data(client_name: str, client_ip: str, client_port: int) -> bytes:
