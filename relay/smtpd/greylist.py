@@ -184,8 +184,8 @@ class Greylist:
     @contextlib.contextmanager
     def _locked(self, bucket: int) -> Iterator[None]:
         with self._thread_locks[bucket]:
-            fd = self._lock_fd_sync()
             try:
+                fd = self._lock_fd_sync()
                 fcntl.lockf(fd, fcntl.LOCK_EX, 1, bucket)
             except OSError as e:  # no lock to be had (a read-only volume): decide anyway
                 log.warning("greylist lock unavailable: %s", e)

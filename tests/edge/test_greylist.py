@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import re
 import signal
@@ -21,7 +22,15 @@ from mrtest.peers import RawClient
 from mrtest.relayproc import RelayProcess, wait_until, write_manifests
 from mrtest.spamzones import RECORDS, SILENT
 
-from relay.config import GreylistPolicy, RelayConfig, Restrictions
+from relay.config import (
+    ClientAccessEntry,
+    Domain,
+    GreylistPolicy,
+    NextHop,
+    RelayConfig,
+    Restrictions,
+    SpfPolicy,
+)
 from relay.smtpd.addresses import parse_path
 from relay.smtpd.greylist import (
     BUCKETS,
@@ -33,7 +42,7 @@ from relay.smtpd.greylist import (
     sender_key,
     triplet_key,
 )
-from relay.smtpd.policy import Check, greylist
+from relay.smtpd.policy import Check, check_recipient, greylist
 from relay.smtpd.session import ScreenResult, Session, Transaction
 
 CLIENT = "127.0.0.20"  # clean in the test DNS
@@ -202,11 +211,39 @@ POLICY = GreylistPolicy(enabled=True, delay=300, retry_window=2 * 86400, ttl=35 
 
 
 def check_for(store: Greylist, policy: GreylistPolicy, *, allowlisted: bool) -> Check:
-    config = RelayConfig("t", "mx.test", {}, set(), restrictions=Restrictions(greylist=policy))
+    restrictions = Restrictions(  # nothing that asks DNS
+        reject_unknown_recipient_domain=False,
+        reject_unknown_reverse_client_hostname=False,
+        spf=SpfPolicy(enabled=False),
+        greylist=policy,
+    )
+    config = RelayConfig("t", "mx.test", {}, set(), restrictions=restrictions)
     session = Session(client_ip="192.0.2.7", screen=ScreenResult(allowlisted=allowlisted))
     rcpt, _ = parse_path("<bob@example.com>")
     unused: Any = None  # no DNS or SPF check runs here
     return Check(config, session, Transaction("a@b.test"), rcpt, unused, unused, greylist=store)
+
+
+@pytest.mark.parametrize("client", ["127.0.1.5", "127.0.2.1"])
+async def test_mynetworks_and_client_access_permit_are_never_greylisted(
+    tmp_path: Path, client: str
+) -> None:
+    store = Greylist(tmp_path / "g")
+    check = check_for(store, dataclasses.replace(POLICY, skip_allowlisted=False), allowlisted=False)
+    check.config = dataclasses.replace(
+        check.config,
+        domains={"example.com": Domain("example.com", NextHop("127.0.0.1", 9), "any")},
+        mynetworks=(ipaddress.ip_network("127.0.1.0/24"),),
+        client_access=(ClientAccessEntry(ipaddress.ip_network("127.0.2.1/32"), "permit"),),
+    )
+    check.session.client_ip = client
+    check.session.trusted = client.startswith("127.0.1.")
+    assert await check_recipient(check) is None
+    assert check.reasons == ["permit_mynetworks" if check.session.trusted else "client_access"]
+    assert not (tmp_path / "g").exists()  # never asked
+    check.session.client_ip, check.session.trusted = "127.0.3.1", False
+    assert str(await check_recipient(check)).startswith("450 4.2.0")
+    store.close()
 
 
 @pytest.mark.parametrize("skip", [True, False])
