@@ -26,6 +26,8 @@ from enum import StrEnum
 MILTER_VERSION = 6
 BODY_CHUNK = 65535  # libmilter's MILTER_CHUNK_SIZE: the largest SMFIC_BODY
 SPOOL_BYTES = 256 * 1024  # a replacement body beyond this goes to a temporary file
+# Packets without a reply are written together up to this much (a body chunk alone).
+FLUSH_BYTES = 64 * 1024
 MAX_PACKET = 64 * 1024 * 1024  # a milter answer beyond this is garbage, not mail
 
 # MTA -> milter commands (SMFIC_*)
@@ -213,8 +215,9 @@ class MilterConnection:
         self.symlists: dict[bytes, list[str]] = {}  # command -> macro names it wants
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        # SMFIC_MACRO packets go out with the event they belong to: one write.
-        self._macros = b""
+        # Packets not written yet: macros and the events the milter sends no
+        # reply to (SMFIP_NR_*) go out with the next packet that needs one.
+        self._pending = b""
 
     # --- connection ---------------------------------------------------------
     async def open(self) -> None:
@@ -278,17 +281,27 @@ class MilterConnection:
             want = {n.strip("{}") for n in wanted}
             macros = {k: v for k, v in macros.items() if k.strip("{}") in want}
         if macros:
-            self._macros += _packet(MACRO, event + _cstr(*(x for kv in macros.items() for x in kv)))
+            pairs = _cstr(*(x for kv in macros.items() for x in kv))
+            self._pending += _packet(MACRO, event + pairs)
 
     async def event(self, event: bytes, data: bytes) -> Answer:
         """Sends one event; its answer (CONTINUE when the milter sends none)."""
         if not self.wants(event):
             return Answer(Verdict.CONTINUE)
-        self._send(event, data)
         flags = EVENT_FLAGS.get(event)
         if flags is not None and self.protocol & flags[1]:
-            await self._drain()
+            # No reply to wait for: the packet waits for the next write (rspamd
+            # asks for no reply to anything but the end of the message), or goes
+            # now with what is pending once that is FLUSH_BYTES.
+            if self._writer is None:
+                raise MilterError(f"{self.address}: not connected")
+            self._pending += _packet(event, data)
+            if len(self._pending) >= FLUSH_BYTES:
+                self._writer.write(self._pending)
+                self._pending = b""
+                await self._drain()
             return Answer(Verdict.CONTINUE)
+        self._send(event, data)
         return await self._answer()
 
     async def abort(self) -> None:
@@ -353,13 +366,14 @@ class MilterConnection:
     def _send(self, command: bytes, data: bytes) -> None:
         if self._writer is None:
             raise MilterError(f"{self.address}: not connected")
-        self._writer.write(self._macros + _packet(command, data))
-        self._macros = b""
+        self._writer.write(self._pending + _packet(command, data))
+        self._pending = b""
 
     async def _drain(self) -> None:
         assert self._writer is not None
         try:
-            await asyncio.wait_for(self._writer.drain(), self.command_timeout)
+            async with asyncio.timeout(self.command_timeout):
+                await self._drain_writer()
         except (OSError, TimeoutError) as e:
             raise MilterError(f"{self.address}: {str(e) or type(e).__name__}") from e
 

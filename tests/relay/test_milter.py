@@ -275,6 +275,28 @@ async def test_no_reply_steps_are_not_waited_for(milter: ScriptedMilter):
     assert verdict.reply is None and m.BODY not in milter.events
 
 
+async def test_what_needs_no_reply_reaches_the_milter_whole_and_in_order(milter: ScriptedMilter):
+    """rspamd's negotiation: no reply to anything but the end of the message.
+    The events and their macros wait for the next write, in order; a large body
+    still goes out in bounded writes."""
+    nr = [flags[1] for flags in m.EVENT_FLAGS.values()]
+    milter.protocol = sum(set(nr))
+    chain = chain_of(await milter.start())
+    body = b"0123456789" * 7 + b"\r\n"
+    message = MESSAGE + body * 20_000  # 1.4 MB
+    verdict = await run_message(chain, message, chunk=64 * 1024)
+    assert chain.states[0].connection._pending == b""  # all of it written
+    chain.close()
+    assert verdict.reply is None
+    assert milter.events[:5] == [m.CONNECT, m.HELO, m.MAIL, m.RCPT, m.DATA]
+    assert milter.events[5:10] == [m.HEADER] * 4 + [m.EOH]
+    assert set(milter.events[10:-1]) == {m.BODY} and milter.events[-1] == m.BODYEOB
+    assert milter.macros[m.CONNECT]["{client_addr}"] == "192.0.2.7"
+    assert milter.macros[m.MAIL]["i"] == "QID1"
+    assert bytes(milter.body) == message[message.index(b"\r\n\r\n") + 4 :]
+    assert milter.largest_chunk <= m.BODY_CHUNK
+
+
 # --- modifications --------------------------------------------------------------
 async def test_every_modification(milter: ScriptedMilter):
     milter.answers = {
