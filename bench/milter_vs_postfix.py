@@ -13,7 +13,9 @@ The question (issue #15): is mailrelay the bottleneck with a spam filter in
 the loop? Per system: a warm-up, then interleaved runs; medians reported:
 end-to-end messages/s, the relay's CPU per message, and rspamd's CPU per
 message and cores used during the runs of each system. Each run counts the
-messages rspamd scanned (its log) and fails unless every message was.
+messages rspamd scanned (its log) and fails unless every message was. Then
+(--no-baseline skips it) the same runs without a milter, on fresh instances:
+the same run's plain ratio and each relay's CPU cost of the milter.
 
     .venv/bin/python bench/milter_vs_postfix.py [--messages 2000] [--runs 3] [--workers N]
 
@@ -75,9 +77,11 @@ class Rspamd:
 
 
 def measured_run(
-    system: base.System, filter_: Rspamd, messages: int, size: int, sessions: int
+    system: base.System, filter_: Rspamd | None, messages: int, size: int, sessions: int
 ) -> dict[str, Any]:
     """One load run; the relay's measures plus rspamd's CPU and scan count."""
+    if filter_ is None:
+        return base.load(system, messages, size, sessions).summary()
     cpu0, scanned0 = filter_.cpu_seconds(), filter_.scanned()
     run = base.load(system, messages, size, sessions)
     # rspamd logs a scan after it answered: give the last ones a moment.
@@ -131,11 +135,27 @@ def report(results: dict[str, Any]) -> str:
             f"{median(rs, 'milter_cores'):.2f} | "
             f"{max((r['peak_mb'] for r in rs), default=0):.0f} MB |"
         )
-    pf = median(runs.get("postfix", []), "end_to_end_rate")
-    mr = median(runs.get("mailrelay", []), "end_to_end_rate")
-    if pf and mr:
-        lines += ["", f"End-to-end ratio mailrelay / Postfix, both with rspamd: **{mr / pf:.2f}x**"]
-    for r in (r for rs in runs.values() for r in rs if not r["ok"]):
+    baseline: dict[str, list[dict[str, Any]]] = results.get("baseline", {})
+    for name in SYSTEMS:
+        rs = baseline.get(name, [])
+        if rs:
+            lines.append(
+                f"| {name}, no milter | {median(rs, 'end_to_end_rate'):.0f} | "
+                f"{median(rs, 'cpu_ms_per_message'):.2f} ms | | | "
+                f"{max((r['peak_mb'] for r in rs), default=0):.0f} MB |"
+            )
+    lines.append("")
+    for label, table in (("both with rspamd", runs), ("no milter", baseline)):
+        pf = median(table.get("postfix", []), "end_to_end_rate")
+        mr = median(table.get("mailrelay", []), "end_to_end_rate")
+        if pf and mr:
+            lines.append(f"End-to-end ratio mailrelay / Postfix, {label}: **{mr / pf:.2f}x**.")
+    for name in SYSTEMS:
+        with_, without = runs.get(name, []), baseline.get(name, [])
+        if with_ and without:
+            cost = median(with_, "cpu_ms_per_message") - median(without, "cpu_ms_per_message")
+            lines.append(f"The milter's cost in {name}'s CPU per message: {cost:+.2f} ms.")
+    for r in (r for t in (runs, baseline) for rs in t.values() for r in rs if not r["ok"]):
         lines.append(f"FAILED run of {r['system']}: {r['error']}")
     return "\n".join(lines) + "\n"
 
@@ -173,8 +193,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then the same runs without a milter, for the milter's cost (default: on)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     return p.parse_args(argv)
+
+
+def rounds(
+    running: list[base.System],
+    args: argparse.Namespace,
+    out: dict[str, list[dict[str, Any]]],
+    filter_: Rspamd | None,
+) -> None:
+    """The warm-up, then the interleaved runs of each system, into out[name]."""
+    what = "with rspamd" if filter_ is not None else "without a milter"
+    for system in running:
+        print(f"warm-up {system.name} {what}: {args.warmup} messages", flush=True)
+        measured_run(system, filter_, args.warmup, args.size, args.sessions)
+    for i in range(args.runs):
+        for system in running if i % 2 == 0 else list(reversed(running)):
+            run = measured_run(system, filter_, args.messages, args.size, args.sessions)
+            out[system.name].append(run)
+            print(
+                f"run {i + 1} {system.name} {what}: end-to-end {run['end_to_end_rate']:.0f}/s, "
+                f"relay {run['cpu_ms_per_message']:.2f} ms CPU/msg"
+                + (
+                    f", rspamd {run['milter_cpu_ms_per_message']:.2f} ms CPU/msg, "
+                    f"{run['milter_scanned']} scanned"
+                    if filter_ is not None
+                    else ""
+                )
+                + ("" if run["ok"] else f" FAILED: {run['error']}"),
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,28 +255,18 @@ def main(argv: list[str] | None = None) -> int:
         "commit": base.commit_measured(),
         "load_average_start": os.getloadavg(),
         "runs": {name: [] for name in SYSTEMS},
+        "baseline": {name: [] for name in SYSTEMS},  # the same, without the milter
     }
     try:
         with (
             rspamd(workdir / "rspamd") as address,
             base.systems(workdir, args.workers, list(SYSTEMS), False, milter=address) as running,
         ):
-            filter_ = Rspamd(workdir / "rspamd")
-            for system in running:
-                print(f"warm-up {system.name}: {args.warmup} messages", flush=True)
-                measured_run(system, filter_, args.warmup, args.size, args.sessions)
-            for i in range(args.runs):
-                for system in running if i % 2 == 0 else list(reversed(running)):
-                    run = measured_run(system, filter_, args.messages, args.size, args.sessions)
-                    results["runs"][system.name].append(run)
-                    print(
-                        f"run {i + 1} {system.name}: end-to-end {run['end_to_end_rate']:.0f}/s, "
-                        f"relay {run['cpu_ms_per_message']:.2f} ms CPU/msg, rspamd "
-                        f"{run['milter_cpu_ms_per_message']:.2f} ms CPU/msg, "
-                        f"{run['milter_scanned']} scanned"
-                        + ("" if run["ok"] else f" FAILED: {run['error']}"),
-                        flush=True,
-                    )
+            rounds(running, args, results["runs"], Rspamd(workdir / "rspamd"))
+        if args.baseline:
+            (workdir / "baseline").mkdir(mode=0o755)
+            with base.systems(workdir / "baseline", args.workers, list(SYSTEMS), False) as running:
+                rounds(running, args, results["baseline"], None)
     finally:
         base.finish(results, report, out_dir, workdir, keep=args.keep)
     return 0
