@@ -187,12 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--messages", type=int, default=2000)
-    p.add_argument("--size", type=int, default=5120)
-    p.add_argument("--sessions", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
+    base.load_options(p, messages=2000, warmup=200)
     p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,

@@ -683,16 +683,22 @@ def systems(
                 thing.stop()
 
 
+def load_options(p: argparse.ArgumentParser, *, messages: int, warmup: int) -> None:
+    """The load's options (messages of a size over sessions, warm-up, interleaved
+    runs) and mailrelay's workers, shared by the benchmarks built on this one."""
+    p.add_argument("--messages", type=int, default=messages)
+    p.add_argument("--size", type=int, default=5120)
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--messages", type=int, default=5000)
-    p.add_argument("--size", type=int, default=5120)
-    p.add_argument("--sessions", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
+    load_options(p, messages=5000, warmup=500)
     p.add_argument("--probe-rate", type=float, default=20.0, help="latency probes/s (0: none)")
     p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
     p.add_argument("--memory-size", type=int, default=25_000_000, help="0 skips the memory run")
