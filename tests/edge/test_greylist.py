@@ -88,7 +88,10 @@ async def attempt(relay: RelayProcess, sender: str, rcpt: str, local: str = CLIE
 
 def worker_of(relay: RelayProcess, pattern: str) -> str:
     """The pid of the worker that logged the last line matching pattern."""
-    return relay.wait_for_log(pattern)[-1].split("mailrelay[")[1].split("]")[0]
+    line = relay.wait_for_log(pattern)[-1]
+    found = re.search(r" mailrelay[/\w]*\[(\d+)\]: ", line)  # mailrelay/smtpd[pid]:
+    assert found is not None, line
+    return found.group(1)
 
 
 async def session_on_another_worker(
