@@ -16,6 +16,7 @@ import kopf
 
 from mailrelay_api.schema import GROUP
 from mailrelay_operator import certificate, health, naming, operator_key
+from mailrelay_operator import settings as settings_env
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
 from mailrelay_operator.kubeapi import KubeApi, KubeObject
@@ -118,8 +119,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         operator_key=await asyncio.to_thread(operator_key.load),
         view=lambda: _view(memo),
         image=os.environ.get(naming.RELAY_IMAGE_ENV) or naming.DEFAULT_RELAY_IMAGE,
-        resync_seconds=float(os.environ.get("MAILRELAY_OPERATOR_RESYNC_SECONDS", "300")),
-        workers=int(os.environ.get("MAILRELAY_OPERATOR_WORKERS", "4")),
+        resync_seconds=float(
+            os.environ.get(settings_env.RESYNC_SECONDS_ENV) or settings_env.RESYNC_SECONDS_DEFAULT
+        ),
+        workers=int(os.environ.get(settings_env.WORKERS_ENV) or settings_env.WORKERS_DEFAULT),
         namespaces=tuple(NAMESPACES),
     )
     # Before kopf starts watching: every event it delivers is newer than this.

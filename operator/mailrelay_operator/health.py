@@ -2,8 +2,11 @@
 operator's event loop: a blocked loop answers neither).
 
 Alive: the reconcile loop runs (its task has not ended) and no pass has been
-stuck longer than STUCK_PASS_SECONDS. Ready: alive, and the first pass over
-every relay is done (the inputs were listed and each relay reconciled once).
+stuck longer than STUCK_PASS_SECONDS. Ready: alive, and the loop's first pass
+is done: the caches were seeded (the inputs listed) before the loop started,
+and it runs that pass at once, whether or not any MailRelay exists (a pass
+starts each dirty relay's reconcile, it does not wait for them: one relay
+whose pods never answer keeps no operator unready).
 """
 
 from __future__ import annotations
@@ -53,15 +56,12 @@ class Health:
         return True, "ok"
 
 
-HEALTH = Health()  # the process's one operator
-
-
 def _answer(result: tuple[bool, str]) -> web.Response:
     ok, why = result
     return web.Response(status=200 if ok else 503, text=why + "\n")
 
 
-async def serve(endpoint: str, health: Health = HEALTH) -> web.AppRunner:
+async def serve(endpoint: str, health: Health) -> web.AppRunner:
     """Serves endpoint's path (the liveness URL, e.g. http://0.0.0.0:8080/healthz)
     and /readyz on its host and port."""
     parts = urllib.parse.urlsplit(endpoint)

@@ -6,6 +6,7 @@ import argparse
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import kopf
 
@@ -13,12 +14,14 @@ import kopf
 METRICS_LISTEN_ENV = "MAILRELAY_OPERATOR_METRICS_LISTEN"
 
 
-def serve_metrics(listen: str) -> None:
-    """The process's metrics (memory grows with the recipient tables) on /metrics."""
+def serve_metrics(listen: str) -> Any:
+    """The process's metrics (memory grows with the recipient tables) on /metrics;
+    the HTTP server (a daemon thread; tests shut it down)."""
     from prometheus_client import start_http_server
 
     host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0")
+    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+    return server
 
 
 def run_operator(args: argparse.Namespace) -> int:

@@ -43,12 +43,13 @@ class PodError(Exception):
 
 
 class PodClient:
-    def __init__(self) -> None:
+    def __init__(self, timeout: aiohttp.ClientTimeout = TIMEOUT) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self.timeout = timeout  # a pod that never answers holds a reconcile this long
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=TIMEOUT)
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
     async def close(self) -> None:

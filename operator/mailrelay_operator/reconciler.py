@@ -44,7 +44,7 @@ from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
-from mailrelay_operator.health import HEALTH, Health
+from mailrelay_operator.health import Health
 from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import (
     KubeApi,
@@ -102,7 +102,7 @@ class Reconciler:
     network: NetworkSettings = field(default_factory=NetworkSettings.from_env)
 
     workers: int = 4  # relays reconciled at once
-    health: Health = field(default_factory=lambda: HEALTH)
+    health: Health = field(default_factory=Health)  # what /healthz and /readyz read
 
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
     running: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
@@ -155,6 +155,9 @@ class Reconciler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.resync_seconds
+        # A first pass at once, over whatever seed() marked (maybe nothing):
+        # ready means seeded and looping, not that some MailRelay exists.
+        await self.process()
         while True:
             # A steady stream of events must not postpone the resync forever.
             with contextlib.suppress(TimeoutError):
@@ -217,7 +220,7 @@ class Reconciler:
             self.running[key] = asyncio.create_task(
                 self._reconcile_one(key, render, view), name=f"mailrelay-{key[0]}-{key[1]}"
             )
-        metrics.QUEUE_DEPTH.set(len(self.queue.dirty) + len(self.running))
+        self._count_depth()
         if sweep:
             try:
                 self.sweep_orphans(view)
@@ -247,8 +250,13 @@ class Reconciler:
         finally:
             metrics.DURATION.observe(time.monotonic() - started)
             self.running.pop(key, None)
+            self._count_depth()
             if key in self.queue.dirty:
                 self.queue.wakeup.set()  # a mark that waited for this reconcile
+
+    def _count_depth(self) -> None:
+        """The queue-depth metric: relays marked or being reconciled."""
+        metrics.QUEUE_DEPTH.set(len(self.queue.dirty.keys() | self.running.keys()))
 
     # --- one relay --------------------------------------------------------------------
     async def reconcile_relay(self, key: Key, render: bool, view: ClusterView) -> bool:

@@ -17,6 +17,12 @@ METRICS_NAMESPACE_ENV = "MAILRELAY_METRICS_NAMESPACE"
 # "false": no NetworkPolicy per relay (a CNI without NetworkPolicy support
 # ignores them anyway; this is for clusters whose own policies do it).
 NETWORK_POLICY_ENV = "MAILRELAY_NETWORK_POLICY"
+# Seconds between resyncs (a pass over every relay from the watch caches).
+RESYNC_SECONDS_ENV = "MAILRELAY_OPERATOR_RESYNC_SECONDS"
+RESYNC_SECONDS_DEFAULT = 300.0
+# Relays reconciled at once (a worker each).
+WORKERS_ENV = "MAILRELAY_OPERATOR_WORKERS"
+WORKERS_DEFAULT = 4
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ controller, no kubelet. Tests play those parts where they need them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,23 +128,38 @@ def service_account_kubeconfig(kube: Kube, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOperator]:
+def operator_kubeconfig(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return service_account_kubeconfig(kube, tmp_path_factory.mktemp("operator"))
+
+
+@pytest.fixture(scope="session")
+def operator(operator_kubeconfig: Path) -> Iterator[RunningOperator]:
+    """The operator of the session: every namespace, no health endpoint."""
+    with run_operator(operator_kubeconfig) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def run_operator(
+    kubeconfig: Path, namespaces: tuple[str, ...] = (), liveness: str | None = None
+) -> Iterator[RunningOperator]:
+    """mailrelay_operator.main.run in a thread, with the operator's ServiceAccount;
+    stopped (and $KUBECONFIG restored) on the way out."""
     from mailrelay_operator import handlers, main
 
-    kubeconfig = service_account_kubeconfig(kube, tmp_path_factory.mktemp("operator"))
     saved = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(kubeconfig)
     os.environ.setdefault("MAILRELAY_RELAY_IMAGE", "registry.test/mailrelay:test")
     stop, ready = threading.Event(), threading.Event()
     started = len(handlers.RUNNING)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(main.run, (), None, stop, ready)
+        future = pool.submit(main.run, namespaces, liveness, stop, ready)
         try:
             wait_for("the operator to start", lambda: ready.is_set() or future.done(), 60)
             if future.done():
                 future.result()
             wait_for("the reconciler", lambda: len(handlers.RUNNING) > started, 30)
-            reconciler, loop = handlers.RUNNING[-1]
+            reconciler, loop = handlers.RUNNING[started]
             yield RunningOperator(reconciler, loop)
         finally:
             stop.set()
@@ -151,3 +168,12 @@ def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
                 os.environ.pop("KUBECONFIG", None)
             else:
                 os.environ["KUBECONFIG"] = saved
+
+
+@pytest.fixture(scope="session")
+def start_operator(
+    operator_kubeconfig: Path,
+) -> Callable[..., contextlib.AbstractContextManager[RunningOperator]]:
+    """Another operator beside the session's (run_operator's arguments), e.g.
+    for one namespace with its health endpoint."""
+    return functools.partial(run_operator, operator_kubeconfig)
