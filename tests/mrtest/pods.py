@@ -10,8 +10,12 @@ pod addresses.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
+import socket
+import struct
+import threading
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,3 +150,42 @@ class Kubelet:
             self.operator.reconciler.pod_address = cluster_address
 
         self.operator.call(reset)
+
+
+class SilentPod:
+    """A pod that takes connections and never answers (a hung relay, or its
+    control port behind a dead network path): the operator's drain request to it
+    waits until the PodClient's timeout. close() resets every connection.
+    """
+
+    def __init__(self) -> None:
+        self.host = next_loopback()
+        self._listener = socket.create_server((self.host, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.connections: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def control(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+
+    def close(self) -> None:
+        """Gone (again: a no-op)."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+        self._listener.close()
+        self._thread.join(timeout=5)
+        while self.connections:
+            conn = self.connections.pop()
+            # RST, not FIN: the client's request fails at once.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
