@@ -68,6 +68,8 @@ class EventRouter:
     statefulsets: dict[Key, KubeObject] = field(default_factory=dict)
     # relay -> its Certificate's Ready: (ready, message) (certificate.certificate_ready)
     certificates: dict[Key, tuple[bool, str]] = field(default_factory=dict)
+    # relay pod -> (uid, node, digest of its MX labels) at its last event
+    pods: dict[ObjectRef, tuple[str, str, str]] = field(default_factory=dict)
 
     def forget(self, relay: Key) -> None:
         self.replicas.pop(relay, None)
@@ -187,6 +189,29 @@ class EventRouter:
         for key, relay in self.view().relays.items():
             if certificate.wants_certificate(relay):
                 self.queue.mark(key, render=False)
+
+    def pod_event(self, body: KubeObject, deleted: bool) -> None:
+        """A relay pod made (the StatefulSet controller re-creates a deleted one
+        under its name, without the labels the operator set), bound to a node
+        (its zone is known now), or its MX labels changed by someone: the relay
+        is looked at, so its pods carry their spec.mx[].pods labels (mx_pods.py)
+        before they are ready, not after the next resync. Status updates of the
+        pod (most of its events) change none of these."""
+        key = owner_key(body)
+        if key is None:
+            return
+        ref = ("Pod", key_of(body))
+        if deleted:
+            self.pods.pop(ref, None)
+            return
+        meta = body["metadata"]
+        labels = meta.get("labels") or {}
+        mx = {k: v for k, v in labels.items() if k.startswith(naming.MX_PODS_LABEL_PREFIX)}
+        node = str((body.get("spec") or {}).get("nodeName") or "")
+        now = (str(meta.get("uid")), node, digest(mx))
+        if self.pods.get(ref) != now:
+            self.pods[ref] = now
+            self.queue.mark(key, render=False)
 
     def child_event(self, body: KubeObject, deleted: bool) -> None:
         """A ConfigMap or PDB (only its metadata): deleted or changed by another writer."""

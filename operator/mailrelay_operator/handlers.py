@@ -63,7 +63,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # once); the API server sends only ours, not every ConfigMap. Secrets are not
     # watched: the operator may write them, never read them (a deleted handover
     # Secret comes back at the next resync).
-    for plural in CHILD_PLURALS:
+    for plural in (*CHILD_PLURALS, "pods"):
         settings.watching.label_selectors[plural] = OWNED_SELECTOR
 
 
@@ -184,6 +184,13 @@ async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     _events(memo).service_event(dict(body), _deleted(event))
 
 
+# The relay pods (ours by their template's label; the API server sends no
+# other pod): spec.mx[].pods labels follow re-created and rescheduled pods.
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _events(memo).pod_event(_pod(body), _deleted(event))
+
+
 # A deleted or foreign-edited ConfigMap, PDB or NetworkPolicy comes back at once
 # (StatefulSets and Services: the handlers above do the same).
 @kopf.on.event("", "v1", "configmaps", labels=OWNED)
@@ -228,3 +235,11 @@ async def network_policy_event(
 def _child(body: kopf.Body, api_version: str, kind: str) -> KubeObject:
     """Only what child_event reads (not a big ConfigMap's data)."""
     return {"apiVersion": api_version, "kind": kind, "metadata": dict(body.get("metadata") or {})}
+
+
+def _pod(body: kopf.Body) -> KubeObject:
+    """Only what pod_event reads (not the pod's status)."""
+    return {
+        "metadata": dict(body.get("metadata") or {}),
+        "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
+    }

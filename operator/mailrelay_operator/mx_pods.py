@@ -3,9 +3,11 @@
 
 The StatefulSet gives every pod the same template, so the operator labels
 the pods itself: by ordinal (from the pod's name) or zone (its node's
-topology.kubernetes.io/zone). A new pod is labelled at the next reconcile
-(its readiness changes the StatefulSet's status, which marks the relay);
-until then only the Services of every pod reach it.
+topology.kubernetes.io/zone). The operator watches the relay pods
+(EventRouter.pod_event): a pod the StatefulSet controller makes, or re-makes
+without the labels, is labelled by ordinal as soon as it exists and by zone
+once it is bound to a node, before it is ready; until then only the Services
+of every pod reach it.
 """
 
 from __future__ import annotations

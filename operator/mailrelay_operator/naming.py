@@ -146,10 +146,13 @@ def mx_service_name(relay: dict[str, Any], hostname: str) -> str:
     return f"{name[:52].rstrip('-')}-{digest}"
 
 
+MX_PODS_LABEL_PREFIX = f"{GROUP}/mx-"
+
+
 def mx_pods_label(hostname: str) -> str:
     """The pod label an MX Service with spec.mx[].pods selects (the operator
     sets it on the pods that serve that MX; a hash: label names are short)."""
-    return f"{GROUP}/mx-{hashlib.sha256(hostname.lower().encode()).hexdigest()[:10]}"
+    return f"{MX_PODS_LABEL_PREFIX}{hashlib.sha256(hostname.lower().encode()).hexdigest()[:10]}"
 
 
 def mx_service_names(relay: dict[str, Any], kept: Mapping[str, str] | None = None) -> list[str]:

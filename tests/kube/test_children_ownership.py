@@ -114,11 +114,16 @@ def test_relay_pods_get_a_network_policy(kube: Kube, namespace: str) -> None:
     assert owner["kind"] == "MailRelay" and owner["name"] == "fenced"
 
 
-def test_a_backup_mx_served_by_a_subset_of_pods(kube: Kube, namespace: str) -> None:
-    # Play the scheduler: two nodes in two zones, and the relay's two pods.
+def two_zones(kube: Kube) -> None:
+    """Two nodes in two zones (node-a in zone-a, node-b in zone-b); no kubelet."""
     for node, zone in (("node-a", "zone-a"), ("node-b", "zone-b")):
         kube.apply(json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {
             "name": node, "labels": {"topology.kubernetes.io/zone": zone}}}))  # fmt: skip
+
+
+def test_a_backup_mx_served_by_a_subset_of_pods(kube: Kube, namespace: str) -> None:
+    # Play the scheduler: two nodes in two zones, and the relay's two pods.
+    two_zones(kube)
     labels = {
         "app.kubernetes.io/name": "mailrelay",
         "app.kubernetes.io/instance": "split",
@@ -154,3 +159,82 @@ def test_a_backup_mx_served_by_a_subset_of_pods(kube: Kube, namespace: str) -> N
     assert backup["spec"]["selector"][label] == "true"
     primary = kube.get("service", "split-mx-split-example", NS) or {}
     assert label not in primary["spec"]["selector"]
+
+
+def mx_labels(kube: Kube, pod: str) -> set[str]:
+    obj = kube.get("pod", pod, NS) or {"metadata": {}}
+    return {k for k in obj["metadata"].get("labels") or {} if k.startswith("mailrelay.io/mx-")}
+
+
+def test_mx_pod_labels_follow_a_recreated_pod(kube: Kube, namespace: str) -> None:
+    """The StatefulSet controller (played here) re-creates a deleted pod from the
+    template, without the operator's labels; the scheduler then binds it. The
+    labels come back from the watch of the pods, without a resync (nothing
+    else here would mark the relay: no controller updates the StatefulSet)."""
+    from mailrelay_operator.naming import mx_pods_label
+
+    two_zones(kube)
+    spec = json.loads(relay("follow"))
+    spec["spec"]["replicas"] = 2
+    spec["spec"]["mx"] += [
+        {"hostname": "second.follow.example", "priority": 20, "pods": {"ordinals": [1]}},
+        {"hostname": "zonal.follow.example", "priority": 30, "pods": {"zones": ["zone-b"]}},
+    ]
+    kube.apply(json.dumps(spec))
+    wait_for("follow Reconciled", lambda: reconciled(kube, "follow"))
+    sts = wait_for("StatefulSet follow", lambda: kube.get("statefulset", "follow", NS))
+    by_ordinal = mx_pods_label("second.follow.example")
+    by_zone = mx_pods_label("zonal.follow.example")
+
+    def make_pod() -> None:
+        template = sts["spec"]["template"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "follow-1",
+                "namespace": NS,
+                "labels": {
+                    **template["metadata"]["labels"],
+                    "statefulset.kubernetes.io/pod-name": "follow-1",
+                },
+            },
+            "spec": {
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "relay", "image": "registry.test/mailrelay:test"}],
+            },
+        }
+        kube.kubectl("create", "-f", "-", stdin=json.dumps(pod))
+
+    def bind(node: str) -> None:
+        binding = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": "follow-1", "namespace": NS},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
+        kube.kubectl("create", "-f", "-", stdin=json.dumps(binding))
+
+    for _ in range(2):  # made, then deleted and made again (a new uid, no labels)
+        make_pod()
+        wait_for("the ordinal's label", lambda: mx_labels(kube, "follow-1") == {by_ordinal})
+        bind("node-b")
+        wait_for(
+            "the zone's label once bound",
+            lambda: mx_labels(kube, "follow-1") == {by_ordinal, by_zone},
+        )
+        delete_now(kube, "follow-1")
+    # Someone takes a label off: it is put back.
+    make_pod()
+    wait_for("labelled", lambda: mx_labels(kube, "follow-1") == {by_ordinal})
+    kube.kubectl("label", "pod", "follow-1", "-n", NS, f"{by_ordinal}-")
+    wait_for("the label back", lambda: mx_labels(kube, "follow-1") == {by_ordinal})
+    backup = kube.get("service", "follow-second-follow-example", NS) or {}
+    assert backup["spec"]["selector"][by_ordinal] == "true"
+    delete_now(kube, "follow-1")
+
+
+def delete_now(kube: Kube, pod: str) -> None:
+    """No kubelet to finish a graceful delete: forced."""
+    kube.kubectl("delete", "pod", pod, "-n", NS, "--force", "--grace-period=0")
+    wait_for(f"{pod} gone", lambda: kube.get("pod", pod, NS) is None)

@@ -97,3 +97,30 @@ async def test_failed_relays_back_off() -> None:
     for failures in (0, 1, 3, 20):
         queue.mark_later(("mail", "edge"), failures)
     assert delays == [2.0, 4.0, 16.0, 300.0]
+
+
+def test_a_relay_pod_made_bound_or_relabelled_marks_its_relay_for_a_look() -> None:
+    r = router()
+
+    def pod(uid: str, node: str | None = None, **labels: str) -> dict[str, Any]:
+        meta = {
+            "name": "edge-1",
+            "namespace": "mail",
+            "uid": uid,
+            "labels": {naming.LABEL_INSTANCE: "edge", **labels},
+        }
+        return {"metadata": meta, "spec": {"nodeName": node}}
+
+    def marks(body: dict[str, Any], deleted: bool = False) -> dict[Any, bool]:
+        r.pod_event(body, deleted)
+        return r.queue.take()[0]
+
+    mx = naming.mx_pods_label("mx2.example.net")
+    assert marks(pod("1")) == {("mail", "edge"): False}  # made: no render
+    assert marks(pod("1")) == {}  # a status update
+    assert marks(pod("1", "node-b")) == {("mail", "edge"): False}  # bound: its zone known
+    assert marks(pod("1", "node-b", **{mx: "true"})) == {("mail", "edge"): False}
+    assert marks(pod("1", "node-b", **{mx: "true", "other": "x"})) == {}
+    assert marks(pod("1", "node-b"), deleted=True) == {}
+    assert marks(pod("2")) == {("mail", "edge"): False}  # made again
+    assert marks({"metadata": {"name": "stray", "namespace": "mail"}}) == {}

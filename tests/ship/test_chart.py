@@ -350,6 +350,8 @@ def test_rbac_grants_what_the_operator_needs_and_no_more(kube: Kube) -> None:
         assert not can("patch", "mailrelays.mailrelay.io", ns)
         assert can("patch", "relaydomains/status.mailrelay.io", ns)
         assert can("create", "statefulsets.apps", ns)
+        assert can("watch", "pods", ns)  # spec.mx[].pods labels follow the pods
+        assert not can("delete", "pods", ns)
         assert can("create", "certificates.cert-manager.io", ns)
         assert can("create", "events", ns)
         assert not can("get", "secrets", ns)
