@@ -82,6 +82,40 @@ def test_operator_args_match_the_cli() -> None:
     assert args.liveness == "http://0.0.0.0:8080/healthz"
 
 
+def test_probes_resync_value_and_notes(helm: str) -> None:
+    """readinessProbe on /readyz and livenessProbe on /healthz, at the port
+    --liveness serves; resyncSeconds and reconcileWorkers reach the operator;
+    NOTES.txt says how to check the operator and what it serves."""
+    import urllib.parse
+
+    from mailrelay_operator import settings
+
+    values = ("--set", "resyncSeconds=60", "--set", "reconcileWorkers=2")
+    (deploy,) = by_kind(render_chart(*values), "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (liveness,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--liveness=")]
+    assert urllib.parse.urlsplit(liveness).port == ports["health"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[settings.RESYNC_SECONDS_ENV] == "60"
+    assert env[settings.WORKERS_ENV] == "2"
+    # The chart's defaults are the operator's own (run without the chart).
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert float(defaults["resyncSeconds"]) == settings.RESYNC_SECONDS_DEFAULT
+    assert defaults["reconcileWorkers"] == settings.WORKERS_DEFAULT
+    notes = run(
+        [helm, "install", "mailrelay-operator", str(CHART), "--dry-run=client",
+         "--namespace", "mailrelay-system", *values],
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "KUBECONFIG": "/nonexistent"},
+    )  # fmt: skip
+    assert notes.returncode == 0, notes.stderr
+    text = notes.stdout[notes.stdout.index("NOTES:") :]
+    assert "rollout status deployment/mailrelay-operator" in text
+    assert "/readyz" in text and "every 60 s" in text and "2 relays at a time" in text
+
+
 def test_image_digest_and_tag() -> None:
     digest = "sha256:" + "a" * 64
     docs = render_chart("--set", f"image.digest={digest}", "--set", "relayImage.tag=1.2.3")
