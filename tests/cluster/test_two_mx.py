@@ -576,6 +576,64 @@ def test_rolling_upgrade_to_a_rebuilt_image_loses_nothing(installed: Cluster) ->
     delivered_once(c, queued + during, timeout=240, flush=True)
 
 
+def mx_endpoints(c: Cluster, service: str) -> list[str]:
+    """The ready addresses behind a Service (its EndpointSlices)."""
+    slices = c.get("-n", MAIL_NS, "endpointslices", "-l", f"kubernetes.io/service-name={service}")
+    return sorted(
+        a
+        for s in slices["items"]
+        for e in s.get("endpoints") or []
+        if (e.get("conditions") or {}).get("ready")
+        for a in e["addresses"]
+    )
+
+
+def test_an_mx_pinned_to_a_pod_follows_it_when_it_is_recreated(installed: Cluster) -> None:
+    """spec.mx[].pods: an MX served by edge-1 only; edge-1 deleted, re-made by the
+    StatefulSet controller without the operator's label, labelled again: the
+    MX Service reaches the new pod."""
+    c = installed
+    relay = c.get("-n", MAIL_NS, "mailrelay", RELAY)
+    mx = relay["spec"]["mx"]
+    pinned = {"hostname": "mx3.example.net", "priority": 30, "pods": {"ordinals": [1]}}
+    service = "edge-mx3-example-net"
+    c.kubectl(
+        "-n", MAIL_NS, "patch", "mailrelay", RELAY, "--type=merge",
+        "-p", json.dumps({"spec": {"mx": [*mx, pinned]}}),
+    )  # fmt: skip
+    try:
+        wait_until(
+            "mx3 served by edge-1 alone",
+            lambda: mx_endpoints(c, service) == [c.pod_ip("edge-1")],
+            120,
+            every=2,
+        )
+        uid = c.pod("edge-1")["metadata"]["uid"]
+        c.kubectl("-n", MAIL_NS, "delete", "pod", "edge-1", "--wait=true", timeout=180)
+        new = wait_until(
+            "edge-1 re-made and Ready",
+            lambda: (p := c.pod("edge-1"))["metadata"]["uid"] != uid and c.ready(p) and p,
+            300,
+            every=3,
+        )
+        wait_until(
+            "mx3 served by the new edge-1",
+            lambda: mx_endpoints(c, service) == [c.pod_ip("edge-1")],
+            60,
+            every=2,
+        )
+        assert any(k.startswith("mailrelay.io/mx-") for k in new["metadata"]["labels"]), new
+        svc = c.get("-n", MAIL_NS, "service", service)
+        subj, r = send((svc["spec"]["clusterIP"], 25))
+        assert accepted(r), r.output
+        delivered_once(c, [subj], flush=True)
+    finally:
+        c.kubectl(
+            "-n", MAIL_NS, "patch", "mailrelay", RELAY, "--type=merge",
+            "-p", json.dumps({"spec": {"mx": mx}}),
+        )  # fmt: skip
+
+
 def test_helm_uninstall_keeps_crds_and_users_resources(installed: Cluster) -> None:
     c = installed
     c.helm("uninstall", "mailrelay-operator", "--namespace", OPERATOR_NS, "--wait")
