@@ -54,7 +54,11 @@ from mailrelay_operator.kubeapi import (
     resource_path,
 )
 from mailrelay_operator.rollout import PROGRESS_DEADLINE_SECONDS, ProgressClock, rollout
-from mailrelay_operator.settings import NetworkSettings
+from mailrelay_operator.settings import (
+    RESYNC_SECONDS_DEFAULT,
+    WORKERS_DEFAULT,
+    NetworkSettings,
+)
 from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
 
@@ -88,7 +92,7 @@ class Reconciler:
     api: KubeApi
     view: Callable[[], ClusterView]
     image: str = naming.DEFAULT_RELAY_IMAGE
-    resync_seconds: float = 300.0
+    resync_seconds: float = RESYNC_SECONDS_DEFAULT
     debounce_seconds: float = 0.2
     retry_seconds: float = 2.0
 
@@ -101,7 +105,7 @@ class Reconciler:
     operator_key: bytes = field(default_factory=operator_key.load)
     network: NetworkSettings = field(default_factory=NetworkSettings.from_env)
 
-    workers: int = 4  # relays reconciled at once
+    workers: int = WORKERS_DEFAULT  # relays reconciled at once
     health: Health = field(default_factory=Health)  # what /healthz and /readyz read
 
     relays: dict[Key, RelayMemory] = field(default_factory=dict)
