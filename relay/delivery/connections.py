@@ -41,6 +41,7 @@ from relay.delivery.transaction import (
     run_transaction,
 )
 from relay.dns import Resolver
+from relay.queue.mailparams import NO_PARAMS, MailParams
 
 log = logging.getLogger("relay.delivery")
 
@@ -292,8 +293,11 @@ class ConnectionPool:
         chunks: ChunkSource,
         *,
         local_hostname: str,
+        params: MailParams = NO_PARAMS,
+        utf8_headers: bool = False,
     ) -> list[RecipientResult]:
-        """Sends one message to one next hop; one result per recipient, never raises."""
+        """Sends one message to one next hop; one result per recipient, never raises.
+        `params`: the message's SMTPUTF8/BODY/DSN parameters (relay.queue.mailparams)."""
         results: dict[str, RecipientResult] = {}
         valid = []
         for r in recipients:
@@ -327,6 +331,8 @@ class ConnectionPool:
                 reused=reused,
                 pipelining=self.pipelining,
                 timeout=self.command_timeout,
+                params=params,
+                utf8_headers=utf8_headers,
             )
 
         await self._converse(hop, local_hostname, valid, results, transaction)

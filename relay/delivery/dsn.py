@@ -19,6 +19,11 @@ MAILER_DAEMON = "MAILER-DAEMON"
 # and travels with it in a handover.
 CLIENT = "bounce"
 SUBJECT = "Undelivered Mail Returned to Sender"
+# A "relayed" notice (NOTIFY=SUCCESS, the next hop does not offer DSN).
+SUCCESS_SUBJECT = "Successful Mail Delivery Report"
+# RET=FULL returns the whole message up to this size, else its headers
+# (Postfix's bounce_size_limit).
+BOUNCE_SIZE_LIMIT = 50_000
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _STATUS = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 
@@ -34,6 +39,8 @@ class Failure:
     smtp_reply: bool = True  # diagnostic is an SMTP reply (else our own text)
     in_reply_to: str = ""  # "RCPT TO", "end of DATA", ... (for the text part)
     expired: bool = False
+    original_recipient: str = ""  # the ORCPT ("rfc822;a@b"), when the client gave one
+    action: str = "failed"  # or "relayed": delivered to a next hop without DSN
 
 
 def one_line(text: str) -> str:
@@ -41,7 +48,26 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _success_text(hostname: str, relayed: list[Failure]) -> str:
+    lines = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        "Your message was successfully delivered to the destination(s)",
+        "listed below. If the message was delivered to mailbox you will",
+        "receive no further notifications. Otherwise you may still receive",
+        "notifications of mail delivery errors from other systems.",
+        "",
+        "                   The mail system",
+        "",
+    ]
+    for f in relayed:
+        lines.append(f"<{f.recipient}>: delivery via {f.remote_mta}: {one_line(f.diagnostic)}")
+    return "\r\n".join(lines) + "\r\n"
+
+
 def _human_text(hostname: str, failures: list[Failure], lifetime_days: float | None) -> str:
+    if failures and all(f.action == "relayed" for f in failures):
+        return _success_text(hostname, failures)
     lines = [f"This is the mail system at host {hostname}.", ""]
     if any(f.expired for f in failures) and lifetime_days is not None:
         lines += [
@@ -76,8 +102,8 @@ def _status_block(f: Failure) -> str:
     status = f.status if _STATUS.match(f.status) else ("4.0.0" if f.expired else "5.0.0")
     block = [
         f"Final-Recipient: rfc822; {f.recipient}",
-        f"Original-Recipient: rfc822;{f.recipient}",
-        "Action: failed",
+        f"Original-Recipient: {one_line(f.original_recipient or f'rfc822;{f.recipient}')}",
+        f"Action: {f.action}",
         f"Status: {status}",
     ]
     if f.remote_mta:
@@ -104,14 +130,21 @@ def build_dsn(
     now: float,
     dsn_queue_id: str = "",
     lifetime_days: float | None = None,
+    envid: str = "",
+    original_message: bytes | None = None,
 ) -> bytes:
-    """The whole bounce message (headers and body, CRLF line ends)."""
+    """The whole bounce message (headers and body, CRLF line ends).
+
+    `failures` all "failed", or all "relayed" (a success notice); `envid`:
+    the client's ENVID; `original_message`: the whole message to return
+    (RET=FULL), else its headers are returned."""
+    success = bool(failures) and all(f.action == "relayed" for f in failures)
     boundary = f"{queue_id}.{int(now)}/{hostname}"
     message_id = f"<{int(now)}.{dsn_queue_id or queue_id}@{hostname}>"
     headers = [
         f"From: {MAILER_DAEMON}@{hostname} (Mail Delivery System)",
         f"To: {original_sender}",
-        f"Subject: {SUBJECT}",
+        f"Subject: {SUCCESS_SUBJECT if success else SUBJECT}",
         f"Date: {formatdate(now)}",
         f"Message-Id: {message_id}",
         "Auto-Submitted: auto-replied",
@@ -120,7 +153,8 @@ def build_dsn(
         f'\tboundary="{boundary}"',
         "Content-Transfer-Encoding: 8bit",
     ]
-    per_message = [
+    per_message = [f"Original-Envelope-Id: {one_line(envid)}"] if envid else []
+    per_message += [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Mailrelay-Queue-ID: {queue_id}",
         f"X-Mailrelay-Sender: rfc822; {original_sender}",
@@ -140,9 +174,16 @@ def build_dsn(
         "\r\n".join(per_message) + "\r\n",
         *("\r\n" + _status_block(f) for f in failures),
         f"\r\n--{boundary}\r\n",
-        "Content-Description: Undelivered Message Headers\r\n",
-        "Content-Type: text/rfc822-headers\r\n",
-        "Content-Transfer-Encoding: 8bit\r\n\r\n",
     ]
+    what = "Delivered Message" if success else "Undelivered Message"
+    if original_message is not None:
+        parts.append(f"Content-Description: {what}\r\nContent-Type: message/rfc822\r\n")
+        returned = _LINE_ENDS.sub(b"\r\n", original_message).rstrip(b"\r\n") + b"\r\n"
+    else:
+        parts.append(
+            f"Content-Description: {what} Headers\r\nContent-Type: text/rfc822-headers\r\n"
+        )
+        returned = header_section(original_headers)
+    parts.append("Content-Transfer-Encoding: 8bit\r\n\r\n")
     body = "".join(parts).encode("utf-8", "surrogateescape")
-    return body + header_section(original_headers) + f"\r\n--{boundary}--\r\n".encode()
+    return body + returned + f"\r\n--{boundary}--\r\n".encode()

@@ -28,20 +28,26 @@ from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import NextHop, RelayConfig
-from relay.delivery import dsn
+from relay.delivery import dsn, notices
 from relay.delivery.connections import ConnectionPool
-from relay.delivery.dsn import Failure, build_dsn
 from relay.delivery.nexthop import SMTP_PORT
 from relay.delivery.transaction import (
     BOUNCED,
     SENT,
-    AddressError,
     RecipientResult,
-    check_address,
 )
 from relay.delivery.transaction import DEFERRED as RESULT_DEFERRED
 from relay.dns import Resolver
-from relay.queue.format import ACTIVE, DEFERRED, HOLD, READ_CHUNK, Claim, QueueState, id_time
+from relay.queue.format import (
+    ACTIVE,
+    DEFERRED,
+    HOLD,
+    READ_CHUNK,
+    Claim,
+    Envelope,
+    QueueState,
+    id_time,
+)
 from relay.queue.gauges import count_queue
 from relay.queue.store import Queue
 
@@ -358,28 +364,41 @@ class Delivery:
         self._log_and_count(claim, unrouted)
         results = list(unrouted)
         chunks = self._chunks(claim)
+        utf8_headers = False
+        if groups and env.params.smtputf8:  # does the message need SMTPUTF8 (Postfix)?
+            headers = await self.queue.run_io(self.queue.read_headers_sync, claim)
+            utf8_headers = not headers.isascii()
         if len(groups) == 1:  # the common case: no extra tasks
             [(hop, rcpts)] = groups.items()
-            group = await self._deliver_timed(config, hop, env.sender, rcpts, chunks)
+            group = await self._deliver_timed(config, hop, env, rcpts, chunks, utf8_headers)
             results += group
             self._log_and_count(claim, group)
         elif groups:
-            await self._deliver_groups(claim, config, groups, chunks, results)
+            await self._deliver_groups(claim, config, groups, chunks, results, utf8_headers)
         await self._conclude(claim, config, results)
 
     async def _deliver_timed(
         self,
         config: RelayConfig,
         hop: NextHop,
-        sender: str,
+        env: Envelope,
         rcpts: list[str],
         chunks: Callable[[], AsyncIterator[bytes]],
+        utf8_headers: bool,
     ) -> list[RecipientResult]:
         """One attempt at one next hop, its time in mailrelay_delivery_seconds
         (under the first recipient's domain: domains with the same next hop
         are delivered together)."""
         started = time.monotonic()
-        group = await self.pool.deliver(hop, sender, rcpts, chunks, local_hostname=config.hostname)
+        group = await self.pool.deliver(
+            hop,
+            env.sender,
+            rcpts,
+            chunks,
+            local_hostname=config.hostname,
+            params=env.params,
+            utf8_headers=utf8_headers,
+        )
         domain = metric_domain(config, rcpts[0])
         metrics.DELIVERY_SECONDS.labels(domain).observe(time.monotonic() - started)
         return group
@@ -402,11 +421,14 @@ class Delivery:
         groups: dict[NextHop, list[str]],
         chunks: Callable[[], AsyncIterator[bytes]],
         results: list[RecipientResult],
+        utf8_headers: bool,
     ) -> None:
         """Several next hops at once; what is done is saved as each finishes."""
         env = claim.envelope
         tasks = [
-            asyncio.ensure_future(self._deliver_timed(config, hop, env.sender, rcpts, chunks))
+            asyncio.ensure_future(
+                self._deliver_timed(config, hop, env, rcpts, chunks, utf8_headers)
+            )
             for hop, rcpts in groups.items()
         ]
         try:
@@ -452,7 +474,7 @@ class Delivery:
     ) -> None:
         env = claim.envelope
         now = self.clock()
-        failures = [_failure(r) for r in results if r.kind == BOUNCED]
+        failures = [notices.failure(r, claim) for r in results if r.kind == BOUNCED]
         deferred = [r for r in results if r.kind == RESULT_DEFERRED]
         progress = claim.progress
         if deferred:
@@ -485,7 +507,7 @@ class Delivery:
                         r.reply,
                     )
                     if notify:
-                        failures.append(_failure(r, expired=True))
+                        failures.append(notices.failure(r, claim, expired=True))
                     else:
                         progress.done[r.recipient] = "expired"
                 metrics.EXPIRED.inc()
@@ -495,10 +517,15 @@ class Delivery:
                 progress.done[r.recipient] = SENT
                 if env.client == dsn.CLIENT:
                     self._dsn_sent(claim, config, r)
-        if failures:
-            await self._return_to_sender(claim, config, failures)
-            for f in failures:
-                progress.done[f.recipient] = "expired" if f.expired else BOUNCED
+        for reports in (notices.wanted(claim, failures), notices.relayed(claim, results)):
+            if reports:
+                dsn_id = await notices.return_to_sender(
+                    self.queue, claim, config, reports, self.clock()
+                )
+                if dsn_id is not None:
+                    self.wake(dsn_id)
+        for f in failures:
+            progress.done[f.recipient] = "expired" if f.expired else BOUNCED
         if deferred:
             at = now + backoff(
                 now - env.arrival, config.queue.min_backoff, config.queue.max_backoff
@@ -521,78 +548,9 @@ class Delivery:
         )
         metrics.DSN.labels("sent", route).inc()
 
-    def _not_returned(
-        self, claim: Claim, config: RelayConfig, failures: list[Failure]
-    ) -> tuple[str, str] | None:
-        """Why no DSN goes back for `failures`: (metric reason, log text), or None."""
-        env = claim.envelope
-        if not env.sender:
-            if env.client == dsn.CLIENT:  # our own DSN failed: never a bounce of a bounce
-                why = "expired" if any(f.expired for f in failures) else "rejected"
-                return why, f"{why}: {dsn.one_line(failures[0].diagnostic)}"
-            return "null_sender", "the sender is null (a bounce is never bounced)"
-        if config.bounces.delivery == "none":
-            return "disabled", "bounces.delivery is none"
-        try:
-            check_address(env.sender)
-        except AddressError as e:  # Postfix's double bounce, with no postmaster to get it
-            return "bad_sender", str(e)
-        domain = env.sender.rpartition("@")[2]
-        if not domain:
-            return "bad_sender", "the sender has no domain"
-        if config.bounces.delivery == "relayDomainsOnly" and config.domain_of(domain) is None:
-            return "not_relay_domain", (
-                f"{domain} is not a relay domain here (bounces.delivery: relayDomainsOnly)"
-            )
-        return None
-
-    async def _return_to_sender(
-        self, claim: Claim, config: RelayConfig, failures: list[Failure]
-    ) -> None:
-        env = claim.envelope
-        not_returned = self._not_returned(claim, config, failures)
-        if not_returned is not None:
-            reason, text = not_returned
-            to = env.recipients[0] if env.client == dsn.CLIENT and not env.sender else env.sender
-            log.warning(
-                "%s: non-delivery notification to <%s> dropped: %s", claim.queue_id, to, text
-            )
-            metrics.DSN.labels("dropped", reason).inc()
-            return
-        headers = await self.queue.run_io(self.queue.read_headers_sync, claim)
-        msg = self.queue.incoming()
-        data = build_dsn(
-            hostname=config.hostname,
-            queue_id=claim.queue_id,
-            original_sender=env.sender,
-            arrival=env.arrival,
-            failures=failures,
-            original_headers=headers,
-            now=self.clock(),
-            dsn_queue_id=msg.queue_id,
-            lifetime_days=config.queue.lifetime / 86400,
-        )
-        msg.write(data)
-        dsn_id = await msg.commit("", [env.sender], dsn.CLIENT)
-        log.info("%s: sender non-delivery notification: %s", claim.queue_id, dsn_id)
-        self.wake(dsn_id)
-
 
 def metric_domain(config: RelayConfig, recipient: str) -> str:
     """The `domain` label of a recipient: its relay domain, else one value for
     all others (never a name the sender chose: the series stay bounded)."""
     domain = recipient.rpartition("@")[2].lower().rstrip(".")
     return domain if config.domain_of(domain) is not None else metrics.OTHER_DOMAIN
-
-
-def _failure(r: RecipientResult, *, expired: bool = False) -> Failure:
-    host = r.relay.rsplit(":", 1)[0] if r.relay != "none" else ""
-    return Failure(
-        recipient=r.recipient,
-        status=r.status,
-        diagnostic=r.reply,
-        remote_mta=host,
-        smtp_reply=r.smtp_reply,
-        in_reply_to=r.in_reply_to,
-        expired=expired,
-    )

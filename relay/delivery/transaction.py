@@ -29,6 +29,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from relay.delivery.replies import Borrowed, ReplyError, ReplyReader
+from relay.queue.mailparams import NO_PARAMS, MailParams
 
 
 class ResultKind(enum.StrEnum):
@@ -91,6 +92,9 @@ class RecipientResult:
     relay: str = "none"  # host[ip]:port
     smtp_reply: bool = True  # reply came from the next hop (else our own text)
     in_reply_to: str = ""  # which command the reply answered
+    # SENT to a next hop that offers DSN, with the recipient's NOTIFY/ORCPT:
+    # success notices are its job now, not ours (no "relayed" DSN).
+    dsn_passed: bool = False
 
 
 def enhanced_status(code: int, message: str) -> str:
@@ -173,6 +177,7 @@ class _Exchange:
         self.stage = MAIL_STAGE
         self.accepted: list[str] = []
         self.delivered = False  # the final dot was answered 250: no RSET
+        self.dsn_passed = False  # the DSN parameters went to the next hop
 
     def fail(self, resp: SMTPResponse, names: list[str], stage: str) -> None:
         kind = BOUNCED if resp.code >= 500 else DEFERRED
@@ -240,7 +245,9 @@ class _Exchange:
             return
         text, status = f"250 {final.message}", enhanced_status(250, final.message)
         for r in self.accepted:
-            self.results[r] = RecipientResult(r, SENT, text, status, self.label)
+            self.results[r] = RecipientResult(
+                r, SENT, text, status, self.label, dsn_passed=self.dsn_passed
+            )
         self.delivered = True
 
 
@@ -255,24 +262,37 @@ async def run_transaction(
     reused: bool,
     pipelining: bool,
     timeout: float,
+    params: MailParams = NO_PARAMS,
+    utf8_headers: bool = False,
 ) -> Outcome:
     """Sends one message over `smtp` (connected to `label`, host[ip]:port);
-    fills `results` for every recipient unless the outcome is RETRY."""
+    fills `results` for every recipient unless the outcome is RETRY.
+    `utf8_headers`: the message's headers are not all ASCII."""
     options = []
-    if not (sender.isascii() and all(r.isascii() for r in recipients)):
-        if not smtp.supports_extension("smtputf8"):
-            reason = f"host {label} does not support SMTPUTF8, needed for this address"
+    ascii_envelope = sender.isascii() and all(r.isascii() for r in recipients)
+    if not smtp.supports_extension("smtputf8"):
+        # Postfix: a message that needs SMTPUTF8 (UTF-8 in the envelope, or
+        # SMTPUTF8 requested and UTF-8 in the headers) is not sent without it.
+        if not ascii_envelope or (params.smtputf8 and utf8_headers):
+            reason = f"SMTPUTF8 is required, but was not offered by host {label}"
             for r in recipients:
                 results[r] = RecipientResult(r, BOUNCED, reason, "5.6.7", label, False)
             return Outcome.KEEP
+    elif params.smtputf8 or not ascii_envelope:
         options.append(b"SMTPUTF8")
     if smtp.supports_extension("8bitmime"):
-        options.append(b"BODY=8BITMIME")
+        options.append(b"BODY=7BIT" if params.body == "7BIT" else b"BODY=8BITMIME")
+    exchange = _Exchange(label, recipients, results)
+    exchange.dsn_passed = smtp.supports_extension("dsn")
+    if exchange.dsn_passed and params.esmtp_mail():
+        options.append(params.esmtp_mail().encode())
     commands = [b" ".join([b"MAIL FROM:<" + sender.encode() + b">", *options]) + b"\r\n"]
-    commands += [b"RCPT TO:<" + r.encode() + b">\r\n" for r in recipients]
+    for r in recipients:
+        rcpt_options = params.recipient(r).esmtp() if exchange.dsn_passed else ""
+        rcpt_options = " " + rcpt_options if rcpt_options else ""
+        commands.append(b"RCPT TO:<" + r.encode() + b">" + rcpt_options.encode() + b"\r\n")
     commands.append(b"DATA\r\n")
     window = len(commands) if pipelining and smtp.supports_extension("pipelining") else 1
-    exchange = _Exchange(label, recipients, results)
 
     async def converse(reader: ReplyReader) -> None:
         await exchange.run(reader, commands, window, chunks, timeout)

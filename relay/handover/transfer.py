@@ -47,6 +47,7 @@ from mailrelay_api.drain_protocol import sign, verify  # one HMAC for drains and
 from relay import metrics
 from relay.delivery.transaction import DataEncoder
 from relay.queue.format import HOLD, READ_CHUNK, Claim, QueueError
+from relay.queue.mailparams import NO_PARAMS, MailParams
 from relay.queue.store import Queue
 from relay.smtpd.smtpdata import DataDecoder
 
@@ -89,6 +90,7 @@ class HandedEnvelope:
     arrival: float
     client: str = ""
     hold: bool = False
+    params: MailParams = NO_PARAMS  # SMTPUTF8, BODY, DSN (relay.queue.mailparams)
 
     def encode(self) -> str:
         doc = {
@@ -99,6 +101,9 @@ class HandedEnvelope:
             "client": self.client,
             "hold": self.hold,
         }
+        params = self.params.to_dict()
+        if params:  # (a peer of an older version never sees the key)
+            doc["params"] = params
         return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
 
     @classmethod
@@ -130,6 +135,7 @@ class HandedEnvelope:
             arrival=float(arrival),
             client=str(doc.get("client") or ""),
             hold=bool(doc.get("hold")),
+            params=MailParams.from_dict(doc.get("params")),
         )
 
 
@@ -319,6 +325,7 @@ class HandoverServer:
                 envelope.recipients,
                 client=envelope.client,
                 arrival=envelope.arrival,
+                params=envelope.params,
             )
         except QueueError as e:
             incoming.abort()
@@ -421,6 +428,7 @@ class HandoverClient:
             arrival=env.arrival,
             client=env.client,
             hold=hold,
+            params=env.params,
         )
         try:
             await self._command(f"XENVELOPE {handed.encode()}", 250)

@@ -21,6 +21,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from relay.queue.mailparams import NO_PARAMS, MailParams
+
 # Folder names. A committed message is in exactly one of QUEUE_STATES.
 INCOMING: Final = "incoming"
 ACTIVE: Final = "active"
@@ -108,19 +110,25 @@ class Envelope:
     arrival: float
     client: str
     size: int  # bytes of message data (the trailer starts here)
+    # SMTPUTF8, BODY and the DSN parameters (relay.queue.mailparams). An
+    # optional field of the trailer: written only when some were given, and
+    # files without it (all files written before it existed) read as none.
+    params: MailParams = NO_PARAMS
 
     def to_json(self) -> bytes:
-        return _COMPACT_JSON.encode(
-            {
-                "v": 1,
-                "id": self.queue_id,
-                "sender": self.sender,
-                "recipients": self.recipients,
-                "arrival": self.arrival,
-                "client": self.client,
-                "size": self.size,
-            }
-        ).encode()
+        doc = {
+            "v": 1,
+            "id": self.queue_id,
+            "sender": self.sender,
+            "recipients": self.recipients,
+            "arrival": self.arrival,
+            "client": self.client,
+            "size": self.size,
+        }
+        params = self.params.to_dict()
+        if params:
+            doc["params"] = params
+        return _COMPACT_JSON.encode(doc).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
@@ -132,6 +140,7 @@ class Envelope:
             arrival=float(d["arrival"]),
             client=d.get("client", ""),
             size=int(d["size"]),
+            params=MailParams.from_dict(d.get("params")),
         )
 
 

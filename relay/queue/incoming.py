@@ -33,6 +33,7 @@ from relay.queue.format import (
     trailer,
     write_all,
 )
+from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # Messages up to this size stay in memory from receipt to delivery (no read
 # back); bigger ones are written out in chunks of this size while received.
@@ -155,6 +156,7 @@ class IncomingMessage:
         client: str = "",
         *,
         arrival: float | None = None,
+        params: MailParams = NO_PARAMS,
     ) -> str:
         """Makes the message durable (data and envelope fsynced, folder fsynced); returns the id.
 
@@ -177,6 +179,7 @@ class IncomingMessage:
             arrival=self.queue.clock() if arrival is None else arrival,
             client=client,
             size=self.size,
+            params=params.only(list(recipients)),
         )
         try:
             await self.queue.committer.commit(self, tail, envelope)

@@ -220,14 +220,16 @@ def is_fqdn(domain: str) -> bool:
     return not labels[-1].isdigit()
 
 
-def parse_esmtp_params(params: str) -> dict[str, str] | None:
-    """'SIZE=123 BODY=8BITMIME' -> {'SIZE': '123', 'BODY': '8BITMIME'}; None if malformed."""
+def esmtp_param_items(params: str) -> list[tuple[str, str, str]] | None:
+    """'SIZE=123 RET=' -> [('SIZE', '123', 'SIZE=123'), ('RET', '', 'RET=')]:
+    (upper-case keyword, value, the parameter as sent), in order, repeats
+    kept; None if malformed (a keyword that is not esmtp-keyword syntax)."""
     if _CONTROL_BUT_TAB.search(params):
         return None  # str.split() would take CR, FF, \x1c.. for spaces
-    out: dict[str, str] = {}
+    out = []
     for item in params.split():
-        key, eq, value = item.partition("=")
-        if not key or not (key.isascii() and key.replace("-", "").isalnum()) or (eq and not value):
+        key, _, value = item.partition("=")
+        if not key or not (key.isascii() and key.replace("-", "").isalnum()):
             return None
-        out[key.upper()] = value
+        out.append((key.upper(), value, item))
     return out

@@ -262,7 +262,8 @@ class RelaySMTP(MailTransaction):
         ]
         if self.ctx.tls_context is not None and not self.state.tls:
             lines.append("STARTTLS")
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        # In Postfix's order; DSN and SMTPUTF8 as with smtputf8_enable=yes.
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         await self.send_lines([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
 
     async def _helo_refused(self, name: str) -> bool:

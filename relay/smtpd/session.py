@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from relay.queue.mailparams import NO_PARAMS, MailParams, RecipientParams
+
 # postscreen's verdict: pass (go on), enforce (550 to every RCPT, no DATA),
 # drop (send the reply, if any, and close).
 ScreenAction = Literal["pass", "enforce", "drop"]
@@ -109,6 +111,10 @@ class Transaction:
     recipients: list[str] = field(default_factory=list)
     mail_options: list[str] = field(default_factory=list)
     size_hint: int | None = None  # MAIL FROM SIZE=
+    # SMTPUTF8, BODY, RET, ENVID from MAIL (recipients empty); NOTIFY and
+    # ORCPT of each accepted recipient that gave any.
+    params: MailParams = NO_PARAMS
+    rcpt_params: dict[str, RecipientParams] = field(default_factory=dict)
     rcpt_count: int = 0  # RCPTs accepted, repeats included (smtpd_recipient_limit)
     # Headers to prepend (Received-SPF, Received), in order.
     prepend_headers: list[str] = field(default_factory=list)

@@ -15,6 +15,7 @@ verdict is END_OF_DATA_RESTRICTIONS' `content`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import time
@@ -23,9 +24,10 @@ from datetime import UTC, datetime
 from relay import logbuffer, metrics
 from relay.queue.incoming import IncomingMessage
 from relay.smtpd import content, hygiene, policy
-from relay.smtpd.addresses import AddressError, parse_esmtp_params, parse_path
+from relay.smtpd.addresses import AddressError, esmtp_param_items, parse_path
 from relay.smtpd.connection import SmtpConnection
 from relay.smtpd.context import ServerContext
+from relay.smtpd.esmtpparams import mail_params, rcpt_params
 from relay.smtpd.hygiene import printable
 from relay.smtpd.milters import MessageVerdict
 from relay.smtpd.miltersession import SessionMilters, finish, hold
@@ -62,23 +64,6 @@ def received_header(session: Session, hostname: str, queue_id: str, recipients: 
     ).encode("utf-8", "surrogateescape")
 
 
-def parse_mail_size(params: dict[str, str]) -> int | Reply | None:
-    """MAIL FROM's parameters: the SIZE= hint, None without one, or the reply
-    to a parameter this server does not take."""
-    size: int | None = None
-    for key, value in params.items():
-        if key == "SIZE":
-            size = hygiene.ascii_number(value)
-            if size is None:
-                return Reply(501, "5.5.4", "Bad message size syntax")
-        elif key == "BODY":
-            if value.upper() not in ("7BIT", "8BITMIME"):
-                return Reply(501, "5.5.4", "Unsupported BODY parameter")
-        elif key != "AUTH":  # no AUTH here; RFC 4954 says to ignore it then
-            return Reply(555, "5.5.4", f"Unsupported option: {printable(key)}")
-    return size
-
-
 def parse_mail(arg: str, *, esmtp: bool) -> Transaction | Reply:
     """MAIL FROM's argument as a new transaction, or the reply to its syntax error."""
     if arg[:5].upper() != "FROM:":
@@ -87,13 +72,16 @@ def parse_mail(arg: str, *, esmtp: bool) -> Transaction | Reply:
         sender, param_text = parse_path(arg[5:])
     except AddressError:
         return Reply(501, "5.1.7", "Bad sender address syntax")
-    params = parse_esmtp_params(param_text)
-    if params is None or (params and not esmtp):
+    items = esmtp_param_items(param_text)
+    if items is None or (items and not esmtp):
         return Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-    size = parse_mail_size(params) if params else None
-    if isinstance(size, Reply):
-        return size
-    return Transaction(sender=sender.text, mail_options=param_text.split(), size_hint=size)
+    parsed = mail_params(items)
+    if isinstance(parsed, Reply):
+        return parsed
+    size, params = parsed
+    return Transaction(
+        sender=sender.text, mail_options=param_text.split(), size_hint=size, params=params
+    )
 
 
 class MailTransaction(SmtpConnection):
@@ -208,12 +196,13 @@ class MailTransaction(SmtpConnection):
         if rcpt.is_null:
             await self.reply(501, "5.1.3", "Bad recipient address syntax")
             return
-        params = parse_esmtp_params(param_text)
-        if params is None or (params and not self.state.esmtp):
+        items = esmtp_param_items(param_text)
+        if items is None or (items and not self.state.esmtp):
             await self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
             return
-        if params:
-            await self.reply(555, "5.5.4", f"Unsupported option: {printable(next(iter(params)))}")
+        params = rcpt_params(items)
+        if isinstance(params, Reply):
+            await self.send(params)
             return
         # Postfix smtpd_recipient_limit counts every accepted RCPT, repeats too.
         if txn.rcpt_count >= self.config.limits.recipients_per_message:
@@ -225,7 +214,7 @@ class MailTransaction(SmtpConnection):
         self.check.rcpt = rcpt
         verdict = await policy.check_recipient(self.check)
         if verdict is None and self.milters is not None:
-            verdict = await self.milters.rcpt(rcpt.text, [])
+            verdict = await self.milters.rcpt(rcpt.text, param_text.split())
         if verdict is not None:
             self.log_reject("RCPT", verdict, sender=txn.sender, recipient=rcpt.original)
             await self.send(verdict)
@@ -233,6 +222,8 @@ class MailTransaction(SmtpConnection):
         txn.rcpt_count += 1
         if rcpt.text not in txn.recipients:
             txn.recipients.append(rcpt.text)
+            if params.given:
+                txn.rcpt_params[rcpt.text] = params
         await self.reply(250, "2.1.5", "Ok")
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -398,7 +389,10 @@ class MailTransaction(SmtpConnection):
                 await self.send(done)
                 return
             incoming, sender, recipients, hold_reason = done
-            queue_id = await incoming.commit(sender, recipients, client=self.state.client_ip)
+            params = dataclasses.replace(txn.params, recipients=txn.rcpt_params)
+            queue_id = await incoming.commit(
+                sender, recipients, client=self.state.client_ip, params=params
+            )
             if hold_reason is not None:
                 await hold(self.ctx.queue, queue_id, hold_reason)
         except Exception as e:

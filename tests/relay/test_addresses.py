@@ -8,7 +8,7 @@ from relay.smtpd.addresses import (
     AddressError,
     is_fqdn,
     is_routed,
-    parse_esmtp_params,
+    esmtp_param_items,
     parse_path,
 )
 
@@ -103,7 +103,11 @@ def test_is_fqdn(domain: str, ok: bool) -> None:
 
 
 def test_esmtp_params() -> None:
-    assert parse_esmtp_params("SIZE=10 body=8BITMIME") == {"SIZE": "10", "BODY": "8BITMIME"}
-    assert parse_esmtp_params("") == {}
-    assert parse_esmtp_params("SIZE=") is None
-    assert parse_esmtp_params("=x") is None
+    assert esmtp_param_items("SIZE=10 body=8BITMIME") == [
+        ("SIZE", "10", "SIZE=10"),
+        ("BODY", "8BITMIME", "body=8BITMIME"),
+    ]
+    assert esmtp_param_items("") == []
+    # An empty value is the parameter's own syntax error (Postfix: "Bad RET parameter syntax").
+    assert esmtp_param_items("RET= RET=x") == [("RET", "", "RET="), ("RET", "x", "RET=x")]
+    assert esmtp_param_items("=x") is None

@@ -54,7 +54,9 @@ async def test_banner_and_capabilities(relay_server: ServerFactory) -> None:
         "250-PIPELINING",
         "250-SIZE 25600000",
         "250-ENHANCEDSTATUSCODES",
-        "250 8BITMIME",
+        "250-8BITMIME",
+        "250-DSN",
+        "250 SMTPUTF8",
     ]
     assert (
         await c.command("AUTH PLAIN AGZvbwBiYXI=") == "503 5.5.1 Error: authentication not enabled"
