@@ -30,8 +30,8 @@ BODY_VALUES = frozenset({"7BIT", "8BITMIME"})
 
 _XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
 _UXTEXT_HEX = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
-_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
-_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -43,7 +43,7 @@ def xtext_decode(text: str) -> str | None:
     if text.count("+") != len(_XTEXT_HEX.findall(text)):
         return None  # a "+" without two hex digits
     decoded = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
-    return decoded if _PRINTABLE.match(decoded) else None
+    return decoded if _PRINTABLE.fullmatch(decoded) else None
 
 
 def xtext_encode(text: str) -> str:
@@ -97,7 +97,7 @@ def parse_orcpt(value: str) -> tuple[str, str] | None:
     if len(value) > MAX_ORCPT:
         return None
     addr_type, semicolon, coded = value.partition(";")
-    if not semicolon or not _ADDR_TYPE.match(addr_type) or not coded:
+    if not semicolon or not _ADDR_TYPE.fullmatch(addr_type) or not coded:
         return None
     decode = uxtext_decode if addr_type.lower() == "utf-8" else xtext_decode
     address = decode(coded)
