@@ -35,6 +35,7 @@ class Received:
     recipients: list[str]
     data: bytes
     tls: bool = False
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Sink:
     tls_context: ssl.SSLContext | None = None
     server: asyncio.AbstractServer | None = None
     hostname: str = "sink.test"  # in its greeting and EHLO reply
+    smtputf8: bool = False  # offer SMTPUTF8 (aiosmtpd offers neither it nor DSN by default)
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -76,6 +78,7 @@ class Sink:
                 list(envelope.rcpt_tos),
                 envelope.original_content,
                 tls=session.ssl is not None,
+                mail_options=list(envelope.mail_options),
             )
         )
         return f"250 2.0.0 Ok: queued as S{len(self.messages)}"
@@ -91,6 +94,7 @@ class Sink:
                 decode_data=False,
                 tls_context=self.tls_context,
                 auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                enable_SMTPUTF8=self.smtputf8,
             )
 
         self.server = await loop.create_server(factory, self.host, self.port)

@@ -1,0 +1,226 @@
+"""SMTPUTF8, BODY and DSN parameters at delivery: passed to next hops that
+offer them (Postfix), the 5.6.7 bounce when a message needs SMTPUTF8 and the
+next hop lacks it, and our own DSNs under NOTIFY, RET, ENVID and ORCPT."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mrtest import postfix
+from mrtest.delivery_helpers import Relay, make_config, message
+from mrtest.relayproc import wait_until
+
+from relay.config import NextHop
+from relay.queue.mailparams import MailParams, RecipientParams
+
+
+async def send(relay: Relay, data: bytes, sender: str, rcpts: list[str], params: MailParams) -> str:
+    msg = relay.queue.incoming()
+    msg.write(data)
+    qid = await msg.commit(sender, rcpts, "127.0.0.9", params=params)
+    relay.delivery.wake(qid)
+    return qid
+
+
+def hops(dest_port: int, home_port: int) -> dict[str, NextHop]:
+    return {
+        "example.com": NextHop("127.0.0.2", dest_port, tls="none"),
+        "example.org": NextHop("127.0.0.3", home_port, tls="none"),
+    }
+
+
+def parts(data: bytes) -> list[Any]:
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    return [parsed, *parsed.iter_parts()]
+
+
+UTF8_MESSAGE = "From: a@example.org\r\nSubject: Grüße\r\n\r\nKäse\r\n".encode()
+
+
+async def test_needs_smtputf8_next_hop_without_it_bounces_5_6_7(
+    sink_factory: Any, relay_factory: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    dest = await sink_factory("127.0.0.2")  # aiosmtpd without SMTPUTF8
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    await send(relay, UTF8_MESSAGE, "a@example.org", ["b@example.com"], MailParams(smtputf8=True))
+    await relay.delivery.idle()
+    assert dest.messages == []
+    label = f"127.0.0.2[127.0.0.2]:{dest.port}"
+    reason = f"SMTPUTF8 is required, but was not offered by host {label}"
+    assert f"dsn=5.6.7, status=bounced ({reason})" in caplog.text
+    [bounce] = home.messages
+    _, text, status, _ = parts(bounce.data)
+    assert f"<b@example.com>: {reason}" in text.get_content()
+    assert "Status: 5.6.7" in status.as_string()
+
+
+async def test_smtputf8_requested_but_not_needed_goes_without_it(
+    sink_factory: Any, relay_factory: Any
+) -> None:
+    dest = await sink_factory("127.0.0.2")
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    await send(relay, message(), "a@example.org", ["b@example.com"], MailParams(smtputf8=True))
+    await relay.delivery.idle()
+    [got] = dest.messages
+    assert "SMTPUTF8" not in got.mail_options and home.messages == []
+
+
+async def test_smtputf8_passed_on_when_offered(sink_factory: Any, relay_factory: Any) -> None:
+    dest = await sink_factory("127.0.0.2", smtputf8=True)
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    params = MailParams(smtputf8=True, body="8BITMIME")
+    await send(relay, UTF8_MESSAGE, "a@example.org", ["ü@example.com"], params)
+    await relay.delivery.idle()
+    [got] = dest.messages
+    assert got.recipients == ["ü@example.com"] and "Grüße".encode() in got.data
+    assert set(got.mail_options) >= {"SMTPUTF8", "BODY=8BITMIME"}
+
+
+async def test_body_7bit_is_passed_as_declared(sink_factory: Any, relay_factory: Any) -> None:
+    dest = await sink_factory("127.0.0.2")
+    relay = await relay_factory(make_config(hops(dest.port, dest.port)))
+    await send(relay, message(), "a@example.org", ["b@example.com"], MailParams(body="7BIT"))
+    await relay.delivery.idle()
+    assert dest.messages[0].mail_options == ["BODY=7BIT"]
+
+
+async def test_notify_never_and_success_only_suppress_the_bounce(
+    sink_factory: Any, relay_factory: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    refused = "550 5.1.1 User unknown"
+    dest = await sink_factory(
+        "127.0.0.2", rcpt_replies={"never@example.com": refused, "succ@example.com": refused}
+    )
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    params = MailParams(
+        recipients={
+            "never@example.com": RecipientParams(("NEVER",)),
+            "succ@example.com": RecipientParams(("SUCCESS",)),
+        }
+    )
+    qid = await send(
+        relay, message(), "a@example.org", ["never@example.com", "succ@example.com"], params
+    )
+    await relay.delivery.idle()
+    assert home.messages == [] and list(relay.queue.messages()) == []
+    assert (
+        f"{qid}: to=<never@example.com>: non-delivery notification not sent (NOTIFY=NEVER)"
+        in caplog.text
+    )
+    assert "to=<succ@example.com>: non-delivery notification not sent (NOTIFY=SUCCESS)" in (
+        caplog.text
+    )
+
+
+async def test_notify_success_without_dsn_at_the_next_hop_is_a_relayed_notice(
+    sink_factory: Any, relay_factory: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    dest = await sink_factory("127.0.0.2")
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    params = MailParams(
+        envid="env-1",
+        recipients={"b@example.com": RecipientParams(("SUCCESS",), "rfc822", "orig@example.net")},
+    )
+    qid = await send(relay, message(), "a@example.org", ["b@example.com", "c@example.com"], params)
+    await relay.delivery.idle()
+    assert [m.recipients for m in dest.messages] == [["b@example.com", "c@example.com"]]
+    [notice] = home.messages
+    top, text, status, returned = parts(notice.data)
+    assert top["Subject"] == "Successful Mail Delivery Report"
+    assert "Your message was successfully delivered" in text.get_content()
+    assert "<b@example.com>: delivery via 127.0.0.2[127.0.0.2]: 250 2.0.0 Ok" in text.get_content()
+    report = status.as_string()
+    assert "Original-Envelope-Id: env-1" in report
+    assert "Original-Recipient: rfc822;orig@example.net" in report
+    assert "Action: relayed" in report and "Status: 2.0.0" in report
+    assert "c@example.com" not in report  # no NOTIFY=SUCCESS: no notice
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert f"{qid}: sender delivery status notification:" in caplog.text
+
+
+@pytest.mark.parametrize("ret", ["HDRS", "FULL", ""])
+async def test_ret_returns_headers_or_the_whole_message(
+    sink_factory: Any, relay_factory: Any, ret: str
+) -> None:
+    dest = await sink_factory("127.0.0.2", rcpt_replies={"b@example.com": "550 5.1.1 unknown"})
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    params = MailParams(
+        ret=ret,
+        envid="E+1",
+        recipients={"b@example.com": RecipientParams(("FAILURE",), "utf-8", "ü@example.com")},
+    )
+    body = b"the secret body\r\n"
+    await send(relay, message(body=body), "a@example.org", ["b@example.com"], params)
+    await relay.delivery.idle()
+    [bounce] = home.messages
+    top, _, status, returned = parts(bounce.data)
+    assert top["Subject"] == "Undelivered Mail Returned to Sender"
+    assert "Original-Envelope-Id: E+1" in status.as_string()
+    assert "Original-Recipient: utf-8;\\x{FC}@example.com" in status.as_string()
+    if ret == "FULL":
+        assert returned.get_content_type() == "message/rfc822"
+        assert returned["Content-Description"] == "Undelivered Message"
+        assert body in bounce.data
+    else:  # RET=HDRS, and (as before) no RET at all
+        assert returned.get_content_type() == "text/rfc822-headers"
+        assert body not in bounce.data and b"Subject: test" in bounce.data
+
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Postfix")
+async def test_postfix_next_hop_receives_the_dsn_parameters(relay_factory: Any) -> None:
+    settings = {
+        "relay_domains": "example.com",
+        "smtputf8_enable": "yes",
+        # Every message stays in Postfix's hold queue, where postcat shows its envelope.
+        "smtpd_data_restrictions": "check_client_access static:HOLD",
+    }
+    with postfix.PostfixServer("127.0.0.9", main_cf=settings) as pf:
+        relay = await relay_factory(
+            make_config({"example.com": NextHop(pf.host, pf.port, tls="none")})
+        )
+        params = MailParams(
+            smtputf8=True,
+            ret="HDRS",
+            envid="id+1 x",
+            recipients={
+                "b@example.com": RecipientParams(("SUCCESS", "FAILURE"), "rfc822", "o@example.net"),
+                "ü@example.com": RecipientParams(("NEVER",)),
+            },
+        )
+        await send(relay, UTF8_MESSAGE, "a@example.org", ["b@example.com", "ü@example.com"], params)
+        await relay.delivery.idle()
+        assert list(relay.queue.messages()) == []
+        hold = Path(pf.settings["queue_directory"]) / "hold"
+        wait_until(lambda: any(hold.iterdir()), 30, "a held message")
+        [held] = list(hold.iterdir())
+        shown = subprocess.run(
+            ["postcat", "-c", str(pf.etc), "-e", str(held)], capture_output=True, text=True
+        ).stdout
+    # Postfix's record of what it received (src/global/dsn.h, smtputf8.h).
+    assert "named_attribute: envelope_id=id+1 x\n" in shown
+    assert "named_attribute: ret_flags=2\n" in shown  # DSN_RET_HDRS
+    assert (
+        "named_attribute: notify_flags=6\n"  # SUCCESS|FAILURE
+        "named_attribute: dsn_orig_rcpt=rfc822;o@example.net\n"
+        "original_recipient: b@example.com\n"
+    ) in shown
+    assert "named_attribute: notify_flags=1\n" in shown  # NEVER
+    assert "recipient: ü@example.com" in shown
+    # message_size's last field: SMTPUTF8 requested (1) and UTF-8 in a header (2).
+    [sizes] = [line for line in shown.splitlines() if line.startswith("message_size:")]
+    assert sizes.split()[-1] == "3"
