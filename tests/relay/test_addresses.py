@@ -6,9 +6,9 @@ import pytest
 
 from relay.smtpd.addresses import (
     AddressError,
+    esmtp_param_items,
     is_fqdn,
     is_routed,
-    esmtp_param_items,
     parse_path,
 )
 
