@@ -20,7 +20,8 @@ from relay.handover.transfer import (
     HandoverServer,
     sign,
 )
-from relay.queue.format import ACTIVE, DEFERRED, HOLD
+from relay.queue.format import ACTIVE, DEFERRED, HOLD, read_envelope
+from relay.queue.mailparams import MailParams, RecipientParams
 from relay.queue.store import Queue
 
 SECRET = b"s3cret-s3cret-s3cret-s3cret"
@@ -95,6 +96,41 @@ async def test_envelope_and_data_arrive_whole(tmp_path: Path, peer: Peer) -> Non
     assert got.arrival == 1_800_000_000.0  # retries and expiry go on from the first arrival
     assert got.client == "192.0.2.7"
     assert peer.queue.read_message_data_sync(new_id) == DATA  # no header added, nothing re-checked
+
+
+async def test_smtputf8_and_dsn_parameters_travel_with_the_message(
+    tmp_path: Path, peer: Peer
+) -> None:
+    params = MailParams(
+        smtputf8=True,
+        ret="FULL",
+        envid="e1",
+        recipients={
+            "a@example.com": RecipientParams(("SUCCESS",), "rfc822", "o@example.net"),
+            "b@example.com": RecipientParams(("NEVER",)),
+        },
+    )
+    mine = Queue(tmp_path / "mine")
+    try:
+        msg = mine.incoming()
+        msg.write(DATA)
+        qid = await msg.commit(
+            "alice@example.org", ["a@example.com", "b@example.com"], params=params
+        )
+        claim = mine.take_fresh(qid)
+        assert claim is not None
+        claim.progress.done["b@example.com"] = "sent"
+        client = HandoverClient(peer.address, SECRET)
+        await client.connect()
+        new_id = await client.send(mine, claim)
+        await client.close()
+        mine.release_sync(claim)
+    finally:
+        await mine.close()
+    with (peer.queue.directory / ACTIVE / new_id).open("rb") as f:
+        got = read_envelope(f.fileno())
+    assert got.params == params.only(["a@example.com"])
+    assert got.params.recipients == {"a@example.com": params.recipients["a@example.com"]}
 
 
 async def test_held_mail_stays_held(tmp_path: Path, peer: Peer) -> None:
