@@ -202,13 +202,31 @@ class MailParams:
                 rcpts[str(address)] = RecipientParams(notify, str(orcpt_type), str(orcpt))
         except (TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"bad params: {e}") from None
-        return cls(
+        params = cls(
             smtputf8=bool(d.get("smtputf8", False)),
             body=str(d.get("body", "")),
             ret=str(d.get("ret", "")),
             envid=str(d.get("envid", "")),
             recipients=rcpts,
         )
+        params.check()
+        return params
+
+    def check(self) -> None:
+        """ValueError unless every value is one the SMTP server would have
+        queued: what a damaged file or a handover peer sends never reaches
+        a command line or a DSN."""
+        if self.body not in {"", *BODY_VALUES} or self.ret not in {"", *RET_VALUES}:
+            raise ValueError("bad BODY or RET")
+        if self.envid and parse_envid(xtext_encode(self.envid)) != self.envid:
+            raise ValueError("bad ENVID")
+        for p in self.recipients.values():
+            if p.notify and parse_notify(",".join(p.notify)) != p.notify:
+                raise ValueError("bad NOTIFY")
+            if p.orcpt:
+                encode = uxtext_encode if p.orcpt_type == "utf-8" else xtext_encode
+                if parse_orcpt(f"{p.orcpt_type};{encode(p.orcpt)}") != (p.orcpt_type, p.orcpt):
+                    raise ValueError("bad ORCPT")
 
     def esmtp_mail(self) -> str:
         """RET= and ENVID= for a next hop that offers DSN ("" for none)."""

@@ -117,7 +117,23 @@ def test_params_round_trip_through_the_trailer(tmp_path: Path) -> None:
     }
 
 
-@pytest.mark.parametrize("bad", [{"rcpt": [1]}, {"rcpt": {"a": {"orcpt": 5}}}, {"rcpt": {"a": 1}}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rcpt": [1]},
+        {"rcpt": {"a": {"orcpt": 5}}},
+        {"rcpt": {"a": 1}},
+        # Values the server never queues (a handover peer could send them):
+        # nothing of the kind may reach a command line to a next hop or a DSN.
+        {"rcpt": {"a": {"notify": ["SUCCESS\r\nRSET"]}}},
+        {"rcpt": {"a": {"notify": ["NEVER", "SUCCESS"]}}},
+        {"rcpt": {"a": {"orcpt": ["rfc822", "x\r\ny"]}}},
+        {"rcpt": {"a": {"orcpt": ["rfc 822", "x"]}}},
+        {"envid": "a\nb"},
+        {"ret": "HDRS\r\n"},
+        {"body": "BINARYMIME"},
+    ],
+)
 def test_damaged_params_are_a_value_error(bad: object) -> None:
     with pytest.raises(ValueError):
         MailParams.from_dict(bad)  # type: ignore[arg-type]
