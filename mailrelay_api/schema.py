@@ -894,9 +894,12 @@ MAILRELAY_SPEC = obj(
             default={},
         ),
         "bounces": obj(
-            "Non-delivery notifications (DSNs) this relay writes when mail bounces or "
-            "expires. They come from the null sender and are never bounced themselves: one "
-            "that cannot be delivered is dropped and logged.",
+            "Delivery status notifications (DSNs) this relay writes when mail bounces or "
+            "expires, and the relayed notice a client asks for with NOTIFY=SUCCESS when the "
+            "next hop does not offer DSN; a recipient whose NOTIFY leaves out FAILURE (e.g. "
+            "NOTIFY=NEVER) gets no bounce (RFC 3461, as Postfix). They come from the null "
+            "sender and are never bounced themselves: one that cannot be delivered is "
+            "dropped and logged.",
             {
                 "delivery": string(
                     "mx (to the sender's domain by its MX records, opportunistic TLS, as "
