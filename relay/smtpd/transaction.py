@@ -52,8 +52,12 @@ def rfc5322_date() -> str:
     return _date_cache[1]
 
 
-def received_header(session: Session, hostname: str, queue_id: str, recipients: list[str]) -> bytes:
+def received_header(
+    session: Session, hostname: str, queue_id: str, recipients: list[str], *, smtputf8: bool = False
+) -> bytes:
     proto = "ESMTPS" if session.tls else "ESMTP" if session.esmtp else "SMTP"
+    if smtputf8:  # RFC 6531 (and Postfix): "with UTF8SMTP", "UTF8SMTPS"
+        proto = "UTF8SMTPS" if session.tls else "UTF8SMTP"
     helo = printable(session.helo or "unknown")
     reverse = printable(session.reverse_name or "unknown")
     for_part = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
@@ -278,7 +282,13 @@ class MailTransaction(SmtpConnection):
         await self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
         # The attachment filter reads the message as it arrives: no second read.
         check = self.check.content = content.content_check(self.config)
-        head = received_header(self.state, self.hostname, incoming.queue_id, txn.recipients)
+        head = received_header(
+            self.state,
+            self.hostname,
+            incoming.queue_id,
+            txn.recipients,
+            smtputf8=txn.params.smtputf8,
+        )
         if txn.prepend_headers:
             head += b"".join(hygiene.header_safe(h).encode() + b"\r\n" for h in txn.prepend_headers)
         write_failed: Exception | None = None

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from mrtest import postfix
 from mrtest.delivery_helpers import Relay, make_config, message
+from mrtest.peers import PostfixSink
 from mrtest.relayproc import wait_until
 
 from relay.config import NextHop
@@ -28,9 +29,9 @@ async def send(relay: Relay, data: bytes, sender: str, rcpts: list[str], params:
     return qid
 
 
-def hops(dest_port: int, home_port: int) -> dict[str, NextHop]:
+def hops(dest_port: int, home_port: int, dest: str = "127.0.0.2") -> dict[str, NextHop]:
     return {
-        "example.com": NextHop("127.0.0.2", dest_port, tls="none"),
+        "example.com": NextHop(dest, dest_port, tls="none"),
         "example.org": NextHop("127.0.0.3", home_port, tls="none"),
     }
 
@@ -182,7 +183,10 @@ async def test_ret_returns_headers_or_the_whole_message(
 
 
 @pytest.mark.skipif(not postfix.available(), reason="needs root and Postfix")
-async def test_postfix_next_hop_receives_the_dsn_parameters(relay_factory: Any) -> None:
+async def test_postfix_next_hop_receives_the_dsn_parameters(
+    relay_factory: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery")
     settings = {
         "relay_domains": "example.com",
         "smtputf8_enable": "yes",
@@ -205,6 +209,8 @@ async def test_postfix_next_hop_receives_the_dsn_parameters(relay_factory: Any) 
         await send(relay, UTF8_MESSAGE, "a@example.org", ["b@example.com", "ü@example.com"], params)
         await relay.delivery.idle()
         assert list(relay.queue.messages()) == []
+        # NOTIFY=SUCCESS went to a next hop that offers DSN: its notice, not ours.
+        assert "notification" not in caplog.text
         hold = Path(pf.settings["queue_directory"]) / "hold"
         wait_until(lambda: any(hold.iterdir()), 30, "a held message")
         [held] = list(hold.iterdir())
@@ -224,3 +230,34 @@ async def test_postfix_next_hop_receives_the_dsn_parameters(relay_factory: Any) 
     # message_size's last field: SMTPUTF8 requested (1) and UTF-8 in a header (2).
     [sizes] = [line for line in shown.splitlines() if line.startswith("message_size:")]
     assert sizes.split()[-1] == "3"
+
+
+async def test_smtp_sink_without_8bitmime_and_smtputf8(
+    sink_factory: Any, relay_factory: Any, tmp_path: Path, caplog: Any
+) -> None:
+    """smtp-sink -8 offers DSN but neither 8BITMIME nor SMTPUTF8: an 8-bit body
+    goes as it is (no BODY=, no conversion), the DSN parameters are passed
+    on, and a message that needs SMTPUTF8 bounces 5.6.7."""
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    home = await sink_factory("127.0.0.3")
+    with PostfixSink("127.0.0.11", tmp_path, options=["-8"]) as sink:
+        relay = await relay_factory(make_config(hops(sink.port, home.port, "127.0.0.11")))
+        params = MailParams(
+            body="8BITMIME",
+            ret="FULL",
+            envid="e 1",
+            recipients={"b@example.com": RecipientParams(("FAILURE",), "rfc822", "o@example.net")},
+        )
+        body = "Käse\r\n".encode()
+        await send(relay, message(body=body), "a@example.org", ["b@example.com"], params)
+        await send(
+            relay, UTF8_MESSAGE, "a@example.org", ["c@example.com"], MailParams(smtputf8=True)
+        )
+        await relay.delivery.idle()
+        [got] = sink.wait_for(1)
+    assert got.mail_args == "<a@example.org> RET=FULL ENVID=e+201"
+    assert got.rcpt_args == ["<b@example.com> NOTIFY=FAILURE ORCPT=rfc822;o@example.net"]
+    assert body in got.data
+    [bounce] = home.messages
+    assert b"Status: 5.6.7" in bounce.data and b"c@example.com" in bounce.data
+    assert "SMTPUTF8 is required, but was not offered by host 127.0.0.11[127.0.0.11]" in caplog.text

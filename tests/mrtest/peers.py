@@ -42,6 +42,8 @@ class CapturedMessage:
     data: bytes  # the message as received (CRLF line ends, unstuffed)
     client: str = ""
     helo: str = ""
+    mail_args: str = ""  # smtp-sink: MAIL FROM's argument as sent ("<a@b> RET=HDRS")
+    rcpt_args: list[str] = field(default_factory=list)  # and each RCPT's
 
     @property
     def text(self) -> str:
@@ -217,8 +219,9 @@ def parse_sink_dump(raw: bytes) -> CapturedMessage:
     """smtp-sink's dump: X-Client-Addr/X-Helo-Args/X-Mail-Args/X-Rcpt-Args
     lines, then the message, then an empty line; LF line ends."""
     lines = raw.split(b"\n")
-    sender, client, helo = "", "", ""
+    sender, client, helo, mail_args = "", "", "", ""
     recipients: list[str] = []
+    rcpt_args: list[str] = []
     i = 0
     while i < len(lines) and lines[i].startswith(b"X-"):
         key, _, value = lines[i].decode("utf-8", "replace").partition(": ")
@@ -228,15 +231,18 @@ def parse_sink_dump(raw: bytes) -> CapturedMessage:
             helo = value
         elif key == "X-Mail-Args":
             sender = value.split()[0].removeprefix("FROM:").strip("<>") if value else ""
+            mail_args = value
         elif key == "X-Rcpt-Args":
             recipients.append(value.split()[0].removeprefix("TO:").strip("<>"))
+            rcpt_args.append(value)
         i += 1
     body = lines[i:]
     if body and body[-1] == b"":
         body = body[:-1]
     if body and body[-1] == b"":
         body = body[:-1]
-    return CapturedMessage(sender, recipients, b"\r\n".join(body) + b"\r\n", client, helo)
+    data = b"\r\n".join(body) + b"\r\n"
+    return CapturedMessage(sender, recipients, data, client, helo, mail_args, rcpt_args)
 
 
 # -- clients --------------------------------------------------------------------

@@ -129,6 +129,9 @@ async def test_parameters_reach_the_queue(relay_server: ServerFactory) -> None:
     assert (await c.command("DATA")).startswith("354")
     await c.send("Subject: Grüße\r\n\r\nKäse\r\n.\r\n".encode())
     assert (await c.read_reply()).startswith("250 2.0.0 Ok: queued as")
+    [data] = h.queued()
+    assert b"\tby " in data and b") with UTF8SMTP id " in data  # as Postfix
+    assert "Subject: Grüße\r\n\r\nKäse\r\n".encode() in data
     assert envelopes(h) == [
         MailParams(
             smtputf8=True,
