@@ -237,3 +237,41 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
         wait_until(lambda: all(gone(pid) for pid in workers), 30, "the workers to stop")
     finally:
         relay.stop(signal.SIGKILL)
+
+
+def test_smtputf8_and_dsn_parameters_end_to_end(tmp_path: Path) -> None:
+    """A client's DSN parameters reach smtp-sink (DSN, 8BITMIME, no SMTPUTF8)
+    through `mailrelay run`; a message that needs SMTPUTF8 comes back 5.6.7."""
+    with PostfixSink(next_loopback(), tmp_path) as sink:
+        manifests = write_manifests(tmp_path / "m", next_hop=sink.address, domains=DOMAINS)
+        with RelayProcess(manifests, tmp_path / "relay") as relay:
+
+            async def session() -> list[str]:
+                async with RawClient(*relay.address, local="127.0.0.2") as c:
+                    await c.greet()
+                    replies = []
+                    for line, data in [
+                        ("MAIL FROM:<a@example.org> BODY=8BITMIME RET=HDRS ENVID=e+2B1", None),
+                        ("RCPT TO:<info@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x", None),
+                        ("DATA", "Subject: Käse\r\n\r\nBrötchen\r\n.\r\n"),
+                        ("MAIL FROM:<a@example.org> SMTPUTF8", None),
+                        ("RCPT TO:<joe@example.com>", None),
+                        ("DATA", "Subject: Grüße\r\n\r\nhi\r\n.\r\n"),
+                    ]:
+                        replies.append(await c.command(line))
+                        if data is not None:
+                            await c.send(data.encode())
+                            replies.append(await c.read_reply())
+                    return replies
+
+            replies = asyncio.run(session())
+            assert [r[:3] for r in replies] == ["250", "250", "354", "250"] * 2, replies
+            messages = sink.wait_for(2)  # the first message, and the 5.6.7 bounce of the second
+            relay.wait_for_log(r"dsn=5\.6\.7, status=bounced \(SMTPUTF8 is required")
+            assert relay.stop() == 0
+    [relayed] = [m for m in messages if m.recipients == ["info@example.com"]]
+    assert relayed.mail_args.split()[1:] == ["BODY=8BITMIME", "RET=HDRS", "ENVID=e+2B1"]
+    assert relayed.rcpt_args == ["<info@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x"]
+    assert "Brötchen".encode() in relayed.data
+    [bounce] = [m for m in messages if m.recipients == ["a@example.org"]]
+    assert b"Status: 5.6.7" in bounce.data and b"joe@example.com" in bounce.data
