@@ -194,19 +194,23 @@ def cmd_show(queue: Queue, messages: list[QueuedMessage], output: str, body: boo
         headers = data[: end + 2] if end >= 0 else data
         item = _as_dict(message)
         item["allRecipients"] = message.all_recipients
+        item["params"] = message.params.to_dict()  # postcat's DSN and SMTPUTF8 records
         item["headers"] = headers.decode("utf-8", "replace").replace("\r\n", "\n")
         if body:
             item["body"] = data[end + 4 :].decode("utf-8", "replace").replace("\r\n", "\n")
         shown.append(item)
     texts = []
-    for item in shown:
+    for message, item in zip(messages, shown, strict=True):
         lines = [f"*** ENVELOPE {item['id']} ({item['state']}) ***"]
         for key in ("size", "arrival", "sender", "client", "attempts", "nextAttempt", "reason"):
             if item[key] not in (None, ""):
                 lines.append(f"{key}: {item[key]}")
+        lines += [f"{key}: {value}" for key, value in item["params"].items() if key != "rcpt"]
         for r in item["allRecipients"]:
+            args = message.params.recipient(r).esmtp()  # NOTIFY=, ORCPT=
+            args = f"  {args}" if args else ""
             lines.append(
-                f"recipient: {r}{'  (' + item['done'][r] + ')' if r in item['done'] else ''}"
+                f"recipient: {r}{args}{'  (' + item['done'][r] + ')' if r in item['done'] else ''}"
             )
         lines.append("*** HEADERS ***")
         text = "\n".join(lines) + "\n" + item["headers"]

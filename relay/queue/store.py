@@ -59,6 +59,7 @@ from relay.queue.format import (
     write_all,
 )
 from relay.queue.incoming import COMMIT_THREADS, Committer, IncomingMessage
+from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # An incoming file younger than this is never removed as stale: closes the
 # window between a writer creating it and taking its lock.
@@ -82,6 +83,7 @@ class QueuedMessage:
     size: int = 0
     state: QueueState = ACTIVE
     all_recipients: list[str] = field(default_factory=list)
+    params: MailParams = NO_PARAMS  # SMTPUTF8, BODY, DSN (relay.queue.mailparams)
 
 
 class _GroupSync:
@@ -474,6 +476,7 @@ class Queue:
             size=envelope.size,
             state=state,
             all_recipients=list(envelope.recipients),
+            params=envelope.params,
         )
 
     def read_message_data_sync(self, queue_id: str, limit: int | None = None) -> bytes | None:

@@ -15,6 +15,7 @@ import pytest
 
 from relay.process.cli import main
 from relay.queue.format import ACTIVE, DEFERRED, FLUSH_MARKER, HOLD
+from relay.queue.mailparams import MailParams, RecipientParams
 from relay.queue.store import Queue
 
 
@@ -225,3 +226,30 @@ def test_version_and_per_action_help(capsys: Any) -> None:
     with pytest.raises(SystemExit):
         main(["queue", "show", "--help"])
     assert "--body" in capsys.readouterr().out
+
+
+async def test_show_has_the_smtputf8_and_dsn_parameters(tmp_path: Path, capsys: Any) -> None:
+    q = Queue(tmp_path / "q")
+    msg = q.incoming()
+    msg.write(b"Subject: x\r\n\r\nbody\r\n")
+    params = MailParams(
+        smtputf8=True,
+        ret="HDRS",
+        envid="e 1",
+        recipients={"b@example.com": RecipientParams(("NEVER",), "rfc822", "o@example.net")},
+    )
+    qid = await msg.commit("a@example.org", ["b@example.com", "c@example.com"], params=params)
+    claim = q.take_fresh(qid)
+    assert claim is not None
+    q.release_sync(claim)
+    await q.close()
+    code, out, _ = run(capsys, "show", qid, "--queue-dir", str(tmp_path / "q"))
+    assert code == 0
+    assert "smtputf8: True\nret: HDRS\nenvid: e 1\n" in out
+    assert "recipient: b@example.com  NOTIFY=NEVER ORCPT=rfc822;o@example.net\n" in out
+    assert "recipient: c@example.com\n" in out
+    code, out, _ = run(capsys, "show", qid, "--queue-dir", str(tmp_path / "q"), "-o", "json")
+    [shown] = json.loads(out)
+    assert shown["params"]["rcpt"] == {
+        "b@example.com": {"notify": ["NEVER"], "orcpt": ["rfc822", "o@example.net"]}
+    }
