@@ -39,6 +39,22 @@ CASES: dict[str, list[bytes | tuple[bytes, int]]] = {
     "SIZE=1a": size(b"1a"),
     "SIZE=00012": size(b"00012"),
     "SIZE=huge": size(b"9" * 23),
+    "RET twice": [EHLO, b"MAIL FROM:<a@x.org> RET=HDRS RET=FULL\r\n"],
+    "RET=BINARY": [EHLO, b"MAIL FROM:<a@x.org> RET=BINARY\r\n"],
+    "ENVID twice": [EHLO, b"MAIL FROM:<a@x.org> ENVID=a ENVID=b\r\n"],
+    "ENVID with a cut-off xtext": [EHLO, b"MAIL FROM:<a@x.org> ENVID=a+2\r\n"],
+    "ENVID encoding a LF": [EHLO, b"MAIL FROM:<a@x.org> ENVID=a+0Ab\r\n"],
+    "SMTPUTF8 with a value": [EHLO, b"MAIL FROM:<a@x.org> SMTPUTF8=yes\r\n"],
+    "UTF-8 sender with SMTPUTF8": [
+        EHLO,
+        "MAIL FROM:<ä@x.org> SMTPUTF8 BODY=8BITMIME RET=HDRS ENVID=x\r\n".encode(),
+        b"RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;\\x{E4}@x.org\r\n",
+    ],
+    "NOTIFY=NEVER with SUCCESS": [EHLO, MAIL, b"RCPT TO:<b@example.com> NOTIFY=NEVER,SUCCESS\r\n"],
+    "NOTIFY with an unknown keyword": [EHLO, MAIL, b"RCPT TO:<b@example.com> NOTIFY=ALWAYS\r\n"],
+    "NOTIFY twice": [EHLO, MAIL, b"RCPT TO:<b@example.com> NOTIFY=DELAY NOTIFY=SUCCESS\r\n"],
+    "ORCPT without a type": [EHLO, MAIL, b"RCPT TO:<b@example.com> ORCPT=b@example.com\r\n"],
+    "ORCPT with bad xtext": [EHLO, MAIL, b"RCPT TO:<b@example.com> ORCPT=rfc822;b+zz\r\n"],
     "duplicate RCPTs": [EHLO, MAIL] + [RCPT] * (RECIPIENT_LIMIT + 1),
     "junk command flood": [b"NOOP\r\n", b"RSET\r\n"] * 61,
     "error flood": [b"FOO\r\n"] * 21,
@@ -50,6 +66,19 @@ STRICTER: dict[str, tuple[list[bytes | tuple[bytes, int]], str]] = {
         [EHLO, b"MAIL FROM:<a\r@x.org>\r\n"],
         "a control byte in an address would be stored in the queue and sent "
         "to the next hop: 501 5.1.7, as Postfix does for a NUL",
+    ),
+    "ORCPT encoding a LF": (
+        [EHLO, MAIL, b"RCPT TO:<b@example.com> ORCPT=rfc822;a+0Ab@example.com\r\n"],
+        "Postfix takes any ORCPT and sanitizes it when it writes a DSN; we keep "
+        "no control character in the queue, a next hop's RCPT or our DSNs",
+    ),
+    "ORCPT with a surrogate": (
+        [EHLO, MAIL, b"RCPT TO:<b@example.com> ORCPT=utf-8;\\x{D800}@example.com\r\n"],
+        "not a character: nothing that is not UTF-8 reaches the queue",
+    ),
+    "ENVID over 100 characters": (
+        [EHLO, b"MAIL FROM:<a@x.org> ENVID=" + b"e" * 101 + b"\r\n"],
+        "RFC 3461 4.4: an ENVID MUST NOT exceed 100 characters",
     ),
     "over-long EHLO": (
         [b"EHLO " + b"x" * 3000 + b"\r\n"],
@@ -95,6 +124,28 @@ async def test_bad_utf8_reply_is_postfixs_word_for_word(
     theirs = await converse(postfix, chunks)
     ours = await converse(door.address, chunks)
     assert ours[-1] == theirs[-1] == "500 5.5.2 Error: bad UTF-8 syntax"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RET twice",
+        "ENVID with a cut-off xtext",
+        "ENVID encoding a LF",
+        "SMTPUTF8 with a value",
+        "NOTIFY=NEVER with SUCCESS",
+        "NOTIFY twice",
+        "ORCPT without a type",
+        "ORCPT with bad xtext",
+    ],
+)
+async def test_dsn_parameter_replies_are_postfixs_word_for_word(
+    name: str, relay: Any, postfix: tuple[str, int]
+) -> None:
+    door = await relay()
+    theirs = await converse(postfix, CASES[name])
+    ours = await converse(door.address, CASES[name])
+    assert ours[1:] == theirs[1:]  # (after EHLO: Postfix's ends in CHUNKING, ours in SMTPUTF8)
 
 
 async def test_too_many_errors_reply_is_postfixs(relay: Any, postfix: tuple[str, int]) -> None:
