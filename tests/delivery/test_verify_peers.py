@@ -51,7 +51,7 @@ async def test_postfix_primary_accepts_known_and_refuses_unknown_users(
         again = await v.verify("unknown@example.com", domain)
         v.close()
         await pool.close()
-        maillog = primary.maillog()
+        maillog = primary.wait_for_log("NOQUEUE: reject: RCPT from")
     assert known.status == Status.OK
     assert unknown.status == Status.REJECTED
     assert "550 5.1.1 <unknown@example.com>: Recipient address rejected: " in unknown.reply

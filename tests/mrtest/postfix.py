@@ -106,6 +106,12 @@ class PostfixServer:
         path = self.workdir / "maillog"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
+        """The maillog once text is in it: postlogd writes it after the reply
+        has gone out, so a test reading it at once may read too early."""
+        wait_until(lambda: text in self.maillog(), timeout, f"{text!r} in postfix's maillog")
+        return self.maillog()
+
     def stop(self) -> None:
         try:
             self._stop_postfix()
