@@ -39,7 +39,10 @@ def desired_children(
         cert_manager or not certificate.wants_certificate(relay)
     )
     shards = configmaps.recipient_config_maps(relay, rendered)
-    children = [configmaps.config_config_map(relay, rendered), *shards]
+    domain_shards = configmaps.domain_config_maps(relay, rendered)
+    # Domain shards before the index that names them (config): a pod rarely
+    # sees an index whose shards are not there yet (it would keep its config).
+    children = [*domain_shards, configmaps.config_config_map(relay, rendered), *shards]
     if certificate.wants_certificate(relay) and cert_manager:
         children.append(certificate.certificate(relay))
     if handover_key:
@@ -47,6 +50,7 @@ def desired_children(
     opts = statefulset.PodOptions(
         image=image,
         shards=len(shards),
+        domain_shards=len(domain_shards),
         tls=tls,
         handover_hash=handover.key_hash(handover_key) if handover_key else "",
     )
