@@ -39,6 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
 from mailrelay_operator.kubeapi import KubeApi, load_api_client, resource_path  # noqa: E402
+from mailrelay_operator.naming import LABEL_COMPONENT  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from relay_vs_postfix import commit_measured  # noqa: E402  (bench/ is not a package)
 
 ASSETS = Path(os.environ.get("KUBEBUILDER_ASSETS") or REPO / ".tools" / "bin")
 NS = "bench"
@@ -111,9 +115,14 @@ def last_writes(log: Path) -> int:
 RELAY_PROBE = """
 import json, resource, sys, time, tracemalloc
 from pathlib import Path
-from relay.config import read_domains_text, read_recipients
+from relay.config import load_config, read_domains_document, read_recipients
 t = time.perf_counter()
-names = json.loads(read_domains_text(Path(sys.argv[1])))["recipientFiles"]
+config = load_config(Path(sys.argv[1]))
+config_load = time.perf_counter() - t
+domains = len(config.domains)
+del config
+t = time.perf_counter()
+names = read_domains_document(Path(sys.argv[1]))["recipientFiles"]
 table = read_recipients(Path(sys.argv[1]), names)
 load = time.perf_counter() - t
 del table
@@ -129,7 +138,8 @@ lookup = (time.perf_counter() - t) / len(probe)
 t = time.perf_counter()
 false_hits = sum(1 for a in misses if a in table)
 miss = (time.perf_counter() - t) / len(misses)
-print(json.dumps({"addresses": len(table), "table_mb": current / 2**20,
+print(json.dumps({"domains": domains, "config_load_s": config_load,
+                  "addresses": len(table), "table_mb": current / 2**20,
                   "load_peak_mb": peak / 2**20, "load_s": load,
                   "lookup_us": lookup * 1e6, "miss_lookup_us": miss * 1e6,
                   "hits": hits, "false_hits": false_hits,
@@ -166,8 +176,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mailrelay-bench-operator-"))
     kubeconfig = work / "kubeconfig"
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBEBUILDER_ASSETS": str(ASSETS)}
-    results: dict[str, Any] = {"domains": args.domains, "recipients": lists * LIST_SIZE}
+    results: dict[str, Any] = {
+        "domains": args.domains,
+        "recipients": lists * LIST_SIZE,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": commit_measured(),
+        "machine": f"{os.cpu_count()} cores, {os.uname().release}",
+        "load_average_at_start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
     operator = None
+    out_dir = Path()
     try:
         subprocess.run(
             ["bash", str(REPO / "hack/kube-up.sh")],
@@ -254,6 +272,12 @@ def main() -> int:
             for k, v in (cm.get("binaryData") or {}).items():
                 (config / k).write_bytes(base64.b64decode(v))
         results["config_maps"] = len(cms)
+        results["domain_shards"] = sum(
+            1 for cm in cms if cm["metadata"]["labels"].get(LABEL_COMPONENT) == "domains"
+        )
+        results["recipient_shards"] = sum(
+            1 for cm in cms if cm["metadata"]["labels"].get(LABEL_COMPONENT) == "recipients"
+        )
         results["largest_config_map_kb"] = round(
             max(len(json.dumps(cm.get("data") or cm.get("binaryData"))) for cm in cms) / 1024, 1
         )
@@ -265,8 +289,12 @@ def main() -> int:
             check=True,
         )
         results["relay"] = json.loads(probe.stdout)
+    except BaseException as e:
+        results["error"] = f"{type(e).__name__}: {e}"[-3000:]
+        raise
     finally:
         if operator is not None:
+            results.setdefault("operator_peak_mb", round(vm_hwm_mb(operator.pid), 1))
             operator.terminate()
             operator.wait(30)
         subprocess.run(
@@ -276,11 +304,24 @@ def main() -> int:
             timeout=120,
             check=False,
         )
-    out_dir = REPO / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-operator")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        out_dir = REPO / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-operator")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {out_dir}", flush=True)
+    write_summary(out_dir, results)
+    return 0
+
+
+def write_summary(out_dir: Path, results: dict[str, Any]) -> None:
     relay_r = results["relay"]
-    summary = (
+    facts = (
+        f"Operator benchmark {results['started']} ({results['commit']}, {results['machine']}, "
+        f"load average at start {results['load_average_at_start']}); one MailRelay, "
+        f"{results['config_maps']} ConfigMaps ({results['domain_shards']} domain shards, "
+        f"{results['recipient_shards']} recipient shards), the relay loads "
+        f"{relay_r['domains']} domains in {relay_r['config_load_s']:.1f} s.\n\n"
+    )
+    summary = facts + (
         f"| domains | recipients | Reconciled after last apply | all statuses | writes "
         f"| operator peak | +1 recipient in its ConfigMap | +1 in status | relay table "
         f"| lookup (hit / miss) |\n"
@@ -296,7 +337,6 @@ def main() -> int:
     (out_dir / "summary.md").write_text(summary)
     print(json.dumps(results, indent=2))
     print(summary)
-    return 0
 
 
 if __name__ == "__main__":
