@@ -81,10 +81,18 @@ _SHARED: dict[str, Any] = {}
 _SHARED_MAX = 100_000  # distinct parts kept; then it starts over
 
 
+_SHARED_KINDS = ("RelayDomain", "RecipientList")  # the many; not a MailRelay's big status
+_SHARED_KEY_MAX = 2048  # larger parts are not worth a key of their size
+
+
 def _share(value: Any) -> Any:
     if not isinstance(value, dict | list) or isinstance(value, PackedAddresses):
         return sys.intern(value) if type(value) is str and len(value) < 64 else value
+    if isinstance(value, list) and len(value) > 16:
+        return value
     key = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(key) > _SHARED_KEY_MAX:
+        return value
     found = _SHARED.get(key)
     if found is None:
         if len(_SHARED) >= _SHARED_MAX:
@@ -95,6 +103,8 @@ def _share(value: Any) -> Any:
 
 def _shared(obj: dict[str, Any]) -> dict[str, Any]:
     """`obj` with its spec's and status's nested values, and short strings, shared."""
+    if obj.get("kind") not in _SHARED_KINDS:
+        return obj
     meta = obj["metadata"]
     for k in ("namespace", "creationTimestamp"):
         if isinstance(meta.get(k), str):

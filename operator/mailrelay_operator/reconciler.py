@@ -63,6 +63,7 @@ from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
 
 log = logging.getLogger("mailrelay.operator")
+SWEEP_INTERVAL_SECONDS = 5.0
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Reconciler:
     running: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     slots: asyncio.Semaphore = field(init=False)
     passes: int = 0
+    last_sweep: float = float("-inf")  # loop time of the last orphan sweep
     started: bool = False
     busy: bool = False
     # The parts, each owning its state (built in __post_init__ from the above).
@@ -231,6 +233,14 @@ class Reconciler:
             )
         self._count_depth()
         if sweep:
+            # A sweep looks at every RelayDomain and RecipientList: while
+            # thousands arrive, one every SWEEP_INTERVAL_SECONDS, not one a pass.
+            now = asyncio.get_running_loop().time()
+            wait = self.last_sweep + SWEEP_INTERVAL_SECONDS - now
+            if wait > 0:
+                self.queue.sweep_later(wait)
+                return
+            self.last_sweep = now
             try:
                 self.sweep_orphans(view)
             except Exception:
