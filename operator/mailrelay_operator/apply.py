@@ -34,6 +34,7 @@ ChildRef = tuple[str, str, str]  # (apiVersion, kind, name)
 PRUNABLE = (
     ("v1", "ConfigMap", "recipients"),
     ("v1", "ConfigMap", "domains"),
+    ("v1", "ConfigMap", "claims"),
     ("v1", "Service", "mx"),
     (certificate.CERT_MANAGER_API, "Certificate", "tls"),
     # When the operator's settings turn relay NetworkPolicies off.

@@ -30,6 +30,7 @@ from mailrelay_api.spec import relay_spec
 from mailrelay_api.validate import relay_warnings
 from mailrelay_operator import (
     certificate,
+    claims_store,
     handover_secret,
     metrics,
     mx_pods,
@@ -375,6 +376,11 @@ class Reconciler:
         if mem.claims is not None:
             claimed = [c.to_status() for c in mem.claims]
             relay = {**relay, "status": {**(relay.get("status") or {}), "domains": claimed}}
+        else:
+            # First render: a large relay's claims are in ConfigMaps (claims_store).
+            stored = await claims_store.load_claims(self.api, relay)
+            if stored:
+                relay = claims_store.with_stored_claims(relay, stored)
         settings = RenderSettings(cluster=self.network.cluster)
         rendered = await asyncio.to_thread(
             render_relay, relay, inventory, mem.render_cache, settings
@@ -469,7 +475,7 @@ class Reconciler:
         obs.certificate = self.events.certificates.get(key)
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
-        obs.claims = [c.to_status() for c in rendered.claims]
+        obs.claims = claims_store.status_claims(rendered.claims)
         entries = naming.mx_entries(relay)
         mx = [(e.priority, e.hostname) for e in entries]
         ready_hosts = {
