@@ -6,7 +6,11 @@ Pure functions: objects in, files and verdicts out.
 
 Files:
 - relay.json    the MailRelay's policy (spec with defaults), reloadable live
-- domains.json   the accepted domains with their next hops, reloadable live
+- domains.json   the accepted domains with their next hops, reloadable live;
+                 a large install (over shards.DOMAINS_INLINE_MAX) gets
+                 domains-index.json instead, naming the domain shards
+                 domains-NNNN-of-NNNN.json.gz (gzip'd JSON lists of the same
+                 entries) next to the recipient shards (shards.py)
 - recipients-NNNN.txt.gz  the merged recipient tables of `listed` domains,
                  one lowercased address a line, sorted, gzip, each shard small
                  enough for one ConfigMap; an address's shard is a stable hash
@@ -21,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailrelay_api import shards as sharding
 from mailrelay_api.claims import (
     Claim,
     ClusterNetworks,
@@ -36,14 +41,16 @@ from mailrelay_api.shards import (
     ListPart,
     RenderCache,
     list_part,
+    render_domain_shards,
     render_shards,
 )
-from mailrelay_api.spec import NextHopSpec, relay_spec
+from mailrelay_api.spec import MailRelaySpec, NextHopSpec, relay_spec
 from mailrelay_api.validate import list_size_advice, unused_list_note
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
 DOMAINS_FILE = "domains.json"
+DOMAINS_INDEX_FILE = "domains-index.json"  # instead of domains.json when sharded
 # MailRelay spec keys for the operator and the pods, not the relay's policy:
 # changing them must not touch relay.json.
 NOT_POLICY = ("replicas", "storage", "image", "allowedNextHops", *POD_SCHEDULING)
@@ -127,10 +134,15 @@ class RenderSettings:
 
 
 def _policy_verdict(
-    relay: dict[str, Any], dom: dict[str, Any], inv: Inventory, cluster: ClusterNetworks
+    relay: dict[str, Any],
+    spec: MailRelaySpec,
+    dom: dict[str, Any],
+    inv: Inventory,
+    cluster: ClusterNetworks,
 ) -> DomainVerdict | None:
-    """Why a RelayDomain may not attach at all (None: it may); names only its own relay."""
-    spec = relay_spec(relay)
+    """Why a RelayDomain may not attach at all (None: it may); names only its own relay.
+
+    `spec` is relay_spec(relay), typed once per render (not once per domain)."""
     domain = str(dom["spec"]["domain"]).lower().rstrip(".")
     ns = _ns(dom)
     where = f"MailRelay {_ns(relay)}/{_name(relay)}"
@@ -171,7 +183,7 @@ def attach_domains(
     by_domain: dict[str, list[dict[str, Any]]] = {}
     candidates = [(i, d) for i, d in enumerate(inv.domains) if refers_to(d, relay)]
     for _, dom in sorted(candidates, key=lambda c: _age_key(c[1], c[0])):
-        refused = _policy_verdict(relay, dom, inv, settings.cluster)
+        refused = _policy_verdict(relay, spec, dom, inv, settings.cluster)
         if refused is not None:
             verdicts.append(refused)
         else:
@@ -250,14 +262,7 @@ def render_relay(
     }
     files: dict[str, bytes] = {
         RELAY_FILE: _json(relay_doc),
-        DOMAINS_FILE: _domains_json(
-            {
-                "format": CONFIG_FORMAT,
-                "domains": domains_doc,
-                "recipientFiles": sorted(shards.files),
-            },
-            cache,
-        ),
+        **_domain_files(domains_doc, sorted(shards.files), cache),
         **shards.files,
     }
     return Rendered(
@@ -393,12 +398,34 @@ def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _domains_json(doc: dict[str, Any], cache: RenderCache | None) -> bytes:
+def _domain_files(
+    entries: list[dict[str, Any]], recipient_files: list[str], cache: RenderCache | None
+) -> dict[str, bytes]:
+    """domains.json with the domains in it; for a large install, domains-index.json
+    naming the domain shards, and the shards (each fits a ConfigMap).
+
+    Old relays read domains.json only: with the index they find no domains.json,
+    keep the configuration they have and wait for their new image."""
+    doc = {"format": CONFIG_FORMAT, "domains": entries, "recipientFiles": recipient_files}
+    compact = json.dumps(doc, sort_keys=True)
+    if len(compact) <= sharding.DOMAINS_INLINE_MAX:
+        return {DOMAINS_FILE: _domains_json(doc, compact, cache)}
+    shards = render_domain_shards(entries, len(compact), cache)
+    if cache is not None:
+        cache.domains_json = None
+    index = {
+        "format": CONFIG_FORMAT,
+        "domainFiles": sorted(shards),
+        "recipientFiles": recipient_files,
+    }
+    return {DOMAINS_INDEX_FILE: _json(index), **shards}
+
+
+def _domains_json(doc: dict[str, Any], compact: str, cache: RenderCache | None) -> bytes:
     # Indented JSON takes the pure-Python encoder (~0.2 s for 10,000 domains);
     # the compact C-encoded form tells whether the last one can be reused.
     if cache is None:
         return _json(doc)
-    compact = json.dumps(doc, sort_keys=True)
     if cache.domains_json is None or cache.domains_json[0] != compact:
         cache.domains_json = (compact, _json(doc))
     return cache.domains_json[1]

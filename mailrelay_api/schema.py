@@ -1141,7 +1141,9 @@ MAILRELAY_STATUS = obj(
         "readyReplicas": integer("Pods ready."),
         "acceptedDomains": integer("RelayDomains attached."),
         "domains": array(
-            "Who holds each accepted domain (sticky claims; see spec.allowedDomains).",
+            "Who holds each accepted domain (sticky claims; see spec.allowedDomains). Over "
+            "10,000 domains only the claims of gone holders; every claim is then in the "
+            "ConfigMaps <relay>-claims-N (a status that large would exceed etcd's request size).",
             obj(
                 "A domain and its holder.",
                 {

@@ -1,5 +1,6 @@
-"""Recipient shards: the `listed` addresses as gzip files, each small enough
-for one ConfigMap, rendered incrementally.
+"""Recipient and domain shards: the `listed` addresses, and the domains of a
+large install, as gzip files, each small enough for one ConfigMap, rendered
+incrementally.
 
 An address goes to shard crc32(address) mod N, N a power of two chosen from
 the total size. One added or removed address therefore changes one shard
@@ -12,15 +13,25 @@ RecipientList's addresses split by shard, keyed by uid and generation, with
 a digest of each part, and each shard's gzip keyed by the digests of the
 parts that fed it: a pass after one list changed re-sorts and re-gzips only
 the shards whose addresses changed.
+
+Domains go the same way once domains.json would outgrow its ConfigMap
+(DOMAINS_INLINE_MAX): entry to shard crc32(domain) mod N, N a power of two
+from the total size, each shard a JSON list sorted by domain. A domain
+shard's name carries N (domains-0003-of-0008.json.gz): a relay that sees
+the index of one shard count next to the shards of another (the ConfigMaps
+are written one at a time) finds a file missing and keeps its configuration,
+rather than loading half the domains.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
+from typing import Any
 
 RECIPIENT_SHARD = "recipients-{:04d}.txt.gz"
 # ConfigMap data is limited to 1 MiB and binaryData is base64 (4/3): keep a
@@ -34,12 +45,21 @@ SHARD_RAW_BYTES = 1024 * 1024
 # splitting it (several RecipientLists may name the same domain).
 RECIPIENT_LIST_ADVISE_BYTES = 1024 * 1024
 _JSON_EXTRA = 3  # an address's quotes and comma in the object's JSON
+DOMAIN_SHARD = "domains-{:04d}-of-{:04d}.json.gz"
+# domains.json holds its domains itself up to this size (compact JSON; about
+# 1,500 domains); a larger install gets domain shards and an index file.
+DOMAINS_INLINE_MAX = 256 * 1024
+# Uncompressed bytes of domain entries per shard (on average): the entries
+# gzip about 10x, far under SHARD_MAX_BYTES.
+DOMAIN_SHARD_RAW_BYTES = 2 * 1024 * 1024
 
 
-def shard_count(raw_bytes: int) -> int:
-    """The number of shards for this many bytes of addresses (a power of two)."""
+def shard_count(raw_bytes: int, per_shard: int | None = None) -> int:
+    """The number of shards for this many bytes (a power of two); per_shard
+    defaults to SHARD_RAW_BYTES (recipient shards)."""
+    per = per_shard if per_shard is not None else SHARD_RAW_BYTES
     count = 1
-    while count * SHARD_RAW_BYTES < raw_bytes:
+    while count * per < raw_bytes:
         count *= 2
     return count
 
@@ -49,12 +69,25 @@ def shard_of(address: str, count: int) -> int:
     return zlib.crc32(address.encode("utf-8", "surrogatepass")) & (count - 1)
 
 
+def _pack(lines: list[bytes]) -> bytes:
+    return b"\n".join(lines)
+
+
+def _unpack(part: bytes) -> list[bytes]:
+    return part.split(b"\n") if part else []
+
+
 @dataclass
 class ListPart:
-    """One RecipientList's addresses in its domain, lowercased, deduplicated, by shard."""
+    """One RecipientList's addresses in its domain, lowercased, deduplicated, by shard.
+
+    Each part is packed: the UTF-8 addresses joined by newlines (about 30
+    bytes an address, where a list of str costs 80): the operator keeps
+    every list's part between renders.
+    """
 
     key: str | None  # uid/generation/domain, None when it cannot be cached
-    parts: list[list[str]]  # parts[i]: the addresses of shard i
+    parts: list[bytes]  # parts[i]: the addresses of shard i, packed
     distinct: int  # addresses after deduplication
     raw_bytes: int  # their size, one line each
     in_domain: int = 0  # addresses in the domain as listed (before deduplication)
@@ -63,31 +96,28 @@ class ListPart:
     listed_bytes: int = 0  # the list's addresses as the API server holds them (listed_bytes())
 
     def for_count(self, count: int) -> ListPart:
-        """The same addresses split for another shard count."""
+        """The same addresses split for another shard count, in place: the
+        unsplit addresses are not kept beside the split ones (a million
+        addresses would be held twice while the shards render)."""
         if len(self.parts) == count and self.digests:
             return self
-        parts: list[list[str]] = [[] for _ in range(count)]
+        split: list[list[bytes]] = [[] for _ in range(count)]
+        mask = count - 1
         for part in self.parts:
-            for address in part:
-                parts[shard_of(address, count)].append(address)
-        return ListPart(
-            self.key,
-            parts,
-            self.distinct,
-            self.raw_bytes,
-            self.in_domain,
-            self.foreign,
-            [_digest(p) for p in parts],
-            self.listed_bytes,
-        )
+            for address in _unpack(part):
+                split[zlib.crc32(address) & mask].append(address)
+        self.parts = [_pack(p) for p in split]
+        self.digests = [_digest(p) for p in self.parts]
+        return self
 
-    def addresses(self) -> Iterable[str]:
+    def addresses(self) -> Iterable[bytes]:
+        """The addresses, UTF-8 encoded."""
         for part in self.parts:
-            yield from part
+            yield from _unpack(part)
 
 
-def _digest(addresses: list[str]) -> bytes:
-    return blake2b("\n".join(addresses).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+def _digest(part: bytes) -> bytes:
+    return blake2b(part, digest_size=16).digest()
 
 
 def address_in_domain(lowercased: str, domain: str) -> bool:
@@ -116,12 +146,11 @@ def list_part(key: str | None, addresses: Iterable[object], domain: str) -> List
         if not address_in_domain(low, domain):
             foreign += 1
             continue
-        # Keep the object the list already holds when lowercasing changed nothing.
-        ours.append(text if low == text else low)
-    unique = list(dict.fromkeys(ours))
+        ours.append(low)
+    unique = [a.encode("utf-8", "surrogatepass") for a in dict.fromkeys(ours)]
     return ListPart(
         key=key,
-        parts=[unique],
+        parts=[_pack(unique)],
         distinct=len(unique),
         raw_bytes=sum(len(a) + 1 for a in unique),
         in_domain=len(ours),
@@ -148,6 +177,8 @@ class RenderCache:
     lists: dict[str, ListPart] = field(default_factory=dict)  # by ListPart.key
     shards: dict[str, ShardBlob] = field(default_factory=dict)
     domains_json: tuple[str, bytes] | None = None  # (compact JSON, rendered bytes)
+    # domain shard name -> (digest of its JSON, its gzip)
+    domain_shards: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,12 +215,13 @@ def _render_count(parts: list[ListPart], count: int, cache: RenderCache | None) 
         if old is not None and (old.count, old.feeders) == (count, feeders):
             blobs[name] = old
             continue
-        addresses: set[str] = set()
+        addresses: set[bytes] = set()
         for p in feeding:
-            addresses.update(p.parts[i])
+            addresses.update(_unpack(p.parts[i]))
+        # UTF-8 sorts as code points do: the order of the addresses as text.
         lines = sorted(addresses)
-        text = "\n".join(lines) + "\n" if lines else ""
-        blob = gzip.compress(text.encode("utf-8", "surrogatepass"), compresslevel=6, mtime=0)
+        text = b"\n".join(lines) + b"\n" if lines else b""
+        blob = gzip.compress(text, compresslevel=6, mtime=0)
         if len(blob) > SHARD_MAX_BYTES:
             return None
         blobs[name] = ShardBlob(count, feeders, blob, len(addresses))
@@ -200,3 +232,41 @@ def _render_count(parts: list[ListPart], count: int, cache: RenderCache | None) 
         recipients=sum(b.addresses for b in blobs.values()),
         parts=split,
     )
+
+
+def render_domain_shards(
+    entries: list[dict[str, Any]], raw_bytes: int, cache: RenderCache | None
+) -> dict[str, bytes]:
+    """domains.json's entries (sorted by domain) as gzip'd JSON lists by
+    crc32(domain); raw_bytes: their size as compact JSON. With a cache, only
+    shards whose entries changed are gzip'd again."""
+    count = shard_count(raw_bytes, DOMAIN_SHARD_RAW_BYTES)
+    while True:
+        files = _domain_shards(entries, count, cache)
+        if files is not None:
+            return files
+        count *= 2  # a shard gzip'd over SHARD_MAX_BYTES
+
+
+def _domain_shards(
+    entries: list[dict[str, Any]], count: int, cache: RenderCache | None
+) -> dict[str, bytes] | None:
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    for entry in entries:
+        groups[shard_of(str(entry["domain"]), count)].append(entry)
+    previous = cache.domain_shards if cache is not None else {}
+    made: dict[str, tuple[bytes, bytes]] = {}
+    for i, group in enumerate(groups):
+        name = DOMAIN_SHARD.format(i, count)
+        text = json.dumps(group, sort_keys=True, separators=(",", ":")).encode()
+        key = blake2b(text, digest_size=16).digest()
+        old = previous.get(name)
+        blob = old[1] if old is not None and old[0] == key else None
+        if blob is None:
+            blob = gzip.compress(text, compresslevel=6, mtime=0)
+            if len(blob) > SHARD_MAX_BYTES:
+                return None
+        made[name] = (key, blob)
+    if cache is not None:
+        cache.domain_shards = made
+    return {name: blob for name, (_, blob) in made.items()}

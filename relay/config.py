@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE
+from mailrelay_api.render import DOMAINS_FILE, DOMAINS_INDEX_FILE, RELAY_FILE
 from mailrelay_api.schema import (
     BounceDelivery,
     ClientAction,
@@ -437,14 +437,25 @@ def read_recipients(config_dir: Path, files: list[str]) -> RecipientTable:
     return RecipientTable.from_shards(config_dir / name for name in files)
 
 
-def read_domains_text(config_dir: Path) -> str:
-    """domains.json, or domains.json.gz: the operator gzips a large one to fit
-    its ConfigMap (1 MiB), e.g. 10,000 domains."""
+def read_domains_document(config_dir: Path) -> dict[str, Any]:
+    """domains.json; or domains.json.gz (an older operator gzip'd a large one);
+    or, for a large install, domains-index.json and the domain shards it names
+    (mailrelay_api.shards), their entries joined into one document."""
     plain = config_dir / DOMAINS_FILE
-    if plain.exists() or not (config_dir / (DOMAINS_FILE + ".gz")).exists():
-        return plain.read_text()
-    with gzip.open(config_dir / (DOMAINS_FILE + ".gz"), "rt") as f:
-        return f.read()
+    packed = config_dir / (DOMAINS_FILE + ".gz")
+    index_file = config_dir / DOMAINS_INDEX_FILE
+    if packed.exists() and not plain.exists():
+        with gzip.open(packed, "rt") as f:
+            return dict(json.load(f))
+    if plain.exists() or not index_file.exists():
+        return dict(json.loads(plain.read_text()))
+    index = json.loads(index_file.read_text())
+    domains: list[dict[str, Any]] = []
+    for name in index["domainFiles"]:
+        # A shard missing (the ConfigMaps of another shard count): an error,
+        # so the relay keeps the configuration it has.
+        domains.extend(json.loads(gzip.decompress((config_dir / name).read_bytes())))
+    return {**index, "domains": domains}
 
 
 def load_logging(config_dir: str | Path) -> LoggingPolicy:
@@ -458,7 +469,7 @@ def load_config(config_dir: str | Path) -> RelayConfig:
     d = Path(config_dir)
     try:
         relay_doc = json.loads((d / RELAY_FILE).read_text())
-        domains_doc = json.loads(read_domains_text(d))
+        domains_doc = read_domains_document(d)
         recipients = read_recipients(d, domains_doc["recipientFiles"])
         return config_from_documents(relay_doc, domains_doc, recipients)
     except (OSError, KeyError, ValueError, TypeError) as e:

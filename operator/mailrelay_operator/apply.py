@@ -33,6 +33,8 @@ ChildRef = tuple[str, str, str]  # (apiVersion, kind, name)
 # Kinds the operator deletes when a relay no longer wants them: (apiVersion, kind, component).
 PRUNABLE = (
     ("v1", "ConfigMap", "recipients"),
+    ("v1", "ConfigMap", "domains"),
+    ("v1", "ConfigMap", "claims"),
     ("v1", "Service", "mx"),
     (certificate.CERT_MANAGER_API, "Certificate", "tls"),
     # When the operator's settings turn relay NetworkPolicies off.

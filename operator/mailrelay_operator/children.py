@@ -8,7 +8,15 @@ from typing import Any, cast
 import kopf
 
 from mailrelay_api.render import Rendered
-from mailrelay_operator import certificate, configmaps, networkpolicy, pdb, services, statefulset
+from mailrelay_operator import (
+    certificate,
+    claims_store,
+    configmaps,
+    networkpolicy,
+    pdb,
+    services,
+    statefulset,
+)
 from mailrelay_operator import handover_secret as handover
 from mailrelay_operator.settings import NetworkSettings
 
@@ -39,7 +47,11 @@ def desired_children(
         cert_manager or not certificate.wants_certificate(relay)
     )
     shards = configmaps.recipient_config_maps(relay, rendered)
-    children = [configmaps.config_config_map(relay, rendered), *shards]
+    domain_shards = configmaps.domain_config_maps(relay, rendered)
+    # Domain shards before the index that names them (config): a pod rarely
+    # sees an index whose shards are not there yet (it would keep its config).
+    children = [*domain_shards, configmaps.config_config_map(relay, rendered), *shards]
+    children += claims_store.claims_config_maps(relay, rendered.claims)
     if certificate.wants_certificate(relay) and cert_manager:
         children.append(certificate.certificate(relay))
     if handover_key:
@@ -47,6 +59,7 @@ def desired_children(
     opts = statefulset.PodOptions(
         image=image,
         shards=len(shards),
+        domain_shards=len(domain_shards),
         tls=tls,
         handover_hash=handover.key_hash(handover_key) if handover_key else "",
     )

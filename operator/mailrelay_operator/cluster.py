@@ -7,7 +7,9 @@ same renderer as `mailrelay render`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +22,43 @@ Key = tuple[str, str]  # (namespace, name)
 _KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
 
 
+class PackedAddresses:
+    """A RecipientList's spec.addresses as one UTF-8 blob, newline-separated:
+    about 30 bytes an address where a list of str costs 80 (the operator
+    keeps every list). Iterates as the str it was made of."""
+
+    __slots__ = ("_blob", "_count")
+
+    def __init__(self, blob: bytes, count: int) -> None:
+        self._blob, self._count = blob, count
+
+    @classmethod
+    def pack(cls, addresses: Any) -> Any:
+        """Packed, or `addresses` as they are when they cannot be (not all
+        strings, or a newline inside one)."""
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            return addresses
+        text = "\n".join(addresses)
+        if text.count("\n") != max(len(addresses) - 1, 0) or (addresses and not text):
+            return addresses
+        return cls(text.encode("utf-8", "surrogatepass"), len(addresses))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        if self._count:
+            yield from self._blob.decode("utf-8", "surrogatepass").split("\n")
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Iterable) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def trim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the renderer and the status writer need from an object, defaults applied."""
+    """What the renderer and the status writer need from an object, defaults
+    applied; a RecipientList's addresses packed (PackedAddresses)."""
     meta = body.get("metadata") or {}
     obj: dict[str, Any] = {
         "apiVersion": body.get("apiVersion"),
@@ -31,7 +68,53 @@ def trim(body: Mapping[str, Any]) -> dict[str, Any]:
         "status": dict(body.get("status") or {}),
     }
     obj["metadata"].setdefault("namespace", "default")
-    return with_defaults(obj)
+    out = with_defaults(obj)
+    if out.get("kind") == "RecipientList" and "addresses" in out["spec"]:
+        out["spec"]["addresses"] = PackedAddresses.pack(out["spec"]["addresses"])
+    return _shared(out)
+
+
+# Equal parts of trimmed objects, shared: 100,000 RelayDomains mostly repeat
+# the same relayRef, nextHop, verify and status conditions (about 1 KB each
+# as their own dicts). The cache's objects are never modified in place.
+_SHARED: dict[str, Any] = {}
+_SHARED_MAX = 100_000  # distinct parts kept; then it starts over
+
+
+_SHARED_KINDS = ("RelayDomain", "RecipientList")  # the many; not a MailRelay's big status
+_SHARED_KEY_MAX = 2048  # larger parts are not worth a key of their size
+
+
+def _share(value: Any) -> Any:
+    if not isinstance(value, dict | list) or isinstance(value, PackedAddresses):
+        return sys.intern(value) if type(value) is str and len(value) < 64 else value
+    if isinstance(value, list) and len(value) > 16:
+        return value
+    key = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(key) > _SHARED_KEY_MAX:
+        return value
+    found = _SHARED.get(key)
+    if found is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        found = _SHARED[key] = value
+    return found
+
+
+def _shared(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with its spec's and status's nested values, and short strings, shared."""
+    if obj.get("kind") not in _SHARED_KINDS:
+        return obj
+    meta = obj["metadata"]
+    for k in ("namespace", "creationTimestamp"):
+        if isinstance(meta.get(k), str):
+            meta[k] = sys.intern(meta[k])
+    obj["apiVersion"], obj["kind"] = _share(obj["apiVersion"]), _share(obj["kind"])
+    for part in ("spec", "status"):
+        section = obj.get(part)
+        if isinstance(section, dict):
+            obj[part] = {k: _share(v) for k, v in section.items()}
+    return obj
 
 
 def key_of(obj: Mapping[str, Any]) -> Key:

@@ -1,23 +1,25 @@
 """The ConfigMaps holding a relay's rendered configuration (pure builders).
 
-`<relay>-config` holds relay.json and domains.json; each gzip recipient shard
-goes into its own `<relay>-recipients-N` ConfigMap as binaryData, so every
-ConfigMap stays well under the 1 MiB limit (render sizes shards at 512 KiB).
+`<relay>-config` holds relay.json and domains.json (or, for a large install,
+domains-index.json); each gzip recipient shard goes into its own
+`<relay>-recipients-N` ConfigMap and each domain shard into its own
+`<relay>-domains-N`, as binaryData, so every ConfigMap stays well under the
+1 MiB limit (render sizes shards at 512 KiB). The pods mount them all
+through fixed optional slots (statefulset.config_volume).
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
 import re
+from collections.abc import Callable
 from typing import Any
 
-from mailrelay_api.render import DOMAINS_FILE, RELAY_FILE, Rendered
+from mailrelay_api.render import DOMAINS_FILE, DOMAINS_INDEX_FILE, RELAY_FILE, Rendered
 from mailrelay_operator import naming
 
-# ConfigMaps hold at most 1 MiB (base64 counts 4/3 for binaryData).
-DOMAINS_GZIP_OVER = 256 * 1024
 _SHARD_FILE = re.compile(r"^recipients-(\d+)\.txt\.gz$")
+_DOMAIN_SHARD_FILE = re.compile(r"^domains-(\d+)-of-\d+\.json\.gz$")
 
 
 def shard_index(file_name: str) -> int | None:
@@ -25,11 +27,14 @@ def shard_index(file_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def domain_shard_index(file_name: str) -> int | None:
+    m = _DOMAIN_SHARD_FILE.match(file_name)
+    return int(m.group(1)) if m else None
+
+
 def config_config_map(relay: dict[str, Any], rendered: Rendered) -> dict[str, Any]:
-    """relay.json and domains.json; a large domains.json (10,000 domains is about
-    1.5 MB) goes in gzip'd as binaryData domains.json.gz, which the relay reads too."""
-    domains = rendered.files[DOMAINS_FILE]
-    cm: dict[str, Any] = {
+    """relay.json and domains.json, or domains-index.json (small: it names the shards)."""
+    return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
@@ -37,21 +42,38 @@ def config_config_map(relay: dict[str, Any], rendered: Rendered) -> dict[str, An
             "namespace": naming.relay_namespace(relay),
             "labels": naming.labels(relay, "config"),
         },
-        "data": {RELAY_FILE: rendered.files[RELAY_FILE].decode()},
+        "data": {
+            name: rendered.files[name].decode()
+            for name in (RELAY_FILE, DOMAINS_FILE, DOMAINS_INDEX_FILE)
+            if name in rendered.files
+        },
     }
-    if len(domains) <= DOMAINS_GZIP_OVER:
-        cm["data"][DOMAINS_FILE] = domains.decode()
-    else:
-        packed = gzip.compress(domains, compresslevel=6, mtime=0)
-        cm["binaryData"] = {DOMAINS_FILE + ".gz": base64.b64encode(packed).decode()}
-    return cm
 
 
 def recipient_config_maps(relay: dict[str, Any], rendered: Rendered) -> list[dict[str, Any]]:
     """One ConfigMap per recipient shard, named after the shard's index."""
+    return _shard_config_maps(
+        relay, rendered, "recipients", shard_index, naming.recipients_config_map_name
+    )
+
+
+def domain_config_maps(relay: dict[str, Any], rendered: Rendered) -> list[dict[str, Any]]:
+    """One ConfigMap per domain shard, named after the shard's index."""
+    return _shard_config_maps(
+        relay, rendered, "domains", domain_shard_index, naming.domains_config_map_name
+    )
+
+
+def _shard_config_maps(
+    relay: dict[str, Any],
+    rendered: Rendered,
+    component: str,
+    index_of: Callable[[str], int | None],
+    name_of: Callable[[dict[str, Any], int], str],
+) -> list[dict[str, Any]]:
     out = []
     for file_name in sorted(rendered.files):
-        index = shard_index(file_name)
+        index = index_of(file_name)
         if index is None:
             continue
         out.append(
@@ -59,10 +81,10 @@ def recipient_config_maps(relay: dict[str, Any], rendered: Rendered) -> list[dic
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {
-                    "name": naming.recipients_config_map_name(relay, index),
+                    "name": name_of(relay, index),
                     "namespace": naming.relay_namespace(relay),
                     "labels": {
-                        **naming.labels(relay, "recipients"),
+                        **naming.labels(relay, component),
                         naming.SHARD_LABEL: str(index),
                     },
                 },

@@ -92,6 +92,10 @@ def recipients_config_map_name(relay: dict[str, Any], shard: int) -> str:
     return f"{relay_name(relay)}-recipients-{shard}"
 
 
+def domains_config_map_name(relay: dict[str, Any], shard: int) -> str:
+    return f"{relay_name(relay)}-domains-{shard}"
+
+
 def statefulset_name(relay: dict[str, Any]) -> str:
     return relay_name(relay)
 

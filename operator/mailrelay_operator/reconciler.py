@@ -30,6 +30,7 @@ from mailrelay_api.spec import relay_spec
 from mailrelay_api.validate import relay_warnings
 from mailrelay_operator import (
     certificate,
+    claims_store,
     handover_secret,
     metrics,
     mx_pods,
@@ -63,6 +64,7 @@ from mailrelay_operator.status_writer import StatusWriter
 from mailrelay_operator.workqueue import WorkQueue
 
 log = logging.getLogger("mailrelay.operator")
+SWEEP_INTERVAL_SECONDS = 5.0
 
 
 @dataclass
@@ -85,6 +87,10 @@ class RelayMemory:
     claims: list[Claim] | None = None
     progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
     applied_replicas: int | None = None  # the StatefulSet replicas we last applied
+    # (kind, namespace, name) -> (resourceVersion, verdict) of the statuses
+    # last handed to the status writer: an unchanged object with an unchanged
+    # verdict is not looked at again (100,000 RelayDomains, a pass each event).
+    statuses_queued: dict[tuple[str, str, str], tuple[object, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +118,7 @@ class Reconciler:
     running: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     slots: asyncio.Semaphore = field(init=False)
     passes: int = 0
+    last_sweep: float = float("-inf")  # loop time of the last orphan sweep
     started: bool = False
     busy: bool = False
     # The parts, each owning its state (built in __post_init__ from the above).
@@ -196,7 +203,8 @@ class Reconciler:
         """Forget what was applied and written: the next pass checks everything again."""
         self.applier.resync()
         self.statuses.resync()
-        for key in self.relays:
+        for key, mem in self.relays.items():
+            mem.statuses_queued = {}
             self.queue.mark(key)
         self.queue.mark_sweep()
 
@@ -226,6 +234,14 @@ class Reconciler:
             )
         self._count_depth()
         if sweep:
+            # A sweep looks at every RelayDomain and RecipientList: while
+            # thousands arrive, one every SWEEP_INTERVAL_SECONDS, not one a pass.
+            now = asyncio.get_running_loop().time()
+            wait = self.last_sweep + SWEEP_INTERVAL_SECONDS - now
+            if wait > 0:
+                self.queue.sweep_later(wait)
+                return
+            self.last_sweep = now
             try:
                 self.sweep_orphans(view)
             except Exception:
@@ -299,16 +315,46 @@ class Reconciler:
         # The relay's own status now; its domains' and lists' (thousands, maybe)
         # go to the status writer, so the next change is not kept waiting.
         await self.statuses.write(relay, status.relay_status(relay, obs))
+        self._queue_statuses(key, mem, rendered, view)
+        log.info("reconciled MailRelay %s/%s; %d writes so far", key[0], key[1], self.api.writes)
+        return obs.applied
+
+    def _queue_statuses(
+        self, key: Key, mem: RelayMemory, rendered: Rendered, view: ClusterView
+    ) -> None:
+        """The statuses of the relay's RelayDomains and RecipientLists, to the
+        status writer: those whose object or verdict changed since the last pass."""
+        queued = mem.statuses_queued
+        fresh: dict[tuple[str, str, str], tuple[object, ...]] = {}
         for v in rendered.domains:
             dom = view.domains.get((v.namespace, v.name))
-            if dom is not None:
+            if dom is None:
+                continue
+            ref = ("RelayDomain", v.namespace, v.name)
+            fresh[ref] = (
+                dom["metadata"].get("resourceVersion"),
+                v.accepted,
+                v.reason,
+                v.message,
+                v.recipients,
+            )
+            if queued.get(ref) != fresh[ref]:
                 self.statuses.queue(dom, status.domain_status(dom, v))
         for lv in rendered.recipient_lists:
             rl = view.lists.get((lv.namespace, lv.name))
-            if rl is not None and view.relay_of_list(rl) == key:
+            if rl is None or view.relay_of_list(rl) != key:
+                continue
+            ref = ("RecipientList", lv.namespace, lv.name)
+            fresh[ref] = (
+                rl["metadata"].get("resourceVersion"),
+                lv.accepted,
+                lv.reason,
+                lv.message,
+                lv.addresses,
+            )
+            if queued.get(ref) != fresh[ref]:
                 self.statuses.queue(rl, status.list_status(rl, lv))
-        log.info("reconciled MailRelay %s/%s; %d writes so far", key[0], key[1], self.api.writes)
-        return obs.applied
+        mem.statuses_queued = fresh
 
     def _memory(self, key: Key, relay: KubeObject) -> RelayMemory:
         """The relay's memory; a fresh one for a new object of the same name."""
@@ -330,6 +376,11 @@ class Reconciler:
         if mem.claims is not None:
             claimed = [c.to_status() for c in mem.claims]
             relay = {**relay, "status": {**(relay.get("status") or {}), "domains": claimed}}
+        else:
+            # First render: a large relay's claims are in ConfigMaps (claims_store).
+            stored = await claims_store.load_claims(self.api, relay)
+            if stored:
+                relay = claims_store.with_stored_claims(relay, stored)
         settings = RenderSettings(cluster=self.network.cluster)
         rendered = await asyncio.to_thread(
             render_relay, relay, inventory, mem.render_cache, settings
@@ -424,7 +475,7 @@ class Reconciler:
         obs.certificate = self.events.certificates.get(key)
         accepted = sorted(v.domain for v in rendered.domains if v.accepted)
         obs.domains, obs.recipients = len(accepted), rendered.recipients
-        obs.claims = [c.to_status() for c in rendered.claims]
+        obs.claims = claims_store.status_claims(rendered.claims)
         entries = naming.mx_entries(relay)
         mx = [(e.priority, e.hostname) for e in entries]
         ready_hosts = {

@@ -11,9 +11,18 @@ from mailrelay_api.spec import MailRelaySpec, relay_spec
 from mailrelay_api.units import parse_duration
 from mailrelay_operator import naming, scheduling
 
-# Every recipient shard ConfigMap has a slot in the projected config volume,
-# marked optional, so a new shard appears in the pod without a template change
-# (a restart). Slots come in steps; only crossing a step changes the template.
+# Every recipient and domain shard ConfigMap has a slot in the projected
+# config volume, marked optional, so a new shard appears in the pod without a
+# template change (a restart). The slots are fixed, whatever the shard count
+# now: 128 recipient shards hold about 4,000,000 addresses (1 MiB of
+# addresses each), 16 domain shards about 200,000 domains. Only an install
+# beyond that gets more slots (in steps of SHARD_SLOT_STEP), and a roll.
+# The kubelet watches each referenced ConfigMap, present or not (one watch
+# per name and node): the price of a template that never moves. The
+# alternative, a relay that lists its shards by label through the API,
+# would need an API client, a token and RBAC in every relay pod.
+RECIPIENT_SHARD_SLOTS = 128
+DOMAIN_SHARD_SLOTS = 16
 SHARD_SLOT_STEP = 32
 # Policy the relay reads only when it starts (listeners); everything else in
 # relay.json, domains.json and the recipient shards is reloaded live. A change
@@ -36,13 +45,16 @@ class PodOptions:
 
     image: str
     shards: int = 0  # recipient shards rendered now
+    domain_shards: int = 0  # domain shards rendered now
     tls: bool = False  # mount the TLS Secret and pass --tls-dir
     handover_hash: str = ""  # of the handover Secret's key (rolls the pods when it changes)
 
 
-def shard_slots(shards: int) -> int:
-    steps = max(1, -(-shards // SHARD_SLOT_STEP))
-    return steps * SHARD_SLOT_STEP
+def shard_slots(shards: int, fixed: int = RECIPIENT_SHARD_SLOTS) -> int:
+    """`fixed`, or for more shards than that the next step up."""
+    if shards <= fixed:
+        return fixed
+    return -(-shards // SHARD_SLOT_STEP) * SHARD_SLOT_STEP
 
 
 def restart_hash(relay: dict[str, Any]) -> str:
@@ -105,17 +117,14 @@ def _probe(timeout: int, *extra: str) -> dict[str, Any]:
     }
 
 
-def config_volume(relay: dict[str, Any], shards: int) -> dict[str, Any]:
+def config_volume(relay: dict[str, Any], shards: int, domain_shards: int = 0) -> dict[str, Any]:
+    """The config ConfigMap, then a fixed set of optional shard slots (see above)."""
     sources: list[dict[str, Any]] = [{"configMap": {"name": naming.config_map_name(relay)}}]
-    for i in range(shard_slots(shards)):
-        sources.append(
-            {
-                "configMap": {
-                    "name": naming.recipients_config_map_name(relay, i),
-                    "optional": True,
-                }
-            }
-        )
+    names = [naming.recipients_config_map_name(relay, i) for i in range(shard_slots(shards))] + [
+        naming.domains_config_map_name(relay, i)
+        for i in range(shard_slots(domain_shards, DOMAIN_SHARD_SLOTS))
+    ]
+    sources += [{"configMap": {"name": name, "optional": True}} for name in names]
     return {"name": "config", "projected": {"defaultMode": 0o444, "sources": sources}}
 
 
@@ -202,7 +211,7 @@ def _storage(
         {"name": "handover", "mountPath": naming.HANDOVER_DIR, "readOnly": True},
     ]
     volumes: list[dict[str, Any]] = [
-        config_volume(relay, opts.shards),
+        config_volume(relay, opts.shards, opts.domain_shards),
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         {
             "name": "handover",

@@ -22,6 +22,7 @@ class WorkQueue:
     retry_seconds: float = 2.0
     dirty: dict[Key, bool] = field(default_factory=dict)  # relay -> needs a fresh render
     sweep: bool = False
+    sweep_timer: asyncio.TimerHandle | None = None  # a sweep asked for later
     # Binds to the running loop on first use (Python 3.10+), not when made.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -43,8 +44,19 @@ class WorkQueue:
         delay = min(self.retry_seconds * 2 ** min(failures, 8), MAX_RETRY_SECONDS)
         self.mark_after(delay, key, render)
 
-    def sweep_later(self) -> None:
-        asyncio.get_running_loop().call_later(self.retry_seconds, self.mark_sweep)
+    def sweep_later(self, delay: float | None = None) -> None:
+        """A sweep after `delay` (default retry_seconds), unless one is already due."""
+        loop = asyncio.get_running_loop()
+        if self.sweep_timer is not None and self.sweep_timer.when() > loop.time():
+            return
+        wait = self.retry_seconds if delay is None else delay
+        self.sweep_timer = loop.call_later(wait, self.mark_sweep)
+
+    @property
+    def sweep_due(self) -> bool:
+        """A sweep asked for later has not come yet."""
+        timer = self.sweep_timer
+        return timer is not None and timer.when() > asyncio.get_running_loop().time()
 
     def take(self) -> tuple[dict[Key, bool], bool]:
         """Every relay marked so far (-> render?) and the sweep flag; both cleared."""
@@ -54,4 +66,4 @@ class WorkQueue:
 
     @property
     def empty(self) -> bool:
-        return not (self.dirty or self.sweep or self.wakeup.is_set())
+        return not (self.dirty or self.sweep or self.wakeup.is_set() or self.sweep_due)

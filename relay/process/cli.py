@@ -12,7 +12,13 @@ from typing import Any
 
 from mailrelay_api import schema as S
 from mailrelay_api.load import Inventory, load_manifests
-from mailrelay_api.render import Rendered, cross_reference_errors, render_relay
+from mailrelay_api.render import (
+    DOMAINS_FILE,
+    DOMAINS_INDEX_FILE,
+    Rendered,
+    cross_reference_errors,
+    render_relay,
+)
 from mailrelay_api.validate import manifest_warnings
 from relay.process.options import ProcessOptions, relay_version
 from relay.process.output import emit, format_table
@@ -68,9 +74,13 @@ def render_to_dir(rendered: Rendered, config_dir: Path) -> None:
         tmp = config_dir / f".{name}.tmp"
         tmp.write_bytes(data)
         tmp.replace(config_dir / name)
-    for old in config_dir.glob("recipients-*.txt.gz"):
+    # What an earlier render wrote and this one does not: shards of another
+    # count, domains.json once the domains are sharded (or the index once not).
+    stale = [*config_dir.glob("recipients-*.txt.gz"), *config_dir.glob("domains-*-of-*.json.gz")]
+    stale += [config_dir / n for n in (DOMAINS_FILE, DOMAINS_FILE + ".gz", DOMAINS_INDEX_FILE)]
+    for old in stale:
         if old.name not in rendered.files:
-            old.unlink()
+            old.unlink(missing_ok=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from mailrelay_operator import configmaps, naming, statefulset
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.settings import NetworkSettings
 
+from mailrelay_api import shards
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import render_relay
 from mailrelay_api.validate import with_defaults
@@ -227,14 +228,47 @@ def test_certificate_names_every_mx_host() -> None:
     }
 
 
-def test_a_new_shard_does_not_change_the_pod_template() -> None:
+@pytest.mark.parametrize("shards,domain_shards", [(5, 0), (32, 1), (33, 2), (64, 8), (128, 16)])
+def test_a_shard_count_does_not_change_the_pod_template(shards: int, domain_shards: int) -> None:
+    """Crossing a shard-count boundary (recipients 32 -> 64, domains 1 -> 2 ...)
+    restarts no pod: the config volume has fixed optional slots."""
     relay, _ = quickstart()
     one = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=1))
-    five = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=5))
-    assert one["spec"]["template"] == five["spec"]["template"]
-    many = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=40))
+    other = statefulset.statefulset(
+        relay, statefulset.PodOptions(image=IMAGE, shards=shards, domain_shards=domain_shards)
+    )
+    assert one["spec"]["template"] == other["spec"]["template"]
+    sources = one["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
+    names = [s["configMap"]["name"] for s in sources]
+    assert names[0] == "quickstart-config"
+    assert names[1:3] == ["quickstart-recipients-0", "quickstart-recipients-1"]
+    assert names[-1] == f"quickstart-domains-{statefulset.DOMAIN_SHARD_SLOTS - 1}"
+    assert all(s["configMap"]["optional"] for s in sources[1:])
+
+
+def test_beyond_the_fixed_slots_the_template_grows() -> None:
+    relay, _ = quickstart()
+    many = statefulset.statefulset(relay, statefulset.PodOptions(image=IMAGE, shards=130))
     sources = many["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
-    assert len(sources) == 1 + 64
+    assert len(sources) == 1 + 160 + statefulset.DOMAIN_SHARD_SLOTS
+
+
+def test_domain_shard_count_changes_touch_no_pod_template(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rendered for real: 1, then 2 domain shards (and none: inline)."""
+    monkeypatch.setattr(shards, "DOMAINS_INLINE_MAX", 2048)
+    monkeypatch.setattr(shards, "DOMAIN_SHARD_RAW_BYTES", 4096)
+    relay, _ = quickstart()
+    templates, counts = [], []
+    for n in (3, 20, 40):
+        rendered = render_relay(relay, Inventory(relays=[relay], domains=many_domains(n)))
+        children = desired_children(relay, rendered, IMAGE, cert_manager=True)
+        counts.append(len(configmaps.domain_config_maps(relay, rendered)))
+        [sts] = by_kind(children, "StatefulSet")
+        templates.append(sts["spec"]["template"])
+    assert counts == [0, 1, 2]
+    assert templates[0] == templates[1] == templates[2]
 
 
 def test_recipient_changes_do_not_touch_the_pod_template() -> None:
@@ -281,32 +315,40 @@ def test_pod_security() -> None:
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
-def test_ten_thousand_domains_fit_the_config_map() -> None:
-    relay, _ = quickstart()
-    inv = Inventory(relays=[relay])
-    for i in range(10000):
-        inv.domains.append(
-            with_defaults(
-                {
-                    "apiVersion": "mailrelay.io/v1alpha1",
-                    "kind": "RelayDomain",
-                    "metadata": {"name": f"d{i:05d}", "namespace": "default"},
-                    "spec": {
-                        "domain": f"d{i:05d}.example",
-                        "relayRef": {"name": "quickstart"},
-                        "nextHop": {"host": "mail.example.net"},
-                        "recipients": "any",
-                    },
-                }
-            )
+def many_domains(n: int) -> list[dict[str, Any]]:
+    return [
+        with_defaults(
+            {
+                "apiVersion": "mailrelay.io/v1alpha1",
+                "kind": "RelayDomain",
+                "metadata": {"name": f"d{i:05d}", "namespace": "default"},
+                "spec": {
+                    "domain": f"d{i:05d}.example",
+                    "relayRef": {"name": "quickstart"},
+                    "nextHop": {"host": "mail.example.net"},
+                    "recipients": "any",
+                },
+            }
         )
-    rendered = render_relay(relay, inv)
-    assert len(rendered.files["domains.json"]) > 1024 * 1024  # too big as it is
-    cm = desired_children(relay, rendered, IMAGE, cert_manager=True)[0]
-    assert "domains.json" not in cm["data"]
-    assert len(yaml.safe_dump(cm)) < 512 * 1024
+        for i in range(n)
+    ]
+
+
+def test_ten_thousand_domains_go_in_domain_shards() -> None:
+    """domains.json would overflow its ConfigMap: the config ConfigMap gets the
+    index, each domain shard a ConfigMap of its own, and the relay loads them all."""
+    relay, _ = quickstart()
+    rendered = render_relay(relay, Inventory(relays=[relay], domains=many_domains(10000)))
+    assert "domains.json" not in rendered.files
+    children = desired_children(relay, rendered, IMAGE, cert_manager=True)
+    cms = by_kind(children, "ConfigMap")
+    domain_cms = configmaps.domain_config_maps(relay, rendered)
+    assert [cm["metadata"]["name"] for cm in domain_cms] == ["quickstart-domains-0"]
+    config_cm = next(cm for cm in cms if cm["metadata"]["name"] == "quickstart-config")
+    assert set(config_cm["data"]) == {"relay.json", "domains-index.json"}
+    assert all(len(yaml.safe_dump(cm)) < 512 * 1024 for cm in cms)
     with tempfile.TemporaryDirectory() as folder:
-        for name, data in configmaps.config_files([cm]).items():
+        for name, data in configmaps.config_files(cms).items():
             (Path(folder) / name).write_bytes(data)
         config = load_config(folder)
     assert len(config.domains) == 10000

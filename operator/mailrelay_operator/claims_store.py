@@ -1,0 +1,89 @@
+"""Where a large relay's domain claims are kept: ConfigMaps, not its status.
+
+MailRelay status.domains lists every claim (mailrelay_api/claims.py), about
+60 bytes a domain: 100,000 domains would be a 6 MB status, over what etcd
+takes in one write (1.5 MiB by default), and no status at all would be
+written. Over STATUS_CLAIMS_MAX claims, status.domains keeps only the claims
+of gone holders (those waiting for releaseAfter) and every claim goes into
+`<relay>-claims-N` ConfigMaps (gzip'd JSON, sharded by crc32 of the domain
+like the domain shards). The operator reads them back when it starts, so
+claims stay sticky across restarts at any size. The relay pods never mount them.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from typing import Any
+
+from mailrelay_api.claims import Claim
+from mailrelay_api.shards import DOMAIN_SHARD_RAW_BYTES, shard_count, shard_of
+from mailrelay_operator import naming
+from mailrelay_operator.kubeapi import KubeApi, resource_path
+
+STATUS_CLAIMS_MAX = 10_000  # about 600 KB of status
+CLAIMS_FILE = "claims.json.gz"
+CLAIM_BYTES = 64  # a claim as JSON, about, for the shard count
+
+
+def status_claims(claims: list[Claim]) -> list[dict[str, str]]:
+    """What status.domains gets: every claim, or over STATUS_CLAIMS_MAX the gone holders'."""
+    if len(claims) <= STATUS_CLAIMS_MAX:
+        return [c.to_status() for c in claims]
+    return [c.to_status() for c in claims if c.gone_since]
+
+
+def claims_config_maps(relay: dict[str, Any], claims: list[Claim]) -> list[dict[str, Any]]:
+    """The claims ConfigMaps (none while status.domains holds every claim)."""
+    if len(claims) <= STATUS_CLAIMS_MAX:
+        return []
+    count = shard_count(len(claims) * CLAIM_BYTES, DOMAIN_SHARD_RAW_BYTES)
+    groups: list[list[dict[str, str]]] = [[] for _ in range(count)]
+    for c in claims:
+        groups[shard_of(c.domain, count)].append(c.to_status())
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": f"{naming.relay_name(relay)}-claims-{i}",
+                "namespace": naming.relay_namespace(relay),
+                "labels": {**naming.labels(relay, "claims"), naming.SHARD_LABEL: str(i)},
+            },
+            "binaryData": {CLAIMS_FILE: base64.b64encode(_packed(group)).decode()},
+        }
+        for i, group in enumerate(groups)
+    ]
+
+
+def _packed(group: list[dict[str, str]]) -> bytes:
+    text = json.dumps(group, sort_keys=True, separators=(",", ":")).encode()
+    return gzip.compress(text, compresslevel=6, mtime=0)
+
+
+def claims_in(config_maps: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The claims the ConfigMaps hold (status.domains entries)."""
+    out: list[dict[str, str]] = []
+    for cm in config_maps:
+        blob = (cm.get("binaryData") or {}).get(CLAIMS_FILE)
+        if blob:
+            out.extend(json.loads(gzip.decompress(base64.b64decode(blob))))
+    return out
+
+
+def with_stored_claims(relay: dict[str, Any], stored: list[dict[str, str]]) -> dict[str, Any]:
+    """The relay with status.domains completed from the ConfigMaps' claims
+    (the status's own entries win: they are the newer, gone holders)."""
+    status = dict(relay.get("status") or {})
+    recorded = status.get("domains")
+    own = recorded if isinstance(recorded, list) else []
+    seen = {str(c.get("domain")) for c in own if isinstance(c, dict)}
+    merged = own + [c for c in stored if c.get("domain") not in seen]
+    return {**relay, "status": {**status, "domains": merged}}
+
+
+async def load_claims(api: KubeApi, relay: dict[str, Any]) -> list[dict[str, str]]:
+    """The claims in the relay's claims ConfigMaps (at start-up; [] when there are none)."""
+    path = resource_path("v1", "ConfigMap", naming.relay_namespace(relay))
+    return claims_in(await api.list_objects(path, naming.children_selector(relay, "claims")))

@@ -1,0 +1,88 @@
+"""A large relay's claims: in ConfigMaps, status.domains keeps the gone holders'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from mailrelay_operator import claims_store, configmaps
+from mailrelay_operator.children import desired_children
+
+from mailrelay_api.claims import Claim, claims_of
+from mailrelay_api.load import Inventory
+from mailrelay_api.render import render_relay
+from mailrelay_api.validate import with_defaults
+
+
+def relay() -> dict[str, Any]:
+    return with_defaults(
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "MailRelay",
+            "metadata": {"name": "edge", "namespace": "mail", "uid": "r1"},
+            "spec": {"hostname": "mx.example.net"},
+        }
+    )
+
+
+def claims(n: int) -> list[Claim]:
+    return [Claim(f"d{i}.example", f"mail/d{i}") for i in range(n)]
+
+
+@pytest.fixture
+def small_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims_store, "STATUS_CLAIMS_MAX", 10)
+
+
+def test_few_claims_stay_in_the_status() -> None:
+    few = claims(3)
+    assert claims_store.status_claims(few) == [c.to_status() for c in few]
+    assert claims_store.claims_config_maps(relay(), few) == []
+
+
+def test_many_claims_go_to_config_maps(small_max: None) -> None:
+    many = [*claims(50), Claim("gone.example", "mail/gone", "2026-01-01T00:00:00Z")]
+    assert claims_store.status_claims(many) == [
+        {"domain": "gone.example", "holder": "mail/gone", "goneSince": "2026-01-01T00:00:00Z"}
+    ]
+    cms = claims_store.claims_config_maps(relay(), many)
+    assert [cm["metadata"]["name"] for cm in cms] == ["edge-claims-0"]
+    assert cms[0]["metadata"]["labels"]["app.kubernetes.io/component"] == "claims"
+    stored = claims_store.claims_in(cms)
+    assert sorted(c["domain"] for c in stored) == sorted(c.domain for c in many)
+
+
+def test_a_restart_reads_them_back(small_max: None) -> None:
+    """The status's entries (gone holders) and the ConfigMaps' make every claim again."""
+    many = [*claims(50), Claim("gone.example", "mail/gone", "2026-01-01T00:00:00Z")]
+    status = {"domains": claims_store.status_claims(many)}
+    stored = claims_store.claims_in(claims_store.claims_config_maps(relay(), many))
+    back = claims_of(claims_store.with_stored_claims({**relay(), "status": status}, stored))
+    assert sorted(back.values(), key=lambda c: c.domain) == sorted(many, key=lambda c: c.domain)
+
+
+def test_the_relay_owns_its_claims_config_maps(small_max: None) -> None:
+    r = relay()
+    domains = [
+        with_defaults(
+            {
+                "apiVersion": "mailrelay.io/v1alpha1",
+                "kind": "RelayDomain",
+                "metadata": {"name": f"d{i}", "namespace": "mail"},
+                "spec": {
+                    "domain": f"d{i}.example",
+                    "relayRef": {"name": "edge"},
+                    "nextHop": {"host": "mail.example.net"},
+                    "recipients": "any",
+                },
+            }
+        )
+        for i in range(20)
+    ]
+    rendered = render_relay(r, Inventory(relays=[r], domains=domains))
+    children = desired_children(r, rendered, "img", cert_manager=True)
+    names = [c["metadata"]["name"] for c in children if c["kind"] == "ConfigMap"]
+    assert "edge-claims-0" in names
+    assert configmaps.config_files(
+        [c for c in children if c["metadata"]["name"] == "edge-claims-0"]
+    )
