@@ -179,8 +179,7 @@ class Queue:
 
     async def close(self) -> None:
         """Waits for background writes, releases fresh claims, stops the I/O pool."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.settle()
         for claim in list(self._fresh.values()):
             self.release_sync(claim)
         self._fresh.clear()
@@ -321,14 +320,28 @@ class Queue:
         # The batch owns the lock from here: the caller's claim lets go of it.
         self._finishing.append(dataclasses.replace(claim))
         claim.fd = -1
-        if self._finish_job is None or self._finish_job.done():
-            loop = asyncio.get_running_loop()
-            self._finish_job = loop.run_in_executor(self._hot_pool, self._finish_batch_sync)
-            self.track(self._finish_job)
+        self._start_finishing()
 
-    def _finish_batch_sync(self) -> None:
-        while self._finishing:
-            claim = self._finishing.popleft()
+    def _start_finishing(self) -> None:
+        """Hands the waiting removals to one job, unless one runs: its end starts the next.
+
+        Only the event loop touches `_finishing`: a job takes its batch whole,
+        so a removal queued while a job ends is never left behind (as it was
+        when the job's thread emptied the deque itself: it could find it empty
+        and end just as another claim arrived, before its future was done).
+        """
+        if not self._finishing or (self._finish_job is not None and not self._finish_job.done()):
+            return
+        batch = list(self._finishing)
+        self._finishing.clear()
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._hot_pool, self._finish_batch_sync, batch)
+        self._finish_job = job
+        self.track(job)
+        job.add_done_callback(lambda _: self._start_finishing())
+
+    def _finish_batch_sync(self, batch: list[Claim]) -> None:
+        for claim in batch:
             with contextlib.suppress(OSError):
                 self.finish_sync(claim)
             if claim.fd >= 0:

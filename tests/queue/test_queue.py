@@ -186,3 +186,26 @@ async def test_background_removal_owns_the_lock_and_closes_only_its_own_fd(queue
         os.close(r)
         os.close(w)
     assert list(queue.messages()) == []
+
+
+async def test_a_removal_queued_as_the_previous_batch_ends_is_not_left_behind(
+    queue: Queue,
+) -> None:
+    """The second removal comes after the first batch's thread is through but before
+    the event loop has seen its job end (the loop is busy): it must still be done.
+    (A DSN delivered right after the message it reports on was left in active/,
+    locked, until some other message was delivered.)"""
+    claims = []
+    for _ in range(2):
+        msg = queue.incoming()
+        msg.write(b"x\r\n")
+        claim = queue.take_fresh(await msg.commit("a@example.org", ["b@example.com"]))
+        assert claim is not None
+        claims.append(claim)
+    queue.finish_later(claims[0])
+    # Without yielding to the loop: wait until the commit thread, which runs the
+    # removals, has finished the first batch (it runs jobs in order, one at a time).
+    queue._hot_pool.submit(lambda: None).result()
+    queue.finish_later(claims[1])
+    await queue.settle()
+    assert list(queue.messages()) == []
