@@ -151,13 +151,21 @@ class Delivery:
             self._wakeup.clear()
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stops taking messages; waits up to `grace` for deliveries under way."""
+        """Stops taking messages; waits up to `grace` for deliveries under way.
+
+        run() returns at its next turn; it is cancelled only if it has not
+        within `grace` (a scan stuck on a slow disk). (Cancelled at once, it
+        raised CancelledError to whoever awaited it, or not, depending on
+        where the loop was: Python 3.11's wait_for can swallow a cancel.)"""
         self._stopping = True
         self._poke()
-        if self._loop_task is not None and self._loop_task is not asyncio.current_task():
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
+        loop_task = self._loop_task
+        if loop_task is not None and loop_task is not asyncio.current_task():
+            await asyncio.wait({loop_task}, timeout=grace)
+            if not loop_task.done():
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loop_task
         tasks = list(self._inflight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)

@@ -346,6 +346,34 @@ async def test_running_relay_notices_queue_flush(
     await runner
 
 
+async def test_run_returns_when_stopped_mid_scan(
+    relay_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() ends run(): whoever awaits run() sees it return, wherever the loop was
+    (here: waiting for the queue's I/O pool), not a CancelledError."""
+    import asyncio
+    import threading
+
+    relay = await relay_factory(make_config({}), poll_interval=0.01)
+    in_scan, go_on = threading.Event(), threading.Event()
+    real_stat = relay.queue.flush_marker_mtime_sync
+
+    def slow_stat() -> float:  # run() asks for the flush marker's mtime on the pool
+        in_scan.set()
+        go_on.wait(60)
+        return real_stat()
+
+    monkeypatch.setattr(relay.queue, "flush_marker_mtime_sync", slow_stat)
+    runner = asyncio.ensure_future(relay.delivery.run())
+    await asyncio.get_running_loop().run_in_executor(None, in_scan.wait, 60)
+    stopping = asyncio.ensure_future(relay.delivery.stop())
+    await asyncio.sleep(0)  # stop() has begun while run() waits for the pool
+    go_on.set()
+    await stopping
+    await runner  # returns: no CancelledError
+    assert runner.done() and not runner.cancelled()
+
+
 async def test_a_lost_hand_off_is_delivered_by_the_scan(
     sink_factory: Any, relay_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
