@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -42,7 +43,6 @@ from relay.queue.format import (
     ACTIVE,
     DEFERRED,
     HOLD,
-    READ_CHUNK,
     Claim,
     Envelope,
     QueueState,
@@ -303,23 +303,6 @@ class Delivery:
 
     # -- one message ---------------------------------------------------------
 
-    def _chunks(self, claim: Claim) -> Callable[[], AsyncIterator[bytes]]:
-        async def chunks() -> AsyncIterator[bytes]:
-            if claim.data is not None:
-                yield claim.data
-                return
-            offset = 0
-            while offset < claim.envelope.size:
-                chunk = await self.queue.run_io(
-                    self.queue.read_data_sync, claim, offset, READ_CHUNK
-                )
-                if not chunk:
-                    break
-                offset += len(chunk)
-                yield chunk
-
-        return chunks
-
     async def _deliver_claim(self, claim: Claim) -> None:
         try:
             await self._attempt(claim)
@@ -371,7 +354,7 @@ class Delivery:
                 groups.setdefault(hop, []).append(rcpt)
         self._log_and_count(claim, unrouted)
         results = list(unrouted)
-        chunks = self._chunks(claim)
+        chunks = functools.partial(self.queue.read_chunks, claim)
         utf8_headers = False
         if groups and env.params.smtputf8:  # does the message need SMTPUTF8 (Postfix)?
             headers = await self.queue.run_io(self.queue.read_headers_sync, claim)

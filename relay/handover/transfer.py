@@ -46,7 +46,7 @@ from pathlib import Path
 from mailrelay_api.drain_protocol import sign, verify  # one HMAC for drains and AUTH
 from relay import metrics
 from relay.delivery.transaction import DataEncoder
-from relay.queue.format import HOLD, READ_CHUNK, Claim, QueueError
+from relay.queue.format import HOLD, Claim, QueueError
 from relay.queue.mailparams import NO_PARAMS, MailParams
 from relay.queue.store import Queue
 from relay.smtpd.smtpdata import DataDecoder
@@ -435,12 +435,7 @@ class HandoverClient:
             await self._command("DATA", 354)
             assert self._writer is not None
             encoder = DataEncoder()
-            offset = 0
-            while offset < env.size:
-                chunk = await queue.run_io(queue.read_data_sync, claim, offset, READ_CHUNK)
-                if not chunk:
-                    break
-                offset += len(chunk)
+            async for chunk in queue.read_chunks(claim):
                 out = encoder.feed(chunk)
                 if out:
                     self._writer.write(out)

@@ -36,7 +36,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ from relay.queue.format import (
     FLUSH_MARKER,
     INCOMING,
     QUEUE_STATES,
+    READ_CHUNK,
     STATE,
     Claim,
     Progress,
@@ -288,6 +289,19 @@ class Queue:
         if claim.data is not None:
             return claim.data[offset:end]
         return os.pread(claim.fd, max(0, end - offset), offset)
+
+    async def read_chunks(self, claim: Claim) -> AsyncIterator[bytes]:
+        """The claimed message's data, READ_CHUNK at a time (from memory when it is there)."""
+        if claim.data is not None:
+            yield claim.data
+            return
+        offset = 0
+        while offset < claim.envelope.size:
+            chunk = await self.run_io(self.read_data_sync, claim, offset, READ_CHUNK)
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
 
     def read_headers_sync(self, claim: Claim, limit: int = 64 * 1024) -> bytes:
         """The header section of the message (up to the blank line), capped at `limit`."""
