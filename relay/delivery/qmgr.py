@@ -113,6 +113,7 @@ class Delivery:
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._due: dict[str, _Due] = {}
+        self._flushed_in_attempt: set[str] = set()  # under way as a flush came
         self._stopping = False
         self._recovered = False
         self._flush_seen = 0.0
@@ -153,10 +154,8 @@ class Delivery:
     async def stop(self, grace: float = 10.0) -> None:
         """Stops taking messages; waits up to `grace` for deliveries under way.
 
-        run() returns at its next turn; it is cancelled only if it has not
-        within `grace` (a scan stuck on a slow disk). (Cancelled at once, it
-        raised CancelledError to whoever awaited it, or not, depending on
-        where the loop was: Python 3.11's wait_for can swallow a cancel.)"""
+        run() returns at its next turn (cancelled at once, it raised CancelledError
+        to its awaiter or not, by where it was); cancelled only after `grace`."""
         self._stopping = True
         self._poke()
         loop_task = self._loop_task
@@ -249,6 +248,8 @@ class Delivery:
                 continue
             if state == HOLD or queue_id in self._inflight or queue_id in fresh:
                 self._due.pop(queue_id, None)
+                if force_all and queue_id in self._inflight:
+                    self._flushed_in_attempt.add(queue_id)
                 continue
             at = 0.0 if state == ACTIVE or force_all else mtime
             self._due[queue_id] = _Due(state, at)
@@ -270,9 +271,10 @@ class Delivery:
                 break
             if due.at > now:
                 continue
+            if queue_id in self._inflight:
+                continue  # its attempt is ending: started when it has (done() pokes)
             del self._due[queue_id]
-            if queue_id not in self._inflight:
-                self._start(queue_id, self._claim_and_deliver(queue_id, due))
+            self._start(queue_id, self._claim_and_deliver(queue_id, due))
 
     def _start(self, queue_id: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -281,12 +283,19 @@ class Delivery:
         def done(t: asyncio.Task[None]) -> None:
             if self._inflight.get(queue_id) is t:
                 del self._inflight[queue_id]
+                self._flushed_in_attempt.discard(queue_id)
             if not t.cancelled() and t.exception() is not None:
                 log.error("%s: delivery failed", queue_id, exc_info=t.exception())
             if self._due:  # a freed slot matters only to messages waiting for one
                 self._poke()
 
         task.add_done_callback(done)
+
+    def _due_later(self, queue_id: str, at: float) -> None:
+        """Deferred until `at`; if a flush came as its attempt ended, its file's mtime
+        says (an `at` > 0 is checked there): the flush may have found it in deferred/."""
+        flushed = queue_id in self._flushed_in_attempt
+        self._due[queue_id] = _Due(DEFERRED, 1e-9 if flushed else at)
 
     async def _claim_and_deliver(self, queue_id: str, due: _Due) -> None:
         claim = await self.queue.run_io(self.queue.claim_sync, queue_id, due.state)
@@ -297,7 +306,7 @@ class Delivery:
             at = await self.queue.run_io(self.queue.next_attempt_sync, claim)
             if at > self.clock():
                 self.queue.release_sync(claim)
-                self._due[queue_id] = _Due(DEFERRED, at)
+                self._due_later(queue_id, at)
                 return
         await self._deliver_claim(claim)
 
@@ -330,7 +339,7 @@ class Delivery:
             log.exception("%s: cannot defer", claim.queue_id)
             return
         if state == DEFERRED:
-            self._due[claim.queue_id] = _Due(DEFERRED, at)
+            self._due_later(claim.queue_id, at)
 
     async def _attempt(self, claim: Claim) -> None:
         config = self.config_getter()
@@ -523,7 +532,7 @@ class Delivery:
             )
             state = await self.queue.run_io(self.queue.defer_sync, claim, at)
             if state == DEFERRED:
-                self._due[claim.queue_id] = _Due(DEFERRED, at)
+                self._due_later(claim.queue_id, at)
         else:
             self.queue.finish_later(claim)
             log.debug("%s: removed", claim.queue_id)

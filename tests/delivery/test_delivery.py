@@ -346,6 +346,61 @@ async def test_running_relay_notices_queue_flush(
     await runner
 
 
+async def test_a_flush_as_the_attempt_that_deferred_ends_is_not_lost(
+    sink_factory: Any, relay_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mailrelay queue flush` just after the message landed in deferred/, while the
+    attempt that put it there was still ending (the relay's scan for the flush saw
+    it under way): it goes now, not at the next periodic rescan."""
+    import asyncio
+    import threading
+
+    from relay.process.cli import main as cli_main
+
+    sink = await sink_factory("127.0.0.2", rcpt_replies={"b@example.com": "451 4.3.0 later"})
+    relay = await relay_factory(
+        make_config({"example.com": NextHop("127.0.0.2", sink.port, tls="none")}),
+        poll_interval=0.02,
+        rescan_interval=86400,  # no periodic rescan to come to the rescue
+    )
+    flushed, rescanned, polled_again = threading.Event(), threading.Event(), threading.Event()
+    queue = relay.queue
+    real_defer, real_scan, real_stat = (
+        queue.defer_sync,
+        queue.scan_sizes_sync,
+        queue.flush_marker_mtime_sync,
+    )
+
+    def defer_then_flush(claim: Any, at: float) -> Any:
+        state = real_defer(claim, at)  # in deferred/ now, its attempt not over yet
+        sink.rcpt_replies.clear()
+        assert cli_main(["queue", "flush", "--queue-dir", str(queue.directory)]) == 0
+        flushed.set()
+        polled_again.wait(60)  # the relay has seen the flush (and scanned) meanwhile
+        return state
+
+    def scan() -> Any:
+        entries = real_scan()
+        if flushed.is_set():
+            rescanned.set()
+        return entries
+
+    def stat() -> float:
+        if rescanned.is_set():
+            polled_again.set()  # the loop's turn after the scan for the flush
+        return real_stat()
+
+    monkeypatch.setattr(queue, "defer_sync", defer_then_flush)
+    monkeypatch.setattr(queue, "scan_sizes_sync", scan)
+    monkeypatch.setattr(queue, "flush_marker_mtime_sync", stat)
+    runner = asyncio.ensure_future(relay.delivery.run())
+    await relay.send(message(), "a@example.org", ["b@example.com"])
+    await eventually(lambda: bool(sink.messages))
+    assert polled_again.is_set() and len(sink.messages) == 1
+    await relay.delivery.stop()
+    await runner
+
+
 async def test_run_returns_when_stopped_mid_scan(
     relay_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
