@@ -420,7 +420,7 @@ async def test_through_a_real_postfix(
             )  # fmt: skip
             out, _ = await swaks.communicate()
             assert swaks.returncode == 0, out.decode()
-        for _ in range(300):  # Postfix delivers to us when its queue manager gets to it
+        for _ in range(600):  # Postfix delivers to us when its queue manager gets to it
             await h.queue.settle()
             if sum(len(os.listdir(h.queue.directory / f)) for f in (ACTIVE, HOLD)) == 2:
                 break
