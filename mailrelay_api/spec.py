@@ -31,6 +31,11 @@ Doc = Mapping[str, Any]
 # "Empty: one entry with spec.hostname at priority 10" (MailRelay spec.mx).
 IMPLICIT_MX_PRIORITY = 10
 
+# Postfix's hopcount_limit: a message with this many Received: headers (the
+# relay's own included) is refused at end of DATA, "554 5.4.0 Error: too many
+# hops": a mail loop between relays that do not know each other.
+HOPCOUNT_LIMIT = 50
+
 
 def _defaulted(node: S.Schema, value: dict[str, Any]) -> dict[str, Any]:
     """value with the defaults of the schema node filled in (a copy)."""

@@ -41,6 +41,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from mailrelay_api.spec import HOPCOUNT_LIMIT
 from relay import metrics
 from relay.config import RelayConfig
 from relay.queue.incoming import IncomingMessage
@@ -58,6 +59,7 @@ from relay.smtpd.session import (
     access_action,
     client_name,
 )
+from relay.smtpd.smtpdata import HopCount
 from relay.smtpd.spf import SpfChecker
 from relay.verify_cache import ProbeResult, RecipientVerifier, Status
 
@@ -116,6 +118,7 @@ class Check:
     # Enough free space on the queue's file system for a message of the maximum size.
     storage_ok: Callable[[], bool] = _storage_unknown
     content: ContentCheck | None = None  # the attachment filter, fed during DATA
+    hops: HopCount | None = None  # the Received: headers, counted during DATA
     verifier: RecipientVerifier | None = None  # the probe cache of recipients: verify
     authenticator: Authenticator | None = None  # contentFilters.authentication
     message: IncomingMessage | None = None  # at END-OF-DATA: the received message
@@ -314,6 +317,14 @@ async def storage(c: Check) -> Verdict:
     return Reply(452, "4.3.1", "Insufficient system storage")
 
 
+async def hopcount(c: Check) -> Verdict:
+    """Postfix's hopcount_limit (cleanup): as many Received: headers as the limit,
+    ours included, is a mail loop (between relays that do not know each other)."""
+    if c.hops is not None and c.hops.hops >= HOPCOUNT_LIMIT:
+        return Reply(554, "5.4.0", "Error: too many hops")
+    return None
+
+
 async def content(c: Check) -> Verdict:
     """The attachment filter's verdict on the message it read during DATA."""
     return c.content.verdict() if c.content is not None else None
@@ -361,7 +372,7 @@ RECIPIENT_RESTRICTIONS: tuple[Restriction, ...] = (
     unverified_recipient,  # last: a probe costs the primary more than any check above
 )
 DATA_RESTRICTIONS: tuple[Restriction, ...] = (unauth_pipelining,)
-END_OF_DATA_RESTRICTIONS: tuple[Restriction, ...] = (content, authentication)
+END_OF_DATA_RESTRICTIONS: tuple[Restriction, ...] = (hopcount, content, authentication)
 
 # Runs even when an earlier recipient restriction permitted (Postfix's
 # implicit smtpd_reject_unlisted_recipient; for `verify` domains the same holds).

@@ -141,3 +141,31 @@ class MessageIdPeek:
             if colon and name.strip().lower() == b"message-id":
                 return value.strip().decode("utf-8", "replace")
         return ""
+
+
+class HopCount:
+    """Postfix's hop count (cleanup): the Received: headers of the primary header
+    section, counted as the decoded DATA (CRLF lines) streams in. Only the start of
+    each line is kept, whatever the size of the header section."""
+
+    NAME_PEEK = 64  # enough of a line for "Received" and the spaces before its colon
+
+    def __init__(self) -> None:
+        self.hops = 0
+        self.done = False  # the header section has ended
+        self._line = b""  # the start of the line under way
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        *ended, rest = chunk.split(b"\n")
+        for piece in ended:
+            line = (self._line + piece[: self.NAME_PEEK])[: self.NAME_PEEK]
+            self._line = b""
+            if line in (b"", b"\r"):
+                self.done = True  # the empty line: the body begins
+                return
+            name, colon, _ = line.partition(b":")
+            if colon and name.rstrip(b" \t").lower() == b"received":
+                self.hops += 1
+        self._line = (self._line + rest[: self.NAME_PEEK])[: self.NAME_PEEK]

@@ -33,7 +33,7 @@ from relay.smtpd.milters import MessageVerdict
 from relay.smtpd.miltersession import SessionMilters, finish, hold
 from relay.smtpd.policy import Check
 from relay.smtpd.session import Reply, Session, Transaction, client_name
-from relay.smtpd.smtpdata import DataDecoder, MessageIdPeek
+from relay.smtpd.smtpdata import DataDecoder, HopCount, MessageIdPeek
 
 log = logging.getLogger("mailrelay.smtpd")
 
@@ -138,7 +138,7 @@ class MailTransaction(SmtpConnection):
     def end_transaction(self) -> None:
         self.txn = None
         c = self.check
-        c.transaction = c.rcpt = c.content = None
+        c.transaction = c.rcpt = c.content = c.hops = None
         c.message = c.authenticated = None
 
     async def smtp_MAIL(self, arg: str) -> None:
@@ -298,6 +298,8 @@ class MailTransaction(SmtpConnection):
             write_failed = e
         if check is not None:
             check.feed_inline(head)
+        hops = self.check.hops = HopCount()
+        hops.feed(head)  # our own Received: counts, as Postfix's does in cleanup
         if self.milters is not None:  # milters see our Received header, as with Postfix
             await self.milters.feed(head)
         decoder = DataDecoder()
@@ -326,6 +328,7 @@ class MailTransaction(SmtpConnection):
         too_big = False
         flushed = 0
         message_id = self.message_id = MessageIdPeek()
+        hops = self.check.hops or HopCount()
         data_started = self.loop.time()
         while not decoder.done:
             data = await self.reader.read(DATA_CHUNK)
@@ -340,6 +343,8 @@ class MailTransaction(SmtpConnection):
                 too_big = True
             if chunk and not message_id.done:
                 message_id.feed(chunk)
+            if chunk and not hops.done:
+                hops.feed(chunk)
             if chunk and not too_big and write_failed is None:
                 try:
                     incoming.write(chunk)

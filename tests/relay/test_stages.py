@@ -33,7 +33,7 @@ def test_each_stage_lists_its_restrictions_in_order() -> None:
         "unauth_pipelining",
     ]  # the whole RCPT table: test_policy.test_the_order_reads_in_one_place
     assert names(policy.DATA_RESTRICTIONS) == ["unauth_pipelining"]
-    assert names(policy.END_OF_DATA_RESTRICTIONS) == ["content", "authentication"]
+    assert names(policy.END_OF_DATA_RESTRICTIONS) == ["hopcount", "content", "authentication"]
     assert names(policy.IMPLICIT_AFTER_PERMIT) == ["unlisted_recipient", "unverified_recipient"]
 
 
