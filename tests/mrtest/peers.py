@@ -133,7 +133,7 @@ class AiosmtpdSink:
             self._controller.stop()
             self._controller = None
 
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[CapturedMessage]:
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[CapturedMessage]:
         wait_until(lambda: len(self.messages) >= count, timeout, f"{count} messages at the sink")
         return list(self.messages)
 
@@ -181,7 +181,7 @@ class PostfixSink:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_until(lambda: _connectable(self.host, self.port), 10, "smtp-sink listening")
+        wait_until(lambda: _connectable(self.host, self.port), 60, "smtp-sink listening")
         return self
 
     def stop(self) -> None:
@@ -204,7 +204,7 @@ class PostfixSink:
                 out.append(parse_sink_dump(raw))
         return out
 
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[CapturedMessage]:
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[CapturedMessage]:
         wait_until(lambda: len(self.messages()) >= count, timeout, f"{count} messages at smtp-sink")
         return self.messages()
 

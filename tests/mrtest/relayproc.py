@@ -229,7 +229,7 @@ class RelayProcess:
             argv += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
         return argv + self.args
 
-    def start(self, timeout: float = 30.0) -> RelayProcess:
+    def start(self, timeout: float = 60.0) -> RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(
@@ -255,7 +255,7 @@ class RelayProcess:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         """Until every worker logged that it listens (TCP alone is not enough
         with several workers)."""
         wanted = self.worker_count
@@ -278,7 +278,7 @@ class RelayProcess:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> list[str]:
+    def wait_for_log(self, pattern: str, timeout: float = 60.0, count: int = 1) -> list[str]:
         """Waits until `pattern` (a regex) matches `count` log lines; returns them."""
         rx = re.compile(pattern)
 
