@@ -54,6 +54,7 @@ class QueueSide(Protocol):
     root: str
     clock: Callable[[], float]
     committer: Committer
+    committing: set[str]
 
     async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T: ...
 
@@ -181,11 +182,14 @@ class IncomingMessage:
             size=self.size,
             params=params.only(list(recipients)),
         )
+        self.queue.committing.add(self.queue_id)
         try:
             await self.queue.committer.commit(self, tail, envelope)
         except OSError as e:
             await self.queue.run_io(self._discard_sync)
             raise QueueError(f"cannot queue {self.queue_id}: {e}") from e
+        finally:
+            self.queue.committing.discard(self.queue_id)
         assert self._fd is not None
         # Small messages are handed to delivery from memory: no read back.
         data = None if self._spilled else tail

@@ -147,6 +147,7 @@ class Queue:
         # event loop for the GIL, and that costs more than the syscalls.
         self._hot_pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="queue-commit")
         self._fresh: dict[str, Claim] = {}
+        self.committing: set[str] = set()  # in commit(): maybe in active/ already, not fresh yet
         self._tasks: set[asyncio.Future[Any]] = set()
         self._dir_syncs: dict[str, _GroupSync] = {}
         self._finishing: collections.deque[Claim] = collections.deque()
@@ -206,7 +207,9 @@ class Queue:
         return self._fresh.pop(queue_id, None)
 
     def fresh_ids(self) -> list[str]:
-        return list(self._fresh)
+        """Messages this process holds from receipt to wake(), those being committed too
+        (a scan may list one in active/ before its commit() has handed it back)."""
+        return [*self._fresh, *self.committing]
 
     # -- claiming and recording results (blocking: run on the pool) --------
 

@@ -401,6 +401,32 @@ async def test_a_flush_as_the_attempt_that_deferred_ends_is_not_lost(
     await runner
 
 
+async def test_a_scan_between_commit_and_hand_off_does_not_hold_the_message_up(
+    sink_factory: Any, relay_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue scan lists a message just renamed into active/ while its commit() has
+    not yet handed it back (a busy event loop): the scan must leave it to wake(), not
+    try to claim it (our own lock refuses it) and so make wake() think it under way.
+    (It waited for the lost hand-off grace, 60 s, and the next scan.)"""
+    sink = await sink_factory("127.0.0.2")
+    relay = await relay_factory(
+        make_config({"example.com": NextHop("127.0.0.2", sink.port, tls="none")})
+    )
+    committer = relay.queue.committer
+    real_commit = committer.commit
+
+    async def commit_then_scan(*args: Any) -> None:
+        await real_commit(*args)  # durable in active/, not yet handed back
+        await relay.delivery._rescan(force_all=False)  # the delivery loop's scan, right then
+        relay.delivery._start_due()
+
+    monkeypatch.setattr(committer, "commit", commit_then_scan)
+    await relay.send(message(), "a@example.org", ["b@example.com"])
+    await relay.delivery.idle()
+    assert len(sink.messages) == 1
+    assert queue_files(relay.queue, "active") == []
+
+
 async def test_run_returns_when_stopped_mid_scan(
     relay_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
