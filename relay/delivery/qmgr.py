@@ -56,6 +56,9 @@ log = logging.getLogger("relay.delivery")
 Clock = Callable[[], float]
 
 
+# A deferred _Due.at this small (but > 0) means "as its file's mtime says".
+MTIME_DECIDES = 1e-9
+
 # A message this process committed is handed to delivery at once (wake());
 # one still waiting after this long lost its hand-off and is delivered by the scan.
 FRESH_HANDOFF_GRACE = 60.0
@@ -154,8 +157,10 @@ class Delivery:
     async def stop(self, grace: float = 10.0) -> None:
         """Stops taking messages; waits up to `grace` for deliveries under way.
 
-        run() returns at its next turn (cancelled at once, it raised CancelledError
-        to its awaiter or not, by where it was); cancelled only after `grace`."""
+        run() sees the stop at its next turn and returns; only if it has not
+        within `grace` (a scan stuck on a slow disk) is it cancelled. (Cancelled
+        at once, it raised CancelledError to whoever awaited it, or not, by
+        where its loop was: Python 3.11's wait_for may swallow a cancel.)"""
         self._stopping = True
         self._poke()
         loop_task = self._loop_task
@@ -292,10 +297,12 @@ class Delivery:
         task.add_done_callback(done)
 
     def _due_later(self, queue_id: str, at: float) -> None:
-        """Deferred until `at`; if a flush came as its attempt ended, its file's mtime
-        says (an `at` > 0 is checked there): the flush may have found it in deferred/."""
+        """A message just deferred is due at `at`. But if a flush came while its
+        attempt was ending (the flush's scan skipped it, under way), its file's
+        mtime decides: `mailrelay queue flush` may have found it in deferred/
+        already and made it due now (_claim_and_deliver reads the mtime)."""
         flushed = queue_id in self._flushed_in_attempt
-        self._due[queue_id] = _Due(DEFERRED, 1e-9 if flushed else at)
+        self._due[queue_id] = _Due(DEFERRED, MTIME_DECIDES if flushed else at)
 
     async def _claim_and_deliver(self, queue_id: str, due: _Due) -> None:
         claim = await self.queue.run_io(self.queue.claim_sync, queue_id, due.state)
