@@ -267,8 +267,15 @@ def main() -> int:
         log = work / "operator.log"
         with log.open("w") as out:
             operator = subprocess.Popen(
-                [sys.executable, "-m", "relay.process.cli", "operator", "--verbose",
-                 "--liveness", ""],
+                [
+                    sys.executable,
+                    "-m",
+                    "relay.process.cli",
+                    "operator",
+                    "--verbose",
+                    "--liveness",
+                    "",
+                ],
                 env={**env, "MAILRELAY_OPERATOR_RESYNC_SECONDS": "3600"},
                 stdout=out,
                 stderr=subprocess.STDOUT,

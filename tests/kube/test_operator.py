@@ -326,8 +326,9 @@ def test_ready_and_mx_records_follow_the_children(
     )  # fmt: skip
     wait_for(
         "RollingOut",
-        lambda: condition(kube.get("mailrelay", "quickstart"), "Ready").get("reason")
-        == "RollingOut",
+        lambda: (
+            condition(kube.get("mailrelay", "quickstart"), "Ready").get("reason") == "RollingOut"
+        ),
     )
     done = {**rolling, "updatedReplicas": 1, "currentRevision": "quickstart-new"}
     kube.kubectl(
