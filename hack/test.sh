@@ -15,6 +15,7 @@ fi
 export KUBEBUILDER_ASSETS="${KUBEBUILDER_ASSETS:-$PWD/.tools/bin}"
 echo "== ruff"
 .venv/bin/ruff check relay mailrelay_api operator tests bench hack
+.venv/bin/ruff format --check relay mailrelay_api operator tests bench hack
 echo "== mypy"
 .venv/bin/mypy
 echo "== generated CRDs up to date"
