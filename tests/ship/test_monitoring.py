@@ -7,23 +7,32 @@ a pod), the test DNS server, a next hop offering STARTTLS, and real clients
 (swaks) on 127.0.0.x; the events: mail delivered, bounced (a DSN back to a
 relay domain), deferred then expired (a DSN that expires too: dropped), held,
 refused (DNSBL, unknown recipient), a DNSBL answering error codes, SPF, TLS in
-and out, a configuration refused then one loaded. Then every selector of every
-expression (label matchers included) must match a sample of the scrape.
+and out, a configuration refused then one loaded. A second relay runs the
+content checks: greylisting, DKIM and DMARC, a milter. Then every selector of
+every expression (label matchers included) must match a sample of one scrape
+or the other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
+import smtplib
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from mrtest.authmail import dkim_sign, make_key, message
 from mrtest.dnsserver import DnsServer
 from mrtest.peers import AiosmtpdSink, swaks
 from mrtest.relayproc import (
@@ -34,6 +43,7 @@ from mrtest.relayproc import (
     write_manifests,
 )
 from mrtest.spamzones import RECORDS
+from mrtest.testmilter import ScriptedMilter
 from prometheus_client.parser import text_string_to_metric_families
 from ship.tools import CHART, by_kind, render_chart
 
@@ -247,6 +257,78 @@ def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns:
     queue_cli(relay, "flush")  # a scan now: the queue gauges
 
 
+# --- the second relay: greylisting, authentication, a milter --------------------------
+
+GREYLIST_DELAY = 1.0
+
+
+@contextlib.contextmanager
+def milter_in_thread() -> Iterator[str]:
+    """A scripted milter (continue to everything) on an event loop of its own;
+    its address."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    milter = ScriptedMilter()
+    try:
+        yield asyncio.run_coroutine_threadsafe(milter.start(), loop).result(10)
+    finally:
+        asyncio.run_coroutine_threadsafe(milter.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def content_spec(nameserver: str, milter: str) -> dict[str, Any]:
+    return {
+        "restrictions": {"greylist": {"enabled": True, "delay": f"{GREYLIST_DELAY:g}s"}},
+        "dns": {"nameservers": [nameserver], "timeout": "1s"},
+        "contentFilters": {
+            "authentication": {
+                "dkim": {"enabled": True},
+                "dmarc": {"enabled": True, "enforce": "none"},
+            },
+            "milters": [{"name": "scripted", "address": milter}],
+        },
+    }
+
+
+def submit(relay: RelayProcess, msg: bytes, local: str) -> None:
+    """One message from local, with the envelope of the greylisted triplet."""
+    with smtplib.SMTP(*relay.address, source_address=(local, 0), timeout=60) as c:
+        c.sendmail("alice@signer.test", ["info@example.com"], msg)
+
+
+def produce_content_events(relay: RelayProcess, local: str, msg: bytes, unsigned: bytes) -> None:
+    # Greylisted (new), then retried after the delay (passed); later ones: known.
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        submit(relay, unsigned, local)
+    time.sleep(GREYLIST_DELAY + 0.2)
+    submit(relay, msg, local)  # dkim=pass, dmarc=pass; the milter sees it all
+    submit(relay, unsigned, local)  # dkim=none, dmarc=fail (p=reject, enforce: none)
+
+
+@pytest.fixture(scope="module")
+def content(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    workdir = tmp_path_factory.mktemp("content")
+    key = make_key(workdir / "keys", "signer")
+    records = dict(RECORDS)
+    records["sel._domainkey.signer.test"] = [("TXT", key.record)]
+    records["_dmarc.signer.test"] = [("TXT", '"v=DMARC1; p=reject"')]
+    msg = dkim_sign(message("alice@signer.test"), key, "signer.test")
+    unsigned = message("alice@signer.test", "not signed\r\n")
+    with DnsServer(records) as dns, milter_in_thread() as milter:
+        manifests = write_manifests(
+            workdir / "manifests",
+            next_hop=("127.0.0.1", 9),  # nothing listens there: the mail waits
+            domains={"example.com": "any"},
+            spec=content_spec(dns.nameserver, milter),
+        )
+        with RelayProcess(manifests, workdir, workers=2, metrics=True) as relay:
+            produce_content_events(relay, next_loopback(), msg, unsigned)
+            yield relay
+
+
 def scrape(relay: RelayProcess) -> list[tuple[str, dict[str, str], float]]:
     text = urllib.request.urlopen(relay.metrics_url, timeout=10).read().decode()
     return [
@@ -256,7 +338,9 @@ def scrape(relay: RelayProcess) -> list[tuple[str, dict[str, str], float]]:
     ]
 
 
-def test_every_panel_and_alert_reads_a_metric_the_relay_produced(scenario: Scenario) -> None:
+def test_every_panel_and_alert_reads_a_metric_the_relays_produced(
+    scenario: Scenario, content: RelayProcess
+) -> None:
     wanted = [
         s
         for where, expr in chart_expressions().items()
@@ -265,7 +349,7 @@ def test_every_panel_and_alert_reads_a_metric_the_relay_produced(scenario: Scena
     ]
 
     def missing() -> list[str]:
-        samples = scrape(scenario.relay)
+        samples = scrape(scenario.relay) + scrape(content)
         return [
             f"{s.where}: {s.metric}{dict((m[0], m[2]) for m in s.matchers)}"
             for s in wanted
@@ -321,3 +405,19 @@ def test_units_and_labels(scenario: Scenario) -> None:
     assert {p for p, _ in tls} <= {"TLSv1.2", "TLSv1.3"} and "other" not in {c for _, c in tls}
     domains = {lab.get("domain") for n, lab, _ in scrape(relay) if "domain" in lab}
     assert domains <= {"example.com", "down.test", "held.test", "other"}
+
+
+def test_content_checks_counted(content: RelayProcess) -> None:
+    def counted() -> bool:
+        return value_of(content, "mailrelay_dmarc_policy_total", action="none") == 1
+
+    wait_until(counted, 30, "the DMARC fail counted")
+    assert value_of(content, "mailrelay_greylist_total", result="new") == 1
+    assert value_of(content, "mailrelay_greylist_total", result="passed") == 1
+    assert value_of(content, "mailrelay_greylist_total", result="known") == 1
+    assert value_of(content, "mailrelay_authentication_results_total", method="dkim") == 2
+    assert value_of(content, "mailrelay_authentication_results_total", result="pass") >= 2
+    assert value_of(content, "mailrelay_authentication_results_total", method="dmarc") == 2
+    assert value_of(content, "mailrelay_milter_verdicts_total", milter="scripted") > 0
+    assert value_of(content, "mailrelay_milter_verdicts_total", verdict="error") == 0
+    assert value_of(content, "mailrelay_milter_seconds_count", milter="scripted") > 0
