@@ -136,6 +136,10 @@ class Probe:
         self._accepted = {}
         self._task = asyncio.run_coroutine_threadsafe(self._send_loop(host, port), self._loop)
 
+    def accepted(self) -> int:
+        """Probe messages the relay has accepted since `begin()`."""
+        return len(self._accepted)
+
     def end(self, wait: float = 30.0) -> Latencies:
         """Stops probing, waits up to `wait` s for accepted probes to reach the sink."""
         if self._task is not None:
