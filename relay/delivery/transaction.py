@@ -165,6 +165,16 @@ async def send_data(reader: ReplyReader, chunks: ChunkSource) -> None:
     reader.write(last + encoder.end())
 
 
+async def _next_reply(reader: ReplyReader, timeout: float) -> SMTPResponse:
+    """The next reply within `timeout`. One already read (the rest of a
+    pipelined group arrives with its first reply) is taken without arming a
+    timer: a timeout per reply costs more than the parsing."""
+    if reader.replies:
+        return reader.replies.popleft()
+    async with asyncio.timeout(timeout):
+        return await reader.next_reply()
+
+
 class _Exchange:
     """The state machine of one transaction on a borrowed connection."""
 
@@ -210,8 +220,7 @@ class _Exchange:
             self.stage = (
                 MAIL_STAGE if replied == 0 else RCPT_STAGE if replied < data_at else DATA_STAGE
             )
-            async with asyncio.timeout(timeout):
-                reply = await reader.next_reply()
+            reply = await _next_reply(reader, timeout)
             if replied == 0:
                 mail_ok = reply.code == 250
                 if not mail_ok:
@@ -236,8 +245,7 @@ class _Exchange:
             # RFC 2920: DATA was accepted though no recipient was; end it at
             # once (the server must refuse an empty one).
             reader.write(b".\r\n")
-        async with asyncio.timeout(timeout):
-            final = await reader.next_reply()
+        final = await _next_reply(reader, timeout)
         if not self.accepted:
             return
         if final.code != 250:
