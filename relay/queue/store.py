@@ -65,6 +65,8 @@ from relay.queue.mailparams import NO_PARAMS, MailParams
 # An incoming file younger than this is never removed as stale: closes the
 # window between a writer creating it and taking its lock.
 STALE_INCOMING_AGE = 60.0
+# Delivered messages are removed in batches, gathered over this long.
+FINISH_DELAY = 0.01
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -151,7 +153,7 @@ class Queue:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._dir_syncs: dict[str, _GroupSync] = {}
         self._finishing: collections.deque[Claim] = collections.deque()
-        self._finish_job: asyncio.Future[Any] | None = None
+        self._finish_job: asyncio.Task[None] | None = None
         self._dir_lock = threading.Lock()
         self.committer = Committer(
             self._pool, self._hot_pool, functools.partial(self.fsync_state_dir, ACTIVE)
@@ -182,6 +184,9 @@ class Queue:
     async def close(self) -> None:
         """Waits for background writes, releases fresh claims, stops the I/O pool."""
         await self.settle()
+        if self._finishing:  # delivered meanwhile (a removal batch cancelled while it waited)
+            self._finish_batch_sync(list(self._finishing))
+            self._finishing.clear()
         for claim in list(self._fresh.values()):
             self.release_sync(claim)
         self._fresh.clear()
@@ -337,25 +342,28 @@ class Queue:
         # The batch owns the lock from here: the caller's claim lets go of it.
         self._finishing.append(dataclasses.replace(claim))
         claim.fd = -1
-        self._start_finishing()
+        if self._finish_job is None:
+            self._finish_job = asyncio.ensure_future(self._finish_batches())
+            self.track(self._finish_job)
 
-    def _start_finishing(self) -> None:
-        """Hands the waiting removals to one job, unless one runs: its end starts the next.
+    async def _finish_batches(self) -> None:
+        """Waits FINISH_DELAY for more messages to finish, then hands all that
+        wait to one pool job (a hand-off to a thread per message costs more
+        than its unlink); again while more came meanwhile.
 
         Only the event loop touches `_finishing`: a job takes its batch whole,
-        so a removal queued while a job ends is never left behind (as it was
-        when the job's thread emptied the deque itself: it could find it empty
-        and end just as another claim arrived, before its future was done).
+        and this task ends only once none is left (in the same loop step as
+        it looks), so a removal queued while a job ends is never left behind.
         """
-        if not self._finishing or (self._finish_job is not None and not self._finish_job.done()):
-            return
-        batch = list(self._finishing)
-        self._finishing.clear()
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._hot_pool, self._finish_batch_sync, batch)
-        self._finish_job = job
-        self.track(job)
-        job.add_done_callback(lambda _: self._start_finishing())
+        try:
+            await asyncio.sleep(FINISH_DELAY)
+            loop = asyncio.get_running_loop()
+            while self._finishing:
+                batch = list(self._finishing)
+                self._finishing.clear()
+                await loop.run_in_executor(self._hot_pool, self._finish_batch_sync, batch)
+        finally:
+            self._finish_job = None
 
     def _finish_batch_sync(self, batch: list[Claim]) -> None:
         for claim in batch:
