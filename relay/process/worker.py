@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import platform
 import signal
@@ -33,6 +34,12 @@ from typing import TYPE_CHECKING, Any
 from relay.process.listeners import Sockets
 from relay.process.options import ProcessOptions, env_float, relay_version
 from relay.process.watch import SourceWatcher, config_hash, config_signature
+
+# The cyclic collector's first-generation threshold (Python's default: 700).
+# A session allocates a few thousand objects, nearly all freed by reference
+# counting; at the default the collector ran about once every 20 messages
+# and, walking every long-lived object, took ~2% of a worker's CPU.
+GC_THRESHOLD = 10_000
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
@@ -47,6 +54,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailrelay.server")
 
+
+
+def settle_garbage_collector() -> None:
+    """What lives as long as the worker (modules, configuration, listeners)
+    is set aside from the cyclic collector (gc.freeze: never walked again),
+    and the collector runs less often (GC_THRESHOLD): per-message garbage
+    is freed by reference counting, what cycles there are wait a little."""
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, second, third)
 
 @dataclass
 class _Running:
@@ -100,6 +118,7 @@ class Worker:
         config = await loop.run_in_executor(None, load_config, config_dir)
         logbuffer.configure(*self.options.logging_of(config.logging))
         running = await self._start(config)
+        settle_garbage_collector()
         reload_task = asyncio.create_task(self._watch_config(running.ctx, sig, digest))
         await self.stop_event.wait()
         await self._stop(running, reload_task)
