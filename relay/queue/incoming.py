@@ -15,6 +15,7 @@ and fsyncs active/ once for all of them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import os
@@ -254,7 +255,11 @@ class IncomingMessage:
 _Pending = tuple[IncomingMessage, bytes, Envelope, "asyncio.Future[None]"]
 
 
-def _settle(batch: list[_Pending], job: asyncio.Future[list[OSError | None]]) -> None:
+# A commit job: the future of its pool, or of asyncio (the same interface).
+Job = asyncio.Future[list[OSError | None]] | concurrent.futures.Future[list[OSError | None]]
+
+
+def _settle(batch: list[_Pending], job: Job) -> None:
     """Tells each committer of a finished batch how it went (on the event loop)."""
     if job.cancelled():
         errors: list[OSError | None] = [OSError("commit cancelled")] * len(batch)
@@ -315,16 +320,22 @@ class Committer:
             return
         batch, self._waiting = self._waiting, []
         self._running += 1
-        job = asyncio.get_running_loop().run_in_executor(
-            self._commit_pool, self._commit_batch_sync, batch
-        )
+        loop = asyncio.get_running_loop()
+        # The pool's own future, settled on the loop by one callback: no
+        # asyncio future chained to it (run_in_executor's), which costs more
+        # than the batch's bookkeeping.
+        job = self._commit_pool.submit(self._commit_batch_sync, batch)
 
-        def done(job: asyncio.Future[list[OSError | None]]) -> None:
+        def done(job: Job) -> None:
             self._running -= 1
             _settle(batch, job)
             self._start_job()
 
-        job.add_done_callback(done)
+        def wake_loop(job: Job) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(done, job)
+
+        job.add_done_callback(wake_loop)
 
     def _commit_batch_sync(self, batch: list[_Pending]) -> list[OSError | None]:
         """The blocking half of commit(): one result per message."""
