@@ -59,6 +59,7 @@ CACHE_FILE = "postscreen-cache.json"
 CACHE_MAX_ENTRIES = 500_000
 SAVE_DELAY = 2.0  # batch cache writes: at most one file write per this many seconds
 PREGREET_LOG_BYTES = 100
+ACCESS_CACHE_SIZE = 4096  # addresses whose access-list verdict is remembered
 
 Clock = Callable[[], float]
 
@@ -247,6 +248,8 @@ class Postscreen:
         self.clock = clock
         self.cache = PostscreenCache(cache_dir, clock)
         self._entries = dnsbl.site_entries(config.postscreen.dnsbl_sites)
+        self._access_config = config
+        self._access: dict[str, AccessAction | None] = {}
 
     def update_config(self, config: RelayConfig) -> None:
         self.config = config
@@ -258,7 +261,18 @@ class Postscreen:
 
     # --- the access list ---------------------------------------------------------
     def access(self, ip: str) -> AccessAction | None:
-        """None when nothing matches: permit_mynetworks, then clientAccess."""
+        """None when nothing matches: permit_mynetworks, then clientAccess.
+        Remembered per address while the configuration stays the same."""
+        if self._access_config is not self.config:
+            self._access_config, self._access = self.config, {}
+        if ip in self._access:
+            return self._access[ip]
+        if len(self._access) >= ACCESS_CACHE_SIZE:
+            self._access.clear()
+        action = self._access[ip] = self._access_uncached(ip)
+        return action
+
+    def _access_uncached(self, ip: str) -> AccessAction | None:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
