@@ -255,6 +255,12 @@ def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns:
     relay.wait_for_log(r"non-delivery notification to <alice@example\.com> sent")
     relay.wait_for_log(r"non-delivery notification to <bob@down\.test> dropped", timeout=60)
     queue_cli(relay, "flush")  # a scan now: the queue gauges
+    # The flush only asks for the scan: wait until its figures are published.
+    wait_until(
+        lambda: value_of(relay, "mailrelay_queue_messages", state="hold") == 1,
+        60,
+        "the queue scan's gauges (the held message)",
+    )
 
 
 # --- the second relay: greylisting, authentication, a milter --------------------------
