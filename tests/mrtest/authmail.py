@@ -1,6 +1,7 @@
-"""Signed mail for the authentication tests: RSA keys made by openssl, their
-DKIM key records for the test DNS server, messages DKIM-signed and ARC-sealed
-with dkimpy, and dkimpy's own verification of what the relay stored."""
+"""Signed mail for the authentication tests: RSA keys made by openssl and
+ed25519 keys made by PyNaCl (RFC 8463), their DKIM key records for the test
+DNS server, messages DKIM-signed and ARC-sealed with dkimpy, and dkimpy's own
+verification of what the relay stored."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dkim
+import nacl.signing
 
 
 @dataclass(frozen=True)
 class Key:
-    private: bytes  # PEM
-    public: str  # base64 of the DER SubjectPublicKeyInfo
+    private: bytes  # rsa: PEM; ed25519: base64 of the 32-byte seed
+    public: str  # rsa: base64 of the DER SubjectPublicKeyInfo; ed25519: of the raw key
+    kind: str = "rsa"  # the record's k=
+
+    @property
+    def text(self) -> str:
+        return f"v=DKIM1; k={self.kind}; p={self.public}"
 
     @property
     def record(self) -> str:
         """The key's TXT record in zone-file text (strings of at most 255 bytes)."""
-        text = f"v=DKIM1; k=rsa; p={self.public}"
+        text = self.text
         return " ".join(f'"{text[i : i + 200]}"' for i in range(0, len(text), 200))
+
+    @property
+    def algorithm(self) -> bytes:
+        return b"ed25519-sha256" if self.kind == "ed25519" else b"rsa-sha256"
 
 
 def make_key(workdir: Path, name: str, bits: int = 1024) -> Key:
@@ -38,6 +49,13 @@ def make_key(workdir: Path, name: str, bits: int = 1024) -> Key:
         capture_output=True,
     ).stdout
     return Key(private.read_bytes(), base64.b64encode(der).decode())
+
+
+def make_ed25519_key() -> Key:
+    """An ed25519 key as RFC 8463 publishes it: k=ed25519, p= the raw 32 bytes."""
+    key = nacl.signing.SigningKey.generate()
+    public = base64.b64encode(bytes(key.verify_key)).decode()
+    return Key(base64.b64encode(bytes(key)), public, "ed25519")
 
 
 SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id"]
@@ -73,6 +91,7 @@ def dkim_sign(
         canonicalize=canonicalize,
         include_headers=SIGNED_HEADERS,
         length=length,
+        signature_algorithm=key.algorithm,
     )
     return sig + msg
 
@@ -99,6 +118,6 @@ def verifies(stored: bytes, keys: dict[str, Key]) -> bool:
 
     def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
         key = keys.get(name.decode().rstrip("."))
-        return f"v=DKIM1; k=rsa; p={key.public}".encode() if key else None
+        return key.text.encode() if key else None
 
     return bool(dkim.verify(stored, dnsfunc=dnsfunc))

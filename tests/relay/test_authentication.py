@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 from mrtest import postfix
-from mrtest.authmail import Key, arc_seal, dkim_sign, make_key, message, verifies
+from mrtest.authmail import (
+    Key,
+    arc_seal,
+    dkim_sign,
+    make_ed25519_key,
+    make_key,
+    message,
+    verifies,
+)
 from mrtest.dnsserver import DnsServer
 from mrtest.peers import RawClient
 from mrtest.relayproc import next_loopback
@@ -35,7 +43,8 @@ HOST = "mx.relay.test"  # relay_spec_for_tests' hostname: our authserv-id
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Key]:
     folder = tmp_path_factory.mktemp("keys")
-    return {name: make_key(folder, name) for name in ("signer", "strict", "arc", "gone")}
+    made = {name: make_key(folder, name) for name in ("signer", "strict", "arc", "gone")}
+    return {**made, "ed25519": make_ed25519_key()}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +52,7 @@ def dns(keys: dict[str, Key]) -> Iterator[DnsServer]:
     reject = '"v=DMARC1; p=reject"'
     records = {
         "sel._domainkey.signer.test": [("TXT", keys["signer"].record)],
+        "ed._domainkey.signer.test": [("TXT", keys["ed25519"].record)],
         "_dmarc.signer.test": [("TXT", reject)],
         "_dmarc.nokey.test": [("TXT", reject)],
         "_dmarc.broken.test": [("TXT", reject)],
@@ -138,6 +148,29 @@ async def test_signed_mail_passes_and_the_stored_signature_still_verifies(
     assert verifies(data, {"sel._domainkey.signer.test": keys["signer"]})
     await h.queue.settle()
     assert os.listdir(h.queue.directory / INCOMING) == []
+
+
+async def test_ed25519_signatures_pass_alone_and_beside_an_rsa_one(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    """RFC 8463: dkimpy verifies ed25519-sha256 with PyNaCl. Senders sign with
+    both algorithms side by side (a verifier without ed25519 still has RSA)."""
+    h = await start(relay_server, tmp_path, dns, "reject")
+    ed = dkim_sign(message("alice@signer.test"), keys["ed25519"], "signer.test", "ed")
+    assert b"a=ed25519-sha256;" in ed
+    [dkim_line, _arc, dmarc] = results(await stored(h, await send(h, ed)))
+    assert dkim_line.startswith("dkim=pass header.d=signer.test header.s=ed header.b=")
+    assert dmarc == "dmarc=pass (p=reject dis=none) header.from=signer.test"
+    msg = message("alice@signer.test", "both\r\n")
+    both = dkim_sign(
+        dkim_sign(msg, keys["signer"], "signer.test"), keys["ed25519"], "signer.test", "ed"
+    )
+    data = await stored(h, await send(h, both))
+    [ed_line, rsa_line, _arc, dmarc] = results(data)
+    assert ed_line.startswith("dkim=pass header.d=signer.test header.s=ed header.b=")
+    assert rsa_line.startswith("dkim=pass header.d=signer.test header.s=sel header.b=")
+    assert dmarc == "dmarc=pass (p=reject dis=none) header.from=signer.test"
+    assert verifies(data, {"ed._domainkey.signer.test": keys["ed25519"]})
 
 
 @pytest.mark.parametrize(
