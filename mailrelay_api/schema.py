@@ -1066,6 +1066,16 @@ MAILRELAY_SPEC = obj(
                             "at or below allowlistThreshold) are not greylisted.",
                             default=True,
                         ),
+                        "autoAllowlistClients": integer(
+                            "postgrey --auto-whitelist-clients (5): a client network (IPv4 /24, "
+                            "IPv6 /64) whose mail passed greylisting this many times is no longer "
+                            "greylisted, for any sender or recipient, until it sends no mail for "
+                            "ttl. A pass is a triplet retried after delay, or a remembered "
+                            "triplet's mail at most once an hour. 0: off.",
+                            minimum=0,
+                            maximum=1000,
+                            default=5,
+                        ),
                     },
                     default={},
                 ),

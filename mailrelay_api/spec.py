@@ -461,6 +461,7 @@ class GreylistSpec:
     retry_window: str
     ttl: str
     skip_allowlisted: bool
+    auto_allowlist_clients: int  # passes; 0: off
 
     @classmethod
     def from_dict(cls, d: Doc) -> GreylistSpec:
@@ -470,6 +471,7 @@ class GreylistSpec:
             retry_window=str(d["retryWindow"]),
             ttl=str(d["ttl"]),
             skip_allowlisted=bool(d["skipAllowlisted"]),
+            auto_allowlist_clients=int(d["autoAllowlistClients"]),
         )
 
 

@@ -154,6 +154,7 @@ class GreylistPolicy:
     retry_window: float = parse_duration(_SPEC.restrictions.greylist.retry_window)
     ttl: float = parse_duration(_SPEC.restrictions.greylist.ttl)
     skip_allowlisted: bool = _SPEC.restrictions.greylist.skip_allowlisted
+    auto_allowlist_clients: int = _SPEC.restrictions.greylist.auto_allowlist_clients
 
     @classmethod
     def from_spec(cls, s: GreylistSpec) -> GreylistPolicy:
@@ -163,6 +164,7 @@ class GreylistPolicy:
             retry_window=parse_duration(s.retry_window),
             ttl=parse_duration(s.ttl),
             skip_allowlisted=s.skip_allowlisted,
+            auto_allowlist_clients=s.auto_allowlist_clients,
         )
 
 

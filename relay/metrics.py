@@ -27,7 +27,8 @@ SCREEN = Counter(
 )  # pass_new, pass_old, pregreet, dnsbl, access, allowlisted
 GREYLIST = Counter(
     "mailrelay_greylist_total", "Greylisting decisions at RCPT (restrictions.greylist).", ["result"]
-)  # new, early (both deferred 450), passed (retried after the delay), known, allowlisted
+)  # new, early (both deferred 450), passed (retried after the delay), known, client
+# (its network auto-allowlisted: autoAllowlistClients), allowlisted (postscreen's)
 ACCEPTED = Counter("mailrelay_messages_accepted_total", "Messages queued (250 after DATA).")
 ACCEPTED_BYTES = Counter("mailrelay_accepted_bytes_total", "Bytes of accepted messages.")
 REJECTED = Counter(

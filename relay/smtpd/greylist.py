@@ -9,6 +9,14 @@ first attempt is deferred; a retry after `delay` and within `retryWindow`
 passes, and the triplet is then remembered for `ttl` after its last mail
 (postgrey's max-age). Later attempts of a remembered triplet pass at once.
 
+A client network is counted as postgrey's --auto-whitelist-clients counts it:
+each triplet of it that passes after the delay counts, and so does a
+remembered triplet's mail at most once an hour (CLIENT_INTERVAL; a burst of
+mail is one pass). At `autoAllowlistClients` passes the network is
+allowlisted: any triplet of it passes at once, unrecorded, until it sends no
+mail for `ttl`. Its entry (a hash of the network, with its count and last
+pass) lives in the buckets beside the triplets and is bounded with them.
+
 The state is shared as relay.verify_cache shares its answers: files in a
 folder on the queue volume, written by rename, with fcntl byte-range locks on
 one lock file between the pod's worker processes; it survives a restart as
@@ -39,10 +47,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from relay.config import GreylistPolicy
 
 log = logging.getLogger("mailrelay.greylist")
+T = TypeVar("T")
 
 # The state's folder in the queue directory.
 GREYLIST_FOLDER = "greylist"
@@ -54,10 +64,15 @@ PER_BUCKET = MAX_ENTRIES // BUCKETS
 REFRESH = 60.0
 IPV4_PREFIX = 24  # postgrey --ipv4cidr
 IPV6_PREFIX = 64  # postgrey --ipv6cidr
+# A client's count grows at most this often from remembered triplets, and an
+# allowlisted client's last pass is written at most this often (postgrey: 1h).
+CLIENT_INTERVAL = 3600.0
 _LOCK_FILE = ".lock"
 _VERSION = 1
 
-Entries = dict[str, list[float]]  # key -> [first seen, last passed (0: not yet)]
+# triplet key -> [first seen, last passed (0: not yet)];
+# client key ("n" + hash: never hex) -> [passes, last pass]: "passed", as prune sees it
+Entries = dict[str, list[float]]
 
 
 class Outcome(enum.StrEnum):
@@ -65,6 +80,7 @@ class Outcome(enum.StrEnum):
     EARLY = "early"  # retried before the delay: deferred
     PASSED = "passed"  # retried after the delay: passes, remembered from now on
     KNOWN = "known"  # remembered: passes
+    CLIENT = "client"  # its client network is auto-allowlisted: passes
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,7 @@ class Decision:
 
     @property
     def passes(self) -> bool:
-        return self.outcome in (Outcome.PASSED, Outcome.KNOWN)
+        return self.outcome in (Outcome.PASSED, Outcome.KNOWN, Outcome.CLIENT)
 
 
 def client_network(client_ip: str) -> str:
@@ -106,6 +122,43 @@ def sender_key(sender: str) -> str:
 def triplet_key(client_ip: str, sender: str, recipient: str) -> str:
     text = f"{client_network(client_ip)}/{sender_key(sender)}/{recipient.lower()}"
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def client_key(client_ip: str) -> str:
+    """The key of the client's network's pass count (never a triplet's)."""
+    text = f"client/{client_network(client_ip)}"
+    return "n" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def client_allowlisted(
+    entries: Entries, key: str, now: float, policy: GreylistPolicy
+) -> tuple[bool, bool]:
+    """Whether the client's network passed often enough (and within ttl);
+    updates its last pass at most every CLIENT_INTERVAL. True: entries changed."""
+    passes, last = entries.get(key, (0.0, 0.0))
+    if passes < policy.auto_allowlist_clients or now - last > policy.ttl:
+        return False, False
+    if now - last < CLIENT_INTERVAL:
+        return True, False
+    entries[key] = [passes, now]
+    return True, True
+
+
+def count_pass(
+    entries: Entries, key: str, now: float, decision: Decision, policy: GreylistPolicy
+) -> bool:
+    """One more pass of the client's network: every triplet that passed after
+    the delay, a remembered triplet's mail at most every CLIENT_INTERVAL.
+    True: entries changed."""
+    passes, last = entries.get(key, (0.0, 0.0))
+    if now - last > policy.ttl:
+        passes = 0.0  # expired: counts from scratch
+    elif decision.outcome is not Outcome.PASSED and now - last < CLIENT_INTERVAL:
+        return False
+    entries[key] = [passes + 1, now]
+    if passes + 1 == policy.auto_allowlist_clients:
+        log.info("greylist: client network allowlisted after %d passes", passes + 1)
+    return True
 
 
 def decide(entries: Entries, key: str, now: float, policy: GreylistPolicy) -> tuple[Decision, bool]:
@@ -158,7 +211,8 @@ class Greylist:
         self, client_ip: str, sender: str, recipient: str, policy: GreylistPolicy
     ) -> Decision:
         key = triplet_key(client_ip, sender, recipient)
-        return await asyncio.to_thread(self._check_sync, key, policy)
+        client = client_key(client_ip) if policy.auto_allowlist_clients > 0 else ""
+        return await asyncio.to_thread(self._check_sync, key, client, policy)
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -167,16 +221,41 @@ class Greylist:
 
     # -- in threads ------------------------------------------------------------
 
-    def _check_sync(self, key: str, policy: GreylistPolicy) -> Decision:
-        bucket = int(key[:8], 16) % BUCKETS
+    def _check_sync(self, key: str, client: str, policy: GreylistPolicy) -> Decision:
+        """The triplet's decision; with a client key, its network's count first
+        (allowlisted: passes) and after (a pass counts). One bucket locked at a time."""
+        if client and self._update_sync(
+            client, policy, lambda entries, now: client_allowlisted(entries, client, now, policy)
+        ):
+            return Decision(Outcome.CLIENT)
+        decision = self._update_sync(
+            key, policy, lambda entries, now: decide(entries, key, now, policy)
+        )
+        if client and decision.passes:
+            self._update_sync(
+                client,
+                policy,
+                lambda entries, now: (None, count_pass(entries, client, now, decision, policy)),
+            )
+        return decision
+
+    def _update_sync(
+        self,
+        key: str,
+        policy: GreylistPolicy,
+        update: Callable[[Entries, float], tuple[T, bool]],
+    ) -> T:
+        """update(entries, now) on the key's bucket under its lock; the bucket
+        is written when it says it changed. Returns update's answer."""
+        bucket = int(key.removeprefix("n")[:8], 16) % BUCKETS
         with self._locked(bucket):
             entries = self._read_sync(bucket)
             now = self.clock()
-            decision, changed = decide(entries, key, now, policy)
+            answer, changed = update(entries, now)
             if changed:
                 prune(entries, now, policy, self.per_bucket)
                 self._write_sync(bucket, entries)
-        return decision
+        return answer
 
     def _path(self, bucket: int) -> Path:
         return self.directory / f"{bucket:02x}"

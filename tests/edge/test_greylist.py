@@ -35,6 +35,7 @@ from relay.config import (
 from relay.smtpd.addresses import parse_path
 from relay.smtpd.greylist import (
     BUCKETS,
+    CLIENT_INTERVAL,
     GREYLIST_FOLDER,
     Greylist,
     Outcome,
@@ -204,6 +205,39 @@ async def test_passed_triplets_expire_after_ttl_and_unretried_ones_after_the_win
         )
 
 
+@pytest.mark.parametrize("passes", [2, 0])
+async def test_a_client_network_that_passed_often_enough_is_allowlisted(
+    tmp_path: Path, passes: int
+) -> None:
+    """postgrey --auto-whitelist-clients: after `passes` triplets of a client
+    network retried after the delay, a brand-new triplet from another host of
+    that /24 passes at once; with 0 it is greylisted like any other."""
+    with (
+        DnsServer(RECORDS, silent=SILENT) as dns,
+        greylist_relay(
+            tmp_path, dns.nameserver, metrics=True, delay="1s", autoAllowlistClients=passes
+        ) as relay,
+    ):
+        senders = ["a@sender.test", "b@other.test"]
+        for sender in senders:
+            assert (await attempt(relay, sender, "bob@example.com")).startswith(GREYLISTED)
+        await asyncio.sleep(1.2)
+        for sender in senders:
+            assert (await attempt(relay, sender, "bob@example.com")).startswith("250 2.1.5")
+        fresh = await attempt(relay, "new@elsewhere.test", "carol@example.com", "127.0.0.23")
+        if passes:
+            assert fresh.startswith("250 2.1.5")
+            relay.wait_for_log("greylist: client network allowlisted after 2 passes")
+
+            def counted() -> bool:
+                text = urllib.request.urlopen(relay.metrics_url, timeout=5).read().decode()
+                return 'mailrelay_greylist_total{result="client"} 1.0' in text
+
+            wait_until(counted, 10, "the allowlisted client in /metrics")
+        else:
+            assert fresh.startswith("450 4.2.0 <carol@example.com>: Recipient address rejected")
+
+
 # -- the restriction and the store, with a clock of our own ------------------------
 
 
@@ -288,6 +322,48 @@ async def test_the_decisions_with_time(tmp_path: Path) -> None:
     assert (await ask("192.0.2.7", "a@s.test", "r@x.test", POLICY)).outcome is Outcome.NEW
     # Another network, sender or recipient is another triplet.
     assert (await ask("192.0.3.7", "a@s.test", "r@x.test", POLICY)).outcome is Outcome.NEW
+    store.close()
+
+
+async def test_client_passes_are_counted_expire_and_bounded_with_the_triplets(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    store = Greylist(tmp_path / "g", clock=clock)
+    policy = dataclasses.replace(POLICY, auto_allowlist_clients=3)
+
+    async def ask(sender: str, client: str = "192.0.2.7") -> Outcome:
+        return (await store.check(client, sender, "r@x.test", policy)).outcome
+
+    for sender in ("a@s.test", "b@s.test"):  # two triplets retried after the delay: 2 passes
+        assert await ask(sender) is Outcome.NEW
+        clock.now += 300
+        assert await ask(sender) is Outcome.PASSED
+    # A remembered triplet's mail counts once an hour at most: a burst is one pass.
+    assert await ask("a@s.test") is Outcome.KNOWN
+    assert await ask("new@s.test") is Outcome.NEW
+    clock.now += CLIENT_INTERVAL
+    assert await ask("a@s.test") is Outcome.KNOWN  # the third pass
+    assert await ask("c@s.test", "192.0.2.99") is Outcome.CLIENT  # any host of the /24
+    assert await ask("c@s.test", "192.0.3.7") is Outcome.NEW  # not another network
+    # An allowlisted network's mail keeps it allowlisted; ttl without mail ends it.
+    clock.now += 30 * 86400
+    assert await ask("d@s.test") is Outcome.CLIENT
+    clock.now += 30 * 86400
+    assert await ask("e@s.test") is Outcome.CLIENT
+    clock.now += 36 * 86400
+    assert await ask("e@s.test") is Outcome.NEW
+    # Off: never allowlisted, and nothing is counted.
+    off = dataclasses.replace(policy, auto_allowlist_clients=0)
+    assert (await store.check("198.51.100.1", "f@s.test", "r@x.test", off)).outcome is Outcome.NEW
+    clock.now += 300
+    assert (await store.check("198.51.100.1", "f@s.test", "r@x.test", off)).passes
+    entries: dict[str, Any] = {}
+    for p in (tmp_path / "g").iterdir():
+        if not p.name.startswith("."):
+            entries.update(json.loads(p.read_text())["entries"])
+    counts = {k: v for k, v in entries.items() if k.startswith("n")}
+    assert [v[0] for v in counts.values()] == [3.0]  # 192.0.2.0/24 only
     store.close()
 
 
