@@ -433,6 +433,12 @@ def config_from_documents(
     )
 
 
+class IncompleteShardSet(ValueError):
+    """The shards an index names are not all there yet (a shard-count change
+    the kubelet has not caught up with): the relay keeps its configuration
+    and loads again at the next change, without calling it an error."""
+
+
 def shard_set(config_dir: Path, names: list[str]) -> list[Path]:
     """The shards an index names (recipient or domain shards), once they are
     one whole set of one shard count and every file is there; else ValueError
@@ -446,7 +452,7 @@ def shard_set(config_dir: Path, names: list[str]) -> list[Path]:
     paths = [config_dir / name for name in names]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise ValueError(
+        raise IncompleteShardSet(
             f"{missing[0]} is missing ({len(missing)} of the {len(names)} shards named are): "
             "not yet the whole set of this shard count"
         )
@@ -487,7 +493,8 @@ def config_version(config_dir: Path) -> Path:
     """In a ConfigMap volume, the version folder `..data` points to now: one
     load reads one version even if the kubelet swaps `..data` meanwhile (the
     old folder then goes, and the load fails: the watch sees the swap and
-    loads again). Elsewhere (`mailrelay run`), the folder itself."""
+    loads again, IncompleteShardSet). Elsewhere (`mailrelay run`), the folder
+    itself."""
     data = config_dir / "..data"
     return data.resolve() if data.is_symlink() else config_dir
 
@@ -495,11 +502,15 @@ def config_version(config_dir: Path) -> Path:
 def load_config(config_dir: str | Path) -> RelayConfig:
     """Reads a rendered config folder; raises ValueError with the file at fault."""
     folder = Path(config_dir)
+    d = config_version(folder)
     try:
-        d = config_version(folder)
         relay_doc = json.loads((d / RELAY_FILE).read_text())
         domains_doc = read_domains_document(d)
         recipients = read_recipients(d, domains_doc["recipientFiles"])
         return config_from_documents(relay_doc, domains_doc, recipients)
+    except IncompleteShardSet as e:
+        raise IncompleteShardSet(f"incomplete relay configuration in {folder}: {e}") from e
     except (OSError, KeyError, ValueError, TypeError) as e:
+        if d != folder and not d.exists():
+            raise IncompleteShardSet(f"{folder}: ..data swapped while loading") from e
         raise ValueError(f"bad relay configuration in {folder}: {e}") from e

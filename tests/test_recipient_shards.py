@@ -10,6 +10,7 @@ import copy
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from mailrelay_api import shards
 from mailrelay_api.load import Inventory
 from mailrelay_api.render import DOMAINS_FILE, RenderCache, Rendered, render_relay
 from mailrelay_api.validate import with_defaults
-from relay.config import load_config
+from relay.config import IncompleteShardSet, load_config
 
 
 def relay() -> dict[str, Any]:
@@ -281,7 +282,9 @@ def test_a_mixed_set_keeps_the_old_table(
     assert len(load_config(tmp_path).recipients) == old.recipients
     for version, files in (("..v2", mixed(old, new)), ("..v3", mixed(new, old))):
         kubelet_view(tmp_path, version, files)
-        with pytest.raises(ValueError, match=r"recipients-0000-of-\d{4}\.txt\.gz is missing"):
+        with pytest.raises(
+            IncompleteShardSet, match=r"recipients-0000-of-\d{4}\.txt\.gz is missing"
+        ):
             load_config(tmp_path)
     kubelet_view(tmp_path, "..v4", new.files)
     config = load_config(tmp_path)
@@ -331,3 +334,14 @@ def test_an_older_operators_shard_names_still_load(small_shards: None, tmp_path:
 def test_shard_set_problem(names: list[str], problem: str | None) -> None:
     found = shards.shard_set_problem(names)
     assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def test_a_version_swapped_away_while_loading_is_incomplete(
+    small_shards: None, tmp_path: Path
+) -> None:
+    """A load reads the one version folder `..data` named when it began; if
+    the kubelet swaps and removes it meanwhile, the load waits for the next."""
+    kubelet_view(tmp_path, "..v1", render_relay(relay(), inventory()).files)
+    shutil.rmtree(tmp_path / "..v1")
+    with pytest.raises(IncompleteShardSet, match="swapped while loading"):
+        load_config(tmp_path)
