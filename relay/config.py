@@ -13,6 +13,8 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,7 @@ from mailrelay_api.units import parse_duration
 from relay.recipient_table import RecipientLookup, RecipientTable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+log = logging.getLogger("mailrelay.config")
 
 # What a field left out of relay.json means (the schema's defaults, as typed
 # by mailrelay_api.spec); the dataclasses below default to the same scalars,
@@ -514,3 +517,18 @@ def load_config(config_dir: str | Path) -> RelayConfig:
         if d != folder and not d.exists():
             raise IncompleteShardSet(f"{folder}: ..data swapped while loading") from e
         raise ValueError(f"bad relay configuration in {folder}: {e}") from e
+
+
+def load_config_waiting(config_dir: str | Path, wait: float, poll: float = 1.0) -> RelayConfig:
+    """load_config for a relay that starts: a shard set not all there yet (a
+    pod starting while the shard count moves) is waited for, up to `wait`
+    seconds, rather than failing the start."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return load_config(config_dir)
+        except IncompleteShardSet as e:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("configuration incomplete, waiting for the rest: %s", e)
+            time.sleep(poll)

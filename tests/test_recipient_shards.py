@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from mailrelay_api import shards
 from mailrelay_api.load import Inventory
 from mailrelay_api.render import DOMAINS_FILE, RenderCache, Rendered, render_relay
 from mailrelay_api.validate import with_defaults
-from relay.config import IncompleteShardSet, load_config
+from relay.config import IncompleteShardSet, load_config, load_config_waiting
 
 
 def relay() -> dict[str, Any]:
@@ -345,3 +346,17 @@ def test_a_version_swapped_away_while_loading_is_incomplete(
     shutil.rmtree(tmp_path / "..v1")
     with pytest.raises(IncompleteShardSet, match="swapped while loading"):
         load_config(tmp_path)
+
+
+def test_a_starting_relay_waits_for_the_rest_of_the_set(
+    two_counts: tuple[Rendered, Rendered], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod that starts while the count moves loads once the set is whole;
+    with nothing more to wait for, it fails as before."""
+    old, new = two_counts
+    kubelet_view(tmp_path, "..v1", mixed(new, old))
+    monkeypatch.setattr(time, "sleep", lambda _: kubelet_view(tmp_path, "..v2", new.files))
+    assert len(load_config_waiting(tmp_path, wait=3600).recipients) == new.recipients
+    kubelet_view(tmp_path, "..v3", mixed(old, new))
+    with pytest.raises(IncompleteShardSet):
+        load_config_waiting(tmp_path, wait=0)
