@@ -23,8 +23,8 @@ domains-0003-of-0008.json.gz), and the file that names the shards
 (domains.json or domains-index.json) lists them all. The ConfigMaps are
 written one at a time and the kubelet refreshes each on its own schedule,
 so a relay may see the index of one shard count next to shards of another:
-it then finds a named file missing (shard_set_problem, and the relay's
-read_shard_set) and keeps the configuration it has, rather than loading
+it then finds a named file missing (shard_set_problem here, the relay's
+config.shard_set) and keeps the configuration it has, rather than loading
 half the domains, or a recipient table where an address's shard is of the
 wrong count (real recipients refused, removed ones accepted). Shards of the
 same count may come from different renders: each holds exactly the
