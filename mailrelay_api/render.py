@@ -11,10 +11,12 @@ Files:
                  domains-index.json instead, naming the domain shards
                  domains-NNNN-of-NNNN.json.gz (gzip'd JSON lists of the same
                  entries) next to the recipient shards (shards.py)
-- recipients-NNNN.txt.gz  the merged recipient tables of `listed` domains,
-                 one lowercased address a line, sorted, gzip, each shard small
-                 enough for one ConfigMap; an address's shard is a stable hash
-                 of it (shards.py), so one new address changes one shard
+- recipients-NNNN-of-NNNN.txt.gz  the merged recipient tables of `listed`
+                 domains, one lowercased address a line, sorted, gzip, each
+                 shard small enough for one ConfigMap; an address's shard is a
+                 stable hash of it (shards.py), so one new address changes one
+                 shard; the name carries the shard count, so a relay never
+                 reads shards of one count as a set of another
 """
 
 from __future__ import annotations

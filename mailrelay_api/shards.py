@@ -16,24 +16,34 @@ the shards whose addresses changed.
 
 Domains go the same way once domains.json would outgrow its ConfigMap
 (DOMAINS_INLINE_MAX): entry to shard crc32(domain) mod N, N a power of two
-from the total size, each shard a JSON list sorted by domain. A domain
-shard's name carries N (domains-0003-of-0008.json.gz): a relay that sees
-the index of one shard count next to the shards of another (the ConfigMaps
-are written one at a time) finds a file missing and keeps its configuration,
-rather than loading half the domains.
+from the total size, each shard a JSON list sorted by domain.
+
+Every shard's name carries N (recipients-0003-of-0008.txt.gz,
+domains-0003-of-0008.json.gz), and the file that names the shards
+(domains.json or domains-index.json) lists them all. The ConfigMaps are
+written one at a time and the kubelet refreshes each on its own schedule,
+so a relay may see the index of one shard count next to shards of another:
+it then finds a named file missing (shard_set_problem here, the relay's
+config.shard_set) and keeps the configuration it has, rather than loading
+half the domains, or a recipient table where an address's shard is of the
+wrong count (real recipients refused, removed ones accepted). Shards of the
+same count may come from different renders: each holds exactly the
+addresses (or domains) that hash to it, so every lookup sees either the old
+or the new answer for its address, never a mix.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
 
-RECIPIENT_SHARD = "recipients-{:04d}.txt.gz"
+RECIPIENT_SHARD = "recipients-{:04d}-of-{:04d}.txt.gz"
 # ConfigMap data is limited to 1 MiB and binaryData is base64 (4/3): keep a
 # large margin, as prometheus-operator does for its rule shards.
 SHARD_MAX_BYTES = 512 * 1024
@@ -52,6 +62,43 @@ DOMAINS_INLINE_MAX = 256 * 1024
 # Uncompressed bytes of domain entries per shard (on average): the entries
 # gzip about 10x, far under SHARD_MAX_BYTES.
 DOMAIN_SHARD_RAW_BYTES = 2 * 1024 * 1024
+# Any shard's name; recipient shards rendered by an earlier operator have no
+# count in their name (recipients-0003.txt.gz): a relay still reads them.
+_SHARD_NAME = re.compile(r"^(recipients|domains)-(\d{4,})(?:-of-(\d{4,}))?\.(?:txt|json)\.gz$")
+
+
+@dataclass(frozen=True)
+class ShardName:
+    kind: str  # recipients | domains
+    index: int
+    count: int | None  # None: an older operator's recipient shard, without its count
+
+
+def parse_shard_name(name: str) -> ShardName | None:
+    """What a shard file's name says (None: not a shard's name)."""
+    m = _SHARD_NAME.match(name)
+    if m is None or (m.group(1) == "domains" and m.group(3) is None):
+        return None
+    return ShardName(m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None)
+
+
+def shard_set_problem(names: list[str]) -> str | None:
+    """Why these names (as an index lists them) are not one whole set of shards
+    of one count, 0 to N-1 (None: they are). Names without a count (an older
+    operator's) pass as they are: nothing in them can be checked."""
+    parsed = [parse_shard_name(n) for n in names]
+    if any(p is None for p in parsed):
+        return f"not a shard's name among {names[:3]}..."
+    counts = {p.count for p in parsed if p is not None}
+    if not names or counts == {None}:
+        return None
+    if len(counts) > 1:
+        return f"shards of several counts named together: {sorted(map(str, counts))}"
+    (count,) = counts
+    indexes = sorted(p.index for p in parsed if p is not None)
+    if indexes != list(range(count or 0)):
+        return f"the shards named are not 0 to {count}-1 of {count}"
+    return None
 
 
 def shard_count(raw_bytes: int, per_shard: int | None = None) -> int:
@@ -208,7 +255,7 @@ def _render_count(parts: list[ListPart], count: int, cache: RenderCache | None) 
     previous = cache.shards if cache is not None else {}
     blobs: dict[str, ShardBlob] = {}
     for i in range(count):
-        name = RECIPIENT_SHARD.format(i)
+        name = RECIPIENT_SHARD.format(i, count)
         feeding = [p for p in split if p.parts[i]]
         feeders = blake2b(b"".join(p.digests[i] for p in feeding), digest_size=16).digest()
         old = previous.get(name)

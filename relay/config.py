@@ -1,7 +1,7 @@
 """The relay's runtime configuration, read from a rendered config folder.
 
 The folder holds what mailrelay_api.render writes (relay.json,
-domains.json, recipients-NNNN.txt.gz): in a pod, the projected ConfigMaps;
+domains.json, recipients-NNNN-of-NNNN.txt.gz): in a pod, the projected ConfigMaps;
 with `mailrelay run`, a folder the CLI renders into. relay.json's policy is
 read as a mailrelay_api.spec.MailRelaySpec (the schema owns every default);
 this module only converts it to what the relay's stages use: seconds for
@@ -13,6 +13,8 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from mailrelay_api.schema import (
     TlsMode,
     WhenUnreachable,
 )
+from mailrelay_api.shards import shard_set_problem
 from mailrelay_api.spec import (
     AuthenticationSpec,
     BouncesSpec,
@@ -53,6 +56,7 @@ from mailrelay_api.units import parse_duration
 from relay.recipient_table import RecipientLookup, RecipientTable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+log = logging.getLogger("mailrelay.config")
 
 # What a field left out of relay.json means (the schema's defaults, as typed
 # by mailrelay_api.spec); the dataclasses below default to the same scalars,
@@ -434,9 +438,35 @@ def config_from_documents(
     )
 
 
+class IncompleteShardSet(ValueError):
+    """The shards an index names are not all there yet (a shard-count change
+    the kubelet has not caught up with): the relay keeps its configuration
+    and loads again at the next change, without calling it an error."""
+
+
+def shard_set(config_dir: Path, names: list[str]) -> list[Path]:
+    """The shards an index names (recipient or domain shards), once they are
+    one whole set of one shard count and every file is there; else ValueError
+    saying why, and the relay keeps the configuration it has. A pod sees the
+    index of one count next to shards of another while the kubelet catches up
+    with ConfigMaps written one at a time (mailrelay_api.shards): a shard's
+    name carries its count, so the index names files that are not there."""
+    problem = shard_set_problem(names)
+    if problem is not None:
+        raise ValueError(problem)
+    paths = [config_dir / name for name in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise IncompleteShardSet(
+            f"{missing[0]} is missing ({len(missing)} of the {len(names)} shards named are): "
+            "not yet the whole set of this shard count"
+        )
+    return paths
+
+
 def read_recipients(config_dir: Path, files: list[str]) -> RecipientTable:
     """The recipient shards as one compact table, read shard by shard."""
-    return RecipientTable.from_shards(config_dir / name for name in files)
+    return RecipientTable.from_shards(shard_set(config_dir, files))
 
 
 def read_domains_document(config_dir: Path) -> dict[str, Any]:
@@ -453,10 +483,8 @@ def read_domains_document(config_dir: Path) -> dict[str, Any]:
         return dict(json.loads(plain.read_text()))
     index = json.loads(index_file.read_text())
     domains: list[dict[str, Any]] = []
-    for name in index["domainFiles"]:
-        # A shard missing (the ConfigMaps of another shard count): an error,
-        # so the relay keeps the configuration it has.
-        domains.extend(json.loads(gzip.decompress((config_dir / name).read_bytes())))
+    for path in shard_set(config_dir, index["domainFiles"]):
+        domains.extend(json.loads(gzip.decompress(path.read_bytes())))
     return {**index, "domains": domains}
 
 
@@ -466,13 +494,43 @@ def load_logging(config_dir: str | Path) -> LoggingPolicy:
     return LoggingPolicy.from_spec(MailRelaySpec.with_defaults(policy).logging)
 
 
+def config_version(config_dir: Path) -> Path:
+    """In a ConfigMap volume, the version folder `..data` points to now: one
+    load reads one version even if the kubelet swaps `..data` meanwhile (the
+    old folder then goes, and the load fails: the watch sees the swap and
+    loads again, IncompleteShardSet). Elsewhere (`mailrelay run`), the folder
+    itself."""
+    data = config_dir / "..data"
+    return data.resolve() if data.is_symlink() else config_dir
+
+
 def load_config(config_dir: str | Path) -> RelayConfig:
     """Reads a rendered config folder; raises ValueError with the file at fault."""
-    d = Path(config_dir)
+    folder = Path(config_dir)
+    d = config_version(folder)
     try:
         relay_doc = json.loads((d / RELAY_FILE).read_text())
         domains_doc = read_domains_document(d)
         recipients = read_recipients(d, domains_doc["recipientFiles"])
         return config_from_documents(relay_doc, domains_doc, recipients)
+    except IncompleteShardSet as e:
+        raise IncompleteShardSet(f"incomplete relay configuration in {folder}: {e}") from e
     except (OSError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"bad relay configuration in {d}: {e}") from e
+        if d != folder and not d.exists():
+            raise IncompleteShardSet(f"{folder}: ..data swapped while loading") from e
+        raise ValueError(f"bad relay configuration in {folder}: {e}") from e
+
+
+def load_config_waiting(config_dir: str | Path, wait: float, poll: float = 1.0) -> RelayConfig:
+    """load_config for a relay that starts: a shard set not all there yet (a
+    pod starting while the shard count moves) is waited for, up to `wait`
+    seconds, rather than failing the start."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return load_config(config_dir)
+        except IncompleteShardSet as e:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("configuration incomplete, waiting for the rest: %s", e)
+            time.sleep(poll)

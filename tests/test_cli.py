@@ -44,7 +44,7 @@ def test_render_yaml_is_machine_readable() -> None:
     doc = yaml.safe_load(out.stdout)
     assert doc["files"]["relay.json"]["policy"]["hostname"] == "mx.quickstart.test"
     assert {d["domain"] for d in doc["domains"]} == {"example.com", "example.org"}
-    assert doc["files"]["recipients-0000.txt.gz"]["recipients"] == 3
+    assert doc["files"]["recipients-0000-of-0001.txt.gz"]["recipients"] == 3
 
 
 def test_warnings_go_to_stderr_and_fail_only_with_strict(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_warnings_go_to_stderr_and_fail_only_with_strict(tmp_path: Path) -> None
 
     render = mailrelay("render", "-f", str(folder), "-o", "json")
     assert render.returncode == 0 and render.stderr.splitlines() == [warning]
-    assert json.loads(render.stdout)["files"]["recipients-0000.txt.gz"]["recipients"] == 2
+    assert json.loads(render.stdout)["files"]["recipients-0000-of-0001.txt.gz"]["recipients"] == 2
     strict_render = mailrelay("render", "-f", str(folder), "--strict")
     assert strict_render.returncode == 1 and strict_render.stdout == ""
     assert warning in strict_render.stderr.splitlines()

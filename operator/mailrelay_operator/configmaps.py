@@ -5,31 +5,37 @@ domains-index.json); each gzip recipient shard goes into its own
 `<relay>-recipients-N` ConfigMap and each domain shard into its own
 `<relay>-domains-N`, as binaryData, so every ConfigMap stays well under the
 1 MiB limit (render sizes shards at 512 KiB). The pods mount them all
-through fixed optional slots (statefulset.config_volume).
+through fixed optional slots (statefulset.config_volume). A shard's file
+name carries the shard count, its ConfigMap's name does not: when the count
+moves, `<relay>-recipients-3` holds recipients-0003-of-0064.txt.gz in place
+of recipients-0003-of-0032.txt.gz, and a pod that sees it next to the old
+index finds the file the index names missing (and keeps its config).
 """
 
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Callable
 from typing import Any
 
 from mailrelay_api.render import DOMAINS_FILE, DOMAINS_INDEX_FILE, RELAY_FILE, Rendered
+from mailrelay_api.shards import parse_shard_name
 from mailrelay_operator import naming
 
-_SHARD_FILE = re.compile(r"^recipients-(\d+)\.txt\.gz$")
-_DOMAIN_SHARD_FILE = re.compile(r"^domains-(\d+)-of-\d+\.json\.gz$")
+
+def _index_of(kind: str, file_name: str) -> int | None:
+    parsed = parse_shard_name(file_name)
+    return parsed.index if parsed is not None and parsed.kind == kind else None
 
 
 def shard_index(file_name: str) -> int | None:
-    m = _SHARD_FILE.match(file_name)
-    return int(m.group(1)) if m else None
+    """A recipient shard's index (recipients-0003-of-0008.txt.gz: 3)."""
+    return _index_of("recipients", file_name)
 
 
 def domain_shard_index(file_name: str) -> int | None:
-    m = _DOMAIN_SHARD_FILE.match(file_name)
-    return int(m.group(1)) if m else None
+    """A domain shard's index (domains-0003-of-0008.json.gz: 3)."""
+    return _index_of("domains", file_name)
 
 
 def config_config_map(relay: dict[str, Any], rendered: Rendered) -> dict[str, Any]:

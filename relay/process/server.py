@@ -39,6 +39,10 @@ from relay.process.worker import Worker
 log = logging.getLogger("mailrelay.server")
 
 WORKER_RESTART_DELAY = 1.0
+# A relay that starts while the shard count moves waits this long for the
+# rest of the set the index names (the kubelet refreshes each ConfigMap on
+# its own schedule, within about a minute) before it gives up.
+STARTUP_SHARD_WAIT_SECONDS = 90.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -118,10 +122,11 @@ def run_relay(options: ProcessOptions) -> int:
         log.error("--handover-listen needs --handover-secret-file")
         return 2
     from relay import logbuffer
-    from relay.config import load_config
+    from relay.config import load_config_waiting
 
     try:
-        config = load_config(options.config_dir)  # fail fast, before binding anything
+        # Fail fast, before binding anything (but for shards still arriving).
+        config = load_config_waiting(options.config_dir, STARTUP_SHARD_WAIT_SECONDS)
     except ValueError as e:
         log.error("%s", e)
         return 1

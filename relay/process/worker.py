@@ -265,7 +265,7 @@ class Worker:
 
     async def _watch_config(self, ctx: ServerContext, sig: tuple[Any, ...], digest: str) -> None:
         from relay import logbuffer, metrics
-        from relay.config import load_config
+        from relay.config import IncompleteShardSet, load_config
 
         loop = asyncio.get_running_loop()
         config_dir = self.options.config_dir
@@ -282,6 +282,11 @@ class Worker:
                 if new_digest == digest:
                     continue
                 config = await loop.run_in_executor(None, load_config, config_dir)
+            except IncompleteShardSet as e:
+                # The rest of the set comes with one of the next swaps of ..data.
+                metrics.CONFIG_RELOADS.labels("incomplete").inc()
+                log.warning("configuration not reloaded yet, keeping the running one: %s", e)
+                continue
             except (OSError, ValueError) as e:
                 metrics.CONFIG_RELOADS.labels("error").inc()
                 log.error("configuration not reloaded, keeping the running one: %s", e)

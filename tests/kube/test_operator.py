@@ -388,6 +388,53 @@ def test_large_recipient_list_skips_kopf_annotations(
     operator.settle()
 
 
+def recipient_shard_files(kube: Kube) -> dict[str, list[str]]:
+    """Each recipient shard ConfigMap of quickstart -> the file names it holds."""
+    selector = "app.kubernetes.io/instance=quickstart,app.kubernetes.io/component=recipients"
+    return {
+        cm["metadata"]["name"]: sorted(cm.get("binaryData") or {})
+        for cm in kube.list("configmap", selector=selector)
+    }
+
+
+def test_a_shard_count_change_renames_every_shard_file(
+    kube: Kube,
+    operator: RunningOperator,
+    quickstart: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Server-side apply drops the old file name from a shard's ConfigMap: a pod
+    never finds recipients-0000-of-0001.txt.gz next to recipients-0000-of-0004.txt.gz."""
+    from mailrelay_api import shards
+
+    monkeypatch.setattr(shards, "SHARD_RAW_BYTES", 2048)
+    body = "\n".join(f"  - user{i:04d}@example.com" for i in range(300))
+    kube.apply(
+        "apiVersion: mailrelay.io/v1alpha1\nkind: RecipientList\n"
+        "metadata: {name: example-com-many, namespace: default}\n"
+        f"spec:\n  domainRef: {{name: example-com}}\n  addresses:\n{body}\n"
+    )
+    files = wait_for(
+        "several shards", lambda: (f := recipient_shard_files(kube)) and len(f) > 1 and f
+    )
+    operator.settle()
+    files = recipient_shard_files(kube)
+    count = len(files)
+    assert files == {
+        f"quickstart-recipients-{i}": [f"recipients-{i:04d}-of-{count:04d}.txt.gz"]
+        for i in range(count)
+    }
+    config = kube.get("configmap", "quickstart-config")
+    assert config is not None
+    listed = json.loads(config["data"]["domains.json"])["recipientFiles"]
+    assert listed == [name for names in files.values() for name in names]
+    kube.kubectl("delete", "recipientlist", "example-com-many")
+    operator.settle()
+    assert recipient_shard_files(kube) == {
+        "quickstart-recipients-0": ["recipients-0000-of-0001.txt.gz"]
+    }
+
+
 def test_immutable_statefulset_change_recreates_it(
     kube: Kube, operator: RunningOperator, quickstart: dict[str, Any]
 ) -> None:
