@@ -6,7 +6,8 @@
 
 A parameter given twice (RET, ENVID, NOTIFY, ORCPT), an unknown NOTIFY
 keyword or NEVER with others, bad xtext: 501 with Postfix's text; a
-parameter this server does not know: 555. Stricter than Postfix, which
+parameter this server does not know, and a BODY other than 7BIT and
+8BITMIME (BINARYMIME included): 555, as Postfix 3.7 answers. Stricter than Postfix, which
 takes any ORCPT and sanitizes it later: a decoded ENVID or ORCPT holding a
 control character, an ENVID over 100 characters or an ORCPT over 500
 (RFC 3461's limits) is refused with the same 501, so nothing of the kind
@@ -29,7 +30,6 @@ from relay.smtpd.hygiene import printable
 from relay.smtpd.session import Reply
 
 BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
-BAD_BODY = Reply(501, "5.5.4", "Unsupported BODY parameter")
 BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax")
 BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax")
 BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
@@ -54,8 +54,8 @@ def mail_params(items: Items) -> tuple[int | None, MailParams] | Reply:
             if size is None:
                 return BAD_SIZE
         elif key == "BODY":
-            if value.upper() not in BODY_VALUES:
-                return BAD_BODY
+            if value.upper() not in BODY_VALUES:  # Postfix: "555 ... Unsupported option"
+                return unsupported(raw)
             body = value.upper()
         elif key == "SMTPUTF8" and raw.upper() == "SMTPUTF8":
             smtputf8 = True

@@ -27,6 +27,9 @@ MAIL_REPLIES = [
     ("MAIL FROM:<a@example.org> ENVID=a+0Ab", "501 5.5.4 Bad ENVID parameter syntax"),
     ("MAIL FROM:<a@example.org> ENVID=", "501 5.5.4 Bad ENVID parameter syntax"),
     ("MAIL FROM:<a@example.org> SMTPUTF8=x", "555 5.5.4 Unsupported option: SMTPUTF8=x"),
+    ("MAIL FROM:<a@example.org> BODY=BINARYMIME", "555 5.5.4 Unsupported option: BODY=BINARYMIME"),
+    ("MAIL FROM:<a@example.org> BODY=binarymime", "555 5.5.4 Unsupported option: BODY=binarymime"),
+    ("MAIL FROM:<a@example.org> BODY=", "555 5.5.4 Unsupported option: BODY="),
     # Stricter than Postfix: RFC 3461's 100 characters, xtext is ASCII.
     ("MAIL FROM:<a@example.org> ENVID=" + "x" * 101, "501 5.5.4 Bad ENVID parameter syntax"),
     ("MAIL FROM:<a@example.org> ENVID=aü", "501 5.5.4 Bad ENVID parameter syntax"),
