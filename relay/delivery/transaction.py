@@ -296,8 +296,7 @@ async def run_transaction(
         options.append(params.esmtp_mail().encode())
     commands = [b" ".join([b"MAIL FROM:<" + sender.encode() + b">", *options]) + b"\r\n"]
     for r in recipients:
-        rcpt_options = params.recipient(r).esmtp() if exchange.dsn_passed else ""
-        rcpt_options = " " + rcpt_options if rcpt_options else ""
+        rcpt_options = " " + params.recipient(r).next_hop_esmtp(r) if exchange.dsn_passed else ""
         commands.append(b"RCPT TO:<" + r.encode() + b">" + rcpt_options.encode() + b"\r\n")
     commands.append(b"DATA\r\n")
     window = len(commands) if pipelining and smtp.supports_extension("pipelining") else 1

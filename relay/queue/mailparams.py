@@ -139,6 +139,23 @@ class RecipientParams:
             out.append(f"ORCPT={self.orcpt_type};{encode(self.orcpt)}")
         return " ".join(out)
 
+    def next_hop_esmtp(self, recipient: str) -> str:
+        """The RCPT parameters for a next hop that offers DSN, as Postfix's smtp
+        client sends them: ORCPT first, then NOTIFY. Without the client's
+        ORCPT, Postfix's own: rfc822;<recipient>, xtext-encoded. A UTF-8
+        recipient gets utf-8;<utf-8-addr-xtext> (RFC 6533), where Postfix
+        3.7 sends rfc822; with the UTF-8 bytes as xtext, which is not an
+        rfc822 address and which a strict server (this one) refuses."""
+        if self.orcpt:
+            orcpt_type, orcpt = self.orcpt_type, self.orcpt
+        else:
+            orcpt_type, orcpt = ("rfc822" if recipient.isascii() else "utf-8"), recipient
+        encode = uxtext_encode if orcpt_type == "utf-8" else xtext_encode
+        out = [f"ORCPT={orcpt_type};{encode(orcpt)}"]
+        if self.notify:
+            out.append("NOTIFY=" + ",".join(self.notify))
+        return " ".join(out)
+
     def original_recipient(self) -> str:
         """The DSN's Original-Recipient value ("" without ORCPT)."""
         if not self.orcpt:

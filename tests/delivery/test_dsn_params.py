@@ -226,6 +226,9 @@ async def test_postfix_next_hop_receives_the_dsn_parameters(
         "original_recipient: b@example.com\n"
     ) in shown
     assert "named_attribute: notify_flags=1\n" in shown  # NEVER
+    # No ORCPT from the client: ours, as Postfix makes one up (RFC 6533's utf-8
+    # type, utf-8;\x{FC}@example.com, which Postfix decodes).
+    assert "named_attribute: dsn_orig_rcpt=utf-8;ü@example.com\n" in shown
     assert "recipient: ü@example.com" in shown
     # message_size's last field: SMTPUTF8 requested (1) and UTF-8 in a header (2).
     [sizes] = [line for line in shown.splitlines() if line.startswith("message_size:")]
@@ -237,7 +240,8 @@ async def test_smtp_sink_without_8bitmime_and_smtputf8(
 ) -> None:
     """smtp-sink -8 offers DSN but neither 8BITMIME nor SMTPUTF8: an 8-bit body
     goes as it is (no BODY=, no conversion), the DSN parameters are passed
-    on, and a message that needs SMTPUTF8 bounces 5.6.7."""
+    on (an ORCPT made up when the client gave none, as Postfix does), and a
+    message that needs SMTPUTF8 bounces 5.6.7."""
     caplog.set_level(logging.INFO, logger="relay.delivery")
     home = await sink_factory("127.0.0.3")
     with PostfixSink("127.0.0.11", tmp_path, options=["-8"]) as sink:
@@ -254,9 +258,15 @@ async def test_smtp_sink_without_8bitmime_and_smtputf8(
             relay, UTF8_MESSAGE, "a@example.org", ["c@example.com"], MailParams(smtputf8=True)
         )
         await relay.delivery.idle()
-        [got] = sink.wait_for(1)
+        await send(relay, message(), "a@example.org", ["c+x=y@example.com"], MailParams())
+        await relay.delivery.idle()
+        dumps = sink.wait_for(2)
+    [got] = [m for m in dumps if "RET=FULL" in m.mail_args]
+    [plain] = [m for m in dumps if m is not got]
     assert got.mail_args == "<a@example.org> RET=FULL ENVID=e+201"
-    assert got.rcpt_args == ["<b@example.com> NOTIFY=FAILURE ORCPT=rfc822;o@example.net"]
+    # ORCPT first, as Postfix's smtp client sends it; without the client's, Postfix's own.
+    assert got.rcpt_args == ["<b@example.com> ORCPT=rfc822;o@example.net NOTIFY=FAILURE"]
+    assert plain.rcpt_args == ["<c+x=y@example.com> ORCPT=rfc822;c+2Bx+3Dy@example.com"]
     assert body in got.data
     [bounce] = home.messages
     assert b"Status: 5.6.7" in bounce.data and b"c@example.com" in bounce.data

@@ -65,6 +65,19 @@ def test_what_a_recipient_wants() -> None:
     assert MailParams(ret="FULL", envid="a b").esmtp_mail() == "RET=FULL ENVID=a+20b"
 
 
+def test_next_hop_orcpt_is_the_clients_or_postfixs_own() -> None:
+    """Postfix's smtp client (checked against 3.7): ORCPT before NOTIFY, and
+    rfc822;<recipient> in xtext when the client gave none."""
+    given = RecipientParams(("SUCCESS", "FAILURE"), "rfc822", "o+p@example.net")
+    assert given.next_hop_esmtp("b@x") == "ORCPT=rfc822;o+2Bp@example.net NOTIFY=SUCCESS,FAILURE"
+    assert RecipientParams().next_hop_esmtp("c+x=y@x") == "ORCPT=rfc822;c+2Bx+3Dy@x"
+    assert RecipientParams(("NEVER",)).next_hop_esmtp("d@x") == "ORCPT=rfc822;d@x NOTIFY=NEVER"
+    # UTF-8: RFC 6533's utf-8 type (Postfix sends rfc822;+C3+BC@x, which we would refuse).
+    assert RecipientParams().next_hop_esmtp("ü@x") == "ORCPT=utf-8;\\x{FC}@x"
+    orcpt = RecipientParams().next_hop_esmtp("ü@x").removeprefix("ORCPT=")
+    assert parse_orcpt(orcpt) == ("utf-8", "ü@x")
+
+
 def _file(tmp_path: Path, raw_trailer: bytes) -> int:
     path = tmp_path / "q"
     data = b"Subject: x\r\n\r\nbody\r\n"
