@@ -2,9 +2,10 @@
 
 A bounce is a multipart/report with three parts, as Postfix writes it: a
 text for people, a message/delivery-status with one block per failed
-recipient, and the headers of the returned message (text/rfc822-headers, so
-a bounce never carries a 25 MB body back). It is sent from the null sender
-so it can never bounce itself.
+recipient, and the returned message: whole (message/rfc822) when it is at
+most BOUNCE_SIZE_LIMIT and the sender did not ask for RET=HDRS, else its
+headers (text/rfc822-headers), so a bounce never carries a 25 MB body
+back. It is sent from the null sender so it can never bounce itself.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ CLIENT = "bounce"
 SUBJECT = "Undelivered Mail Returned to Sender"
 # A "relayed" notice (NOTIFY=SUCCESS, the next hop does not offer DSN).
 SUCCESS_SUBJECT = "Successful Mail Delivery Report"
-# RET=FULL returns the whole message up to this size, else its headers
-# (Postfix's bounce_size_limit).
+# A bounce returns the whole message up to this size (unless RET=HDRS),
+# else its headers (Postfix's bounce_size_limit: a larger message comes
+# back as text/rfc822-headers there too).
 BOUNCE_SIZE_LIMIT = 50_000
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _STATUS = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
@@ -137,7 +139,7 @@ def build_dsn(
 
     `failures` all "failed", or all "relayed" (a success notice); `envid`:
     the client's ENVID; `original_message`: the whole message to return
-    (RET=FULL), else its headers are returned."""
+    (not RET=HDRS, small enough), else its headers are returned."""
     success = bool(failures) and all(f.action == "relayed" for f in failures)
     boundary = f"{queue_id}.{int(now)}/{hostname}"
     message_id = f"<{int(now)}.{dsn_queue_id or queue_id}@{hostname}>"

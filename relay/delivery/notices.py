@@ -8,8 +8,11 @@ bounce daemon does with RFC 3461's parameters (relay.queue.mailparams):
   - a delivery is reported ("relayed") when the recipient asked for
     NOTIFY=SUCCESS and the next hop does not offer DSN (a next hop that
     does got NOTIFY passed on: its notices, not ours);
-  - RET=FULL returns the whole message up to dsn.BOUNCE_SIZE_LIMIT, anything
-    else its headers; ENVID and ORCPT go into the report's fields;
+  - a failure returns the whole message when it is at most
+    dsn.BOUNCE_SIZE_LIMIT, else its headers; RET=HDRS returns the headers,
+    RET=FULL and no RET the message (RFC 3461 leaves the default to the
+    server; Postfix's is the message); ENVID and ORCPT go into the
+    report's fields;
   - never to the null sender, nor to a sender we cannot send to, nor when
     spec.bounces says not to (the reason is logged and counted).
 The DSN itself is built by relay.delivery.dsn and queued here from the
@@ -120,7 +123,8 @@ async def return_to_sender(
         return None
     headers = await queue.run_io(queue.read_headers_sync, claim)
     original = None
-    if env.params.ret == "FULL" and reports[0].action == "failed" and env.size <= BOUNCE_SIZE_LIMIT:
+    # Without RET, as with RET=FULL: the message (Postfix 3.7 does the same).
+    if env.params.ret != "HDRS" and reports[0].action == "failed" and env.size <= BOUNCE_SIZE_LIMIT:
         original = await queue.run_io(queue.read_data_sync, claim, 0, BOUNCE_SIZE_LIMIT)
     msg = queue.incoming()
     data = build_dsn(

@@ -187,7 +187,7 @@ async def test_5xx_returns_a_dsn_to_a_relayed_sender(
     assert [p.get_content_type() for p in parts] == [
         "text/plain",
         "message/delivery-status",
-        "text/rfc822-headers",
+        "message/rfc822",  # no RET: the message, as Postfix returns it
     ]
     assert "<gone@example.com>: host 127.0.0.2[127.0.0.2] said: 550 5.1.1" in parts[0].get_content()
     status = parts[1].as_string()

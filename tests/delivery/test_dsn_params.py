@@ -173,13 +173,33 @@ async def test_ret_returns_headers_or_the_whole_message(
     assert top["Subject"] == "Undelivered Mail Returned to Sender"
     assert "Original-Envelope-Id: E+1" in status.as_string()
     assert "Original-Recipient: utf-8;\\x{FC}@example.com" in status.as_string()
-    if ret == "FULL":
+    if ret != "HDRS":  # RET=FULL, and no RET at all (Postfix 3.7 too: the message)
         assert returned.get_content_type() == "message/rfc822"
         assert returned["Content-Description"] == "Undelivered Message"
         assert body in bounce.data
-    else:  # RET=HDRS, and (as before) no RET at all
+    else:
         assert returned.get_content_type() == "text/rfc822-headers"
         assert body not in bounce.data and b"Subject: test" in bounce.data
+
+
+@pytest.mark.parametrize("ret", ["FULL", ""])
+async def test_a_message_over_the_bounce_size_limit_returns_its_headers(
+    sink_factory: Any, relay_factory: Any, ret: str
+) -> None:
+    """Postfix 3.7 (bounce_size_limit 50000) returns a larger message's
+    headers, whatever RET says."""
+    dest = await sink_factory("127.0.0.2", rcpt_replies={"b@example.com": "550 5.1.1 unknown"})
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    body = b"x" * 70 + b"\r\n"
+    await send(
+        relay, message(body=body * 1000), "a@example.org", ["b@example.com"], MailParams(ret=ret)
+    )
+    await relay.delivery.idle()
+    [bounce] = home.messages
+    *_, returned = parts(bounce.data)
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert body not in bounce.data and b"Subject: test" in bounce.data
 
 
 @pytest.mark.skipif(not postfix.available(), reason="needs root and Postfix")
