@@ -71,13 +71,15 @@ def wanted(claim: Claim, failures: list[Failure]) -> list[Failure]:
         if rcpt.wants("FAILURE"):
             kept.append(f)
             continue
+        metrics.DSN.labels("dropped", "notify").inc()
+        if f.expired:
+            continue  # its expiry line said "not returned (NOTIFY=...)"
         log.info(
             "%s: to=<%s>: non-delivery notification not sent (NOTIFY=%s)",
             claim.queue_id,
             f.recipient,
             ",".join(rcpt.notify),
         )
-        metrics.DSN.labels("dropped", "notify").inc()
     return kept
 
 
@@ -117,7 +119,9 @@ async def return_to_sender(
     if not_sent is not None:
         reason, text = not_sent
         to = env.recipients[0] if env.client == dsn.CLIENT and not env.sender else env.sender
-        kind = "delivery" if reports[0].action == "relayed" else "non-delivery"
+        # (our own DSN that failed: a bounce or a "relayed" notice, either way a DSN)
+        own = env.client == dsn.CLIENT and not env.sender
+        kind = "non-delivery" if reports[0].action == "failed" and not own else "delivery status"
         log.warning("%s: %s notification to <%s> dropped: %s", claim.queue_id, kind, to, text)
         metrics.DSN.labels("dropped", reason).inc()
         return None

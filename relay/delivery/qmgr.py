@@ -493,16 +493,8 @@ class Delivery:
             # lifetime: Postfix's bounce_queue_lifetime.
             lifetime = config.queue.lifetime if env.sender else config.bounces.lifetime
             if now >= env.arrival + lifetime:
-                # spec.queue.dsnOnExpiry: none = no backscatter from expired mail.
-                # (a null sender's "notice" is only the log line saying it is dropped)
-                notify = config.queue.dsn_on_expiry != "none" or not env.sender
-                if not env.sender:
-                    outcome = "not returned (null sender)"
-                elif notify:
-                    outcome = "returned to sender"
-                else:
-                    outcome = "not returned (dsnOnExpiry: none)"
                 for r in deferred:
+                    outcome, notify = _expiry_outcome(config, claim, r.recipient)
                     log.info(
                         "%s: to=<%s>, relay=%s, delay=%s, dsn=%s, status=expired, %s (%s)",
                         claim.queue_id,
@@ -547,13 +539,28 @@ class Delivery:
     def _dsn_sent(self, claim: Claim, config: RelayConfig, r: RecipientResult) -> None:
         route = "relay_domain" if config.domain_of(r.recipient.rpartition("@")[2]) else "mx"
         log.info(
-            "%s: non-delivery notification to <%s> sent (relay=%s, %s)",
+            "%s: delivery status notification to <%s> sent (relay=%s, %s)",
             claim.queue_id,
             r.recipient,
             r.relay,
             r.reply,
         )
         metrics.DSN.labels("sent", route).inc()
+
+
+def _expiry_outcome(config: RelayConfig, claim: Claim, recipient: str) -> tuple[str, bool]:
+    """What the expiry line says of a recipient, and whether it goes on to
+    notices (which return it, or drop it with its reason and metric)."""
+    env = claim.envelope
+    if not env.sender:  # its "notice" is only the log line saying it is dropped
+        return "not returned (null sender)", True
+    if config.queue.dsn_on_expiry == "none":  # no backscatter from expired mail
+        return "not returned (dsnOnExpiry: none)", False
+    rcpt = env.params.recipient(recipient)
+    if not rcpt.wants("FAILURE"):  # notices.wanted counts it; Postfix's qmgr
+        # says "returned to sender" here too, though its bounce daemon sends nothing
+        return f"not returned (NOTIFY={','.join(rcpt.notify)})", True
+    return "returned to sender", True
 
 
 def metric_domain(config: RelayConfig, recipient: str) -> str:

@@ -71,7 +71,9 @@ async def test_dsn_goes_to_the_sender_domain_by_mx_with_tls(
     assert got.tls  # opportunistic TLS, as offered
     assert b"Subject: Undelivered Mail Returned to Sender" in got.data
     assert b"Subject: the original" in got.data and qid.encode() in got.data
-    assert f"non-delivery notification to <{SENDER}> sent (relay=mx.elsewhere.test" in caplog.text
+    assert (
+        f"delivery status notification to <{SENDER}> sent (relay=mx.elsewhere.test" in caplog.text
+    )
     assert dsn_count("sent", "mx") == sent + 1
     assert list(relay.queue.messages()) == []
 
@@ -98,7 +100,7 @@ async def test_sender_mx_down_dsn_retries_then_expires_after_bounce_lifetime(
     assert attempts > 2  # retried on its own schedule: 300, 300, 600, 1200, ... < 1h
     assert f"{dsn_msg.queue_id}: to=<{SENDER}>" in caplog.text
     assert "Connection refused" in caplog.text
-    assert f"non-delivery notification to <{SENDER}> dropped: expired:" in caplog.text
+    assert f"delivery status notification to <{SENDER}> dropped: expired:" in caplog.text
     assert dsn_count("dropped", "expired") == dropped + 1
 
 

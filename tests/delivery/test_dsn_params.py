@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from mrtest import postfix
-from mrtest.delivery_helpers import Relay, make_config, message
+from mrtest.delivery_helpers import FakeClock, Relay, make_config, message
 from mrtest.peers import PostfixSink
-from mrtest.relayproc import wait_until
+from mrtest.relayproc import free_port, wait_until
 
 from relay.config import NextHop
 from relay.queue.mailparams import MailParams, RecipientParams
@@ -125,6 +125,32 @@ async def test_notify_never_and_success_only_suppress_the_bounce(
     )
 
 
+async def test_notify_never_expired_is_logged_as_not_returned(
+    sink_factory: Any, relay_factory: Any, clock: FakeClock, caplog: Any
+) -> None:
+    """An expired recipient that asked for no notice: the expiry line says so
+    (never "returned to sender"), once; the one who asked gets the bounce."""
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    home = await sink_factory("127.0.0.3")
+    down = hops(free_port("127.0.0.2"), home.port)
+    relay = await relay_factory(make_config(down, lifetime=3600))
+    params = MailParams(recipients={"never@example.com": RecipientParams(("NEVER",))})
+    rcpts = ["never@example.com", "dflt@example.com"]
+    qid = await send(relay, message(), "a@example.org", rcpts, params)
+    await relay.delivery.idle()
+    while list(relay.queue.messages()):
+        [m] = list(relay.queue.messages())
+        clock.now = m.next_attempt
+        await relay.delivery.process_due()
+    log = caplog.text
+    assert f"{qid}: to=<never@example.com>" in log
+    assert "status=expired, not returned (NOTIFY=NEVER) (connect to" in log
+    assert "to=<never@example.com>: non-delivery notification not sent" not in log
+    assert log.count("status=expired, returned to sender") == 1  # dflt@example.com's
+    [bounce] = home.messages
+    assert b"dflt@example.com" in bounce.data and b"never@example.com" not in bounce.data
+
+
 async def test_notify_success_without_dsn_at_the_next_hop_is_a_relayed_notice(
     sink_factory: Any, relay_factory: Any, caplog: Any
 ) -> None:
@@ -151,6 +177,9 @@ async def test_notify_success_without_dsn_at_the_next_hop_is_a_relayed_notice(
     assert "c@example.com" not in report  # no NOTIFY=SUCCESS: no notice
     assert returned.get_content_type() == "text/rfc822-headers"
     assert f"{qid}: sender delivery status notification:" in caplog.text
+    # The notice delivered: a delivery status notification, not a "non-delivery" one.
+    assert "delivery status notification to <a@example.org> sent (relay=127.0.0.3" in caplog.text
+    assert "non-delivery" not in caplog.text
 
 
 @pytest.mark.parametrize("ret", ["HDRS", "FULL", ""])

@@ -40,7 +40,7 @@ async def test_a_next_hop_greeting_with_our_hostname_bounces_and_its_dsn_is_drop
     assert f"dsn=5.4.6, status=bounced ({loop})" in caplog.text
     assert "replied to HELO/EHLO with my own hostname relay.test" in caplog.text
     # The DSN to someone@loop.test goes to the same next hop: dropped, not relayed.
-    assert f"non-delivery notification to <someone@loop.test> dropped: rejected: {loop}" in (
+    assert f"delivery status notification to <someone@loop.test> dropped: rejected: {loop}" in (
         caplog.text
     )
     assert dropped_loops() == before + 1
@@ -59,7 +59,7 @@ def test_a_relay_domain_whose_next_hop_is_the_relay_itself(tmp_path: Path) -> No
         assert sent.returncode == 0, sent.output
         relay.wait_for_log(r"to=<info@example\.com>.*dsn=5\.4\.6, status=bounced")
         relay.wait_for_log(
-            r"non-delivery notification to <alice@example\.com> dropped: rejected: "
+            r"delivery status notification to <alice@example\.com> dropped: rejected: "
             rf"mail for {host} loops back to myself"
         )
         assert relay.stop() == 0

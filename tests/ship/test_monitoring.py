@@ -252,8 +252,8 @@ def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns:
     relay.wait_for_log("configuration not reloaded", count=2)
     write_scenario_manifests(manifests, sink, ns, extra=["new"])
     relay.wait_for_log("configuration reloaded", count=2)
-    relay.wait_for_log(r"non-delivery notification to <alice@example\.com> sent")
-    relay.wait_for_log(r"non-delivery notification to <bob@down\.test> dropped", timeout=60)
+    relay.wait_for_log(r"delivery status notification to <alice@example\.com> sent")
+    relay.wait_for_log(r"delivery status notification to <bob@down\.test> dropped", timeout=60)
     queue_cli(relay, "flush")  # a scan now: the queue gauges
     # The flush only asks for the scan: wait until its figures are published.
     wait_until(
