@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from mrtest import postfix
 from mrtest.delivery_helpers import FakeClock, Relay, make_config, message
-from mrtest.peers import PostfixSink
+from mrtest.peers import PostfixSink, swaks
 from mrtest.relayproc import free_port, wait_until
 
 from relay.config import NextHop
@@ -320,3 +320,43 @@ async def test_smtp_sink_without_8bitmime_and_smtputf8(
     [bounce] = home.messages
     assert b"Status: 5.6.7" in bounce.data and b"c@example.com" in bounce.data
     assert "SMTPUTF8 is required, but was not offered by host 127.0.0.11[127.0.0.11]" in caplog.text
+
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Postfix")
+async def test_orcpt_made_up_and_returned_message_as_postfix(
+    relay_factory: Any, tmp_path: Path
+) -> None:
+    """The same recipients through Postfix 3.7 and through us to smtp-sink
+    (which offers DSN): the same RCPT parameters. And Postfix, like us,
+    returns the whole message in a bounce when the sender gave no RET."""
+    rcpts = ["c+x=y@example.com", "d@example.com"]
+    with PostfixSink("127.0.0.11", tmp_path) as sink:
+        relay = await relay_factory(make_config(hops(sink.port, sink.port, "127.0.0.11")))
+        await send(relay, message(), "a@example.org", rcpts, MailParams())
+        await relay.delivery.idle()
+        [ours] = sink.wait_for(1)
+        pf = postfix.PostfixServer("127.0.0.9", main_cf={"relay_domains": "example.com down.test"})
+        transport = pf.workdir / "transport"
+        down = free_port("127.0.0.12")
+        transport.write_text(
+            f"example.com smtp:[127.0.0.11]:{sink.port}\ndown.test smtp:[127.0.0.12]:{down}\n"
+        )
+        pf.settings |= {"transport_maps": f"texthash:{transport}", "maximal_queue_lifetime": "0"}
+        with pf:
+            sent = swaks(pf.address, to=",".join(rcpts), sender="a@example.org")
+            assert sent.returncode == 0, sent.output
+            body = "body of the bounced one"
+            sent = swaks(
+                pf.address, to="x@down.test", sender="a@example.com", extra=["--body", body]
+            )
+            assert sent.returncode == 0, sent.output
+            dumps = sink.wait_for(3)
+    [theirs] = [m for m in dumps if m.recipients == rcpts and b"(Postfix)" in m.data]
+    assert theirs.rcpt_args == ours.rcpt_args
+    assert ours.rcpt_args == [
+        "<c+x=y@example.com> ORCPT=rfc822;c+2Bx+3Dy@example.com",
+        "<d@example.com> ORCPT=rfc822;d@example.com",
+    ]
+    [bounce] = [m for m in dumps if m.recipients == ["a@example.com"]]
+    *_, returned = parts(bounce.data)
+    assert returned.get_content_type() == "message/rfc822" and body.encode() in bounce.data
