@@ -271,7 +271,8 @@ def test_smtputf8_and_dsn_parameters_end_to_end(tmp_path: Path) -> None:
             assert relay.stop() == 0
     [relayed] = [m for m in messages if m.recipients == ["info@example.com"]]
     assert relayed.mail_args.split()[1:] == ["BODY=8BITMIME", "RET=HDRS", "ENVID=e+2B1"]
-    assert relayed.rcpt_args == ["<info@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x"]
+    # ORCPT before NOTIFY, in the order Postfix's smtp client sends them.
+    assert relayed.rcpt_args == ["<info@example.com> ORCPT=rfc822;x NOTIFY=SUCCESS,FAILURE"]
     assert "Brötchen".encode() in relayed.data
     [bounce] = [m for m in messages if m.recipients == ["a@example.org"]]
     assert b"Status: 5.6.7" in bounce.data and b"joe@example.com" in bounce.data
