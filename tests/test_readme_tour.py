@@ -40,10 +40,21 @@ def tour_blocks() -> list[Block]:
     return [Block(m["kind"], m["args"].split(), m["body"]) for m in MARK.finditer(text)]
 
 
-def port_open(port: int) -> bool:
+# Where each background block listens: the relay, example.com's next hop, example.org's
+# refusing primary, the DNS server (TCP as well as UDP) and sender.test's MX host.
+LISTENS = {
+    "relay": ("127.0.0.1", 2525),
+    "sink": ("127.0.0.1", 2526),
+    "primary": ("127.0.0.1", 2527),
+    "dns": ("127.0.0.1", 5300),
+    "sender-mx": ("127.0.0.3", 25),
+}
+
+
+def port_open(address: tuple[str, int]) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex(address) == 0
 
 
 def wait_for(predicate: object, what: str, timeout: float = 60.0) -> None:
@@ -76,9 +87,10 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 def test_readme_tour(workdir: Path) -> None:
     blocks = tour_blocks()
-    assert [b.kind for b in blocks].count("background") == 2, "the tour lost a block"
-    for port in (2525, 2526):
-        assert not port_open(port), f"port {port} is busy; the tour needs it"
+    started = [b.args[0] for b in blocks if b.kind == "background"]
+    assert started == list(LISTENS), "the tour lost a block"
+    for address in LISTENS.values():
+        assert not port_open(address), f"{address} is busy; the tour needs it"
     env = {**os.environ, "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ['PATH']}"}
     background: dict[str, subprocess.Popen[str]] = {}
     outputs: list[str] = []
@@ -96,10 +108,10 @@ def test_readme_tour(workdir: Path) -> None:
                     text=True,
                     start_new_session=True,
                 )
-                port = {"relay": 2525, "sink": 2526}[name]
+                address = LISTENS[name]
                 wait_for(
-                    lambda p=port, n=name: port_open(p) or background[n].poll() is not None,
-                    f"{name} on port {port}",
+                    lambda a=address, n=name: port_open(a) or background[n].poll() is not None,
+                    f"{name} on {address}",
                     timeout=180,
                 )
                 assert background[name].poll() is None, (workdir / f"{name}.log").read_text()
@@ -119,7 +131,7 @@ def test_readme_tour(workdir: Path) -> None:
             else:
                 assert run.returncode == 0, out
 
-        sent, _flush, unknown, elsewhere, exe = outputs
+        sent, _flush, unknown, elsewhere, exe, for_bob = outputs
         queued = re.search(r"<-\s+250 2\.0\.0 Ok: queued as (\w+)", sent)
         assert queued, sent
         listed = [line for line in sent.splitlines() if line.startswith(queued[1])]
@@ -141,6 +153,26 @@ def test_readme_tour(workdir: Path) -> None:
                 ).stdout
             ),
             "an empty queue",
+        )
+        # The bounce: accepted by the relay, refused by example.org's primary, the report
+        # delivered by MX to sender.test's own server.
+        assert re.search(r"<-\s+250 2\.0\.0 Ok: queued as \w+", for_bob), for_bob
+        mx_log = workdir / "sender-mx.log"
+        wait_for(
+            lambda: "Subject: Undelivered Mail Returned to Sender" in mx_log.read_text(),
+            "the non-delivery report at sender.test's MX",
+        )
+        report = mx_log.read_text()
+        assert "alice@sender.test" in report and "bob@example.org" in report, report
+        assert "550 5.1.1 Recipient address rejected: User unknown" in report, report
+        assert "Subject: for bob" in report, report
+        relay_log = workdir / "relay.log"
+        wait_for(
+            lambda: (
+                "non-delivery notification to <alice@sender.test> sent "
+                "(relay=mx.sender.test[127.0.0.3]:25" in relay_log.read_text()
+            ),
+            "the relay's log line for the report",
         )
     finally:
         for proc in background.values():
