@@ -169,7 +169,7 @@ def test_readme_tour(workdir: Path) -> None:
         relay_log = workdir / "relay.log"
         wait_for(
             lambda: (
-                "non-delivery notification to <alice@sender.test> sent "
+                "delivery status notification to <alice@sender.test> sent "
                 "(relay=mx.sender.test[127.0.0.3]:25" in relay_log.read_text()
             ),
             "the relay's log line for the report",
