@@ -88,6 +88,10 @@ _HEADER_LINE = re.compile(rb"^(From |[\041-\071\073-\176]*[\t ]*:|[\t ])")
 _NAME_HEADER_NAMES = frozenset({"content-type", "content-disposition"})
 _HEADERS, _BODY, _DONE = "headers", "body", "done"
 _NO_DELIMITER = re.compile(rb"(?!)")  # matches nothing
+# The start of a line that is not a header line (_HEADER_LINE), the blank
+# line included; and where a name-bearing header could be, however spelled.
+_NOT_HEADER_LINE = re.compile(rb"^(?!From |[\041-\071\073-\176]*[\t ]*:|[\t ])", re.MULTILINE)
+_MAY_BEAR_NAMES = re.compile(rb"content-(?:type|disposition)", re.IGNORECASE)
 
 
 @dataclass
@@ -149,7 +153,7 @@ class AttachmentScanner:
         if self._state == _DONE:
             return
         self._buf += data
-        pos = self._scan(self._buf, 0)
+        pos = self._scan(self._buf, self._skim_plain_header(self._buf))
         del self._buf[:pos]
 
     def finish(self) -> str | None:
@@ -191,6 +195,33 @@ class AttachmentScanner:
             if self._header_line(line):
                 pos = end + 1
         return pos if self._state != _DONE else n
+
+    def _skim_plain_header(self, buf: bytearray) -> int:
+        """The fast path of a message without MIME structure: while the
+        top-level header section has no Content-Type or Content-Disposition
+        anywhere in it, its lines are consumed at once, and its end means
+        done (the body of a text/plain message holds no parts). What the line
+        machine would do with the same lines; returns where it goes on."""
+        if (
+            self._state != _HEADERS
+            or self._parts != 1
+            or self._skip_line
+            or self._header_lines is not None
+            or self._name_headers
+        ):
+            return 0
+        limit = buf.rfind(b"\n", 0, MAX_LINE) + 1  # whole lines, none of them long
+        end = _NOT_HEADER_LINE.search(buf, 0, limit)
+        stop = end.start() if end is not None and end.start() < limit else limit
+        if _MAY_BEAR_NAMES.search(buf, 0, stop) is not None:
+            return 0
+        lines = buf.count(b"\n", 0, stop)
+        if self._header_line_count + lines > MAX_HEADER_LINES:
+            return 0
+        self._header_line_count += lines
+        if stop < limit:  # the header section ends at this line
+            self._end_headers()
+        return stop
 
     def _scan_body(self, buf: bytearray, pos: int) -> int:
         """Skips body lines up to the next delimiter line: one regex search."""
