@@ -140,6 +140,53 @@ def test_junk_never_crashes_and_chunking_does_not_matter(junk: bytes, chunk: int
     assert scan_in_chunks(data, chunk) == whole
 
 
+class LineMachineOnly(AttachmentScanner):
+    """The scanner without its fast path for plain header sections."""
+
+    def _skim_plain_header(self, buf: bytearray) -> int:
+        return 0
+
+
+header_lines = st.sampled_from(
+    [
+        b"Subject: hi",
+        b"From foo@example.com",
+        b"X-A : b",
+        b"\tfolded",
+        b"no colon here",
+        b"",
+        b"Content-Type: multipart/mixed; boundary=b",
+        b"content-TYPE : text/plain; name=a.exe",
+        b"Content-Disposition: attachment; filename=b.scr",
+        b"X-Note: content-type",
+        b"--b",
+        b"x" * (MAX_LINE + 10) + b": long",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(header_lines, max_size=8),
+    st.sampled_from([b"\r\n", b"\n"]),
+    st.integers(1, 80),
+)
+def test_plain_header_fast_path_reads_as_the_line_machine(
+    lines: list[bytes], eol: bytes, chunk: int
+) -> None:
+    data = eol.join([*lines, b"", b"--b", b"Content-Type: x/y; name=c.exe", b"", b"MZ"]) + eol
+    verdicts = []
+    for scanner_class in (AttachmentScanner, LineMachineOnly):
+        scanner = scanner_class(EXTS)
+        try:
+            for i in range(0, len(data), chunk):
+                scanner.feed(data[i : i + chunk])
+            verdicts.append(scanner.finish())
+        except LimitExceeded as e:
+            verdicts.append(f"limit: {e}")
+    assert verdicts[0] == verdicts[1]
+
+
 # -- bounds -------------------------------------------------------------------------------------
 
 
