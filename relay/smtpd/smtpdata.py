@@ -40,11 +40,11 @@ class DataDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """Decodes one chunk; returns the message bytes it completes."""
-        if not self._pending and not self._mid_line and self._prev_crlf:
-            fast = self._feed_clean(data)
+        buf = self._pending + data if self._pending else data
+        if not self._mid_line and self._prev_crlf:
+            fast = self._feed_clean(buf)
             if fast is not None:
                 return fast
-        buf = self._pending + data if self._pending else data
         last_lf = buf.rfind(b"\n")
         if last_lf < 0:
             self._pending = buf
@@ -78,21 +78,30 @@ class DataDecoder:
         return chunk
 
     def _feed_clean(self, data: bytes) -> bytes | None:
-        """The common case without a line-by-line loop: whole CRLF lines, no
-        bare CR or LF, no line starting with a dot except the final one.
-        None when the chunk needs the careful path."""
+        """The common case without a line-by-line loop: CRLF lines, no bare
+        CR or LF, no line starting with a dot except the final one. `data`
+        starts a line; a chunk may end inside one (TCP cuts anywhere): that
+        start waits in _pending for the next chunk. None when the chunk needs
+        the careful path (nothing changed then)."""
+        rest = b""
         if data.endswith(b"\r\n.\r\n") or data == b".\r\n":
             body, done = data[:-3], True  # body keeps the CRLF before the dot
         elif data.endswith(b"\r\n"):
             body, done = data, False
         else:
-            return None
+            end = data.rfind(b"\r\n") + 2
+            if end < 2:
+                return None
+            body, done, rest = data[:end], False, data[end:]
+            if b"\n" in rest or len(rest) > MAX_PENDING:
+                return None
         if body.startswith(b".") or b"\n." in body:
             return None
         crlf = body.count(b"\r\n")
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
             return None
         self.done = done
+        self._pending = rest
         self.size += len(body)
         return body
 

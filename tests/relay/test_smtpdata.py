@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.smtpd.smtpdata import MAX_PENDING, DataDecoder
 
@@ -126,3 +128,28 @@ def test_fast_path_keeps_state_across_chunks() -> None:
     assert not d.done
     assert d.feed(b"d\r\n.\r\n") == b"d\r\n"
     assert d.done
+
+
+class CarefulOnly(DataDecoder):
+    """The decoder without its clean-chunk fast path."""
+
+    def _feed_clean(self, data: bytes) -> bytes | None:
+        return None
+
+
+pieces = st.sampled_from([b"ab", b"\r\n", b"\r", b"\n", b".", b"..", b"\r\n.\r\n", b"QUIT"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(pieces, max_size=30), st.integers(1, 12))
+def test_clean_fast_path_decodes_as_the_careful_path(parts: list[bytes], chunk: int) -> None:
+    raw = b"".join(parts) + b"\r\n.\r\n"
+    results = []
+    for decoder in (DataDecoder(), CarefulOnly()):
+        out = b""
+        for i in range(0, len(raw), chunk):
+            if decoder.done:
+                break
+            out += decoder.feed(raw[i : i + chunk])
+        results.append((out, decoder.done, decoder.rest, decoder.size))
+    assert results[0] == results[1]
