@@ -151,12 +151,22 @@ def _negative_ttl(response: dns.message.Message | None) -> float:
     return NEGATIVE_TTL
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def unmapped(addr: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d, a client on a dual-stack
+    socket) as the IPv4 address it carries: what every list and network check
+    must compare."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 @functools.lru_cache(maxsize=16384)  # every RBL/DNSBL/PTR check of a client parses it again
 def reverse_ip(ip: str) -> str:
     """The DNSBL/PTR form of an address: '1.2.3.4' -> '4.3.2.1', IPv6 as nibbles."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    addr = unmapped(ipaddress.ip_address(ip))
     if isinstance(addr, ipaddress.IPv4Address):
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))
@@ -164,9 +174,7 @@ def reverse_ip(ip: str) -> str:
 
 def ptr_name(ip: str) -> str:
     """The in-addr.arpa / ip6.arpa name of an address."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    addr = unmapped(ipaddress.ip_address(ip))
     suffix = "in-addr.arpa" if isinstance(addr, ipaddress.IPv4Address) else "ip6.arpa"
     return f"{reverse_ip(str(addr))}.{suffix}"
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from relay.config import GreylistPolicy
+from relay.dns import unmapped
 
 log = logging.getLogger("mailrelay.greylist")
 T = TypeVar("T")
@@ -97,11 +98,9 @@ class Decision:
 def client_network(client_ip: str) -> str:
     """postgrey --lookup-by-subnet: the client's IPv4 /24 or IPv6 /64."""
     try:
-        ip = ipaddress.ip_address(client_ip)
+        ip = unmapped(ipaddress.ip_address(client_ip))
     except ValueError:
         return client_ip
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     prefix = IPV4_PREFIX if ip.version == 4 else IPV6_PREFIX
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 
 from relay.config import IPNetwork, ProxyProtocol
+from relay.dns import unmapped
 from relay.smtpd.session import Session
 
 log = logging.getLogger("mailrelay.proxy")
@@ -70,9 +71,7 @@ def _address(text: str, version: int) -> str:
 
 def canonical_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """IPv4-mapped IPv6 (::ffff:a.b.c.d) as plain IPv4, as Postfix logs it."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    return str(unmapped(ip))
 
 
 def _port(text: str) -> int:
@@ -164,11 +163,9 @@ async def read_header(reader: asyncio.StreamReader) -> ProxyInfo:
 
 def is_trusted(peer_ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
     try:
-        ip = ipaddress.ip_address(peer_ip)
+        ip = unmapped(ipaddress.ip_address(peer_ip))
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return any(ip.version == n.version and ip in n for n in trusted)
 
 

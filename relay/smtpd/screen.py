@@ -46,7 +46,7 @@ from typing import Any
 
 from relay import logbuffer, metrics
 from relay.config import RelayConfig
-from relay.dns import Resolver
+from relay.dns import Resolver, unmapped
 from relay.smtpd import dnsbl
 from relay.smtpd.aiosmtpd_adapter import wait_readable
 from relay.smtpd.session import AccessAction, Reply, ScreenResult, Session, access_action
@@ -277,8 +277,7 @@ class Postscreen:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
+        addr = unmapped(addr)
         if any(addr in net for net in self.config.mynetworks):
             return "permit"
         for entry in self.config.client_access:
