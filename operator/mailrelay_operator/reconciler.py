@@ -326,33 +326,24 @@ class Reconciler:
         status writer: those whose object or verdict changed since the last pass."""
         queued = mem.statuses_queued
         fresh: dict[tuple[str, str, str], tuple[object, ...]] = {}
+
+        def changed(kind: str, obj: KubeObject, verdict: tuple[object, ...]) -> bool:
+            meta = obj["metadata"]
+            ref = (kind, meta["namespace"], meta["name"])
+            fresh[ref] = (meta.get("resourceVersion"), *verdict)
+            return queued.get(ref) != fresh[ref]
+
         for v in rendered.domains:
             dom = view.domains.get((v.namespace, v.name))
             if dom is None:
                 continue
-            ref = ("RelayDomain", v.namespace, v.name)
-            fresh[ref] = (
-                dom["metadata"].get("resourceVersion"),
-                v.accepted,
-                v.reason,
-                v.message,
-                v.recipients,
-            )
-            if queued.get(ref) != fresh[ref]:
+            if changed("RelayDomain", dom, (v.accepted, v.reason, v.message, v.recipients)):
                 self.statuses.queue(dom, status.domain_status(dom, v))
         for lv in rendered.recipient_lists:
             rl = view.lists.get((lv.namespace, lv.name))
             if rl is None or view.relay_of_list(rl) != key:
                 continue
-            ref = ("RecipientList", lv.namespace, lv.name)
-            fresh[ref] = (
-                rl["metadata"].get("resourceVersion"),
-                lv.accepted,
-                lv.reason,
-                lv.message,
-                lv.addresses,
-            )
-            if queued.get(ref) != fresh[ref]:
+            if changed("RecipientList", rl, (lv.accepted, lv.reason, lv.message, lv.addresses)):
                 self.statuses.queue(rl, status.list_status(rl, lv))
         mem.statuses_queued = fresh
 
