@@ -9,40 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mrtest.objects import mailrelay, relay_domain
 
 from mailrelay_api import shards
 from mailrelay_api.load import Inventory
 from mailrelay_api.render import DOMAINS_FILE, DOMAINS_INDEX_FILE, RenderCache, render_relay
-from mailrelay_api.validate import with_defaults
 from relay.config import load_config, read_domains_document
 from relay.process.cli import render_to_dir
 
 
 def relay() -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": "mail"},
-            "spec": {"hostname": "mx.example.net"},
-        }
-    )
+    return mailrelay()
 
 
 def domain(i: int) -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": f"d{i}", "namespace": "mail"},
-            "spec": {
-                "domain": f"d{i}.example",
-                "relayRef": {"name": "edge"},
-                "nextHop": {"host": "mail.example.net"},
-                "recipients": "any",
-            },
-        }
-    )
+    return relay_domain(f"d{i}")
 
 
 def inventory(n: int) -> Inventory:

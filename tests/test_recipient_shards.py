@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mrtest.objects import mailrelay, relay_domain
 
 from mailrelay_api import shards
 from mailrelay_api.load import Inventory
@@ -25,29 +26,12 @@ from relay.config import IncompleteShardSet, load_config, load_config_waiting
 
 
 def relay() -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": "mail"},
-            "spec": {"hostname": "mx.example.net"},
-        }
-    )
+    return mailrelay()
 
 
 def domain(i: int, recipients: str = "listed") -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": f"d{i}", "namespace": "mail", "uid": f"dom-{i}", "generation": 1},
-            "spec": {
-                "domain": f"d{i}.example",
-                "relayRef": {"name": "edge"},
-                "nextHop": {"host": "127.0.0.1"},
-                "recipients": recipients,
-            },
-        }
+    return relay_domain(
+        f"d{i}", next_hop="127.0.0.1", recipients=recipients, uid=f"dom-{i}", generation=1
     )
 
 

@@ -24,6 +24,7 @@ import yaml
 from mailrelay_operator import configmaps, naming, statefulset
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.settings import NetworkSettings
+from mrtest.objects import relay_domain
 
 from mailrelay_api import shards
 from mailrelay_api.load import Inventory, load_manifests
@@ -316,22 +317,7 @@ def test_pod_security() -> None:
 
 
 def many_domains(n: int) -> list[dict[str, Any]]:
-    return [
-        with_defaults(
-            {
-                "apiVersion": "mailrelay.io/v1alpha1",
-                "kind": "RelayDomain",
-                "metadata": {"name": f"d{i:05d}", "namespace": "default"},
-                "spec": {
-                    "domain": f"d{i:05d}.example",
-                    "relayRef": {"name": "quickstart"},
-                    "nextHop": {"host": "mail.example.net"},
-                    "recipients": "any",
-                },
-            }
-        )
-        for i in range(n)
-    ]
+    return [relay_domain(f"d{i:05d}", relay="quickstart", namespace="default") for i in range(n)]
 
 
 def test_ten_thousand_domains_go_in_domain_shards() -> None:

@@ -7,22 +7,15 @@ from typing import Any
 import pytest
 from mailrelay_operator import claims_store, configmaps
 from mailrelay_operator.children import desired_children
+from mrtest.objects import mailrelay, relay_domain
 
 from mailrelay_api.claims import Claim, claims_of
 from mailrelay_api.load import Inventory
 from mailrelay_api.render import render_relay
-from mailrelay_api.validate import with_defaults
 
 
 def relay() -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": "mail", "uid": "r1"},
-            "spec": {"hostname": "mx.example.net"},
-        }
-    )
+    return mailrelay(uid="r1")
 
 
 def claims(n: int) -> list[Claim]:
@@ -63,22 +56,7 @@ def test_a_restart_reads_them_back(small_max: None) -> None:
 
 def test_the_relay_owns_its_claims_config_maps(small_max: None) -> None:
     r = relay()
-    domains = [
-        with_defaults(
-            {
-                "apiVersion": "mailrelay.io/v1alpha1",
-                "kind": "RelayDomain",
-                "metadata": {"name": f"d{i}", "namespace": "mail"},
-                "spec": {
-                    "domain": f"d{i}.example",
-                    "relayRef": {"name": "edge"},
-                    "nextHop": {"host": "mail.example.net"},
-                    "recipients": "any",
-                },
-            }
-        )
-        for i in range(20)
-    ]
+    domains = [relay_domain(f"d{i}") for i in range(20)]
     rendered = render_relay(r, Inventory(relays=[r], domains=domains))
     children = desired_children(r, rendered, "img", cert_manager=True)
     names = [c["metadata"]["name"] for c in children if c["kind"] == "ConfigMap"]
