@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from relay_vs_postfix import (  # bench/ is not a package
     PeakMemory,
     System,
     commit_measured,
+    finish,
     systems,
     wait_until,
 )
@@ -231,14 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["outcomes"].append(asdict(outcome))
                 print(f"{system.name}: {asdict(outcome)}", flush=True)
     finally:
-        results["load_average_end"] = os.getloadavg()
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-        summary = report(results)
-        (out_dir / "summary.md").write_text(summary)
-        print()
-        print(summary)
-        print(f"results: {out_dir}")
-        shutil.rmtree(workdir, ignore_errors=True)
+        finish(results, report, out_dir, workdir)
     return 0
 
 
