@@ -35,6 +35,8 @@ HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HACK/.." && pwd)
 # shellcheck source=hack/cluster-env.sh
 . "$HACK/cluster-env.sh"
+# shellcheck source=hack/apt.sh
+. "$HACK/apt.sh"
 
 log() { printf 'cluster-up: %s\n' "$*" >&2; }
 die() { printf 'cluster-up: error: %s\n' "$*" >&2; exit 1; }
@@ -44,15 +46,7 @@ ASSETS=${KUBEBUILDER_ASSETS:-$REPO/.tools/bin}
 for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
   [ -x "$ASSETS/$b" ] || die "$ASSETS/$b not found; run hack/install-tools.sh"
 done
-missing=()
-for p in containerd runc containernetworking-plugins iptables conntrack; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_ensure containerd runc containernetworking-plugins iptables conntrack
 for t in openssl curl setsid ip iptables containerd ctr runc go; do
   command -v "$t" >/dev/null 2>&1 || die "$t is needed (apt-get install docker.io containerd runc containernetworking-plugins iptables)"
 done

@@ -14,6 +14,8 @@ set -euo pipefail
 
 log() { printf 'docker-up: %s\n' "$*" >&2; }
 die() { printf 'docker-up: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=hack/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 RUN_DIR=/run/mailrelay
 SOCK=/var/run/docker.sock
@@ -27,15 +29,7 @@ fi
 
 [ "$(id -u)" -eq 0 ] || die "no Docker engine answers, and starting one needs root"
 
-missing=()
-for p in docker.io containerd runc mmdebstrap; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_ensure docker.io containerd runc mmdebstrap
 [ -x /usr/sbin/dockerd ] || die "/usr/sbin/dockerd is missing (package docker.io)"
 
 mkdir -p "$RUN_DIR"
