@@ -160,6 +160,21 @@ def accepted(result: Any) -> bool:
     return result.returncode == 0 and any(r.startswith("250 ") for r in result.replies()[-3:])
 
 
+def send_once_reachable(addr: tuple[str, int], timeout: float = 90) -> tuple[str, Any]:
+    """send() to a Service whose endpoints just changed. A ready EndpointSlice does
+    not mean kube-proxy has rewritten its rules yet: until it has, a connection to
+    the ClusterIP can go to the old pod's address and time out. Only failures to
+    connect are retried; any SMTP reply is returned as it is."""
+    sent: list[tuple[str, Any]] = []
+
+    def attempt() -> bool:
+        sent.append(send(addr))
+        return "Error connecting" not in sent[-1][1].output
+
+    wait_until(f"{addr[0]}:{addr[1]} reachable", attempt, timeout, every=2)
+    return sent[-1]
+
+
 def queue_ids(c: Cluster, pod: str) -> list[str]:
     out = c.exec(pod, "mailrelay", "queue", "list", "-o", "json").stdout
     return [m["id"] for m in json.loads(out)]
@@ -625,7 +640,7 @@ def test_an_mx_pinned_to_a_pod_follows_it_when_it_is_recreated(installed: Cluste
         )
         assert any(k.startswith("mailrelay.io/mx-") for k in new["metadata"]["labels"]), new
         svc = c.get("-n", MAIL_NS, "service", service)
-        subj, r = send((svc["spec"]["clusterIP"], 25))
+        subj, r = send_once_reachable((svc["spec"]["clusterIP"], 25), timeout=150)
         assert accepted(r), r.output
         delivered_once(c, [subj], flush=True)
     finally:
