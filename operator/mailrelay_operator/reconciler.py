@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from mailrelay_api.claims import Claim, next_release
 from mailrelay_api.render import RenderCache, Rendered, RenderSettings, render_relay
 from mailrelay_api.spec import relay_spec
-from mailrelay_api.validate import relay_warnings
+from mailrelay_api.validate import relay_warnings, validate_object
 from mailrelay_operator import (
     certificate,
     claims_store,
@@ -285,6 +285,14 @@ class Reconciler:
         if relay is None:
             self._forget(key)
             return True
+        invalid = validate_object(relay)
+        if invalid:
+            # The API server's CEL rules should have refused it; an object stored
+            # before a rule existed was not checked. The running config stays.
+            problems = [f"{e.field}: {e.message}" for e in invalid]
+            log.warning("MailRelay %s/%s: invalid spec: %s", *key, "; ".join(problems))
+            await self.statuses.write(relay, status.invalid_spec_status(relay, problems))
+            return False
         mem = self._memory(key, relay)
         rendered = await self._render(key, relay, mem, render, view)
         obs = status.RelayObservation(config_hash=rendered.config_hash)

@@ -229,6 +229,18 @@ def relay_status(relay: dict[str, Any], obs: RelayObservation, at: str = "") -> 
     return out
 
 
+def invalid_spec_status(relay: dict[str, Any], problems: list[str], at: str = "") -> dict[str, Any]:
+    """The relay's status when its spec fails validate's checks: Reconciled=False,
+    InvalidSpec, naming each field; everything else as the last good pass left it."""
+    old = dict(relay.get("status") or {})
+    current = old.get("conditions") or []
+    why = "; ".join(problems)
+    refused = Condition(ConditionType.RECONCILED, False, ReconciledReason.INVALID_SPEC, why)
+    fresh = conditions([refused], current, generation(relay), at or now())
+    others = [c for c in current if c.get("type") != ConditionType.RECONCILED]
+    return {**old, "conditions": fresh + others}
+
+
 def _reconciled(obs: RelayObservation) -> Condition:
     kind, why = ConditionType.RECONCILED, ReconciledReason
     if obs.recreating:
