@@ -6,6 +6,12 @@ recipient, and the returned message: whole (message/rfc822) when it is at
 most BOUNCE_SIZE_LIMIT and the sender did not ask for RET=HDRS, else its
 headers (text/rfc822-headers), so a bounce never carries a 25 MB body
 back. It is sent from the null sender so it can never bounce itself.
+
+An internationalised notice (RFC 6533: is_international) takes the global
+types instead: message/global-delivery-status, with a UTF-8 address as
+"utf-8; <unitext>", and message/global or message/global-headers for the
+returned message; it is queued with SMTPUTF8 (relay.delivery.notices).
+An all-ASCII message that did not ask for SMTPUTF8 gets the notice above.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.utils import formatdate
+
+from relay.queue.mailparams import NO_RECIPIENT_PARAMS, RecipientParams, unitext_encode
 
 MAILER_DAEMON = "MAILER-DAEMON"
 # The envelope's client of a DSN this relay queued: it marks the message
@@ -41,7 +49,7 @@ class Failure:
     smtp_reply: bool = True  # diagnostic is an SMTP reply (else our own text)
     in_reply_to: str = ""  # "RCPT TO", "end of DATA", ... (for the text part)
     expired: bool = False
-    original_recipient: str = ""  # the ORCPT ("rfc822;a@b"), when the client gave one
+    rcpt_params: RecipientParams = NO_RECIPIENT_PARAMS  # its NOTIFY and ORCPT
     action: str = "failed"  # or "relayed": delivered to a next hop without DSN
 
 
@@ -100,11 +108,37 @@ def _human_text(hostname: str, failures: list[Failure], lifetime_days: float | N
     return "\r\n".join(lines) + "\r\n"
 
 
-def _status_block(f: Failure) -> str:
+def is_international(
+    *, smtputf8: bool, sender: str, failures: list[Failure], original_headers: bytes
+) -> bool:
+    """Does the notice take RFC 6533's global types? As Postfix 3.7, when the
+    message asked for SMTPUTF8; beyond Postfix, also when the sender, a
+    failed recipient or a returned header is UTF-8 (accepted without
+    SMTPUTF8, as Postfix does), which message/delivery-status and
+    message/rfc822 do not carry. (A utf-8 ORCPT alone does not: its xtext
+    form is ASCII.)"""
+    return (
+        smtputf8
+        or not sender.isascii()
+        or not original_headers.isascii()
+        or any(not f.recipient.isascii() for f in failures)
+    )
+
+
+def _address(address: str, international: bool, sep: str = " ") -> str:
+    """An address field's value: "utf-8" type for a UTF-8 address in a
+    global notice (RFC 6533 3, as Postfix), else "rfc822"."""
+    if international and not address.isascii():
+        return f"utf-8;{sep}{unitext_encode(address)}"
+    return f"rfc822;{sep}{address}"
+
+
+def _status_block(f: Failure, international: bool) -> str:
     status = f.status if _STATUS.match(f.status) else ("4.0.0" if f.expired else "5.0.0")
+    original = f.rcpt_params.original_recipient(unitext=international)
     block = [
-        f"Final-Recipient: rfc822; {f.recipient}",
-        f"Original-Recipient: {one_line(f.original_recipient or f'rfc822;{f.recipient}')}",
+        f"Final-Recipient: {_address(f.recipient, international)}",
+        f"Original-Recipient: {one_line(original or _address(f.recipient, international, ''))}",
         f"Action: {f.action}",
         f"Status: {status}",
     ]
@@ -134,12 +168,14 @@ def build_dsn(
     lifetime_days: float | None = None,
     envid: str = "",
     original_message: bytes | None = None,
+    international: bool = False,
 ) -> bytes:
     """The whole bounce message (headers and body, CRLF line ends).
 
     `failures` all "failed", or all "relayed" (a success notice); `envid`:
     the client's ENVID; `original_message`: the whole message to return
-    (not RET=HDRS, small enough), else its headers are returned."""
+    (not RET=HDRS, small enough), else its headers are returned;
+    `international`: RFC 6533's global types (is_international)."""
     success = bool(failures) and all(f.action == "relayed" for f in failures)
     boundary = f"{queue_id}.{int(now)}/{hostname}"
     message_id = f"<{int(now)}.{dsn_queue_id or queue_id}@{hostname}>"
@@ -159,7 +195,7 @@ def build_dsn(
     per_message += [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Mailrelay-Queue-ID: {queue_id}",
-        f"X-Mailrelay-Sender: rfc822; {original_sender}",
+        f"X-Mailrelay-Sender: {_address(original_sender, international)}",
         f"Arrival-Date: {formatdate(arrival)}",
     ]
     parts = [
@@ -172,19 +208,22 @@ def build_dsn(
         _human_text(hostname, failures, lifetime_days),
         f"\r\n--{boundary}\r\n",
         "Content-Description: Delivery report\r\n",
-        "Content-Type: message/delivery-status\r\n\r\n",
+        # (8bit, as Postfix: so the global type is never downgraded)
+        "Content-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        if international
+        else "Content-Type: message/delivery-status\r\n\r\n",
         "\r\n".join(per_message) + "\r\n",
-        *("\r\n" + _status_block(f) for f in failures),
+        *("\r\n" + _status_block(f, international) for f in failures),
         f"\r\n--{boundary}\r\n",
     ]
     what = "Delivered Message" if success else "Undelivered Message"
     if original_message is not None:
-        parts.append(f"Content-Description: {what}\r\nContent-Type: message/rfc822\r\n")
+        kind = "message/global" if international else "message/rfc822"
+        parts.append(f"Content-Description: {what}\r\nContent-Type: {kind}\r\n")
         returned = _LINE_ENDS.sub(b"\r\n", original_message).rstrip(b"\r\n") + b"\r\n"
     else:
-        parts.append(
-            f"Content-Description: {what} Headers\r\nContent-Type: text/rfc822-headers\r\n"
-        )
+        kind = "message/global-headers" if international else "text/rfc822-headers"
+        parts.append(f"Content-Description: {what} Headers\r\nContent-Type: {kind}\r\n")
         returned = header_section(original_headers)
     parts.append("Content-Transfer-Encoding: 8bit\r\n\r\n")
     body = "".join(parts).encode("utf-8", "surrogateescape")

@@ -13,6 +13,9 @@ bounce daemon does with RFC 3461's parameters (relay.queue.mailparams):
     RET=FULL and no RET the message (RFC 3461 leaves the default to the
     server; Postfix's is the message); ENVID and ORCPT go into the
     report's fields;
+  - a message that asked for SMTPUTF8, or whose reported addresses or
+    returned headers are UTF-8, gets RFC 6533's global notice, queued
+    with SMTPUTF8 (dsn.is_international);
   - never to the null sender, nor to a sender we cannot send to, nor when
     spec.bounces says not to (the reason is logged and counted).
 The DSN itself is built by relay.delivery.dsn and queued here from the
@@ -26,9 +29,10 @@ import logging
 from relay import metrics
 from relay.config import RelayConfig
 from relay.delivery import dsn
-from relay.delivery.dsn import BOUNCE_SIZE_LIMIT, Failure, build_dsn
+from relay.delivery.dsn import BOUNCE_SIZE_LIMIT, Failure, build_dsn, is_international
 from relay.delivery.transaction import SENT, AddressError, RecipientResult, check_address
 from relay.queue.format import Claim
+from relay.queue.mailparams import NO_PARAMS, MailParams
 from relay.queue.store import Queue
 
 log = logging.getLogger("relay.delivery")
@@ -45,7 +49,7 @@ def failure(r: RecipientResult, claim: Claim, *, expired: bool = False) -> Failu
         smtp_reply=r.smtp_reply,
         in_reply_to=r.in_reply_to,
         expired=expired,
-        original_recipient=claim.envelope.params.recipient(r.recipient).original_recipient(),
+        rcpt_params=claim.envelope.params.recipient(r.recipient),
         action="relayed" if r.kind == SENT else "failed",
     )
 
@@ -130,6 +134,12 @@ async def return_to_sender(
     # Without RET, as with RET=FULL: the message (Postfix 3.7 does the same).
     if env.params.ret != "HDRS" and reports[0].action == "failed" and env.size <= BOUNCE_SIZE_LIMIT:
         original = await queue.run_io(queue.read_data_sync, claim, 0, BOUNCE_SIZE_LIMIT)
+    international = is_international(
+        smtputf8=env.params.smtputf8,
+        sender=env.sender,
+        failures=reports,
+        original_headers=headers,
+    )
     msg = queue.incoming()
     data = build_dsn(
         hostname=config.hostname,
@@ -143,9 +153,13 @@ async def return_to_sender(
         lifetime_days=config.queue.lifetime / 86400,
         envid=env.params.envid,
         original_message=original,
+        international=international,
     )
     msg.write(data)
-    dsn_id = await msg.commit("", [env.sender], dsn.CLIENT)
+    # An internationalised notice asks for SMTPUTF8 as Postfix's does: sent
+    # with it where the next hop offers it, required only for a UTF-8 sender.
+    params = MailParams(smtputf8=True) if international else NO_PARAMS
+    dsn_id = await msg.commit("", [env.sender], dsn.CLIENT, params=params)
     kind = "delivery status" if reports[0].action == "relayed" else "non-delivery"
     log.info("%s: sender %s notification: %s", claim.queue_id, kind, dsn_id)
     return dsn_id

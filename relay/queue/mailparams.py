@@ -82,6 +82,14 @@ def uxtext_encode(text: str) -> str:
     return "".join(c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in text)
 
 
+def unitext_encode(text: str) -> str:
+    """utf-8-addr-unitext (RFC 6533 3), for message/global-delivery-status:
+    UTF-8 as it is, controls, space, "\\", "+" and "=" as \\x{HEX}."""
+    return "".join(
+        f"\\x{{{ord(c):X}}}" if c <= " " or c in "+=\\" or _CONTROL.match(c) else c for c in text
+    )
+
+
 def parse_notify(value: str) -> tuple[str, ...] | None:
     """NOTIFY= as its keywords (upper case, in a fixed order); None when
     malformed: empty, unknown keywords, NEVER with others (Postfix's
@@ -156,12 +164,13 @@ class RecipientParams:
             out.append("NOTIFY=" + ",".join(self.notify))
         return " ".join(out)
 
-    def original_recipient(self) -> str:
-        """The DSN's Original-Recipient value ("" without ORCPT)."""
+    def original_recipient(self, *, unitext: bool = False) -> str:
+        """The DSN's Original-Recipient value ("" without ORCPT); `unitext`:
+        a utf-8 ORCPT in the form of message/global-delivery-status."""
         if not self.orcpt:
             return ""
         if self.orcpt_type == "utf-8":
-            return f"utf-8;{uxtext_encode(self.orcpt)}"
+            return f"utf-8;{(unitext_encode if unitext else uxtext_encode)(self.orcpt)}"
         return f"{self.orcpt_type};{self.orcpt}"
 
 

@@ -4,9 +4,11 @@ next hop lacks it, and our own DSNs under NOTIFY, RET, ENVID and ORCPT."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import logging
+import smtplib
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from mrtest.peers import PostfixSink, swaks
 from mrtest.relayproc import free_port, wait_until
 
 from relay.config import NextHop
+from relay.delivery.dsn import Failure, is_international
 from relay.queue.mailparams import MailParams, RecipientParams
 
 
@@ -209,6 +212,148 @@ async def test_ret_returns_headers_or_the_whole_message(
     else:
         assert returned.get_content_type() == "text/rfc822-headers"
         assert body not in bounce.data and b"Subject: test" in bounce.data
+
+
+def status_blocks(part: Any) -> list[dict[str, str]]:
+    """A (global-)delivery-status part's field blocks, per-message first,
+    each parsed by the email package as a header section."""
+    fields = part.get_payload()[0]  # message/*: one message, the per-message block its headers
+    rest = fields.get_payload(decode=True).decode().replace("\r\n", "\n")  # 8bit: UTF-8
+    blocks = [email.message_from_string(text + "\n") for text in rest.strip().split("\n\n")]
+    return [dict(b.items()) for b in [fields, *blocks]]
+
+
+@pytest.mark.parametrize(("ret", "home_smtputf8"), [("HDRS", True), ("FULL", True), ("", False)])
+async def test_smtputf8_bounce_is_rfc_6533_global_notice(
+    sink_factory: Any, relay_factory: Any, ret: str, home_smtputf8: bool
+) -> None:
+    """Postfix 3.7 for a message that asked for SMTPUTF8: message/global-
+    delivery-status with utf-8 addresses, message/global(-headers), and the
+    notice itself sent with SMTPUTF8; to a sender's server without it (the
+    notice's own envelope and headers are ASCII), with 8BITMIME."""
+    refused = {"ü@example.com": "550 5.1.1 unknown", "b@example.com": "550 5.1.1 unknown"}
+    dest = await sink_factory("127.0.0.2", smtputf8=True, rcpt_replies=refused)
+    home = await sink_factory("127.0.0.3", smtputf8=home_smtputf8)
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    params = MailParams(
+        smtputf8=True,
+        ret=ret,
+        recipients={"b@example.com": RecipientParams((), "utf-8", "ö+1@example.com")},
+    )
+    await send(relay, UTF8_MESSAGE, "a@example.org", ["ü@example.com", "b@example.com"], params)
+    await relay.delivery.idle()
+    [bounce] = home.messages
+    assert ("SMTPUTF8" in bounce.mail_options) is home_smtputf8
+    assert "BODY=8BITMIME" in bounce.mail_options
+    top, text, status, returned = parts(bounce.data)
+    assert top.get_content_type() == "multipart/report"
+    assert "<ü@example.com>: host 127.0.0.2[127.0.0.2] said: 550" in text.get_content()
+    assert status.get_content_type() == "message/global-delivery-status"
+    per_message, first, second = status_blocks(status)
+    assert per_message["X-Mailrelay-Sender"] == "rfc822; a@example.org"
+    assert first["Final-Recipient"] == "utf-8; ü@example.com"
+    assert first["Original-Recipient"] == "utf-8;ü@example.com"
+    assert second["Final-Recipient"] == "rfc822; b@example.com"
+    # The client's utf-8 ORCPT, in the unitext form ("+" escaped).
+    assert second["Original-Recipient"] == "utf-8;ö\\x{2B}1@example.com"
+    assert first["Status"] == second["Status"] == "5.1.1"
+    if ret == "HDRS":
+        assert returned.get_content_type() == "message/global-headers"
+        assert "Grüße".encode() in bounce.data and "Käse".encode() not in bounce.data
+    else:
+        assert returned.get_content_type() == "message/global"
+        [original] = returned.get_payload()
+        assert original["From"] == "a@example.org" and "Käse".encode() in bounce.data
+
+
+async def test_utf8_recipient_without_smtputf8_also_gets_a_global_notice(
+    sink_factory: Any, relay_factory: Any
+) -> None:
+    """Beyond Postfix (which keys on SMTPUTF8 alone): a UTF-8 address cannot
+    be written in message/delivery-status, so its notice is global too; the
+    notice goes without SMTPUTF8 to a next hop that lacks it (its envelope
+    is ASCII)."""
+    dest = await sink_factory("127.0.0.2")  # no SMTPUTF8: the recipient bounces 5.6.7
+    home = await sink_factory("127.0.0.3")
+    relay = await relay_factory(make_config(hops(dest.port, home.port)))
+    await send(relay, message(), "a@example.org", ["ü@example.com"], MailParams())
+    await relay.delivery.idle()
+    [bounce] = home.messages
+    assert "SMTPUTF8" not in bounce.mail_options
+    _, _, status, returned = parts(bounce.data)
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert status_blocks(status)[1]["Final-Recipient"] == "utf-8; ü@example.com"
+    assert returned.get_content_type() == "message/global"
+
+
+def submit_smtputf8(address: tuple[str, int], sender: str, rcpt: str, data: bytes) -> None:
+    with smtplib.SMTP(*address, timeout=30) as c:
+        c.ehlo("client.test")
+        c.sendmail(sender, [rcpt], data, mail_options=["SMTPUTF8"])
+
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Postfix")
+async def test_smtputf8_notice_as_postfixs(sink_factory: Any, relay_factory: Any) -> None:
+    """The same SMTPUTF8 message to a recipient that fails, through Postfix
+    3.7 and through us: the same MIME types, the same Final-Recipient, both
+    notices sent with SMTPUTF8. (Postfix's Original-Recipient, made up,
+    says rfc822;ü@down.test, not an rfc822 address: ours says utf-8.)"""
+    home = await sink_factory("127.0.0.13", smtputf8=True)  # a@example.com's server
+    pf = postfix.PostfixServer("127.0.0.9", main_cf={"relay_domains": "example.com down.test"})
+    transport = pf.workdir / "transport"
+    down = free_port("127.0.0.12")  # nothing listens: Postfix returns the message at once
+    transport.write_text(
+        f"example.com smtp:[127.0.0.13]:{home.port}\ndown.test smtp:[127.0.0.12]:{down}\n"
+    )
+    pf.settings |= {"transport_maps": f"texthash:{transport}", "maximal_queue_lifetime": "0"}
+    with pf:
+        await asyncio.to_thread(
+            submit_smtputf8, pf.address, "a@example.com", "ü@down.test", UTF8_MESSAGE
+        )
+        for _ in range(600):  # (the sink answers on this event loop: no blocking wait)
+            if home.messages:
+                break
+            await asyncio.sleep(0.1)
+    dest = await sink_factory(
+        "127.0.0.2", smtputf8=True, rcpt_replies={"ü@down.test": "550 5.1.1 no"}
+    )
+    relay = await relay_factory(
+        make_config(
+            {
+                "down.test": NextHop("127.0.0.2", dest.port, tls="none"),
+                "example.com": NextHop("127.0.0.13", home.port, tls="none"),
+            }
+        )
+    )
+    params = MailParams(smtputf8=True)
+    await send(relay, UTF8_MESSAGE, "a@example.com", ["ü@down.test"], params)
+    await relay.delivery.idle()
+    theirs, ours = home.messages
+    assert b"X-Postfix-Queue-ID" in theirs.data and b"X-Mailrelay-Queue-ID" in ours.data
+    for bounce in (theirs, ours):
+        assert "SMTPUTF8" in bounce.mail_options
+        assert [p.get_content_type() for p in parts(bounce.data)] == [
+            "multipart/report",
+            "text/plain",
+            "message/global-delivery-status",
+            "message/global",
+        ]
+        _, _, status, _ = parts(bounce.data)
+        assert status["Content-Transfer-Encoding"] == "8bit"
+        assert status_blocks(status)[1]["Final-Recipient"] == "utf-8; ü@down.test"
+
+
+def test_only_smtputf8_or_utf8_makes_a_notice_international() -> None:
+    def international(smtputf8: bool = False, rcpt: str = "b@x", headers: bytes = b"") -> bool:
+        failures = [Failure(rcpt, "5.1.1", "550 no")]
+        return is_international(
+            smtputf8=smtputf8, sender="a@x", failures=failures, original_headers=headers
+        )
+
+    assert not international()  # all-ASCII mail: the RFC 3464 notice, as before
+    assert international(smtputf8=True)
+    assert international(rcpt="ü@x")
+    assert international(headers="Subject: Grüße\r\n".encode())
 
 
 @pytest.mark.parametrize("ret", ["FULL", ""])

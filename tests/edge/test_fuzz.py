@@ -231,9 +231,10 @@ def queued_recipient(text: str) -> str | None:
     headers=st.binary(max_size=500),
     status=st.sampled_from(["5.1.1", "4.4.1", "5.7.1", "x.y.z", ""]),
     expired=st.booleans(),
+    international=st.booleans(),
 )
 def test_dsn_is_well_formed_whatever_the_inputs(
-    recipient: str, diagnostic: str, headers: bytes, status: str, expired: bool
+    recipient: str, diagnostic: str, headers: bytes, status: str, expired: bool, international: bool
 ) -> None:
     data = build_dsn(
         hostname="relay.test",
@@ -244,6 +245,7 @@ def test_dsn_is_well_formed_whatever_the_inputs(
         original_headers=headers,
         now=1_800_000_100.0,
         lifetime_days=5,
+        international=international,  # RFC 6533's global notice
     )
     # Every line ends in CRLF: no bare CR or LF anywhere, lines within 998.
     assert data.replace(b"\r\n", b"").count(b"\n") == 0

@@ -18,6 +18,7 @@ from relay.queue.mailparams import (
     parse_envid,
     parse_notify,
     parse_orcpt,
+    unitext_encode,
     uxtext_decode,
     uxtext_encode,
     xtext_decode,
@@ -62,6 +63,9 @@ def test_what_a_recipient_wants() -> None:
     assert success.wants("SUCCESS") and not success.wants("FAILURE")
     assert success.esmtp() == "NOTIFY=SUCCESS ORCPT=utf-8;\\x{FC}@x"
     assert success.original_recipient() == "utf-8;\\x{FC}@x"
+    # message/global-delivery-status: unitext, UTF-8 as it is, "+" "=" "\\" escaped
+    assert success.original_recipient(unitext=True) == "utf-8;ü@x"
+    assert unitext_encode("ü+a=b\\c d") == "ü\\x{2B}a\\x{3D}b\\x{5C}c\\x{20}d"
     assert MailParams(ret="FULL", envid="a b").esmtp_mail() == "RET=FULL ENVID=a+20b"
 
 
