@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
+from relay.queue.durable import GroupSync, replace_file_sync
 from relay.queue.format import (
     ACTIVE,
     CORRUPT,
@@ -57,7 +58,6 @@ from relay.queue.format import (
     is_queue_id,
     new_queue_id,
     read_envelope,
-    write_all,
 )
 from relay.queue.incoming import COMMIT_THREADS, Committer, IncomingMessage
 from relay.queue.mailparams import NO_PARAMS, MailParams
@@ -89,44 +89,6 @@ class QueuedMessage:
     params: MailParams = NO_PARAMS  # SMTPUTF8, BODY, DSN (relay.queue.mailparams)
 
 
-class _GroupSync:
-    """Group commit for one folder: one fsync covers every caller waiting for it.
-
-    A folder fsync costs a journal commit (milliseconds); under load many
-    commits wait at once. The first caller syncs; whoever arrives meanwhile
-    waits and is covered by the next fsync, which one of them runs.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._cond = threading.Condition()
-        self._requested = 0  # tickets handed out
-        self._synced = 0  # every ticket up to this one is durable
-        self._syncing = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            ticket = self._requested
-            while self._synced < ticket:
-                if self._syncing:
-                    self._cond.wait()
-                    continue
-                self._syncing = True
-                covered = self._requested  # renames of these tickets are already done
-                self._cond.release()
-                try:
-                    os.fsync(self._fd)
-                finally:
-                    self._cond.acquire()
-                    self._syncing = False
-                    self._cond.notify_all()
-                self._synced = max(self._synced, covered)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
 class Queue:
     """One queue folder, as one process uses it."""
 
@@ -151,7 +113,7 @@ class Queue:
         self._fresh: dict[str, Claim] = {}
         self.committing: set[str] = set()  # in commit(): maybe in active/ already, not fresh yet
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._dir_syncs: dict[str, _GroupSync] = {}
+        self._dir_syncs: dict[str, GroupSync] = {}
         self._finishing: collections.deque[Claim] = collections.deque()
         self._finish_job: asyncio.Task[None] | None = None
         self._dir_lock = threading.Lock()
@@ -175,11 +137,14 @@ class Queue:
 
     def fsync_state_dir(self, state: str) -> None:
         """fsyncs a state folder: durable are all renames into it done before the call."""
+        self._dir_sync(state).sync()
+
+    def _dir_sync(self, state: str) -> GroupSync:
         with self._dir_lock:
             syncer = self._dir_syncs.get(state)
             if syncer is None:
-                syncer = self._dir_syncs[state] = _GroupSync(self.directory / state)
-        syncer.sync()
+                syncer = self._dir_syncs[state] = GroupSync(self.directory / state)
+        return syncer
 
     async def close(self) -> None:
         """Waits for background writes, releases fresh claims, stops the I/O pool."""
@@ -282,15 +247,8 @@ class Queue:
         """Persists recipients done so far (atomically: temp file, fsync, rename)."""
         final = self.directory / STATE / claim.queue_id
         tmp = self.directory / STATE / f".{claim.queue_id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, claim.progress.to_json())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        claim.progress_saved = True
-        self.fsync_state_dir(STATE)
+        claim.progress_saved = True  # (finish_sync removes it, if it is there)
+        replace_file_sync(final, claim.progress.to_json(), tmp, self._dir_sync(STATE))
 
     def read_data_sync(self, claim: Claim, offset: int, length: int) -> bytes:
         end = min(claim.envelope.size, offset + length)

@@ -18,16 +18,21 @@ mail for `ttl`. Its entry (a hash of the network, with its count and last
 pass) lives in the buckets beside the triplets and is bounded with them.
 
 The state is shared as relay.verify_cache shares its answers: files in a
-folder on the queue volume, written by rename, with fcntl byte-range locks on
-one lock file between the pod's worker processes; it survives a restart as
-postgrey's database does. The triplets are hashed into BUCKETS files (a key
-is a hash: no address is stored), each holding at most MAX_ENTRIES / BUCKETS
-entries, so the folder is bounded (a few MB) however many senders an
-attacker rotates through: a full bucket drops the triplets that never passed
-first, the oldest first, then the least recently used ones. A bucket is read,
-decided on and rewritten under its lock, in a thread, never on the event
-loop. An unreadable bucket (torn, truncated, foreign) is logged and starts
-empty: its triplets are greylisted once more, nothing worse.
+folder on the queue volume, with fcntl byte-range locks on one lock file
+between the pod's worker processes; it survives a restart as postgrey's
+database does. A bucket is written as the queue writes its files
+(relay.queue.durable: temp file fsynced, renamed, folder fsynced), so a crash
+leaves the old bucket or the new one; a temp file a crash left behind is
+never read, and removed the first time its bucket is written again.
+
+The triplets are hashed into BUCKETS files (a key is a hash: no address is
+stored), each holding at most MAX_ENTRIES / BUCKETS entries, so the folder
+is bounded (a few MB) however many senders an attacker rotates through: a
+full bucket drops the triplets that never passed first, the oldest first,
+then the least recently used ones. A bucket is read, decided on and
+rewritten under its lock, in a thread, never on the event loop. An
+unreadable bucket (torn, truncated, foreign) is logged and starts empty:
+its triplets are greylisted once more, nothing worse.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import TypeVar
 
 from relay.config import GreylistPolicy
 from relay.dns import unmapped
+from relay.queue.durable import GroupSync, replace_file_sync
 
 log = logging.getLogger("mailrelay.greylist")
 T = TypeVar("T")
@@ -129,6 +135,11 @@ def client_key(client_ip: str) -> str:
     return "n" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+def bucket_of(key: str) -> int:
+    """The bucket a triplet's or a client's key lives in (its file: "%02x")."""
+    return int(key.removeprefix("n")[:8], 16) % BUCKETS
+
+
 def client_allowlisted(
     entries: Entries, key: str, now: float, policy: GreylistPolicy
 ) -> tuple[bool, bool]:
@@ -203,6 +214,9 @@ class Greylist:
         self.clock = clock
         self.per_bucket = per_bucket
         self._lock_fd = -1
+        self._folder: GroupSync | None = None  # fsyncs the folder after a rename
+        self._opening = threading.Lock()  # (buckets' threads open the two fds once)
+        self._swept: set[int] = set()  # buckets whose crash leftovers are gone
         # fcntl locks belong to the process: its threads take turns here first.
         self._thread_locks = [threading.Lock() for _ in range(BUCKETS)]
 
@@ -217,6 +231,9 @@ class Greylist:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._folder is not None:
+            self._folder.close()
+            self._folder = None
 
     # -- in threads ------------------------------------------------------------
 
@@ -246,7 +263,7 @@ class Greylist:
     ) -> T:
         """update(entries, now) on the key's bucket under its lock; the bucket
         is written when it says it changed. Returns update's answer."""
-        bucket = int(key.removeprefix("n")[:8], 16) % BUCKETS
+        bucket = bucket_of(key)
         with self._locked(bucket):
             entries = self._read_sync(bucket)
             now = self.clock()
@@ -276,10 +293,31 @@ class Greylist:
                     fcntl.lockf(fd, fcntl.LOCK_UN, 1, bucket)
 
     def _lock_fd_sync(self) -> int:
-        if self._lock_fd < 0:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        return self._lock_fd
+        with self._opening:
+            if self._lock_fd < 0:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._lock_fd = os.open(
+                    self.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            return self._lock_fd
+
+    def _folder_sync(self) -> GroupSync:
+        with self._opening:
+            if self._folder is None:
+                self._folder = GroupSync(self.directory)
+            return self._folder
+
+    def _sweep_sync(self, bucket: int) -> None:
+        """Removes the bucket's temp files a crash left behind (under its lock:
+        no other writer of it is at work)."""
+        self._swept.add(bucket)
+        prefix = f".{bucket:02x}."
+        with contextlib.suppress(OSError), os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    log.info("greylist: removing %s, left by a crash", entry.name)
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     def _read_sync(self, bucket: int) -> Entries:
         path = self._path(bucket)
@@ -295,13 +333,13 @@ class Greylist:
             return {}
 
     def _write_sync(self, bucket: int, entries: Entries) -> None:
+        """Under the bucket's lock."""
+        if bucket not in self._swept:
+            self._sweep_sync(bucket)
         path = self._path(bucket)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        doc = json.dumps({"version": _VERSION, "entries": entries}, separators=(",", ":"))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")  # one per worker process
         try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                json.dump({"version": _VERSION, "entries": entries}, f, separators=(",", ":"))
-            os.replace(tmp, path)
+            replace_file_sync(path, doc.encode(), tmp, self._folder_sync())
         except OSError as e:  # a full disk: this decision still holds
             log.warning("greylist state %s not written: %s", path, e)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
