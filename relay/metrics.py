@@ -108,6 +108,16 @@ DELIVERY_SECONDS = Histogram(
     ["domain"],
 )
 CONFIG_RELOADS = Counter("mailrelay_config_reloads_total", "Configuration reloads.", ["result"])
+# Set by the reload that counts result="incomplete", cleared by the next one
+# that loads, fails, or finds the running configuration back: how long an
+# incomplete set lasts is what MailRelayConfigIncomplete watches (the counter
+# grows once per change, not while it lasts). Any worker waiting: 1.
+CONFIG_INCOMPLETE = Gauge(
+    "mailrelay_config_incomplete",
+    "1 while the relay runs an older configuration because the newest one names shards "
+    "that are not all there yet; else 0.",
+    multiprocess_mode="livemax",
+)
 DNSBL_HITS = Counter(
     "mailrelay_dnsbl_hits_total",
     "Clients a DNSBL zone lists (postscreen's score or reject_rbl_client), per zone.",

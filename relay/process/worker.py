@@ -280,20 +280,24 @@ class Worker:
             try:
                 new_digest = await loop.run_in_executor(None, config_hash, config_dir)
                 if new_digest == digest:
+                    metrics.CONFIG_INCOMPLETE.set(0)  # back to the running one
                     continue
                 config = await loop.run_in_executor(None, load_config, config_dir)
             except IncompleteShardSet as e:
                 # The rest of the set comes with one of the next swaps of ..data.
                 metrics.CONFIG_RELOADS.labels("incomplete").inc()
+                metrics.CONFIG_INCOMPLETE.set(1)
                 log.warning("configuration not reloaded yet, keeping the running one: %s", e)
                 continue
             except (OSError, ValueError) as e:
+                metrics.CONFIG_INCOMPLETE.set(0)  # MailRelayConfigReloadFailing's now
                 metrics.CONFIG_RELOADS.labels("error").inc()
                 log.error("configuration not reloaded, keeping the running one: %s", e)
                 continue
             digest = new_digest
             ctx.update_config(config)
             metrics.CONFIG_RELOADS.labels("ok").inc()
+            metrics.CONFIG_INCOMPLETE.set(0)
             log.info(
                 "configuration reloaded: %d domains, %d recipients",
                 len(config.domains),

@@ -302,6 +302,7 @@ def test_alerts_and_dashboard_use_real_metric_names() -> None:
         "MailRelayNotReady",
         "MailRelayDnsblNotObeyed",
         "MailRelayConfigReloadFailing",
+        "MailRelayConfigIncomplete",
         "MailRelayQueueVolumeFilling",
         "MailRelayDsnsDropped",
     } <= alerts.keys()

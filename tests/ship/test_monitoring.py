@@ -7,7 +7,8 @@ a pod), the test DNS server, a next hop offering STARTTLS, and real clients
 (swaks) on 127.0.0.x; the events: mail delivered, bounced (a DSN back to a
 relay domain), deferred then expired (a DSN that expires too: dropped), held,
 refused (DNSBL, unknown recipient), a DNSBL answering error codes, SPF, TLS in
-and out, a configuration refused then one loaded. A second relay runs the
+and out, a configuration whose shards are not all there (scraped then), one
+refused, then one loaded. A second relay runs the
 content checks: greylisting, DKIM and DMARC, a milter. Then every selector of
 every expression (label matchers included) must match a sample of one scrape
 or the other.
@@ -135,11 +136,15 @@ def test_expressions_parse_into_known_selectors() -> None:
 # --- the relay and its events --------------------------------------------------------
 
 
+Samples = list[tuple[str, dict[str, str], float]]
+
+
 @dataclass
 class Scenario:
     relay: RelayProcess
     sink: AiosmtpdSink
     manifests: Path
+    while_incomplete: Samples  # a scrape while the newest shard set was not all there
 
 
 def set_next_hop_tls(manifests: Path, domain: str, tls: str) -> None:
@@ -205,8 +210,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     ):
         manifests = write_scenario_manifests(workdir / "manifests", sink, dns.nameserver)
         with RelayProcess(manifests, workdir, workers=2, tls_dir=tls_dir, metrics=True) as relay:
-            produce_events(relay, sink, manifests, dns.nameserver)
-            yield Scenario(relay, sink, manifests)
+            while_incomplete = produce_events(relay, sink, manifests, dns.nameserver)
+            yield Scenario(relay, sink, manifests, while_incomplete)
 
 
 def queue_cli(relay: RelayProcess, *args: str) -> str:
@@ -231,7 +236,19 @@ def send(
     return r.returncode
 
 
-def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns: str) -> None:
+def name_missing_shards(config_dir: Path) -> None:
+    """What a pod sees when the operator has moved to two recipient shards and
+    the kubelet has not brought them: an index naming files not there."""
+    index = config_dir / "domains.json"
+    doc = json.loads(index.read_text())
+    doc["recipientFiles"] = [f"recipients-{i:04d}-of-0002.txt.gz" for i in range(2)]
+    staged = config_dir.parent / ".domains.json"
+    staged.write_text(json.dumps(doc))
+    staged.replace(index)  # at once: a half-written file would be an error, not this
+
+
+def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns: str) -> Samples:
+    """The events; returns a scrape taken while a shard set was incomplete."""
     # Held first (it must be held before its lifetime runs out): waits for a person.
     assert send(relay, "dave@held.test") == 0
     queue_cli(relay, "hold", "--domain", "held.test")
@@ -247,9 +264,17 @@ def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns:
     # bl.test answers 127.255.255.254 for this client: not obeyed, counted.
     send(relay, "info@example.com", local="127.0.0.12")
     relay.wait_for_log(r"DNSBL bl\.test not obeyed")
+    # A configuration whose shards are not all there: both workers keep theirs
+    # and say so (MailRelayConfigIncomplete, once it lasts).
+    name_missing_shards(relay.config_dir)
+    relay.wait_for_log("configuration not reloaded yet", count=2)
+    wait_until(
+        lambda: value_of(relay, "mailrelay_config_incomplete") == 1, 30, "the incomplete gauge"
+    )
+    while_incomplete = scrape(relay)
     # A configuration the workers refuse (both keep theirs), then a new good one.
     (relay.config_dir / "relay.json").write_text("{ not json")
-    relay.wait_for_log("configuration not reloaded", count=2)
+    relay.wait_for_log("configuration not reloaded, keeping", count=2)
     write_scenario_manifests(manifests, sink, ns, extra=["new"])
     relay.wait_for_log("configuration reloaded", count=2)
     relay.wait_for_log(r"delivery status notification to <alice@example\.com> sent")
@@ -261,6 +286,7 @@ def produce_events(relay: RelayProcess, sink: AiosmtpdSink, manifests: Path, ns:
         60,
         "the queue scan's gauges (the held message)",
     )
+    return while_incomplete
 
 
 # --- the second relay: greylisting, authentication, a milter --------------------------
@@ -335,7 +361,7 @@ def content(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
             yield relay
 
 
-def scrape(relay: RelayProcess) -> list[tuple[str, dict[str, str], float]]:
+def scrape(relay: RelayProcess) -> Samples:
     text = urllib.request.urlopen(relay.metrics_url, timeout=10).read().decode()
     return [
         (s.name, dict(s.labels), s.value)
@@ -371,6 +397,18 @@ def test_every_panel_and_alert_reads_a_metric_the_relays_produced(
         raise AssertionError("not produced:\n" + "\n".join(missing())) from None
 
 
+def test_the_incomplete_shard_set_alert_reads_the_relay_waiting(scenario: Scenario) -> None:
+    """While the newest shard set was not all there, every selector of
+    MailRelayConfigIncomplete matched a non-zero sample: it fires once that
+    lasts `for` (a gauge at 0 would pass the check above, never the alert)."""
+    expr = chart_expressions()["alert MailRelayConfigIncomplete"]
+    for s in selectors_in(expr, "MailRelayConfigIncomplete"):
+        assert any(
+            name == s.metric and s.matches(labels) and value > 0
+            for name, labels, value in scenario.while_incomplete
+        ), s
+
+
 def is_gauge(name: str) -> bool:
     return not name.endswith(("_total", "_bucket", "_count", "_sum"))
 
@@ -397,6 +435,9 @@ def test_units_and_labels(scenario: Scenario) -> None:
     assert value_of(relay, "mailrelay_tls_sessions_total", direction="in", verified="no") == 1
     assert value_of(relay, "mailrelay_tls_sessions_total", direction="out", verified="no") >= 1
     assert value_of(relay, "mailrelay_config_reloads_total", result="error") == 2
+    # (>= : the good render may be seen between its relay.json and domains.json)
+    assert value_of(relay, "mailrelay_config_reloads_total", result="incomplete") >= 2
+    assert value_of(relay, "mailrelay_config_incomplete") == 0  # a whole set loaded since
     # Held mail is not "waiting for a next hop": with only it left, the age is 0.
     assert value_of(relay, "mailrelay_queue_oldest_age_seconds") == 0
     # build_info: one series (the workers' max), the version installed.
