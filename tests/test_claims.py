@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from mrtest.objects import mailrelay, relay_domain
+
 from mailrelay_api.claims import ClusterNetworks, name_matches
 from mailrelay_api.load import Inventory
 from mailrelay_api.render import RenderSettings, attach_domains
-from mailrelay_api.validate import with_defaults
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 CLUSTER = ClusterNetworks.from_env(
@@ -20,34 +21,20 @@ CLUSTER = ClusterNetworks.from_env(
 
 
 def relay(claims: list[dict[str, str]] | None = None, **spec: Any) -> dict[str, Any]:
-    obj = with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": "mail"},
-            "spec": {"hostname": "mx.example.net", **spec},
-        }
-    )
+    obj = mailrelay(spec={"hostname": "mx.example.net", **spec})
     obj["status"] = {"domains": claims or []}
     return obj
 
 
 def domain(ns: str, name: str, dom: str, age: int = 0, **hop: Any) -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {
-                "name": name,
-                "namespace": ns,
-                "creationTimestamp": f"2025-01-01T00:00:{age:02d}Z",
-            },
-            "spec": {
-                "domain": dom,
-                "relayRef": {"name": "edge", "namespace": "mail"},
-                "nextHop": {"host": "mx.tenant.example", **hop},
-            },
-        }
+    return relay_domain(
+        name,
+        domain=dom,
+        namespace=ns,
+        relay_namespace="mail",
+        next_hop={"host": "mx.tenant.example", **hop},
+        recipients=None,
+        creationTimestamp=f"2025-01-01T00:00:{age:02d}Z",
     )
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from mrtest.objects import mailrelay_manifest, relay_domain
 
 from mailrelay_api.load import YAML_LOADER, load_manifests
 from mailrelay_api.render import render_relay
@@ -23,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def relay(**spec: object) -> dict:
-    return {
-        "apiVersion": "mailrelay.io/v1alpha1",
-        "kind": "MailRelay",
-        "metadata": {"name": "edge", "namespace": "mail"},
-        "spec": {"hostname": "mx1.example.net", **spec},
-    }
+    return mailrelay_manifest(spec={"hostname": "mx1.example.net", **spec})
 
 
 def test_bad_fields_are_named() -> None:
@@ -69,19 +65,7 @@ def test_conflict_older_wins() -> None:
     inv.relays.append(r)
     for name, ts in (("newer", "2026-02-01T00:00:00Z"), ("older", "2026-01-01T00:00:00Z")):
         inv.domains.append(
-            with_defaults(
-                {
-                    "apiVersion": "mailrelay.io/v1alpha1",
-                    "kind": "RelayDomain",
-                    "metadata": {"name": name, "namespace": "mail", "creationTimestamp": ts},
-                    "spec": {
-                        "domain": "Example.COM",
-                        "relayRef": {"name": "edge"},
-                        "nextHop": {"host": "h"},
-                        "recipients": "any",
-                    },
-                }
-            )
+            relay_domain(name, domain="Example.COM", next_hop="h", creationTimestamp=ts)
         )
     verdicts = {v.name: v for v in render_relay(r, inv).domains}
     assert verdicts["older"].accepted

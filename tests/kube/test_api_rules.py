@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from mrtest.kube import Kube
+from mrtest.objects import mailrelay_manifest, relay_domain_manifest
 
 from mailrelay_api.validate import validate_object, with_defaults
 
@@ -16,25 +17,18 @@ pytestmark = pytest.mark.kube
 
 
 def relay(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "mailrelay.io/v1alpha1",
-        "kind": "MailRelay",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"hostname": "mx.example.net", **spec},
-    }
+    return mailrelay_manifest(name, "default", spec={"hostname": "mx.example.net", **spec})
 
 
 def domain(name: str, dom: str, relay_name: str = "r") -> dict[str, Any]:
-    return {
-        "apiVersion": "mailrelay.io/v1alpha1",
-        "kind": "RelayDomain",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "domain": dom,
-            "relayRef": {"name": relay_name},
-            "nextHop": {"host": "mx.example.org"},
-        },
-    }
+    return relay_domain_manifest(
+        name,
+        domain=dom,
+        relay=relay_name,
+        namespace="default",
+        next_hop="mx.example.org",
+        recipients=None,
+    )
 
 
 def server_says(kube: Kube, obj: dict[str, Any]) -> str:

@@ -16,34 +16,18 @@ import pytest
 import yaml
 from mailrelay_operator import naming
 from mrtest.kube import Kube, RunningOperator, condition, project_config_maps, wait_for
+from mrtest.objects import relay_and_domain
 from mrtest.peers import AiosmtpdSink, swaks
-from mrtest.relayproc import RelayProcess, next_loopback, relay_spec_for_tests
+from mrtest.relayproc import RelayProcess, next_loopback
 
 pytestmark = pytest.mark.kube
 NS = "e2e"
 
 
 def manifests(sink: AiosmtpdSink) -> str:
-    spec = relay_spec_for_tests(hostname="mx.e2e.example")
-    spec["replicas"] = 2
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": NS},
-            "spec": spec,
-        },
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": "e2e-example", "namespace": NS},
-            "spec": {
-                "domain": "e2e.example",
-                "relayRef": {"name": "edge"},
-                "nextHop": {"host": sink.host, "port": sink.port, "tls": "none"},
-            },
-        },
+        *relay_and_domain("edge", NS, label="e2e", replicas=2, next_hop=sink.address),
         {
             "apiVersion": "mailrelay.io/v1alpha1",
             "kind": "RecipientList",

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from mrtest.kube import REPO, Kube, RunningOperator, condition, wait_for
+from mrtest.kube import REPO, Kube, RunningOperator, condition, reconciled, wait_for
 
 pytestmark = pytest.mark.kube
 
@@ -20,17 +20,6 @@ CHILDREN = [
     ("service", "quickstart-mx-quickstart-test"),
     ("poddisruptionbudget", "quickstart"),
 ]
-
-
-def reconciled(kube: Kube, name: str, namespace: str = "default") -> dict[str, Any] | None:
-    relay = kube.get("mailrelay", name, namespace)
-    if not relay:
-        return None
-    cond = condition(relay, "Reconciled")
-    gen = relay["metadata"]["generation"]
-    if relay.get("status", {}).get("observedGeneration") == gen and cond.get("status") == "True":
-        return relay
-    return None
 
 
 def accepted(kube: Kube, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 from mrtest.controlplane import start_apiserver, stop_apiserver
-from mrtest.kube import Kube, RunningOperator, condition, wait_for
-from mrtest.relayproc import relay_spec_for_tests
+from mrtest.kube import Kube, RunningOperator, reconciled, wait_for
+from mrtest.objects import relay_and_domain
 
 pytestmark = pytest.mark.kube
 NS = "faults"
@@ -22,39 +22,12 @@ PROMPTLY = 30.0
 
 
 def manifests() -> str:
-    spec = relay_spec_for_tests(hostname="mx.sturdy.example")
-    spec["replicas"] = 2
-    docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": NAME, "namespace": NS},
-            "spec": spec,
-        },
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": "sturdy-example", "namespace": NS},
-            "spec": {
-                "domain": "sturdy.example",
-                "relayRef": {"name": NAME},
-                "nextHop": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
-            },
-        },
-    ]
-    return yaml.safe_dump_all(docs)
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+    return yaml.safe_dump_all([namespace, *relay_and_domain(NAME, NS, replicas=2)])
 
 
 def converged(kube: Kube) -> dict[str, Any] | None:
-    relay = kube.get("mailrelay", NAME, NS)
-    if not relay:
-        return None
-    cond = condition(relay, "Reconciled")
-    gen = relay["metadata"]["generation"]
-    if relay.get("status", {}).get("observedGeneration") == gen and cond.get("status") == "True":
-        return relay
-    return None
+    return reconciled(kube, NAME, NS)
 
 
 @pytest.fixture(scope="module")

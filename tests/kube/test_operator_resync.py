@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from mrtest.kube import Kube, RunningOperator, condition, wait_for
-from mrtest.relayproc import relay_spec_for_tests
+from mrtest.objects import relay_and_domain
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.kube
@@ -22,23 +22,7 @@ NAME = "replay"
 def manifests() -> str:
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": NAME, "namespace": NS},
-            "spec": relay_spec_for_tests(hostname="mx.replay.example"),
-        },
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": "replay-example", "namespace": NS},
-            "spec": {
-                "domain": "replay.example",
-                "relayRef": {"name": NAME},
-                "nextHop": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
-                "recipients": "listed",
-            },
-        },
+        *relay_and_domain(NAME, NS, recipients="listed"),
         {
             "apiVersion": "mailrelay.io/v1alpha1",
             "kind": "RecipientList",

@@ -21,47 +21,15 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from mrtest.kube import Kube, RunningOperator, condition, wait_for
+from mrtest.kube import Kube, RunningOperator, condition, reconciled, wait_for
+from mrtest.objects import relay_and_domain
 from mrtest.pods import SilentPod
-from mrtest.relayproc import free_port, next_loopback, relay_spec_for_tests
+from mrtest.relayproc import free_port, next_loopback
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.kube
 NS = "parallel"
 STUCK, PROMPT, CLASH = "stuck", "prompt", "clash"
-
-
-def relay_manifests(name: str, replicas: int) -> list[dict[str, Any]]:
-    spec = relay_spec_for_tests(hostname=f"mx.{name}.example")
-    spec["replicas"] = replicas
-    return [
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": spec,
-        },
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": f"{name}-example", "namespace": NS},
-            "spec": {
-                "domain": f"{name}.example",
-                "relayRef": {"name": name},
-                "nextHop": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
-            },
-        },
-    ]
-
-
-def reconciled(kube: Kube, name: str) -> dict[str, Any] | None:
-    relay = kube.get("mailrelay", name, NS)
-    if (
-        not relay
-        or relay.get("status", {}).get("observedGeneration") != (relay["metadata"]["generation"])
-    ):
-        return None
-    return relay if condition(relay, "Reconciled").get("status") == "True" else None
 
 
 def lifetime_in_config(kube: Kube, name: str) -> str | None:
@@ -116,10 +84,10 @@ def metrics_url() -> Iterator[str]:
 @pytest.fixture
 def relays(kube: Kube, operator: RunningOperator) -> dict[str, dict[str, Any]]:
     docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}]
-    docs += relay_manifests(STUCK, 2) + relay_manifests(PROMPT, 1)
+    docs += relay_and_domain(STUCK, NS, replicas=2) + relay_and_domain(PROMPT, NS)
     kube.apply(yaml.safe_dump_all(docs))
     found = {
-        n: wait_for(f"{n} Reconciled", lambda n=n: reconciled(kube, n)) for n in (STUCK, PROMPT)
+        n: wait_for(f"{n} Reconciled", lambda n=n: reconciled(kube, n, NS)) for n in (STUCK, PROMPT)
     }
     operator.settle()
     return found
@@ -176,7 +144,7 @@ def test_a_stuck_relay_holds_up_no_other(
 
     patch(kube, PROMPT, {"queue": {"lifetime": "3d"}})
     wait_for("prompt's ConfigMap", lambda: lifetime_in_config(kube, PROMPT) == "3d", timeout=120)
-    wait_for("prompt Reconciled at its new generation", lambda: reconciled(kube, PROMPT), 120)
+    wait_for("prompt Reconciled at its new generation", lambda: reconciled(kube, PROMPT, NS), 120)
     wait_for("prompt's reconcile over", lambda: prompt_key not in operator.call(lambda: r.running))
 
     # Meanwhile the stuck relay's reconcile, the very same one, still waits for its pod.
@@ -235,7 +203,7 @@ def test_metrics_count_failed_reconciles(
         )
     )
     before = scrape(metrics_url)
-    kube.apply(yaml.safe_dump_all(relay_manifests(CLASH, 1)))
+    kube.apply(yaml.safe_dump_all(relay_and_domain(CLASH, NS)))
     refused = wait_for(
         "clash refused",
         lambda: (

@@ -15,39 +15,26 @@ from typing import Any
 import pytest
 import yaml
 from mrtest.kube import Kube, RunningOperator, condition, wait_for
+from mrtest.objects import relay_and_domain
 from mrtest.peers import AiosmtpdSink, swaks
 from mrtest.pods import Kubelet, Pod
-from mrtest.relayproc import free_port, next_loopback, relay_spec_for_tests
+from mrtest.relayproc import free_port, next_loopback
 
 pytestmark = pytest.mark.kube
 NS = "scale"
 
 
 def manifests(name: str, sink: tuple[str, int], replicas: int) -> str:
-    spec = relay_spec_for_tests(hostname=f"mx.{name}.example")
-    spec["replicas"] = replicas
-    spec["scaleDown"] = {"drainTimeout": "10m"}
-    docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": spec,
-        },
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "RelayDomain",
-            "metadata": {"name": f"{name}-example", "namespace": NS},
-            "spec": {
-                "domain": f"{name}.example",
-                "relayRef": {"name": name},
-                "nextHop": {"host": sink[0], "port": sink[1], "tls": "none"},
-                "recipients": "any",
-            },
-        },
-    ]
-    return yaml.safe_dump_all(docs)
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+    relay = relay_and_domain(
+        name,
+        NS,
+        replicas=replicas,
+        next_hop=sink,
+        recipients="any",
+        scaleDown={"drainTimeout": "10m"},
+    )
+    return yaml.safe_dump_all([namespace, *relay])
 
 
 def send(pod: Pod, domain: str, subject: str) -> None:

@@ -80,6 +80,18 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
     return {}
 
 
+def reconciled(kube: Kube, name: str, namespace: str = "default") -> dict[str, Any] | None:
+    """The MailRelay once the operator reconciled its current generation."""
+    relay = kube.get("mailrelay", name, namespace)
+    if not relay:
+        return None
+    cond = condition(relay, "Reconciled")
+    gen = relay["metadata"]["generation"]
+    if relay.get("status", {}).get("observedGeneration") == gen and cond.get("status") == "True":
+        return relay
+    return None
+
+
 @dataclass
 class RunningOperator:
     reconciler: Any  # mailrelay_operator.reconciler.Reconciler

@@ -7,22 +7,15 @@ from typing import Any
 from mailrelay_operator import naming, networkpolicy, services
 from mailrelay_operator.settings import NetworkSettings
 from mailrelay_operator.statefulset import PodOptions, statefulset
+from mrtest.objects import mailrelay
 
 from mailrelay_api.claims import ClusterNetworks
 from mailrelay_api.pod_env import CPU_LIMIT_ENV
 from mailrelay_api.spec import NextHopSpec
-from mailrelay_api.validate import with_defaults
 
 
 def relay(**spec: Any) -> dict[str, Any]:
-    return with_defaults(
-        {
-            "apiVersion": "mailrelay.io/v1alpha1",
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": "mail", "uid": "u"},
-            "spec": {"hostname": "mx1.example.net", "replicas": 3, **spec},
-        }
-    )
+    return mailrelay(uid="u", spec={"hostname": "mx1.example.net", "replicas": 3, **spec})
 
 
 def pod(r: dict[str, Any]) -> dict[str, Any]:

@@ -10,25 +10,16 @@ from typing import Any
 from mailrelay_operator.cluster import trim
 from mailrelay_operator.pods import PodAddress, PodError
 from mailrelay_operator.scaledown import DrainMemory, PodReport, ScaleDown, decide
-
-from mailrelay_api.schema import API_VERSION
+from mrtest.objects import mailrelay_manifest
 
 KEY = "k" * 32
 
 
 def relay(**scale_down: str) -> dict[str, Any]:
     # As the operator's indexes hold it: defaults applied (cluster.trim).
+    scale = {"drainTimeout": "15m", **scale_down}
     return trim(
-        {
-            "apiVersion": API_VERSION,
-            "kind": "MailRelay",
-            "metadata": {"name": "edge", "namespace": "mail"},
-            "spec": {
-                "hostname": "mx.example.net",
-                "replicas": 1,
-                "scaleDown": {"drainTimeout": "15m", **scale_down},
-            },
-        }
+        mailrelay_manifest(spec={"hostname": "mx.example.net", "replicas": 1, "scaleDown": scale})
     )
 
 
