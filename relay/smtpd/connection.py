@@ -141,21 +141,19 @@ class SmtpConnection(StreamProtocol):
         data = f"{reply}\r\n".encode("utf-8", "surrogateescape")
         await self._write(data, hold=not reply.disconnect)
         if reply.disconnect:
-            await self.writer.drain()
-            self.close_with_nothing()
+            self.close_with_nothing()  # close() still sends what _write left buffered
 
     async def send_lines(self, lines: list[str]) -> None:
         await self._write("".join(line + "\r\n" for line in lines).encode())
 
     async def reply(self, code: int, status: str, text: str, *, disconnect: bool = False) -> None:
-        if disconnect:
-            await self.send(Reply(code, status, text, disconnect=True))
-            return
-        # The common path, without a Reply object: same line as str(Reply).
+        """send(Reply(code, status, text, disconnect=...)) without the object."""
         if code >= 400:
             self.state.errors += 1
         line = f"{code} {status} {text}\r\n" if status else f"{code} {text}\r\n"
-        await self._write(line.encode("utf-8", "surrogateescape"), hold=True)
+        await self._write(line.encode("utf-8", "surrogateescape"), hold=not disconnect)
+        if disconnect:
+            self.close_with_nothing()
 
     def _holdable(self) -> bool:
         return self._last_command in GROUP_MEMBERS and b"\n" in self.pending_input

@@ -40,7 +40,10 @@ def decode_command(line: bytes) -> str | None:
 
 def printable(text: str, limit: int = 255) -> str:
     """Client-supplied text made safe for a header or a log line."""
-    return _NOT_PRINTABLE.sub("?", text[:limit])
+    text = text[:limit]
+    if text.isascii() and text.isprintable():  # the common case, without the regex
+        return text
+    return _NOT_PRINTABLE.sub("?", text)
 
 
 def header_safe(line: str) -> str:

@@ -404,7 +404,9 @@ class MailTransaction(SmtpConnection):
                 await self.send(done)
                 return
             incoming, sender, recipients, hold_reason = done
-            params = dataclasses.replace(txn.params, recipients=txn.rcpt_params)
+            params = txn.params
+            if txn.rcpt_params or params.recipients:  # dataclasses.replace is slow
+                params = dataclasses.replace(params, recipients=txn.rcpt_params)
             queue_id = await incoming.commit(
                 sender, recipients, client=self.state.client_ip, params=params
             )
