@@ -18,6 +18,11 @@ we fetch the missing names with the async resolver (relay.dns, cached by
 TTL), and run pyspf again. An SPF evaluation is cheap CPU next to DNS, it
 needs at most a handful of rounds, and a slow domain only ever waits on an
 awaited DNS query, so it never stalls other sessions or ties up threads.
+
+An outcome is remembered with the records it was computed from, and given
+again for the same client, sender and HELO while the resolver's cache still
+holds those records: pyspf's run is most of the stage's CPU, and a client asks
+the same questions for every message.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import contextvars
 import functools
 import ipaddress
 import logging
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import spf as pyspf
@@ -68,17 +74,28 @@ class _NeedDns(BaseException):
     catches Exception in places; we also record the need, in case it is swallowed)."""
 
 
+DnsKey = tuple[str, str]  # (name, qtype), as the resolver's cache keys them
+
+
 @dataclass
 class _Answers:
-    known: dict[tuple[str, str], list[tuple[tuple[str, str], Any]] | str]
-    missing: list[tuple[str, str]]
+    known: dict[DnsKey, list[tuple[tuple[str, str], Any]] | str]
+    missing: list[DnsKey]
     resolver: Resolver | None = None  # answers already in its cache need no round
+    # The resolver's records behind each answer in `known`, and the answers the
+    # last pyspf run asked for: what a remembered result depends on.
+    records: dict[DnsKey, tuple[str, ...]] = field(default_factory=dict)
+    used: dict[DnsKey, tuple[str, ...]] = field(default_factory=dict)
+    # An answer that was an error, or a record with a time macro: not remembered.
+    volatile: bool = False
 
 
 _current: contextvars.ContextVar[_Answers | None] = contextvars.ContextVar(
     "mailrelay_spf_answers", default=None
 )
 _original_lookup: Callable[..., Any] = pyspf.DNSLookup
+_TEXT_TYPES = frozenset({"TXT", "SPF"})
+_TIME_MACRO = re.compile(r"%\{t", re.IGNORECASE)
 
 
 def _lookup_hook(name: str, qtype: str, *args: Any, **kwargs: Any) -> Any:
@@ -92,11 +109,16 @@ def _lookup_hook(name: str, qtype: str, *args: Any, **kwargs: Any) -> Any:
         hit = answers.resolver.cached(*key)
         if hit is not None:
             found = answers.known[key] = _convert(*key, hit.records)
+            answers.records[key] = hit.records
     if found is None:
         answers.missing.append(key)
         raise _NeedDns(key)
     if isinstance(found, str):
+        answers.volatile = True
         raise pyspf.TempError(found)
+    records = answers.used[key] = answers.records[key]
+    if key[1] in _TEXT_TYPES and any(_TIME_MACRO.search(r) for r in records):
+        answers.volatile = True  # %{t}: the result changes with the clock
     return found
 
 
@@ -127,23 +149,53 @@ def _convert_cached(
     return tuple(out)
 
 
-async def _fetch(resolver: Resolver, key: tuple[str, str]) -> list[Any] | str:
+async def _fetch(resolver: Resolver, key: DnsKey, answers: _Answers) -> list[Any] | str:
     name, qtype = key
     try:
         answer = await resolver.query(name, qtype)
     except DnsTempError as e:
         return f"DNS {e}"
+    answers.records[key] = answer.records
     return _convert(name, qtype, answer.records)
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    """An evaluation's outcome and the DNS records it was computed from."""
+
+    outcome: tuple[str, str]
+    records: tuple[tuple[DnsKey, tuple[str, ...]], ...]
+
+    def still_valid(self, resolver: Resolver) -> bool:
+        """pyspf is a function of its inputs and its DNS answers (querytime=0:
+        no clock, bar %{t}, never remembered): while the resolver's cache holds
+        the same records, it would come to the same outcome."""
+        for key, records in self.records:
+            hit = resolver.cached(*key)
+            if hit is None or hit.records != records:
+                return False
+        return True
+
+
+# Outcomes by (ip, sender, helo): a client's every message asks the same two
+# questions, and pyspf's run is most of the SPF stage's CPU.
+_remembered: dict[tuple[str, str, str], _Remembered] = {}
+REMEMBERED_MAX = 4096
 
 
 async def evaluate(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple[str, str]:
     """pyspf's (result, explanation) for one identity, e.g. ('fail', 'SPF fail - not
     authorized'); DNS through `resolver`. Temperror when LOOKUP_TIME runs out."""
+    question = (ip, sender, helo)
+    known = _remembered.get(question)
+    if known is not None and known.still_valid(resolver):
+        return known.outcome
     answers = _Answers({}, [], resolver)
     try:
         async with asyncio.timeout(LOOKUP_TIME):
             for _round in range(MAX_ROUNDS):
                 answers.missing = []
+                answers.used = {}
                 pyspf.MAX_VOID_LOOKUPS = VOID_LIMIT
                 query = pyspf.query(i=ip, s=sender, h=helo, querytime=0)
                 token = _current.set(answers)
@@ -154,9 +206,15 @@ async def evaluate(resolver: Resolver, ip: str, sender: str, helo: str) -> tuple
                 finally:
                     _current.reset(token)
                 if not answers.missing:
+                    if not answers.volatile:
+                        if len(_remembered) >= REMEMBERED_MAX:
+                            _remembered.clear()  # crude but bounded, as the resolver's cache
+                        _remembered[question] = _Remembered(
+                            (result, explanation), tuple(answers.used.items())
+                        )
                     return result, explanation
                 needed = list(dict.fromkeys(answers.missing))
-                fetched = await asyncio.gather(*(_fetch(resolver, k) for k in needed))
+                fetched = await asyncio.gather(*(_fetch(resolver, k, answers) for k in needed))
                 answers.known.update(zip(needed, fetched, strict=True))
     except TimeoutError:
         return "temperror", "SPF Temporary Error: DNS Timeout"
