@@ -172,6 +172,7 @@ def reverse_ip(ip: str) -> str:
     return ".".join(reversed(addr.exploded.replace(":", "")))
 
 
+@functools.lru_cache(maxsize=16384)  # the PTR check of every message of a client
 def ptr_name(ip: str) -> str:
     """The in-addr.arpa / ip6.arpa name of an address."""
     addr = unmapped(ipaddress.ip_address(ip))

@@ -9,7 +9,6 @@ defer_if_permit, keeps it) and counts it in metrics.REJECTED.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 from relay.config import RelayConfig
@@ -20,6 +19,11 @@ from relay.smtpd.session import Reply, Session
 log = logging.getLogger("mailrelay.restrictions")
 
 RBL_REASON_MAX = 500  # Postfix smtpd_rbl_txt... keep the reply line short
+
+
+def _no_ptr(ip: str) -> Reply:
+    """reject_unknown_reverse_client_hostname's reply (450 also on a DNS failure)."""
+    return Reply(450, "4.7.1", f"Client host rejected: cannot find your reverse hostname, [{ip}]")
 
 
 def _is_ip_literal(domain: str) -> bool:
@@ -112,26 +116,25 @@ class DnsChecks:
         if session.reverse_name:
             return None
         ip = session.client_ip
-        reply = Reply(
-            450, "4.7.1", f"Client host rejected: cannot find your reverse hostname, [{ip}]"
-        )
         try:
             answer = await self.resolver.query(ptr_name(ip), "PTR")
         except ValueError:
             return None  # not an IP address (a unix socket): nothing to check
         except DnsTempError as e:
-            return self._reject("unknown_reverse_client_hostname", reply, session, f"DNS: {e}")
+            return self._reject(
+                "unknown_reverse_client_hostname", _no_ptr(ip), session, f"DNS: {e}"
+            )
         if answer.records:
             session.reverse_name = answer.records[0].rstrip(".")
             return None
-        return self._reject("unknown_reverse_client_hostname", reply, session, "no PTR")
+        return self._reject("unknown_reverse_client_hostname", _no_ptr(ip), session, "no PTR")
 
     # --- reject_rbl_client ------------------------------------------------------------
     async def rbl_client(self, session: Session) -> Reply | None:
         """The first rblClients entry that lists the client: 554 5.7.1 with the list's TXT."""
         ip = session.client_ip
         try:
-            ipaddress.ip_address(ip)
+            reverse_ip(ip)  # (memoized) whether it is an address at all
         except ValueError:
             return None
         for zone, filters in self._rbl:

@@ -230,9 +230,15 @@ RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror",
 def count_result(identity: str, result: str) -> None:
     """mailrelay_spf_results_total; anything outside RFC 7208's results is `permerror`."""
     result = result.lower()
-    metrics.SPF.labels(identity, result if result in RESULTS else "permerror").inc()
+    _result_counter(identity, result if result in RESULTS else "permerror").inc()
 
 
+@functools.cache  # two identities x seven results: labels() per message costs more
+def _result_counter(identity: str, result: str) -> Any:
+    return metrics.SPF.labels(identity, result)
+
+
+@functools.lru_cache(maxsize=4096)  # once per client and skipAddresses, not per message
 def _in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
