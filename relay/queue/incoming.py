@@ -15,7 +15,6 @@ and fsyncs active/ once for all of them.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import fcntl
 import os
@@ -34,6 +33,7 @@ from relay.queue.format import (
     trailer,
     write_all,
 )
+from relay.queue.jobthread import JobThread
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # Messages up to this size stay in memory from receipt to delivery (no read
@@ -41,10 +41,6 @@ from relay.queue.mailparams import NO_PARAMS, MailParams
 SPILL_BYTES = 256 * 1024
 # A receiver may run this far ahead of the disk before drain() makes it wait.
 MAX_PENDING_BYTES = 1024 * 1024
-# Threads committing batches. Measured here: a second one costs more in GIL
-# hand-offs with the event loop than its overlapping fsyncs gain.
-COMMIT_THREADS = 1
-
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
@@ -255,20 +251,14 @@ class IncomingMessage:
 _Pending = tuple[IncomingMessage, bytes, Envelope, "asyncio.Future[None]"]
 
 
-# A commit job: the future of its pool, or of asyncio (the same interface).
-Job = asyncio.Future[list[OSError | None]] | concurrent.futures.Future[list[OSError | None]]
-
-
-def _settle(batch: list[_Pending], job: Job) -> None:
+def _settle(batch: list[_Pending], outcome: list[OSError | None] | BaseException) -> None:
     """Tells each committer of a finished batch how it went (on the event loop)."""
-    if job.cancelled():
-        errors: list[OSError | None] = [OSError("commit cancelled")] * len(batch)
-    elif isinstance(job.exception(), OSError):
-        errors = [job.exception()] * len(batch)  # type: ignore[list-item]
-    elif job.exception() is not None:
-        errors = [OSError(f"commit failed: {job.exception()!r}")] * len(batch)
+    if isinstance(outcome, OSError):
+        errors: list[OSError | None] = [outcome] * len(batch)
+    elif isinstance(outcome, BaseException):
+        errors = [OSError(f"commit failed: {outcome!r}")] * len(batch)
     else:
-        errors = job.result()
+        errors = outcome
     for (message, _, _, future), error in zip(batch, errors, strict=True):
         if future.done():  # its committer was cancelled: nobody waits for the result
             message._orphaned(error)
@@ -276,6 +266,13 @@ def _settle(batch: list[_Pending], job: Job) -> None:
             future.set_result(None)
         else:
             future.set_exception(error)
+
+
+def _outcome(job: asyncio.Future[list[OSError | None]]) -> list[OSError | None] | BaseException:
+    """A pool job's outcome as the commit thread reports one."""
+    if job.cancelled():
+        return OSError("commit cancelled")
+    return job.exception() or job.result()
 
 
 class Committer:
@@ -292,14 +289,14 @@ class Committer:
     def __init__(
         self,
         io_pool: ThreadPoolExecutor,
-        commit_pool: ThreadPoolExecutor,
+        commit_thread: JobThread,
         sync_active: Callable[[], None],
     ) -> None:
         self._io_pool = io_pool
-        self._commit_pool = commit_pool
+        self._commit_thread = commit_thread
         self._sync_active = sync_active  # fsyncs active/: makes the batch's renames durable
         self._waiting: list[_Pending] = []
-        self._running = 0  # batches on the commit threads
+        self._running = False  # a batch is on the commit thread
 
     async def commit(self, message: IncomingMessage, tail: bytes, envelope: Envelope) -> None:
         """Commits a message together with whichever others are waiting.
@@ -309,33 +306,24 @@ class Committer:
         if message._spilled:
             alone: list[_Pending] = [(message, tail, envelope, future)]
             job = loop.run_in_executor(self._io_pool, self._commit_batch_sync, alone)
-            job.add_done_callback(lambda job: _settle(alone, job))
+            job.add_done_callback(lambda job: _settle(alone, _outcome(job)))
         else:
             self._waiting.append((message, tail, envelope, future))
-            self._start_job()
+            if not self._running:
+                self._start_job(loop)
         await future
 
-    def _start_job(self) -> None:
-        if not self._waiting or self._running >= COMMIT_THREADS:
-            return
+    def _start_job(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._waiting = self._waiting, []
-        self._running += 1
-        loop = asyncio.get_running_loop()
-        # The pool's own future, settled on the loop by one callback: no
-        # asyncio future chained to it (run_in_executor's), which costs more
-        # than the batch's bookkeeping.
-        job = self._commit_pool.submit(self._commit_batch_sync, batch)
+        self._running = True
 
-        def done(job: Job) -> None:
-            self._running -= 1
-            _settle(batch, job)
-            self._start_job()
+        def done(outcome: list[OSError | None] | BaseException) -> None:
+            self._running = False
+            _settle(batch, outcome)
+            if self._waiting:
+                self._start_job(loop)
 
-        def wake_loop(job: Job) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(done, job)
-
-        job.add_done_callback(wake_loop)
+        self._commit_thread.start_job(loop, self._commit_batch_sync, batch, done)
 
     def _commit_batch_sync(self, batch: list[_Pending]) -> list[OSError | None]:
         """The blocking half of commit(): one result per message."""

@@ -59,7 +59,8 @@ from relay.queue.format import (
     new_queue_id,
     read_envelope,
 )
-from relay.queue.incoming import COMMIT_THREADS, Committer, IncomingMessage
+from relay.queue.incoming import Committer, IncomingMessage
+from relay.queue.jobthread import JobThread
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # An incoming file younger than this is never removed as stale: closes the
@@ -109,7 +110,7 @@ class Queue:
         # The per-message work (commit batches, removals) runs on one thread of
         # its own: every extra thread that wakes for a few syscalls fights the
         # event loop for the GIL, and that costs more than the syscalls.
-        self._hot_pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="queue-commit")
+        self._hot_thread = JobThread("queue-commit")
         self._fresh: dict[str, Claim] = {}
         self.committing: set[str] = set()  # in commit(): maybe in active/ already, not fresh yet
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -118,7 +119,7 @@ class Queue:
         self._finish_job: asyncio.Task[None] | None = None
         self._dir_lock = threading.Lock()
         self.committer = Committer(
-            self._pool, self._hot_pool, functools.partial(self.fsync_state_dir, ACTIVE)
+            self._pool, self._hot_thread, functools.partial(self.fsync_state_dir, ACTIVE)
         )
 
     # -- plumbing ----------------------------------------------------------
@@ -156,7 +157,7 @@ class Queue:
             self.release_sync(claim)
         self._fresh.clear()
         self._pool.shutdown(wait=True)
-        self._hot_pool.shutdown(wait=True)
+        self._hot_thread.shutdown()
         for syncer in self._dir_syncs.values():
             syncer.close()
         self._dir_syncs.clear()
@@ -315,11 +316,10 @@ class Queue:
         """
         try:
             await asyncio.sleep(FINISH_DELAY)
-            loop = asyncio.get_running_loop()
             while self._finishing:
                 batch = list(self._finishing)
                 self._finishing.clear()
-                await loop.run_in_executor(self._hot_pool, self._finish_batch_sync, batch)
+                await self._hot_thread.run(self._finish_batch_sync, batch)
         finally:
             self._finish_job = None
 
