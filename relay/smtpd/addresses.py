@@ -23,6 +23,7 @@ MAX_ADDRESS_LENGTH = 1000
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_LOCAL_SPECIAL = re.compile(r"[ \\<>()\[\],;:]")  # not allowed unquoted in a local part
 
 
 class AddressError(ValueError):
@@ -68,6 +69,11 @@ class Address:
 def _split_path(arg: str) -> tuple[str, str]:
     """'<path> params' or 'path params' -> (path without brackets, params)."""
     arg = arg.lstrip(" \t")
+    if arg.startswith("<") and '"' not in arg:  # no quotes: the first ">" ends it
+        end = arg.find(">")
+        if end < 0:
+            raise AddressError("missing '>'")
+        return arg[1:end], arg[end + 1 :].strip(" \t")
     if arg.startswith("<"):
         in_quotes = False
         i = 1
@@ -93,6 +99,8 @@ def _check_characters(text: str) -> None:
 
 
 def _last_at_outside_quotes(mailbox: str) -> int:
+    if '"' not in mailbox:  # the common case: no quotes, no escapes
+        return mailbox.rfind("@")
     at = -1
     in_quotes = False
     i = 0
@@ -114,6 +122,11 @@ def _last_at_outside_quotes(mailbox: str) -> int:
 def _dequote_local(local: str) -> tuple[str, bool]:
     """Removes quotes and backslash escapes; refuses specials outside quotes.
     An unquoted @ stays allowed: `a@b@c` is a routed address, not a syntax error."""
+    if '"' not in local:  # the common case, without the character loop
+        special = _LOCAL_SPECIAL.search(local)
+        if special is not None:
+            raise AddressError(f"bad character {special.group()!r} in local part")
+        return local, False
     out: list[str] = []
     in_quotes = False
     quoted = False
