@@ -19,6 +19,8 @@ import re
 import time
 from typing import IO, Any
 
+from relay import procid
+
 # Loggers whose last name part is not the component a line should name.
 COMPONENTS = {"root": "main", "mail.log": "aiosmtpd"}
 # A queue id at the start of a message ("02QV6CJ47T00: to=<...>"), for JSON's queue_id.
@@ -71,7 +73,7 @@ class SecondCachedFormatter(logging.Formatter):
         """One line (and the traceback under it) without a LogRecord."""
         text = (
             f"{self._time(created)} {level.lower()} "
-            f"mailrelay/{component_of(logger)}[{os.getpid()}]: {message}"
+            f"mailrelay/{component_of(logger)}[{procid.current()}]: {message}"
         )
         return f"{text}\n{exception}" if exception else text
 
@@ -94,7 +96,7 @@ class JsonFormatter(SecondCachedFormatter):
             "time": self._time(created),
             "level": level.lower(),
             "component": component_of(logger),
-            "pid": os.getpid(),
+            "pid": procid.current(),
             "message": message,
         }
         queue_id = QUEUE_ID_AT_START.match(message)

@@ -12,33 +12,20 @@ With several workers every process writes its own values and /metrics sums
 them (prometheus_client's multiprocess mode, relay.process.server); a gauge
 says how its workers' values combine (`multiprocess_mode`). A value there
 checks the process id on every change (it reopens its file after a fork):
-the id is cached here, renewed in the child at fork, instead of a getpid()
-system call per increment.
+the id comes from relay.procid (renewed in the child at fork) instead of a
+getpid() system call per increment.
 """
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import Counter, Gauge, Histogram, values
 
-_pid = os.getpid()
+from relay import procid
 
-
-def _renew_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-def _cached_pid() -> int:
-    return _pid
-
-
-os.register_at_fork(after_in_child=_renew_pid)
 if getattr(values.ValueClass, "_multiprocess", False):
     # Before any metric exists (the supervisor sets the folder before this
     # import), so every value shares this class's files.
-    values.ValueClass = values.MultiProcessValue(process_identifier=_cached_pid)
+    values.ValueClass = values.MultiProcessValue(process_identifier=procid.current)
 
 # The `domain` label of delivery metrics for a recipient outside the relay
 # domains (a DSN to a sender's MX): one value, however many senders.

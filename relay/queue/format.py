@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from relay import procid
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # Folder names. A committed message is in exactly one of QUEUE_STATES.
@@ -64,7 +65,7 @@ class _IdGenerator:
 
     def next(self) -> str:
         with self._lock:
-            pid = os.getpid()
+            pid = procid.current()
             if pid != self._pid:  # a forked worker starts its own sequence
                 self._pid, self._second, self._counter = pid, 0, 0
             now = int(time.time()) - _ID_EPOCH
