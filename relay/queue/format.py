@@ -13,6 +13,7 @@ and relay.queue.store.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -75,7 +76,12 @@ class _IdGenerator:
                 self._second, self._counter = self._second + 1, 0
             tail = ((pid & 0x3FFF) << 11) | self._counter
             self._counter += 1
-            return _b32(self._second, 7) + _b32(tail, 5)
+            return _b32_second(self._second) + _b32(tail, 5)
+
+
+@functools.lru_cache(maxsize=4)  # the same second for every id made within it
+def _b32_second(second: int) -> str:
+    return _b32(second, 7)
 
 
 _ids = _IdGenerator()
