@@ -144,6 +144,8 @@ class MessageIdPeek:
         """The header's value as sent (unfolded; "" without one); the caller
         makes it printable."""
         header = bytes(self._head).split(b"\r\n\r\n", 1)[0]
+        if b"message-id" not in header.lower():  # none: no Python loop over every line
+            return ""
         unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
         for line in unfolded.split(b"\r\n"):
             name, colon, value = line.partition(b":")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtpd.smtpdata import MAX_PENDING, DataDecoder
+from relay.smtpd.smtpdata import MAX_PENDING, DataDecoder, MessageIdPeek
 
 
 def decode(raw: bytes, chunk: int | None = None) -> tuple[bytes, bool, bytes]:
@@ -153,3 +153,19 @@ def test_clean_fast_path_decodes_as_the_careful_path(parts: list[bytes], chunk: 
             out += decoder.feed(raw[i : i + chunk])
         results.append((out, decoder.done, decoder.rest, decoder.size))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"Subject: a\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n", "<1@x>"),
+        (b"Subject: a\r\nmessage-id :\r\n\t<2@x>\r\n\r\n", "<2@x>"),  # folded, spaced
+        (b"Subject: no id\r\n\r\nMessage-ID: <in the body>\r\n", ""),
+        (b"line one\r\nline two without a header section end\r\n", ""),
+        (b"X-Message-ID: <3@x>\r\n\r\n", ""),
+    ],
+)
+def test_message_id_peek(head: bytes, expected: str) -> None:
+    peek = MessageIdPeek()
+    peek.feed(head)
+    assert peek.value() == expected
