@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Protocol, cast
 
 from aiosmtplib import SMTP, SMTPResponse, SMTPServerDisconnected
 
 MAX_REPLY_LINE = 8192  # RFC 5321's 512, with room for chatty servers
 MAX_REPLY_BYTES = 64 * 1024
+
+
+class StreamTransport(Protocol):
+    """What a transaction needs of the connection's transport: asyncio's stream
+    transports and uvloop's (which do not subclass asyncio.WriteTransport) have it."""
+
+    def write(self, data: bytes) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None: ...
 
 
 class ReplyError(Exception):
@@ -38,7 +49,7 @@ class ReplyReader(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self.transport: asyncio.WriteTransport | None = None
+        self.transport: StreamTransport | None = None
 
     # -- protocol callbacks ------------------------------------------------
 
@@ -140,9 +151,11 @@ class Borrowed:
         self.protocol, transport = self.smtp.protocol, self.smtp.transport
         if self.protocol is None or transport is None or transport.is_closing():
             raise SMTPServerDisconnected("Connection lost")
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.set_protocol(self.reader)
-        self.reader.transport = transport
+        # aiosmtplib types it as a BaseTransport; what it connects is a TCP
+        # stream, TLS or not, on asyncio or uvloop: it writes.
+        stream = cast(StreamTransport, transport)
+        stream.set_protocol(self.reader)
+        self.reader.transport = stream
         return self.reader
 
     async def __aexit__(self, *exc: object) -> None:

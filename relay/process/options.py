@@ -11,6 +11,8 @@ operators; the CLI keeps to docs/reference.md):
   MAILRELAY_SMTPD_MIN_DATA_RATE  bytes/s a client must keep up in DATA (default 500)
   MAILRELAY_RELOAD_INTERVAL   config poll interval (default 1)
   MAILRELAY_TLS_RELOAD_INTERVAL  tls.crt/tls.key poll interval (default 2)
+  MAILRELAY_EVENT_LOOP        the workers' event loop: uvloop (default) or asyncio
+                              (relay.process.eventloop)
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ environment knobs: relay.process.options.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mailrelay_api.render import RELAY_FILE
+from relay.process import eventloop
 from relay.process.listeners import Addresses, ListenError, parse_listen
 from relay.process.options import ProcessOptions, env_float
 from relay.process.watch import SourceWatcher
@@ -148,7 +148,7 @@ def run_relay(options: ProcessOptions) -> int:
             secret=handover_secret,
         )
     worker = Worker(options, sockets, handover_secret=handover_secret, sources=sources)
-    return asyncio.run(worker.run())
+    return eventloop.run(worker.run())
 
 
 def stop_with_parent(signum: int) -> None:
@@ -241,7 +241,7 @@ class Supervisor:
                     handover_secret=self.handover_secret,
                     anvil=SharedAnvil(self.counters, slot),
                 )
-                code = asyncio.run(worker.run())
+                code = eventloop.run(worker.run())
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:

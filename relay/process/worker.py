@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from relay.process import eventloop
 from relay.process.listeners import Sockets
 from relay.process.options import ProcessOptions, env_float, relay_version
 from relay.process.watch import SourceWatcher, config_hash, config_signature
@@ -184,10 +185,11 @@ class Worker:
             )
         await self._start_handover(running)
         log.info(
-            "ready: listening on %s with %d domains, queue %s",
+            "ready: listening on %s with %d domains, queue %s, event loop %s",
             "{}:{}".format(*self.sockets.smtp.getsockname()[:2]),
             len(config.domains),
             queue_dir,
+            eventloop.name_of(loop),
         )
         running.background.append(asyncio.create_task(delivery.run()))
         if tls is not None:
