@@ -21,6 +21,8 @@ from mrtest.relayproc import (
     write_manifests,
 )
 
+from relay.process import eventloop
+
 DOMAINS: dict[str, list[str] | str] = {
     "example.com": ["info@example.com", "joe@example.com"],
     "example.org": "any",
@@ -44,6 +46,7 @@ def test_relay_end_to_end_with_postfix_peers(tmp_path: Path) -> None:
             messages = sink.wait_for(31)
             relay.wait_for_log(r"reject: RCPT from unknown\[127\.0\.0\.3\]: 554 5\.7\.1")
             relay.wait_for_log(r"client=unknown\[127\.0\.0\.2\], from=<sender@client\.test>")
+            relay.wait_for_log(f"event loop {eventloop.requested()}")  # uvloop unless asked
             assert relay.stop() == 0
     first = next(m for m in messages if "info@example.com" in m.recipients)
     assert first.header("Received") is not None
