@@ -407,7 +407,7 @@ class Delivery:
             utf8_headers=utf8_headers,
         )
         domain = metric_domain(config, rcpts[0])
-        metrics.DELIVERY_SECONDS.labels(domain).observe(time.monotonic() - started)
+        metrics.child(metrics.DELIVERY_SECONDS, domain).observe(time.monotonic() - started)
         return group
 
     def _next_hop(self, config: RelayConfig, claim: Claim, rcpt: str) -> NextHop | None:
@@ -470,11 +470,11 @@ class Delivery:
             )
             domain = metric_domain(config, r.recipient)
             if r.kind == SENT:
-                metrics.DELIVERED.labels(domain).inc()
+                metrics.child(metrics.DELIVERED, domain).inc()
             elif r.kind == BOUNCED:
-                metrics.BOUNCED.labels(domain).inc()
+                metrics.child(metrics.BOUNCED, domain).inc()
             else:
-                metrics.DEFERRED.labels(domain).inc()
+                metrics.child(metrics.DEFERRED, domain).inc()
 
     async def _conclude(
         self, claim: Claim, config: RelayConfig, results: list[RecipientResult]
@@ -545,7 +545,7 @@ class Delivery:
             r.relay,
             r.reply,
         )
-        metrics.DSN.labels("sent", route).inc()
+        metrics.child(metrics.DSN, "sent", route).inc()
 
 
 def _expiry_outcome(config: RelayConfig, claim: Claim, recipient: str) -> tuple[str, bool]:
