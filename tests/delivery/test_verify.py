@@ -138,6 +138,7 @@ _WORKER = textwrap.dedent(
     from pathlib import Path
     from relay.config import Domain, NextHop, VerifyPolicy
     from relay.delivery.connections import ConnectionPool
+    from relay.process import eventloop
     from relay.delivery.verify import Prober
     from relay.dns import Resolver
     from relay.verify_cache import Verifier
@@ -154,7 +155,7 @@ _WORKER = textwrap.dedent(
         verifier.close()
         await pool.close()
 
-    asyncio.run(main())
+    eventloop.run(main())  # the workers' loop
     """
 )
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from mrtest.edgeserver import RUN_LONG, edge_config, edge_server_factory
 
 from relay.delivery.dsn import Failure, build_dsn
+from relay.process import eventloop
 from relay.smtpd.addresses import AddressError, is_routed, parse_path
 from relay.smtpd.content import LimitExceeded, find_rejected_attachment
 from relay.smtpd.policy import Check, relay_access
@@ -275,7 +276,7 @@ class ServerThread:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.loop_factory()()  # the workers' loop
         self.ready = threading.Event()
         self.edge: Any = None
         self.errors: list[logging.LogRecord] = []
