@@ -15,5 +15,8 @@ def pytest_asyncio_loop_factories(
 ) -> Mapping[str, Callable[[], Any]]:
     """Async tests run on the event loop the relay's workers run on
     (MAILRELAY_EVENT_LOOP, else uvloop): the in-process servers and deliveries
-    are tested on the product's loop, not only on asyncio's."""
+    are tested on the product's loop, not only on asyncio's. Those marked
+    every_event_loop (what touches asyncio's internals) run on each."""
+    if item.get_closest_marker("every_event_loop"):
+        return {name: eventloop.loop_factory(name) for name in eventloop.EVENT_LOOPS}
     return {eventloop.requested(): eventloop.loop_factory()}

@@ -76,6 +76,7 @@ async def test_unknown_next_hop_name_defers(
     assert "Host or domain name not found: nowhere.test" in caplog.text
 
 
+@pytest.mark.every_event_loop  # STARTTLS re-points the transport
 async def test_tls_may_uses_starttls_when_offered(
     sink_factory: Any, relay_factory: Any, certificate: tuple[Path, Path]
 ) -> None:
@@ -109,6 +110,7 @@ async def test_tls_encrypt_defers_when_starttls_is_missing(
     assert "TLS is required, but was not offered by host 127.0.0.8[127.0.0.8]" in caplog.text
 
 
+@pytest.mark.every_event_loop  # STARTTLS re-points the transport
 async def test_tls_verify_checks_certificate_and_name(
     sink_factory: Any,
     relay_factory: Any,

@@ -21,6 +21,8 @@ from relay.delivery.transaction import BOUNCED, DEFERRED, SENT
 from relay.dns import Resolver
 
 HOST = "127.0.0.7"
+# relay.delivery.replies borrows the transport: asyncio's or uvloop's.
+pytestmark = pytest.mark.every_event_loop
 
 
 @dataclass

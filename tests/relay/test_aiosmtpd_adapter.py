@@ -10,12 +10,15 @@ from importlib import metadata
 from pathlib import Path
 
 import aiosmtpd
+import pytest
 from aiosmtpd.smtp import SMTP
 
 from relay.smtpd.aiosmtpd_adapter import TESTED_AIOSMTPD, StreamProtocol, peek, wait_readable
 from relay.smtpd.server import RelaySMTP
 
 ROOT = Path(__file__).resolve().parents[2]
+# asyncio.StreamReader and friends on either loop the workers may run on.
+pytestmark = pytest.mark.every_event_loop
 
 
 def _version(text: str) -> tuple[int, ...]:

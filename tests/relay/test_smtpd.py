@@ -331,6 +331,7 @@ def client_tls() -> ssl.SSLContext:
     return ctx
 
 
+@pytest.mark.every_event_loop  # STARTTLS re-points the transport
 async def test_starttls(tmp_path: Path, relay_server: ServerFactory) -> None:
     h = await relay_server(tls_context=tls_context(tmp_path))
     c = await client(h, "127.0.0.2")
@@ -347,6 +348,7 @@ async def test_starttls(tmp_path: Path, relay_server: ServerFactory) -> None:
     assert b"with ESMTPS id" in h.queued()[0]
 
 
+@pytest.mark.every_event_loop  # STARTTLS re-points the transport
 async def test_starttls_plaintext_injection_is_discarded(
     tmp_path: Path, relay_server: ServerFactory
 ) -> None:
