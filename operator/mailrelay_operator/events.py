@@ -1,13 +1,14 @@
 """What a watch event changes: the input cache, the work queue, and what is known of children.
 
-Contract: kopf's handlers (handlers.py) call these in the event loop's
-thread; they never wait and never call the API. A MailRelay, RelayDomain or
-RecipientList event marks for a fresh render the relay it refers to now and
-the one it referred to before, and only when its spec changed (its
-generation): our own status writes come back as events too. An event of a
-child (found by its instance label) marks the owning relay for a look
-without a render: a StatefulSet's ready replicas or a Service's address
-changed, or the child must be applied again (ChildApplier.child_event).
+Contract: kopf's handlers (handlers.py) and the input watch (input_watch.py)
+call these in the event loop's thread; they never wait and never call the
+API. A MailRelay, RelayDomain or RecipientList event marks for a fresh
+render the relay it refers to now and the one it referred to before, and
+only when its spec changed (its generation): our own status writes come back
+as events too. An event of a child (found by its instance label) marks the
+owning relay for a look without a render: a StatefulSet's ready replicas or
+a Service's address changed, or the child must be applied again
+(ChildApplier.child_event).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ class EventRouter:
         if self._changed("MailRelay", body, deleted):
             self.queue.mark(key_of(body))
             self.queue.mark_sweep()
+
+    def input_event(self, kind: str, body: KubeObject, deleted: bool) -> None:
+        """A RelayDomain or RecipientList event (input_watch.py), trimmed."""
+        if kind == "RelayDomain":
+            self.domain_event(body, deleted)
+        else:
+            self.list_event(body, deleted)
 
     def domain_event(self, body: KubeObject, deleted: bool) -> None:
         self._input_event("RelayDomain", body, relay_key_of_domain(body), deleted)

@@ -69,7 +69,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 # --- indexes: MailRelays and Namespace labels (few objects) -----------------------------
 # RelayDomains and RecipientLists are many: they live in the reconciler's own
-# cache (inputs.py), which the event handlers below keep current.
+# cache (inputs.py), which its own list+watch keeps current (input_watch.py),
+# not kopf.
 @kopf.index(GROUP, "mailrelays", id="relays_idx")
 def relays_idx(body: kopf.Body, **_: Any) -> dict[Key, KubeObject]:
     obj = trim(body)
@@ -95,13 +96,6 @@ def _events(memo: kopf.Memo) -> EventRouter:
     return reconciler.events
 
 
-async def _trimmed(body: kopf.Body) -> KubeObject:
-    """trim() copies the spec: a big RecipientList is copied off the event loop."""
-    if len((body.get("spec") or {}).get("addresses") or ()) > 2000:
-        return await asyncio.to_thread(trim, body)
-    return trim(body)
-
-
 # --- lifecycle -----------------------------------------------------------------------
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -125,7 +119,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         workers=int(os.environ.get(settings_env.WORKERS_ENV) or settings_env.WORKERS_DEFAULT),
         namespaces=tuple(NAMESPACES),
     )
-    # Before kopf starts watching: every event it delivers is newer than this.
+    # The complete picture before the first pass; run() then watches from it.
     await reconciler.seed()
     memo["reconciler"] = reconciler
     memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
@@ -155,16 +149,6 @@ def _deleted(event: kopf.RawEvent) -> bool:
 @kopf.on.event(GROUP, "mailrelays")
 async def relay_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _events(memo).relay_event(dict(body), _deleted(event))
-
-
-@kopf.on.event(GROUP, "relaydomains")
-async def domain_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _events(memo).domain_event(await _trimmed(body), _deleted(event))
-
-
-@kopf.on.event(GROUP, "recipientlists")
-async def list_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _events(memo).list_event(await _trimmed(body), _deleted(event))
 
 
 @kopf.on.event("", "v1", "namespaces")

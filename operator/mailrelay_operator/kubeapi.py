@@ -8,10 +8,11 @@ never waits on the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,14 +90,16 @@ class KubeApi:
         with self._writes_lock:
             self.writes += 1
 
-    def _call(
+    def _send(
         self,
         method: str,
         path: str,
         query: list[tuple[str, Any]] | None = None,
         body: Any = None,
         content_type: str | None = None,
-    ) -> KubeObject:
+        timeout: tuple[float, float] = (10, 60),
+    ) -> Any:
+        """The request, its response not read yet (urllib3's, preload_content off)."""
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -109,20 +112,24 @@ class KubeApi:
             auth_settings=["BearerToken"],
         )
         try:
-            resp = self.api.call_api(*request, _request_timeout=(10, 60))
-            data = resp.read()
+            return self.api.call_api(*request, _request_timeout=timeout).response
         except ApiException as e:
             raise KubeError(int(e.status or 0), str(e.reason or ""), str(e.body or "")) from None
-        if not 200 <= int(resp.status) <= 299:
-            try:
-                detail = json.loads(data or b"{}")
-            except ValueError:
-                detail = {}
-            raise KubeError(
-                int(resp.status),
-                str(detail.get("reason") or resp.reason or ""),
-                str(detail.get("message") or (data or b"").decode(errors="replace")),
-            )
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> KubeObject:
+        resp = self._send(method, path, query, body, content_type)
+        try:
+            data = resp.data
+        finally:
+            resp.release_conn()
+        _raise_unless_ok(resp, data)
         return json.loads(data) if data else {}
 
     # --- blocking calls -------------------------------------------------------------
@@ -141,17 +148,48 @@ class KubeApi:
     def list_all_sync(self, path: str, page: int = 500) -> tuple[list[KubeObject], str]:
         """Every object, paginated; with the listing's resourceVersion."""
         items: list[KubeObject] = []
-        query: list[tuple[str, Any]] = [("limit", page)]
-        version = ""
+        version, token = "", None
         while True:
-            doc = self._call("GET", path, query)
-            items.extend(doc.get("items") or [])
-            meta = doc.get("metadata") or {}
-            version = version or str(meta.get("resourceVersion") or "")
-            token = meta.get("continue")
+            got, at, token = self.list_page_sync(path, page, token)
+            items.extend(got)
+            version = version or at
             if not token:
                 return items, version
-            query = [("limit", page), ("continue", token)]
+
+    def list_page_sync(
+        self, path: str, limit: int, token: str | None = None
+    ) -> tuple[list[KubeObject], str, str | None]:
+        """One page of a listing: its items, the listing's resourceVersion, the
+        continue token of the next page (None: the last one). An expired token
+        is a KubeError 410."""
+        query: list[tuple[str, Any]] = [("limit", limit)]
+        if token:
+            query.append(("continue", token))
+        doc = self._call("GET", path, query)
+        meta = doc.get("metadata") or {}
+        return (
+            list(doc.get("items") or []),
+            str(meta.get("resourceVersion") or ""),
+            meta.get("continue") or None,
+        )
+
+    def watch_sync(self, path: str, version: str, timeout_seconds: int) -> WatchStream:
+        """A watch from `version`, with bookmarks; the server ends it after
+        timeout_seconds (the client gives up 30 s later on a silent stream)."""
+        query: list[tuple[str, Any]] = [
+            ("watch", "true"),
+            ("resourceVersion", version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", timeout_seconds),
+        ]
+        resp = self._send("GET", path, query, timeout=(10, timeout_seconds + 30))
+        if not 200 <= int(resp.status) <= 299:
+            try:
+                data = resp.data
+            finally:
+                resp.release_conn()
+            _raise_unless_ok(resp, data)
+        return WatchStream(resp)
 
     def apply_sync(self, obj: Mapping[str, Any]) -> KubeObject:
         """Server-side apply under the operator's one field manager, taking conflicts."""
@@ -211,6 +249,11 @@ class KubeApi:
     async def list_all(self, path: str) -> tuple[list[KubeObject], str]:
         return await asyncio.to_thread(self.list_all_sync, path)
 
+    async def list_page(
+        self, path: str, limit: int, token: str | None = None
+    ) -> tuple[list[KubeObject], str, str | None]:
+        return await asyncio.to_thread(self.list_page_sync, path, limit, token)
+
     async def apply(self, obj: Mapping[str, Any]) -> KubeObject:
         return await asyncio.to_thread(self.apply_sync, obj)
 
@@ -222,3 +265,53 @@ class KubeApi:
 
     async def delete(self, path: str, propagation: str = "Background") -> None:
         await asyncio.to_thread(self.delete_sync, path, propagation)
+
+
+def _raise_unless_ok(resp: Any, data: bytes | None) -> None:
+    """A KubeError with the API server's reason and message for a non-2xx response."""
+    if 200 <= int(resp.status) <= 299:
+        return
+    try:
+        detail = json.loads(data or b"{}")
+    except ValueError:
+        detail = {}
+    raise KubeError(
+        int(resp.status),
+        str(detail.get("reason") or resp.reason or ""),
+        str(detail.get("message") or (data or b"").decode(errors="replace")),
+    )
+
+
+class WatchStream:
+    """A watch response, read as one JSON event a line, in a thread; `close`
+    from any thread ends a read that waits (the socket is shut down)."""
+
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+        self.closed = False
+
+    def lines(self) -> Iterator[list[bytes]]:
+        """The event lines as they arrive (blocking), those of one read
+        together; ends with the stream, or quietly once closed."""
+        rest = b""
+        try:
+            for chunk in self._resp.stream(None, decode_content=True):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                if lines:
+                    yield [ln for ln in lines if ln.strip()]
+        except Exception:
+            if not self.closed:
+                raise
+            return
+        if rest.strip() and not self.closed:
+            yield [rest]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self._resp.shutdown()
+        with contextlib.suppress(Exception):
+            self._resp.close()

@@ -46,6 +46,7 @@ from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
 from mailrelay_operator.health import Health
+from mailrelay_operator.input_watch import InputWatch
 from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import (
     KubeApi,
@@ -127,6 +128,7 @@ class Reconciler:
     applier: ChildApplier = field(init=False)
     statuses: StatusWriter = field(init=False)
     events: EventRouter = field(init=False)
+    watch: InputWatch = field(init=False)
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.workers)
@@ -135,6 +137,7 @@ class Reconciler:
         self.applier = ChildApplier(self.api)
         self.statuses = StatusWriter(self.api, self.retry_seconds)
         self.events = EventRouter(self.queue, self.inputs, self.applier, self.view)
+        self.watch = InputWatch(self.api, self.events, self.namespaces)
 
     # --- for tests and benchmarks (call in the loop's thread) --------------------------
     @property
@@ -154,10 +157,11 @@ class Reconciler:
     # --- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self.statuses.run(), name="mailrelay-status-writer")
+        watch = asyncio.create_task(self.watch.run(), name="mailrelay-input-watch")
         try:
             await self._run()
         finally:
-            tasks = [writer, *self.running.values()]
+            tasks = [writer, watch, *self.running.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -189,10 +193,11 @@ class Reconciler:
         """Lists RelayDomains and RecipientLists into the input cache, and the
         relays' MX Services (their names are kept: see EventRouter.mx_services).
 
-        Once, at start-up, before kopf watches: the complete picture. Later the
-        watches keep it current (a resync replays the cache, it lists nothing).
+        Once, at start-up, before the first pass: the complete picture. Later
+        the watches keep it current (run() starts ours; a resync replays the
+        cache, it lists nothing).
         """
-        await self.inputs.seed(self.api, self.namespaces)
+        await self.watch.seed()
         selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_COMPONENT}=mx"
         for namespace in self.namespaces or (None,):
             path = resource_path("v1", "Service", namespace)

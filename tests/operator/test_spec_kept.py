@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailrelay_operator.inputs import merge_listing, store
+from mailrelay_operator.inputs import store
 
 
 def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> dict[str, Any]:
@@ -35,8 +35,6 @@ def test_a_new_generation_or_object_replaces_the_spec() -> None:
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
     store(cache, rl(2, ["c@x.example"], uid="u2"), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["c@x.example"]
-    merge_listing(cache, {("mail", "staff"): rl(3, ["d@x.example"], uid="u2")}, "8", "mail")
-    assert cache[("mail", "staff")]["spec"]["addresses"] == ["d@x.example"]
 
 
 def test_objects_without_identity_always_replace() -> None:
