@@ -116,26 +116,10 @@ class KubeApi:
         except ApiException as e:
             raise KubeError(int(e.status or 0), str(e.reason or ""), str(e.body or "")) from None
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        query: list[tuple[str, Any]] | None = None,
-        body: Any = None,
-        content_type: str | None = None,
-    ) -> KubeObject:
-        resp = self._send(method, path, query, body, content_type)
-        try:
-            data = resp.data
-        finally:
-            resp.release_conn()
-        _raise_unless_ok(resp, data)
-        return json.loads(data) if data else {}
-
     # --- blocking calls -------------------------------------------------------------
     def get_sync(self, path: str) -> KubeObject | None:
         try:
-            return self._call("GET", path)
+            return _json_of(self._send("GET", path))
         except KubeError as e:
             if e.status == 404:
                 return None
@@ -143,7 +127,7 @@ class KubeApi:
 
     def list_objects_sync(self, path: str, label_selector: str = "") -> list[KubeObject]:
         query = [("labelSelector", label_selector)] if label_selector else []
-        return list(self._call("GET", path, query).get("items") or [])
+        return list(_json_of(self._send("GET", path, query)).get("items") or [])
 
     def list_all_sync(self, path: str, page: int = 500) -> tuple[list[KubeObject], str]:
         """Every object, paginated; with the listing's resourceVersion."""
@@ -165,7 +149,7 @@ class KubeApi:
         query: list[tuple[str, Any]] = [("limit", limit)]
         if token:
             query.append(("continue", token))
-        doc = self._call("GET", path, query)
+        doc = _json_of(self._send("GET", path, query))
         meta = doc.get("metadata") or {}
         return (
             list(doc.get("items") or []),
@@ -184,56 +168,60 @@ class KubeApi:
         ]
         resp = self._send("GET", path, query, timeout=(10, timeout_seconds + 30))
         if not 200 <= int(resp.status) <= 299:
-            try:
-                data = resp.data
-            finally:
-                resp.release_conn()
-            _raise_unless_ok(resp, data)
+            _json_of(resp)  # raises the API server's error
         return WatchStream(resp)
 
     def apply_sync(self, obj: Mapping[str, Any]) -> KubeObject:
         """Server-side apply under the operator's one field manager, taking conflicts."""
         self._count_write()
-        return self._call(
-            "PATCH",
-            object_path(obj),
-            [("fieldManager", FIELD_MANAGER), ("force", "true")],
-            dict(obj),
-            "application/apply-patch+yaml",
+        return _json_of(
+            self._send(
+                "PATCH",
+                object_path(obj),
+                [("fieldManager", FIELD_MANAGER), ("force", "true")],
+                dict(obj),
+                "application/apply-patch+yaml",
+            )
         )
 
     def patch_labels_sync(self, path: str, labels: Mapping[str, str | None]) -> KubeObject:
         """Merge-patch of metadata.labels (None removes one), under our field manager."""
         self._count_write()
-        return self._call(
-            "PATCH",
-            path,
-            [("fieldManager", FIELD_MANAGER)],
-            {"metadata": {"labels": dict(labels)}},
-            "application/merge-patch+json",
+        return _json_of(
+            self._send(
+                "PATCH",
+                path,
+                [("fieldManager", FIELD_MANAGER)],
+                {"metadata": {"labels": dict(labels)}},
+                "application/merge-patch+json",
+            )
         )
 
     def patch_status_sync(self, path: str, status: dict[str, Any]) -> KubeObject:
         """Merge-patch of /status: conditions is written whole (merge replaces lists).
         Under our field manager, so `kubectl get --show-managed-fields` says who wrote it."""
         self._count_write()
-        return self._call(
-            "PATCH",
-            path + "/status",
-            [("fieldManager", FIELD_MANAGER)],
-            {"status": status},
-            "application/merge-patch+json",
+        return _json_of(
+            self._send(
+                "PATCH",
+                path + "/status",
+                [("fieldManager", FIELD_MANAGER)],
+                {"status": status},
+                "application/merge-patch+json",
+            )
         )
 
     def delete_sync(self, path: str, propagation: str = "Background") -> None:
         self._count_write()
         try:
-            self._call(
-                "DELETE",
-                path,
-                [],
-                {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
-                "application/json",
+            _json_of(
+                self._send(
+                    "DELETE",
+                    path,
+                    [],
+                    {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
+                    "application/json",
+                )
             )
         except KubeError as e:
             if e.status != 404:
@@ -265,6 +253,16 @@ class KubeApi:
 
     async def delete(self, path: str, propagation: str = "Background") -> None:
         await asyncio.to_thread(self.delete_sync, path, propagation)
+
+
+def _json_of(resp: Any) -> KubeObject:
+    """A response's JSON, read whole (the connection goes back to the pool)."""
+    try:
+        data = resp.data
+    finally:
+        resp.release_conn()
+    _raise_unless_ok(resp, data)
+    return json.loads(data) if data else {}
 
 
 def _raise_unless_ok(resp: Any, data: bytes | None) -> None:
