@@ -43,6 +43,11 @@ class Replicas(NamedTuple):
     ready: int = 0
 
 
+def _identity(obj: KubeObject) -> tuple[str, int]:
+    """Which object, which spec: our own status writes change neither."""
+    return (str(obj["metadata"].get("uid")), int(obj["metadata"].get("generation") or 0))
+
+
 def owner_key(body: KubeObject) -> Key | None:
     """The relay a child belongs to, by its instance label."""
     meta = body.get("metadata") or {}
@@ -58,8 +63,8 @@ class EventRouter:
     inputs: InputCache
     applier: ChildApplier
     view: Callable[[], ClusterView]
-    seen: dict[ObjectRef, tuple[str, int]] = field(default_factory=dict)  # (uid, generation)
-    refs: dict[ObjectRef, Key | None] = field(default_factory=dict)  # last relay referred
+    # MailRelays and Namespaces -> (uid, generation) or (digest of labels, 0)
+    seen: dict[ObjectRef, tuple[str, int]] = field(default_factory=dict)
     replicas: dict[Key, Replicas] = field(default_factory=dict)
     service_ready: dict[tuple[str, str], bool] = field(default_factory=dict)  # (ns, Service)
     # relay -> MX hostname -> the name of its Service now: a Service made
@@ -83,7 +88,7 @@ class EventRouter:
         if deleted:
             self.seen.pop(ref, None)
             return True
-        now = (str(body["metadata"].get("uid")), int(body["metadata"].get("generation") or 0))
+        now = _identity(body)
         if self.seen.get(ref) == now:
             return False
         self.seen[ref] = now
@@ -102,21 +107,36 @@ class EventRouter:
             self.list_event(body, deleted)
 
     def domain_event(self, body: KubeObject, deleted: bool) -> None:
-        self._input_event("RelayDomain", body, relay_key_of_domain(body), deleted)
+        old = self.inputs.domains.get(key_of(body))
+        before = relay_key_of_domain(old) if old else None
+        self._input_event("RelayDomain", body, old, before, relay_key_of_domain(body), deleted)
 
     def list_event(self, body: KubeObject, deleted: bool) -> None:
-        dom = self.inputs.domains.get(domain_key_of_list(body))
-        relay = relay_key_of_domain(dom) if dom else None
-        self._input_event("RecipientList", body, relay, deleted)
+        old = self.inputs.lists.get(key_of(body))
+        before = self._relay_of_list(old) if old else None
+        self._input_event("RecipientList", body, old, before, self._relay_of_list(body), deleted)
 
-    def _input_event(self, kind: str, body: KubeObject, relay: Key | None, deleted: bool) -> None:
+    def _relay_of_list(self, rl: KubeObject) -> Key | None:
+        dom = self.inputs.domains.get(domain_key_of_list(rl))
+        return relay_key_of_domain(dom) if dom else None
+
+    def _input_event(
+        self,
+        kind: str,
+        body: KubeObject,
+        old: KubeObject | None,
+        before: Key | None,
+        relay: Key | None,
+        deleted: bool,
+    ) -> None:
+        """Stored; when its spec changed (the cached object, not a copy of
+        (uid, generation) per object, tells: 100,000 RelayDomains), the relay
+        it referred to and the one it refers to now are marked."""
         store(self.inputs.of_kind(kind), body, deleted)
-        if not self._changed(kind, body, deleted):
+        if not deleted and old is not None and _identity(old) == _identity(body):
             return
-        ref = (kind, key_of(body))
-        self.queue.mark(self.refs.get(ref))
-        self.refs[ref] = None if deleted else relay
-        self.queue.mark(relay)
+        self.queue.mark(before)
+        self.queue.mark(None if deleted else relay)
         self.queue.mark_sweep()
 
     def namespace_event(self, name: str, labels: dict[str, str]) -> None:
