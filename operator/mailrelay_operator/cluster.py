@@ -93,7 +93,8 @@ _SHARED_KINDS = ("RelayDomain", "RecipientList")  # the many; not a MailRelay's 
 _SHARED_KEY_MAX = 2048  # larger parts are not worth a key of their size
 
 
-def _share(value: Any) -> Any:
+def shared(value: Any) -> Any:
+    """An equal value seen before, if any (then this one is dropped); never modify it."""
     if not isinstance(value, dict | list) or isinstance(value, PackedAddresses):
         return sys.intern(value) if type(value) is str and len(value) < 64 else value
     if isinstance(value, list) and len(value) > 16:
@@ -117,11 +118,11 @@ def _shared(obj: dict[str, Any]) -> dict[str, Any]:
     for k in ("namespace", "creationTimestamp"):
         if isinstance(meta.get(k), str):
             meta[k] = sys.intern(meta[k])
-    obj["apiVersion"], obj["kind"] = _share(obj["apiVersion"]), _share(obj["kind"])
+    obj["apiVersion"], obj["kind"] = shared(obj["apiVersion"]), shared(obj["kind"])
     for part in ("spec", "status"):
         section = obj.get(part)
         if isinstance(section, dict):
-            obj[part] = {k: _share(v) for k, v in section.items()}
+            obj[part] = {k: shared(v) for k, v in section.items()}
     return obj
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from mailrelay_operator import status
 from mailrelay_operator.apply import digest
+from mailrelay_operator.cluster import shared
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, resource_path
 
 log = logging.getLogger("mailrelay.operator")
@@ -73,7 +74,8 @@ class StatusWriter:
         if self._unchanged(obj, new):
             self.pending.pop(uid, None)
             return
-        self.pending[uid] = (obj, new)
+        # Most of 100,000 RelayDomains get the same status: held once.
+        self.pending[uid] = (obj, shared(new))
         self.wakeup.set()
 
     async def run(self) -> None:
