@@ -27,6 +27,9 @@ class InputCache:
     def of_kind(self, kind: str) -> Cache:
         return self.domains if kind == "RelayDomain" else self.lists
 
+    def current(self, kind: str, key: Key) -> KubeObject | None:
+        return self.of_kind(kind).get(key)
+
 
 def store(cache: Cache, obj: KubeObject, deleted: bool) -> None:
     if deleted:

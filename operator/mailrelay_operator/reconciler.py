@@ -135,7 +135,7 @@ class Reconciler:
         self.queue = WorkQueue(self.retry_seconds)
         self.inputs = InputCache()
         self.applier = ChildApplier(self.api)
-        self.statuses = StatusWriter(self.api, self.retry_seconds)
+        self.statuses = StatusWriter(self.api, self.retry_seconds, self.inputs.current)
         self.events = EventRouter(self.queue, self.inputs, self.applier, self.view)
         self.watch = InputWatch(self.api, self.events, self.namespaces)
 

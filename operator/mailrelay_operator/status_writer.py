@@ -2,7 +2,8 @@
 
 Contract: StatusWriter owns `written` (object uid -> digest of the status
 last written or found, lastTransitionTimes left out) and a queue of pending
-writes, the newest per object winning. `write` writes one status now (a
+writes, the newest per object winning; a queued write goes to the object as
+`current` finds it then (the input cache), not as it was queued. `write` writes one status now (a
 MailRelay's own); `queue` hands one to `run`, a task that drains the queue
 STATUS_WRITE_CONCURRENCY writes at a time, so thousands of RelayDomain and
 RecipientList statuses never keep the next reconcile waiting. `resync`
@@ -12,14 +13,15 @@ forgets `written`, so the next pass compares with the objects again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import Any
 
 from mailrelay_operator import status
-from mailrelay_operator.apply import digest
-from mailrelay_operator.cluster import shared
+from mailrelay_operator.cluster import Key, key_of, shared
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, resource_path
 
 log = logging.getLogger("mailrelay.operator")
@@ -27,12 +29,23 @@ log = logging.getLogger("mailrelay.operator")
 STATUS_WRITE_CONCURRENCY = 16
 
 
+# A queued status's object: (kind, (namespace, name)).
+ObjectRef = tuple[str, Key]
+
+
+def _no_object(kind: str, key: Key) -> KubeObject | None:
+    return None
+
+
 @dataclass
 class StatusWriter:
     api: KubeApi
     retry_seconds: float = 2.0
-    written: dict[str, str] = field(default_factory=dict)
-    pending: dict[str, tuple[KubeObject, KubeObject]] = field(default_factory=dict)
+    # Where a queued status's object is now (the input cache): a queue of
+    # 100,000 statuses holds no copy of an object the cache has replaced since.
+    current: Callable[[str, Key], KubeObject | None] = _no_object
+    written: dict[str, bytes] = field(default_factory=dict)
+    pending: dict[str, tuple[ObjectRef, KubeObject]] = field(default_factory=dict)  # by uid
     in_flight: int = 0
     # Binds to the running loop on first use (Python 3.10+), not when made.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -47,7 +60,7 @@ class StatusWriter:
     def _unchanged(self, obj: KubeObject, new: KubeObject) -> bool:
         """True when `new` is what was written or what the object has (then remembered)."""
         uid = str(obj["metadata"].get("uid"))
-        want = digest(status.without_times(new))
+        want = _digest(new)
         if want == self.written.get(uid):
             return True
         if status.without_times(obj.get("status")) == status.without_times(new):
@@ -66,7 +79,7 @@ class StatusWriter:
             if e.status == 404:  # deleted meanwhile
                 return
             raise
-        self.written[str(meta.get("uid"))] = digest(status.without_times(new))
+        self.written[str(meta.get("uid"))] = _digest(new)
 
     def queue(self, obj: KubeObject, new: KubeObject) -> None:
         """Queues a status write unless it is already there; the newest one per object wins."""
@@ -75,8 +88,14 @@ class StatusWriter:
             self.pending.pop(uid, None)
             return
         # Most of 100,000 RelayDomains get the same status: held once.
-        self.pending[uid] = (obj, shared(new))
+        self.pending[uid] = ((str(obj["kind"]), key_of(obj)), shared(new))
         self.wakeup.set()
+
+    async def _write_queued(self, uid: str, ref: ObjectRef, new: KubeObject) -> None:
+        obj = self.current(*ref)
+        if obj is None or str(obj["metadata"].get("uid")) != uid:
+            return  # deleted (or replaced by a new object, which a later pass looks at)
+        await self.write(obj, new)
 
     async def run(self) -> None:
         """Drains the queue, STATUS_WRITE_CONCURRENCY writes at a time."""
@@ -84,19 +103,25 @@ class StatusWriter:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
-                batch = list(self.pending.values())
+                batch = list(self.pending.items())
                 self.pending.clear()
                 self.in_flight = len(batch)
                 try:
-                    await _gather_limited(self.write(o, st) for o, st in batch)
+                    await _gather_limited(self._write_queued(u, *item) for u, item in batch)
                     log.info("statuses: %d checked; %d writes so far", len(batch), self.api.writes)
                 except Exception:
                     log.exception("writing statuses failed; retrying")
-                    for o, st in batch:
-                        self.pending.setdefault(str(o["metadata"].get("uid")), (o, st))
+                    for uid, item in batch:
+                        self.pending.setdefault(uid, item)
                     await asyncio.sleep(self.retry_seconds)
                 finally:
                     self.in_flight = 0
+
+
+def _digest(new: KubeObject) -> bytes:
+    """Of a status without its times: 16 bytes (one per object written)."""
+    text = json.dumps(status.without_times(new), sort_keys=True).encode()
+    return blake2b(text, digest_size=16).digest()
 
 
 async def _gather_limited(coros: Iterable[Coroutine[Any, Any, None]]) -> None:

@@ -1,0 +1,51 @@
+"""The status writer's queue holds references, not objects (status_writer.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from mailrelay_operator.cluster import Key
+from mailrelay_operator.status_writer import StatusWriter
+
+
+class Api:
+    writes = 0
+
+    def __init__(self) -> None:
+        self.patched: list[tuple[str, dict[str, Any]]] = []
+
+    async def patch_status(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.patched.append((path, status))
+        return {}
+
+
+def domain(uid: str, resource_version: str) -> dict[str, Any]:
+    meta = {"name": "d", "namespace": "mail", "uid": uid, "resourceVersion": resource_version}
+    return {"apiVersion": "mailrelay.io/v1alpha1", "kind": "RelayDomain", "metadata": meta}
+
+
+def test_a_queued_status_goes_to_the_object_as_it_is_now() -> None:
+    async def scenario() -> None:
+        cache: dict[Key, dict[str, Any]] = {}
+        api = Api()
+        writer = StatusWriter(cast(Any, api), current=lambda kind, key: cache.get(key))
+        queued = domain("u1", "1")
+        writer.queue(queued, {"recipients": 1})
+        writer.queue(domain("u2", "1"), {"recipients": 2})  # an older object of that name
+        assert len(writer.pending) == 2
+        cache[("mail", "d")] = domain("u1", "2")  # a newer version since
+        task = asyncio.create_task(writer.run())
+        for _ in range(100):
+            if writer.idle:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        # Written once, for the object the cache has; the one of another uid is dropped.
+        assert api.patched == [
+            ("/apis/mailrelay.io/v1alpha1/namespaces/mail/relaydomains/d", {"recipients": 1})
+        ]
+        writer.queue(cache[("mail", "d")], {"recipients": 1})  # what was written: nothing queued
+        assert not writer.pending
+
+    asyncio.run(scenario())
