@@ -19,6 +19,7 @@ from mailrelay_operator import certificate, health, naming, operator_key
 from mailrelay_operator import settings as settings_env
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
+from mailrelay_operator.input_watch import WATCH_TIMEOUT_SECONDS
 from mailrelay_operator.kubeapi import KubeApi, KubeObject
 from mailrelay_operator.reconciler import Reconciler
 
@@ -45,8 +46,8 @@ HEALTH_ENDPOINT: list[str] = []
 def configure(settings: kopf.OperatorSettings) -> None:
     # Watch streams that hang silently were kopf's most reported problem:
     # explicit timeouts make every stream reconnect (crate-operator's values).
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 310
+    settings.watching.server_timeout = WATCH_TIMEOUT_SECONDS
+    settings.watching.client_timeout = WATCH_TIMEOUT_SECONDS + 10
     settings.watching.connect_timeout = 30
     # Nothing of ours needs a finalizer or a diff-base; if kopf ever adds one,
     # it carries our name rather than kopf.zalando.org.

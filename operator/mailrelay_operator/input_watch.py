@@ -34,7 +34,8 @@ from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, WatchStre
 
 log = logging.getLogger("mailrelay.operator")
 
-# Seconds the API server keeps a watch open before ending it (we watch again).
+# Seconds the API server keeps a watch open before ending it (we watch again);
+# kopf's watches too (handlers.configure).
 WATCH_TIMEOUT_SECONDS = 300
 # Objects a LIST page brings: a RecipientList may hold thousands of addresses.
 LIST_PAGE = {"RelayDomain": 500, "RecipientList": 20}
