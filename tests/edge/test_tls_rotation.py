@@ -98,8 +98,10 @@ async def test_rotation_in_a_running_relay(tmp_path: Path) -> None:
             tls_dir=volume.root,
             env={"MAILRELAY_TLS_RELOAD_INTERVAL": "0.1"},
         )
+        # Each worker watches the volume on its own: a new session may reach any of them.
+        workers = relay.worker_count
         with relay:
-            relay.wait_for_log("TLS certificate loaded")
+            relay.wait_for_log("TLS certificate loaded", count=workers)
             in_flight, seen = await open_tls(relay.address)
             assert seen == fingerprint_of(one / "tls.crt")
             await in_flight.ehlo()
@@ -107,14 +109,14 @@ async def test_rotation_in_a_running_relay(tmp_path: Path) -> None:
             await in_flight.rcpt("x@example.org")
 
             volume.publish(two / "tls.crt", two / "tls.key")
-            relay.wait_for_log("TLS certificate reloaded for new sessions")
+            relay.wait_for_log("TLS certificate reloaded for new sessions", count=workers)
             fresh, seen = await open_tls(relay.address)
             assert seen == fingerprint_of(two / "tls.crt")
             await fresh.quit()
 
             # A broken renewal: logged, the last good certificate stays.
             volume.publish(three / "tls.crt", two / "tls.key")
-            relay.wait_for_log("cannot load the certificate")
+            relay.wait_for_log("cannot load the certificate", count=workers)
             later, seen = await open_tls(relay.address)
             assert seen == fingerprint_of(two / "tls.crt")
             await later.quit()
