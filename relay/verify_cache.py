@@ -10,11 +10,11 @@ that relay.smtpd and relay.delivery never import each other.
   every other session asking for it waits for that probe.
 - Shared across the pod's worker processes: the cache is a folder on the
   queue volume (one small JSON file per address, named by its hash, written
-  by rename), so it also survives a restart as verify(8)'s address_verify_map
-  does. A probe in flight is announced with a byte-range lock (fcntl) on one
-  lock file, at an offset from the address's hash: the other processes wait
-  for its entry instead of probing again; a crashed prober's lock goes away
-  with it.
+  crash-safely by relay.durable), so it also survives a restart as
+  verify(8)'s address_verify_map does. A probe in flight is announced with
+  a byte-range lock (fcntl) on one lock file, at an offset from the
+  address's hash: the other processes wait for its entry instead of probing
+  again; a crashed prober's lock goes away with it.
 - A session waits at most `wait` seconds (Postfix smtpd waits ~6 s, then
   answers "Address verification in progress"); the probe goes on and fills
   the cache for the sender's retry.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Protocol
 
 from relay.config import Domain, NextHop
+from relay.durable import replace_file_sync
 
 log = logging.getLogger("relay.verify")
 
@@ -221,12 +222,9 @@ class Verifier:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, path)
+            replace_file_sync(path, json.dumps(doc).encode(), tmp)
         except OSError as e:  # a full disk: the answer still holds for this request
             log.warning("verify cache entry for <%s> not written: %s", key, e)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
     def _lock_fd_sync(self) -> int:
         if self._lock_fd < 0:

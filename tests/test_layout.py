@@ -18,7 +18,6 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"relay.config", "relay.dns", "relay.metrics", "relay.logbuffer", "relay.recipient_table"}
 STAGES = ("smtpd", "queue", "delivery", "handover", "process")
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay import metrics
+from relay.durable import replace_file_sync
 from relay.handover.transfer import HandoverClient, HandoverError
 from relay.queue.format import ACTIVE, HOLD, Claim
 from relay.queue.store import Queue
@@ -94,9 +95,8 @@ def write_order_sync(
     order = DrainOrder(
         peers=list(peers), since=current.since if current else now, expires=now + ttl
     )
-    tmp = path.with_name(f".{ORDER_FILE}.{os.getpid()}.tmp")
-    tmp.write_bytes(order.to_json())
-    tmp.replace(path)
+    # Crash-safe: a torn order file would read as "no drain" after a restart.
+    replace_file_sync(path, order.to_json(), path.with_name(f".{ORDER_FILE}.{os.getpid()}.tmp"))
     return order
 
 

@@ -207,12 +207,6 @@ def read_envelope(fd: int) -> Envelope:
     return envelope
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class QueueError(Exception):
     """The queue could not store a message (disk full, permissions): answer 4xx."""
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, TypeVarTuple
 
+from relay.durable import write_all
 from relay.queue.format import (
     ACTIVE,
     INCOMING,
@@ -31,7 +32,6 @@ from relay.queue.format import (
     Progress,
     QueueError,
     trailer,
-    write_all,
 )
 from relay.queue.jobthread import JobThread
 from relay.queue.mailparams import NO_PARAMS, MailParams

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from relay.queue.durable import GroupSync, replace_file_sync
+from relay.durable import GroupSync, replace_file_sync
 from relay.queue.format import (
     ACTIVE,
     CORRUPT,

@@ -21,7 +21,7 @@ The state is shared as relay.verify_cache shares its answers: files in a
 folder on the queue volume, with fcntl byte-range locks on one lock file
 between the pod's worker processes; it survives a restart as postgrey's
 database does. A bucket is written as the queue writes its files
-(relay.queue.durable: temp file fsynced, renamed, folder fsynced), so a crash
+(relay.durable: temp file fsynced, renamed, folder fsynced), so a crash
 leaves the old bucket or the new one; a temp file a crash left behind is
 never read, and removed the first time its bucket is written again.
 
@@ -56,7 +56,7 @@ from typing import TypeVar
 
 from relay.config import GreylistPolicy
 from relay.dns import unmapped
-from relay.queue.durable import GroupSync, replace_file_sync
+from relay.durable import GroupSync, replace_file_sync
 
 log = logging.getLogger("mailrelay.greylist")
 T = TypeVar("T")

@@ -47,6 +47,7 @@ from typing import Any
 from relay import logbuffer, metrics
 from relay.config import RelayConfig
 from relay.dns import Resolver, unmapped
+from relay.durable import replace_file_sync
 from relay.smtpd import dnsbl
 from relay.smtpd.aiosmtpd_adapter import wait_readable
 from relay.smtpd.session import AccessAction, Reply, ScreenResult, Session, access_action
@@ -230,13 +231,9 @@ class PostscreenCache:
             mine = snapshot.get(ip)
             if mine is None or max(mine) < other.newest():
                 snapshot[ip] = [other.pregreet, other.dnsbl, other.allowlist]
-        tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp")
-        # Client addresses and verdicts: for the relay's eyes only.
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump({"version": 1, "clients": snapshot}, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        doc = json.dumps({"version": 1, "clients": snapshot}, separators=(",", ":"))
+        # Mode 0600: client addresses and verdicts are for the relay's eyes only.
+        replace_file_sync(path, doc.encode(), path.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp"))
 
 
 class Postscreen:

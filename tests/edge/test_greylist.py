@@ -428,7 +428,7 @@ async def test_a_torn_temp_file_is_ignored_and_removed_and_the_state_survives_a_
 async def test_a_bucket_is_written_as_the_queue_writes_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Temp file fsynced, renamed, folder fsynced (relay.queue.durable), in a thread."""
+    """Temp file fsynced, renamed, folder fsynced (relay.durable), in a thread."""
     steps: list[tuple[str, bool]] = []
     loop_thread = threading.get_ident()
     real_fsync, real_rename = os.fsync, os.rename

@@ -4,8 +4,10 @@ A file is written to a temporary name beside it, fsynced, renamed over its
 final name, and then its folder is fsynced: after a crash the final name
 holds the old content or the new, never a torn mix, and a rename that was
 reported done survives. A folder fsync covers every rename made before it,
-so one GroupSync per folder lets many writers share it. Blocking: for the
-queue's pool and other threads, never the event loop.
+so one GroupSync per folder lets many writers share it. Every file the relay
+replaces goes through `replace_file_sync` (the queue's progress, greylist
+buckets, the postscreen and verify caches, the drain order): shared by
+every stage, so it imports none. Blocking: for threads, never the event loop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,21 @@ import os
 import threading
 from pathlib import Path
 
-from relay.queue.format import write_all
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until all of `data` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def sync_folder(path: Path) -> None:
+    """fsyncs a folder once: renames into it made before the call are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class GroupSync:
@@ -56,11 +72,12 @@ class GroupSync:
         os.close(self._fd)
 
 
-def replace_file_sync(path: Path, data: bytes, tmp: Path, folder: GroupSync) -> None:
+def replace_file_sync(path: Path, data: bytes, tmp: Path, folder: GroupSync | None = None) -> None:
     """Makes `data` the content of `path`, crash-safely: written to `tmp` (in
     the same folder, a name no other writer uses at the same time) and
-    fsynced, renamed over `path`, the folder fsynced by `folder`. On an
-    OSError the temporary file is removed and the error raised."""
+    fsynced, renamed over `path`, the folder fsynced (by `folder` for frequent
+    writers, else opened for this one fsync). On an OSError the temporary
+    file is removed and the error raised."""
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -73,4 +90,7 @@ def replace_file_sync(path: Path, data: bytes, tmp: Path, folder: GroupSync) -> 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    folder.sync()
+    if folder is not None:
+        folder.sync()
+    else:
+        sync_folder(path.parent)
