@@ -25,13 +25,11 @@ them while DATA arrives.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from relay import metrics
 from relay.config import Milter
@@ -203,14 +201,14 @@ class MilterChain:
             await s.connection.open()
         except m.MilterError as e:
             self._fail(s, e)
-        _seconds(s.config.name).observe(time.monotonic() - started)
+        metrics.child(metrics.MILTER_SECONDS, s.config.name).observe(time.monotonic() - started)
 
     def _fail(self, s: _State, error: Exception) -> None:
         if not s.down:
             log.warning(
                 "milter %s: %s; default action %s", s.config.name, error, s.config.default_action
             )
-            _verdicts(s.config.name, "error").inc()
+            metrics.child(metrics.MILTER_VERDICTS, s.config.name, "error").inc()
         s.down, s.failed = True, default_reply(s.config.default_action)
         s.connection.close()
 
@@ -267,7 +265,7 @@ class MilterChain:
             self._fail(s, e)
             return _failed_answer(s), None
         finally:
-            _seconds(s.config.name).observe(time.monotonic() - started)
+            metrics.child(metrics.MILTER_SECONDS, s.config.name).observe(time.monotonic() - started)
         return answer, mods
 
     def _decide(self, s: _State, answer: m.Answer, *, message: bool) -> tuple[Reply | None, bool]:
@@ -275,7 +273,7 @@ class MilterChain:
         v = answer.verdict
         if s.down:
             return s.failed, False
-        _verdicts(s.config.name, v.value).inc()
+        metrics.child(metrics.MILTER_VERDICTS, s.config.name, v.value).inc()
         if v is m.Verdict.ACCEPT:
             if message:
                 s.done_message = True
@@ -348,15 +346,3 @@ class MilterChain:
 
 def _failed_answer(s: _State) -> m.Answer:
     return m.Answer(m.Verdict.CONTINUE if s.failed is None else m.Verdict.TEMPFAIL)
-
-
-# The metrics' children per milter, looked up once (labels() costs more than
-# the count, and a message makes some twenty events).
-@functools.lru_cache(maxsize=1024)
-def _seconds(milter: str) -> Any:
-    return metrics.MILTER_SECONDS.labels(milter)
-
-
-@functools.lru_cache(maxsize=1024)
-def _verdicts(milter: str, verdict: str) -> Any:
-    return metrics.MILTER_VERDICTS.labels(milter, verdict)

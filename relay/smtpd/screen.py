@@ -54,11 +54,6 @@ from relay.smtpd.session import AccessAction, Reply, ScreenResult, Session, acce
 
 log = logging.getLogger("mailrelay.postscreen")
 
-# The verdicts of nearly every connection, bound once: labels() per connection
-# costs more than the increment.
-_ALLOWLISTED = metrics.SCREEN.labels(result="allowlisted")
-_PASS_OLD = metrics.SCREEN.labels(result="pass_old")
-
 PREGREET_TTL = 86400.0  # postscreen_greet_ttl
 CACHE_RETENTION = 7 * 86400.0  # postscreen_cache_retention_time
 CACHE_FILE = "postscreen-cache.json"
@@ -300,7 +295,7 @@ class Postscreen:
         acl = self.access(ip)
         if acl == "permit":
             logbuffer.info(log, "ALLOWLISTED %s", where)
-            _ALLOWLISTED.inc()
+            metrics.child(metrics.SCREEN, "allowlisted").inc()
             return ScreenResult(reason="access", allowlisted=True)
         if acl == "reject":
             log.info("DENYLISTED %s", where)
@@ -324,7 +319,7 @@ class Postscreen:
         dnsbl_todo = bool(self._entries) and cached.dnsbl <= now
         if result.action == "pass" and not pregreet_todo and not dnsbl_todo:
             logbuffer.info(log, "PASS OLD %s", where)
-            _PASS_OLD.inc()
+            metrics.child(metrics.SCREEN, "pass_old").inc()
             return ScreenResult(cached=True, allowlisted=cached.allowlist > now)
 
         race = await self._race(session, reader, writer, result, pregreet_todo, dnsbl_todo)

@@ -230,12 +230,7 @@ RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror",
 def count_result(identity: str, result: str) -> None:
     """mailrelay_spf_results_total; anything outside RFC 7208's results is `permerror`."""
     result = result.lower()
-    _result_counter(identity, result if result in RESULTS else "permerror").inc()
-
-
-@functools.cache  # two identities x seven results: labels() per message costs more
-def _result_counter(identity: str, result: str) -> Any:
-    return metrics.SPF.labels(identity, result)
+    metrics.child(metrics.SPF, identity, result if result in RESULTS else "permerror").inc()
 
 
 @functools.lru_cache(maxsize=4096)  # once per client and skipAddresses, not per message

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 from prometheus_client import REGISTRY
 
 from relay import metrics
@@ -17,3 +20,23 @@ def test_child_is_the_labelled_series_kept() -> None:
     first.inc()
     metrics.child(metrics.DELIVERED, domain).inc()
     assert REGISTRY.get_sample_value("mailrelay_delivered_total", {"domain": domain}) == before + 2
+
+
+def test_no_stage_binds_labels_its_own_way() -> None:
+    """metrics.child is the one cache of labelled series: no module-level
+    children, no functools caches around labels()."""
+    root = Path(__file__).resolve().parents[2] / "relay"
+    own_ways = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        at_import = [n for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)]
+        cached = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef)
+            and any("functools" in ast.unparse(d) for d in n.decorator_list)
+        ]
+        for node in [*at_import, *cached]:
+            if ".labels(" in ast.unparse(node):
+                own_ways.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert own_ways == []
