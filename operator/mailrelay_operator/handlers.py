@@ -108,6 +108,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     configure(settings)
     memo["indexes"] = {k: kwargs[k] for k in ("relays_idx", "namespaces_idx")}
+    # Served before the listing below, and once: kopf retries this handler while
+    # the listing fails (API server down, RBAC), and the probes should say so,
+    # alive and not ready, instead of finding no server and restarting the pod.
+    state: health.Health = memo.setdefault("health_state", health.Health())
+    if HEALTH_ENDPOINT and memo.get("health") is None:
+        memo["health"] = await health.serve(HEALTH_ENDPOINT[0], state)
     reconciler = Reconciler(
         api=KubeApi(),
         # Reads (or on first start creates) its Secret: a blocking call, once.
@@ -119,14 +125,13 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         ),
         workers=int(os.environ.get(settings_env.WORKERS_ENV) or settings_env.WORKERS_DEFAULT),
         namespaces=tuple(NAMESPACES),
+        health=state,
     )
     # The complete picture before the first pass; run() then watches from it.
     await reconciler.seed()
     memo["reconciler"] = reconciler
     memo["task"] = asyncio.create_task(reconciler.run(), name="mailrelay-reconciler")
-    reconciler.health.loop = memo["task"]
-    if HEALTH_ENDPOINT:
-        memo["health"] = await health.serve(HEALTH_ENDPOINT[0], reconciler.health)
+    state.loop = memo["task"]
     RUNNING.append((reconciler, asyncio.get_running_loop()))
 
 

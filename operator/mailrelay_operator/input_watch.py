@@ -14,7 +14,8 @@ before the reconciler's first pass: the complete picture. `run` then watches
 each (kind, scope) from its listing's resourceVersion with bookmarks; a 410
 (the version was compacted away) lists that scope again, which also drops
 what was deleted while nobody watched; other errors wait (back-off) and watch
-again from the last version seen.
+again from the last version seen. Each failure, and the next listing or watch
+the API server accepts, goes to `health` (what /readyz reads, health.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from mailrelay_api.schema import API_VERSION
 from mailrelay_operator.cluster import Key
 from mailrelay_operator.events import EventRouter
+from mailrelay_operator.health import Health
 from mailrelay_operator.inputs import INPUT_KINDS, trim_all
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, WatchStream, resource_path
 
@@ -62,6 +64,7 @@ class InputWatch:
     # (kind, scope) -> the resourceVersion to watch from; absent: list first
     versions: dict[tuple[str, Scope], str] = field(default_factory=dict)
     lists_done: int = 0  # listings so far (tests watch re-lists)
+    health: Health = field(default_factory=Health)
 
     @property
     def scopes(self) -> tuple[Scope, ...]:
@@ -72,7 +75,11 @@ class InputWatch:
         is found through its domain)."""
         for kind in INPUT_KINDS:
             for scope in self.scopes:
-                await self.relist(kind, scope)
+                try:
+                    await self.relist(kind, scope)
+                except Exception as e:
+                    self.health.watch_failed(_name(kind, scope), str(e))
+                    raise
 
     async def run(self) -> None:
         """Watches every (kind, scope) until cancelled."""
@@ -93,6 +100,7 @@ class InputWatch:
                 self.versions.pop((kind, scope), None)
             except Exception as e:
                 log.warning("watching %s in %s: %s; again in %.0f s", kind, scope, e, delay)
+                self.health.watch_failed(_name(kind, scope), str(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
@@ -124,6 +132,7 @@ class InputWatch:
             self.events.input_event(kind, cache[key], True)
         self.versions[(kind, scope)] = version
         self.lists_done += 1
+        self.health.watch_ok(_name(kind, scope))
 
     def _list_page(
         self, path: str, kind: str, limit: int, token: str | None
@@ -149,6 +158,7 @@ class InputWatch:
             if e.status == 410:
                 raise Expired() from None
             raise
+        self.health.watch_ok(_name(kind, scope))  # the API server took it
         loop = asyncio.get_running_loop()
         room = threading.Semaphore(WATCH_BATCHES_AHEAD)
 
@@ -171,6 +181,11 @@ class InputWatch:
             await asyncio.to_thread(read_events, stream, kind, hand_over)
         finally:
             stream.close()
+
+
+def _name(kind: str, scope: Scope) -> str:
+    """How /readyz names a watch: "RelayDomain in mail" or "RelayDomain in all namespaces"."""
+    return f"{kind} in {scope or 'all namespaces'}"
 
 
 def read_events(

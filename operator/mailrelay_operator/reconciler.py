@@ -137,7 +137,7 @@ class Reconciler:
         self.applier = ChildApplier(self.api)
         self.statuses = StatusWriter(self.api, self.retry_seconds, self.inputs.current)
         self.events = EventRouter(self.queue, self.inputs, self.applier, self.view)
-        self.watch = InputWatch(self.api, self.events, self.namespaces)
+        self.watch = InputWatch(self.api, self.events, self.namespaces, health=self.health)
 
     # --- for tests and benchmarks (call in the loop's thread) --------------------------
     @property

@@ -100,29 +100,26 @@ def stop_recorded_processes(state_file: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def service_account_kubeconfig(kube: Kube, folder: Path) -> Path:
+def service_account_kubeconfig(
+    kube: Kube, folder: Path, account: tuple[str, str] = ("mailrelay-system", "mailrelay-operator")
+) -> Path:
     """A kubeconfig with a token of the operator's ServiceAccount (deploy/rbac/):
-    the operator under test has exactly the rights it ships with."""
+    the operator under test has exactly the rights it ships with. Or of another
+    (namespace, name) account, with the rights the test gives it."""
     kube.apply(REPO / "deploy" / "rbac")
-    token = kube.kubectl(
-        "create", "token", "mailrelay-operator", "-n", "mailrelay-system", "--duration=4h"
-    ).strip()
+    namespace, name = account
+    token = kube.kubectl("create", "token", name, "-n", namespace, "--duration=4h").strip()
     admin = yaml.safe_load(kube.kubeconfig.read_text())
     cluster = admin["clusters"][0]
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [cluster],
-        "users": [{"name": "mailrelay-operator", "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "operator",
-                "context": {"cluster": cluster["name"], "user": "mailrelay-operator"},
-            }
-        ],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": name}}],
         "current-context": "operator",
     }
-    path = folder / "operator-kubeconfig"
+    path = folder / f"{name}-kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return path
 

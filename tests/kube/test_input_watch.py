@@ -6,7 +6,6 @@ follows creates, updates and deletes; a watch from a compacted-away version
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from mailrelay_operator.input_watch import InputWatch
 from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import KubeApi
 from mailrelay_operator.workqueue import WorkQueue
-from mrtest.kube import Kube
+from mrtest.kube import Kube, until
 
 pytestmark = pytest.mark.kube
 NS = "inwatch"
@@ -48,15 +47,6 @@ def recipients(name: str, domain_name: str, addresses: list[str]) -> dict[str, A
         "metadata": {"name": name, "namespace": NS},
         "spec": {"domainRef": {"name": domain_name}, "addresses": addresses},
     }
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}", pytrace=False)
-        await asyncio.sleep(0.05)
 
 
 def test_watch_follows_changes_and_relists_after_expiry(

@@ -73,6 +73,16 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0) -> T:
     pytest.fail(f"timed out waiting for {what} (last: {last!r})", pytrace=False)
 
 
+async def until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    """wait_for inside an event loop: check() runs in the loop's thread, between short sleeps."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}", pytrace=False)
+        await asyncio.sleep(0.05)
+
+
 def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
     for c in ((obj or {}).get("status") or {}).get("conditions") or []:
         if c.get("type") == ctype:

@@ -6,13 +6,27 @@ import asyncio
 import socket
 
 import aiohttp
-from mailrelay_operator.health import STUCK_PASS_SECONDS, Health, serve
+import kopf
+import pytest
+from mailrelay_operator.cluster import ClusterView
+from mailrelay_operator.events import EventRouter
+from mailrelay_operator.health import (
+    STUCK_PASS_SECONDS,
+    WATCH_FAILING_SECONDS,
+    Health,
+    serve,
+)
+from mailrelay_operator.input_watch import InputWatch
+from mailrelay_operator.inputs import InputCache
+from mailrelay_operator.kubeapi import KubeError
+from mailrelay_operator.workqueue import WorkQueue
 
 
 def test_alive_while_the_loop_runs_and_no_pass_is_stuck() -> None:
     async def scenario() -> None:
         h = Health()
-        assert h.alive() == (False, "the reconcile loop has not started")
+        assert h.alive() == (True, "listing the inputs")  # not restarted while it lists
+        assert not h.ready()[0]
         h.loop = asyncio.create_task(asyncio.sleep(3600))
         assert h.alive()[0] and not h.ready()[0]  # ready after a first pass
         h.begin_pass()
@@ -49,5 +63,110 @@ def test_the_server_answers_both_paths() -> None:
             await runner.cleanup()
             assert h.loop is not None
             h.loop.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_watch_makes_it_unready_past_the_threshold_never_dead() -> None:
+    async def scenario() -> None:
+        h = Health(loop=asyncio.create_task(asyncio.sleep(3600)))
+        h.end_pass()
+        h.watch_failed("RelayDomain in mail", "403 Forbidden: no list", now=1000.0)
+        h.watch_failed("RelayDomain in mail", "503 Service Unavailable", now=1010.0)
+        assert h.ready(now=1000.0 + WATCH_FAILING_SECONDS) == (True, "ok")  # a blip
+        later = 1001.0 + WATCH_FAILING_SECONDS
+        ok, why = h.ready(now=later)
+        assert not ok
+        assert "RelayDomain in mail failing for 121 s: 503 Service Unavailable" in why
+        assert h.alive(now=later) == (True, "ok")  # a restart would not mend the API server
+        h.watch_ok("RelayDomain in mail")
+        assert h.ready(now=later) == (True, "ok")
+        h.loop.cancel()
+        await asyncio.gather(h.loop, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+class ForbiddenApi:
+    """A KubeApi whose every listing and watch is refused, until allowed."""
+
+    def __init__(self) -> None:
+        self.allowed = False
+
+    def list_page_sync(
+        self, path: str, limit: int, token: str | None = None
+    ) -> tuple[list[dict[str, object]], str, str | None]:
+        if not self.allowed:
+            raise KubeError(403, "Forbidden", f"cannot list {path}")
+        return [], "7", None
+
+    def watch_sync(self, path: str, version: str, timeout_seconds: int) -> object:
+        raise KubeError(403, "Forbidden", f"cannot watch {path}")
+
+
+def test_the_input_watch_reports_its_failures_and_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """seed() and the watch loop tell Health what failed, a listing that
+    works clears it (the kube tests do it against a real API server's RBAC)."""
+    monkeypatch.setattr("mailrelay_operator.input_watch.BACKOFF_FIRST_SECONDS", 0.01)
+
+    async def scenario() -> None:
+        api = ForbiddenApi()
+        events = EventRouter(WorkQueue(), InputCache(), None, ClusterView)  # type: ignore[arg-type]
+        h = Health()
+        watch = InputWatch(api, events, ("mail",), health=h)  # type: ignore[arg-type]
+        with pytest.raises(KubeError):
+            await watch.seed()
+        assert h.alive()[0]
+        ok, why = h.ready()
+        assert not ok and "RelayDomain in mail failing for" in why and "403 Forbidden" in why
+        api.allowed = True
+        await watch.seed()
+        assert h.watch_failures == {}
+        task = asyncio.create_task(watch.run())  # lists work, watches do not
+        try:
+            while len(h.watch_failures) < 2:
+                await asyncio.sleep(0.01)
+            assert set(h.watch_failures) == {"RelayDomain in mail", "RecipientList in mail"}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_probes_answer_while_the_start_up_listing_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf retries the start-up handler while listing the inputs fails: the
+    probes answer from the first try on, alive and not ready (no restart
+    loop), from one server however many tries."""
+    from mailrelay_operator import handlers
+
+    host = "127.0.0.1"
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(handlers, "HEALTH_ENDPOINT", [f"http://{host}:{port}/healthz"])
+    monkeypatch.setattr(handlers.operator_key, "load", lambda: b"k" * 32)
+    monkeypatch.setattr(handlers, "KubeApi", ForbiddenApi)
+
+    async def scenario() -> None:
+        memo = kopf.Memo()
+        settings = kopf.OperatorSettings()
+        indexes = {"relays_idx": {}, "namespaces_idx": {}}
+        try:
+            for _kopf_retries in range(2):
+                with pytest.raises(KubeError):
+                    await handlers.start(settings=settings, memo=memo, **indexes)
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"http://{host}:{port}/healthz") as r:
+                        assert r.status == 200
+                    async with http.get(f"http://{host}:{port}/readyz") as r:
+                        why = await r.text()
+                        assert r.status == 503 and "403 Forbidden" in why
+        finally:
+            await handlers.stop(memo=memo)
 
     asyncio.run(scenario())
