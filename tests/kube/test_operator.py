@@ -210,15 +210,8 @@ spec:
     # Allowing namespaces by label attaches the tenant's domain.
     relay = kube.get("mailrelay", "quickstart")
     assert relay is not None
-    kube.kubectl(
-        "patch",
-        "mailrelay",
-        "quickstart",
-        "--type=merge",
-        "-p",
-        '{"spec":{"allowedDomains":{"namespaces":{"from":"Selector",'
-        '"selector":{"matchLabels":{"mail":"allowed"}}}}}}',
-    )
+    allowed = {"from": "Selector", "selector": {"matchLabels": {"mail": "allowed"}}}
+    kube.patch("mailrelay", "quickstart", {"spec": {"allowedDomains": {"namespaces": allowed}}})
     now = wait_for(
         "tenant domain Accepted",
         lambda: accepted(kube, "relaydomain", "tenant-domain", "tenant-a").get("status") == "True",
@@ -309,10 +302,7 @@ def test_ready_and_mx_records_follow_the_children(
         "currentRevision": "quickstart-old",
         "updateRevision": "quickstart-new",
     }
-    kube.kubectl(
-        "patch", "statefulset", "quickstart", "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": rolling}),
-    )  # fmt: skip
+    kube.patch("statefulset", "quickstart", {"status": rolling}, subresource="status")
     wait_for(
         "RollingOut",
         lambda: (
@@ -320,19 +310,9 @@ def test_ready_and_mx_records_follow_the_children(
         ),
     )
     done = {**rolling, "updatedReplicas": 1, "currentRevision": "quickstart-new"}
-    kube.kubectl(
-        "patch", "statefulset", "quickstart", "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": done}),
-    )  # fmt: skip
-    kube.kubectl(
-        "patch",
-        "service",
-        "quickstart-mx-quickstart-test",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.25"}]}}}',
-    )
+    kube.patch("statefulset", "quickstart", {"status": done}, subresource="status")
+    balanced = {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.25"}]}}}
+    kube.patch("service", "quickstart-mx-quickstart-test", balanced, subresource="status")
     relay = wait_for(
         "Ready",
         lambda: (
@@ -429,14 +409,7 @@ def test_immutable_statefulset_change_recreates_it(
 ) -> None:
     old = kube.get("statefulset", "quickstart")
     assert old is not None
-    kube.kubectl(
-        "patch",
-        "mailrelay",
-        "quickstart",
-        "--type=merge",
-        "-p",
-        '{"spec":{"storage":{"size":"20Gi"}}}',
-    )
+    kube.patch("mailrelay", "quickstart", {"spec": {"storage": {"size": "20Gi"}}})
     recreating = wait_for(
         "StatefulSetRecreating",
         lambda: (

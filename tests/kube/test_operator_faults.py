@@ -9,9 +9,8 @@ import json
 from typing import Any
 
 import pytest
-import yaml
 from mrtest.controlplane import start_apiserver, stop_apiserver
-from mrtest.kube import Kube, RunningOperator, reconciled, wait_for
+from mrtest.kube import Kube, RunningOperator, apply_reconciled, reconciled, wait_for
 from mrtest.objects import relay_and_domain
 
 pytestmark = pytest.mark.kube
@@ -21,21 +20,13 @@ NAME = "sturdy"
 PROMPTLY = 30.0
 
 
-def manifests() -> str:
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-    return yaml.safe_dump_all([namespace, *relay_and_domain(NAME, NS, replicas=2)])
-
-
 def converged(kube: Kube) -> dict[str, Any] | None:
     return reconciled(kube, NAME, NS)
 
 
 @pytest.fixture(scope="module")
 def sturdy(kube: Kube, operator: RunningOperator) -> dict[str, Any]:
-    kube.apply(manifests())
-    relay = wait_for("sturdy Reconciled", lambda: converged(kube))
-    operator.settle()
-    return relay
+    return apply_reconciled(kube, operator, NS, relay_and_domain(NAME, NS, replicas=2))[NAME]
 
 
 CHILDREN = [
@@ -70,36 +61,10 @@ def test_a_conflicting_writer_is_overruled(
     kube: Kube, operator: RunningOperator, sturdy: dict[str, Any]
 ) -> None:
     # A merge patch (field manager kubectl-patch) of fields the operator owns.
-    kube.kubectl(
-        "patch",
-        "statefulset",
-        NAME,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        '{"spec":{"updateStrategy":{"type":"OnDelete","rollingUpdate":null}}}',
-    )
-    kube.kubectl(
-        "patch",
-        "poddisruptionbudget",
-        NAME,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        '{"spec":{"maxUnavailable":0}}',
-    )
-    kube.kubectl(
-        "patch",
-        "service",
-        f"{NAME}-pods",
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        '{"spec":{"publishNotReadyAddresses":false}}',
-    )
+    on_delete = {"type": "OnDelete", "rollingUpdate": None}
+    kube.patch("statefulset", NAME, {"spec": {"updateStrategy": on_delete}}, NS)
+    kube.patch("poddisruptionbudget", NAME, {"spec": {"maxUnavailable": 0}}, NS)
+    kube.patch("service", f"{NAME}-pods", {"spec": {"publishNotReadyAddresses": False}}, NS)
     # Server-side apply by another manager, taking the field by force.
     cm = kube.get("configmap", f"{NAME}-config", NS)
     assert cm is not None
@@ -152,16 +117,7 @@ def test_api_server_restarted_mid_reconcile(
     writes = operator.call(lambda: operator.reconciler.api.writes)
     passes = operator.call(lambda: operator.reconciler.passes)
     # A change, then the API server goes away while the operator works on it.
-    kube.kubectl(
-        "patch",
-        "mailrelay",
-        NAME,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        '{"spec":{"queue":{"lifetime":"3d"}}}',
-    )
+    kube.patch("mailrelay", NAME, {"spec": {"queue": {"lifetime": "3d"}}}, NS)
     argv = stop_apiserver(kube)
     try:
         wait_for(

@@ -21,7 +21,14 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from mrtest.kube import Kube, RunningOperator, condition, reconciled, wait_for
+from mrtest.kube import (
+    Kube,
+    RunningOperator,
+    apply_reconciled,
+    condition,
+    reconciled,
+    wait_for,
+)
 from mrtest.objects import relay_and_domain
 from mrtest.pods import SilentPod
 from mrtest.relayproc import free_port, next_loopback
@@ -37,12 +44,6 @@ def lifetime_in_config(kube: Kube, name: str) -> str | None:
     if config is None:
         return None
     return str(json.loads(config["data"]["relay.json"])["policy"]["queue"]["lifetime"])
-
-
-def patch(kube: Kube, name: str, spec: dict[str, Any]) -> None:
-    kube.kubectl(
-        "patch", "mailrelay", name, "-n", NS, "--type=merge", "-p", json.dumps({"spec": spec})
-    )
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,14 +84,8 @@ def metrics_url() -> Iterator[str]:
 
 @pytest.fixture
 def relays(kube: Kube, operator: RunningOperator) -> dict[str, dict[str, Any]]:
-    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}]
-    docs += relay_and_domain(STUCK, NS, replicas=2) + relay_and_domain(PROMPT, NS)
-    kube.apply(yaml.safe_dump_all(docs))
-    found = {
-        n: wait_for(f"{n} Reconciled", lambda n=n: reconciled(kube, n, NS)) for n in (STUCK, PROMPT)
-    }
-    operator.settle()
-    return found
+    docs = relay_and_domain(STUCK, NS, replicas=2) + relay_and_domain(PROMPT, NS)
+    return apply_reconciled(kube, operator, NS, docs)
 
 
 @pytest.fixture
@@ -137,12 +132,12 @@ def test_a_stuck_relay_holds_up_no_other(
     before = scrape(metrics_url)
     t0 = time.time()
 
-    patch(kube, STUCK, {"replicas": 1})
+    kube.patch("mailrelay", STUCK, {"spec": {"replicas": 1}}, NS)
     wait_for("the drain request at the silent pod", lambda: silent_pod.connections)
     stuck_task = operator.call(lambda: r.running.get(stuck_key))
     assert stuck_task is not None, "the stuck relay's reconcile is not running"
 
-    patch(kube, PROMPT, {"queue": {"lifetime": "3d"}})
+    kube.patch("mailrelay", PROMPT, {"spec": {"queue": {"lifetime": "3d"}}}, NS)
     wait_for("prompt's ConfigMap", lambda: lifetime_in_config(kube, PROMPT) == "3d", timeout=120)
     wait_for("prompt Reconciled at its new generation", lambda: reconciled(kube, PROMPT, NS), 120)
     wait_for("prompt's reconcile over", lambda: prompt_key not in operator.call(lambda: r.running))
@@ -179,7 +174,9 @@ def test_a_stuck_relay_holds_up_no_other(
         ),
     )
     assert f"{STUCK}-1" in draining["message"], draining
-    patch(kube, STUCK, {"replicas": 2})  # called off: nothing left polling the pod
+    kube.patch(
+        "mailrelay", STUCK, {"spec": {"replicas": 2}}, NS
+    )  # called off: nothing left polling the pod
     wait_for(
         "the scale-down called off",
         lambda: condition(kube.get("mailrelay", STUCK, NS), "ScalingDown").get("status") == "False",

@@ -91,9 +91,7 @@ def test_scale_down_hands_the_queue_over_before_the_pod_goes(
             send(pod1, f"{name}.example", s)
         wait_for("pod-1 deferred its mail", lambda: pod1.queue_state()["states"]["deferred"] == 5)
 
-        kube.kubectl(
-            "patch", "mailrelay", name, "-n", NS, "--type=merge", "-p", '{"spec":{"replicas":1}}'
-        )
+        kube.patch("mailrelay", name, {"spec": {"replicas": 1}}, NS)
         draining = wait_for(
             "ScalingDown Draining",
             lambda: (c := scaling(kube, name)).get("reason") == "Draining" and c,
@@ -156,16 +154,7 @@ def test_rolling_upgrade_loses_nothing(
         )
 
         old = kubelet.statefulset()["spec"]["template"]
-        kube.kubectl(
-            "patch",
-            "mailrelay",
-            name,
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            '{"spec":{"image":"registry.test/mailrelay:v2"}}',
-        )
+        kube.patch("mailrelay", name, {"spec": {"image": "registry.test/mailrelay:v2"}}, NS)
         new = wait_for(
             "a new pod template",
             lambda: (t := kubelet.statefulset()["spec"]["template"]) != old and t,

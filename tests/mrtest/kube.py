@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
+
+from mrtest.objects import namespace_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("KUBEBUILDER_ASSETS") or REPO / ".tools" / "bin")
@@ -53,6 +56,18 @@ class Kube:
                 return None
             pytest.fail(f"kubectl get {kind} {name} failed:\n{result.stderr}", pytrace=False)
         return dict(json.loads(result.stdout))
+
+    def patch(
+        self,
+        kind: str,
+        name: str,
+        patch: dict[str, Any],
+        namespace: str = "default",
+        subresource: str | None = None,
+    ) -> str:
+        """kubectl patch --type=merge: a writer other than the tests' apply."""
+        args = ["patch", kind, name, "-n", namespace, "--type=merge", "-p", json.dumps(patch)]
+        return self.kubectl(*args, *([f"--subresource={subresource}"] if subresource else []))
 
     def list(self, kind: str, namespace: str = "default", selector: str = "") -> list[Any]:
         args = ["get", kind, "-n", namespace, "-o", "json"]
@@ -100,6 +115,20 @@ def reconciled(kube: Kube, name: str, namespace: str = "default") -> dict[str, A
     if relay.get("status", {}).get("observedGeneration") == gen and cond.get("status") == "True":
         return relay
     return None
+
+
+def apply_reconciled(
+    kube: Kube, operator: RunningOperator, namespace: str, docs: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Applies `namespace` and `docs`, waits until each MailRelay among them is
+    Reconciled and the operator has settled; returns them by name."""
+    kube.apply(yaml.safe_dump_all([namespace_manifest(namespace), *docs]))
+    names = [d["metadata"]["name"] for d in docs if d["kind"] == "MailRelay"]
+    found = {
+        n: wait_for(f"{n} Reconciled", lambda n=n: reconciled(kube, n, namespace)) for n in names
+    }
+    operator.settle()
+    return found
 
 
 @dataclass

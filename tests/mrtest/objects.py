@@ -9,7 +9,30 @@ from typing import Any
 
 from mailrelay_api.schema import API_VERSION
 from mailrelay_api.validate import with_defaults
-from mrtest.relayproc import relay_spec_for_tests
+
+
+def relay_spec_for_tests(
+    hostname: str = "mx.relay.test", nameserver: str | None = None
+) -> dict[str, Any]:
+    """A MailRelay spec for tests: no DNS-based checks, no pregreet wait."""
+    return {
+        "hostname": hostname,
+        "replicas": 1,
+        "postscreen": {"greet": {"action": "ignore", "wait": "0s"}, "dnsbl": {"sites": []}},
+        "restrictions": {
+            "rejectUnknownRecipientDomain": False,
+            "rejectUnknownReverseClientHostname": False,
+            "rblClients": [],
+            "spf": {"enabled": False},
+        },
+        # Never the system resolver: a port on loopback nobody answers.
+        "dns": {"nameservers": [nameserver or "127.0.0.1:9"], "timeout": "1s"},
+        "queue": {"minBackoff": "1s", "maxBackoff": "2s"},
+    }
+
+
+def namespace_manifest(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
 def mailrelay_manifest(
@@ -60,6 +83,18 @@ def relay_domain_manifest(
         "kind": "RelayDomain",
         "metadata": {"name": name, "namespace": namespace, **metadata},
         "spec": spec,
+    }
+
+
+def recipient_list_manifest(
+    name: str, domain: str, addresses: list[str], namespace: str = "mail"
+) -> dict[str, Any]:
+    """RecipientList `name` of RelayDomain `domain` (its object's name)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RecipientList",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"domainRef": {"name": domain}, "addresses": addresses},
     }
 
 

@@ -29,6 +29,12 @@ from typing import Any
 
 import yaml
 
+from mrtest.objects import (
+    mailrelay_manifest,
+    recipient_list_manifest,
+    relay_domain_manifest,
+    relay_spec_for_tests,
+)
 from relay.process.cpus import available_cpus
 
 # -- waiting and ports ------------------------------------------------------------
@@ -68,26 +74,6 @@ def next_loopback() -> str:
 # -- manifests ----------------------------------------------------------------------
 
 
-def relay_spec_for_tests(
-    hostname: str = "mx.relay.test", nameserver: str | None = None
-) -> dict[str, Any]:
-    """A MailRelay spec for tests: no DNS-based checks, no pregreet wait."""
-    return {
-        "hostname": hostname,
-        "replicas": 1,
-        "postscreen": {"greet": {"action": "ignore", "wait": "0s"}, "dnsbl": {"sites": []}},
-        "restrictions": {
-            "rejectUnknownRecipientDomain": False,
-            "rejectUnknownReverseClientHostname": False,
-            "rblClients": [],
-            "spf": {"enabled": False},
-        },
-        # Never the system resolver: a port on loopback nobody answers.
-        "dns": {"nameservers": [nameserver or "127.0.0.1:9"], "timeout": "1s"},
-        "queue": {"minBackoff": "1s", "maxBackoff": "2s"},
-    }
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -112,37 +98,23 @@ def write_manifests(
     `verify`). Call again with other domains to change a running relay.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    relay = {
-        "apiVersion": "mailrelay.io/v1alpha1",
-        "kind": "MailRelay",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": _merge(relay_spec_for_tests(), spec or {}),
-    }
-    docs: list[dict[str, Any]] = [relay]
+    relay_spec = _merge(relay_spec_for_tests(), spec or {})
+    docs: list[dict[str, Any]] = [mailrelay_manifest(name, namespace, spec=relay_spec)]
     for domain, recipients in domains.items():
         obj_name = re.sub(r"[^a-z0-9-]", "-", domain.lower())
-        docs.append(
-            {
-                "apiVersion": "mailrelay.io/v1alpha1",
-                "kind": "RelayDomain",
-                "metadata": {"name": obj_name, "namespace": namespace},
-                "spec": {
-                    "domain": domain,
-                    "relayRef": {"name": name},
-                    "nextHop": {"host": next_hop[0], "port": next_hop[1], "tls": "none"},
-                    "recipients": recipients if isinstance(recipients, str) else "listed",
-                    **(domain_spec or {}),
-                },
-            }
+        relay_domain = relay_domain_manifest(
+            obj_name,
+            domain=domain,
+            relay=name,
+            namespace=namespace,
+            next_hop={"host": next_hop[0], "port": next_hop[1], "tls": "none"},
+            recipients=recipients if isinstance(recipients, str) else "listed",
         )
+        relay_domain["spec"].update(domain_spec or {})
+        docs.append(relay_domain)
         if not isinstance(recipients, str):
             docs.append(
-                {
-                    "apiVersion": "mailrelay.io/v1alpha1",
-                    "kind": "RecipientList",
-                    "metadata": {"name": f"{obj_name}-list", "namespace": namespace},
-                    "spec": {"domainRef": {"name": obj_name}, "addresses": list(recipients)},
-                }
+                recipient_list_manifest(f"{obj_name}-list", obj_name, list(recipients), namespace)
             )
     tmp = folder / ".relay.yaml.tmp"
     tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
