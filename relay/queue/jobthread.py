@@ -1,4 +1,4 @@
-"""The queue's per-message thread: commit batches and removals, one job at a time.
+"""The queue's removal thread: batches of delivered messages, one job at a time.
 
 A ThreadPoolExecutor job costs, besides the hand-off itself, a
 concurrent.futures.Future (a Condition and its lock), a work item, a

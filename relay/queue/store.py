@@ -107,10 +107,10 @@ class Queue:
             (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)  # as Postfix
         # fsyncs of different files overlap on disk; a pool lets them group.
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="queue-io")
-        # The per-message work (commit batches, removals) runs on one thread of
-        # its own: every extra thread that wakes for a few syscalls fights the
-        # event loop for the GIL, and that costs more than the syscalls.
-        self._hot_thread = JobThread("queue-commit")
+        # Removals of delivered messages run on a thread of their own, batched
+        # (a pool job per message costs more than its unlink), off the commit
+        # threads (relay.queue.incoming.Committer): a 250 never waits for them.
+        self._finish_thread = JobThread("queue-finish")
         self._fresh: dict[str, Claim] = {}
         self.committing: set[str] = set()  # in commit(): maybe in active/ already, not fresh yet
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -118,9 +118,7 @@ class Queue:
         self._finishing: collections.deque[Claim] = collections.deque()
         self._finish_job: asyncio.Task[None] | None = None
         self._dir_lock = threading.Lock()
-        self.committer = Committer(
-            self._pool, self._hot_thread, functools.partial(self.fsync_state_dir, ACTIVE)
-        )
+        self.committer = Committer(self._pool, functools.partial(self.fsync_state_dir, ACTIVE))
 
     # -- plumbing ----------------------------------------------------------
 
@@ -156,8 +154,9 @@ class Queue:
         for claim in list(self._fresh.values()):
             self.release_sync(claim)
         self._fresh.clear()
+        self.committer.shutdown()
         self._pool.shutdown(wait=True)
-        self._hot_thread.shutdown()
+        self._finish_thread.shutdown()
         for syncer in self._dir_syncs.values():
             syncer.close()
         self._dir_syncs.clear()
@@ -307,7 +306,7 @@ class Queue:
 
     async def _finish_batches(self) -> None:
         """Waits FINISH_DELAY for more messages to finish, then hands all that
-        wait to one pool job (a hand-off to a thread per message costs more
+        wait to one job on the removal thread (a hand-off to a thread per message costs more
         than its unlink); again while more came meanwhile.
 
         Only the event loop touches `_finishing`: a job takes its batch whole,
@@ -319,7 +318,7 @@ class Queue:
             while self._finishing:
                 batch = list(self._finishing)
                 self._finishing.clear()
-                await self._hot_thread.run(self._finish_batch_sync, batch)
+                await self._finish_thread.run(self._finish_batch_sync, batch)
         finally:
             self._finish_job = None
 

@@ -1,0 +1,159 @@
+"""The batched committer: several batches at once, one file's failure stays its own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.queue.format import ACTIVE, INCOMING, QueueError
+from relay.queue.incoming import Committer, IncomingMessage
+from relay.queue.store import Queue
+
+
+@pytest.fixture
+async def queue(tmp_path: Path):  # type: ignore[no-untyped-def]
+    q = Queue(tmp_path / "q")
+    yield q
+    await q.close()
+
+
+def files(queue: Queue, state: str) -> list[str]:
+    return sorted(os.listdir(queue.directory / state))
+
+
+def new_message(queue: Queue, body: bytes = b"x\r\n") -> IncomingMessage:
+    msg = queue.incoming()
+    msg.write(body)
+    return msg
+
+
+async def commit_all(messages: list[IncomingMessage]) -> list[str | BaseException]:
+    return await asyncio.gather(
+        *(m.commit("a@example.org", ["b@example.com"]) for m in messages), return_exceptions=True
+    )
+
+
+class Gate:
+    """Holds the first batch on its thread until opened; records the batches."""
+
+    def __init__(self, queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()  # the first batch is held
+        self.batches: list[list[str]] = []
+        committer = queue.committer
+        real_batch = committer._commit_batch_sync
+        first = True
+
+        def batch_sync(batch: list[Any]) -> list[OSError | None]:
+            nonlocal first
+            if first:
+                first = False
+                self.entered.set()
+                assert self.open.wait(10)
+            self.batches.append([m.queue_id for m, *_ in batch])
+            return real_batch(batch)
+
+        monkeypatch.setattr(committer, "_commit_batch_sync", batch_sync)
+
+    async def held(self) -> None:
+        while not self.entered.is_set():
+            await asyncio.sleep(0.001)
+
+
+async def test_many_commits_at_once_are_all_durable_and_locked(queue: Queue) -> None:
+    messages = [new_message(queue, b"message %d\r\n" % i) for i in range(40)]
+    ids = await commit_all(messages)
+    assert all(isinstance(i, str) for i in ids)
+    assert files(queue, ACTIVE) == sorted(str(i) for i in ids)
+    assert files(queue, INCOMING) == []
+    for qid in ids:
+        # the receiver keeps its claim (the lock) until delivery
+        assert queue._locked(queue.path_of(ACTIVE, str(qid)))
+        claim = queue.take_fresh(str(qid))
+        assert claim is not None
+        queue.release_sync(claim)
+    assert [m.queue_id for m in queue.messages()] == sorted(str(i) for i in ids)
+
+
+async def test_one_file_failing_fails_only_its_own_commit(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue.committer = Committer(queue._pool, lambda: queue.fsync_state_dir(ACTIVE), threads=1)
+    gate = Gate(queue, monkeypatch)
+    first = asyncio.ensure_future(commit_all([new_message(queue)]))
+    await gate.held()  # the one thread is busy: the next messages wait together
+    messages = [new_message(queue) for _ in range(5)]
+    bad = messages[2]
+    real_commit_sync = IncomingMessage._commit_sync
+
+    def commit_sync(self: IncomingMessage, tail: bytes, envelope: Any) -> None:
+        if self is bad:
+            self._open_sync(os.O_DSYNC)  # created and locked, then the disk fails
+            raise OSError(28, "No space left on device")
+        real_commit_sync(self, tail, envelope)
+
+    monkeypatch.setattr(IncomingMessage, "_commit_sync", commit_sync)
+    rest = asyncio.ensure_future(commit_all(messages))
+    for _ in range(5):
+        await asyncio.sleep(0)  # every commit() has queued its message
+    gate.open.set()
+    results = await rest
+    assert gate.batches[1] == [m.queue_id for m in messages]  # one batch
+    failed = results[2]
+    assert isinstance(failed, QueueError)
+    good = [str(r) for r in [*await first, *results] if r is not failed]
+    assert len(good) == 5
+    await queue.settle()
+    assert files(queue, ACTIVE) == sorted(good)
+    assert files(queue, INCOMING) == []  # the failed one is gone, not left locked
+    for qid in good:
+        assert queue._locked(queue.path_of(ACTIVE, qid))
+
+
+async def test_a_failed_folder_fsync_fails_the_batch_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renamed but not durable: never acknowledged, so not delivered either."""
+    queue = Queue(tmp_path / "q")
+    try:
+
+        def failing_sync(state: str) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(queue, "fsync_state_dir", failing_sync)
+        queue.committer = Committer(queue._pool, lambda: queue.fsync_state_dir(ACTIVE))
+        results = await commit_all([new_message(queue) for _ in range(5)])
+        assert all(isinstance(r, QueueError) for r in results)
+        await queue.settle()
+        assert files(queue, ACTIVE) == []
+        assert files(queue, INCOMING) == []
+        assert queue.fresh_ids() == []
+    finally:
+        await queue.close()
+
+
+async def test_a_batch_waits_for_no_other_batch(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one commit thread is held up (a slow disk), the others commit on."""
+    gate = Gate(queue, monkeypatch)
+    held = asyncio.ensure_future(commit_all([new_message(queue)]))
+    await gate.held()
+    others = await asyncio.wait_for(commit_all([new_message(queue) for _ in range(3)]), 10)
+    assert all(isinstance(r, str) for r in others)
+    assert not held.done()
+    gate.open.set()
+    [first] = await held
+    assert isinstance(first, str)
+
+
+async def test_close_ends_the_commit_threads(tmp_path: Path) -> None:
+    queue = Queue(tmp_path / "q")
+    await commit_all([new_message(queue) for _ in range(3)])
+    await queue.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("queue-commit")]
