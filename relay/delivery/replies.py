@@ -47,6 +47,7 @@ class ReplyReader(asyncio.Protocol):
         self.lost = False
         self.lost_with: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._expired = False  # next_reply's time is up
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.transport: StreamTransport | None = None
@@ -117,17 +118,35 @@ class ReplyReader(asyncio.Protocol):
             raise SMTPServerDisconnected("Connection lost") from self.lost_with
         self.transport.write(data)
 
-    async def next_reply(self) -> SMTPResponse:
-        """The next reply; raises SMTPServerDisconnected or ReplyError.
-        (The caller bounds the whole exchange with a timeout.)"""
-        while not self.replies:
-            if self.error is not None:
-                raise self.error
-            if self.lost:
-                raise SMTPServerDisconnected("Connection lost") from self.lost_with
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+    async def next_reply(self, timeout: float) -> SMTPResponse:
+        """The next reply within `timeout` seconds; raises TimeoutError,
+        SMTPServerDisconnected or ReplyError. One already read (the rest of a
+        pipelined group arrives with its first reply) is taken at once; else
+        one timer fails the waiter (cheaper than asyncio.timeout's task
+        cancellation, twice per delivered message)."""
+        if self.replies:
+            return self.replies.popleft()
+        loop = asyncio.get_running_loop()
+        self._expired = False
+        timer = loop.call_later(timeout, self._time_out)
+        try:
+            while not self.replies:
+                if self.error is not None:
+                    raise self.error
+                if self.lost:
+                    raise SMTPServerDisconnected("Connection lost") from self.lost_with
+                if self._expired:  # (between two waits: part of a reply came in)
+                    raise TimeoutError("no reply in time")
+                self._waiter = loop.create_future()
+                await self._waiter
+        finally:
+            timer.cancel()
         return self.replies.popleft()
+
+    def _time_out(self) -> None:
+        self._expired = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(TimeoutError("no reply in time"))
 
     async def drain(self) -> None:
         """Waits while the peer does not read what was written."""

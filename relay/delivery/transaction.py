@@ -19,7 +19,6 @@ addresses are checked here (check_address) and sent as is.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -165,16 +164,6 @@ async def send_data(reader: ReplyReader, chunks: ChunkSource) -> None:
     reader.write(last + encoder.end())
 
 
-async def _next_reply(reader: ReplyReader, timeout: float) -> SMTPResponse:
-    """The next reply within `timeout`. One already read (the rest of a
-    pipelined group arrives with its first reply) is taken without arming a
-    timer: a timeout per reply costs more than the parsing."""
-    if reader.replies:
-        return reader.replies.popleft()
-    async with asyncio.timeout(timeout):
-        return await reader.next_reply()
-
-
 class _Exchange:
     """The state machine of one transaction on a borrowed connection."""
 
@@ -220,7 +209,7 @@ class _Exchange:
             self.stage = (
                 MAIL_STAGE if replied == 0 else RCPT_STAGE if replied < data_at else DATA_STAGE
             )
-            reply = await _next_reply(reader, timeout)
+            reply = await reader.next_reply(timeout)
             if replied == 0:
                 mail_ok = reply.code == 250
                 if not mail_ok:
@@ -245,7 +234,7 @@ class _Exchange:
             # RFC 2920: DATA was accepted though no recipient was; end it at
             # once (the server must refuse an empty one).
             reader.write(b".\r\n")
-        final = await _next_reply(reader, timeout)
+        final = await reader.next_reply(timeout)
         if not self.accepted:
             return
         if final.code != 250:
@@ -322,15 +311,13 @@ async def run_probe(
 
     async def converse(reader: ReplyReader) -> None:
         reader.write(b"MAIL FROM:<>\r\n")
-        async with asyncio.timeout(timeout):
-            mail = await reader.next_reply()
+        mail = await reader.next_reply(timeout)
         if mail.code != 250:
             exchange.fail(mail, [recipient], MAIL_STAGE)
             return
         exchange.stage = RCPT_STAGE
         reader.write(b"RCPT TO:<" + recipient.encode() + b">\r\n")
-        async with asyncio.timeout(timeout):
-            rcpt = await reader.next_reply()
+        rcpt = await reader.next_reply(timeout)
         if rcpt.code not in (250, 251):
             exchange.fail(rcpt, [recipient], RCPT_STAGE)
             return

@@ -222,6 +222,25 @@ async def test_a_reused_connection_closed_by_the_peer_is_retried(scripted: Calla
         await pool.close()
 
 
+async def test_a_next_hop_that_stops_answering_times_out(scripted: Callable) -> None:
+    """Silent after MAIL, or silent in the middle of a multi-line reply to the
+    final dot: deferred as timed out, and the connection is not reused."""
+    server = await scripted(Script(mail="250-2.1.0 half a reply", offer_pipelining=False))
+    pool = ConnectionPool(Resolver(), command_timeout=0.2)
+    try:
+        [result] = await deliver(pool, server.port, ["ok@example.com"])
+        assert result.kind == DEFERRED and "timed out" in result.reply
+        assert result.reply.endswith("while sending MAIL FROM: no reply in time")
+        server.script = Script(final="250-2.0.0 Ok: queued")
+        [result] = await deliver(pool, server.port, ["ok@example.com"])
+        assert result.kind == DEFERRED and "while sending end of DATA" in result.reply
+        assert server.connections == 2
+        [result] = await deliver(pool, server.port, ["ok@example.com"])
+        assert result.kind == DEFERRED and server.connections == 3
+    finally:
+        await pool.close()
+
+
 async def test_big_message_streams_through(scripted: Callable) -> None:
     server = await scripted(Script())
     pool = ConnectionPool(Resolver())
