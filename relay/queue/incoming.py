@@ -9,7 +9,7 @@ to delivery: the committed message is handed to delivery as a Claim.
 Small messages stay in memory until commit; bigger ones are written out in
 the background while received. Commits of small messages are batched: a
 commit thread writes, fsyncs and renames the waiting messages and fsyncs
-active/ once for all of them; a few such threads run batches at once.
+active/ once for all of them, then takes the next batch itself.
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ from relay.queue.mailparams import NO_PARAMS, MailParams
 SPILL_BYTES = 256 * 1024
 # A receiver may run this far ahead of the disk before drain() makes it wait.
 MAX_PENDING_BYTES = 1024 * 1024
-# Commit batches run on this many threads at once (see Committer). Two
-# halved the accept latency under the plain-relay benchmark; four cut it no
-# further and cost ~20% more CPU per message (batches of one, GIL contention).
-COMMIT_THREADS = 2
-# A commit thread takes at most this many waiting messages: a burst is
-# spread over the threads, whose writes then share journal commits.
+# Commit batches run on this many threads at once (see Committer). On the
+# 2-core test machine one thread used ~9% less CPU per message than main's
+# loop-driven batches and cut the accept latency by a third; two threads
+# halved it again, but cost ~10% more CPU (smaller batches, the GIL shared
+# by three threads): the CPU per message is the target that binds here.
+COMMIT_THREADS = 1
+# A commit thread takes at most this many waiting messages (with several
+# threads, a burst is spread over them).
 MAX_BATCH = 8
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -292,16 +294,18 @@ def _outcome(job: asyncio.Future[list[OSError | None]]) -> list[OSError | None] 
 class Committer:
     """Commits messages in batches on the queue's commit threads.
 
-    The event loop only puts a message on a queue; each commit thread takes
-    the first waiting message and whoever else waits (up to MAX_BATCH),
-    writes and renames them, fsyncs active/ (shared with the other threads'
-    batches by relay.queue.durable.GroupSync) and wakes the loop once for the
-    batch, then takes the next batch itself: no round trip through the loop
-    between batches, and a batch never waits for another's folder fsync.
-    Concurrent O_DSYNC writes and fsyncs share ext4's journal commits (one
-    thread does ~3,500 files a second on the test disk, four ~8,000). A big
-    message (already written out while received) commits on its own on the
-    I/O pool, so that its long fsync holds up no small one.
+    The event loop only puts a message on a queue; a commit thread takes the
+    first waiting message and whoever else waits (up to MAX_BATCH), writes
+    and renames them, fsyncs active/ and wakes the loop once for the batch,
+    then takes the next batch itself: no round trip through the loop between
+    batches, and no thread wake-up while batches follow each other. With
+    more than one thread (`threads`), batches run at once: a batch never
+    waits for another's folder fsync (relay.queue.durable.GroupSync shares
+    the fsyncs), and concurrent O_DSYNC writes share ext4's journal commits
+    (one thread does ~3,500 files a second on the test disk, four ~8,000),
+    at a cost in CPU (COMMIT_THREADS). A big message (already written out
+    while received) commits on its own on the I/O pool, so that its long
+    fsync holds up no small one.
     """
 
     def __init__(

@@ -65,7 +65,9 @@ class Gate:
             await asyncio.sleep(0.001)
 
 
-async def test_many_commits_at_once_are_all_durable_and_locked(queue: Queue) -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+async def test_many_commits_at_once_are_all_durable_and_locked(queue: Queue, threads: int) -> None:
+    queue.committer = Committer(queue._pool, lambda: queue.fsync_state_dir(ACTIVE), threads=threads)
     messages = [new_message(queue, b"message %d\r\n" % i) for i in range(40)]
     ids = await commit_all(messages)
     assert all(isinstance(i, str) for i in ids)
@@ -140,7 +142,9 @@ async def test_a_failed_folder_fsync_fails_the_batch_and_leaves_nothing(
 async def test_a_batch_waits_for_no_other_batch(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While one commit thread is held up (a slow disk), the others commit on."""
+    """With several commit threads, while one is held up (a slow disk), the others
+    commit on (their folder fsyncs shared by GroupSync)."""
+    queue.committer = Committer(queue._pool, lambda: queue.fsync_state_dir(ACTIVE), threads=3)
     gate = Gate(queue, monkeypatch)
     held = asyncio.ensure_future(commit_all([new_message(queue)]))
     await gate.held()
