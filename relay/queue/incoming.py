@@ -300,7 +300,7 @@ class Committer:
     then takes the next batch itself: no round trip through the loop between
     batches, and no thread wake-up while batches follow each other. With
     more than one thread (`threads`), batches run at once: a batch never
-    waits for another's folder fsync (relay.queue.durable.GroupSync shares
+    waits for another's folder fsync (relay.durable.GroupSync shares
     the fsyncs), and concurrent O_DSYNC writes share ext4's journal commits
     (one thread does ~3,500 files a second on the test disk, four ~8,000),
     at a cost in CPU (COMMIT_THREADS). A big message (already written out
