@@ -211,6 +211,12 @@ class KubeApi:
             )
         )
 
+    def create_event_sync(self, event: Mapping[str, Any]) -> None:
+        """POSTs an events.k8s.io/v1 Event (not counted in `writes`: those are
+        the children and statuses, which tests count)."""
+        path = f"/apis/events.k8s.io/v1/namespaces/{event['metadata']['namespace']}/events"
+        _json_of(self._send("POST", path, [], dict(event), "application/json"))
+
     def delete_sync(self, path: str, propagation: str = "Background") -> None:
         self._count_write()
         try:
@@ -250,6 +256,9 @@ class KubeApi:
 
     async def patch_status(self, path: str, status: dict[str, Any]) -> KubeObject:
         return await asyncio.to_thread(self.patch_status_sync, path, status)
+
+    async def create_event(self, event: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(self.create_event_sync, event)
 
     async def delete(self, path: str, propagation: str = "Background") -> None:
         await asyncio.to_thread(self.delete_sync, path, propagation)

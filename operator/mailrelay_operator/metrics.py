@@ -23,3 +23,9 @@ LAST_SUCCESS = Gauge(
     "When a relay was last reconciled with every child applied (Unix time).",
     ["namespace", "name"],
 )
+EVENTS = Counter(
+    "mailrelay_operator_events_total",
+    "Kubernetes Events of condition transitions (k8s_events.py), by result: "
+    "posted, failed, dropped (queue full), repeated (skipped within the repeat window).",
+    ["result"],
+)

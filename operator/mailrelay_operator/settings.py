@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from mailrelay_api.claims import ClusterNetworks
 
 OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"  # the downward API, in the chart
+POD_NAME_ENV = "POD_NAME"  # likewise: Events' reportingInstance (k8s_events.py)
 # The namespace Prometheus scrapes relay pods from (their metrics port).
 METRICS_NAMESPACE_ENV = "MAILRELAY_METRICS_NAMESPACE"
 # "false": no NetworkPolicy per relay (a CNI without NetworkPolicy support
