@@ -8,6 +8,7 @@ with the same renderer as `mailrelay render`, applies its children
 apply, and pruning), holds the StatefulSet's replicas while a scale-down
 drains (scaledown.py), and writes the relay's status; the statuses of its
 RelayDomains and RecipientLists go to the status writer (status_writer.py).
+A status write that changes a condition posts a Kubernetes Event (k8s_events.py).
 Each of those objects owns its state; this module wires them together and
 keeps what it remembers per relay in RelayMemory.
 
@@ -48,6 +49,7 @@ from mailrelay_operator.events import EventRouter, Replicas
 from mailrelay_operator.health import Health
 from mailrelay_operator.input_watch import InputWatch
 from mailrelay_operator.inputs import InputCache
+from mailrelay_operator.k8s_events import EventRecorder
 from mailrelay_operator.kubeapi import (
     KubeApi,
     KubeError,
@@ -127,6 +129,7 @@ class Reconciler:
     inputs: InputCache = field(init=False)
     applier: ChildApplier = field(init=False)
     statuses: StatusWriter = field(init=False)
+    recorder: EventRecorder = field(init=False)  # Kubernetes Events of transitions
     events: EventRouter = field(init=False)
     watch: InputWatch = field(init=False)
 
@@ -135,14 +138,23 @@ class Reconciler:
         self.queue = WorkQueue(self.retry_seconds)
         self.inputs = InputCache()
         self.applier = ChildApplier(self.api)
-        self.statuses = StatusWriter(self.api, self.retry_seconds, self.inputs.current)
+        self.recorder = EventRecorder(self.api)
+        self.statuses = StatusWriter(
+            self.api, self.retry_seconds, self.inputs.current, self.recorder.status_written
+        )
         self.events = EventRouter(self.queue, self.inputs, self.applier, self.view)
         self.watch = InputWatch(self.api, self.events, self.namespaces, health=self.health)
 
     # --- for tests and benchmarks (call in the loop's thread) --------------------------
     @property
     def idle(self) -> bool:
-        return not self.busy and not self.running and self.queue.empty and self.statuses.idle
+        return (
+            not self.busy
+            and not self.running
+            and self.queue.empty
+            and self.statuses.idle
+            and self.recorder.idle
+        )
 
     def resync_now(self) -> None:
         """A full pass now."""
@@ -158,10 +170,11 @@ class Reconciler:
     async def run(self) -> None:
         writer = asyncio.create_task(self.statuses.run(), name="mailrelay-status-writer")
         watch = asyncio.create_task(self.watch.run(), name="mailrelay-input-watch")
+        recorder = asyncio.create_task(self.recorder.run(), name="mailrelay-k8s-events")
         try:
             await self._run()
         finally:
-            tasks = [writer, watch, *self.running.values()]
+            tasks = [writer, watch, recorder, *self.running.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,6 +8,8 @@ MailRelay's own); `queue` hands one to `run`, a task that drains the queue
 STATUS_WRITE_CONCURRENCY writes at a time, so thousands of RelayDomain and
 RecipientList statuses never keep the next reconcile waiting. `resync`
 forgets `written`, so the next pass compares with the objects again.
+After each write it calls `written_hook(obj, new)` (the Event recorder,
+k8s_events.py: a status changed, maybe a condition), which must not wait.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def _no_object(kind: str, key: Key) -> KubeObject | None:
     return None
 
 
+def _no_hook(obj: KubeObject, new: KubeObject) -> None:
+    return None
+
+
 @dataclass
 class StatusWriter:
     api: KubeApi
@@ -44,6 +50,8 @@ class StatusWriter:
     # Where a queued status's object is now (the input cache): a queue of
     # 100,000 statuses holds no copy of an object the cache has replaced since.
     current: Callable[[str, Key], KubeObject | None] = _no_object
+    # Called with (object as it was, status written) after each write.
+    written_hook: Callable[[KubeObject, KubeObject], None] = _no_hook
     written: dict[str, bytes] = field(default_factory=dict)
     pending: dict[str, tuple[ObjectRef, KubeObject]] = field(default_factory=dict)  # by uid
     in_flight: int = 0
@@ -80,6 +88,7 @@ class StatusWriter:
                 return
             raise
         self.written[str(meta.get("uid"))] = _digest(new)
+        self.written_hook(obj, new)
 
     def queue(self, obj: KubeObject, new: KubeObject) -> None:
         """Queues a status write unless it is already there; the newest one per object wins."""

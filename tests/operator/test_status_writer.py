@@ -49,3 +49,20 @@ def test_a_queued_status_goes_to_the_object_as_it_is_now() -> None:
         assert not writer.pending
 
     asyncio.run(scenario())
+
+
+def test_the_written_hook_sees_writes_only() -> None:
+    """What the Event recorder hangs on: a status written, not one found unchanged."""
+
+    async def scenario() -> None:
+        seen: list[dict[str, Any]] = []
+        writer = StatusWriter(cast(Any, Api()), written_hook=lambda obj, new: seen.append(new))
+        obj = {**domain("u1", "1"), "status": {"recipients": 1}}
+        await writer.write(obj, {"recipients": 1})  # what the object has
+        await writer.write(obj, {"recipients": 2})
+        await writer.write(obj, {"recipients": 2})  # what was written
+        writer.resync()
+        await writer.write({**obj, "status": {"recipients": 2}}, {"recipients": 2})
+        assert seen == [{"recipients": 2}]
+
+    asyncio.run(scenario())
