@@ -1,0 +1,95 @@
+"""Events of condition transitions (k8s_events.py), against the operator on a real kube-apiserver.
+
+A second tenant's RelayDomain for a domain the first holds is refused
+(Conflict): the second tenant sees a Warning Event in its own namespace that
+says what its status says and names nothing of the first tenant; a resync
+posts nothing again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from mailrelay_operator.k8s_events import REPORTING_CONTROLLER
+from mrtest.kube import Kube, RunningOperator, condition, wait_for
+
+pytestmark = pytest.mark.kube
+
+RELAY_NS, A, B = "events-relay", "events-a", "events-b"
+HOLDER = "alpha-holder"  # tenant A's object: its name must not reach tenant B
+
+
+def relay_domain(name: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": name},
+            "spec": {
+                "domain": "held.example",
+                "relayRef": {"name": "shared", "namespace": RELAY_NS},
+                "nextHop": {"host": "mx.customer.example"},
+                "recipients": "any",
+            },
+        }
+    )
+
+
+def accepted_reason(kube: Kube, ns: str, name: str, reason: str) -> dict[str, Any] | None:
+    c = condition(kube.get("relaydomain", name, ns), "Accepted")
+    return c if c.get("reason") == reason else None
+
+
+def events_about(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in kube.list("events.events.k8s.io", ns)
+        if e.get("regarding", {}).get("name") == name
+        and e.get("reportingController") == REPORTING_CONTROLLER
+    ]
+
+
+def test_a_refused_claim_is_a_warning_in_the_claimant_s_namespace_only(
+    kube: Kube, operator: RunningOperator
+) -> None:
+    for ns in (RELAY_NS, A, B):
+        kube.kubectl("create", "namespace", ns)
+        kube.kubectl("label", "namespace", ns, "events-test=yes")
+    grant = {
+        "namespaces": {"from": "Selector", "selector": {"matchLabels": {"events-test": "yes"}}},
+        "domains": ["held.example"],
+    }
+    relay = {
+        "apiVersion": "mailrelay.io/v1alpha1",
+        "kind": "MailRelay",
+        "metadata": {"name": "shared", "namespace": RELAY_NS},
+        "spec": {"hostname": "mx.shared.example", "replicas": 1,
+                 "allowedDomains": {"grants": [grant], "releaseAfter": "1h"}},
+    }  # fmt: skip
+    kube.apply(json.dumps(relay))
+    kube.apply(relay_domain(HOLDER), "-n", A)
+    wait_for("A holds held.example", lambda: accepted_reason(kube, A, HOLDER, "Accepted"))
+    kube.apply(relay_domain("squatter"), "-n", B)
+    refused = wait_for("B refused", lambda: accepted_reason(kube, B, "squatter", "Conflict"))
+
+    [event] = wait_for("B's Event", lambda: events_about(kube, B, "squatter"))
+    assert (event["type"], event["reason"]) == ("Warning", "Conflict")
+    assert event["note"] == refused["message"]  # what the status says, nothing more
+    assert event["regarding"]["kind"] == "RelayDomain"
+    text = json.dumps(event)
+    assert A not in text and HOLDER not in text and "related" not in event
+    # What docs/operations.md tells users to run finds it (core/v1's view of it).
+    mine = f"--field-selector=reportingComponent={REPORTING_CONTROLLER}"
+    listed = kube.kubectl("get", "events", "-n", B, "-o", "json", mine)
+    assert [e["reason"] for e in json.loads(listed)["items"]] == ["Conflict"]
+    # Nothing of B went to A's side (which may have had RelayNotFound, then Accepted).
+    for seen in kube.list("events.events.k8s.io", A):
+        assert B not in json.dumps(seen) and "squatter" not in json.dumps(seen)
+
+    # A resync (all caches forgotten, the repeat window too) writes no status: no Event.
+    operator.call(operator.reconciler.recorder.recent.clear)
+    operator.full_pass(resync=True)
+    operator.full_pass(resync=True)
+    assert len(events_about(kube, B, "squatter")) == 1
