@@ -25,7 +25,7 @@ from relay.smtpd.session import Reply, Session, client_name
 
 log = logging.getLogger("mailrelay.smtpd")
 
-READ_LIMIT = 64 * 1024  # StreamReader limit: also its flow-control window
+READ_LIMIT = 64 * 1024  # the longest line read, and the input's flow-control window
 
 # Commands that may stand anywhere in a pipelined group (RFC 2920): their
 # replies may wait for the group's last one.
@@ -65,11 +65,11 @@ class SmtpConnection(StreamProtocol):
         s.local_ip, s.local_port = str(sock[0]), int(sock[1])
         s.trusted = self.ctx.trusted(s.client_ip)
         self.ctx.sessions.add(self)
-        # Reads of at most the StreamReader's window: asyncio's default (256 KB)
+        # Reads of at most the input's window: asyncio's default (256 KB)
         # makes every recv() allocate (mmap) and shrink a buffer that big.
         if hasattr(transport, "max_size"):
             transport.max_size = READ_LIMIT
-        self.attach(transport)
+        super().connection_made(transport)
         self.reset_timeout()
         self._serving = self.loop.create_task(self.serve())
 
@@ -81,19 +81,9 @@ class SmtpConnection(StreamProtocol):
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
             self._timeout_handle = None
-        self.detach(error)
+        super().connection_lost(error)
         if self._serving is not None:
             self._serving.cancel()
-
-    def eof_received(self) -> bool | None:
-        """The client hung up (or half-closed). aiosmtpd's version cancels the
-        command loop and keeps the socket open, which nobody then closes: the
-        session, its file descriptor and its anvil count would stay until the
-        idle timeout. Here the loop reads what was sent before the EOF, sees
-        the end and closes the connection itself."""
-        self.reader.feed_eof()
-        # An SSL transport cannot stay half-open: let it close.
-        return not self.over_tls
 
     def reset_timeout(self, duration: float | None = None) -> None:
         """Pushes the idle deadline back. Called for every command and DATA
@@ -173,6 +163,6 @@ class SmtpConnection(StreamProtocol):
             return
         if self._held:
             data = self._take_held() + data
-        self.writer.write(data)
+        self.write(data)
         if self.output_paused or self.transport is None or self.transport.is_closing():
-            await self.writer.drain()  # the client is not reading: wait for it
+            await self.drain()  # the client is not reading: wait for it

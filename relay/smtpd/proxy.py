@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.config import IPNetwork, ProxyProtocol
 from relay.dns import unmapped
@@ -142,7 +143,16 @@ def parse_v2(header: bytes, payload: bytes) -> ProxyInfo:
     )
 
 
-async def read_header(reader: asyncio.StreamReader) -> ProxyInfo:
+class HeaderSource(Protocol):
+    """Where the header is read from: asyncio.StreamReader's contract (the
+    session's StreamProtocol keeps it)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes: ...
+
+
+async def read_header(reader: HeaderSource) -> ProxyInfo:
     """Reads exactly one v1 or v2 header off the stream (nothing after it)."""
     start = await reader.readexactly(12)
     if start == V2_SIGNATURE:
@@ -171,7 +181,7 @@ def is_trusted(peer_ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
 
 async def accept_proxy(
     session: Session,
-    reader: asyncio.StreamReader,
+    reader: HeaderSource,
     policy: ProxyProtocol,
     timeout: float | None = None,
 ) -> bool:

@@ -42,15 +42,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from relay import logbuffer, metrics
 from relay.config import RelayConfig
 from relay.dns import Resolver, unmapped
 from relay.durable import replace_file_sync
 from relay.smtpd import dnsbl
-from relay.smtpd.aiosmtpd_adapter import wait_readable
 from relay.smtpd.session import AccessAction, Reply, ScreenResult, Session, access_action
+
+
+class ClientStream(Protocol):
+    """What the screen needs of the client's connection
+    (relay.smtpd.aiosmtpd_adapter.StreamProtocol)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def wait_readable(self) -> bytes:
+        """The bytes the client sent, once it sent any (empty at EOF); consumes nothing."""
+        ...
+
 
 log = logging.getLogger("mailrelay.postscreen")
 
@@ -283,9 +296,7 @@ class Postscreen:
         return None
 
     # --- the screen ----------------------------------------------------------------
-    async def screen(
-        self, session: Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> ScreenResult:
+    async def screen(self, session: Session, client: ClientStream) -> ScreenResult:
         """The verdict on one connection: pass, enforce (550 on every RCPT) or drop."""
         ip = session.client_ip
         where = f"[{ip}]:{session.client_port}"
@@ -322,14 +333,13 @@ class Postscreen:
             metrics.child(metrics.SCREEN, "pass_old").inc()
             return ScreenResult(cached=True, allowlisted=cached.allowlist > now)
 
-        race = await self._race(session, reader, writer, result, pregreet_todo, dnsbl_todo)
+        race = await self._race(session, client, result, pregreet_todo, dnsbl_todo)
         return self._verdict(session, result, cached, race, pregreet_todo, dnsbl_todo)
 
     async def _race(
         self,
         session: Session,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        client: ClientStream,
         result: ScreenResult,
         pregreet_todo: bool,
         dnsbl_todo: bool,
@@ -344,8 +354,8 @@ class Postscreen:
         deadline = race.started + ps.greet_wait
         if pregreet_todo:
             try:
-                writer.write(f"220-{self.config.hostname} ESMTP\r\n".encode())
-                await writer.drain()
+                client.write(f"220-{self.config.hostname} ESMTP\r\n".encode())
+                await client.drain()
             except (ConnectionError, OSError):
                 race.hangup = True
                 return race
@@ -358,7 +368,7 @@ class Postscreen:
         dnsbl_all: asyncio.Future[list[dnsbl.ZoneAnswer | BaseException]] | None = (
             asyncio.gather(*zone_tasks, return_exceptions=True) if zone_tasks else None
         )
-        input_task = loop.create_task(wait_readable(reader)) if pregreet_todo else None
+        input_task = loop.create_task(client.wait_readable()) if pregreet_todo else None
         # Failed already (denylisted under enforce): no DNSBL allowlisting.
         failed = result.action != "pass"
         try:

@@ -1,7 +1,8 @@
 """The SMTP protocol of the relay's server: greeting, command loop, and the
 commands outside a mail transaction.
 
-aiosmtpd gives the connection its stream plumbing (relay.smtpd.aiosmtpd_adapter);
+aiosmtpd's protocol class is the connection's base, its input and output run
+on the protocol itself (relay.smtpd.aiosmtpd_adapter);
 the layers of one session, each a class of its own module:
   SmtpConnection (relay.smtpd.connection)   stream callbacks, idle timer, replies
   MailTransaction (relay.smtpd.transaction) MAIL, RCPT, DATA, RSET
@@ -106,7 +107,7 @@ class RelaySMTP(MailTransaction):
         if self.via_proxy:
             # The real client's IP replaces the load balancer's before anything
             # (mynetworks, anvil, postscreen, logs) looks at it.
-            if not await accept_proxy(s, self.reader, self.config.proxy_protocol):
+            if not await accept_proxy(s, self, self.config.proxy_protocol):
                 self.close_with_nothing()
                 return False
             s.trusted = in_mynetworks(self.config, s.client_ip)
@@ -140,7 +141,7 @@ class RelaySMTP(MailTransaction):
         """postscreen's verdict; False when it drops the client."""
         s = self.state
         try:
-            s.screen = await self.ctx.postscreen.screen(s, self.reader, self.writer)
+            s.screen = await self.ctx.postscreen.screen(s, self)
         except (ConnectionError, asyncio.IncompleteReadError):
             self.close_with_nothing()
             return False
@@ -158,28 +159,36 @@ class RelaySMTP(MailTransaction):
         return False
 
     async def _read_command(self) -> bytes | None:
-        self.idle = self.txn is None
-        if self._held and b"\n" not in self.pending_input:
-            await self._write(b"")  # never wait for input with replies unsent
-        try:
-            line = await self.reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as e:
-            # Longer than anything we keep: skip to the end of the line.
-            await self.reader.readexactly(e.consumed)
-            while True:
-                try:
-                    await self.reader.readuntil(b"\n")
-                    break
-                except asyncio.LimitOverrunError as more:
-                    await self.reader.readexactly(more.consumed)
-            await self.reply(500, "5.5.2", "Error: line too long")
-            return None
-        finally:
-            self.idle = False
+        line = self.take_line()  # nearly always here already: no await
+        if line is None:
+            line = await self._wait_for_command()
+            if line is None:
+                return None
         if len(line) > COMMAND_LINE_LIMIT:
             await self.reply(500, "5.5.2", "Error: line too long")
             return None
         return line
+
+    async def _wait_for_command(self) -> bytes | None:
+        """The next command line when it is not buffered yet (or too long)."""
+        self.idle = self.txn is None
+        if self._held:
+            await self._write(b"")  # never wait for input with replies unsent
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.LimitOverrunError as e:
+            # Longer than anything we keep: skip to the end of the line.
+            await self.readexactly(e.consumed)
+            while True:
+                try:
+                    await self.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self.readexactly(more.consumed)
+            await self.reply(500, "5.5.2", "Error: line too long")
+            return None
+        finally:
+            self.idle = False
 
     async def _dispatch(self, line: bytes) -> None:
         # Postfix 3.9 normalize: a command may end in a bare LF.

@@ -331,7 +331,7 @@ class MailTransaction(SmtpConnection):
         hops = self.check.hops or HopCount()
         data_started = self.loop.time()
         while not decoder.done:
-            data = await self.reader.read(DATA_CHUNK)
+            data = self.take(DATA_CHUNK) or await self.read(DATA_CHUNK)
             if not data:
                 return None
             chunk = decoder.feed(data)

@@ -1,10 +1,10 @@
-"""What relay.smtpd.aiosmtpd_adapter relies on in aiosmtpd and asyncio: fails
-loudly, naming the thing that moved, when either changes underneath."""
+"""What relay.smtpd.aiosmtpd_adapter relies on in aiosmtpd and asyncio (fails
+loudly, naming the thing that moved, when either changes underneath), and the
+edge cases of the connection's input it keeps on the protocol."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -13,11 +13,10 @@ import aiosmtpd
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay.smtpd.aiosmtpd_adapter import TESTED_AIOSMTPD, StreamProtocol, peek, wait_readable
-from relay.smtpd.server import RelaySMTP
+from relay.smtpd.aiosmtpd_adapter import TESTED_AIOSMTPD, StreamProtocol
 
 ROOT = Path(__file__).resolve().parents[2]
-# asyncio.StreamReader and friends on either loop the workers may run on.
+# Transports and flow control on either loop the workers may run on.
 pytestmark = pytest.mark.every_event_loop
 
 
@@ -41,59 +40,185 @@ def test_aiosmtpd_is_in_the_tested_range_and_pyproject_pins_it() -> None:
             )
 
 
-def test_smtp_is_a_stream_reader_protocol_that_wires_reader_and_writer() -> None:
+def test_smtp_is_still_an_asyncio_protocol_class() -> None:
     assert issubclass(SMTP, asyncio.StreamReaderProtocol)
-    params = list(inspect.signature(SMTP._cb_client_connected).parameters)
-    assert params == ["self", "reader", "writer"]
+    assert issubclass(StreamProtocol, SMTP)
 
 
-def test_every_protocol_callback_of_aiosmtpd_is_overridden() -> None:
-    """aiosmtpd's own callbacks would start its command loop and hooks, for
-    which SMTP.__init__ (never called here) sets the attributes."""
-    callbacks = {
-        "connection_made",
-        "connection_lost",
-        "eof_received",
-        "data_received",
-        "pause_writing",
-        "resume_writing",
-        "get_buffer",
-        "buffer_updated",
-    }
-    defined_by_aiosmtpd = callbacks & set(vars(SMTP))
-    assert defined_by_aiosmtpd == {"connection_made", "connection_lost", "eof_received"}
-    for name in defined_by_aiosmtpd:
-        assert getattr(RelaySMTP, name) is not getattr(SMTP, name), name
-    # The flow-control callbacks StreamProtocol extends are asyncio's.
-    for name in ("pause_writing", "resume_writing"):
-        assert name not in vars(SMTP), name
+# Every callback an asyncio transport may call on its protocol.
+CALLBACKS = {
+    name
+    for base in (asyncio.BaseProtocol, asyncio.Protocol, asyncio.BufferedProtocol)
+    for name in vars(base)
+    if not name.startswith("_")
+}
 
 
-async def test_stream_reader_internals() -> None:
-    reader = asyncio.StreamReader(limit=1024)
-    buffer = reader._buffer  # type: ignore[attr-defined]
-    assert isinstance(buffer, bytearray)
-    reader.feed_data(b"MAIL FROM:<a@b>\r\nRCPT")
-    assert peek(reader) == b"MAIL FROM:<a@b>\r\nRCPT"
-    assert await reader.readuntil(b"\n") == b"MAIL FROM:<a@b>\r\n"
-    assert await reader.read(2) == b"RC"
-    # Changed in place: the adapter keeps a reference to it for the session.
-    assert reader._buffer is buffer and buffer == b"PT"  # type: ignore[attr-defined]
-    wait = reader._wait_for_data  # type: ignore[attr-defined]
-    assert inspect.iscoroutinefunction(wait)
-    assert list(inspect.signature(wait).parameters) == ["func_name"]
+def test_every_protocol_callback_of_aiosmtpd_and_asyncio_is_overridden() -> None:
+    """Neither SMTP.__init__ nor StreamReaderProtocol.__init__ runs: a callback
+    of theirs would find none of its attributes, or start aiosmtpd's loop."""
+    assert {"connection_made", "data_received", "eof_received", "pause_writing"} <= CALLBACKS
+    for base in StreamProtocol.__mro__[1:]:
+        if base in (asyncio.BaseProtocol, asyncio.Protocol, object):
+            continue  # their callbacks do nothing
+        for name in CALLBACKS & set(vars(base)):
+            assert name in vars(StreamProtocol), f"{base.__name__}.{name} is not overridden"
+    assert not issubclass(StreamProtocol, asyncio.BufferedProtocol)
+
+
+class _Transport(asyncio.Transport):
+    """What the protocol calls on its transport, recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.paused = False
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        assert not self.paused
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        assert self.paused
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def _protocol(limit: int = 64) -> tuple[StreamProtocol, _Transport]:
+    protocol = StreamProtocol(limit)
+    transport = _Transport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def test_a_buffered_line_is_taken_without_waiting() -> None:
+    p, _ = _protocol()
+    p.data_received(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDA")
+    assert p.take_line() == b"MAIL FROM:<a@b>\r\n"
+    assert p.take_line() == b"RCPT TO:<c@d>\r\n"
+    assert p.take_line() is None and p.pending_input == b"DA"
+    assert p._input_waiter is None  # no future for any of it
+
+
+async def test_a_line_split_across_reads() -> None:
+    p, _ = _protocol()
+    p.data_received(b"EH")
+    reading = asyncio.ensure_future(p.readuntil(b"\n"))
+    await asyncio.sleep(0)
+    assert not reading.done()
+    p.data_received(b"LO a\r")
+    await asyncio.sleep(0)
+    assert not reading.done()
+    p.data_received(b"\nQUIT\r\n")
+    assert await reading == b"EHLO a\r\n"
+    assert p.pending_input == b"QUIT\r\n"
+
+
+async def test_eof_with_a_partial_line() -> None:
+    p, _ = _protocol()
+    p.data_received(b"QUIT\r\nNOO")
+    assert p.eof_received() is True  # plaintext: half-open until the session closes
+    assert await p.readuntil(b"\n") == b"QUIT\r\n"
+    with pytest.raises(asyncio.IncompleteReadError) as e:
+        await p.readuntil(b"\n")
+    assert e.value.partial == b"NOO" and p.at_eof()
+    assert await p.read(10) == b""
+    with pytest.raises(asyncio.IncompleteReadError):
+        await p.readexactly(1)
+
+
+async def test_a_line_over_the_limit_consumes_nothing() -> None:
+    p, _ = _protocol(limit=16)
+    p.data_received(b"x" * 20)
+    assert p.take_line() is None
+    with pytest.raises(asyncio.LimitOverrunError) as e:
+        await p.readuntil(b"\n")
+    assert e.value.consumed == 20 and len(p.pending_input) == 20
+    p.data_received(b"\nNOOP\r\n")
+    assert p.take_line() is None  # the LF is past the limit
+    with pytest.raises(asyncio.LimitOverrunError) as found:
+        await p.readuntil(b"\n")
+    assert found.value.consumed == 20
+    assert await p.readexactly(21) == b"x" * 20 + b"\n"
+    assert p.take_line() == b"NOOP\r\n"
+
+
+async def test_reading_pauses_over_twice_the_limit_and_resumes_at_it() -> None:
+    p, transport = _protocol(limit=10)
+    p.data_received(b"a" * 15)
+    assert not transport.paused
+    p.data_received(b"b" * 15)  # one read larger than the limit, 30 > 2 x 10
+    assert transport.paused
+    assert p.take(15) == b"a" * 15 and transport.paused  # 15 left: over the limit
+    assert p.take(5) == b"bbbbb" and not transport.paused
+    assert await p.read(100) == b"b" * 10
+
+
+async def test_a_paused_reader_waiting_for_more_resumes_reading() -> None:
+    p, transport = _protocol(limit=4)
+    p.data_received(b"x" * 9)  # no LF, paused
+    assert transport.paused
+    reading = asyncio.ensure_future(p.readexactly(12))
+    await asyncio.sleep(0)
+    assert not transport.paused and not reading.done()
+    p.data_received(b"yyy")
+    assert await reading == b"x" * 9 + b"yyy"
+
+
+async def test_push_back_and_input_after_the_final_dot() -> None:
+    p, _ = _protocol()
+    p.data_received(b"body\r\n.\r\nQUIT\r\n")
+    data = p.take(1024)
+    rest = data[data.index(b".\r\n") + 3 :]
+    p.push_back(rest)
+    assert p.take_line() == b"QUIT\r\n"
 
 
 async def test_wait_readable_consumes_nothing() -> None:
-    reader = asyncio.StreamReader()
-    waiting = asyncio.ensure_future(wait_readable(reader))
+    p, _ = _protocol()
+    waiting = asyncio.ensure_future(p.wait_readable())
     await asyncio.sleep(0)
     assert not waiting.done()
-    reader.feed_data(b"EHLO early\r\n")
+    p.data_received(b"EHLO early\r\n")
     assert await waiting == b"EHLO early\r\n"
-    assert await reader.readline() == b"EHLO early\r\n"
-    reader.feed_eof()
-    assert await wait_readable(reader) == b""
+    assert p.take_line() == b"EHLO early\r\n"
+    p.eof_received()
+    assert await p.wait_readable() == b""
+
+
+async def test_a_lost_connection_ends_every_wait() -> None:
+    p, _ = _protocol()
+    reading = asyncio.ensure_future(p.readuntil(b"\n"))
+    p.pause_writing()
+    draining = asyncio.ensure_future(p.drain())
+    await asyncio.sleep(0)
+    p.connection_lost(ConnectionResetError("reset"))
+    with pytest.raises(ConnectionResetError):
+        await reading
+    with pytest.raises(ConnectionResetError):
+        await draining
+    with pytest.raises(ConnectionResetError):
+        p.write(b"250 Ok\r\n")
+    assert p._input_waiter is None and p._drain_waiter is None
+
+
+async def test_drain_waits_while_writing_is_paused() -> None:
+    p, transport = _protocol()
+    await p.drain()  # not paused: returns at once
+    p.pause_writing()
+    draining = asyncio.ensure_future(p.drain())
+    await asyncio.sleep(0)
+    assert not draining.done()
+    p.resume_writing()
+    await draining
+    p.write(b"221 Bye\r\n")
+    assert transport.written == b"221 Bye\r\n"
 
 
 class _Probe(StreamProtocol):
@@ -102,11 +227,8 @@ class _Probe(StreamProtocol):
         self.made = made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.attach(transport)
+        super().connection_made(transport)
         self.made.set_result(self)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.detach(error)
 
 
 async def test_stream_protocol_on_a_live_connection() -> None:
@@ -117,23 +239,19 @@ async def test_stream_protocol_on_a_live_connection() -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         probe = await made
-        assert probe.reader is probe._reader and probe.writer is probe._writer
-        assert probe.pending_input is probe.reader._buffer  # type: ignore[attr-defined]
         assert probe.output_paused is False and probe.over_tls is False
-        # What use_tls_transport re-points after loop.start_tls.
-        transport = probe.transport
-        assert transport is not None
-        assert probe._transport is transport  # type: ignore[attr-defined]
-        assert probe.reader._transport is transport  # type: ignore[attr-defined]
-        assert probe.writer._transport is transport  # type: ignore[attr-defined]
-        writer.write(b"NOOP\r\nQUIT\r\n")
+        writer.write(b"NOOP\r\nQUIT\r\n")  # many commands in one read
         await writer.drain()
-        assert await probe.reader.readuntil(b"\n") == b"NOOP\r\n"
+        assert await probe.readuntil(b"\n") == b"NOOP\r\n"
         probe.push_back(b"RSET\r\n")
-        assert await probe.reader.readuntil(b"\n") == b"RSET\r\n"
-        assert await probe.reader.readuntil(b"\n") == b"QUIT\r\n"
-        probe.writer.write(b"221 Bye\r\n")
+        assert probe.take_line() == b"RSET\r\n"
+        assert await probe.readuntil(b"\n") == b"QUIT\r\n"
+        probe.write(b"221 Bye\r\n")
+        await probe.drain()
         assert await reader.readline() == b"221 Bye\r\n"
+        writer.write_eof()
+        assert await probe.read(10) == b""
+        assert probe.at_eof()
     finally:
         writer.close()
         server.close()

@@ -275,6 +275,43 @@ async def test_pipelining(relay_server: ServerFactory) -> None:
     assert await c.read_reply() == "221 2.0.0 Bye"
 
 
+async def test_a_command_split_across_reads(relay_server: ServerFactory) -> None:
+    h = await relay_server()
+    c = await client(h)
+    await c.greet()
+    for part in (b"MAIL FROM:<a@cli", b"ent.test>\r", b"\nRCPT TO:<info@exam", b"ple.com>\r\n"):
+        await c.send(part)
+        await asyncio.sleep(0.02)  # each part its own read on the server
+    assert await c.read_reply() == "250 2.1.0 Ok"
+    assert await c.read_reply() == "250 2.1.5 Ok"
+    await c.send(b"DATA\r\n")
+    assert (await c.read_reply()).startswith("354")
+    # The final dot split from its CRLF; input after it in the same read.
+    await c.send(b"Subject: s\r\n\r\nx\r\n.")
+    await asyncio.sleep(0.02)
+    await c.send(b"\r\nNOOP\r\n")
+    assert (await c.read_reply()).startswith("250 2.0.0 Ok: queued")
+    assert await c.read_reply() == "250 2.0.0 Ok"
+    assert len(h.queued()) == 1
+
+
+async def test_eof_with_a_partial_line_ends_the_session(relay_server: ServerFactory) -> None:
+    h = await relay_server()
+    c = await client(h)
+    await c.greet()
+    assert len(h.ctx.sessions) == 1
+    await c.send(b"NOOP\r\nQU")
+    assert c.writer is not None
+    c.writer.write_eof()  # half-closed, with a command cut off
+    assert await c.read_reply() == "250 2.0.0 Ok"
+    assert await c.closed()
+    for _ in range(100):
+        if not h.ctx.sessions:
+            break
+        await asyncio.sleep(0.01)
+    assert not h.ctx.sessions
+
+
 async def test_unauth_pipelining_is_rejected(relay_server: ServerFactory) -> None:
     h = await relay_server()
     c = await client(h)
@@ -418,7 +455,7 @@ class ScriptedScreen:
     def update_config(self, config: RelayConfig) -> None:
         pass
 
-    async def screen(self, session: Session, reader: Any, writer: Any) -> ScreenResult:
+    async def screen(self, session: Session, client: Any) -> ScreenResult:
         return self.result
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from relay.config import RelayConfig
 from relay.dns import Resolver
+from relay.smtpd.aiosmtpd_adapter import StreamProtocol
 from relay.smtpd.screen import PREGREET_TTL, Postscreen
 from relay.smtpd.session import ScreenResult, Session
 
@@ -56,25 +57,38 @@ class Harness:
         return await asyncio.wait_for(self.results.get(), 10), lines
 
 
-async def _serve(
-    harness: Harness, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    peer = writer.get_extra_info("peername")
-    result = await harness.screen.screen(Session(peer[0], peer[1]), reader, writer)
+class _Served(StreamProtocol):
+    """The relay's connection protocol (its input, output and peek), serving `_serve`."""
+
+    def __init__(self, harness: Harness) -> None:
+        super().__init__(64 * 1024)
+        self.harness = harness
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.task = self.loop.create_task(_serve(self.harness, self))
+
+
+async def _serve(harness: Harness, conn: _Served) -> None:
+    assert conn.transport is not None
+    transport = conn.transport
+    peer = transport.get_extra_info("peername")
+    result = await harness.screen.screen(Session(peer[0], peer[1]), conn)
     harness.results.put_nowait(result)
     try:
         if result.action == "drop":
             if result.reply:
-                writer.write(f"{result.reply}\r\n".encode())
+                conn.write(f"{result.reply}\r\n".encode())
             return
-        writer.write(b"220 mx.test.example ESMTP\r\n")
-        line = await asyncio.wait_for(reader.readline(), 10)
-        writer.write(b"250 got " + line.strip() + b"\r\n")
-        await writer.drain()
-    except (ConnectionError, TimeoutError):
+        conn.write(b"220 mx.test.example ESMTP\r\n")
+        line = await asyncio.wait_for(conn.readuntil(b"\n"), 10)
+        conn.write(b"250 got " + line.strip() + b"\r\n")
+        await conn.drain()
+    except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
         pass
     finally:
-        writer.close()
+        transport.close()
 
 
 @pytest.fixture
@@ -92,7 +106,8 @@ async def harness_factory(
         kwargs = {"clock": clock} if clock else {}
         screen = Postscreen(config, resolver, cache_dir or tmp_path / "cache", **kwargs)
         h = Harness(screen, "127.0.0.1", 0)
-        server = await asyncio.start_server(lambda r, w: _serve(h, r, w), "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Served(h), "127.0.0.1", 0)
         h.port = server.sockets[0].getsockname()[1]
         servers.append(server)
         return h
