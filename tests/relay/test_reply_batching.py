@@ -20,13 +20,13 @@ def server_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
     def spy(self: RelaySMTP, transport: Any) -> None:
         made(self, transport)
-        write = self._writer.write
+        write = self.write
 
         def counted(data: bytes) -> None:
             writes.append(bytes(data))
             write(data)
 
-        self._writer.write = counted  # type: ignore[method-assign]
+        self.write = counted  # type: ignore[method-assign]
 
     monkeypatch.setattr(RelaySMTP, "connection_made", spy)
     return writes
