@@ -133,9 +133,6 @@ class SmtpConnection(StreamProtocol):
         if reply.disconnect:
             self.close_with_nothing()  # close() still sends what _write left buffered
 
-    async def send_lines(self, lines: list[str]) -> None:
-        await self._write("".join(line + "\r\n" for line in lines).encode())
-
     async def reply(self, code: int, status: str, text: str, *, disconnect: bool = False) -> None:
         """send(Reply(code, status, text, disconnect=...)) without the object."""
         if code >= 400:

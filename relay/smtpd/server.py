@@ -21,6 +21,7 @@ What a store-and-forward MX needs and aiosmtpd's own loop does not do:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,22 @@ LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "STARTTLS", "VRFY", "EXPN", "
 FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST"})
 
 Command = Callable[["RelaySMTP", str], Awaitable[None]]
+
+
+# Built once per configuration, not per session.
+@functools.lru_cache(maxsize=16)
+def greeting(hostname: str) -> bytes:
+    return f"220 {hostname} ESMTP {MAIL_NAME}\r\n".encode()
+
+
+@functools.lru_cache(maxsize=16)
+def ehlo_reply(hostname: str, message_size: int, starttls: bool) -> bytes:
+    lines = [hostname, "PIPELINING", f"SIZE {message_size}"]
+    if starttls:
+        lines.append("STARTTLS")
+    # In Postfix's order; DSN and SMTPUTF8 as with smtputf8_enable=yes.
+    lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+    return ("".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n").encode()
 
 
 class RelaySMTP(MailTransaction):
@@ -98,7 +115,8 @@ class RelaySMTP(MailTransaction):
         finally:
             if self.milters is not None:
                 self.milters.close()
-            log.debug("disconnect from %s", client_name(s))
+            if log.isEnabledFor(logging.DEBUG):  # no client_name per session otherwise
+                log.debug("disconnect from %s", client_name(s))
 
     async def _admit(self) -> bool:
         """From accept to the greeting: PROXY, anvil, postscreen, CLIENT_RESTRICTIONS.
@@ -112,7 +130,8 @@ class RelaySMTP(MailTransaction):
                 return False
             s.trusted = in_mynetworks(self.config, s.client_ip)
         metrics.CONNECTIONS.inc()
-        log.debug("connect from %s", client_name(s))  # decisions only at INFO
+        if log.isEnabledFor(logging.DEBUG):  # decisions only at INFO
+            log.debug("connect from %s", client_name(s))
         refused = self.ctx.anvil.connect(s, self.config.limits, self.hostname)
         if not s.trusted:
             self._anvil_ip = s.client_ip
@@ -134,7 +153,7 @@ class RelaySMTP(MailTransaction):
             self.commands = self.ACCESS_DENIED
             await self.send(refused)
             return True
-        await self.send_lines([f"220 {self.hostname} ESMTP {MAIL_NAME}"])
+        await self._write(greeting(self.hostname))
         return True
 
     async def _screen(self) -> bool:
@@ -264,16 +283,8 @@ class RelaySMTP(MailTransaction):
         self.state.helo = printable(arg)
         self.state.esmtp = True
         self.end_transaction()
-        lines = [
-            self.hostname,
-            "PIPELINING",
-            f"SIZE {self.config.limits.message_size}",
-        ]
-        if self.ctx.tls_context is not None and not self.state.tls:
-            lines.append("STARTTLS")
-        # In Postfix's order; DSN and SMTPUTF8 as with smtputf8_enable=yes.
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
-        await self.send_lines([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
+        starttls = self.ctx.tls_context is not None and not self.state.tls
+        await self._write(ehlo_reply(self.hostname, self.config.limits.message_size, starttls))
 
     async def _helo_refused(self, name: str) -> bool:
         """HELO_RESTRICTIONS on the name given (empty by default: not run per
