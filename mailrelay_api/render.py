@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,7 @@ DOMAINS_INDEX_FILE = "domains-index.json"  # instead of domains.json when sharde
 NOT_POLICY = ("replicas", "storage", "image", "allowedNextHops", *POD_SCHEDULING)
 
 
-@dataclass
+@dataclass(slots=True)  # one per RelayDomain each render: 100,000 and more
 class DomainVerdict:
     """Whether a RelayDomain is attached to a relay, and why not."""
 
@@ -93,7 +94,8 @@ class Rendered:
     recipient_lists: list[RecipientListVerdict] = field(default_factory=list)
     recipients: int = 0
     claims: list[Claim] = field(default_factory=list)  # MailRelay status.domains
-    next_hops: list[NextHopSpec] = field(default_factory=list)  # of the accepted domains
+    # of the accepted domains, each once (the NetworkPolicy wants ports and hosts)
+    next_hops: list[NextHopSpec] = field(default_factory=list)
 
     @property
     def config_hash(self) -> str:
@@ -138,85 +140,191 @@ class RenderSettings:
 def _policy_verdict(
     relay: dict[str, Any],
     spec: MailRelaySpec,
-    dom: dict[str, Any],
+    dom: DomainFacts,
+    hop: NextHopSpec,
     inv: Inventory,
     cluster: ClusterNetworks,
-) -> DomainVerdict | None:
-    """Why a RelayDomain may not attach at all (None: it may); names only its own relay.
+) -> tuple[str, str] | None:
+    """Why a RelayDomain may not attach at all, (reason, message) (None: it may);
+    names only its own relay.
 
     `spec` is relay_spec(relay), typed once per render (not once per domain)."""
-    domain = str(dom["spec"]["domain"]).lower().rstrip(".")
-    ns = _ns(dom)
+    domain, ns = dom.domain, dom.namespace
     where = f"MailRelay {_ns(relay)}/{_name(relay)}"
     if not domain_allowed(spec.allowed_domains, _ns(relay), ns, domain, inv.namespace_labels):
-        return DomainVerdict(
-            ns,
-            _name(dom),
-            domain,
-            False,
-            "NotAllowed",
-            f"{where} grants namespace {ns} no claim on {domain}",
-        )
-    hop = NextHopSpec.from_dict(dom["spec"]["nextHop"])
+        return ("NotAllowed", f"{where} grants namespace {ns} no claim on {domain}")
     if not next_hop_allowed(spec, hop, tenant=ns != _ns(relay), cluster=cluster):
-        return DomainVerdict(
-            ns,
-            _name(dom),
-            domain,
-            False,
+        return (
             "NextHopNotAllowed",
             f"{where} does not allow next hop {hop.host}:{hop.port} (spec.allowedNextHops)",
         )
     return None
 
 
+class DomainFacts:
+    """What a render needs of one RelayDomain, worked out once per spec: the
+    operator's RenderCache keeps them between renders (keyed by the spec
+    dict, which the input cache replaces, never changes), so a render of
+    100,000 domains redoes none of this for the unchanged ones."""
+
+    __slots__ = (
+        "created",
+        "doc_bytes",
+        "domain",
+        "hop",
+        "mine",
+        "name",
+        "namespace",
+        "order",
+        "refused",
+        "source",
+        "spec",
+    )
+
+    def __init__(self, dom: dict[str, Any], relay: dict[str, Any]) -> None:
+        spec = dom["spec"]
+        self.spec: dict[str, Any] = spec
+        self.namespace, self.name = _ns(dom), _name(dom)
+        self.source = f"{self.namespace}/{self.name}"  # domains.json's "source"
+        written = str(spec["domain"])
+        # domains.json is sorted by the lowercased domain, trailing dot and all.
+        self.order = _same_or(written, written.lower())
+        self.domain = _same_or(self.order, self.order.rstrip("."))
+        # Orders first claims on a free domain (never against a recorded
+        # holder); offline objects have no timestamp and keep their file order.
+        self.created = str(dom["metadata"].get("creationTimestamp") or "") or "9999"
+        self.mine = refers_to(dom, relay)
+        self.hop: NextHopSpec | None = None
+        self.doc_bytes = 0  # its domains.json entry's size (compact JSON)
+        self.refused: tuple[str, str] | None = None  # _policy_verdict, once mine
+
+    def entry(self) -> dict[str, Any]:
+        """Its entry in domains.json (or a domain shard)."""
+        spec = self.spec
+        out = {
+            "domain": self.domain,
+            "nextHop": spec["nextHop"],
+            "recipients": spec["recipients"],
+            "source": self.source,
+        }
+        if spec["recipients"] == "verify":
+            out["verify"] = spec.get("verify", {})
+        return out
+
+
+def _same_or(old: str, new: str) -> str:
+    """`old` when equal: one string object, not two."""
+    return old if new == old else new
+
+
+def _policy_key(relay: dict[str, Any], inv: Inventory, cluster: ClusterNetworks) -> str:
+    """What the facts of a relay's domains depend on beyond the domains themselves."""
+    return json.dumps(
+        [_ns(relay), _name(relay), relay["spec"], inv.namespace_labels, repr(cluster)],
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _facts(
+    relay: dict[str, Any],
+    spec: MailRelaySpec,
+    inv: Inventory,
+    cluster: ClusterNetworks,
+    cache: RenderCache | None,
+) -> list[DomainFacts]:
+    """The facts of the relay's RelayDomains (inventory order); from the cache
+    for every domain whose spec it has seen."""
+    key = _policy_key(relay, inv, cluster)
+    known: dict[int, DomainFacts] = {}
+    if cache is not None and cache.domain_policy == key:
+        known = cache.domain_facts
+    hops: dict[NextHopSpec, NextHopSpec] = {}  # equal next hops held once
+    if cache is not None:
+        hops = cache.next_hops if known else {}
+        cache.next_hops = hops
+    kept: dict[int, DomainFacts] = {}
+    out: list[DomainFacts] = []
+    for dom in inv.domains:
+        spec_obj = dom["spec"]
+        f = known.get(id(spec_obj))
+        meta = dom["metadata"]
+        if (
+            f is None
+            or f.spec is not spec_obj
+            or f.name != meta["name"]
+            or f.namespace != (meta.get("namespace") or "default")
+        ):
+            f = DomainFacts(dom, relay)
+            if f.mine:
+                hop = NextHopSpec.from_dict(spec_obj["nextHop"])
+                hop = f.hop = hops.setdefault(hop, hop)
+                f.doc_bytes = len(json.dumps(f.entry(), sort_keys=True))
+                f.refused = _policy_verdict(relay, spec, f, hop, inv, cluster)
+        kept[id(spec_obj)] = f
+        if f.mine:
+            out.append(f)
+    if cache is not None:
+        cache.domain_policy, cache.domain_facts = key, kept
+    return out
+
+
 def attach_domains(
-    relay: dict[str, Any], inv: Inventory, settings: RenderSettings | None = None
-) -> tuple[list[dict[str, Any]], list[DomainVerdict], list[Claim]]:
+    relay: dict[str, Any],
+    inv: Inventory,
+    settings: RenderSettings | None = None,
+    cache: RenderCache | None = None,
+    claims: Mapping[str, Claim] | None = None,
+) -> tuple[list[DomainFacts], list[DomainVerdict], list[Claim]]:
     """The RelayDomains attached to a relay, a verdict each, and the claims to record.
 
-    Policy first (grants, next hops), then the sticky claims of the relay's
-    status (claims.award); age only orders first claims on a free domain."""
+    Policy first (grants, next hops), then the sticky claims (claims.award) of
+    `claims`, or of the relay's status when None; age only orders first claims
+    on a free domain."""
     settings = settings or RenderSettings()
     now = settings.now or datetime.datetime.now(datetime.UTC)
     spec = relay_spec(relay)
-    previous = claims_of(relay)
+    previous = claims_of(relay) if claims is None else claims
     verdicts: list[DomainVerdict] = []
-    by_domain: dict[str, list[dict[str, Any]]] = {}
-    candidates = [(i, d) for i, d in enumerate(inv.domains) if refers_to(d, relay)]
-    for _, dom in sorted(candidates, key=lambda c: _age_key(c[1], c[0])):
-        refused = _policy_verdict(relay, spec, dom, inv, settings.cluster)
-        if refused is not None:
-            verdicts.append(refused)
+    by_domain: dict[str, list[DomainFacts]] = {}
+    # A stable sort: inventory order among equal timestamps.
+    for f in sorted(_facts(relay, spec, inv, settings.cluster, cache), key=_created):
+        if f.refused is not None:
+            verdicts.append(DomainVerdict(f.namespace, f.name, f.domain, False, *f.refused))
         else:
-            by_domain.setdefault(str(dom["spec"]["domain"]).lower().rstrip("."), []).append(dom)
+            by_domain.setdefault(f.domain, []).append(f)
 
-    accepted: list[dict[str, Any]] = []
-    claims: list[Claim] = []
-    for domain in sorted(set(by_domain) | set(previous)):
+    accepted: list[DomainFacts] = []
+    claimed: list[Claim] = []
+    release_after = spec.allowed_domains.release_after
+    for domain in sorted(by_domain.keys() | previous.keys()):
         doms = by_domain.get(domain, [])
-        keys = [f"{_ns(d)}/{_name(d)}" for d in doms]
-        won = award(domain, keys, previous.get(domain), spec.allowed_domains.release_after, now)
+        keys = [f.source for f in doms]
+        won = award(domain, keys, previous.get(domain), release_after, now)
         if won.claim is not None:
-            claims.append(won.claim)
-        for key, dom in zip(keys, doms, strict=True):
+            claimed.append(won.claim)
+        for key, f in zip(keys, doms, strict=True):
             if key == won.winner:
-                accepted.append(dom)
-                verdicts.append(DomainVerdict(_ns(dom), _name(dom), domain, True, "Accepted", ""))
+                accepted.append(f)
+                verdicts.append(DomainVerdict(f.namespace, f.name, domain, True, "Accepted", ""))
             else:
                 # Never who holds it: that is another tenant's business.
                 until = f" (until {won.held_until} at the latest)" if won.held_until else ""
                 verdicts.append(
                     DomainVerdict(
-                        _ns(dom),
-                        _name(dom),
+                        f.namespace,
+                        f.name,
                         domain,
                         False,
                         "Conflict",
                         f"{domain} is held by another RelayDomain on this relay{until}",
                     )
                 )
-    return accepted, verdicts, claims
+    return accepted, verdicts, claimed
+
+
+def _created(f: DomainFacts) -> str:
+    return f.created
 
 
 def _list_key(rl: dict[str, Any], domain: str) -> str | None:
@@ -241,17 +349,20 @@ def render_relay(
     inv: Inventory,
     cache: RenderCache | None = None,
     settings: RenderSettings | None = None,
+    claims: Mapping[str, Claim] | None = None,
 ) -> Rendered:
     """The configuration files of one MailRelay, and the verdicts behind them.
 
-    With a cache (the operator keeps one per relay), unchanged RecipientLists
-    and recipient shards are reused from the previous render; the files are
-    the same as without one.
+    With a cache (the operator keeps one per relay), the facts of unchanged
+    RelayDomains, unchanged RecipientLists, and recipient and domain shards
+    whose contents did not change are reused from the previous render; the
+    files are the same as without one. `claims`: the claims to start from
+    (the previous render's), by domain; None: the relay's status.domains.
     """
-    attached, verdicts, claims = attach_domains(relay, inv, settings)
-    verdict_of = {(v.namespace, v.name): v for v in verdicts}
+    attached, verdicts, claimed = attach_domains(relay, inv, settings, cache, claims)
+    verdict_of = {f"{v.namespace}/{v.name}": v for v in verdicts}
     lists = _attach_lists(attached, inv, verdict_of, cache)
-    listed, domains_doc = _domains_document(attached, verdict_of, lists.per_domain)
+    listed, ordered = _domains_document(attached, verdict_of, lists.per_domain)
     shards = render_shards(listed, cache)
     if cache is not None:
         lists.used.update((p.key, p) for p in shards.parts if p.key is not None)
@@ -264,7 +375,7 @@ def render_relay(
     }
     files: dict[str, bytes] = {
         RELAY_FILE: _json(relay_doc),
-        **_domain_files(domains_doc, sorted(shards.files), cache),
+        **_domain_files(ordered, sorted(shards.files), cache),
         **shards.files,
     }
     return Rendered(
@@ -274,8 +385,8 @@ def render_relay(
         domains=verdicts,
         recipient_lists=lists.verdicts,
         recipients=shards.recipients,
-        claims=claims,
-        next_hops=[NextHopSpec.from_dict(d["spec"]["nextHop"]) for d in attached],
+        claims=claimed,
+        next_hops=list(dict.fromkeys(f.hop for f in attached if f.hop is not None)),
     )
 
 
@@ -283,23 +394,24 @@ def render_relay(
 class _Lists:
     """The RecipientLists of a render: per attached domain, reused parts, verdicts."""
 
-    per_domain: dict[tuple[str, str], list[ListPart]]
+    per_domain: dict[str, list[ListPart]]  # by the domain's namespace/name
     used: dict[str, ListPart]  # cache key -> part, for the next render
     verdicts: list[RecipientListVerdict]
 
 
 def _attach_lists(
-    attached: list[dict[str, Any]],
+    attached: list[DomainFacts],
     inv: Inventory,
-    verdict_of: dict[tuple[str, str], DomainVerdict],
+    verdict_of: dict[str, DomainVerdict],
     cache: RenderCache | None,
 ) -> _Lists:
     """Each RecipientList to its attached domain, or a verdict saying why not."""
-    by_key = {(_ns(d), _name(d)): d for d in attached}
-    lists = _Lists({k: [] for k in by_key}, {}, [])
-    all_domains: set[tuple[str, str]] | None = None  # built when first needed
+    by_key = {f.source: f for f in attached}
+    lists = _Lists({}, {}, [])
+    all_domains: set[str] | None = None  # built when first needed
     for rl in inv.recipient_lists:
-        key = (_ns(rl), str(rl["spec"]["domainRef"]["name"]))
+        ns, ref = _ns(rl), str(rl["spec"]["domainRef"]["name"])
+        key = f"{ns}/{ref}"
         dom = by_key.get(key)
         if dom is None:
             v = verdict_of.get(key)
@@ -310,13 +422,13 @@ def _attach_lists(
                         _name(rl),
                         False,
                         "DomainNotAccepted",
-                        f"RelayDomain {key[1]} is not accepted: {v.reason}",
+                        f"RelayDomain {ref} is not accepted: {v.reason}",
                     )
                 )
                 continue
             # It belongs to another relay's domain, or to none at all.
             if all_domains is None:
-                all_domains = {(_ns(d), _name(d)) for d in inv.domains}
+                all_domains = {f"{_ns(d)}/{_name(d)}" for d in inv.domains}
             if key not in all_domains:
                 lists.verdicts.append(
                     RecipientListVerdict(
@@ -324,28 +436,25 @@ def _attach_lists(
                         _name(rl),
                         False,
                         "DomainNotFound",
-                        f"no RelayDomain {key[1]} in namespace {key[0]}",
+                        f"no RelayDomain {ref} in namespace {ns}",
                     )
                 )
             continue
-        domain = str(dom["spec"]["domain"]).lower().rstrip(".")
-        part = _list_part(rl, domain, cache)
+        part = _list_part(rl, dom.domain, cache)
         if part.key is not None:
             lists.used[part.key] = part
-        lists.per_domain[key].append(part)
-        lists.verdicts.append(_accepted_list(rl, dom, domain, part))
+        lists.per_domain.setdefault(key, []).append(part)
+        lists.verdicts.append(_accepted_list(rl, dom, part))
     return lists
 
 
-def _accepted_list(
-    rl: dict[str, Any], dom: dict[str, Any], domain: str, part: ListPart
-) -> RecipientListVerdict:
+def _accepted_list(rl: dict[str, Any], dom: DomainFacts, part: ListPart) -> RecipientListVerdict:
     """An attached list's verdict; its message has the warnings `mailrelay validate` gives."""
-    unused = unused_list_note(dom)
+    unused = unused_list_note({"metadata": {"name": dom.name}, "spec": dom.spec})
     foreign = 0 if unused else part.foreign  # no address of it is used anyway
     notes = [unused] if unused else []
     if foreign:
-        notes.append(f"{foreign} address(es) not in {domain} ignored")
+        notes.append(f"{foreign} address(es) not in {dom.domain} ignored")
     if part.listed_bytes > RECIPIENT_LIST_ADVISE_BYTES:
         notes.append(list_size_advice(part.listed_bytes))
     return RecipientListVerdict(
@@ -359,34 +468,29 @@ def _accepted_list(
 
 
 def _domains_document(
-    attached: list[dict[str, Any]],
-    verdict_of: dict[tuple[str, str], DomainVerdict],
-    per_domain: dict[tuple[str, str], list[ListPart]],
-) -> tuple[list[ListPart], list[dict[str, Any]]]:
-    """domains.json's entries, sorted by domain, and the parts of the listed ones."""
+    attached: list[DomainFacts],
+    verdict_of: dict[str, DomainVerdict],
+    per_domain: dict[str, list[ListPart]],
+) -> tuple[list[ListPart], list[DomainFacts]]:
+    """The parts of the listed domains, and the attached domains in
+    domains.json's order (by domain); counts each listed domain's recipients."""
     listed: list[ListPart] = []
-    domains_doc = []
-    for dom in sorted(attached, key=lambda d: str(d["spec"]["domain"]).lower()):
-        key = (_ns(dom), _name(dom))
-        spec = dom["spec"]
-        v = verdict_of[key]
-        if spec["recipients"] == "listed":
-            parts = per_domain[key]
-            listed.extend(parts)
-            v.recipients = _distinct(parts)
-            if not v.recipients:
-                v.reason = "NoRecipients"
-                v.message = "recipients: listed and no RecipientList: every address is refused"
-        entry = {
-            "domain": str(spec["domain"]).lower().rstrip("."),
-            "nextHop": spec["nextHop"],
-            "recipients": spec["recipients"],
-            "source": f"{key[0]}/{key[1]}",
-        }
-        if spec["recipients"] == "verify":
-            entry["verify"] = spec.get("verify", {})
-        domains_doc.append(entry)
-    return listed, domains_doc
+    ordered = sorted(attached, key=_order)
+    for f in ordered:
+        if f.spec["recipients"] != "listed":
+            continue
+        v = verdict_of[f.source]
+        parts = per_domain.get(f.source, [])
+        listed.extend(parts)
+        v.recipients = _distinct(parts)
+        if not v.recipients:
+            v.reason = "NoRecipients"
+            v.message = "recipients: listed and no RecipientList: every address is refused"
+    return listed, ordered
+
+
+def _order(f: DomainFacts) -> str:
+    return f.order
 
 
 def _distinct(parts: list[ListPart]) -> int:
@@ -401,18 +505,19 @@ def _json(doc: Any) -> bytes:
 
 
 def _domain_files(
-    entries: list[dict[str, Any]], recipient_files: list[str], cache: RenderCache | None
+    domains: list[DomainFacts], recipient_files: list[str], cache: RenderCache | None
 ) -> dict[str, bytes]:
     """domains.json with the domains in it; for a large install, domains-index.json
     naming the domain shards, and the shards (each fits a ConfigMap).
 
     Old relays read domains.json only: with the index they find no domains.json,
     keep the configuration they have and wait for their new image."""
-    doc = {"format": CONFIG_FORMAT, "domains": entries, "recipientFiles": recipient_files}
-    compact = json.dumps(doc, sort_keys=True)
-    if len(compact) <= sharding.DOMAINS_INLINE_MAX:
-        return {DOMAINS_FILE: _domains_json(doc, compact, cache)}
-    shards = render_domain_shards(entries, len(compact), cache)
+    size = _domains_doc_size(domains, recipient_files)
+    if size <= sharding.DOMAINS_INLINE_MAX:
+        entries = [f.entry() for f in domains]
+        doc = {"format": CONFIG_FORMAT, "domains": entries, "recipientFiles": recipient_files}
+        return {DOMAINS_FILE: _domains_json(doc, cache)}
+    shards = render_domain_shards(domains, size, cache)
     if cache is not None:
         cache.domains_json = None
     index = {
@@ -423,11 +528,21 @@ def _domain_files(
     return {DOMAINS_INDEX_FILE: _json(index), **shards}
 
 
-def _domains_json(doc: dict[str, Any], compact: str, cache: RenderCache | None) -> bytes:
+def _domains_doc_size(domains: list[DomainFacts], recipient_files: list[str]) -> int:
+    """len(json.dumps(domains.json's document, sort_keys=True)), from each
+    entry's size: what decides inline or sharded, and the shard count."""
+    entries = sum(f.doc_bytes for f in domains) + 2 * max(len(domains) - 1, 0)
+    head = '{"domains": ['
+    tail = f'], "format": {CONFIG_FORMAT}, "recipientFiles": {json.dumps(recipient_files)}}}'
+    return len(head) + entries + len(tail)
+
+
+def _domains_json(doc: dict[str, Any], cache: RenderCache | None) -> bytes:
     # Indented JSON takes the pure-Python encoder (~0.2 s for 10,000 domains);
     # the compact C-encoded form tells whether the last one can be reused.
     if cache is None:
         return _json(doc)
+    compact = json.dumps(doc, sort_keys=True)
     if cache.domains_json is None or cache.domains_json[0] != compact:
         cache.domains_json = (compact, _json(doc))
     return cache.domains_json[1]

@@ -38,10 +38,14 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from mailrelay_api.render import DomainFacts
+    from mailrelay_api.spec import NextHopSpec
 
 RECIPIENT_SHARD = "recipients-{:04d}-of-{:04d}.txt.gz"
 # ConfigMap data is limited to 1 MiB and binaryData is base64 (4/3): keep a
@@ -229,8 +233,14 @@ class RenderCache:
     lists: dict[str, ListPart] = field(default_factory=dict)  # by ListPart.key
     shards: dict[str, ShardBlob] = field(default_factory=dict)
     domains_json: tuple[str, bytes] | None = None  # (compact JSON, rendered bytes)
-    # domain shard name -> (digest of its JSON, its gzip)
-    domain_shards: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    # domain shard name -> (the domains that fed it, its gzip)
+    domain_shards: dict[str, tuple[list[DomainEntry], bytes]] = field(default_factory=dict)
+    # render.DomainFacts by id() of the RelayDomain spec they were made from,
+    # valid while domain_policy (the relay's policy, namespace labels and
+    # cluster networks, render._policy_key) stays the same
+    domain_facts: dict[int, DomainFacts] = field(default_factory=dict)
+    domain_policy: str | None = None
+    next_hops: dict[NextHopSpec, NextHopSpec] = field(default_factory=dict)  # each held once
 
 
 @dataclass
@@ -286,39 +296,56 @@ def _render_count(parts: list[ListPart], count: int, cache: RenderCache | None) 
     )
 
 
+class DomainEntry(Protocol):
+    """A domain of domains.json (render.DomainFacts): its domain (the shard
+    key) and its entry. One object per unchanged domain between renders."""
+
+    domain: str
+
+    def entry(self) -> dict[str, Any]: ...
+
+
 def render_domain_shards(
-    entries: list[dict[str, Any]], raw_bytes: int, cache: RenderCache | None
+    domains: Sequence[DomainEntry], raw_bytes: int, cache: RenderCache | None
 ) -> dict[str, bytes]:
     """domains.json's entries (sorted by domain) as gzip'd JSON lists by
-    crc32(domain); raw_bytes: their size as compact JSON. With a cache, only
-    shards whose entries changed are gzip'd again."""
+    crc32(domain); raw_bytes: their size as compact JSON. With a cache, a
+    shard fed the same domain objects as last time is not encoded again:
+    one changed domain re-renders one shard."""
     count = shard_count(raw_bytes, DOMAIN_SHARD_RAW_BYTES)
     while True:
-        files = _domain_shards(entries, count, cache)
+        files = _domain_shards(domains, count, cache)
         if files is not None:
             return files
         count *= 2  # a shard gzip'd over SHARD_MAX_BYTES
 
 
 def _domain_shards(
-    entries: list[dict[str, Any]], count: int, cache: RenderCache | None
+    domains: Sequence[DomainEntry], count: int, cache: RenderCache | None
 ) -> dict[str, bytes] | None:
-    groups: list[list[dict[str, Any]]] = [[] for _ in range(count)]
-    for entry in entries:
-        groups[shard_of(str(entry["domain"]), count)].append(entry)
+    groups: list[list[DomainEntry]] = [[] for _ in range(count)]
+    mask = count - 1
+    for d in domains:
+        groups[zlib.crc32(d.domain.encode("utf-8", "surrogatepass")) & mask].append(d)
     previous = cache.domain_shards if cache is not None else {}
-    made: dict[str, tuple[bytes, bytes]] = {}
+    made: dict[str, tuple[list[DomainEntry], bytes]] = {}
     for i, group in enumerate(groups):
         name = DOMAIN_SHARD.format(i, count)
-        text = json.dumps(group, sort_keys=True, separators=(",", ":")).encode()
-        key = blake2b(text, digest_size=16).digest()
         old = previous.get(name)
-        blob = old[1] if old is not None and old[0] == key else None
-        if blob is None:
-            blob = gzip.compress(text, compresslevel=6, mtime=0)
-            if len(blob) > SHARD_MAX_BYTES:
-                return None
-        made[name] = (key, blob)
+        # The same objects in the same order (identity: a changed domain is a new one).
+        if old is not None and len(old[0]) == len(group) and all(map(_is, old[0], group)):
+            made[name] = (group, old[1])
+            continue
+        entries = [d.entry() for d in group]
+        text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+        blob = gzip.compress(text, compresslevel=6, mtime=0)
+        if len(blob) > SHARD_MAX_BYTES:
+            return None
+        made[name] = (group, blob)
     if cache is not None:
         cache.domain_shards = made
     return {name: blob for name, (_, blob) in made.items()}
+
+
+def _is(a: object, b: object) -> bool:
+    return a is b

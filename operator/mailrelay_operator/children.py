@@ -35,6 +35,7 @@ def desired_children(
     handover_key: str | None = None,
     network: NetworkSettings | None = None,
     kept_mx: Mapping[str, str] | None = None,
+    claims_cache: claims_store.ClaimsCache | None = None,
 ) -> list[dict[str, Any]]:
     """The children in apply order: configuration first, then the pods that read it.
 
@@ -42,6 +43,7 @@ def desired_children(
     always has one; the golden tests leave it out, it is random).
     network: the NetworkPolicy is among them unless its settings turn it off.
     kept_mx: hostname -> name of an MX Service the relay already has (naming.mx_service_names).
+    claims_cache: the relay's claims shards of the last pass (the reconciler keeps it).
     """
     tls = certificate.wants_tls(relay) and (
         cert_manager or not certificate.wants_certificate(relay)
@@ -51,7 +53,7 @@ def desired_children(
     # Domain shards before the index that names them (config): a pod rarely
     # sees an index whose shards are not there yet (it would keep its config).
     children = [*domain_shards, configmaps.config_config_map(relay, rendered), *shards]
-    children += claims_store.claims_config_maps(relay, rendered.claims)
+    children += claims_store.claims_config_maps(relay, rendered.claims, claims_cache)
     if certificate.wants_certificate(relay) and cert_manager:
         children.append(certificate.certificate(relay))
     if handover_key:

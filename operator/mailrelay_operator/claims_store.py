@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_api.claims import Claim
@@ -34,14 +35,36 @@ def status_claims(claims: list[Claim]) -> list[dict[str, str]]:
     return [c.to_status() for c in claims if c.gone_since]
 
 
-def claims_config_maps(relay: dict[str, Any], claims: list[Claim]) -> list[dict[str, Any]]:
+@dataclass
+class ClaimsCache:
+    """Each claims shard's gzip and the claims it was made of (the reconciler
+    keeps one per relay): the claims of unchanged domains are the same
+    objects render after render (claims.award), so a render that changed one
+    claim packs one shard again, not 100,000 claims."""
+
+    shards: dict[tuple[int, int], tuple[list[Claim], bytes]] = field(default_factory=dict)
+
+
+def claims_config_maps(
+    relay: dict[str, Any], claims: list[Claim], cache: ClaimsCache | None = None
+) -> list[dict[str, Any]]:
     """The claims ConfigMaps (none while status.domains holds every claim)."""
     if len(claims) <= STATUS_CLAIMS_MAX:
+        if cache is not None:
+            cache.shards = {}
         return []
     count = shard_count(len(claims) * CLAIM_BYTES, DOMAIN_SHARD_RAW_BYTES)
-    groups: list[list[dict[str, str]]] = [[] for _ in range(count)]
+    groups: list[list[Claim]] = [[] for _ in range(count)]
     for c in claims:
-        groups[shard_of(c.domain, count)].append(c.to_status())
+        groups[shard_of(c.domain, count)].append(c)
+    previous = cache.shards if cache is not None else {}
+    made: dict[tuple[int, int], tuple[list[Claim], bytes]] = {}
+    for i, group in enumerate(groups):
+        old = previous.get((count, i))
+        same = old is not None and len(old[0]) == len(group) and all(map(_is, old[0], group))
+        made[(count, i)] = (group, old[1] if old is not None and same else _packed(group))
+    if cache is not None:
+        cache.shards = made
     return [
         {
             "apiVersion": "v1",
@@ -51,14 +74,19 @@ def claims_config_maps(relay: dict[str, Any], claims: list[Claim]) -> list[dict[
                 "namespace": naming.relay_namespace(relay),
                 "labels": {**naming.labels(relay, "claims"), naming.SHARD_LABEL: str(i)},
             },
-            "binaryData": {CLAIMS_FILE: base64.b64encode(_packed(group)).decode()},
+            "binaryData": {CLAIMS_FILE: base64.b64encode(made[(count, i)][1]).decode()},
         }
-        for i, group in enumerate(groups)
+        for i in range(count)
     ]
 
 
-def _packed(group: list[dict[str, str]]) -> bytes:
-    text = json.dumps(group, sort_keys=True, separators=(",", ":")).encode()
+def _is(a: object, b: object) -> bool:
+    return a is b
+
+
+def _packed(group: list[Claim]) -> bytes:
+    entries = [c.to_status() for c in group]
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
     return gzip.compress(text, compresslevel=6, mtime=0)
 
 

@@ -88,6 +88,7 @@ class RelayMemory:
     # next render starts from these, not from a status the watch may not
     # have brought back yet.
     claims: list[Claim] | None = None
+    claims_cache: claims_store.ClaimsCache = field(default_factory=claims_store.ClaimsCache)
     progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
     applied_replicas: int | None = None  # the StatefulSet replicas we last applied
     # (kind, namespace, name) -> (resourceVersion, verdict) of the statuses
@@ -328,6 +329,7 @@ class Reconciler:
             mem.handover_key,
             self.network,
             self.events.mx_services.get(key),
+            mem.claims_cache,
         )
         await self._apply(key, relay, mem, children, obs)
         if obs.applied:
@@ -390,9 +392,9 @@ class Reconciler:
             return mem.rendered
         inventory = view.inventory()
         started = time.monotonic()
+        claims: dict[str, Claim] | None = None  # None: the relay's status.domains
         if mem.claims is not None:
-            claimed = [c.to_status() for c in mem.claims]
-            relay = {**relay, "status": {**(relay.get("status") or {}), "domains": claimed}}
+            claims = {c.domain: c for c in mem.claims}
         else:
             # First render: a large relay's claims are in ConfigMaps (claims_store).
             stored = await claims_store.load_claims(self.api, relay)
@@ -400,7 +402,7 @@ class Reconciler:
                 relay = claims_store.with_stored_claims(relay, stored)
         settings = RenderSettings(cluster=self.network.cluster)
         rendered = await asyncio.to_thread(
-            render_relay, relay, inventory, mem.render_cache, settings
+            render_relay, relay, inventory, mem.render_cache, settings, claims
         )
         mem.rendered, mem.generation, mem.claims = rendered, gen, rendered.claims
         release = next_release(rendered.claims, relay_spec(relay).allowed_domains.release_after)

@@ -64,3 +64,28 @@ def test_the_relay_owns_its_claims_config_maps(small_max: None) -> None:
     assert configmaps.config_files(
         [c for c in children if c["metadata"]["name"] == "edge-claims-0"]
     )
+
+
+def test_a_cache_packs_only_changed_shards_and_changes_nothing(
+    small_max: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claims ConfigMaps with the reconciler's cache are the ones without,
+    as claims come and go (across shard counts); an unchanged shard is not packed again."""
+    monkeypatch.setattr(claims_store, "DOMAIN_SHARD_RAW_BYTES", 4096)  # 50 claims: 1 shard
+    cache = claims_store.ClaimsCache()
+    many = claims(50)
+    packed: list[int] = []
+    real = claims_store._packed
+    monkeypatch.setattr(claims_store, "_packed", lambda g: packed.append(len(g)) or real(g))
+    for now in (many, [*many[:49], Claim("d49.example", "mail/other")], many + claims(3000)):
+        assert claims_store.claims_config_maps(relay(), now, cache) == (
+            claims_store.claims_config_maps(relay(), now)
+        )
+    packed.clear()
+    again = many + claims(3000)  # equal claims, not the same objects: packed again
+    claims_store.claims_config_maps(relay(), again, cache)
+    shards = len(packed)
+    packed.clear()
+    claims_store.claims_config_maps(relay(), [*again[:-1], Claim("x.example", "mail/x")], cache)
+    assert shards > 1 and len(packed) <= 2  # the shard that lost a claim, the one that got one
+    assert claims_store.claims_config_maps(relay(), [], cache) == [] and cache.shards == {}
