@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailrelay_operator.inputs import store
+from mailrelay_operator.inputs import store, trim_all
 
 
 def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> dict[str, Any]:
@@ -42,3 +42,22 @@ def test_objects_without_identity_always_replace() -> None:
     store(cache, rl(None, ["a@x.example"], uid=None), deleted=False)
     store(cache, rl(None, ["b@x.example"], uid=None), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
+
+
+def test_equal_statuses_are_held_once() -> None:
+    """100,000 RelayDomains with the same verdict: one status dict in the cache."""
+    status = {"observedGeneration": 1, "conditions": [{"type": "Accepted", "status": "True"}]}
+    docs = [
+        {
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": f"d{i}", "namespace": "mail", "uid": f"u{i}"},
+            "spec": {"domain": f"d{i}.example", "relayRef": {"name": "edge"}},
+            "status": {**status, "conditions": [dict(c) for c in status["conditions"]]},
+        }
+        for i in range(3)
+    ]
+    held = list(trim_all(docs, "RelayDomain").values())
+    assert held[0]["status"] == status
+    assert held[0]["status"] is held[1]["status"] is held[2]["status"]
+    assert held[0]["spec"] is not held[1]["spec"]
