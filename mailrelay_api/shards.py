@@ -16,7 +16,10 @@ the shards whose addresses changed.
 
 Domains go the same way once domains.json would outgrow its ConfigMap
 (DOMAINS_INLINE_MAX): entry to shard crc32(domain) mod N, N a power of two
-from the total size, each shard a JSON list sorted by domain.
+from the total size, each shard a JSON list sorted by domain. The cache
+keeps each RelayDomain's facts (render.DomainFacts, one object per spec
+seen) and each domain shard's gzip with the facts that fed it: a pass after
+one domain changed encodes only the shard it falls in.
 
 Every shard's name carries N (recipients-0003-of-0008.txt.gz,
 domains-0003-of-0008.json.gz), and the file that names the shards
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import operator
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -332,8 +336,7 @@ def _domain_shards(
     for i, group in enumerate(groups):
         name = DOMAIN_SHARD.format(i, count)
         old = previous.get(name)
-        # The same objects in the same order (identity: a changed domain is a new one).
-        if old is not None and len(old[0]) == len(group) and all(map(_is, old[0], group)):
+        if old is not None and same_objects(old[0], group):
             made[name] = (group, old[1])
             continue
         entries = [d.entry() for d in group]
@@ -347,5 +350,7 @@ def _domain_shards(
     return {name: blob for name, (_, blob) in made.items()}
 
 
-def _is(a: object, b: object) -> bool:
-    return a is b
+def same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
+    """The same objects in the same order: what a cached shard was made of is
+    replaced, never changed, so identity says its contents did not change."""
+    return len(old) == len(new) and all(map(operator.is_, old, new))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_api.claims import Claim
-from mailrelay_api.shards import DOMAIN_SHARD_RAW_BYTES, shard_count, shard_of
+from mailrelay_api.shards import DOMAIN_SHARD_RAW_BYTES, same_objects, shard_count, shard_of
 from mailrelay_operator import naming
 from mailrelay_operator.kubeapi import KubeApi, resource_path
 
@@ -61,8 +61,10 @@ def claims_config_maps(
     made: dict[tuple[int, int], tuple[list[Claim], bytes]] = {}
     for i, group in enumerate(groups):
         old = previous.get((count, i))
-        same = old is not None and len(old[0]) == len(group) and all(map(_is, old[0], group))
-        made[(count, i)] = (group, old[1] if old is not None and same else _packed(group))
+        made[(count, i)] = (
+            group,
+            old[1] if old is not None and same_objects(old[0], group) else _packed(group),
+        )
     if cache is not None:
         cache.shards = made
     return [
@@ -78,10 +80,6 @@ def claims_config_maps(
         }
         for i in range(count)
     ]
-
-
-def _is(a: object, b: object) -> bool:
-    return a is b
 
 
 def _packed(group: list[Claim]) -> bytes:
