@@ -148,6 +148,13 @@ class IncomingMessage:
     def _write_sync(self, data: bytes | bytearray) -> None:
         write_all(self._open_sync(), data)
 
+    def in_memory(self) -> bytes | None:
+        """The whole message while none of it was written out (small ones until
+        commit); None once it has a file: then `flush()` and read `path`."""
+        if self._spilled or self._fd is not None:
+            return None
+        return bytes(self._buffer)
+
     async def flush(self) -> Path:
         """Writes everything received so far to `path` (not fsynced); returns it."""
         if self._buffer:

@@ -25,6 +25,7 @@ write.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import IO, Any
@@ -216,18 +217,49 @@ async def _copy_edited(
     original: IncomingMessage, queue: Queue, verdict: MessageVerdict
 ) -> IncomingMessage:
     """A new queue file: the edited header section, then the body (the
-    original's or a milter's replacement), copied in chunks."""
+    original's or a milter's replacement). A message still in memory (most:
+    relay.queue.incoming.SPILL_BYTES) that keeps its body is edited there: no
+    file is written, read back and removed for it."""
+    held = original.in_memory()
+    body = replacement_body(verdict.modifications)
+    if held is not None and body is None:
+        edited = _edited_in_memory(held, original, queue, verdict.modifications)
+    else:
+        edited = await _edited_file_copy(original, queue, verdict.modifications, body)
+    original.abort()
+    log.info("%s: milter-edited, queued as %s", original.queue_id, edited.queue_id)
+    return edited
+
+
+def _edited_in_memory(
+    held: bytes, original: IncomingMessage, queue: Queue, modifications: list[Modifications]
+) -> IncomingMessage:
+    edited = queue.incoming()
+    try:
+        # Less than COPY_CHUNK: read_header_section gets all of it in one read.
+        section, rest = read_header_section(io.BytesIO(held))
+        edited.write(_received_follows(edited_head(section, modifications), original, edited))
+        edited.write(rest)
+    except BaseException:
+        edited.abort()
+        raise
+    return edited
+
+
+async def _edited_file_copy(
+    original: IncomingMessage,
+    queue: Queue,
+    modifications: list[Modifications],
+    body: IO[bytes] | None,
+) -> IncomingMessage:
+    """The same from the original's file, in chunks on the queue's I/O threads
+    (a 25 MB message, or a replacement body spooled to disk, is never held)."""
     path = await original.flush()
     src: IO[bytes] = await queue.run_io(open, path, "rb")
     edited = queue.incoming()
     try:
         section, rest = await queue.run_io(read_header_section, src)
-        head = edited_head(section, verdict.modifications)
-        # Our Received header names the queue file: it follows the message.
-        edited.write(
-            head.replace(f" id {original.queue_id}".encode(), f" id {edited.queue_id}".encode(), 1)
-        )
-        body = replacement_body(verdict.modifications)
+        edited.write(_received_follows(edited_head(section, modifications), original, edited))
         if body is not None:
             await queue.run_io(body.seek, 0)
             source: IO[bytes] = body
@@ -243,9 +275,12 @@ async def _copy_edited(
     finally:
         with contextlib.suppress(OSError):
             await queue.run_io(src.close)
-    original.abort()
-    log.info("%s: milter-edited, queued as %s", original.queue_id, edited.queue_id)
     return edited
+
+
+def _received_follows(head: bytes, original: IncomingMessage, edited: IncomingMessage) -> bytes:
+    """Our Received header names the queue file: it follows the message to its copy."""
+    return head.replace(f" id {original.queue_id}".encode(), f" id {edited.queue_id}".encode(), 1)
 
 
 async def hold(queue: Queue, queue_id: str, reason: str) -> None:

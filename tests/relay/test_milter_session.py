@@ -53,6 +53,42 @@ async def test_edited_message_is_copied_with_envelope_edits_and_held(queue: Queu
     assert os.listdir(queue.directory / ACTIVE) == []
 
 
+@pytest.mark.parametrize("body", [b"line\r\n" * 100, b"", b"no final newline"])
+async def test_message_in_memory_is_edited_as_the_file_copy(queue: Queue, body: bytes):
+    """A message that never left memory gets the same bytes as one read back
+    from its file, and no file is written for it."""
+    edits = [
+        m.HeaderEdit("add", "X-Spamd-Result", "default: False [0.00 / 15.00];\n\tR_X (0.00)"),
+        m.HeaderEdit("insert", "X-First", "1", 0),
+        m.HeaderEdit("change", "Subject", "new", 1),
+        m.HeaderEdit("change", "X-Old", "", 1),
+    ]
+    copies = {}
+    for spilled in (False, True):
+        original = queue.incoming()
+        original.write(received(original.queue_id) + b"Subject: s\r\nX-Old: o\r\n\r\n" + body)
+        if spilled:
+            await original.flush()
+        else:
+            assert original.in_memory() is not None
+        mods = [m.Modifications(header_edits=list(edits))]
+        done = await finish(MessageVerdict(modifications=mods), original, queue, "a@b.org", ["c@d"])
+        assert done.incoming is not original
+        if not spilled:
+            assert done.incoming.in_memory() is not None
+            assert os.listdir(queue.directory / INCOMING) == []
+        queue_id = await done.incoming.commit(done.sender, done.recipients)
+        await queue.settle()
+        data = await queue.run_io(queue.read_message_data_sync, queue_id)
+        copies[spilled] = data.replace(queue_id.encode(), b"QUEUEID")
+        head = b"X-First: 1\r\n" + received("QUEUEID") + b"Subject: new\r\n"
+        assert copies[spilled].startswith(head)
+    assert copies[False] == copies[True]
+    assert copies[False].endswith(
+        b"X-Spamd-Result: default: False [0.00 / 15.00];\r\n\tR_X (0.00)\r\n\r\n" + body
+    )
+
+
 async def test_unedited_message_stays_as_received(queue: Queue):
     original = queue.incoming()
     original.write(b"Subject: s\r\n\r\nbody\r\n")
