@@ -11,6 +11,9 @@ with the spread, the load average and peak PSS.
     git worktree add --detach /tmp/base main
     .venv/bin/python bench/cpu_ab.py --tree /tmp/base --tree . [--messages 3000] [--runs 3]
 
+With --milter every relay gets the tests' rspamd (tests/mrtest/realmilters.py,
+as bench/milter_vs_postfix.py) as its milter: the milter client's CPU A/B.
+
 Each tree's code runs with this tree's .venv (PYTHONPATH=<tree>), so both
 must need the same dependencies. A tree may carry environment variables
 for its relay after a colon: `--tree .:MAILRELAY_X=1`.
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # mrtest: rspamd
+from mrtest.realmilters import rspamd
 from relay_vs_postfix import (  # bench/ is not a package
     CLK_TCK,
     RESULTS,
@@ -62,8 +67,8 @@ def tree_user_sys(root: int) -> tuple[float, float]:
 class TreeRelay(Mailrelay):
     """mailrelay from another source tree, run by this tree's interpreter."""
 
-    def __init__(self, spec: str, workdir: Path, sink: Sink) -> None:
-        super().__init__(workdir, sink, workers=0, content_filter=True)
+    def __init__(self, spec: str, workdir: Path, sink: Sink, milter: str = "") -> None:
+        super().__init__(workdir, sink, workers=0, content_filter=True, milter=milter)
         tree, _, env = spec.partition(":")
         self.spec = spec
         self.tree = str(Path(tree).resolve())
@@ -95,7 +100,8 @@ def measure(relay: TreeRelay, messages: int) -> dict[str, Any]:
 def summary(results: dict[str, Any]) -> str:
     lines = [
         f"CPU A/B {results['started']} on {results['machine']}: {results['messages']} x 5 KB "
-        f"over 20 sessions per run, {results['rounds']} interleaved runs, attachment filter on; "
+        f"over 20 sessions per run, {results['rounds']} interleaved runs, attachment filter on"
+        f"{', rspamd as milter' if results.get('milter') else ''}; "
         f"load average {results['load_average_start'][0]:.1f} at the start, "
         f"{results['load_average_end'][0]:.1f} at the end. Commit of this tree: "
         f"{results['commit']}.",
@@ -131,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--memory-size", type=int, default=25_000_000, help="then 20 such messages at once; 0: no"
     )
+    p.add_argument(
+        "--milter", action="store_true", help="every relay with the tests' rspamd as its milter"
+    )
     args = p.parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = Path(tempfile.mkdtemp(prefix="mailrelay-cpu-ab-"))
@@ -142,42 +151,47 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.runs,
         "memory_size": args.memory_size,
         "load_average_start": os.getloadavg(),
+        "milter": args.milter,
     }
     results["runs"] = {spec: [] for spec in args.tree}
     started: list[Any] = []
-    try:
-        relays = []
-        for i, spec in enumerate(args.tree):
-            sink = Sink(workdir).start()
-            started.append(sink)
-            relay = TreeRelay(spec, workdir / f"relay{i}", sink)
-            started.append(relay)
-            relays.append(relay.start())
-        for relay in relays:
-            load(relay, args.warmup, 5120, 20)
-        for i in range(args.runs):
-            for relay in relays if i % 2 == 0 else relays[::-1]:
-                run = measure(relay, args.messages)
-                results["runs"][relay.spec].append(run)
-                print(json.dumps(run), flush=True)
-        if args.memory_size:
-            results["memory"] = {}
+    with contextlib.ExitStack() as milter_running:  # rspamd stops after the relays
+        try:
+            milter = ""
+            if args.milter:
+                milter = milter_running.enter_context(rspamd(workdir / "rspamd"))
+            relays = []
+            for i, spec in enumerate(args.tree):
+                sink = Sink(workdir).start()
+                started.append(sink)
+                relay = TreeRelay(spec, workdir / f"relay{i}", sink, milter)
+                started.append(relay)
+                relays.append(relay.start())
             for relay in relays:
-                big = load(relay, 20, args.memory_size, 20)
-                results["memory"][relay.spec] = round(big.peak_mb, 1) if big.ok else big.error
-                print(f"memory {relay.spec}: {results['memory'][relay.spec]}", flush=True)
-    finally:
-        for thing in reversed(started):
-            with contextlib.suppress(Exception):
-                thing.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-        results["load_average_end"] = os.getloadavg()
-        out = RESULTS / f"{stamp}-cpu-ab"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "summary.md").write_text(summary(results))
-        print(summary(results))
-        print(f"results: {out}")
+                load(relay, args.warmup, 5120, 20)
+            for i in range(args.runs):
+                for relay in relays if i % 2 == 0 else relays[::-1]:
+                    run = measure(relay, args.messages)
+                    results["runs"][relay.spec].append(run)
+                    print(json.dumps(run), flush=True)
+            if args.memory_size:
+                results["memory"] = {}
+                for relay in relays:
+                    big = load(relay, 20, args.memory_size, 20)
+                    results["memory"][relay.spec] = round(big.peak_mb, 1) if big.ok else big.error
+                    print(f"memory {relay.spec}: {results['memory'][relay.spec]}", flush=True)
+        finally:
+            for thing in reversed(started):
+                with contextlib.suppress(Exception):
+                    thing.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+            results["load_average_end"] = os.getloadavg()
+            out = RESULTS / f"{stamp}-cpu-ab"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "summary.md").write_text(summary(results))
+            print(summary(results))
+            print(f"results: {out}")
     return 0
 
 
