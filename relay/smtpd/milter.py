@@ -145,6 +145,11 @@ class Answer:
     reply_text: str = ""  # for REPLY: "550 5.7.1 text" (lines joined by CRLF)
 
 
+# What an event the milter asked no reply for (SMFIP_NR_*) "answers": there is
+# no answer to time or count (relay.smtpd.milters checks for this very object).
+NO_REPLY = Answer(Verdict.CONTINUE)
+
+
 @dataclass
 class Modifications:
     """What a milter asked to change at end of message, in the order it asked."""
@@ -212,7 +217,8 @@ class MilterConnection:
         self.command_timeout = command_timeout
         self.protocol = 0  # steps the milter chose, after negotiate()
         self.actions = 0
-        self.symlists: dict[bytes, list[str]] = {}  # command -> macro names it wants
+        # command -> the macro names it wants, without braces ("{mail_addr}": "mail_addr")
+        self.symlists: dict[bytes, frozenset[str]] = {}
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         # Packets not written yet: macros and the events the milter sends no
@@ -254,7 +260,8 @@ class MilterConnection:
             (stage,) = struct.unpack("!I", rest[:4])
             names, _, rest = rest[4:].partition(b"\0")
             if stage in SYMLIST_STAGES:
-                self.symlists[SYMLIST_STAGES[stage]] = names.decode("latin-1").split()
+                wanted = names.decode("latin-1").split()
+                self.symlists[SYMLIST_STAGES[stage]] = frozenset(n.strip("{}") for n in wanted)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -278,14 +285,13 @@ class MilterConnection:
         """SMFIC_MACRO for the event: those the milter asked for, else all."""
         wanted = self.symlists.get(event)
         if wanted is not None:
-            want = {n.strip("{}") for n in wanted}
-            macros = {k: v for k, v in macros.items() if k.strip("{}") in want}
+            macros = {k: v for k, v in macros.items() if k.strip("{}") in wanted}
         if macros:
             pairs = _cstr(*(x for kv in macros.items() for x in kv))
             self._pending += _packet(MACRO, event + pairs)
 
     async def event(self, event: bytes, data: bytes) -> Answer:
-        """Sends one event; its answer (CONTINUE when the milter sends none)."""
+        """Sends one event; its answer (NO_REPLY when the milter sends none)."""
         if not self.wants(event):
             return Answer(Verdict.CONTINUE)
         flags = EVENT_FLAGS.get(event)
@@ -300,7 +306,7 @@ class MilterConnection:
                 self._writer.write(self._pending)
                 self._pending = b""
                 await self._drain()
-            return Answer(Verdict.CONTINUE)
+            return NO_REPLY
         self._send(event, data)
         return await self._answer()
 

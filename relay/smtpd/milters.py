@@ -249,7 +249,7 @@ class MilterChain:
         """The stage's macros, then the event, timed and counted; a failure ->
         defaultAction. Headers and body chunks come without macros, as from Postfix."""
         started = time.monotonic()
-        mods = None
+        answer, mods = None, None
         try:
             if macros:
                 s.connection.send_macros(event, macros)
@@ -265,7 +265,9 @@ class MilterChain:
             self._fail(s, e)
             return _failed_answer(s), None
         finally:
-            metrics.child(metrics.MILTER_SECONDS, s.config.name).observe(time.monotonic() - started)
+            if answer is not m.NO_REPLY:  # nothing was waited for
+                seconds = time.monotonic() - started
+                metrics.child(metrics.MILTER_SECONDS, s.config.name).observe(seconds)
         return answer, mods
 
     def _decide(self, s: _State, answer: m.Answer, *, message: bool) -> tuple[Reply | None, bool]:
@@ -273,6 +275,8 @@ class MilterChain:
         v = answer.verdict
         if s.down:
             return s.failed, False
+        if answer is m.NO_REPLY:  # not an answer: neither counted nor decided
+            return None, False
         metrics.child(metrics.MILTER_VERDICTS, s.config.name, v.value).inc()
         if v is m.Verdict.ACCEPT:
             if message:

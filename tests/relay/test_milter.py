@@ -88,6 +88,10 @@ async def run_message(chain: MilterChain, message: bytes = MESSAGE, chunk: int =
     return await chain.end_of_message()
 
 
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def refusal_of(result: Reply | MessageVerdict | None) -> Reply | None:
     """The refusal, at a step or at end of message (where a short body goes)."""
     return result.reply if isinstance(result, MessageVerdict) else result
@@ -281,6 +285,8 @@ async def test_what_needs_no_reply_reaches_the_milter_whole_and_in_order(milter:
     still goes out in bounded writes."""
     nr = [flags[1] for flags in m.EVENT_FLAGS.values()]
     milter.protocol = sum(set(nr))
+    answers = sample("mailrelay_milter_verdicts_total", milter="m0", verdict="continue")
+    timed = sample("mailrelay_milter_seconds_count", milter="m0")
     chain = chain_of(await milter.start())
     body = b"0123456789" * 7 + b"\r\n"
     message = MESSAGE + body * 20_000  # 1.4 MB
@@ -295,6 +301,10 @@ async def test_what_needs_no_reply_reaches_the_milter_whole_and_in_order(milter:
     assert milter.macros[m.MAIL]["i"] == "QID1"
     assert bytes(milter.body) == message[message.index(b"\r\n\r\n") + 4 :]
     assert milter.largest_chunk <= m.BODY_CHUNK
+    # Only what has an answer is counted and timed: the end of message (and the
+    # negotiation, timed).
+    assert sample("mailrelay_milter_verdicts_total", milter="m0", verdict="continue") == answers + 1
+    assert sample("mailrelay_milter_seconds_count", milter="m0") == timed + 2
 
 
 # --- modifications --------------------------------------------------------------
@@ -484,9 +494,6 @@ def test_manifest_validation():
 
 
 async def test_metrics_per_milter(milter: ScriptedMilter):
-    def sample(name: str, **labels: str) -> float:
-        return REGISTRY.get_sample_value(name, labels) or 0.0
-
     milter.answers = {m.RCPT: [REJECT]}
     before = sample("mailrelay_milter_verdicts_total", milter="m0", verdict="reject")
     timed = sample("mailrelay_milter_seconds_count", milter="m0")
