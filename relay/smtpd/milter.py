@@ -229,7 +229,8 @@ class MilterConnection:
     async def open(self) -> None:
         """Connects and negotiates, within the connect timeout."""
         try:
-            await asyncio.wait_for(self._open(), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):  # no task, unlike wait_for
+                await self._open()
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
             self.close()
             raise MilterError(f"{self.address}: {str(e) or type(e).__name__}") from e

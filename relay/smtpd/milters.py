@@ -105,7 +105,10 @@ class MilterChain:
 
     # --- the session's steps -----------------------------------------------------
     async def connect(self, client_name: str, client_ip: str, client_port: int) -> Reply | None:
-        await asyncio.gather(*(self._open(s) for s in self.states))
+        if len(self.states) == 1:  # the usual case: no task for gather to make
+            await self._open(self.states[0])
+        else:
+            await asyncio.gather(*(self._open(s) for s in self.states))
         data = m.connect_data(client_name, client_ip, client_port)
         return await self._step(m.CONNECT, data, self.connect_macros, message=False)
 
