@@ -15,8 +15,9 @@ does around it:
   next MAIL or HELO when its message did not reach the end of data;
 - at end of data, `end_of_message` applies the verdict to the received
   message: refuse it, discard it (250, then dropped), or copy it with the
-  milters' edits into a new queue file (headers edited in memory, the body
-  copied in chunks) to be held when a milter asked for quarantine.
+  milters' edits into a new queue file (in memory while the message is; else
+  headers edited in memory, the body copied in chunks) to be held when a
+  milter asked for quarantine.
 Nothing here raises for what a milter does (relay.smtpd.milters turns that
 into the milter's defaultAction); queue errors are the caller's, as for any
 write.
