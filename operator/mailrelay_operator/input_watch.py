@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailrelay_api.allocator import trim_heap
 from mailrelay_api.schema import API_VERSION
 from mailrelay_operator.cluster import Key
 from mailrelay_operator.events import EventRouter
@@ -132,6 +133,7 @@ class InputWatch:
             self.events.input_event(kind, cache[key], True)
         self.versions[(kind, scope)] = version
         self.lists_done += 1
+        await asyncio.to_thread(trim_heap)  # the listing's JSON pages, freed
         self.health.watch_ok(_name(kind, scope))
 
     def _list_page(

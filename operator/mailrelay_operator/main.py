@@ -10,6 +10,8 @@ from typing import Any
 
 import kopf
 
+from mailrelay_api.allocator import settle_operator_allocator
+
 # HOST:PORT for Prometheus metrics (the Helm chart sets it; unset = none).
 METRICS_LISTEN_ENV = "MAILRELAY_OPERATOR_METRICS_LISTEN"
 
@@ -25,6 +27,7 @@ def serve_metrics(listen: str) -> Any:
 
 
 def run_operator(args: argparse.Namespace) -> int:
+    settle_operator_allocator()  # before any thread starts: arenas, once made, stay
     kopf.configure(verbose=bool(getattr(args, "verbose", False)))
     if os.environ.get(METRICS_LISTEN_ENV):
         serve_metrics(os.environ[METRICS_LISTEN_ENV])

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailrelay_api.allocator import trim_heap
 from mailrelay_api.claims import Claim, next_release
 from mailrelay_api.render import RenderCache, Rendered, RenderSettings, render_relay
 from mailrelay_api.spec import relay_spec
@@ -404,6 +405,9 @@ class Reconciler:
         rendered = await asyncio.to_thread(
             render_relay, relay, inventory, mem.render_cache, settings, claims
         )
+        # What the render's temporaries (and the watch pages since) freed, back
+        # to the system; a millisecond or so, in a thread all the same.
+        await asyncio.to_thread(trim_heap)
         mem.rendered, mem.generation, mem.claims = rendered, gen, rendered.claims
         release = next_release(rendered.claims, relay_spec(relay).allowed_domains.release_after)
         if release is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import logging
 import platform
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mailrelay_api.allocator import settle_allocator
 from relay.process import eventloop
 from relay.process.listeners import Sockets
 from relay.process.options import ProcessOptions, env_float, relay_version
@@ -49,25 +49,6 @@ if TYPE_CHECKING:
     from relay.verify_cache import Verifier
 
 log = logging.getLogger("mailrelay.server")
-
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-# Blocks this big or bigger are mmap()ed and go back to the system when freed.
-MMAP_THRESHOLD = 128 * 1024
-
-
-def settle_allocator() -> bool:
-    """glibc's malloc keeps blocks of 128 KB and more out of its heap (mmap)
-    until one is freed; from then on it raises that threshold to the freed
-    block's size, and the buffers of big messages (reads of up to 256 KB on
-    uvloop, queue chunks of 256 KB) come from heaps that keep the memory. A
-    fixed threshold returns them to the system when freed: 20 messages of
-    25 MB at once peaked at ~87 MB PSS instead of ~97 MB (docs/benchmarks.md).
-    Small messages never allocate that much. False: not set (a C library
-    without mallopt, or one that refuses)."""
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 def settle_garbage_collector() -> None:
