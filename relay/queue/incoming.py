@@ -43,10 +43,10 @@ SPILL_BYTES = 256 * 1024
 # A receiver may run this far ahead of the disk before drain() makes it wait.
 MAX_PENDING_BYTES = 1024 * 1024
 # Commit batches run on this many threads at once (see Committer). On the
-# 2-core test machine one thread used ~9% less CPU per message than main's
-# loop-driven batches and cut the accept latency by a third; two threads
-# halved it again, but cost ~10% more CPU (smaller batches, the GIL shared
-# by three threads): the CPU per message is the target that binds here.
+# 2-core test machine one thread needs about the CPU per message the
+# loop-driven batches before it did and cuts the accept latency by a third;
+# two threads halve it again but cost 6-10% more CPU and gave no more
+# messages a second (docs/benchmarks.md): the CPU per message binds here.
 COMMIT_THREADS = 1
 # A commit thread takes at most this many waiting messages (with several
 # threads, a burst is spread over them).
