@@ -4,7 +4,9 @@ with the relay's hostname as authserv-id — what OpenDKIM and OpenDMARC do
 in verify mode behind Postfix (contentFilters.authentication).
 
 It runs at END-OF-DATA (relay.smtpd.policy's `authentication` restriction),
-on the message as received and spooled:
+on the message as received: its bytes while it is still in memory (a small
+message: no file is written for the check, and the milters' in-memory edit
+stays possible), else its spooled file:
 
 1. the header section is read (bounded, as for milter edits) and gives the
    DNS names the message needs: `<s>._domainkey.<d>` of each DKIM-Signature,
@@ -14,7 +16,7 @@ on the message as received and spooled:
    TTL) — dkimpy is synchronous and takes a `dnsfunc`: here that function
    only reads the fetched answers, so no lookup ever blocks a thread;
 3. dkimpy verifies in an executor (RSA is CPU work): the body hashes are
-   computed reading the spooled file in chunks (relay.smtpd.dkimbody), dkimpy
+   computed reading the message in chunks (relay.smtpd.dkimbody), dkimpy
    gets the header section only;
 4. DMARC from the DKIM results and, when the SPF check ran at RCPT, its
    MAIL FROM result (without it, DKIM alone decides).
@@ -31,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -211,6 +215,13 @@ def _dnsfunc(answers: Answers, missing: set[str]) -> Callable[..., bytes | None]
 
 # --- verification, in an executor ------------------------------------------------
 
+Source = bytes | str  # the message: its bytes while in memory, else its file's path
+
+
+def _open(source: Source) -> IO[bytes]:
+    """The message to read, from memory or from its file: the same reads either way."""
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
 
 def _dkim_result(d: StreamedDKIM, idx: int, sig: Signature, answers: Answers) -> Method:
     missing: set[str] = set()
@@ -252,12 +263,12 @@ def _arc_result(message: StreamedDKIM, answers: Answers) -> Method:
     return Method("arc", "fail", str(comment))
 
 
-def verify_sync(path: str, head: Head, answers: Answers, arc: bool) -> list[Method]:
+def verify_sync(source: Source, head: Head, answers: Answers, arc: bool) -> list[Method]:
     """The DKIM results of head.dkim, then ARC's when asked (blocking: file and RSA).
     The body is hashed in chunks (relay.smtpd.dkimbody): dkimpy gets the headers only."""
     bodies = {s.body for s in head.dkim if s.body is not None}
     bodies |= head.arc_bodies if arc else set()
-    with open(path, "rb") as f:
+    with _open(source) as f:
         section, rest = read_header_section(f)
         hashes = body_hashes(f, rest, bodies)
     d = StreamedDKIM(section + b"\r\n", logger=_DKIMPY_LOG)
@@ -270,8 +281,8 @@ def verify_sync(path: str, head: Head, answers: Answers, arc: bool) -> list[Meth
     return methods
 
 
-def read_head_sync(path: str) -> bytes:
-    with open(path, "rb") as f:
+def read_head_sync(source: Source) -> bytes:
+    with _open(source) as f:
         return read_header_section(f)[0]
 
 
@@ -337,15 +348,19 @@ class Authenticator:
         self,
         policy: Authentication,
         hostname: str,
-        path: str,
+        source: Source,
         spf: tuple[str, str] | None,
         *,
         trusted: bool = False,
     ) -> Outcome:
-        """The results for the spooled message at `path`; spf is SPF's (result,
-        MAIL FROM domain) when the SPF check ran."""
+        """The results for the message (its bytes, or its spooled file's path);
+        spf is SPF's (result, MAIL FROM domain) when the SPF check ran."""
         loop = asyncio.get_running_loop()
-        head = parse_head(await loop.run_in_executor(None, read_head_sync, path), hostname)
+        if isinstance(source, bytes):  # in memory: nothing blocks, no thread needed
+            section = read_head_sync(source)
+        else:
+            section = await loop.run_in_executor(None, read_head_sync, source)
+        head = parse_head(section, hostname)
         verify_dkim = policy.dkim or policy.dmarc
         wanted = head.names if verify_dkim else set(head.arc_keys)
         answers = await prefetch(self.resolver, wanted if (verify_dkim or policy.arc) else set())
@@ -353,7 +368,7 @@ class Authenticator:
         if (verify_dkim and head.dkim) or (policy.arc and head.arc_keys):
             dkim_head = head if verify_dkim else dataclasses.replace(head, dkim=[])
             methods = await loop.run_in_executor(
-                None, verify_sync, path, dkim_head, answers, policy.arc
+                None, verify_sync, source, dkim_head, answers, policy.arc
             )
         elif policy.arc:
             methods.append(Method("arc", "none"))

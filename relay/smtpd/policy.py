@@ -337,11 +337,14 @@ async def authentication(c: Check) -> Verdict:
     policy = c.config.authentication
     if not policy.enabled or c.authenticator is None or c.message is None:
         return None
-    path = str(await c.message.flush())
+    # A message still in memory is read from there: no file written for the check,
+    # and the milters' in-memory edit stays possible.
+    held = c.message.in_memory()
+    source = held if held is not None else str(await c.message.flush())
     outcome = c.txn.spf
     spf = (outcome.result, outcome.domain) if outcome is not None and outcome.result else None
     c.authenticated = done = await c.authenticator.check(
-        policy, c.config.hostname, path, spf, trusted=c.session.trusted
+        policy, c.config.hostname, source, spf, trusted=c.session.trusted
     )
     log.info(
         "%s: authentication: %s",

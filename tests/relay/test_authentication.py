@@ -31,6 +31,7 @@ from prometheus_client import REGISTRY
 
 from relay.config import Milter
 from relay.queue.format import ACTIVE, HOLD, INCOMING
+from relay.queue.incoming import SPILL_BYTES, IncomingMessage
 from relay.smtpd import milter as m
 from relay.smtpd.authres import MAX_SIGNATURES, authserv_id, parse_head
 from relay.smtpd.dmarc import parse_record
@@ -196,6 +197,75 @@ async def test_a_big_body_is_hashed_in_chunks(
     if length:  # l= covers what was signed: text appended later does not break it
         appended = signed + b"-- \r\nappended by a list\r\n"
         assert results(await stored(h, await send(h, appended)))[0].startswith("dkim=pass")
+
+
+async def test_a_message_in_memory_is_checked_there_as_from_its_file(
+    relay_server: ServerFactory, tmp_path: Path, dns: DnsServer, keys: dict[str, Key]
+) -> None:
+    """A small message is verified from its bytes: no file is written for it, it
+    stays in memory for the edit, and the results are those read from its file.
+    A big one (spilled to disk while received) is read from its file."""
+    h = await start(relay_server, tmp_path, dns, "reject")
+    config, authenticator = h.ctx.config, h.ctx.authenticator
+    dkim_signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    signed = arc_seal(dkim_signed, keys["arc"], "arc.test", "lists.arc.test")
+    small = h.queue.incoming()
+    big = h.queue.incoming()
+    try:
+        small.write(signed)
+        held = small.in_memory()
+        assert held is not None
+        from_memory = await authenticator.check(
+            config.authentication, HOST, held, ("pass", "signer.test")
+        )
+        assert not small.path.exists() and small.in_memory() == signed
+        from_file = await authenticator.check(
+            config.authentication, HOST, str(await small.flush()), ("pass", "signer.test")
+        )
+        assert from_memory == from_file
+        assert [m.result for m in from_memory.methods] == ["pass", "pass", "pass", "pass"]
+        body = "".join(f"line {i}\r\n" for i in range(SPILL_BYTES // 8))
+        big.write(dkim_sign(message("alice@signer.test", body), keys["signer"], "signer.test"))
+        assert big.in_memory() is None
+        spilled = await authenticator.check(
+            config.authentication, HOST, str(await big.flush()), None
+        )
+        assert [m.text() for m in spilled.methods][1:] == [
+            "arc=none",
+            "dmarc=pass (p=reject dis=none) header.from=signer.test",
+        ]
+        assert spilled.methods[0].result == "pass"
+    finally:
+        small.abort()
+        big.abort()
+
+
+async def test_a_small_message_is_never_flushed_for_the_check(
+    relay_server: ServerFactory,
+    tmp_path: Path,
+    dns: DnsServer,
+    keys: dict[str, Key],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """End to end: checked and edited in memory, the message gets no file until
+    its edited copy is committed, and the same header as before."""
+    flushed: list[str] = []
+    flush = IncomingMessage.flush
+
+    async def counting(self: IncomingMessage) -> Path:
+        flushed.append(self.queue_id)
+        return await flush(self)
+
+    monkeypatch.setattr(IncomingMessage, "flush", counting)
+    h = await start(relay_server, tmp_path, dns, "reject")
+    signed = dkim_sign(message("alice@signer.test"), keys["signer"], "signer.test")
+    data = await stored(h, await send(h, signed))
+    assert flushed == []
+    [dkim_line, arc, dmarc] = results(data)
+    assert dkim_line.startswith("dkim=pass header.d=signer.test header.s=sel header.b=")
+    assert (arc, dmarc) == ("arc=none", "dmarc=pass (p=reject dis=none) header.from=signer.test")
+    assert data.endswith(b"\r\n\r\nhello\r\n")
+    assert verifies(data, {"sel._domainkey.signer.test": keys["signer"]})
 
 
 @pytest.mark.parametrize(
