@@ -58,7 +58,8 @@ def session(
         bits,
         bits,
     )
-    metrics.TLS.labels(
+    metrics.child(
+        metrics.TLS,
         "in" if inbound else "out",
         protocol if protocol in PROTOCOLS else OTHER,
         cipher if cipher in known_ciphers() else OTHER,

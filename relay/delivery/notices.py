@@ -75,7 +75,7 @@ def wanted(claim: Claim, failures: list[Failure]) -> list[Failure]:
         if rcpt.wants("FAILURE"):
             kept.append(f)
             continue
-        metrics.DSN.labels("dropped", "notify").inc()
+        metrics.child(metrics.DSN, "dropped", "notify").inc()
         if f.expired:
             continue  # its expiry line said "not returned (NOTIFY=...)"
         log.info(
@@ -127,7 +127,7 @@ async def return_to_sender(
         own = env.client == dsn.CLIENT and not env.sender
         kind = "non-delivery" if reports[0].action == "failed" and not own else "delivery status"
         log.warning("%s: %s notification to <%s> dropped: %s", claim.queue_id, kind, to, text)
-        metrics.DSN.labels("dropped", reason).inc()
+        metrics.child(metrics.DSN, "dropped", reason).inc()
         return None
     headers = await queue.run_io(queue.read_headers_sync, claim)
     original = None

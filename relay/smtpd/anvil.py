@@ -95,7 +95,7 @@ class Anvil:
                 client.connections,
                 session.client_ip,
             )
-            metrics.REJECTED.labels("connection_count_limit").inc()
+            metrics.child(metrics.REJECTED, "connection_count_limit").inc()
             return self._too_many_connections(session, hostname)
         rate_limit = limits.connection_rate_per_client
         if rate_limit > 0 and client.connection_rate > rate_limit:
@@ -104,7 +104,7 @@ class Anvil:
                 client.connection_rate,
                 session.client_ip,
             )
-            metrics.REJECTED.labels("connection_rate_limit").inc()
+            metrics.child(metrics.REJECTED, "connection_rate_limit").inc()
             return self._too_many_connections(session, hostname)
         return None
 
@@ -126,7 +126,7 @@ class Anvil:
                 client.messages,
                 session.client_ip,
             )
-            metrics.REJECTED.labels("message_rate_limit").inc()
+            metrics.child(metrics.REJECTED, "message_rate_limit").inc()
             return Reply(450, "4.7.1", f"Error: too much mail from {session.client_ip}")
         return None
 
@@ -143,7 +143,7 @@ class Anvil:
                 client.recipients,
                 session.client_ip,
             )
-            metrics.REJECTED.labels("recipient_rate_limit").inc()
+            metrics.child(metrics.REJECTED, "recipient_rate_limit").inc()
             return Reply(450, "4.7.1", f"Error: too many recipients from {session.client_ip}")
         return None
 

@@ -383,9 +383,9 @@ class Authenticator:
             applied = "reject" if outcome.reply else "quarantine" if outcome.hold_reason else "none"
             methods.append(_dmarc_method(result, applied))
             if result.result == "fail":
-                metrics.DMARC_POLICY.labels(applied).inc()
+                metrics.child(metrics.DMARC_POLICY, applied).inc()
         for m in methods:
-            metrics.AUTH_RESULTS.labels(m.method, m.result).inc()
+            metrics.child(metrics.AUTH_RESULTS, m.method, m.result).inc()
         outcome.methods = methods
         outcome.edits = header_edits(hostname, head, methods)
         return outcome

@@ -117,7 +117,7 @@ class SmtpConnection(StreamProtocol):
     def internal_error(self) -> None:
         """A bug must not leave the client waiting for a reply until the idle
         timeout: tell it to come back, and close."""
-        metrics.REJECTED.labels("internal_error").inc()
+        metrics.child(metrics.REJECTED, "internal_error").inc()
         self.close_with(Reply(421, "4.3.0", f"{self.hostname} Error: internal error"))
 
     def close_with_nothing(self) -> None:

@@ -194,7 +194,8 @@ class ZoneHealth:
         self._last_report: dict[tuple[str, str], float] = {}
 
     def report(self, zone: str, problem: str) -> None:
-        metrics.DNSBL_ERRORS.labels(zone=zone, kind=problem.split(":")[0]).inc()
+        kind = problem.split(":")[0]  # "error answer" or "broken" (query_zone): bounded
+        metrics.child(metrics.DNSBL_ERRORS, zone, kind).inc()
         key = (zone, problem)
         now = time.monotonic()
         if now - self._last_report.get(key, -REPORT_INTERVAL) >= REPORT_INTERVAL:
@@ -281,7 +282,7 @@ def score(entries: list[SiteEntry], answers: dict[str, ZoneAnswer]) -> Score:
             fail_ttl = lower(fail_ttl, za.ttl)
     result.ttl = clamp_ttl(fail_ttl if result.total > 0 else pass_ttl)
     for zone in hit_zones:  # configured zones only: bounded
-        metrics.DNSBL_HITS.labels(zone).inc()
+        metrics.child(metrics.DNSBL_HITS, zone).inc()
     return result
 
 
@@ -299,5 +300,5 @@ async def listed(
         return None
     hits = tuple(a for a in za.addresses if reply_counts(a, reply_filter))
     if hits:
-        metrics.DNSBL_HITS.labels(zone).inc()
+        metrics.child(metrics.DNSBL_HITS, zone).inc()
     return hits or None

@@ -283,11 +283,11 @@ async def greylist(c: Check) -> Verdict:
     if not policy.enabled or c.greylist is None:
         return None
     if policy.skip_allowlisted and c.session.screen.allowlisted:
-        metrics.GREYLIST.labels("allowlisted").inc()
+        metrics.child(metrics.GREYLIST, "allowlisted").inc()
         return None
     sender, rcpt = c.txn.sender, c.recipient.text
     decision = await c.greylist.check(c.session.client_ip, sender, rcpt, policy)
-    metrics.GREYLIST.labels(str(decision.outcome)).inc()
+    metrics.child(metrics.GREYLIST, str(decision.outcome)).inc()
     if decision.outcome is Greylisted.PASSED:
         log.info(
             "greylist: pass after %.0fs: %s from=<%s> to=<%s>",
@@ -461,7 +461,7 @@ async def _run(
         c.reasons.append("policy_error")
         result = Reply(451, "4.3.5", "Server configuration problem")
     if result is not None:
-        metrics.REJECTED.labels(c.reasons[-1] if c.reasons else "policy").inc()
+        metrics.child(metrics.REJECTED, c.reasons[-1] if c.reasons else "policy").inc()
     return result
 
 

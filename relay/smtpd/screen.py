@@ -310,9 +310,9 @@ class Postscreen:
             return ScreenResult(reason="access", allowlisted=True)
         if acl == "reject":
             log.info("DENYLISTED %s", where)
-            metrics.SCREEN.labels(result="access").inc()
+            metrics.child(metrics.SCREEN, "access").inc()
             if ps.denylist_action == "drop":
-                metrics.REJECTED.labels(reason="postscreen_access").inc()
+                metrics.child(metrics.REJECTED, "postscreen_access").inc()
                 return ScreenResult(
                     "drop",
                     "access",
@@ -398,7 +398,7 @@ class Postscreen:
                     log.info(
                         "PREGREET %d after %.2f from %s: %s", len(data), after, where, _escape(data)
                     )
-                    metrics.SCREEN.labels(result="pregreet").inc()
+                    metrics.child(metrics.SCREEN, "pregreet").inc()
                     if ps.greet_action == "drop":
                         return race
                     failed = failed or ps.greet_action == "enforce"
@@ -433,7 +433,7 @@ class Postscreen:
         failed = result.action != "pass"  # denylisted under enforce
         pregreet_failed = race.pregreet is not None
         if pregreet_failed and ps.greet_action == "drop":
-            metrics.REJECTED.labels(reason="postscreen_pregreet").inc()
+            metrics.child(metrics.REJECTED, "postscreen_pregreet").inc()
             return ScreenResult(
                 "drop", "pregreet", Reply(521, "5.5.1", "Protocol error", disconnect=True)
             )
@@ -454,10 +454,10 @@ class Postscreen:
                 entry.dnsbl = now + score.ttl
             else:
                 log.info("DNSBL rank %d for %s (%s)", score.total, where, ", ".join(score.matched))
-                metrics.SCREEN.labels(result="dnsbl").inc()
+                metrics.child(metrics.SCREEN, "dnsbl").inc()
                 listed = f"Service unavailable; client [{ip}] blocked using {score.name or '?'}"
                 if ps.dnsbl_action == "drop":
-                    metrics.REJECTED.labels(reason="postscreen_dnsbl").inc()
+                    metrics.child(metrics.REJECTED, "postscreen_dnsbl").inc()
                     reply = Reply(521, "5.7.1", listed, disconnect=True)
                     dropped = ScreenResult("drop", "dnsbl", reply, dnsbl_score=score.total)
                     return self._remember(ip, entry, dropped)
@@ -467,7 +467,7 @@ class Postscreen:
                     result = ScreenResult("enforce", "dnsbl", reply, dnsbl_score=score.total)
         if result.action == "pass" and not pregreet_failed and not failed:
             log.info("PASS NEW %s", where)
-            metrics.SCREEN.labels(result="pass_new").inc()
+            metrics.child(metrics.SCREEN, "pass_new").inc()
         return self._remember(ip, entry, result)
 
     def _remember(self, ip: str, entry: CacheEntry, result: ScreenResult) -> ScreenResult:
@@ -498,5 +498,5 @@ class Postscreen:
     @staticmethod
     def _hangup(where: str, started: float) -> ScreenResult:
         log.info("HANGUP after %.2f from %s", time.monotonic() - started, where)
-        metrics.SCREEN.labels(result="hangup").inc()
+        metrics.child(metrics.SCREEN, "hangup").inc()
         return ScreenResult("drop", "hangup")

@@ -210,7 +210,7 @@ class MailTransaction(SmtpConnection):
             return
         # Postfix smtpd_recipient_limit counts every accepted RCPT, repeats too.
         if txn.rcpt_count >= self.config.limits.recipients_per_message:
-            metrics.REJECTED.labels("too_many_recipients").inc()
+            metrics.child(metrics.REJECTED, "too_many_recipients").inc()
             too_many = Reply(452, "4.5.3", "Error: too many recipients")
             self.log_reject("RCPT", too_many, sender=txn.sender, recipient=rcpt.original)
             await self.send(too_many)
@@ -372,7 +372,7 @@ class MailTransaction(SmtpConnection):
         """After the final dot: refuse, or commit to the queue and say so."""
         if too_big:
             incoming.abort()
-            metrics.REJECTED.labels("message_size").inc()
+            metrics.child(metrics.REJECTED, "message_size").inc()
             log.info(
                 "NOQUEUE: reject: END-OF-MESSAGE from %s: message too big (%d bytes)",
                 client_name(self.state),
@@ -434,7 +434,7 @@ class MailTransaction(SmtpConnection):
                 incoming, self.ctx.queue, sender, recipients, first
             )
             if isinstance(done, Reply) and done.code >= 400:
-                metrics.REJECTED.labels("milter").inc()
+                metrics.child(metrics.REJECTED, "milter").inc()
                 log.info(
                     "%s: milter-reject: END-OF-MESSAGE from %s: %s; from=<%s> to=<%s>",
                     incoming.queue_id,
@@ -485,7 +485,7 @@ class MailTransaction(SmtpConnection):
 
     async def _queue_error(self, error: Exception) -> None:
         log.error("queue write error from %s: %s", client_name(self.state), error)
-        metrics.REJECTED.labels("queue_error").inc()
+        metrics.child(metrics.REJECTED, "queue_error").inc()
         await self.reply(451, "4.3.0", "Error: queue file write error")
 
     async def smtp_RSET(self, arg: str) -> None:

@@ -40,3 +40,30 @@ def test_no_stage_binds_labels_its_own_way() -> None:
             if ".labels(" in ast.unparse(node):
                 own_ways.append(f"{path.relative_to(root.parent)}:{node.lineno}")
     assert own_ways == []
+
+
+# Modules that count per connection, command or message: they bind labels
+# through metrics.child only. A label value taken from the client would be
+# the exception (a cache keyed on it grows without bound): it keeps
+# .labels() and is listed here as "path:METRIC" with the reason.
+HOT_PATHS = ("smtpd", "delivery", "tlslog.py")
+LABELS_ALLOWED: frozenset[str] = frozenset()
+
+
+def test_hot_paths_bind_labels_through_child() -> None:
+    root = Path(__file__).resolve().parents[2] / "relay"
+    direct = []
+    for part in HOT_PATHS:
+        paths = [root / part] if part.endswith(".py") else sorted((root / part).rglob("*.py"))
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "labels"
+                ):
+                    metric = ast.unparse(node.func.value).rsplit(".", 1)[-1]
+                    where = f"{path.relative_to(root.parent)}:{metric}"
+                    if where not in LABELS_ALLOWED:
+                        direct.append(f"{where} (line {node.lineno})")
+    assert direct == []
