@@ -328,9 +328,8 @@ def _domain_shards(
     domains: Sequence[DomainEntry], count: int, cache: RenderCache | None
 ) -> dict[str, bytes] | None:
     groups: list[list[DomainEntry]] = [[] for _ in range(count)]
-    mask = count - 1
     for d in domains:
-        groups[zlib.crc32(d.domain.encode("utf-8", "surrogatepass")) & mask].append(d)
+        groups[shard_of(d.domain, count)].append(d)
     previous = cache.domain_shards if cache is not None else {}
     made: dict[str, tuple[list[DomainEntry], bytes]] = {}
     for i, group in enumerate(groups):
