@@ -37,23 +37,18 @@ from mailrelay_api import allocator  # noqa: E402
 from mailrelay_api.render import RenderCache, RenderSettings, render_relay  # noqa: E402
 from mailrelay_api.validate import with_defaults  # noqa: E402
 
-NS = "bench"
-LIST_SIZE = 1000
+sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package
+import scale_objects  # noqa: E402
+from scale_objects import LIST_SIZE, NS, proc_status_mib  # noqa: E402
+
 # asyncio's default executor on 2 cores: min(32, cpu + 4) threads.
 EXECUTOR_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
-def proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def report(phase: str) -> None:
     print(
-        f"{phase:<34} VmHWM {proc_status_mib('VmHWM'):7.1f} MiB"
-        f"  VmRSS {proc_status_mib('VmRSS'):7.1f} MiB",
+        f"{phase:<34} VmHWM {proc_status_mib('self', 'VmHWM'):7.1f} MiB"
+        f"  VmRSS {proc_status_mib('self', 'VmRSS'):7.1f} MiB",
         flush=True,
     )
 
@@ -81,25 +76,20 @@ def metadata(name: str, i: int) -> dict[str, Any]:
 
 
 def domain(i: int, status: dict[str, Any] | None = None) -> dict[str, Any]:
-    obj = {
-        "metadata": metadata(f"d{i:06d}", i),
-        "spec": {
-            "domain": f"d{i:06d}.bench.example",
-            "relayRef": {"name": "edge"},
-            "nextHop": {"host": "127.0.0.1", "port": 2526},
-        },
-    }
+    """scale_objects.domain as an API server lists it (with `status`, as it comes back)."""
+    obj = scale_objects.domain(i)
+    obj["metadata"] = metadata(obj["metadata"]["name"], i)
     if status is not None:
         obj["status"] = status
     return obj
 
 
 def recipient_list(i: int, extra: int = 0) -> dict[str, Any]:
-    addresses = [f"user{j:04d}@d{i:06d}.bench.example" for j in range(LIST_SIZE + extra)]
-    return {
-        "metadata": metadata(f"d{i:06d}-staff", i) | {"generation": 1 + extra},
-        "spec": {"domainRef": {"name": f"d{i:06d}"}, "addresses": addresses},
-    }
+    """scale_objects.recipient_list as listed; `extra` more addresses, a new generation."""
+    more = [f"user{j:04d}@d{i:05d}.bench.example" for j in range(LIST_SIZE, LIST_SIZE + extra)]
+    obj = scale_objects.recipient_list(i, more)
+    obj["metadata"] = metadata(obj["metadata"]["name"], i) | {"generation": 1 + extra}
+    return obj
 
 
 def accepted(i: int) -> dict[str, Any]:

@@ -43,41 +43,20 @@ from mailrelay_operator.naming import LABEL_COMPONENT  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from relay_vs_postfix import commit_measured  # noqa: E402  (bench/ is not a package)
+from scale_objects import (  # noqa: E402
+    LIST_SIZE,
+    NS,
+    domain,
+    proc_status_mib,
+    recipient_list,
+)
 
 ASSETS = Path(os.environ.get("KUBEBUILDER_ASSETS") or REPO / ".tools" / "bin")
-NS = "bench"
-LIST_SIZE = 1000
 
 
 def kubectl(kubeconfig: Path, *args: str) -> str:
     cmd = [str(ASSETS / "kubectl"), "--kubeconfig", str(kubeconfig), *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
-
-
-def domain(i: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "mailrelay.io/v1alpha1",
-        "kind": "RelayDomain",
-        "metadata": {"name": f"d{i:05d}", "namespace": NS},
-        "spec": {
-            "domain": f"d{i:05d}.bench.example",
-            "relayRef": {"name": "edge"},
-            "nextHop": {"host": "127.0.0.1", "port": 2526},
-        },
-    }
-
-
-def recipient_list(i: int, extra: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
-    return {
-        "apiVersion": "mailrelay.io/v1alpha1",
-        "kind": "RecipientList",
-        "metadata": {"name": f"d{i:05d}-staff", "namespace": NS},
-        "spec": {
-            "domainRef": {"name": f"d{i:05d}"},
-            "addresses": [f"user{j:04d}@d{i:05d}.bench.example" for j in range(LIST_SIZE)]
-            + list(extra),
-        },
-    }
 
 
 def relay_status(api: KubeApi) -> dict[str, Any]:
@@ -162,13 +141,6 @@ def wait_reconciled(
 def all_domain_statuses(api: KubeApi) -> bool:
     items, _ = api.list_all_sync(resource_path("mailrelay.io/v1alpha1", "RelayDomain", NS))
     return all((i.get("status") or {}).get("conditions") for i in items)
-
-
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def last_writes(log: Path) -> int:
@@ -334,7 +306,7 @@ def main() -> int:
             flush=True,
         )
 
-        results["operator_peak_mb"] = round(vm_hwm_mb(operator.pid), 1)
+        results["operator_peak_mb"] = round(proc_status_mib(operator.pid, "VmHWM"), 1)
 
         # The relay's view of that configuration.
         config = work / "config"
@@ -363,7 +335,7 @@ def main() -> int:
         raise
     finally:
         if operator is not None:
-            results.setdefault("operator_peak_mb", round(vm_hwm_mb(operator.pid), 1))
+            results.setdefault("operator_peak_mb", round(proc_status_mib(operator.pid, "VmHWM"), 1))
             operator.terminate()
             operator.wait(30)
         subprocess.run(
