@@ -46,6 +46,8 @@ class Health:
         self.watch_failures[watch] = (since, error)
 
     def watch_ok(self, watch: str) -> None:
+        """The watch worked (a listing completed, or a watch delivered an event
+        or bookmark): its failure, if any, is over."""
         self.watch_failures.pop(watch, None)
 
     def begin_pass(self) -> None:

@@ -14,8 +14,10 @@ before the reconciler's first pass: the complete picture. `run` then watches
 each (kind, scope) from its listing's resourceVersion with bookmarks; a 410
 (the version was compacted away) lists that scope again, which also drops
 what was deleted while nobody watched; other errors wait (back-off) and watch
-again from the last version seen. Each failure, and the next listing or watch
-the API server accepts, goes to `health` (what /readyz reads, health.py).
+again from the last version seen. Each failure goes to `health` (what /readyz
+reads, health.py), and so does what shows the watch works again: a complete
+listing, or a watch's first event or bookmark (the API server sends one about
+every minute to a watch that asks for them), not its mere opening.
 """
 
 from __future__ import annotations
@@ -160,12 +162,16 @@ class InputWatch:
             if e.status == 410:
                 raise Expired() from None
             raise
-        self.health.watch_ok(_name(kind, scope))  # the API server took it
         loop = asyncio.get_running_loop()
         room = threading.Semaphore(WATCH_BATCHES_AHEAD)
+        name = _name(kind, scope)
 
         def take(batch: list[WatchEvent]) -> None:
             room.release()
+            # The watch delivers (an event or a bookmark): it works. Not at the
+            # open: a stream the API server takes and then breaks each time
+            # would clear its failure at every try and keep /readyz up.
+            self.health.watch_ok(name)
             for etype, obj, at in batch:
                 if obj is not None:
                     self.events.input_event(kind, obj, etype == "DELETED")

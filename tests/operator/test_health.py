@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
 
 import aiohttp
 import kopf
@@ -168,5 +169,91 @@ def test_probes_answer_while_the_start_up_listing_is_refused(
                         assert r.status == 503 and "403 Forbidden" in why
         finally:
             await handlers.stop(memo=memo)
+
+    asyncio.run(scenario())
+
+
+class BreakingStream:
+    """A watch the API server accepts, whose stream then delivers `lines` and breaks."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self._lines = lines
+        self.closed = False
+
+    def lines(self) -> Iterator[list[bytes]]:
+        if self._lines:
+            yield self._lines
+        raise ConnectionResetError("connection reset by peer")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class BreakingWatchApi:
+    """Lists work; every watch opens and then breaks, after `lines` (none at first)."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.opened = 0
+
+    def list_page_sync(
+        self, path: str, limit: int, token: str | None = None
+    ) -> tuple[list[dict[str, object]], str, str | None]:
+        return [], "7", None
+
+    def watch_sync(self, path: str, version: str, timeout_seconds: int) -> BreakingStream:
+        self.opened += 1
+        return BreakingStream(self.lines)
+
+
+class RecordingHealth(Health):
+    """Health that also keeps the order of failures and recoveries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[str] = []
+
+    def watch_failed(self, watch: str, error: str, now: float | None = None) -> None:
+        self.reports.append("failed")
+        super().watch_failed(watch, error, now)
+
+    def watch_ok(self, watch: str) -> None:
+        self.reports.append("ok")
+        super().watch_ok(watch)
+
+
+def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An open the API server accepts is no recovery: a stream that breaks at
+    once each time keeps the failure (and its start) until /readyz says so; the
+    watch's first event or bookmark ends it."""
+    monkeypatch.setattr("mailrelay_operator.input_watch.BACKOFF_FIRST_SECONDS", 0.001)
+    monkeypatch.setattr("mailrelay_operator.input_watch.BACKOFF_MAX_SECONDS", 0.001)
+    bookmark = b'{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}'
+
+    async def scenario() -> None:
+        api = BreakingWatchApi()
+        events = EventRouter(WorkQueue(), InputCache(), None, ClusterView)  # type: ignore[arg-type]
+        h = RecordingHealth()
+        h.end_pass()
+        watch = InputWatch(api, events, ("mail",), health=h)  # type: ignore[arg-type]
+        task = asyncio.create_task(watch.follow("RelayDomain", "mail"))
+        try:
+            while api.opened < 4:
+                await asyncio.sleep(0.001)
+            assert h.reports[0] == "ok"  # the listing worked
+            assert h.reports[1:4] == ["failed"] * 3  # no "ok" at each open
+            since, error = h.watch_failures["RelayDomain in mail"]
+            assert "reset by peer" in error
+            ok, why = h.ready(now=since + WATCH_FAILING_SECONDS + 1)
+            assert not ok and why.startswith("the inputs are not watched; RelayDomain in mail")
+            api.lines = [bookmark]  # now each watch delivers before it breaks
+            while "ok" not in h.reports[1:]:
+                await asyncio.sleep(0.001)
+            assert watch.versions[("RelayDomain", "mail")] == "9"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
