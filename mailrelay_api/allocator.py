@@ -9,6 +9,7 @@ freed unless told otherwise. Other C libraries: nothing is set (False).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 M_ARENA_MAX = -8  # glibc's <malloc.h>
@@ -20,7 +21,10 @@ MMAP_THRESHOLD = 128 * 1024
 OPERATOR_ARENA_MAX = 2
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The process's C library, opened once (trim_heap runs after every large
+    render and listing); None where it cannot be opened."""
     try:
         return ctypes.CDLL(None)
     except OSError:
