@@ -69,6 +69,11 @@ from mailrelay_operator.workqueue import WorkQueue
 
 log = logging.getLogger("mailrelay.operator")
 SWEEP_INTERVAL_SECONDS = 5.0
+# The heap is trimmed after renders of at least this many domains + recipients.
+# A smaller one frees a MB or so (the first render of 100,000 domains and
+# 1,000,000 recipients added ~70 MB: docs/benchmarks.md), which the next render
+# reuses; malloc_trim walks every arena, in a thread: not after each small edit.
+TRIM_AFTER_RENDER_OBJECTS = 10_000
 
 
 @dataclass
@@ -405,9 +410,10 @@ class Reconciler:
         rendered = await asyncio.to_thread(
             render_relay, relay, inventory, mem.render_cache, settings, claims
         )
-        # What the render's temporaries (and the watch pages since) freed, back
-        # to the system; a millisecond or so, in a thread all the same.
-        await asyncio.to_thread(trim_heap)
+        # What a large render's temporaries (and the watch pages since) freed,
+        # back to the system; a millisecond or so, in a thread all the same.
+        if rendered.recipients + len(rendered.domains) >= TRIM_AFTER_RENDER_OBJECTS:
+            await asyncio.to_thread(trim_heap)
         mem.rendered, mem.generation, mem.claims = rendered, gen, rendered.claims
         release = next_release(rendered.claims, relay_spec(relay).allowed_domains.release_after)
         if release is not None:
