@@ -145,8 +145,9 @@ class Answer:
     reply_text: str = ""  # for REPLY: "550 5.7.1 text" (lines joined by CRLF)
 
 
-# What an event the milter asked no reply for (SMFIP_NR_*) "answers": there is
-# no answer to time or count (relay.smtpd.milters checks for this very object).
+# What an event the milter asked no reply for (SMFIP_NR_*), or not to get at
+# all (SMFIP_NO*), "answers": there is no answer to time or count
+# (relay.smtpd.milters checks for this very object).
 NO_REPLY = Answer(Verdict.CONTINUE)
 
 
@@ -294,7 +295,7 @@ class MilterConnection:
     async def event(self, event: bytes, data: bytes) -> Answer:
         """Sends one event; its answer (NO_REPLY when the milter sends none)."""
         if not self.wants(event):
-            return Answer(Verdict.CONTINUE)
+            return NO_REPLY  # not sent: nothing answered
         flags = EVENT_FLAGS.get(event)
         if flags is not None and self.protocol & flags[1]:
             # No reply to wait for: the packet waits for the next write (rspamd

@@ -307,6 +307,31 @@ async def test_what_needs_no_reply_reaches_the_milter_whole_and_in_order(milter:
     assert sample("mailrelay_milter_seconds_count", milter="m0") == timed + 2
 
 
+async def test_events_the_milter_does_not_want_are_neither_counted_nor_timed(
+    milter: ScriptedMilter,
+):
+    """Like those it asked no reply for: not sent, nothing answered, so no
+    verdict counted and no time observed, even for a caller that sends one."""
+    milter.protocol = m.P_NOHELO | m.P_NOHDRS
+    answers = sample("mailrelay_milter_verdicts_total", milter="m0", verdict="continue")
+    timed = sample("mailrelay_milter_seconds_count", milter="m0")
+    chain = chain_of(await milter.start())
+    verdict = await run_message(chain)
+    s = chain.states[0]
+    answer, _ = await chain._call(s, m.HELO, {}, m._cstr("client.example.org"))
+    assert answer is m.NO_REPLY
+    assert chain._decide(s, answer, message=False) == (None, False)
+    chain.close()
+    assert verdict.reply is None
+    assert m.HELO not in milter.events and m.HEADER not in milter.events
+    # One answer counted and timed per event the milter got (and the negotiation, timed).
+    got = len(milter.events)
+    assert (
+        sample("mailrelay_milter_verdicts_total", milter="m0", verdict="continue") == answers + got
+    )
+    assert sample("mailrelay_milter_seconds_count", milter="m0") == timed + got + 1
+
+
 # --- modifications --------------------------------------------------------------
 async def test_every_modification(milter: ScriptedMilter):
     milter.answers = {
