@@ -3,19 +3,31 @@
 # every pod's containers, the daemons (kube-proxy, kubelet, scheduler,
 # controller-manager, apiserver, etcd, containerd and its shims), the mounts
 # under /var/lib/mailrelay-node, the pods' network namespaces, our bridge,
-# kube-proxy's iptables rules and our FORWARD guard, then the state folder
-# (volumes included). Safe to call twice or when nothing runs (exit status 0).
-# Only processes whose command line names our own folders are stopped.
+# kube-proxy's iptables rules and our FORWARD guard, the nftables tables and
+# chains the run added that are empty now (hack/netfilter.sh), then the state
+# folder (volumes included); and the Docker engine if hack/docker-up.sh started
+# it (hack/docker-down.sh), unless --keep-docker. Safe to call twice or when
+# nothing runs (exit status 0). Only processes whose command line names our own
+# folders are stopped.
 set -uo pipefail
 
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HACK/.." && pwd)
 # shellcheck source=hack/cluster-env.sh
 . "$HACK/cluster-env.sh"
+# shellcheck source=hack/netfilter.sh
+. "$HACK/netfilter.sh"
+# shellcheck source=hack/stop.sh
+. "$HACK/stop.sh"
 
 log() { printf 'cluster-down: %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || { log "error: needs root"; exit 1; }
+case "${1:-}" in
+  --keep-docker) ;;
+  "") bash "$HACK/docker-down.sh" ;;
+  *) log "error: unknown argument: $1 (try --keep-docker)"; exit 2 ;;
+esac
 ASSETS=${KUBEBUILDER_ASSETS:-$REPO/.tools/bin}
 if [ ! -e "$NODE_DIR" ] && [ ! -e "$RUN_DIR" ] && ! ip link show "$BRIDGE" >/dev/null 2>&1; then
   log "nothing to stop"
@@ -32,21 +44,9 @@ ours() {
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qE "$NODE_DIR|$RUN_DIR"
 }
 stop() { # NAME
-  local name=$1 pid i
+  local name=$1 pid
   pid=$(cat "$RUN_DIR/$name.pid" 2>/dev/null) || return 0
-  if ours "$pid"; then
-    kill -TERM "$pid" 2>/dev/null
-    for ((i = 0; i < 100; i++)); do
-      ours "$pid" || break
-      sleep 0.1
-    done
-    if ours "$pid"; then
-      log "$name (pid $pid) ignored SIGTERM for 10s; SIGKILL"
-      kill -KILL "$pid" 2>/dev/null
-      sleep 0.5
-    fi
-    log "stopped $name"
-  fi
+  stop_pid "$name" "$pid" 10 ours && log "stopped $name"
   rm -f "$RUN_DIR/$name.pid"
 }
 
@@ -110,6 +110,8 @@ for ipt in iptables ip6tables; do
 done
 while iptables -D FORWARD -j "$FWD_CHAIN" 2>/dev/null; do :; done
 iptables -F "$FWD_CHAIN" 2>/dev/null && iptables -X "$FWD_CHAIN" 2>/dev/null
+# After the last iptables command: the tables and base chains it all left empty.
+nft_tidy "$NODE_DIR/nft.before"
 if ip link show "$BRIDGE" >/dev/null 2>&1; then
   ip link delete "$BRIDGE" && log "removed the bridge $BRIDGE"
 fi

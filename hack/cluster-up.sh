@@ -37,6 +37,8 @@ REPO=$(cd "$HACK/.." && pwd)
 . "$HACK/cluster-env.sh"
 # shellcheck source=hack/apt.sh
 . "$HACK/apt.sh"
+# shellcheck source=hack/netfilter.sh
+. "$HACK/netfilter.sh"
 
 log() { printf 'cluster-up: %s\n' "$*" >&2; }
 die() { printf 'cluster-up: error: %s\n' "$*" >&2; exit 1; }
@@ -46,7 +48,7 @@ ASSETS=${KUBEBUILDER_ASSETS:-$REPO/.tools/bin}
 for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
   [ -x "$ASSETS/$b" ] || die "$ASSETS/$b not found; run hack/install-tools.sh"
 done
-apt_ensure containerd runc containernetworking-plugins iptables conntrack
+apt_ensure containerd runc containernetworking-plugins iptables nftables conntrack
 for t in openssl curl setsid ip iptables containerd ctr runc go; do
   command -v "$t" >/dev/null 2>&1 || die "$t is needed (apt-get install docker.io containerd runc containernetworking-plugins iptables)"
 done
@@ -67,7 +69,7 @@ fi
 if [ -e "$NODE_DIR" ]; then
   log "cleaning up what an earlier cluster left"
   flock -u 9
-  "$HACK/cluster-down.sh" >&2
+  "$HACK/cluster-down.sh" --keep-docker >&2 # an image build may come just before
   flock -w 600 9 || die "another cluster-up/cluster-down holds $LOCK_FILE"
 fi
 
@@ -80,6 +82,8 @@ chmod 700 "$NODE_DIR"
 
 # ---- network: our bridge, forwarding, and the guard rule -------------------------
 sysctl -n net.ipv4.ip_forward >"$NODE_DIR/ip_forward.before"
+# Before any iptables command: cluster-down.sh removes what is new and empty then.
+nft_objects >"$NODE_DIR/nft.before"
 sysctl -qw net.ipv4.ip_forward=1
 if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
   ip link add "$BRIDGE" type bridge

@@ -10,7 +10,8 @@ from ship.tools import REPO, run
 
 SCRIPT = REPO / "hack" / "kind-e2e.sh"
 NODE_SCRIPTS = [
-    "kind-e2e.sh", "build-images.sh", "docker-up.sh", "cluster-up.sh", "cluster-down.sh",
+    "kind-e2e.sh", "build-images.sh", "docker-up.sh", "docker-down.sh", "docker-env.sh",
+    "netfilter.sh", "stop.sh", "cluster-up.sh", "cluster-down.sh",
     "cluster-load.sh", "cluster-env.sh", "apt.sh", "install-tools.sh", "test.sh",
 ]  # fmt: skip
 
