@@ -5,7 +5,9 @@ Two ways to get the cluster:
 - this machine (default, as root): hack/cluster-up.sh starts a single node
   here; hack/build-images.sh builds both images with Debian's Docker engine and
   hack/cluster-load.sh puts them into the node's containerd; hack/cluster-down.sh
-  stops everything at the end, pass or fail;
+  stops everything at the end, pass or fail (the Docker engine too, when
+  hack/docker-up.sh started it, and the empty netfilter tables the run added:
+  a benchmark after the tests sees the machine as before);
 - kind (MAILRELAY_CLUSTER=kind, hack/kind-e2e.sh): the current KUBECONFIG
   context; the script has built and loaded the images.
 
