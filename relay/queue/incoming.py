@@ -9,7 +9,9 @@ to delivery: the committed message is handed to delivery as a Claim.
 Small messages stay in memory until commit; bigger ones are written out in
 the background while received. Commits of small messages are batched: a
 commit thread writes, fsyncs and renames the waiting messages and fsyncs
-active/ once for all of them, then takes the next batch itself.
+active/ once for all of them, then takes the next batch itself. The same
+threads remove delivered messages (Committer.start_job), after the commit
+batch they find waiting.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from relay.queue.format import (
     QueueError,
     trailer,
 )
+from relay.queue.jobthread import Job, run_job
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # Messages up to this size stay in memory from receipt to delivery (no read
@@ -313,6 +316,12 @@ class Committer:
     at a cost in CPU (COMMIT_THREADS). A big message (already written out
     while received) commits on its own on the I/O pool, so that its long
     fsync holds up no small one.
+
+    Jobs (start_job: the queue's removals of delivered messages) run on the
+    same threads, after the commit batch taken with them. A thread of their
+    own cost more CPU per message (docs/benchmarks.md, 2026-12-02): a third
+    thread taking the GIL, its own wake-ups, and its unlinks and closes
+    contending with the commits' metadata writes.
     """
 
     def __init__(
@@ -324,7 +333,9 @@ class Committer:
         self._io_pool = io_pool
         self._sync_active = sync_active  # fsyncs active/: makes the batch's renames durable
         self._thread_count = threads
-        self._waiting: SimpleQueue[_Pending | None] = SimpleQueue()
+        # Commits and removal jobs (start_job): a thread runs the jobs it finds
+        # after the commit batch it takes them with.
+        self._waiting: SimpleQueue[_Pending | Job[Any, Any] | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # starting and stopping the threads
 
@@ -342,6 +353,25 @@ class Committer:
                 self._start()
             self._waiting.put(pending)
         await future
+
+    def start_job(
+        self,
+        loop: asyncio.AbstractEventLoop | None,  # None: nobody is told
+        fn: Callable[[Any], Any],
+        arg: Any,
+        done: Callable[[Any], None],
+    ) -> None:
+        """Runs fn(arg) on a commit thread after the commit batch it comes
+        with (a 250 never waits for it); then done(result or exception) on `loop`."""
+        if not self._threads:
+            self._start()
+        self._waiting.put(Job(loop, fn, arg, done))
+
+    def wait_idle(self) -> None:
+        """Blocks until what was handed over before has run (for tests; one thread)."""
+        ran = threading.Event()
+        self.start_job(None, lambda _: ran.set(), None, lambda _: None)
+        ran.wait()
 
     def shutdown(self) -> None:
         """Commits what waits, then ends the threads."""
@@ -365,27 +395,39 @@ class Committer:
 
     def _work(self) -> None:
         waiting = self._waiting
-        while (first := waiting.get()) is not None:
-            batch = [first]
+        while (item := waiting.get()) is not None:
+            batch: list[_Pending] = []
+            jobs: list[Job[Any, Any]] = []
             last = False
-            while len(batch) < MAX_BATCH:
+            while True:
+                if isinstance(item, Job):
+                    jobs.append(item)
+                else:
+                    batch.append(item)
+                    if len(batch) == MAX_BATCH:
+                        break
                 try:
-                    more = waiting.get_nowait()
+                    item = waiting.get_nowait()
                 except Empty:
                     break
-                if more is None:
+                if item is None:
                     last = True
                     break
-                batch.append(more)
-            outcome: list[OSError | None] | BaseException
-            try:
-                outcome = self._commit_batch_sync(batch)
-            except BaseException as e:  # a bug: each of the batch fails (nothing acknowledged)
-                outcome = e
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                first[3].get_loop().call_soon_threadsafe(_settle, batch, outcome)
+            if batch:
+                self._commit_and_settle(batch)
+            for job in jobs:  # after the batch: its 250s wait for no removal
+                run_job(job)
             if last:
                 return
+
+    def _commit_and_settle(self, batch: list[_Pending]) -> None:
+        outcome: list[OSError | None] | BaseException
+        try:
+            outcome = self._commit_batch_sync(batch)
+        except BaseException as e:  # a bug: each of the batch fails (nothing acknowledged)
+            outcome = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            batch[0][3].get_loop().call_soon_threadsafe(_settle, batch, outcome)
 
     def _commit_batch_sync(self, batch: list[_Pending]) -> list[OSError | None]:
         """The blocking half of commit(): one result per message."""

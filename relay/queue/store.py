@@ -60,7 +60,7 @@ from relay.queue.format import (
     read_envelope,
 )
 from relay.queue.incoming import Committer, IncomingMessage
-from relay.queue.jobthread import JobThread
+from relay.queue.jobthread import run_awaited
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # An incoming file younger than this is never removed as stale: closes the
@@ -107,10 +107,6 @@ class Queue:
             (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)  # as Postfix
         # fsyncs of different files overlap on disk; a pool lets them group.
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="queue-io")
-        # Removals of delivered messages run on a thread of their own, batched
-        # (a pool job per message costs more than its unlink), off the commit
-        # threads (relay.queue.incoming.Committer): a 250 never waits for them.
-        self._finish_thread = JobThread("queue-finish")
         self._fresh: dict[str, Claim] = {}
         self.committing: set[str] = set()  # in commit(): maybe in active/ already, not fresh yet
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -156,7 +152,6 @@ class Queue:
         self._fresh.clear()
         self.committer.shutdown()
         self._pool.shutdown(wait=True)
-        self._finish_thread.shutdown()
         for syncer in self._dir_syncs.values():
             syncer.close()
         self._dir_syncs.clear()
@@ -306,8 +301,8 @@ class Queue:
 
     async def _finish_batches(self) -> None:
         """Waits FINISH_DELAY for more messages to finish, then hands all that
-        wait to one job on the removal thread (a hand-off to a thread per message costs more
-        than its unlink); again while more came meanwhile.
+        wait to one job on the commit thread (a hand-off to a thread per message
+        costs more than its unlink); again while more came meanwhile.
 
         Only the event loop touches `_finishing`: a job takes its batch whole,
         and this task ends only once none is left (in the same loop step as
@@ -318,7 +313,7 @@ class Queue:
             while self._finishing:
                 batch = list(self._finishing)
                 self._finishing.clear()
-                await self._finish_thread.run(self._finish_batch_sync, batch)
+                await run_awaited(self.committer.start_job, self._finish_batch_sync, batch)
         finally:
             self._finish_job = None
 

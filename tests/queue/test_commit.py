@@ -1,4 +1,5 @@
-"""The batched committer: several batches at once, one file's failure stays its own."""
+"""The batched committer: several batches at once, one file's failure stays its own;
+jobs (the queue's removals) on its threads, after the batch they wait with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from relay.queue.format import ACTIVE, INCOMING, QueueError
 from relay.queue.incoming import Committer, IncomingMessage
+from relay.queue.jobthread import run_awaited
 from relay.queue.store import Queue
 
 
@@ -161,3 +163,93 @@ async def test_close_ends_the_commit_threads(tmp_path: Path) -> None:
     await commit_all([new_message(queue) for _ in range(3)])
     await queue.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("queue-commit")]
+
+
+async def test_jobs_run_in_order_off_the_loop_and_report_on_it(queue: Queue) -> None:
+    loop = asyncio.get_running_loop()
+    ran: list[tuple[int, str]] = []
+    told: list[tuple[object, str]] = []
+    all_told = asyncio.Event()
+
+    def job(n: int) -> int:
+        ran.append((n, threading.current_thread().name))
+        return n * 10
+
+    def done(outcome: object) -> None:
+        told.append((outcome, threading.current_thread().name))
+        if len(told) == 3:
+            all_told.set()
+
+    for n in range(3):
+        queue.committer.start_job(loop, job, n, done)
+    await all_told.wait()
+    assert ran == [(0, "queue-commit-0"), (1, "queue-commit-0"), (2, "queue-commit-0")]
+    main = threading.current_thread().name
+    assert told == [(0, main), (10, main), (20, main)]
+
+
+async def test_run_awaited_returns_the_result_or_raises_the_jobs_exception(queue: Queue) -> None:
+    def fails(_: None) -> None:
+        raise OSError("disk full")
+
+    assert await run_awaited(queue.committer.start_job, lambda n: n + 1, 41) == 42
+    with pytest.raises(OSError, match="disk full"):
+        await run_awaited(queue.committer.start_job, fails, None)
+
+
+async def test_a_job_runs_after_the_commit_batch_it_waited_with(queue: Queue) -> None:
+    """A removal never holds up the 250 of a commit waiting beside it."""
+    committer = queue.committer
+    gate = threading.Event()
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+    committer.start_job(loop, lambda _: gate.wait(10), None, lambda _: None)  # holds the thread
+    await asyncio.sleep(0.05)  # the thread is in that job: what follows waits together
+    committer.start_job(loop, lambda _: order.append("job"), None, lambda _: None)
+    msg = queue.incoming()
+    msg.write(b"x\r\n")
+    committed = asyncio.ensure_future(msg.commit("a@example.org", ["b@example.com"]))
+    await asyncio.sleep(0.05)
+    real_batch = committer._commit_batch_sync
+
+    def batch_sync(batch: list[object]) -> list[OSError | None]:
+        order.append("commit")
+        return real_batch(batch)  # type: ignore[arg-type]
+
+    committer._commit_batch_sync = batch_sync  # type: ignore[method-assign]
+    gate.set()
+    queue_id = await committed
+    committer.wait_idle()
+    assert order == ["commit", "job"]
+    claim = queue.take_fresh(queue_id)
+    assert claim is not None
+    queue.release_sync(claim)
+
+
+def test_wait_idle_and_shutdown_run_every_started_job(tmp_path: Path) -> None:
+    committer = Committer(None, lambda: None)  # type: ignore[arg-type]  # no pool: no big message
+    ran: list[int] = []
+    gate = threading.Event()
+    loop = asyncio.new_event_loop()
+    try:
+        committer.start_job(loop, lambda _: gate.wait(), None, lambda _: None)
+        committer.start_job(loop, ran.append, 1, lambda _: None)
+        gate.set()
+        committer.wait_idle()
+        assert ran == [1]
+        committer.start_job(loop, ran.append, 2, lambda _: None)
+        committer.shutdown()  # runs what was started first
+        assert ran == [1, 2]
+    finally:
+        loop.close()
+
+
+async def test_removals_of_delivered_messages_run_on_the_commit_thread(queue: Queue) -> None:
+    msg = queue.incoming()
+    msg.write(b"x\r\n")
+    claim = queue.take_fresh(await msg.commit("a@example.org", ["b@example.com"]))
+    assert claim is not None
+    queue.finish_later(claim)
+    await queue.settle()
+    assert list((queue.directory / ACTIVE).iterdir()) == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("queue-finish")] == []

@@ -203,9 +203,9 @@ async def test_a_removal_queued_as_the_previous_batch_ends_is_not_left_behind(
         assert claim is not None
         claims.append(claim)
     queue.finish_later(claims[0])
-    # Without yielding to the loop: wait until the removal thread has finished
-    # the first batch (it runs jobs in order, one at a time).
-    queue._finish_thread.wait_idle()
+    # Without yielding to the loop: wait until the commit thread has finished
+    # the first removal batch (it runs jobs in order, one at a time).
+    queue.committer.wait_idle()
     queue.finish_later(claims[1])
     await queue.settle()
     assert list(queue.messages()) == []
