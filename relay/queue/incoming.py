@@ -362,7 +362,8 @@ class Committer:
         done: Callable[[Any], None],
     ) -> None:
         """Runs fn(arg) on a commit thread after the commit batch it comes
-        with (a 250 never waits for it); then done(result or exception) on `loop`."""
+        with (whose 250s do not wait for it; a batch taken later may), then
+        done(result or exception) on `loop`."""
         if not self._threads:
             self._start()
         self._waiting.put(Job(loop, fn, arg, done))
