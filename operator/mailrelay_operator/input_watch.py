@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,10 @@ WATCH_TIMEOUT_SECONDS = 300
 LIST_PAGE = {"RelayDomain": 500, "RecipientList": 20}
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
+# A watch that ends sooner than this without delivering an event or a bookmark
+# did not work (a proxy that closes streams at once): it is a failure with a
+# back-off, not a normal end to watch again from straight away.
+WATCH_SHORTEST_SECONDS = 5.0
 # Batches a watch thread may hand over before the loop has taken them.
 WATCH_BATCHES_AHEAD = 8
 WATCH_BATCH_MAX = 200  # events a batch holds at most
@@ -57,6 +62,13 @@ WatchEvent = tuple[str, KubeObject | None, str]
 
 class Expired(Exception):
     """410 Gone: the version watched from is compacted away; list again."""
+
+
+class WatchEndedAtOnce(Exception):
+    """The stream ended normally, but at once and without an event or bookmark."""
+
+    def __str__(self) -> str:
+        return "the watch ended at once without an event"
 
 
 @dataclass
@@ -96,7 +108,10 @@ class InputWatch:
             try:
                 if (kind, scope) not in self.versions:
                     await self.relist(kind, scope)
-                await self.watch(kind, scope)
+                began = time.monotonic()
+                delivered = await self.watch(kind, scope)
+                if not delivered and time.monotonic() - began < WATCH_SHORTEST_SECONDS:
+                    raise WatchEndedAtOnce()
                 delay = BACKOFF_FIRST_SECONDS  # ended by the server's timeout
             except Expired:
                 log.info("watch of %s in %s expired; listing again", kind, scope or "all")
@@ -145,8 +160,9 @@ class InputWatch:
         return trim_all(items, kind), version, token
 
     # --- watching --------------------------------------------------------------------
-    async def watch(self, kind: str, scope: Scope) -> None:
-        """One watch request, its events to the router until the server ends it."""
+    async def watch(self, kind: str, scope: Scope) -> bool:
+        """One watch request, its events to the router until the server ends it;
+        whether it delivered anything (an event or a bookmark)."""
         path = resource_path(API_VERSION, kind, scope)
         version = self.versions[(kind, scope)]
         opening = asyncio.ensure_future(
@@ -165,8 +181,11 @@ class InputWatch:
         loop = asyncio.get_running_loop()
         room = threading.Semaphore(WATCH_BATCHES_AHEAD)
         name = _name(kind, scope)
+        delivered = False
 
         def take(batch: list[WatchEvent]) -> None:
+            nonlocal delivered
+            delivered = True
             room.release()
             # The watch delivers (an event or a bookmark): it works. Not at the
             # open: a stream the API server takes and then breaks each time
@@ -189,6 +208,7 @@ class InputWatch:
             await asyncio.to_thread(read_events, stream, kind, hand_over)
         finally:
             stream.close()
+        return delivered  # take() ran for every batch: scheduled before this wake-up
 
 
 def _name(kind: str, scope: Scope) -> str:

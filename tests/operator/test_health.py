@@ -222,6 +222,15 @@ class RecordingHealth(Health):
         super().watch_ok(watch)
 
 
+def following(api: BreakingWatchApi) -> tuple[InputWatch, RecordingHealth, asyncio.Task[None]]:
+    """An input watch of RelayDomains in "mail" on `api`, followed in a task."""
+    events = EventRouter(WorkQueue(), InputCache(), None, ClusterView)  # type: ignore[arg-type]
+    h = RecordingHealth()
+    h.end_pass()
+    watch = InputWatch(api, events, ("mail",), health=h)  # type: ignore[arg-type]
+    return watch, h, asyncio.create_task(watch.follow("RelayDomain", "mail"))
+
+
 def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -234,11 +243,7 @@ def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
 
     async def scenario() -> None:
         api = BreakingWatchApi()
-        events = EventRouter(WorkQueue(), InputCache(), None, ClusterView)  # type: ignore[arg-type]
-        h = RecordingHealth()
-        h.end_pass()
-        watch = InputWatch(api, events, ("mail",), health=h)  # type: ignore[arg-type]
-        task = asyncio.create_task(watch.follow("RelayDomain", "mail"))
+        watch, h, task = following(api)
         try:
             while api.opened < 4:
                 await asyncio.sleep(0.001)
@@ -252,6 +257,56 @@ def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
             while "ok" not in h.reports[1:]:
                 await asyncio.sleep(0.001)
             assert watch.versions[("RelayDomain", "mail")] == "9"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+class EndingStream(BreakingStream):
+    """A watch stream that ends normally after `lines` (none: at once)."""
+
+    def lines(self) -> Iterator[list[bytes]]:
+        if self._lines:
+            yield self._lines
+
+
+class EndingWatchApi(BreakingWatchApi):
+    def watch_sync(self, path: str, version: str, timeout_seconds: int) -> BreakingStream:
+        self.opened += 1
+        return EndingStream(self.lines)
+
+
+def test_a_watch_that_ends_at_once_without_events_is_a_failure_with_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream that a proxy closes at once (a normal end, no event) is no
+    watch: it backs off and counts as failing instead of watching again in a
+    tight loop; once a watch delivers, the failure ends."""
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr("mailrelay_operator.input_watch.asyncio.sleep", recorded_sleep)
+    bookmark = b'{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}'
+
+    async def scenario() -> None:
+        api = EndingWatchApi()
+        _, h, task = following(api)
+        try:
+            while api.opened < 4:
+                await real_sleep(0.001)
+            assert h.reports[1:4] == ["failed"] * 3
+            assert "ended at once" in h.watch_failures["RelayDomain in mail"][1]
+            assert sleeps[:3] == [1.0, 2.0, 4.0]  # backs off
+            api.lines = [bookmark]  # a watch that delivers, then ends: fine
+            while "ok" not in h.reports[1:]:
+                await real_sleep(0.001)
+            assert "RelayDomain in mail" not in h.watch_failures
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
