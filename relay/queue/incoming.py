@@ -37,7 +37,7 @@ from relay.queue.format import (
     QueueError,
     trailer,
 )
-from relay.queue.jobthread import Job, run_job
+from relay.queue.jobs import Job, run_job
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # Messages up to this size stay in memory from receipt to delivery (no read

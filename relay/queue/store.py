@@ -60,7 +60,7 @@ from relay.queue.format import (
     read_envelope,
 )
 from relay.queue.incoming import Committer, IncomingMessage
-from relay.queue.jobthread import run_awaited
+from relay.queue.jobs import run_awaited
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # An incoming file younger than this is never removed as stale: closes the

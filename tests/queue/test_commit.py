@@ -13,7 +13,7 @@ import pytest
 
 from relay.queue.format import ACTIVE, INCOMING, QueueError
 from relay.queue.incoming import Committer, IncomingMessage
-from relay.queue.jobthread import run_awaited
+from relay.queue.jobs import run_awaited
 from relay.queue.store import Queue
 
 
