@@ -122,7 +122,9 @@ def _shared(obj: dict[str, Any]) -> dict[str, Any]:
     for part in ("spec", "status"):
         section = obj.get(part)
         if isinstance(section, dict):
-            obj[part] = {k: shared(v) for k, v in section.items()}
+            # Keys too: each parsed event has its own "domain", "relayRef",
+            # ... strings (~280 bytes a RelayDomain when kept).
+            obj[part] = {sys.intern(k): shared(v) for k, v in section.items()}
     # Most of them have the same status as a whole (the same verdict): one dict
     # for all, not one each (~230 bytes a RelayDomain).
     obj["status"] = shared(obj["status"])

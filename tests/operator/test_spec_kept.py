@@ -61,3 +61,26 @@ def test_equal_statuses_are_held_once() -> None:
     assert held[0]["status"] == status
     assert held[0]["status"] is held[1]["status"] is held[2]["status"]
     assert held[0]["spec"] is not held[1]["spec"]
+
+
+def test_trimmed_objects_share_their_spec_keys() -> None:
+    """Each watch event is parsed on its own: its keys are new strings, which
+    the cache must not keep one set of per object."""
+    import json
+
+    def parsed(name: str) -> dict[str, Any]:
+        text = json.dumps(
+            {
+                "apiVersion": "mailrelay.io/v1alpha1",
+                "kind": "RelayDomain",
+                "metadata": {"name": name, "namespace": "mail", "uid": name},
+                "spec": {"domain": f"{name}.example", "relayRef": {"name": "edge"}},
+            }
+        )
+        return dict(json.loads(text))
+
+    one, two = trim_all([parsed("a")], "RelayDomain"), trim_all([parsed("b")], "RelayDomain")
+    keys_one = list(one[("mail", "a")]["spec"])
+    keys_two = list(two[("mail", "b")]["spec"])
+    assert keys_one == keys_two
+    assert all(a is b for a, b in zip(keys_one, keys_two, strict=True))
