@@ -84,3 +84,18 @@ def test_trimmed_objects_share_their_spec_keys() -> None:
     keys_two = list(two[("mail", "b")]["spec"])
     assert keys_one == keys_two
     assert all(a is b for a, b in zip(keys_one, keys_two, strict=True))
+
+
+def test_a_later_event_of_the_same_object_takes_its_strings() -> None:
+    """Name and uid are held once however often the object comes back."""
+    cache: dict[Any, dict[str, Any]] = {}
+    first = rl(1, ["a@x.example"], uid="".join(["u", "1"]))
+    store(cache, first, deleted=False)
+    again = rl(2, ["b@x.example"], uid="".join(["u", "1"]))
+    again["metadata"]["name"] = "".join(["st", "aff"])
+    assert again["metadata"]["uid"] is not first["metadata"]["uid"]
+    store(cache, again, deleted=False)
+    held = cache[("mail", "staff")]["metadata"]
+    assert held["uid"] is first["metadata"]["uid"]
+    assert held["name"] is first["metadata"]["name"]
+    assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
