@@ -97,10 +97,11 @@ class RelayMemory:
     claims_cache: claims_store.ClaimsCache = field(default_factory=claims_store.ClaimsCache)
     progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
     applied_replicas: int | None = None  # the StatefulSet replicas we last applied
-    # object uid -> (resourceVersion, verdict) of the statuses last handed to
-    # the status writer: an unchanged object with an unchanged verdict is not
-    # looked at again (100,000 RelayDomains, a pass each event).
-    statuses_queued: dict[str, tuple[object, tuple[object, ...]]] = field(default_factory=dict)
+    # object uid -> (generation, status, verdict) of the statuses last handed
+    # to the status writer: an object with the same spec and status and an
+    # unchanged verdict is not looked at again (100,000 RelayDomains, a pass
+    # each event). The status is the cached object's own (equal ones shared).
+    statuses_queued: dict[str, tuple[object, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -359,7 +360,7 @@ class Reconciler:
         """The statuses of the relay's RelayDomains and RecipientLists, to the
         status writer: those whose object or verdict changed since the last pass."""
         queued = mem.statuses_queued
-        fresh: dict[str, tuple[object, tuple[object, ...]]] = {}
+        fresh: dict[str, tuple[object, ...]] = {}
         # Most verdicts are equal (Accepted, no message): each held once.
         verdicts: dict[tuple[object, ...], tuple[object, ...]] = {}
 
@@ -368,7 +369,8 @@ class Reconciler:
             # tells a re-created object of the same name from the old one.
             meta = obj["metadata"]
             uid = str(meta.get("uid") or f"{kind}/{meta['namespace']}/{meta['name']}")
-            now = fresh[uid] = (meta.get("resourceVersion"), verdicts.setdefault(verdict, verdict))
+            shared_verdict = verdicts.setdefault(verdict, verdict)
+            now = fresh[uid] = (meta.get("generation"), obj.get("status"), shared_verdict)
             return queued.get(uid) != now
 
         for v in rendered.domains:

@@ -99,3 +99,12 @@ def test_a_later_event_of_the_same_object_takes_its_strings() -> None:
     assert held["uid"] is first["metadata"]["uid"]
     assert held["name"] is first["metadata"]["name"]
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
+
+
+def test_the_many_kinds_are_cached_without_their_resource_version() -> None:
+    from mailrelay_operator.cluster import trim
+
+    meta = {"name": "a", "namespace": "mail", "uid": "u", "generation": 1, "resourceVersion": "9"}
+    body = {"apiVersion": "mailrelay.io/v1alpha1", "metadata": meta, "spec": {}}
+    assert "resourceVersion" not in trim({**body, "kind": "RelayDomain"})["metadata"]
+    assert trim({**body, "kind": "MailRelay"})["metadata"]["resourceVersion"] == "9"
