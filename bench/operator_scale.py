@@ -268,6 +268,8 @@ def main() -> int:
         results["apply_seconds"] = round(applied - started, 1)
         print(f"applied {len(objects)} objects in {applied - started:.1f}s", flush=True)
         wait_reconciled(api, results, applied, args.domains, lists * LIST_SIZE, operator, log)
+        results["operator_peak_mb_at_reconciled"] = round(proc_status_mib(operator.pid, "VmHWM"), 1)
+        progress(results, "reconcile_after_last_apply_seconds", "operator_peak_mb_at_reconciled")
 
         # One more recipient, while RelayDomain statuses may still be written:
         # until its shard's ConfigMap holds it, and until the status counts it.
@@ -284,6 +286,7 @@ def main() -> int:
                 results["one_recipient_seconds"] = round(time.monotonic() - t, 2)
                 break
             time.sleep(0.1)
+        progress(results, "one_recipient_config_map_seconds", "one_recipient_seconds")
 
         results["all_statuses_after_last_apply_seconds"] = None
         poll = max(1.0, args.domains / 10000)  # a listing of every RelayDomain each time
@@ -351,6 +354,11 @@ def main() -> int:
         print(f"results: {out_dir}", flush=True)
     write_summary(out_dir, results)
     return 0
+
+
+def progress(results: dict[str, Any], *keys: str) -> None:
+    """Figures as they are measured (a run cut short still shows them)."""
+    print(", ".join(f"{k} {results[k]}" for k in keys), flush=True)
 
 
 def write_summary(out_dir: Path, results: dict[str, Any]) -> None:

@@ -71,6 +71,13 @@ class DomainVerdict:
     reason: str
     message: str
     recipients: int = 0
+    # "namespace/name", the facts' own string: render keys its verdicts by it
+    # (no second string per RelayDomain each render); "" when made elsewhere.
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.source or f"{self.namespace}/{self.name}"
 
 
 @dataclass
@@ -286,19 +293,30 @@ def attach_domains(
     spec = relay_spec(relay)
     previous = claims_of(relay) if claims is None else claims
     verdicts: list[DomainVerdict] = []
-    by_domain: dict[str, list[DomainFacts]] = {}
+    # A domain's claimants: most domains have one, held as itself (a list
+    # each would be ~90 bytes a RelayDomain during the render).
+    by_domain: dict[str, DomainFacts | list[DomainFacts]] = {}
     # A stable sort: inventory order among equal timestamps.
     for f in sorted(_facts(relay, spec, inv, settings.cluster, cache), key=_created):
         if f.refused is not None:
-            verdicts.append(DomainVerdict(f.namespace, f.name, f.domain, False, *f.refused))
+            verdicts.append(
+                DomainVerdict(f.namespace, f.name, f.domain, False, *f.refused, source=f.source)
+            )
         else:
-            by_domain.setdefault(f.domain, []).append(f)
+            held = by_domain.get(f.domain)
+            if held is None:
+                by_domain[f.domain] = f
+            elif isinstance(held, list):
+                held.append(f)
+            else:
+                by_domain[f.domain] = [held, f]
 
     accepted: list[DomainFacts] = []
     claimed: list[Claim] = []
     release_after = spec.allowed_domains.release_after
     for domain in sorted(by_domain.keys() | previous.keys()):
-        doms = by_domain.get(domain, [])
+        held = by_domain.get(domain)
+        doms = [] if held is None else held if isinstance(held, list) else [held]
         keys = [f.source for f in doms]
         won = award(domain, keys, previous.get(domain), release_after, now)
         if won.claim is not None:
@@ -306,7 +324,11 @@ def attach_domains(
         for key, f in zip(keys, doms, strict=True):
             if key == won.winner:
                 accepted.append(f)
-                verdicts.append(DomainVerdict(f.namespace, f.name, domain, True, "Accepted", ""))
+                verdicts.append(
+                    DomainVerdict(
+                        f.namespace, f.name, domain, True, "Accepted", "", source=f.source
+                    )
+                )
             else:
                 # Never who holds it: that is another tenant's business.
                 until = f" (until {won.held_until} at the latest)" if won.held_until else ""
@@ -318,6 +340,7 @@ def attach_domains(
                         False,
                         "Conflict",
                         f"{domain} is held by another RelayDomain on this relay{until}",
+                        source=f.source,
                     )
                 )
     return accepted, verdicts, claimed
@@ -360,7 +383,7 @@ def render_relay(
     (the previous render's), by domain; None: the relay's status.domains.
     """
     attached, verdicts, claimed = attach_domains(relay, inv, settings, cache, claims)
-    verdict_of = {f"{v.namespace}/{v.name}": v for v in verdicts}
+    verdict_of = {v.key: v for v in verdicts}
     lists = _attach_lists(attached, inv, verdict_of, cache)
     listed, ordered = _domains_document(attached, verdict_of, lists.per_domain)
     shards = render_shards(listed, cache)

@@ -97,10 +97,11 @@ class RelayMemory:
     claims_cache: claims_store.ClaimsCache = field(default_factory=claims_store.ClaimsCache)
     progress: ProgressClock = field(default_factory=ProgressClock)  # of the rollout
     applied_replicas: int | None = None  # the StatefulSet replicas we last applied
-    # (kind, namespace, name) -> (resourceVersion, verdict) of the statuses
-    # last handed to the status writer: an unchanged object with an unchanged
-    # verdict is not looked at again (100,000 RelayDomains, a pass each event).
-    statuses_queued: dict[tuple[str, str, str], tuple[object, ...]] = field(default_factory=dict)
+    # object uid -> (generation, status, verdict) of the statuses last handed
+    # to the status writer: an object with the same spec and status and an
+    # unchanged verdict is not looked at again (100,000 RelayDomains, a pass
+    # each event). The status is the cached object's own (equal ones shared).
+    statuses_queued: dict[str, tuple[object, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -359,13 +360,18 @@ class Reconciler:
         """The statuses of the relay's RelayDomains and RecipientLists, to the
         status writer: those whose object or verdict changed since the last pass."""
         queued = mem.statuses_queued
-        fresh: dict[tuple[str, str, str], tuple[object, ...]] = {}
+        fresh: dict[str, tuple[object, ...]] = {}
+        # Most verdicts are equal (Accepted, no message): each held once.
+        verdicts: dict[tuple[object, ...], tuple[object, ...]] = {}
 
         def changed(kind: str, obj: KubeObject, verdict: tuple[object, ...]) -> bool:
+            # By uid (the cached object's own string, no new key), which also
+            # tells a re-created object of the same name from the old one.
             meta = obj["metadata"]
-            ref = (kind, meta["namespace"], meta["name"])
-            fresh[ref] = (meta.get("resourceVersion"), *verdict)
-            return queued.get(ref) != fresh[ref]
+            uid = str(meta.get("uid") or f"{kind}/{meta['namespace']}/{meta['name']}")
+            shared_verdict = verdicts.setdefault(verdict, verdict)
+            now = fresh[uid] = (meta.get("generation"), obj.get("status"), shared_verdict)
+            return queued.get(uid) != now
 
         for v in rendered.domains:
             dom = view.domains.get((v.namespace, v.name))

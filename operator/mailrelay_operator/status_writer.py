@@ -29,10 +29,12 @@ from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, resource_
 log = logging.getLogger("mailrelay.operator")
 
 STATUS_WRITE_CONCURRENCY = 16
+DIGESTS_SPARE = 1000  # distinct digests held beyond one per written object
 
 
-# A queued status's object: (kind, (namespace, name)).
-ObjectRef = tuple[str, Key]
+# A queued status: its object's kind, namespace and name, and the status.
+# Flat (one tuple, ~72 bytes) and with the object's own strings: 100,000 of them queue up.
+Queued = tuple[str, str, str, KubeObject]
 
 
 def _no_object(kind: str, key: Key) -> KubeObject | None:
@@ -53,7 +55,9 @@ class StatusWriter:
     # Called with (object as it was, status written) after each write.
     written_hook: Callable[[KubeObject, KubeObject], None] = _no_hook
     written: dict[str, bytes] = field(default_factory=dict)
-    pending: dict[str, tuple[ObjectRef, KubeObject]] = field(default_factory=dict)  # by uid
+    # Equal digests (most objects get the same status) held once.
+    digests: dict[bytes, bytes] = field(default_factory=dict)
+    pending: dict[str, Queued] = field(default_factory=dict)  # by uid
     in_flight: int = 0
     # Binds to the running loop on first use (Python 3.10+), not when made.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,6 +68,12 @@ class StatusWriter:
 
     def resync(self) -> None:
         self.written.clear()
+        self.digests.clear()
+
+    def _remember(self, uid: str, digest: bytes) -> None:
+        if len(self.digests) > len(self.written) + DIGESTS_SPARE:
+            self.digests.clear()  # those of statuses no object has any more
+        self.written[uid] = self.digests.setdefault(digest, digest)
 
     def _unchanged(self, obj: KubeObject, new: KubeObject) -> bool:
         """True when `new` is what was written or what the object has (then remembered)."""
@@ -72,7 +82,7 @@ class StatusWriter:
         if want == self.written.get(uid):
             return True
         if status.without_times(obj.get("status")) == status.without_times(new):
-            self.written[uid] = want
+            self._remember(uid, want)
             return True
         return False
 
@@ -87,7 +97,7 @@ class StatusWriter:
             if e.status == 404:  # deleted meanwhile
                 return
             raise
-        self.written[str(meta.get("uid"))] = _digest(new)
+        self._remember(str(meta.get("uid")), _digest(new))
         self.written_hook(obj, new)
 
     def queue(self, obj: KubeObject, new: KubeObject) -> None:
@@ -97,11 +107,13 @@ class StatusWriter:
             self.pending.pop(uid, None)
             return
         # Most of 100,000 RelayDomains get the same status: held once.
-        self.pending[uid] = ((str(obj["kind"]), key_of(obj)), shared(new))
+        ns, name = key_of(obj)
+        self.pending[uid] = (str(obj["kind"]), ns, name, shared(new))
         self.wakeup.set()
 
-    async def _write_queued(self, uid: str, ref: ObjectRef, new: KubeObject) -> None:
-        obj = self.current(*ref)
+    async def _write_queued(self, uid: str, queued: Queued) -> None:
+        kind, ns, name, new = queued
+        obj = self.current(kind, (ns, name))
         if obj is None or str(obj["metadata"].get("uid")) != uid:
             return  # deleted (or replaced by a new object, which a later pass looks at)
         await self.write(obj, new)
@@ -116,7 +128,7 @@ class StatusWriter:
                 self.pending.clear()
                 self.in_flight = len(batch)
                 try:
-                    await _gather_limited(self._write_queued(u, *item) for u, item in batch)
+                    await _gather_limited(self._write_queued(u, item) for u, item in batch)
                     log.info("statuses: %d checked; %d writes so far", len(batch), self.api.writes)
                 except Exception:
                     log.exception("writing statuses failed; retrying")

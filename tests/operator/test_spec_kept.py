@@ -61,3 +61,50 @@ def test_equal_statuses_are_held_once() -> None:
     assert held[0]["status"] == status
     assert held[0]["status"] is held[1]["status"] is held[2]["status"]
     assert held[0]["spec"] is not held[1]["spec"]
+
+
+def test_trimmed_objects_share_their_spec_keys() -> None:
+    """Each watch event is parsed on its own: its keys are new strings, which
+    the cache must not keep one set of per object."""
+    import json
+
+    def parsed(name: str) -> dict[str, Any]:
+        text = json.dumps(
+            {
+                "apiVersion": "mailrelay.io/v1alpha1",
+                "kind": "RelayDomain",
+                "metadata": {"name": name, "namespace": "mail", "uid": name},
+                "spec": {"domain": f"{name}.example", "relayRef": {"name": "edge"}},
+            }
+        )
+        return dict(json.loads(text))
+
+    one, two = trim_all([parsed("a")], "RelayDomain"), trim_all([parsed("b")], "RelayDomain")
+    keys_one = list(one[("mail", "a")]["spec"])
+    keys_two = list(two[("mail", "b")]["spec"])
+    assert keys_one == keys_two
+    assert all(a is b for a, b in zip(keys_one, keys_two, strict=True))
+
+
+def test_a_later_event_of_the_same_object_takes_its_strings() -> None:
+    """Name and uid are held once however often the object comes back."""
+    cache: dict[Any, dict[str, Any]] = {}
+    first = rl(1, ["a@x.example"], uid="".join(["u", "1"]))
+    store(cache, first, deleted=False)
+    again = rl(2, ["b@x.example"], uid="".join(["u", "1"]))
+    again["metadata"]["name"] = "".join(["st", "aff"])
+    assert again["metadata"]["uid"] is not first["metadata"]["uid"]
+    store(cache, again, deleted=False)
+    held = cache[("mail", "staff")]["metadata"]
+    assert held["uid"] is first["metadata"]["uid"]
+    assert held["name"] is first["metadata"]["name"]
+    assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
+
+
+def test_the_many_kinds_are_cached_without_their_resource_version() -> None:
+    from mailrelay_operator.cluster import trim
+
+    meta = {"name": "a", "namespace": "mail", "uid": "u", "generation": 1, "resourceVersion": "9"}
+    body = {"apiVersion": "mailrelay.io/v1alpha1", "metadata": meta, "spec": {}}
+    assert "resourceVersion" not in trim({**body, "kind": "RelayDomain"})["metadata"]
+    assert trim({**body, "kind": "MailRelay"})["metadata"]["resourceVersion"] == "9"

@@ -66,3 +66,16 @@ def test_the_written_hook_sees_writes_only() -> None:
         assert seen == [{"recipients": 2}]
 
     asyncio.run(scenario())
+
+
+def test_equal_digests_are_held_once() -> None:
+    """100,000 objects with the same status: one digest object, not one each."""
+    writer = StatusWriter(cast(Any, Api()))
+    new = {"recipients": 1}
+    for uid in ("u1", "u2", "u3"):
+        obj = domain(uid, "1")
+        obj["status"] = dict(new)
+        writer.queue(obj, new)  # what the object has: remembered, not queued
+    assert not writer.pending
+    first, *rest = writer.written.values()
+    assert len(writer.written) == 3 and all(d is first for d in rest)
