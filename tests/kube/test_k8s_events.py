@@ -4,6 +4,10 @@ A second tenant's RelayDomain for a domain the first holds is refused
 (Conflict): the second tenant sees a Warning Event in its own namespace that
 says what its status says and names nothing of the first tenant; a resync
 posts nothing again.
+
+A MailRelay whose spec the CRD admits but the operator refuses is one Warning
+InvalidSpec naming the field, and a Normal Applied once corrected; nothing
+else (kopf) posts Events about it.
 """
 
 from __future__ import annotations
@@ -93,3 +97,51 @@ def test_a_refused_claim_is_a_warning_in_the_claimant_s_namespace_only(
     operator.full_pass(resync=True)
     operator.full_pass(resync=True)
     assert len(events_about(kube, B, "squatter")) == 1
+
+
+# The CRD's CEL compares mx hostnames as written; the operator (mailrelay
+# validate) as DNS does, without case: a duplicate the API server stores.
+MX_TWICE = [
+    {"hostname": "mx2.example.net", "priority": 10},
+    {"hostname": "MX2.example.net", "priority": 20},
+]
+
+
+def reconciled_reason(kube: Kube, ns: str, name: str, reason: str) -> dict[str, Any] | None:
+    c = condition(kube.get("mailrelay", name, ns), "Reconciled")
+    return c if c.get("reason") == reason else None
+
+
+def test_an_invalid_relay_spec_is_one_warning_naming_the_field(
+    kube: Kube, operator: RunningOperator
+) -> None:
+    ns, name = "events-invalid", "picky"
+    kube.kubectl("create", "namespace", ns)
+
+    def relay(mx: list[dict[str, Any]]) -> str:
+        spec = {"hostname": "mx.picky.example", "replicas": 1, "mx": mx}
+        meta = {"name": name, "namespace": ns}
+        return json.dumps({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
+                           "metadata": meta, "spec": spec})  # fmt: skip
+
+    kube.apply(relay(MX_TWICE))  # the API server takes it
+    refused = wait_for("InvalidSpec", lambda: reconciled_reason(kube, ns, name, "InvalidSpec"))
+    assert refused["message"].startswith("spec.mx: ")
+
+    [event] = wait_for("the Warning", lambda: events_about(kube, ns, name))
+    assert (event["type"], event["reason"]) == ("Warning", "InvalidSpec")
+    assert event["note"] == refused["message"]
+    stored = kube.get("mailrelay", name, ns)
+    assert stored is not None
+    assert event["regarding"]["kind"] == "MailRelay"
+    assert (event["regarding"]["namespace"], event["regarding"]["uid"]) == (
+        ns,
+        stored["metadata"]["uid"],
+    )
+
+    kube.apply(relay([MX_TWICE[0], {"hostname": "mx3.example.net", "priority": 20}]))
+    wait_for("Applied", lambda: reconciled_reason(kube, ns, name, "Applied"))
+    wait_for("the recovery", lambda: len(events_about(kube, ns, name)) == 2)
+    seen = sorted((e["type"], e["reason"]) for e in kube.list("events.events.k8s.io", ns))
+    # Ours only: the Ready condition's rollout is no news, and kopf posts none.
+    assert seen == [("Normal", "Applied"), ("Warning", "InvalidSpec")]
