@@ -58,8 +58,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=naming.ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    # Handler logs go to the operator's log, not to Kubernetes Events.
-    settings.posting.level = logging.WARNING
+    # Kubernetes Events are k8s_events.py's alone (documented reasons, the
+    # condition's message). kopf would post its own for a handler's failure:
+    # another Event of the same failure, with raw exception text. Its log lines
+    # go to the operator's log instead. Off, not a higher level: kopf.event()
+    # ignores the level.
+    settings.posting.enabled = False
     # Children are watched (a deleted or overwritten one is applied again at
     # once); the API server sends only ours, not every ConfigMap. Secrets are not
     # watched: the operator may write them, never read them (a deleted handover
