@@ -388,7 +388,8 @@ def test_rbac_grants_what_the_operator_needs_and_no_more(kube: Kube) -> None:
         assert can("watch", "pods", ns)  # spec.mx[].pods labels follow the pods
         assert not can("delete", "pods", ns)
         assert can("create", "certificates.cert-manager.io", ns)
-        assert can("create", "events", ns)
+        assert can("create", "events.events.k8s.io", ns)
+        assert not can("create", "events", ns)  # core/v1: kopf's, turned off
         assert not can("get", "secrets", ns)
     assert not can("list", "mailrelays.mailrelay.io", "elsewhere")
     assert not can("create", "configmaps", "elsewhere")
