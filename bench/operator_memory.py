@@ -217,6 +217,7 @@ def main() -> int:
     report("statuses back")
 
     listed(pool, inputs, "RecipientList", [recipient_list(0, extra=1)])
+    rendered = None  # as the reconciler: the last render goes before the next
     rendered = render(pool, relay, view, cache)
     trim()
     report("+1 recipient rendered")

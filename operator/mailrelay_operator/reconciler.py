@@ -413,6 +413,11 @@ class Reconciler:
             if stored:
                 relay = claims_store.with_stored_claims(relay, stored)
         settings = RenderSettings(cluster=self.network.cluster)
+        # The new render starts from mem.claims, not from the last render's
+        # verdicts and files: let those go first, not beside the new ones
+        # (~9 MB at 100,000 RelayDomains). A failed render leaves None: the
+        # next pass renders again.
+        mem.rendered = None
         rendered = await asyncio.to_thread(
             render_relay, relay, inventory, mem.render_cache, settings, claims
         )
