@@ -38,7 +38,7 @@ from mailrelay_api.claims import (
     next_hop_allowed,
 )
 from mailrelay_api.load import Inventory
-from mailrelay_api.schema import POD_SCHEDULING
+from mailrelay_api.schema import POD_SCHEDULING, name_of, namespace_of
 from mailrelay_api.shards import (
     RECIPIENT_LIST_ADVISE_BYTES,
     ListPart,
@@ -116,24 +116,18 @@ class Rendered:
         return sum(1 for d in self.domains if d.accepted)
 
 
-def _ns(obj: dict[str, Any]) -> str:
-    return str(obj["metadata"].get("namespace") or "default")
-
-
-def _name(obj: dict[str, Any]) -> str:
-    return str(obj["metadata"]["name"])
-
-
 def _age_key(obj: dict[str, Any], index: int) -> tuple[str, int, str, str]:
     # Orders first claims on a free domain (never against a recorded holder);
     # offline objects have no timestamp and keep their file order.
     ts = str(obj["metadata"].get("creationTimestamp") or "")
-    return (ts or "9999", index, _ns(obj), _name(obj))
+    return (ts or "9999", index, namespace_of(obj), name_of(obj))
 
 
 def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
     ref = domain["spec"]["relayRef"]
-    return ref["name"] == _name(relay) and (ref.get("namespace") or _ns(domain)) == _ns(relay)
+    return ref["name"] == name_of(relay) and (
+        ref.get("namespace") or namespace_of(domain)
+    ) == namespace_of(relay)
 
 
 @dataclass(frozen=True)
@@ -157,10 +151,12 @@ def _policy_verdict(
 
     `spec` is relay_spec(relay), typed once per render (not once per domain)."""
     domain, ns = dom.domain, dom.namespace
-    where = f"MailRelay {_ns(relay)}/{_name(relay)}"
-    if not domain_allowed(spec.allowed_domains, _ns(relay), ns, domain, inv.namespace_labels):
+    where = f"MailRelay {namespace_of(relay)}/{name_of(relay)}"
+    if not domain_allowed(
+        spec.allowed_domains, namespace_of(relay), ns, domain, inv.namespace_labels
+    ):
         return ("NotAllowed", f"{where} grants namespace {ns} no claim on {domain}")
-    if not next_hop_allowed(spec, hop, tenant=ns != _ns(relay), cluster=cluster):
+    if not next_hop_allowed(spec, hop, tenant=ns != namespace_of(relay), cluster=cluster):
         return (
             "NextHopNotAllowed",
             f"{where} does not allow next hop {hop.host}:{hop.port} (spec.allowedNextHops)",
@@ -191,7 +187,7 @@ class DomainFacts:
     def __init__(self, dom: dict[str, Any], relay: dict[str, Any]) -> None:
         spec = dom["spec"]
         self.spec: dict[str, Any] = spec
-        self.namespace, self.name = _ns(dom), _name(dom)
+        self.namespace, self.name = namespace_of(dom), name_of(dom)
         self.source = f"{self.namespace}/{self.name}"  # domains.json's "source"
         written = str(spec["domain"])
         # domains.json is sorted by the lowercased domain, trailing dot and all.
@@ -227,7 +223,7 @@ def _same_or(old: str, new: str) -> str:
 def _policy_key(relay: dict[str, Any], inv: Inventory, cluster: ClusterNetworks) -> str:
     """What the facts of a relay's domains depend on beyond the domains themselves."""
     return json.dumps(
-        [_ns(relay), _name(relay), relay["spec"], inv.namespace_labels, repr(cluster)],
+        [namespace_of(relay), name_of(relay), relay["spec"], inv.namespace_labels, repr(cluster)],
         sort_keys=True,
         default=str,
     )
@@ -391,7 +387,7 @@ def render_relay(
     policy = {k: v for k, v in relay["spec"].items() if k not in NOT_POLICY}
     relay_doc = {
         "format": CONFIG_FORMAT,
-        "name": f"{_ns(relay)}/{_name(relay)}",
+        "name": f"{namespace_of(relay)}/{name_of(relay)}",
         "policy": policy,
     }
     files: dict[str, bytes] = {
@@ -400,8 +396,8 @@ def render_relay(
         **shards.files,
     }
     return Rendered(
-        namespace=_ns(relay),
-        name=_name(relay),
+        namespace=namespace_of(relay),
+        name=name_of(relay),
         files=files,
         domains=verdicts,
         recipient_lists=lists.verdicts,
@@ -446,7 +442,7 @@ def _attach_lists(
     lists = _Lists({}, {}, [])
     all_domains: set[str] | None = None  # built when first needed
     for rl in inv.recipient_lists:
-        ns, ref = _ns(rl), str(rl["spec"]["domainRef"]["name"])
+        ns, ref = namespace_of(rl), str(rl["spec"]["domainRef"]["name"])
         key = f"{ns}/{ref}"
         dom = by_key.get(key)
         if dom is None:
@@ -454,8 +450,8 @@ def _attach_lists(
             if v is not None:
                 lists.verdicts.append(
                     RecipientListVerdict(
-                        _ns(rl),
-                        _name(rl),
+                        namespace_of(rl),
+                        name_of(rl),
                         False,
                         "DomainNotAccepted",
                         f"RelayDomain {ref} is not accepted: {v.reason}",
@@ -464,12 +460,12 @@ def _attach_lists(
                 continue
             # It belongs to another relay's domain, or to none at all.
             if all_domains is None:
-                all_domains = {f"{_ns(d)}/{_name(d)}" for d in inv.domains}
+                all_domains = {f"{namespace_of(d)}/{name_of(d)}" for d in inv.domains}
             if key not in all_domains:
                 lists.verdicts.append(
                     RecipientListVerdict(
-                        _ns(rl),
-                        _name(rl),
+                        namespace_of(rl),
+                        name_of(rl),
                         False,
                         "DomainNotFound",
                         f"no RelayDomain {ref} in namespace {ns}",
@@ -494,8 +490,8 @@ def _accepted_list(rl: dict[str, Any], dom: DomainFacts, part: ListPart) -> Reci
     if part.listed_bytes > RECIPIENT_LIST_ADVISE_BYTES:
         notes.append(list_size_advice(part.listed_bytes))
     return RecipientListVerdict(
-        _ns(rl),
-        _name(rl),
+        namespace_of(rl),
+        name_of(rl),
         True,
         "ForeignAddresses" if foreign else "Accepted",
         "; ".join(notes),
@@ -582,33 +578,3 @@ def _domains_json(doc: dict[str, Any], cache: RenderCache | None) -> bytes:
     if cache.domains_json is None or cache.domains_json[0] != compact:
         cache.domains_json = (compact, _json(doc))
     return cache.domains_json[1]
-
-
-def cross_reference_errors(inv: Inventory) -> list[str]:
-    """Problems `mailrelay validate` reports beyond the schema."""
-    problems: list[str] = []
-    relays = {(_ns(r), _name(r)) for r in inv.relays}
-    for dom in inv.domains:
-        ref = dom["spec"]["relayRef"]
-        target = (ref.get("namespace") or _ns(dom), ref["name"])
-        if target not in relays:
-            problems.append(
-                f"RelayDomain {_ns(dom)}/{_name(dom)}: spec.relayRef: no MailRelay "
-                f"{target[0]}/{target[1]} in the manifests"
-            )
-    for relay in inv.relays:
-        for v in render_relay(relay, inv).domains:
-            if not v.accepted:
-                problems.append(
-                    f"RelayDomain {v.namespace}/{v.name}: not accepted by MailRelay "
-                    f"{_ns(relay)}/{_name(relay)}: {v.reason}: {v.message}"
-                )
-    domains = {(_ns(d), _name(d)) for d in inv.domains}
-    for rl in inv.recipient_lists:
-        key = (_ns(rl), str(rl["spec"]["domainRef"]["name"]))
-        if key not in domains:
-            problems.append(
-                f"RecipientList {_ns(rl)}/{_name(rl)}: spec.domainRef: no RelayDomain "
-                f"{key[1]} in namespace {key[0]}"
-            )
-    return problems

@@ -1382,6 +1382,15 @@ KINDS: dict[str, Kind] = {
 }
 
 
+def namespace_of(obj: dict[str, Any]) -> str:
+    """An object's namespace; "default" when its manifest names none."""
+    return str(obj["metadata"].get("namespace") or "default")
+
+
+def name_of(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
 def _place_rules(schema: Schema, rules: list[Rule]) -> Schema:
     """Returns a copy of the object schema with each rule's CEL at its path."""
     import copy

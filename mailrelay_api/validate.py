@@ -221,15 +221,11 @@ FOREIGN_SHOWN = 5  # foreign addresses named one by one per RecipientList, then 
 _RANGE = re.compile(r"([0-9]+)\.\.([0-9]+)")
 
 
-def _namespace(obj: dict[str, Any]) -> str:
-    return str(obj["metadata"].get("namespace") or "default")
-
-
 def _where(obj: dict[str, Any]) -> tuple[str, str]:
     """The object's file#document and "Kind namespace/name"."""
     meta = obj["metadata"]
     source = str((meta.get("annotations") or {}).get(S.SOURCE_ANNOTATION, ""))
-    return source, f"{obj.get('kind')} {_namespace(obj)}/{meta.get('name')}"
+    return source, f"{obj.get('kind')} {S.namespace_of(obj)}/{meta.get('name')}"
 
 
 def relay_warnings(relay: dict[str, Any]) -> list[ManifestError]:
@@ -323,9 +319,9 @@ def manifest_warnings(
     out: list[ManifestError] = []
     for relay in relays:
         out += relay_warnings(relay)
-    by_key = {(_namespace(d), d["metadata"]["name"]): d for d in domains}
+    by_key = {(S.namespace_of(d), d["metadata"]["name"]): d for d in domains}
     for rl in recipient_lists:
-        key = (_namespace(rl), rl["spec"]["domainRef"]["name"])
+        key = (S.namespace_of(rl), rl["spec"]["domainRef"]["name"])
         if key in by_key:  # else an error (cross_reference_errors)
             out += _list_warnings(rl, by_key[key])
     return out

@@ -12,11 +12,11 @@ from typing import Any
 
 from mailrelay_api import schema as S
 from mailrelay_api.load import Inventory, load_manifests
+from mailrelay_api.references import cross_reference_errors
 from mailrelay_api.render import (
     DOMAINS_FILE,
     DOMAINS_INDEX_FILE,
     Rendered,
-    cross_reference_errors,
     render_relay,
 )
 from mailrelay_api.validate import manifest_warnings
