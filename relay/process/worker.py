@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailrelay_api.allocator import settle_allocator
 from relay.process import eventloop
-from relay.process.listeners import Sockets
+from relay.process.listeners import LISTEN_BACKLOG, Sockets
 from relay.process.options import ProcessOptions, env_float, relay_version
 from relay.process.watch import SourceWatcher, config_hash, config_signature
 
@@ -172,12 +172,17 @@ class Worker:
             loop.add_signal_handler(signum, self.stop_event.set)
         running = _Running(ctx, queue, postscreen, delivery, verifier, ctx.greylist)
         running.servers.append(
-            await loop.create_server(lambda: RelaySMTP(ctx), sock=self.sockets.smtp)
+            # backlog: create_server listens on the socket again, with 100 unless told.
+            await loop.create_server(
+                lambda: RelaySMTP(ctx), sock=self.sockets.smtp, backlog=LISTEN_BACKLOG
+            )
         )
         if self.sockets.proxy is not None:
             running.servers.append(
                 await loop.create_server(
-                    lambda: RelaySMTP(ctx, via_proxy=True), sock=self.sockets.proxy
+                    lambda: RelaySMTP(ctx, via_proxy=True),
+                    sock=self.sockets.proxy,
+                    backlog=LISTEN_BACKLOG,
                 )
             )
             log.info(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from mrtest.edgeserver import edge_config, long_test
 from mrtest.peers import RawClient
 from mrtest.proc import raise_fd_limit, rss_kib
 from mrtest.relayproc import RelayProcess, write_manifests
+
+from relay.process.listeners import LISTEN_BACKLOG
 
 PER_ADDRESS = 40  # under connectionsPerClient (50)
 
@@ -192,3 +196,21 @@ async def test_flood_from_one_address_is_limited_others_served(
     assert f"too many connections from {flooder}" in refused[0]
     assert rate_limited, "the message rate limit never hit"
     assert len(edge.queued()) == 60
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_the_listen_queue_holds_a_burst_of_connections(tmp_path: Path) -> None:
+    """The port's accept queue is LISTEN_BACKLOG deep in the running relay, not
+    asyncio's 100 (create_server listens again on the socket it is given): a
+    burst of connections past the queue gets SYN cookies, and a client whose
+    last ACK is then dropped waits for a greeting that never comes."""
+    manifests = write_manifests(
+        tmp_path / "m", next_hop=("127.0.0.1", 9), domains={"example.org": "any"}
+    )
+    with RelayProcess(manifests, tmp_path / "relay", workers=2) as relay:
+        host, port = relay.address
+        listing = subprocess.run(
+            ["ss", "-ltnH", f"src {host}:{port}"], capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+    queues = sorted(int(line.split()[2]) for line in listing if line.strip())
+    assert queues == [LISTEN_BACKLOG, LISTEN_BACKLOG]  # one listener per worker (SO_REUSEPORT)
