@@ -26,6 +26,7 @@ import gc
 import logging
 import platform
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,20 +172,10 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_event.set)
         running = _Running(ctx, queue, postscreen, delivery, verifier, ctx.greylist)
-        running.servers.append(
-            # backlog: create_server listens on the socket again, with 100 unless told.
-            await loop.create_server(
-                lambda: RelaySMTP(ctx), sock=self.sockets.smtp, backlog=LISTEN_BACKLOG
-            )
-        )
+        running.servers.append(await _serve(loop, lambda: RelaySMTP(ctx), self.sockets.smtp))
         if self.sockets.proxy is not None:
-            running.servers.append(
-                await loop.create_server(
-                    lambda: RelaySMTP(ctx, via_proxy=True),
-                    sock=self.sockets.proxy,
-                    backlog=LISTEN_BACKLOG,
-                )
-            )
+            proxied = lambda: RelaySMTP(ctx, via_proxy=True)  # noqa: E731
+            running.servers.append(await _serve(loop, proxied, self.sockets.proxy))
             log.info(
                 "PROXY protocol listener on %s (trusted: %s)",
                 "{}:{}".format(*self.sockets.proxy.getsockname()[:2]),
@@ -326,3 +317,14 @@ class Worker:
                 await loop.run_in_executor(None, rerender)
         except Exception:
             log.exception("re-rendering the manifests failed")
+
+
+async def _serve(
+    loop: asyncio.AbstractEventLoop,
+    protocol: Callable[[], asyncio.BaseProtocol],
+    sock: socket.socket,
+) -> asyncio.Server:
+    """Serves a listening socket. create_server listens on it again, with a
+    backlog of 100 unless told: LISTEN_BACKLOG keeps a burst of connections
+    out of SYN cookies (a client whose last ACK is dropped waits for ever)."""
+    return await loop.create_server(protocol, sock=sock, backlog=LISTEN_BACKLOG)
