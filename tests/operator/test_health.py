@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import kopf
@@ -222,13 +223,23 @@ class RecordingHealth(Health):
         super().watch_ok(watch)
 
 
-def following(api: BreakingWatchApi) -> tuple[InputWatch, RecordingHealth, asyncio.Task[None]]:
-    """An input watch of RelayDomains in "mail" on `api`, followed in a task."""
+BOOKMARK = b'{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}'
+
+
+@contextlib.asynccontextmanager
+async def following(api: BreakingWatchApi) -> AsyncIterator[tuple[InputWatch, RecordingHealth]]:
+    """An input watch of RelayDomains in "mail" on `api`, followed in a task
+    that ends with the block."""
     events = EventRouter(WorkQueue(), InputCache(), None, ClusterView)  # type: ignore[arg-type]
     h = RecordingHealth()
     h.end_pass()
     watch = InputWatch(api, events, ("mail",), health=h)  # type: ignore[arg-type]
-    return watch, h, asyncio.create_task(watch.follow("RelayDomain", "mail"))
+    task = asyncio.create_task(watch.follow("RelayDomain", "mail"))
+    try:
+        yield watch, h
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
@@ -239,12 +250,10 @@ def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
     watch's first event or bookmark ends it."""
     monkeypatch.setattr("mailrelay_operator.input_watch.BACKOFF_FIRST_SECONDS", 0.001)
     monkeypatch.setattr("mailrelay_operator.input_watch.BACKOFF_MAX_SECONDS", 0.001)
-    bookmark = b'{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}'
 
     async def scenario() -> None:
         api = BreakingWatchApi()
-        watch, h, task = following(api)
-        try:
+        async with following(api) as (watch, h):
             while api.opened < 4:
                 await asyncio.sleep(0.001)
             assert h.reports[0] == "ok"  # the listing worked
@@ -253,13 +262,10 @@ def test_a_watch_that_opens_and_breaks_stays_failing_until_it_delivers(
             assert "reset by peer" in error
             ok, why = h.ready(now=since + WATCH_FAILING_SECONDS + 1)
             assert not ok and why.startswith("the inputs are not watched; RelayDomain in mail")
-            api.lines = [bookmark]  # now each watch delivers before it breaks
+            api.lines = [BOOKMARK]  # now each watch delivers before it breaks
             while "ok" not in h.reports[1:]:
                 await asyncio.sleep(0.001)
             assert watch.versions[("RelayDomain", "mail")] == "9"
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
 
@@ -292,23 +298,18 @@ def test_a_watch_that_ends_at_once_without_events_is_a_failure_with_back_off(
         await real_sleep(0)
 
     monkeypatch.setattr("mailrelay_operator.input_watch.asyncio.sleep", recorded_sleep)
-    bookmark = b'{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}'
 
     async def scenario() -> None:
         api = EndingWatchApi()
-        _, h, task = following(api)
-        try:
+        async with following(api) as (_, h):
             while api.opened < 4:
                 await real_sleep(0.001)
             assert h.reports[1:4] == ["failed"] * 3
             assert "ended at once" in h.watch_failures["RelayDomain in mail"][1]
             assert sleeps[:3] == [1.0, 2.0, 4.0]  # backs off
-            api.lines = [bookmark]  # a watch that delivers, then ends: fine
+            api.lines = [BOOKMARK]  # a watch that delivers, then ends: fine
             while "ok" not in h.reports[1:]:
                 await real_sleep(0.001)
             assert "RelayDomain in mail" not in h.watch_failures
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
