@@ -1180,8 +1180,9 @@ MAILRELAY_STATUS = obj(
 MAILRELAY_RULES = [
     Rule(
         path="spec.mx",
-        cel="self.all(a, self.exists_one(b, b.hostname == a.hostname))",
-        message="each mx hostname may appear only once",
+        # Without case, as DNS compares names (and as the Python check does).
+        cel="self.all(a, self.exists_one(b, b.hostname.lowerAscii() == a.hostname.lowerAscii()))",
+        message="each mx hostname may appear only once (whatever its case)",
         check=lambda o: len({str(m.get("hostname", "")).lower() for m in o}) == len(o),
     ),
     Rule(

@@ -69,6 +69,12 @@ INVALID = {
     "workers zero": {"workers": 0},
     "mx pods naming none": {"mx": [{"hostname": "mx2.example.net", "priority": 20, "pods": {}}]},
     "workers word": {"workers": "many"},
+    "mx hostname twice": {
+        "mx": [
+            {"hostname": "mx2.example.net", "priority": 10},
+            {"hostname": "MX2.Example.NET", "priority": 20},
+        ]
+    },
 }
 VALID = {
     "defaults": {},

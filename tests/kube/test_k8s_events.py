@@ -5,14 +5,16 @@ A second tenant's RelayDomain for a domain the first holds is refused
 says what its status says and names nothing of the first tenant; a resync
 posts nothing again.
 
-A MailRelay whose spec the CRD admits but the operator refuses is one Warning
-InvalidSpec naming the field, and a Normal Applied once corrected; nothing
-else (kopf) posts Events about it.
+A MailRelay stored under an older CRD (before a CEL rule existed) that the
+operator refuses is one Warning InvalidSpec naming the field, and a Normal
+Applied once corrected; nothing else (kopf) posts Events about it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -99,12 +101,32 @@ def test_a_refused_claim_is_a_warning_in_the_claimant_s_namespace_only(
     assert len(events_about(kube, B, "squatter")) == 1
 
 
-# The CRD's CEL compares mx hostnames as written; the operator (mailrelay
-# validate) as DNS does, without case: a duplicate the API server stores.
+# Twice the same mx hostname (DNS names have no case): the CRD's CEL refuses it,
+# and the operator refuses it should an older CRD have stored it.
 MX_TWICE = [
     {"hostname": "mx2.example.net", "priority": 10},
     {"hostname": "MX2.example.net", "priority": 20},
 ]
+MX_RULE = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/mx"
+
+
+@contextlib.contextmanager
+def crd_without_the_mx_rule(kube: Kube) -> Iterator[None]:
+    """The MailRelay CRD as before its mx hostname rule, then as it is again."""
+    crd = "customresourcedefinition/mailrelays.mailrelay.io"
+    rules = json.loads(kube.kubectl("get", crd, "-o", "json"))
+    for key in MX_RULE.split("/")[1:]:
+        rules = rules[int(key) if key.isdigit() else key]
+    rules = rules["x-kubernetes-validations"]
+
+    def patch(op: dict[str, Any]) -> None:
+        kube.kubectl("patch", crd, "--type=json", "-p", json.dumps([op]))
+
+    patch({"op": "remove", "path": f"{MX_RULE}/x-kubernetes-validations"})
+    try:
+        yield
+    finally:
+        patch({"op": "add", "path": f"{MX_RULE}/x-kubernetes-validations", "value": rules})
 
 
 def reconciled_reason(kube: Kube, ns: str, name: str, reason: str) -> dict[str, Any] | None:
@@ -124,7 +146,12 @@ def test_an_invalid_relay_spec_is_one_warning_naming_the_field(
         return json.dumps({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
                            "metadata": meta, "spec": spec})  # fmt: skip
 
-    kube.apply(relay(MX_TWICE))  # the API server takes it
+    refused_now = kube.kubectl_run("apply", "--dry-run=server", "-f", "-", stdin=relay(MX_TWICE))
+    assert "each mx hostname may appear only once" in refused_now.stderr
+    with crd_without_the_mx_rule(kube):  # the API server takes it once the CRD serves no rule
+        wait_for("the CRD without the rule", lambda: kube.kubectl_run(
+            "apply", "--server-side", "--field-manager=mailrelay-tests", "-f", "-",
+            stdin=relay(MX_TWICE)).returncode == 0)  # fmt: skip
     refused = wait_for("InvalidSpec", lambda: reconciled_reason(kube, ns, name, "InvalidSpec"))
     assert refused["message"].startswith("spec.mx: ")
 
