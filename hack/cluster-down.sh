@@ -118,6 +118,13 @@ fi
 if [ -f "$NODE_DIR/ip_forward.before" ]; then
   sysctl -qw "net.ipv4.ip_forward=$(cat "$NODE_DIR/ip_forward.before")"
 fi
+if [ -f "$NODE_DIR/bridge-nf-call-iptables.before" ]; then
+  sysctl -qw "net.bridge.bridge-nf-call-iptables=$(cat "$NODE_DIR/bridge-nf-call-iptables.before")" \
+    || log "warning: could not restore net.bridge.bridge-nf-call-iptables"
+fi
+if [ -f "$NODE_DIR/br_netfilter.loaded" ]; then
+  modprobe -r br_netfilter 2>/dev/null || log "note: br_netfilter stays loaded (in use)"
+fi
 
 if awk -v a="$NODE_DIR" 'index($2, a) == 1' /proc/mounts | grep -q .; then
   log "warning: mounts remain under $NODE_DIR; not removing it"

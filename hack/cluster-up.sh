@@ -93,10 +93,14 @@ ip link set "$BRIDGE" up
 # Service addresses without a kube-proxy rule go to the bridge, never to the default route.
 ip route replace "$SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP"
 # Bridged pod-to-pod traffic must pass iptables for Services (kube-proxy's DNAT).
+# cluster-down.sh puts back what was there before: the setting, or no module.
 if [ -w /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
+  sysctl -n net.bridge.bridge-nf-call-iptables >"$NODE_DIR/bridge-nf-call-iptables.before"
   sysctl -qw net.bridge.bridge-nf-call-iptables=1
+elif modprobe br_netfilter 2>/dev/null; then
+  touch "$NODE_DIR/br_netfilter.loaded"
 else
-  modprobe br_netfilter 2>/dev/null || log "warning: br_netfilter is not available"
+  log "warning: br_netfilter is not available"
 fi
 iptables -N "$FWD_CHAIN" 2>/dev/null || iptables -F "$FWD_CHAIN"
 iptables -A "$FWD_CHAIN" -s "$POD_CIDR" -d "$POD_CIDR" -j RETURN
