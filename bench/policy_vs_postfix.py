@@ -36,13 +36,13 @@ port 53. mailrelay is pointed at the same 127.0.0.1:53 via spec.dns.
 
 Per system: warm-up (postscreen passes on every worker), a policy sanity
 probe with swaks (SPF fail -> 550 5.7.23, unlisted recipient -> 550 5.1.1,
-on both), then 3 interleaved runs of 5,000 x 5 KB over 20 sessions; medians.
+on both), then 5 interleaved runs of 5,000 x 5 KB over 20 sessions; medians.
 CPU and memory of each relay's process tree (Postfix: master and all its
 daemons, policyd-spf included); the DNS server's CPU and query count per
 message reported apart. Needs root; installs postfix-policyd-spf-python with
 apt-get if missing.
 
-    .venv/bin/python bench/policy_vs_postfix.py [--messages 5000] [--runs 3]
+    .venv/bin/python bench/policy_vs_postfix.py [--messages 5000] [--runs 5]
 
 Results: bench/results/<time>-policy/results.json and summary.md.
 """
@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=5120)
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
     p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")

@@ -3,7 +3,7 @@
 
 Both relays store and forward with fsync before 250, on loopback, each with
 its own smtp-sink as next hop. Per system: a warm-up of 500 messages, then
-3 interleaved runs of 5,000 x 5 KB over 20 sessions; medians reported.
+5 interleaved runs of 5,000 x 5 KB over 20 sessions; medians reported.
 End to end = from starting smtp-source until the sink counted every message.
 CPU per message = CPU time of the relay's process tree over the run (not the
 load generator nor the sink), divided by the messages it handled meanwhile:
@@ -26,7 +26,7 @@ folder (its own config, queue_directory and data_directory), started with
 `postfix -c DIR start` and always stopped at the end. Needs root (Postfix
 master and smtp-sink -u) and the Debian postfix package (hack/setup.sh).
 
-    .venv/bin/python bench/relay_vs_postfix.py [--messages 5000] [--runs 3] [--workers N]
+    .venv/bin/python bench/relay_vs_postfix.py [--messages 5000] [--runs 5] [--workers N]
 
 mailrelay runs with its default number of workers unless --workers is given.
 
@@ -696,7 +696,7 @@ def load_options(p: argparse.ArgumentParser, *, messages: int, warmup: int) -> N
     p.add_argument("--size", type=int, default=5120)
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
 
 
