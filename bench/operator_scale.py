@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
-from mailrelay_operator.kubeapi import KubeApi, load_api_client, resource_path  # noqa: E402
+from mailrelay_operator.kubeapi import KubeApi, resource_path  # noqa: E402
 from mailrelay_operator.naming import LABEL_COMPONENT  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -235,7 +235,7 @@ def main() -> int:
         kubectl(kubeconfig, "wait", "--for=condition=Established", "crd", "--all")
         kubectl(kubeconfig, "create", "namespace", NS)
         os.environ["KUBECONFIG"] = str(kubeconfig)
-        api = KubeApi(load_api_client())
+        api = KubeApi()
         log = work / "operator.log"
         with log.open("w") as out:
             operator = subprocess.Popen(

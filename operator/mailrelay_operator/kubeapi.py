@@ -1,24 +1,32 @@
 """A small Kubernetes REST client: server-side apply, status patches, deletes.
 
-Built on the official client's ApiClient (auth, kubeconfig or in-cluster,
-token refresh); its blocking calls run in threads so the operator's event loop
-never waits on the network.
+On urllib3 alone (a pool of connections, thread-safe): where the API server is
+and how to authenticate comes from the pod's service account, else from
+$KUBECONFIG (`Connection.load`). Not the official client: its generated
+models and their imports are ~20 MiB of the operator's resident memory, and
+requests here are JSON in, JSON out. Blocking calls run in threads so the
+operator's event loop never waits on the network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import ssl
+import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
+import urllib3
+import yaml
 
 from mailrelay_api.schema import API_VERSION, KINDS
 from mailrelay_operator.certificate import CERT_MANAGER_API
@@ -39,6 +47,11 @@ PLURALS: dict[tuple[str, str], str] = {
     (CERT_MANAGER_API, "Certificate"): "certificates",
     **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# A projected service-account token is rotated in its file: read again this often.
+TOKEN_REREAD_SECONDS = 60.0
+CONNECTIONS_PER_HOST = 16  # requests at once from the executor's threads
 
 
 @dataclass
@@ -66,23 +79,113 @@ def object_path(obj: Mapping[str, Any]) -> str:
     return resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
 
 
-def load_api_client() -> k8s_client.ApiClient:
-    """In a pod: the service account; elsewhere: $KUBECONFIG."""
-    cfg = k8s_client.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=cfg)
-    except k8s_config.ConfigException:
-        # $KUBECONFIG as it is now: the client reads its default at import time.
-        k8s_config.load_kube_config(
-            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg
-        )
-    cfg.connection_pool_maxsize = 16
-    return k8s_client.ApiClient(cfg)
+@dataclass
+class Connection:
+    """The API server's URL, a pool of connections to it, and the credentials."""
+
+    server: str
+    pool: urllib3.PoolManager
+    token: str | None = None
+    token_file: Path | None = None  # read again every TOKEN_REREAD_SECONDS
+    basic: tuple[str, str] | None = None  # username, password
+    _token_read: float = field(default=float("-inf"), repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(cls) -> Connection:
+        """In a pod: the service account; elsewhere: $KUBECONFIG (or ~/.kube/config)."""
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT")
+        if host and port and (SERVICE_ACCOUNT / "token").is_file():
+            ca = SERVICE_ACCOUNT / "ca.crt"
+            context = ssl.create_default_context(cafile=str(ca) if ca.is_file() else None)
+            host = f"[{host}]" if ":" in host else host
+            token = SERVICE_ACCOUNT / "token"
+            return cls(f"https://{host}:{port}", _pool(context), token_file=token)
+        return from_kubeconfig(os.environ.get("KUBECONFIG") or "~/.kube/config")
+
+    def headers(self) -> dict[str, str]:
+        if self.token_file is not None:
+            with self._lock:
+                if time.monotonic() - self._token_read >= TOKEN_REREAD_SECONDS:
+                    self.token = self.token_file.read_text().strip()
+                    self._token_read = time.monotonic()
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        if self.basic:
+            return urllib3.make_headers(basic_auth=":".join(self.basic))
+        return {}
+
+
+def _pool(context: ssl.SSLContext | None) -> urllib3.PoolManager:
+    return urllib3.PoolManager(maxsize=CONNECTIONS_PER_HOST, ssl_context=context)
+
+
+def from_kubeconfig(paths: str) -> Connection:
+    """The current context of a kubeconfig (a list of files: the first value wins):
+    the server, its CA, and a client certificate, a token or a username/password.
+    Relative paths are relative to the file that names them."""
+    current: str | None = None
+    named: dict[str, dict[str, Any]] = {"contexts": {}, "clusters": {}, "users": {}}
+    for raw in paths.split(os.pathsep):
+        if not raw:
+            continue
+        path = Path(raw).expanduser()
+        doc = yaml.safe_load(path.read_text()) or {}
+        current = current or doc.get("current-context")
+        for section, entries in named.items():
+            inner = section[:-1]  # "contexts" -> "context"
+            for item in doc.get(section) or []:
+                entries.setdefault(item["name"], _resolved(item.get(inner) or {}, path.parent))
+    if not current:
+        raise KubeError(0, "NoKubeconfig", f"no current-context in {paths}")
+    context = named["contexts"][current]
+    cluster = named["clusters"][context["cluster"]]
+    user = named["users"].get(context.get("user", ""), {})
+    server = str(cluster["server"]).rstrip("/")
+    tls = None
+    if server.startswith("https:"):
+        tls = _tls_context(cluster, user)
+    token = user.get("token")
+    token_file = Path(user["tokenFile"]) if user.get("tokenFile") else None
+    basic = None
+    if user.get("username"):
+        basic = (str(user["username"]), str(user.get("password") or ""))
+    return Connection(server, _pool(tls), token, token_file, basic)
+
+
+_PATH_KEYS = ("certificate-authority", "client-certificate", "client-key", "tokenFile")
+
+
+def _resolved(entry: dict[str, Any], base: Path) -> dict[str, Any]:
+    return {k: str(base / v) if k in _PATH_KEYS and v else v for k, v in entry.items()}
+
+
+def _tls_context(cluster: Mapping[str, Any], user: Mapping[str, Any]) -> ssl.SSLContext:
+    ca_data = cluster.get("certificate-authority-data")
+    context = ssl.create_default_context(
+        cafile=cluster.get("certificate-authority"),
+        cadata=base64.b64decode(ca_data).decode() if ca_data else None,
+    )
+    if cluster.get("insecure-skip-tls-verify"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    cert, key = user.get("client-certificate"), user.get("client-key")
+    cert_data, key_data = user.get("client-certificate-data"), user.get("client-key-data")
+    if cert_data and key_data:
+        # ssl loads a client certificate from files only: a private file, gone after.
+        with tempfile.NamedTemporaryFile("wb", suffix=".pem") as f:
+            f.write(base64.b64decode(cert_data) + b"\n" + base64.b64decode(key_data))
+            f.flush()
+            context.load_cert_chain(f.name)
+    elif cert and key:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 class KubeApi:
-    def __init__(self, api_client: k8s_client.ApiClient | None = None) -> None:
-        self.api = api_client or load_api_client()
+    def __init__(self, connection: Connection | None = None) -> None:
+        self.connection = connection or Connection.load()
         self.writes = 0  # apply/patch/delete requests sent (for tests and benchmarks)
         self._writes_lock = threading.Lock()  # the calls run in several threads
 
@@ -100,21 +203,25 @@ class KubeApi:
         timeout: tuple[float, float] = (10, 60),
     ) -> Any:
         """The request, its response not read yet (urllib3's, preload_content off)."""
-        headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = self.api.param_serialize(
-            method,
-            path,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
+        conn = self.connection
+        headers = {"Accept": "application/json", **conn.headers()}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type or "application/json"
+        url = conn.server + path + (f"?{urlencode(query)}" if query else "")
         try:
-            return self.api.call_api(*request, _request_timeout=timeout).response
-        except ApiException as e:
-            raise KubeError(int(e.status or 0), str(e.reason or ""), str(e.body or "")) from None
+            return conn.pool.request(
+                method,
+                url,
+                body=data,
+                headers=headers,
+                preload_content=False,
+                redirect=False,
+                timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            )
+        except urllib3.exceptions.SSLError as e:
+            raise KubeError(0, "SSLError", str(e)) from None
 
     # --- blocking calls -------------------------------------------------------------
     def get_sync(self, path: str) -> KubeObject | None:
@@ -210,6 +317,13 @@ class KubeApi:
                 "application/merge-patch+json",
             )
         )
+
+    def create_sync(self, obj: Mapping[str, Any]) -> KubeObject:
+        """POSTs a new object; a KubeError 409 if one of its name exists."""
+        self._count_write()
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"])
+        return _json_of(self._send("POST", path, [], dict(obj), "application/json"))
 
     def create_event_sync(self, event: Mapping[str, Any]) -> None:
         """POSTs an events.k8s.io/v1 Event (not counted in `writes`: those are

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
-
-import kopf
 
 from mailrelay_api.allocator import settle_operator_allocator
 
@@ -26,8 +25,21 @@ def serve_metrics(listen: str) -> Any:
     return server
 
 
+def without_kubernetes_client() -> None:
+    """kopf imports the official Kubernetes client when it is installed, to
+    recognise its model objects (in kopf.adopt() and the like, which the
+    operator never calls with them): ~20 MiB resident for nothing, since
+    kubeapi.py talks to the API server itself. Made unimportable before kopf
+    is imported, kopf does without it. A client imported already stays."""
+    for name in ("kubernetes", "kubernetes_asyncio"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def run_operator(args: argparse.Namespace) -> int:
     settle_operator_allocator()  # before any thread starts: arenas, once made, stay
+    without_kubernetes_client()  # before kopf is imported
+    import kopf
+
     kopf.configure(verbose=bool(getattr(args, "verbose", False)))
     if os.environ.get(METRICS_LISTEN_ENV):
         serve_metrics(os.environ[METRICS_LISTEN_ENV])
@@ -49,6 +61,8 @@ def run(
     Always standalone: one operator replica (Deployment strategy Recreate);
     kopf's peering would freeze two equal-priority operators anyway.
     """
+    import kopf
+
     from mailrelay_operator import handlers  # registers the handlers
 
     handlers.NAMESPACES[:] = list(namespaces)

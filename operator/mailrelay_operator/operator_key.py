@@ -19,7 +19,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from mailrelay_operator import naming
 
@@ -85,27 +85,20 @@ def get_or_create(namespace: str, name: str, read: ReadSecret, create: CreateSec
 
 
 def _api_calls() -> tuple[ReadSecret, CreateSecret]:
-    from kubernetes import client as k8s_client
-    from kubernetes.client.exceptions import ApiException
+    from mailrelay_operator.kubeapi import KubeApi, KubeError, resource_path
 
-    from mailrelay_operator.kubeapi import load_api_client
-
-    core = k8s_client.CoreV1Api(load_api_client())
+    api = KubeApi()
 
     def read(namespace: str, name: str) -> Mapping[str, str] | None:
-        try:
-            data = core.read_namespaced_secret(name, namespace).data or {}
-            return {str(k): str(v) for k, v in data.items()}
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        secret = api.get_sync(resource_path("v1", "Secret", namespace, name))
+        if secret is None:
+            return None
+        return {str(k): str(v) for k, v in (secret.get("data") or {}).items()}
 
     def create(secret: dict[str, Any]) -> None:
         try:
-            # The client takes a plain dict body as well as a V1Secret.
-            core.create_namespaced_secret(secret["metadata"]["namespace"], cast(Any, secret))
-        except ApiException as e:
+            api.create_sync(secret)
+        except KubeError as e:
             if e.status == 409:
                 raise Exists() from e
             raise
