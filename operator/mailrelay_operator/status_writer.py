@@ -124,19 +124,29 @@ class StatusWriter:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
-                batch = list(self.pending.items())
-                self.pending.clear()
-                self.in_flight = len(batch)
+                # The uids only: each entry leaves `pending` when its write starts
+                # (a newer status queued meanwhile is the one written), so the
+                # statuses of a round of 100,000 are not held twice.
+                uids = list(self.pending)
+                self.in_flight = len(uids)
                 try:
-                    await _gather_limited(self._write_queued(u, item) for u, item in batch)
-                    log.info("statuses: %d checked; %d writes so far", len(batch), self.api.writes)
+                    await _gather_limited(self._take_and_write(uid) for uid in uids)
+                    log.info("statuses: %d checked; %d writes so far", len(uids), self.api.writes)
                 except Exception:
                     log.exception("writing statuses failed; retrying")
-                    for uid, item in batch:
-                        self.pending.setdefault(uid, item)
                     await asyncio.sleep(self.retry_seconds)
                 finally:
                     self.in_flight = 0
+
+    async def _take_and_write(self, uid: str) -> None:
+        queued = self.pending.pop(uid, None)
+        if queued is None:
+            return  # taken by an earlier round
+        try:
+            await self._write_queued(uid, queued)
+        except Exception:
+            self.pending.setdefault(uid, queued)  # again, unless a newer one came
+            raise
 
 
 def _digest(new: KubeObject) -> bytes:
