@@ -79,3 +79,50 @@ def test_equal_digests_are_held_once() -> None:
     assert not writer.pending
     first, *rest = writer.written.values()
     assert len(writer.written) == 3 and all(d is first for d in rest)
+
+
+class FlakyApi(Api):
+    """Refuses the first write; runs `during` inside the next one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = False
+        self.during: list[Any] = []  # called once, inside the next write
+
+    async def patch_status(self, path: str, status: dict[str, Any]) -> dict[str, Any]:
+        if not self.refused:
+            self.refused = True
+            raise RuntimeError("API server gone")
+        while self.during:
+            self.during.pop()()
+        return await super().patch_status(path, status)
+
+
+def test_a_round_takes_each_status_as_its_write_starts() -> None:
+    """No copy of a round: a failed write goes back to the queue, and a
+    status queued during a round for an object not taken yet replaces the
+    one waiting (the newest is written, once)."""
+
+    async def scenario() -> None:
+        objs = {
+            ("mail", n): {**domain(n, "1"), "metadata": {"name": n, "namespace": "mail", "uid": n}}
+            for n in "abc"
+        }
+        api = FlakyApi()
+        writer = StatusWriter(
+            cast(Any, api), retry_seconds=0.01, current=lambda kind, key: objs.get(key)
+        )
+        for n in "abc":
+            writer.queue(objs[("mail", n)], {"recipients": 1})
+        api.during.append(lambda: writer.queue(objs[("mail", "c")], {"recipients": 3}))
+        task = asyncio.create_task(writer.run())
+        for _ in range(300):
+            if writer.idle and len(api.patched) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        written = {path.rsplit("/", 1)[1]: st["recipients"] for path, st in api.patched}
+        assert written == {"a": 1, "b": 1, "c": 3}
+        assert writer.idle and not writer.pending
+
+    asyncio.run(scenario())
