@@ -148,6 +148,13 @@ def from_kubeconfig(paths: str) -> Connection:
         tls = _tls_context(cluster, user)
     token = user.get("token")
     token_file = Path(user["tokenFile"]) if user.get("tokenFile") else None
+    plugin = next((k for k in ("exec", "auth-provider") if user.get(k)), None)
+    certificate = user.get("client-certificate-data") or user.get("client-certificate")
+    if plugin and not (token or token_file or certificate):
+        # Cloud kubeconfigs (EKS, GKE, AKS) log in through a plugin; kopf's own
+        # login cannot either. In the cluster the service account is used.
+        why = f"user {context.get('user')!r} logs in with {plugin}, which the operator does not run"
+        raise KubeError(0, "UnsupportedKubeconfig", f"{why}: give it a token or a certificate")
     basic = None
     if user.get("username"):
         basic = (str(user["username"]), str(user.get("password") or ""))

@@ -60,3 +60,10 @@ def test_insecure_https_and_no_context(tmp_path: Path) -> None:
     assert isinstance(conn, Connection) and conn.headers() == {}
     with pytest.raises(KubeError):
         from_kubeconfig(str(write(tmp_path / "empty", {"clusters": []})))
+
+
+def test_a_login_plugin_is_refused_by_name(tmp_path: Path) -> None:
+    plugin = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "aws"}}
+    path = write(tmp_path / "c", config("eks", "https://127.0.0.1:6443", plugin))
+    with pytest.raises(KubeError, match="logs in with exec"):
+        from_kubeconfig(str(path))
