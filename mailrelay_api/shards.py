@@ -17,7 +17,7 @@ the shards whose addresses changed.
 Domains go the same way once domains.json would outgrow its ConfigMap
 (DOMAINS_INLINE_MAX): entry to shard crc32(domain) mod N, N a power of two
 from the total size, each shard a JSON list sorted by domain. The cache
-keeps each RelayDomain's facts (render.DomainFacts, one object per spec
+keeps each RelayDomain's facts (domain_facts.DomainFacts, one object per spec
 seen) and each domain shard's gzip with the facts that fed it: a pass after
 one domain changed encodes only the shard it falls in.
 
@@ -38,17 +38,18 @@ or the new answer for its address, never a mix.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import operator
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from mailrelay_api.render import DomainFacts
+    from mailrelay_api.domain_facts import DomainFacts
     from mailrelay_api.spec import NextHopSpec
 
 RECIPIENT_SHARD = "recipients-{:04d}-of-{:04d}.txt.gz"
@@ -239,10 +240,10 @@ class RenderCache:
     domains_json: tuple[str, bytes] | None = None  # (compact JSON, rendered bytes)
     # domain shard name -> (the domains that fed it, its gzip)
     domain_shards: dict[str, tuple[list[DomainEntry], bytes]] = field(default_factory=dict)
-    # render.DomainFacts by id() of the RelayDomain spec they were made from,
-    # valid while domain_policy (the relay's policy, namespace labels and
-    # cluster networks, render._policy_key) stays the same
-    domain_facts: dict[int, DomainFacts] = field(default_factory=dict)
+    # the last render's DomainFacts (domain_facts.py), of the domains that refer
+    # to the relay in its inventory order, valid while domain_policy (the
+    # relay's policy, namespace labels and cluster networks) stays the same
+    domain_facts: list[DomainFacts] = field(default_factory=list)
     domain_policy: str | None = None
     next_hops: dict[NextHopSpec, NextHopSpec] = field(default_factory=dict)  # each held once
 
@@ -281,16 +282,17 @@ def _render_count(parts: list[ListPart], count: int, cache: RenderCache | None) 
         if old is not None and (old.count, old.feeders) == (count, feeders):
             blobs[name] = old
             continue
-        addresses: set[bytes] = set()
-        for p in feeding:
-            addresses.update(_unpack(p.parts[i]))
         # UTF-8 sorts as code points do: the order of the addresses as text.
-        lines = sorted(addresses)
-        text = b"\n".join(lines) + b"\n" if lines else b""
-        blob = gzip.compress(text, compresslevel=6, mtime=0)
+        # Sorted, then each address once (no set of them beside the list).
+        unpacked = itertools.chain.from_iterable(_unpack(p.parts[i]) for p in feeding)
+        lines = list(map(operator.itemgetter(0), itertools.groupby(sorted(unpacked))))
+        distinct = len(lines)
+        lines.append(b"")  # the last line's newline, in the one join
+        blob = gzip.compress(b"\n".join(lines), compresslevel=6, mtime=0)
+        del lines
         if len(blob) > SHARD_MAX_BYTES:
             return None
-        blobs[name] = ShardBlob(count, feeders, blob, len(addresses))
+        blobs[name] = ShardBlob(count, feeders, blob, distinct)
     if cache is not None:
         cache.shards = blobs
     return ShardSet(
@@ -301,7 +303,7 @@ def _render_count(parts: list[ListPart], count: int, cache: RenderCache | None) 
 
 
 class DomainEntry(Protocol):
-    """A domain of domains.json (render.DomainFacts): its domain (the shard
+    """A domain of domains.json (domain_facts.DomainFacts): its domain (the shard
     key) and its entry. One object per unchanged domain between renders."""
 
     domain: str
@@ -338,9 +340,7 @@ def _domain_shards(
         if old is not None and same_objects(old[0], group):
             made[name] = (group, old[1])
             continue
-        entries = [d.entry() for d in group]
-        text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-        blob = gzip.compress(text, compresslevel=6, mtime=0)
+        blob = gzip_chunks(_entries_json(group))
         if len(blob) > SHARD_MAX_BYTES:
             return None
         made[name] = (group, blob)
@@ -353,3 +353,29 @@ def same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
     """The same objects in the same order: what a cached shard was made of is
     replaced, never changed, so identity says its contents did not change."""
     return len(old) == len(new) and all(map(operator.is_, old, new))
+
+
+# Entries encoded at a time: their dicts and JSON, not a whole shard's (~12,000
+# entries, ~7 MB at once at 100,000 domains, where a render peaks).
+ENTRY_CHUNK = 1000
+
+
+def gzip_chunks(chunks: Iterable[bytes]) -> bytes:
+    """gzip.compress(b"".join(chunks), compresslevel=6, mtime=0), byte for byte
+    (which is zlib's gzip at level 6), without the joined text: deflate's
+    output does not depend on how its input is cut."""
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    out = [z.compress(c) for c in chunks]
+    out.append(z.flush())
+    return b"".join(out)
+
+
+def _entries_json(group: Sequence[DomainEntry]) -> Iterator[bytes]:
+    """json.dumps([d.entry() for d in group], sort_keys=True, separators=(",", ":")),
+    encoded, ENTRY_CHUNK entries at a time."""
+    yield b"["
+    for start in range(0, len(group), ENTRY_CHUNK):
+        entries = [d.entry() for d in group[start : start + ENTRY_CHUNK]]
+        text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+        yield (b"," if start else b"") + text[1:-1].encode()
+    yield b"]"

@@ -111,3 +111,25 @@ def test_domains_json_gz_of_an_older_operator_still_loads(tmp_path: Path) -> Non
     (tmp_path / "relay.json").write_bytes(files["relay.json"])
     (tmp_path / (DOMAINS_FILE + ".gz")).write_bytes(gzip.compress(files[DOMAINS_FILE]))
     assert len(load_config(tmp_path).domains) == 3
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_a_shard_encoded_in_chunks_is_the_one_json_gzip_d(
+    small: None, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Entries encoded ENTRY_CHUNK at a time and compressed as they come: the
+    same bytes as one JSON of the shard's entries, gzip'd at once."""
+    monkeypatch.setattr(shards, "ENTRY_CHUNK", chunk)
+    files = render_relay(relay(), inventory(60)).files
+    for name in domain_shards(files):
+        text = gzip.decompress(files[name])
+        assert json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode() == text
+        assert files[name] == gzip.compress(text, compresslevel=6, mtime=0)
+
+
+def test_gzip_chunks_is_gzip_compress_however_the_text_is_cut() -> None:
+    text = b"".join(b"user%d@d%d.example\n" % (i * 7919 % 1000, i % 13) for i in range(20000))
+    whole = gzip.compress(text, compresslevel=6, mtime=0)
+    for cut in (1, 7, 4096, len(text)):
+        assert shards.gzip_chunks(text[i : i + cut] for i in range(0, len(text), cut)) == whole
+    assert shards.gzip_chunks([]) == gzip.compress(b"", compresslevel=6, mtime=0)
