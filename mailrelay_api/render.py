@@ -29,14 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay_api import shards as sharding
-from mailrelay_api.claims import (
-    Claim,
-    ClusterNetworks,
-    award,
-    claims_of,
-    domain_allowed,
-    next_hop_allowed,
-)
+from mailrelay_api.claims import Claim, ClusterNetworks, award, claims_of
+from mailrelay_api.domain_facts import DomainFacts, facts
 from mailrelay_api.load import Inventory
 from mailrelay_api.schema import POD_SCHEDULING, name_of, namespace_of
 from mailrelay_api.shards import (
@@ -47,7 +41,7 @@ from mailrelay_api.shards import (
     render_domain_shards,
     render_shards,
 )
-from mailrelay_api.spec import MailRelaySpec, NextHopSpec, relay_spec
+from mailrelay_api.spec import NextHopSpec, relay_spec
 from mailrelay_api.validate import list_size_advice, unused_list_note
 
 CONFIG_FORMAT = 1
@@ -123,153 +117,12 @@ def _age_key(obj: dict[str, Any], index: int) -> tuple[str, int, str, str]:
     return (ts or "9999", index, namespace_of(obj), name_of(obj))
 
 
-def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
-    ref = domain["spec"]["relayRef"]
-    return ref["name"] == name_of(relay) and (
-        ref.get("namespace") or namespace_of(domain)
-    ) == namespace_of(relay)
-
-
 @dataclass(frozen=True)
 class RenderSettings:
     """What the render needs beyond the manifests (the operator's settings)."""
 
     cluster: ClusterNetworks = field(default_factory=ClusterNetworks)
     now: datetime.datetime | None = None  # None: the clock
-
-
-def _policy_verdict(
-    relay: dict[str, Any],
-    spec: MailRelaySpec,
-    dom: DomainFacts,
-    hop: NextHopSpec,
-    inv: Inventory,
-    cluster: ClusterNetworks,
-) -> tuple[str, str] | None:
-    """Why a RelayDomain may not attach at all, (reason, message) (None: it may);
-    names only its own relay.
-
-    `spec` is relay_spec(relay), typed once per render (not once per domain)."""
-    domain, ns = dom.domain, dom.namespace
-    where = f"MailRelay {namespace_of(relay)}/{name_of(relay)}"
-    if not domain_allowed(
-        spec.allowed_domains, namespace_of(relay), ns, domain, inv.namespace_labels
-    ):
-        return ("NotAllowed", f"{where} grants namespace {ns} no claim on {domain}")
-    if not next_hop_allowed(spec, hop, tenant=ns != namespace_of(relay), cluster=cluster):
-        return (
-            "NextHopNotAllowed",
-            f"{where} does not allow next hop {hop.host}:{hop.port} (spec.allowedNextHops)",
-        )
-    return None
-
-
-class DomainFacts:
-    """What a render needs of one RelayDomain, worked out once per spec: the
-    operator's RenderCache keeps them between renders (keyed by the spec
-    dict, which the input cache replaces, never changes), so a render of
-    100,000 domains redoes none of this for the unchanged ones."""
-
-    __slots__ = (
-        "created",
-        "doc_bytes",
-        "domain",
-        "hop",
-        "mine",
-        "name",
-        "namespace",
-        "order",
-        "refused",
-        "source",
-        "spec",
-    )
-
-    def __init__(self, dom: dict[str, Any], relay: dict[str, Any]) -> None:
-        spec = dom["spec"]
-        self.spec: dict[str, Any] = spec
-        self.namespace, self.name = namespace_of(dom), name_of(dom)
-        self.source = f"{self.namespace}/{self.name}"  # domains.json's "source"
-        written = str(spec["domain"])
-        # domains.json is sorted by the lowercased domain, trailing dot and all.
-        self.order = _same_or(written, written.lower())
-        self.domain = _same_or(self.order, self.order.rstrip("."))
-        # Orders first claims on a free domain (never against a recorded
-        # holder); offline objects have no timestamp and keep their file order.
-        self.created = str(dom["metadata"].get("creationTimestamp") or "") or "9999"
-        self.mine = refers_to(dom, relay)
-        self.hop: NextHopSpec | None = None
-        self.doc_bytes = 0  # its domains.json entry's size (compact JSON)
-        self.refused: tuple[str, str] | None = None  # _policy_verdict, once mine
-
-    def entry(self) -> dict[str, Any]:
-        """Its entry in domains.json (or a domain shard)."""
-        spec = self.spec
-        out = {
-            "domain": self.domain,
-            "nextHop": spec["nextHop"],
-            "recipients": spec["recipients"],
-            "source": self.source,
-        }
-        if spec["recipients"] == "verify":
-            out["verify"] = spec.get("verify", {})
-        return out
-
-
-def _same_or(old: str, new: str) -> str:
-    """`old` when equal: one string object, not two."""
-    return old if new == old else new
-
-
-def _policy_key(relay: dict[str, Any], inv: Inventory, cluster: ClusterNetworks) -> str:
-    """What the facts of a relay's domains depend on beyond the domains themselves."""
-    return json.dumps(
-        [namespace_of(relay), name_of(relay), relay["spec"], inv.namespace_labels, repr(cluster)],
-        sort_keys=True,
-        default=str,
-    )
-
-
-def _facts(
-    relay: dict[str, Any],
-    spec: MailRelaySpec,
-    inv: Inventory,
-    cluster: ClusterNetworks,
-    cache: RenderCache | None,
-) -> list[DomainFacts]:
-    """The facts of the relay's RelayDomains (inventory order); from the cache
-    for every domain whose spec it has seen."""
-    key = _policy_key(relay, inv, cluster)
-    known: dict[int, DomainFacts] = {}
-    if cache is not None and cache.domain_policy == key:
-        known = cache.domain_facts
-    hops: dict[NextHopSpec, NextHopSpec] = {}  # equal next hops held once
-    if cache is not None:
-        hops = cache.next_hops if known else {}
-        cache.next_hops = hops
-    kept: dict[int, DomainFacts] = {}
-    out: list[DomainFacts] = []
-    for dom in inv.domains:
-        spec_obj = dom["spec"]
-        f = known.get(id(spec_obj))
-        meta = dom["metadata"]
-        if (
-            f is None
-            or f.spec is not spec_obj
-            or f.name != meta["name"]
-            or f.namespace != (meta.get("namespace") or "default")
-        ):
-            f = DomainFacts(dom, relay)
-            if f.mine:
-                hop = NextHopSpec.from_dict(spec_obj["nextHop"])
-                hop = f.hop = hops.setdefault(hop, hop)
-                f.doc_bytes = len(json.dumps(f.entry(), sort_keys=True))
-                f.refused = _policy_verdict(relay, spec, f, hop, inv, cluster)
-        kept[id(spec_obj)] = f
-        if f.mine:
-            out.append(f)
-    if cache is not None:
-        cache.domain_policy, cache.domain_facts = key, kept
-    return out
 
 
 def attach_domains(
@@ -293,7 +146,7 @@ def attach_domains(
     # each would be ~90 bytes a RelayDomain during the render).
     by_domain: dict[str, DomainFacts | list[DomainFacts]] = {}
     # A stable sort: inventory order among equal timestamps.
-    for f in sorted(_facts(relay, spec, inv, settings.cluster, cache), key=_created):
+    for f in sorted(facts(relay, spec, inv, settings.cluster, cache), key=_created):
         if f.refused is not None:
             verdicts.append(
                 DomainVerdict(f.namespace, f.name, f.domain, False, *f.refused, source=f.source)
@@ -319,6 +172,10 @@ def attach_domains(
             claimed.append(won.claim)
         for key, f in zip(keys, doms, strict=True):
             if key == won.winner:
+                # The claim's string, held once: a claim read from the status
+                # (or claims_store) has its own, the facts are kept as long.
+                f.source = won.winner
+                # The accepted verdicts in `accepted`'s order: _lists_and_order pairs them.
                 accepted.append(f)
                 verdicts.append(
                     DomainVerdict(
@@ -413,12 +270,18 @@ def _lists_and_order(
     inv: Inventory,
     cache: RenderCache | None,
 ) -> tuple[_Lists, list[ListPart], list[DomainFacts]]:
-    """_attach_lists and _domains_document, with the verdicts by key between
-    them only: that dict (~5 MiB at 100,000 RelayDomains) is gone before the
-    shards are encoded, where a render peaks."""
-    verdict_of = {v.key: v for v in verdicts}
-    lists = _attach_lists(attached, inv, verdict_of, cache)
-    listed, ordered = _domains_document(attached, verdict_of, lists.per_domain)
+    """_attach_lists, each listed domain's recipients counted into its verdict,
+    and _domains_document; no dict of every verdict by key (~5 MiB at 100,000
+    RelayDomains): attach_domains made the accepted verdicts in `attached`'s order."""
+    lists = _attach_lists(attached, inv, verdicts, cache)
+    accepted = (v for v in verdicts if v.accepted)
+    for f, v in zip(attached, accepted, strict=True):
+        if f.spec["recipients"] == "listed":
+            v.recipients = _distinct(lists.per_domain.get(f.source, []))
+            if not v.recipients:
+                v.reason = "NoRecipients"
+                v.message = "recipients: listed and no RecipientList: every address is refused"
+    listed, ordered = _domains_document(attached, lists.per_domain)
     return lists, listed, ordered
 
 
@@ -434,19 +297,22 @@ class _Lists:
 def _attach_lists(
     attached: list[DomainFacts],
     inv: Inventory,
-    verdict_of: dict[str, DomainVerdict],
+    verdicts: list[DomainVerdict],
     cache: RenderCache | None,
 ) -> _Lists:
     """Each RecipientList to its attached domain, or a verdict saying why not."""
     by_key = {f.source: f for f in attached}
     lists = _Lists({}, {}, [])
     all_domains: set[str] | None = None  # built when first needed
+    refused: dict[str, DomainVerdict] | None = None  # the same
     for rl in inv.recipient_lists:
         ns, ref = namespace_of(rl), str(rl["spec"]["domainRef"]["name"])
         key = f"{ns}/{ref}"
         dom = by_key.get(key)
         if dom is None:
-            v = verdict_of.get(key)
+            if refused is None:
+                refused = {v.key: v for v in verdicts if not v.accepted}
+            v = refused.get(key)
             if v is not None:
                 lists.verdicts.append(
                     RecipientListVerdict(
@@ -500,24 +366,15 @@ def _accepted_list(rl: dict[str, Any], dom: DomainFacts, part: ListPart) -> Reci
 
 
 def _domains_document(
-    attached: list[DomainFacts],
-    verdict_of: dict[str, DomainVerdict],
-    per_domain: dict[str, list[ListPart]],
+    attached: list[DomainFacts], per_domain: dict[str, list[ListPart]]
 ) -> tuple[list[ListPart], list[DomainFacts]]:
     """The parts of the listed domains, and the attached domains in
-    domains.json's order (by domain); counts each listed domain's recipients."""
+    domains.json's order (by domain)."""
     listed: list[ListPart] = []
     ordered = sorted(attached, key=_order)
     for f in ordered:
-        if f.spec["recipients"] != "listed":
-            continue
-        v = verdict_of[f.source]
-        parts = per_domain.get(f.source, [])
-        listed.extend(parts)
-        v.recipients = _distinct(parts)
-        if not v.recipients:
-            v.reason = "NoRecipients"
-            v.message = "recipients: listed and no RecipientList: every address is refused"
+        if f.spec["recipients"] == "listed":
+            listed.extend(per_domain.get(f.source, ()))
     return listed, ordered
 
 

@@ -280,3 +280,27 @@ def test_one_changed_domain_re_encodes_one_shard(
     changed = [n for n in after if before.get(n) != after[n]]
     assert len([n for n in changed if n.startswith("domains-0")]) == 1, changed
     assert len(encoded) == 1
+
+
+def test_facts_are_found_again_around_added_and_removed_domains() -> None:
+    """The cache walks the last render's facts alongside the (sorted) inventory:
+    domains added and removed since do not make the others' facts again."""
+    doms = {(ns, f"d{i:02d}"): relay_domain(f"d{i:02d}", namespace=ns)
+            for ns in ("a", "mail") for i in range(0, 20, 2)}  # fmt: skip
+
+    def facts_by_key(cache: RenderCache) -> dict[tuple[str, str], object]:
+        inv = Inventory(domains=[doms[k] for k in sorted(doms)])
+        render_relay(relay(), inv, cache, RenderSettings(now=T0))
+        return {(f.namespace, f.name): f for f in cache.domain_facts}
+
+    cache = RenderCache()
+    first = facts_by_key(cache)
+    assert set(first) == {k for k in doms if k[0] == "mail"}  # the relay's namespace only
+    del doms["mail", "d00"], doms["mail", "d08"]
+    for key in (("mail", "d05"), ("mail", "d09"), ("mail", "d99"), ("a", "d01")):
+        doms[key] = relay_domain(key[1], namespace=key[0])
+    doms["mail", "d12"] = relay_domain("d12", namespace="mail", next_hop="other.example")
+    again = facts_by_key(cache)
+    assert set(again) == {k for k in doms if k[0] == "mail"}
+    made = {k for k in again if k not in first or again[k] is not first[k]}
+    assert made == {("mail", "d05"), ("mail", "d09"), ("mail", "d99"), ("mail", "d12")}
