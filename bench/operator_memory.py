@@ -6,9 +6,9 @@ JSON parsed and trimmed in executor threads (input_watch.relist), the
 statuses it writes coming back as watch events parsed in threads, a first
 render with the relay's RenderCache in a thread, then one added recipient
 and its render. Prints VmHWM (peak RSS) and VmRSS after each phase, from
-/proc/self/status. Not a run against an API server: no HTTP, no kopf, no
-kubernetes client; compare its figures with each other, not with
-bench/operator_scale.py's.
+/proc/self/status, and each render's time. Not a run against an API
+server: no HTTP, no kopf, no kubernetes client; compare its figures with
+each other, not with bench/operator_scale.py's.
 
     .venv/bin/python bench/operator_memory.py --domains 100000 --recipients 1000000
     .venv/bin/python bench/operator_memory.py --no-settle   # glibc's defaults
@@ -151,7 +151,10 @@ def render(
     pool: concurrent.futures.Executor, relay: dict[str, Any], view: ClusterView, cache: RenderCache
 ) -> Any:
     settings = RenderSettings(cluster="cluster.local")
-    return pool.submit(render_relay, relay, view.inventory(), cache, settings, None).result()
+    started = time.perf_counter()
+    out = pool.submit(render_relay, relay, view.inventory(), cache, settings, None).result()
+    print(f"{'':<34} rendered in {time.perf_counter() - started:.2f} s", flush=True)
+    return out
 
 
 def main() -> int:
