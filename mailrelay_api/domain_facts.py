@@ -32,8 +32,8 @@ class DomainFacts:
     """What a render needs of one RelayDomain that refers to the relay; the
     cache keeps them between renders, so a render of 100,000 domains redoes
     none of this for the unchanged ones. Its strings are the cached object's
-    (namespace, name, domain and timestamp are interned there), but for
-    `source`, which the claims hold too."""
+    own (the input cache interns the namespace, the timestamp and the spec's
+    short strings), but for `source`, which a claim holds too (one string)."""
 
     __slots__ = (
         "created",
