@@ -116,14 +116,14 @@ class Rendered:
         return sum(1 for d in self.domains if d.accepted)
 
 
-def _age_key(obj: dict[str, Any], index: int) -> tuple[str, int, str, str]:
+def _age_key(obj: Mapping[str, Any], index: int) -> tuple[str, int, str, str]:
     # Orders first claims on a free domain (never against a recorded holder);
     # offline objects have no timestamp and keep their file order.
     ts = str(obj["metadata"].get("creationTimestamp") or "")
     return (ts or "9999", index, namespace_of(obj), name_of(obj))
 
 
-def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
+def refers_to(domain: Mapping[str, Any], relay: dict[str, Any]) -> bool:
     ref = domain["spec"]["relayRef"]
     return ref["name"] == name_of(relay) and (
         ref.get("namespace") or namespace_of(domain)
@@ -184,7 +184,7 @@ class DomainFacts:
         "spec",
     )
 
-    def __init__(self, dom: dict[str, Any], relay: dict[str, Any]) -> None:
+    def __init__(self, dom: Mapping[str, Any], relay: dict[str, Any]) -> None:
         spec = dom["spec"]
         self.spec: dict[str, Any] = spec
         self.namespace, self.name = namespace_of(dom), name_of(dom)
@@ -346,7 +346,7 @@ def _created(f: DomainFacts) -> str:
     return f.created
 
 
-def _list_key(rl: dict[str, Any], domain: str) -> str | None:
+def _list_key(rl: Mapping[str, Any], domain: str) -> str | None:
     """What identifies a RecipientList's addresses in the API server: uid and
     generation (which moves with every spec change); offline objects have none."""
     meta = rl["metadata"]
@@ -356,7 +356,7 @@ def _list_key(rl: dict[str, Any], domain: str) -> str | None:
     return f"{uid}/{generation}/{domain}"
 
 
-def _list_part(rl: dict[str, Any], domain: str, cache: RenderCache | None) -> ListPart:
+def _list_part(rl: Mapping[str, Any], domain: str, cache: RenderCache | None) -> ListPart:
     key = _list_key(rl, domain)
     if cache is not None and key is not None and key in cache.lists:
         return cache.lists[key]
@@ -480,7 +480,7 @@ def _attach_lists(
     return lists
 
 
-def _accepted_list(rl: dict[str, Any], dom: DomainFacts, part: ListPart) -> RecipientListVerdict:
+def _accepted_list(rl: Mapping[str, Any], dom: DomainFacts, part: ListPart) -> RecipientListVerdict:
     """An attached list's verdict; its message has the warnings `mailrelay validate` gives."""
     unused = unused_list_note({"metadata": {"name": dom.name}, "spec": dom.spec})
     foreign = 0 if unused else part.foreign  # no address of it is used anyway

@@ -17,6 +17,7 @@ from typing import Any
 from mailrelay_api.load import Inventory
 from mailrelay_api.spec import AllowedDomainsSpec, relay_spec
 from mailrelay_api.validate import with_defaults
+from mailrelay_operator.records import Cached
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -85,6 +86,11 @@ def trim(body: Mapping[str, Any]) -> dict[str, Any]:
     if out.get("kind") == "RecipientList" and "addresses" in out["spec"]:
         out["spec"]["addresses"] = PackedAddresses.pack(out["spec"]["addresses"])
     return _shared(out)
+
+
+def trim_input(body: Mapping[str, Any]) -> Cached:
+    """A RelayDomain or RecipientList trimmed (trim) into the input cache's record."""
+    return Cached.of(trim(body))
 
 
 # Equal parts of trimmed objects, shared: 100,000 RelayDomains mostly repeat
@@ -167,8 +173,8 @@ def _uses_selector(allowed: AllowedDomainsSpec) -> bool:
 @dataclass
 class ClusterView:
     relays: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    domains: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    lists: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    domains: dict[Key, Mapping[str, Any]] = field(default_factory=dict)
+    lists: dict[Key, Mapping[str, Any]] = field(default_factory=dict)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
@@ -205,11 +211,11 @@ class ClusterView:
     def relays_with_selector(self) -> list[Key]:
         return [k for k, r in self.relays.items() if _uses_selector(relay_spec(r).allowed_domains)]
 
-    def orphan_domains(self) -> list[dict[str, Any]]:
+    def orphan_domains(self) -> list[Mapping[str, Any]]:
         """RelayDomains whose relayRef names no existing MailRelay."""
         return [d for d in self.domains.values() if relay_key_of_domain(d) not in self.relays]
 
-    def orphan_lists(self) -> list[tuple[dict[str, Any], str, str]]:
+    def orphan_lists(self) -> list[tuple[Mapping[str, Any], str, str]]:
         """RecipientLists no relay renders: (list, reason, message)."""
         out = []
         for rl in self.lists.values():
