@@ -78,8 +78,8 @@ class Cached(Mapping[str, Any]):
             meta.get("uid"),
             meta.get("generation"),
             meta.get("creationTimestamp"),
-            obj.get("spec") or {},
-            obj.get("status") or {},
+            _dict_or_empty(obj.get("spec")),
+            _dict_or_empty(obj.get("status")),
         )
 
     @property
@@ -117,6 +117,12 @@ class Cached(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"Cached({dict(self)!r})"
+
+
+def _dict_or_empty(value: Any) -> dict[str, Any]:
+    """`value` itself, even when empty (trim shares one empty status among
+    all): `or {}` would make a new one per record."""
+    return value if isinstance(value, dict) else {}
 
 
 class Metadata(Mapping[str, Any]):
