@@ -102,6 +102,10 @@ _SHARED_MAX = 100_000  # distinct parts kept; then it starts over
 
 _SHARED_KINDS = ("RelayDomain", "RecipientList")  # the many; not a MailRelay's big status
 _SHARED_KEY_MAX = 2048  # larger parts are not worth a key of their size
+# Spec values of one object each (a RelayDomain's domain): interning them
+# only adds an entry to the interpreter's table of interned strings (~90
+# bytes a RelayDomain); a status event keeps the cached spec anyway.
+_OWN_VALUES = frozenset({"domain"})
 
 
 def shared(value: Any) -> Any:
@@ -135,7 +139,9 @@ def _shared(obj: dict[str, Any]) -> dict[str, Any]:
         if isinstance(section, dict):
             # Keys too: each parsed event has its own "domain", "relayRef",
             # ... strings (~280 bytes a RelayDomain when kept).
-            obj[part] = {sys.intern(k): shared(v) for k, v in section.items()}
+            obj[part] = {
+                sys.intern(k): v if k in _OWN_VALUES else shared(v) for k, v in section.items()
+            }
     # Most of them have the same status as a whole (the same verdict): one dict
     # for all, not one each (~230 bytes a RelayDomain).
     obj["status"] = shared(obj["status"])
