@@ -209,11 +209,15 @@ def validate_object(obj: dict[str, Any], source: str = "") -> list[ManifestError
 
 def with_defaults(obj: dict[str, Any]) -> dict[str, Any]:
     """A copy of a mailrelay.io object with its spec defaults filled in."""
-    out = copy.deepcopy(obj)
-    kind = out.get("kind")
-    if kind in S.KINDS and isinstance(out.get("spec"), dict):
-        apply_defaults(S.KINDS[kind].spec, out["spec"])
-    return out
+    return fill_defaults(copy.deepcopy(obj))
+
+
+def fill_defaults(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` itself, its spec defaults filled in (nested values changed in place)."""
+    kind = obj.get("kind")
+    if kind in S.KINDS and isinstance(obj.get("spec"), dict):
+        apply_defaults(S.KINDS[kind].spec, obj["spec"])
+    return obj
 
 
 # --- warnings: valid, but the relay ignores it ------------------------------------

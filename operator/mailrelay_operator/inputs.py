@@ -45,14 +45,15 @@ def same_spec_kept(old: Cached | None, new: Cached) -> Cached:
     A status write sends every RecipientList back with a fresh copy of its
     addresses; the render cache holds the old strings, so keeping them saves
     a second copy of every address (about 70 MB for 1,000,000). Of the same
-    object (uid) at any generation, `new` takes the old name and uid strings:
-    the cache's key, the status writer and the render cache hold those, and
-    a second copy of both is ~140 bytes a RelayDomain after its status write.
+    object (uid) at any generation, `new` takes the old key (the cache's key
+    tuple, with the name string the status writer and the render cache hold)
+    and uid string: a second copy of them is ~200 bytes a RelayDomain after
+    its status write.
     `new` is not in the cache yet: these are its only changes (records.py).
     """
     if old is not None and new.uid and old.uid == new.uid:
-        if old.name == new.name:
-            new.uid, new.name = old.uid, old.name
+        if old.key == new.key:
+            new.uid, new.key = old.uid, old.key
         if new.generation is not None and old.generation == new.generation:
             new.spec = old.spec
     return new

@@ -1,9 +1,10 @@
 """A cached RelayDomain or RecipientList as one slotted record (cluster.trim).
 
 The input cache holds 100,000 RelayDomains and more. As dicts each was a
-top-level dict and a metadata dict (~456 bytes, their apiVersion and kind
-referenced from every one); a Cached is one object of 8 slots (~96 bytes),
-its apiVersion and kind held once per kind (an ObjectType).
+top-level dict and a metadata dict (~370 bytes, their apiVersion and kind
+referenced from every one); a Cached is one object of 7 slots (~88 bytes),
+its apiVersion and kind held once per kind (an ObjectType), its namespace
+and name in the (namespace, name) tuple the cache is keyed by.
 
 Readers take it as the read-only mapping the trimmed dict was (render,
 status, the status writer and the Events read obj["metadata"]["name"],
@@ -11,7 +12,7 @@ obj.get("status"), ...): `obj["metadata"]` is a Metadata view made on the
 spot. Code that knows it has a Cached reads the attributes.
 
 Contract: a Cached is never changed once it is in the cache; `inputs.store`
-may set the name, uid and spec of a new one (before it is stored) to the
+may set the key, uid and spec of a new one (before it is stored) to the
 equal objects of the one it replaces.
 """
 
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 _TOP_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
 # metadata key -> slot; None in a slot: the object had no such key.
 _META_SLOTS = {
-    "name": "name",
+    "name": "name",  # properties of the key
     "namespace": "namespace",
     "uid": "uid",
     "generation": "generation",
@@ -49,7 +50,7 @@ class Cached(Mapping[str, Any]):
     """A trimmed RelayDomain or RecipientList: typed attributes, read as a
     mapping of apiVersion, kind, metadata, spec and status."""
 
-    __slots__ = ("created", "generation", "name", "namespace", "spec", "status", "type", "uid")
+    __slots__ = ("created", "generation", "key", "spec", "status", "type", "uid")
 
     def __init__(
         self,
@@ -63,7 +64,8 @@ class Cached(Mapping[str, Any]):
         status: dict[str, Any],
     ) -> None:
         self.type = type_
-        self.name, self.namespace, self.uid = name, namespace, uid
+        self.key: tuple[str, str] = (namespace, name)
+        self.uid = uid
         self.generation, self.created = generation, created
         self.spec, self.status = spec, status
 
@@ -87,8 +89,12 @@ class Cached(Mapping[str, Any]):
         return self.type.kind
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
+    def namespace(self) -> str:
+        return self.key[0]
+
+    @property
+    def name(self) -> str:
+        return self.key[1]
 
     def __getitem__(self, key: str) -> Any:
         if key == "spec":

@@ -141,3 +141,14 @@ def test_a_cached_record_is_not_hashable() -> None:
     )
     with pytest.raises(TypeError):
         hash(record)
+
+
+def test_defaults_filled_in_place_are_those_of_a_copy() -> None:
+    """trim_input fills a parsed body's defaults in place (no deep copy): the
+    same record as trim's copy."""
+    body = domain_body()
+    body["spec"]["nextHop"] = {"host": "mx.tenant.example"}
+    copied = trim(json.loads(json.dumps(body)))
+    record = trim_input(body)
+    assert record == copied
+    assert "port" in record["spec"]["nextHop"] and "recipients" in record["spec"]

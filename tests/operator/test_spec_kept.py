@@ -90,13 +90,16 @@ def test_a_later_event_of_the_same_object_takes_its_strings() -> None:
     first = rl(1, ["a@x.example"], uid="".join(["u", "1"]))
     store(cache, first, deleted=False)
     again = rl(2, ["b@x.example"], uid="".join(["u", "1"]))
-    again.name = "".join(["st", "aff"])
+    again.key = ("mail", "".join(["st", "aff"]))
     assert again["metadata"]["uid"] is not first["metadata"]["uid"]
     store(cache, again, deleted=False)
     held = cache[("mail", "staff")]["metadata"]
     assert held["uid"] is first["metadata"]["uid"]
     assert held["name"] is first["metadata"]["name"]
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
+    # The cache's key is the record's own (namespace, name): one tuple, not two.
+    (key,) = cache
+    assert key is cache[key].key
 
 
 def test_the_many_kinds_are_cached_without_their_resource_version() -> None:
