@@ -10,6 +10,7 @@ costs a comparison, and the cache holds no dict and no key per domain.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from mailrelay_api.claims import ClusterNetworks, domain_allowed, next_hop_allowed
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from mailrelay_api.shards import RenderCache
 
 
-def refers_to(domain: dict[str, Any], relay: dict[str, Any]) -> bool:
+def refers_to(domain: Mapping[str, Any], relay: dict[str, Any]) -> bool:
     ref = domain["spec"]["relayRef"]
     return ref["name"] == name_of(relay) and (
         ref.get("namespace") or namespace_of(domain)
@@ -47,7 +48,7 @@ class DomainFacts:
         "spec",
     )
 
-    def __init__(self, dom: dict[str, Any]) -> None:
+    def __init__(self, dom: Mapping[str, Any]) -> None:
         spec = dom["spec"]
         self.spec: dict[str, Any] = spec
         self.namespace, self.name = namespace_of(dom), name_of(dom)
@@ -133,7 +134,7 @@ class _Known:
     def __init__(self, facts: list[DomainFacts]) -> None:
         self.facts, self.at = facts, 0
 
-    def find(self, dom: dict[str, Any], ns: str) -> DomainFacts | None:
+    def find(self, dom: Mapping[str, Any], ns: str) -> DomainFacts | None:
         """The facts made from this very spec, of this namespace and name."""
         facts, spec, name = self.facts, dom["spec"], name_of(dom)
         while self.at < len(facts):

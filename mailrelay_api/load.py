@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ class Inventory:
     """Every object the renderer reads, defaults applied, each with its source."""
 
     relays: list[dict[str, Any]] = field(default_factory=list)
-    domains: list[dict[str, Any]] = field(default_factory=list)
-    recipient_lists: list[dict[str, Any]] = field(default_factory=list)
+    # Dicts, or the operator's input cache records (read-only mappings).
+    domains: list[Mapping[str, Any]] = field(default_factory=list)
+    recipient_lists: list[Mapping[str, Any]] = field(default_factory=list)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
 

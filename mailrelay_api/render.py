@@ -203,7 +203,7 @@ def _created(f: DomainFacts) -> str:
     return f.created
 
 
-def _list_key(rl: dict[str, Any], domain: str) -> str | None:
+def _list_key(rl: Mapping[str, Any], domain: str) -> str | None:
     """What identifies a RecipientList's addresses in the API server: uid and
     generation (which moves with every spec change); offline objects have none."""
     meta = rl["metadata"]
@@ -213,7 +213,7 @@ def _list_key(rl: dict[str, Any], domain: str) -> str | None:
     return f"{uid}/{generation}/{domain}"
 
 
-def _list_part(rl: dict[str, Any], domain: str, cache: RenderCache | None) -> ListPart:
+def _list_part(rl: Mapping[str, Any], domain: str, cache: RenderCache | None) -> ListPart:
     key = _list_key(rl, domain)
     if cache is not None and key is not None and key in cache.lists:
         return cache.lists[key]
@@ -346,7 +346,7 @@ def _attach_lists(
     return lists
 
 
-def _accepted_list(rl: dict[str, Any], dom: DomainFacts, part: ListPart) -> RecipientListVerdict:
+def _accepted_list(rl: Mapping[str, Any], dom: DomainFacts, part: ListPart) -> RecipientListVerdict:
     """An attached list's verdict; its message has the warnings `mailrelay validate` gives."""
     unused = unused_list_note({"metadata": {"name": dom.name}, "spec": dom.spec})
     foreign = 0 if unused else part.foreign  # no address of it is used anyway

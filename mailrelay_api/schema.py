@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -1383,12 +1383,12 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def namespace_of(obj: dict[str, Any]) -> str:
+def namespace_of(obj: Mapping[str, Any]) -> str:
     """An object's namespace; "default" when its manifest names none."""
     return str(obj["metadata"].get("namespace") or "default")
 
 
-def name_of(obj: dict[str, Any]) -> str:
+def name_of(obj: Mapping[str, Any]) -> str:
     return str(obj["metadata"]["name"])
 
 

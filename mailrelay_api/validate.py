@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,11 +209,15 @@ def validate_object(obj: dict[str, Any], source: str = "") -> list[ManifestError
 
 def with_defaults(obj: dict[str, Any]) -> dict[str, Any]:
     """A copy of a mailrelay.io object with its spec defaults filled in."""
-    out = copy.deepcopy(obj)
-    kind = out.get("kind")
-    if kind in S.KINDS and isinstance(out.get("spec"), dict):
-        apply_defaults(S.KINDS[kind].spec, out["spec"])
-    return out
+    return fill_defaults(copy.deepcopy(obj))
+
+
+def fill_defaults(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` itself, its spec defaults filled in (nested values changed in place)."""
+    kind = obj.get("kind")
+    if kind in S.KINDS and isinstance(obj.get("spec"), dict):
+        apply_defaults(S.KINDS[kind].spec, obj["spec"])
+    return obj
 
 
 # --- warnings: valid, but the relay ignores it ------------------------------------
@@ -221,7 +225,7 @@ FOREIGN_SHOWN = 5  # foreign addresses named one by one per RecipientList, then 
 _RANGE = re.compile(r"([0-9]+)\.\.([0-9]+)")
 
 
-def _where(obj: dict[str, Any]) -> tuple[str, str]:
+def _where(obj: Mapping[str, Any]) -> tuple[str, str]:
     """The object's file#document and "Kind namespace/name"."""
     meta = obj["metadata"]
     source = str((meta.get("annotations") or {}).get(S.SOURCE_ANNOTATION, ""))
@@ -255,7 +259,7 @@ def relay_warnings(relay: dict[str, Any]) -> list[ManifestError]:
     return out
 
 
-def unused_list_note(dom: dict[str, Any]) -> str:
+def unused_list_note(dom: Mapping[str, Any]) -> str:
     """Why a RecipientList of this RelayDomain is not used, or "" (it is)."""
     mode = dom["spec"].get("recipients", "listed")
     if mode == "listed":
@@ -266,7 +270,7 @@ def unused_list_note(dom: dict[str, Any]) -> str:
     )
 
 
-def _list_warnings(rl: dict[str, Any], dom: dict[str, Any]) -> list[ManifestError]:
+def _list_warnings(rl: Mapping[str, Any], dom: Mapping[str, Any]) -> list[ManifestError]:
     addresses = (rl.get("spec") or {}).get("addresses") or []
     domain = str(dom["spec"]["domain"]).lower().rstrip(".")
     source, document = _where(rl)
@@ -312,8 +316,8 @@ def list_size_advice(size: int) -> str:
 
 def manifest_warnings(
     relays: Iterable[dict[str, Any]],
-    domains: Iterable[dict[str, Any]],
-    recipient_lists: Iterable[dict[str, Any]],
+    domains: Iterable[Mapping[str, Any]],
+    recipient_lists: Iterable[Mapping[str, Any]],
 ) -> list[ManifestError]:
     """Valid objects (defaults applied) holding values the relay ignores."""
     out: list[ManifestError] = []

@@ -14,9 +14,9 @@ a Service's address changed, or the child must be applied again
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mailrelay_operator import certificate, naming, status
 from mailrelay_operator.apply import ChildApplier, digest
@@ -29,6 +29,7 @@ from mailrelay_operator.cluster import (
 )
 from mailrelay_operator.inputs import InputCache, store
 from mailrelay_operator.kubeapi import KubeObject
+from mailrelay_operator.records import Cached
 from mailrelay_operator.workqueue import WorkQueue
 
 log = logging.getLogger("mailrelay.operator")
@@ -43,7 +44,7 @@ class Replicas(NamedTuple):
     ready: int = 0
 
 
-def _identity(obj: KubeObject) -> tuple[str, int]:
+def _identity(obj: Mapping[str, Any]) -> tuple[str, int]:
     """Which object, which spec: our own status writes change neither."""
     return (str(obj["metadata"].get("uid")), int(obj["metadata"].get("generation") or 0))
 
@@ -99,32 +100,32 @@ class EventRouter:
             self.queue.mark(key_of(body))
             self.queue.mark_sweep()
 
-    def input_event(self, kind: str, body: KubeObject, deleted: bool) -> None:
+    def input_event(self, kind: str, body: Cached, deleted: bool) -> None:
         """A RelayDomain or RecipientList event (input_watch.py), trimmed."""
         if kind == "RelayDomain":
             self.domain_event(body, deleted)
         else:
             self.list_event(body, deleted)
 
-    def domain_event(self, body: KubeObject, deleted: bool) -> None:
+    def domain_event(self, body: Cached, deleted: bool) -> None:
         old = self.inputs.domains.get(key_of(body))
         before = relay_key_of_domain(old) if old else None
         self._input_event("RelayDomain", body, old, before, relay_key_of_domain(body), deleted)
 
-    def list_event(self, body: KubeObject, deleted: bool) -> None:
+    def list_event(self, body: Cached, deleted: bool) -> None:
         old = self.inputs.lists.get(key_of(body))
         before = self._relay_of_list(old) if old else None
         self._input_event("RecipientList", body, old, before, self._relay_of_list(body), deleted)
 
-    def _relay_of_list(self, rl: KubeObject) -> Key | None:
+    def _relay_of_list(self, rl: Cached) -> Key | None:
         dom = self.inputs.domains.get(domain_key_of_list(rl))
         return relay_key_of_domain(dom) if dom else None
 
     def _input_event(
         self,
         kind: str,
-        body: KubeObject,
-        old: KubeObject | None,
+        body: Cached,
+        old: Cached | None,
         before: Key | None,
         relay: Key | None,
         deleted: bool,

@@ -37,6 +37,7 @@ from mailrelay_operator.events import EventRouter
 from mailrelay_operator.health import Health
 from mailrelay_operator.inputs import INPUT_KINDS, trim_all
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, WatchStream, resource_path
+from mailrelay_operator.records import Cached
 
 log = logging.getLogger("mailrelay.operator")
 
@@ -57,7 +58,7 @@ WATCH_BATCH_MAX = 200  # events a batch holds at most
 
 Scope = str | None  # a namespace; None: across all of them
 # One watch event, trimmed: (type, object or None for a bookmark, resourceVersion).
-WatchEvent = tuple[str, KubeObject | None, str]
+WatchEvent = tuple[str, Cached | None, str]
 
 
 class Expired(Exception):
@@ -155,7 +156,7 @@ class InputWatch:
 
     def _list_page(
         self, path: str, kind: str, limit: int, token: str | None
-    ) -> tuple[dict[Key, KubeObject], str, str | None]:
+    ) -> tuple[dict[Key, Cached], str, str | None]:
         items, version, token = self.api.list_page_sync(path, limit, token)
         return trim_all(items, kind), version, token
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mailrelay_api.schema import API_VERSION
-from mailrelay_operator.cluster import Key, key_of, trim
+from mailrelay_operator.cluster import Key, trim_input
 from mailrelay_operator.kubeapi import KubeObject
+from mailrelay_operator.records import Cached
 
-Cache = dict[Key, KubeObject]
+Cache = dict[Key, Cached]
 # RelayDomains first: a RecipientList finds its relay through its domain.
 INPUT_KINDS = ("RelayDomain", "RecipientList")
 
@@ -27,43 +28,43 @@ class InputCache:
     def of_kind(self, kind: str) -> Cache:
         return self.domains if kind == "RelayDomain" else self.lists
 
-    def current(self, kind: str, key: Key) -> KubeObject | None:
+    def current(self, kind: str, key: Key) -> Cached | None:
         return self.of_kind(kind).get(key)
 
 
-def store(cache: Cache, obj: KubeObject, deleted: bool) -> None:
+def store(cache: Cache, obj: Cached, deleted: bool) -> None:
     if deleted:
-        cache.pop(key_of(obj), None)
+        cache.pop(obj.key, None)
     else:
-        cache[key_of(obj)] = same_spec_kept(cache.get(key_of(obj)), obj)
+        cache[obj.key] = same_spec_kept(cache.get(obj.key), obj)
 
 
-def same_spec_kept(old: KubeObject | None, new: KubeObject) -> KubeObject:
+def same_spec_kept(old: Cached | None, new: Cached) -> Cached:
     """`new`, holding the spec of `old` when it is the same generation of the same object.
 
     A status write sends every RecipientList back with a fresh copy of its
     addresses; the render cache holds the old strings, so keeping them saves
     a second copy of every address (about 70 MB for 1,000,000). Of the same
-    object (uid) at any generation, `new` takes the old name and uid strings:
-    the cache's key, the status writer and the render cache hold those, and
-    a second copy of both is ~140 bytes a RelayDomain after its status write.
+    object (uid) at any generation, `new` takes the old key (the cache's key
+    tuple, with the name string the status writer and the render cache hold)
+    and uid string: a second copy of them is ~200 bytes a RelayDomain after
+    its status write.
+    `new` is not in the cache yet: these are its only changes (records.py).
     """
-    if old is not None:
-        o, n = old["metadata"], new["metadata"]
-        if n.get("uid") and o.get("uid") == n.get("uid") and o.get("name") == n.get("name"):
-            n["uid"], n["name"] = o["uid"], o["name"]
-        same = (o.get("uid"), o.get("generation")) == (n.get("uid"), n.get("generation"))
-        if same and n.get("uid") and n.get("generation") is not None:
-            new["spec"] = old["spec"]
+    if old is not None and new.uid and old.uid == new.uid:
+        if old.key == new.key:
+            new.uid, new.key = old.uid, old.key
+        if new.generation is not None and old.generation == new.generation:
+            new.spec = old.spec
     return new
 
 
-def trim_all(items: list[KubeObject], kind: str) -> Cache:
+def trim_all(items: list[KubeObject], kind: str) -> dict[Key, Cached]:
     out = {}
     for item in items:
         # A listing's items carry neither apiVersion nor kind.
         item.setdefault("apiVersion", API_VERSION)
         item.setdefault("kind", kind)
-        obj = trim(item)
-        out[key_of(obj)] = obj
+        obj = trim_input(item)
+        out[obj.key] = obj
     return out

@@ -148,7 +148,7 @@ def event_name(obj_name: str, at_ns: int) -> str:
     return obj_name[: NAME_MAX - len(suffix)].rstrip("-.") + suffix
 
 
-def event_body(obj: dict[str, Any], t: Transition, instance: str, at_ns: int) -> dict[str, Any]:
+def event_body(obj: Mapping[str, Any], t: Transition, instance: str, at_ns: int) -> dict[str, Any]:
     """An events.k8s.io/v1 Event regarding `obj`, in its namespace (pure)."""
     meta = obj["metadata"]
     seconds, nanos = divmod(at_ns, 1_000_000_000)
@@ -202,7 +202,7 @@ class EventRecorder:
     def idle(self) -> bool:
         return self.queue.empty() and not self.posting
 
-    def status_written(self, obj: dict[str, Any], new_status: dict[str, Any]) -> None:
+    def status_written(self, obj: Mapping[str, Any], new_status: dict[str, Any]) -> None:
         """Queues the events of `obj`'s status changing to `new_status`; never
         waits, never raises (the status is written: that is what counts)."""
         try:
@@ -211,7 +211,7 @@ class EventRecorder:
         except Exception as e:
             log.debug("no Event for %s: %s", obj.get("metadata", {}).get("name"), e)
 
-    def record(self, obj: dict[str, Any], t: Transition) -> None:
+    def record(self, obj: Mapping[str, Any], t: Transition) -> None:
         now = self.clock()
         self._forget_before(now - EVENT_REPEAT_SECONDS)
         seen = (str(obj["metadata"].get("uid")), t.reason)

@@ -22,8 +22,9 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailrelay_api.allocator import trim_heap
 from mailrelay_api.claims import Claim, next_release
@@ -368,7 +369,7 @@ class Reconciler:
         # dict (cluster.shared), and a dict is no key.
         seen: dict[tuple[object, ...], tuple[object, ...]] = {}
 
-        def changed(kind: str, obj: KubeObject, verdict: tuple[object, ...]) -> bool:
+        def changed(kind: str, obj: Mapping[str, Any], verdict: tuple[object, ...]) -> bool:
             # By uid (the cached object's own string, no new key), which also
             # tells a re-created object of the same name from the old one.
             meta = obj["metadata"]

@@ -8,6 +8,7 @@ recomputed from unchanged inputs is identical and nothing gets written.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -111,12 +112,12 @@ def without_times(status: dict[str, Any] | None) -> dict[str, Any]:
     return status
 
 
-def generation(obj: dict[str, Any]) -> int:
+def generation(obj: Mapping[str, Any]) -> int:
     return int(obj.get("metadata", {}).get("generation") or 0)
 
 
 def domain_status(
-    dom: dict[str, Any], verdict: DomainVerdict | None, relay_missing: str = "", at: str = ""
+    dom: Mapping[str, Any], verdict: DomainVerdict | None, relay_missing: str = "", at: str = ""
 ) -> dict[str, Any]:
     if verdict is None:
         cond = Condition(ConditionType.ACCEPTED, False, RELAY_NOT_FOUND, relay_missing)
@@ -134,7 +135,7 @@ def domain_status(
 
 
 def list_status(
-    rl: dict[str, Any],
+    rl: Mapping[str, Any],
     verdict: RecipientListVerdict | None,
     reason: str = "",
     message: str = "",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
@@ -37,11 +37,15 @@ DIGESTS_SPARE = 1000  # distinct digests held beyond one per written object
 Queued = tuple[str, str, str, KubeObject]
 
 
-def _no_object(kind: str, key: Key) -> KubeObject | None:
+# What is written to: a MailRelay (dict) or an input cache record (records.Cached).
+Target = Mapping[str, Any]
+
+
+def _no_object(kind: str, key: Key) -> Target | None:
     return None
 
 
-def _no_hook(obj: KubeObject, new: KubeObject) -> None:
+def _no_hook(obj: Target, new: KubeObject) -> None:
     return None
 
 
@@ -51,9 +55,9 @@ class StatusWriter:
     retry_seconds: float = 2.0
     # Where a queued status's object is now (the input cache): a queue of
     # 100,000 statuses holds no copy of an object the cache has replaced since.
-    current: Callable[[str, Key], KubeObject | None] = _no_object
+    current: Callable[[str, Key], Target | None] = _no_object
     # Called with (object as it was, status written) after each write.
-    written_hook: Callable[[KubeObject, KubeObject], None] = _no_hook
+    written_hook: Callable[[Target, KubeObject], None] = _no_hook
     written: dict[str, bytes] = field(default_factory=dict)
     # Equal digests (most objects get the same status) held once.
     digests: dict[bytes, bytes] = field(default_factory=dict)
@@ -75,7 +79,7 @@ class StatusWriter:
             self.digests.clear()  # those of statuses no object has any more
         self.written[uid] = self.digests.setdefault(digest, digest)
 
-    def _unchanged(self, obj: KubeObject, new: KubeObject) -> bool:
+    def _unchanged(self, obj: Target, new: KubeObject) -> bool:
         """True when `new` is what was written or what the object has (then remembered)."""
         uid = str(obj["metadata"].get("uid"))
         want = _digest(new)
@@ -86,7 +90,7 @@ class StatusWriter:
             return True
         return False
 
-    async def write(self, obj: KubeObject, new: KubeObject) -> None:
+    async def write(self, obj: Target, new: KubeObject) -> None:
         if self._unchanged(obj, new):
             return
         meta = obj["metadata"]
@@ -100,7 +104,7 @@ class StatusWriter:
         self._remember(str(meta.get("uid")), _digest(new))
         self.written_hook(obj, new)
 
-    def queue(self, obj: KubeObject, new: KubeObject) -> None:
+    def queue(self, obj: Target, new: KubeObject) -> None:
         """Queues a status write unless it is already there; the newest one per object wins."""
         uid = str(obj["metadata"].get("uid"))
         if self._unchanged(obj, new):

@@ -6,10 +6,11 @@ from typing import Any
 
 from mailrelay_operator import naming
 from mailrelay_operator.apply import ChildApplier, owned_fields
-from mailrelay_operator.cluster import ClusterView
+from mailrelay_operator.cluster import ClusterView, trim_input
 from mailrelay_operator.events import EventRouter, Replicas
 from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import KubeApi, object_path
+from mailrelay_operator.records import Cached
 from mailrelay_operator.workqueue import WorkQueue
 
 
@@ -32,8 +33,10 @@ def mailrelay_obj(kind: str, name: str, generation: int, **spec: Any) -> dict[st
     }
 
 
-def domain(relay: str, generation: int = 1) -> dict[str, Any]:
-    return mailrelay_obj("RelayDomain", "d", generation, relayRef={"name": relay})
+def domain(relay: str, generation: int = 1) -> Cached:
+    """As the input watch hands it over: trimmed."""
+    body = mailrelay_obj("RelayDomain", "d", generation, relayRef={"name": relay})
+    return trim_input(body | {"spec": {"domain": "d.example", "relayRef": {"name": relay}}})
 
 
 def child(kind: str, managers: list[str], **status: Any) -> dict[str, Any]:

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailrelay_operator.inputs import store, trim_all
+from mailrelay_operator.inputs import Cache, store, trim_all
+from mailrelay_operator.records import Cached, object_type
 
 
-def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": "staff", "namespace": "mail", "resourceVersion": "7"}
-    if uid is not None:
-        meta["uid"] = uid
-    if generation is not None:
-        meta["generation"] = generation
-    return {"metadata": meta, "spec": {"addresses": addresses}, "status": {}}
+def rl(generation: int | None, addresses: list[str], uid: str | None = "u1") -> Cached:
+    """A RecipientList as the input watch hands it over (trimmed)."""
+    kind = object_type("mailrelay.io/v1alpha1", "RecipientList")
+    return Cached(kind, "staff", "mail", uid, generation, None, {"addresses": addresses}, {})
 
 
 def test_a_status_event_keeps_the_spec_objects() -> None:
-    cache: dict[Any, dict[str, Any]] = {}
+    cache: Cache = {}
     first = rl(1, ["a@x.example"])
     store(cache, first, deleted=False)
     again = rl(1, ["a@x.example"])
-    again["status"] = {"conditions": [{"type": "Accepted"}]}
+    again.status = {"conditions": [{"type": "Accepted"}]}
     store(cache, again, deleted=False)
     held = cache[("mail", "staff")]
     assert held["status"] == again["status"]
@@ -29,7 +27,7 @@ def test_a_status_event_keeps_the_spec_objects() -> None:
 
 
 def test_a_new_generation_or_object_replaces_the_spec() -> None:
-    cache: dict[Any, dict[str, Any]] = {}
+    cache: Cache = {}
     store(cache, rl(1, ["a@x.example"]), deleted=False)
     store(cache, rl(2, ["b@x.example"]), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
@@ -38,7 +36,7 @@ def test_a_new_generation_or_object_replaces_the_spec() -> None:
 
 
 def test_objects_without_identity_always_replace() -> None:
-    cache: dict[Any, dict[str, Any]] = {}
+    cache: Cache = {}
     store(cache, rl(None, ["a@x.example"], uid=None), deleted=False)
     store(cache, rl(None, ["b@x.example"], uid=None), deleted=False)
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
@@ -88,17 +86,20 @@ def test_trimmed_objects_share_their_spec_keys() -> None:
 
 def test_a_later_event_of_the_same_object_takes_its_strings() -> None:
     """Name and uid are held once however often the object comes back."""
-    cache: dict[Any, dict[str, Any]] = {}
+    cache: Cache = {}
     first = rl(1, ["a@x.example"], uid="".join(["u", "1"]))
     store(cache, first, deleted=False)
     again = rl(2, ["b@x.example"], uid="".join(["u", "1"]))
-    again["metadata"]["name"] = "".join(["st", "aff"])
+    again.key = ("mail", "".join(["st", "aff"]))
     assert again["metadata"]["uid"] is not first["metadata"]["uid"]
     store(cache, again, deleted=False)
     held = cache[("mail", "staff")]["metadata"]
     assert held["uid"] is first["metadata"]["uid"]
     assert held["name"] is first["metadata"]["name"]
     assert cache[("mail", "staff")]["spec"]["addresses"] == ["b@x.example"]
+    # The cache's key is the record's own (namespace, name): one tuple, not two.
+    (key,) = cache
+    assert key is cache[key].key
 
 
 def test_the_many_kinds_are_cached_without_their_resource_version() -> None:
