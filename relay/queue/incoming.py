@@ -48,8 +48,9 @@ MAX_PENDING_BYTES = 1024 * 1024
 # Commit batches run on this many threads at once (see Committer). On the
 # 2-core test machine one thread needs about the CPU per message the
 # loop-driven batches before it did and cuts the accept latency by a third;
-# two threads halve it again but cost 6-10% more CPU and gave no more
-# messages a second (docs/benchmarks.md): the CPU per message binds here.
+# two threads cut it by another ~30% but cost 6-17% more CPU and gave fewer
+# messages a second (measured again 2026-12-03 at ~0.85 ms per message,
+# docs/benchmarks.md): the CPU per message binds here, not the latency.
 COMMIT_THREADS = 1
 # A commit thread takes at most this many waiting messages (with several
 # threads, a burst is spread over them).
