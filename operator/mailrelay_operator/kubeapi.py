@@ -45,6 +45,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     (CERT_MANAGER_API, "Certificate"): "certificates",
+    ("events.k8s.io/v1", "Event"): "events",
     **{(API_VERSION, k.kind): k.plural for k in KINDS.values()},
 }
 
@@ -328,15 +329,16 @@ class KubeApi:
     def create_sync(self, obj: Mapping[str, Any]) -> KubeObject:
         """POSTs a new object; a KubeError 409 if one of its name exists."""
         self._count_write()
-        meta = obj["metadata"]
-        path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"])
-        return _json_of(self._send("POST", path, [], dict(obj), "application/json"))
+        return self._post_sync(obj)
 
     def create_event_sync(self, event: Mapping[str, Any]) -> None:
         """POSTs an events.k8s.io/v1 Event (not counted in `writes`: those are
         the children and statuses, which tests count)."""
-        path = f"/apis/events.k8s.io/v1/namespaces/{event['metadata']['namespace']}/events"
-        _json_of(self._send("POST", path, [], dict(event), "application/json"))
+        self._post_sync(event)
+
+    def _post_sync(self, obj: Mapping[str, Any]) -> KubeObject:
+        path = resource_path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"])
+        return _json_of(self._send("POST", path, [], dict(obj), "application/json"))
 
     def delete_sync(self, path: str, propagation: str = "Background") -> None:
         self._count_write()

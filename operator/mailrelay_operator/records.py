@@ -139,16 +139,19 @@ class Metadata(Mapping[str, Any]):
     def __init__(self, of: Cached) -> None:
         self._of = of
 
-    def __getitem__(self, key: str) -> Any:
+    def _value(self, key: str) -> Any:
+        """The slot's value; None: no such key (as the trimmed dict had none)."""
         slot = _META_SLOTS.get(key)
-        value = None if slot is None else getattr(self._of, slot)
+        return None if slot is None else getattr(self._of, slot)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._value(key)
         if value is None:
             raise KeyError(key)
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
-        slot = _META_SLOTS.get(key)
-        value = None if slot is None else getattr(self._of, slot)
+        value = self._value(key)
         return default if value is None else value
 
     def __iter__(self) -> Iterator[str]:
