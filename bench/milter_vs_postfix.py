@@ -229,6 +229,7 @@ def rounds(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    base.hoststate.SETTLE_SECONDS = args.settle
     if os.geteuid() != 0:
         print("milter_vs_postfix: needs root (postfix master, smtp-sink -u)", file=sys.stderr)
         return 2

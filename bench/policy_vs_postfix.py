@@ -69,7 +69,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relay_vs_postfix import (  # bench/ is not a package: found through sys.path
+import hoststate  # bench/ is not a package: found through sys.path
+from relay_vs_postfix import (
     HOST,
     POSTFIX,
     ROOT,
@@ -808,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--serve-dns", nargs=2, metavar=("PORT", "COUNT_FILE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    hoststate.SETTLE_SECONDS = args.settle
     if args.serve_dns:
         serve_dns(int(args.serve_dns[0]), Path(args.serve_dns[1]))
         return 0

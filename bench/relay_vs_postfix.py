@@ -21,6 +21,16 @@ Content checks, as shipped (on by default; --no-content-filter turns both
 off): mailrelay's attachment filter with its default extensions, and on the
 Postfix side mime_header_checks with a regexp rejecting the same extensions.
 
+Every run (warm-up and memory run too) starts the same way for both systems:
+sync, then up to --settle seconds (default 5; 0 skips it) waiting for idle
+cores, so that a run does not pay for the one before (its logs' writeback, its
+tail of work). Each run records the host meanwhile (bench/hoststate.py, "host"
+in results.json): steal, iowait, the CPU of everything else on the machine
+("foreign_s": other helpers' work), a fixed reference work's CPU time (the
+cores' speed), Dirty/Writeback, TIME-WAIT sockets, the queue folders' sizes and
+the system's process count. --fresh starts both systems again in new folders
+(queue, logs, sinks) before every round.
+
 Postfix is configured as docs/benchmarks.md describes, in a scratch
 folder (its own config, queue_directory and data_directory), started with
 `postfix -c DIR start` and always stopped at the end. Needs root (Postfix
@@ -55,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hoststate
 from latency import PROBE_DOMAIN, Probe, median_of  # bench/ is not a package
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,28 +156,19 @@ def tree_pss_mb(root: int) -> float:
     return total_kb / 1024
 
 
-class PeakMemory:
+class PeakMemory(hoststate.Sampler):
     """Samples a process tree's PSS in a thread; `peak` in MB."""
 
+    interval = 0.05
+
     def __init__(self, root: Callable[[], int]) -> None:
+        super().__init__()
         self.root = root
         self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self.peak = max(self.peak, tree_pss_mb(self.root()))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def sample(self) -> None:
+        with contextlib.suppress(Exception):
+            self.peak = max(self.peak, tree_pss_mb(self.root()))
 
 
 # -- the next hop -------------------------------------------------------------------
@@ -498,6 +500,7 @@ class Run:
     # covers them too, so CPU per message counts them.
     probe_messages: int = 0
     latency: dict[str, float | int] = field(default_factory=dict)  # Latencies.summary()
+    host: dict[str, Any] = field(default_factory=dict)  # hoststate.delta() over the run
     ok: bool = True
     error: str = ""
 
@@ -546,12 +549,17 @@ def drive(
     and with a probe the latencies measured meanwhile."""
     sink = system.sink
     root = system.root_pid()
+    settled = hoststate.settle()
+    reference_ms = hoststate.reference_ms()
+    host0 = hoststate.snapshot(system.workdir)
+    processes = len(process_tree(root))
     cpu0 = tree_cpu_seconds(root)
+    ours0 = bench_cpu_seconds(root)
     if probe is not None:
         probe.begin(system.port)
     t0 = time.monotonic()
     try:
-        with PeakMemory(system.root_pid) as mem:
+        with PeakMemory(system.root_pid) as mem, hoststate.ReferenceDuring() as reference:
             source = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
             run.accept_seconds = time.monotonic() - t0
             if source.returncode != 0:
@@ -562,6 +570,13 @@ def drive(
             run.end_to_end_seconds = time.monotonic() - t0
             run.cpu_seconds = tree_cpu_seconds(root) - cpu0
             run.probe_messages = probe.accepted() if probe is not None else 0
+            run.host = hoststate.delta(host0, hoststate.snapshot(system.workdir))
+            run.host["reference_ms"] = reference_ms
+            run.host["settle_s"] = settled
+            run.host["processes"] = [processes, len(process_tree(root))]  # at start, at end
+            run.host["reference_during_ms"] = reference.median_ms()
+            # CPU of everything else on the machine meanwhile (other helpers' work)
+            run.host["foreign_s"] = round(run.host["busy_s"] - (bench_cpu_seconds(root) - ours0), 2)
         run.peak_mb = mem.peak
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
         run.ok = False
@@ -569,6 +584,13 @@ def drive(
     finally:
         if probe is not None:
             run.latency = probe.end().summary()
+
+
+def bench_cpu_seconds(root: int) -> float:
+    """CPU of this benchmark's processes: this one and its children (sinks,
+    mailrelay, smtp-source once reaped) and the system under test's tree."""
+    ours = process_tree(os.getpid())
+    return tree_cpu_seconds(os.getpid()) + (0.0 if root in ours else tree_cpu_seconds(root))
 
 
 def commit_measured() -> str:
@@ -698,6 +720,12 @@ def load_options(p: argparse.ArgumentParser, *, messages: int, warmup: int) -> N
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=hoststate.SETTLE_SECONDS,
+        help="before each run: sync, then wait up to this many seconds for idle cores (0: no)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,6 +738,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-size", type=int, default=25_000_000, help="0 skips the memory run")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start both systems again in new folders before every round (each with its warm-up)",
+    )
+    p.add_argument(
         "--content-filter",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -717,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         "rejecting the same extensions (default: on)",
     )
     args = p.parse_args(argv)
+    hoststate.SETTLE_SECONDS = args.settle
     if os.geteuid() != 0:
         print("relay_vs_postfix: needs root (postfix master, smtp-sink -u)", file=sys.stderr)
         return 2
@@ -737,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "content_filter": args.content_filter,
         "probe_rate": args.probe_rate,
+        "settle": args.settle,
+        "fresh": args.fresh,
         "commit": commit_measured(),
         "load_average_start": os.getloadavg(),
         "runs": {name: [] for name in which},
@@ -745,11 +781,34 @@ def main(argv: list[str] | None = None) -> int:
     probe = Probe(args.probe_rate) if args.probe_rate > 0 else None
     probe_port = probe.start_sink() if probe is not None else 0
     try:
-        with systems(workdir, args.workers, which, args.content_filter, probe_port) as running:
+        measure(args, which, workdir, probe, probe_port, results)
+    finally:
+        if probe is not None:
+            probe.close()
+        finish(results, report, out_dir, workdir, keep=args.keep)
+    return 0
+
+
+def measure(
+    args: argparse.Namespace,
+    which: list[str],
+    workdir: Path,
+    probe: Probe | None,
+    probe_port: int,
+    results: dict[str, Any],
+) -> None:
+    """The warm-up, the interleaved runs and the memory run. With --fresh, every
+    round starts both systems again in new folders (queue, logs, sinks), each
+    with its warm-up, and stops them after; without, one start serves all runs."""
+    rounds = [[i] for i in range(args.runs)] if args.fresh else [list(range(args.runs))]
+    for n, indexes in enumerate(rounds):
+        last = n == len(rounds) - 1
+        folder = workdir / f"round-{n + 1}" if args.fresh else workdir
+        with systems(folder, args.workers, which, args.content_filter, probe_port) as running:
             for system in running:
                 print(f"warm-up {system.name}: {args.warmup} messages", flush=True)
                 load(system, args.warmup, args.size, args.sessions)
-            for i in range(args.runs):
+            for i in indexes:
                 order = running if i % 2 == 0 else list(reversed(running))
                 for system in order:
                     run = load(system, args.messages, args.size, args.sessions, probe)
@@ -757,11 +816,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"run {i + 1} {system.name}: accept {run.accept_rate:.0f}/s, "
                         f"end-to-end {run.end_to_end_rate:.0f}/s, "
-                        f"{run.cpu_ms_per_message:.2f} ms CPU/msg, peak {run.peak_mb:.0f} MB"
+                        f"{run.cpu_ms_per_message:.2f} ms CPU/msg, peak {run.peak_mb:.0f} MB "
+                        + hoststate.brief(run.host)
                         + ("" if run.ok else f" FAILED: {run.error}"),
                         flush=True,
                     )
-            if args.memory_size:
+            if args.memory_size and last:
                 for system in running:
                     run = load(system, args.sessions, args.memory_size, args.sessions)
                     results["memory"][system.name] = run.summary()
@@ -770,11 +830,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"peak {run.peak_mb:.0f} MB" + ("" if run.ok else f" FAILED: {run.error}"),
                         flush=True,
                     )
-    finally:
-        if probe is not None:
-            probe.close()
-        finish(results, report, out_dir, workdir, keep=args.keep)
-    return 0
 
 
 def finish(
