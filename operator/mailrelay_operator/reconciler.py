@@ -417,10 +417,10 @@ class Reconciler:
             return mem.rendered
         inventory = view.inventory()
         started = time.monotonic()
-        claims: dict[str, Claim] | None = None  # None: the relay's status.domains
-        if mem.claims is not None:
-            claims = {c.domain: c for c in mem.claims}
-        else:
+        # The last render's claims as they are (a list by domain, no dict of
+        # 100,000 alive through the render); None: the relay's status.domains.
+        claims: list[Claim] | None = mem.claims
+        if claims is None:
             # First render: a large relay's claims are in ConfigMaps (claims_store).
             stored = await claims_store.load_claims(self.api, relay)
             if stored:
