@@ -92,7 +92,10 @@ def _view(memo: kopf.Memo) -> ClusterView:
     view = ClusterView.from_indexes(
         memo["indexes"]["relays_idx"], {}, {}, memo["indexes"]["namespaces_idx"]
     )
-    view.domains, view.lists = dict(reconciler.inputs.domains), dict(reconciler.inputs.lists)
+    # The input cache as it is now, for the whole pass (statuses are queued
+    # with the objects the render saw), without a copy of it (inputs.Snapshot).
+    inputs = reconciler.inputs
+    view.domains, view.lists = inputs.snapshot("RelayDomain"), inputs.snapshot("RecipientList")
     return view
 
 
