@@ -342,6 +342,7 @@ class Reconciler:
             self.network,
             self.events.mx_services.get(key),
             mem.claims_cache,
+            encode_later=True,
         )
         await self._apply(key, relay, mem, children, obs)
         if obs.applied:
