@@ -1,6 +1,6 @@
 """The operator's own metadata-only list+watch of its ConfigMaps.
 
-A relay's ConfigMaps are large (domain and recipient shards, up to ~270 KB
+A relay's ConfigMaps are large (domain and recipient shards, up to ~190 KB
 each, 40 and more at 100,000 RelayDomains) and all applied at once after a
 render: a watch of whole objects (kopf's) received each of them back whole,
 parsed it and queued it, while what an event decides needs only the
