@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,17 +130,19 @@ def attach_domains(
     inv: Inventory,
     settings: RenderSettings | None = None,
     cache: RenderCache | None = None,
-    claims: Mapping[str, Claim] | None = None,
+    claims: Iterable[Claim] | None = None,
 ) -> tuple[list[DomainFacts], list[DomainVerdict], list[Claim]]:
     """The RelayDomains attached to a relay, a verdict each, and the claims to record.
 
     Policy first (grants, next hops), then the sticky claims (claims.award) of
-    `claims`, or of the relay's status when None; age only orders first claims
-    on a free domain."""
+    `claims` (one a domain), or of the relay's status when None; age only
+    orders first claims on a free domain."""
     settings = settings or RenderSettings()
     now = settings.now or datetime.datetime.now(datetime.UTC)
     spec = relay_spec(relay)
-    previous = claims_of(relay) if claims is None else claims
+    # By domain, as a render makes them (then this sort is one pass), walked
+    # beside the claimed domains: no dict of every claim and no set of both.
+    previous = sorted(claims_of(relay).values() if claims is None else claims, key=_domain)
     verdicts: list[DomainVerdict] = []
     # A domain's claimants: most domains have one, held as itself (a list
     # each would be ~90 bytes a RelayDomain during the render).
@@ -163,11 +165,11 @@ def attach_domains(
     accepted: list[DomainFacts] = []
     claimed: list[Claim] = []
     release_after = spec.allowed_domains.release_after
-    for domain in sorted(by_domain.keys() | previous.keys()):
+    for domain, claim in _with_claims(sorted(by_domain), previous):
         held = by_domain.get(domain)
         doms = [] if held is None else held if isinstance(held, list) else [held]
         keys = [f.source for f in doms]
-        won = award(domain, keys, previous.get(domain), release_after, now)
+        won = award(domain, keys, claim, release_after, now)
         if won.claim is not None:
             claimed.append(won.claim)
         for key, f in zip(keys, doms, strict=True):
@@ -203,6 +205,27 @@ def _created(f: DomainFacts) -> str:
     return f.created
 
 
+def _domain(c: Claim) -> str:
+    return c.domain
+
+
+def _with_claims(domains: list[str], claims: list[Claim]) -> Iterator[tuple[str, Claim | None]]:
+    """Every domain of `domains` or `claims` (both sorted, one claim a domain)
+    in order, with its claim or None."""
+    i = 0
+    for c in claims:
+        while i < len(domains) and domains[i] < c.domain:
+            yield domains[i], None
+            i += 1
+        if i < len(domains) and domains[i] == c.domain:
+            yield domains[i], c
+            i += 1
+        else:
+            yield c.domain, c
+    for domain in domains[i:]:
+        yield domain, None
+
+
 def _list_key(rl: Mapping[str, Any], domain: str) -> str | None:
     """What identifies a RecipientList's addresses in the API server: uid and
     generation (which moves with every spec change); offline objects have none."""
@@ -225,7 +248,7 @@ def render_relay(
     inv: Inventory,
     cache: RenderCache | None = None,
     settings: RenderSettings | None = None,
-    claims: Mapping[str, Claim] | None = None,
+    claims: Iterable[Claim] | None = None,
 ) -> Rendered:
     """The configuration files of one MailRelay, and the verdicts behind them.
 
@@ -233,7 +256,7 @@ def render_relay(
     RelayDomains, unchanged RecipientLists, and recipient and domain shards
     whose contents did not change are reused from the previous render; the
     files are the same as without one. `claims`: the claims to start from
-    (the previous render's), by domain; None: the relay's status.domains.
+    (the previous render's, one a domain); None: the relay's status.domains.
     """
     attached, verdicts, claimed = attach_domains(relay, inv, settings, cache, claims)
     lists, listed, ordered = _lists_and_order(attached, verdicts, inv, cache)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import random
 from typing import Any
 
 from mrtest.objects import mailrelay, relay_domain
 
-from mailrelay_api.claims import ClusterNetworks, name_matches
+from mailrelay_api.claims import Claim, ClusterNetworks, claims_of, name_matches
 from mailrelay_api.load import Inventory
-from mailrelay_api.render import RenderSettings, attach_domains
+from mailrelay_api.render import RenderSettings, _with_claims, attach_domains
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 CLUSTER = ClusterNetworks.from_env(
@@ -221,3 +222,33 @@ def test_next_release_is_when_the_first_gone_claim_lapses() -> None:
     ]
     assert next_release(claims, "1h") == T0 + datetime.timedelta(hours=1, minutes=5)
     assert next_release(claims[:1], "1h") is None
+
+
+def test_claims_walked_beside_the_domains_in_order() -> None:
+    """attach_domains walks the sorted claimed domains beside the sorted claims:
+    the union in order, each with its claim, as a dict and a set of both would."""
+    rng = random.Random(7)
+    for _ in range(300):
+        domains = sorted(rng.sample([f"d{i}.example" for i in range(30)], rng.randint(0, 12)))
+        held = rng.sample([f"d{i}.example" for i in range(30)], rng.randint(0, 12))
+        claims = sorted((Claim(d, f"ns/{d}") for d in held), key=lambda c: c.domain)
+        by_domain = {c.domain: c for c in claims}
+        expected = [(d, by_domain.get(d)) for d in sorted(set(domains) | by_domain.keys())]
+        assert list(_with_claims(domains, claims)) == expected
+
+
+def test_a_render_starts_from_its_claims_as_from_the_status() -> None:
+    """The last render's claims (a list) give the verdicts and claims the
+    same claims in the relay's status give."""
+    held = [{"domain": "a.example", "holder": "b/newer"}]
+    r = relay(held, allowedDomains={"namespaces": {"from": "All"}, "releaseAfter": "10m"})
+    doms = [domain("a", "old", "a.example", 1), domain("b", "newer", "a.example", 5)]
+    doms.append(domain("a", "other", "c.example", 2))
+    settings = RenderSettings(cluster=CLUSTER, now=T0)
+    inv = Inventory(domains=doms, namespace_labels={"a": {"t": "a"}, "b": {"t": "b"}})
+    _, from_status, claimed = attach_domains(r, inv, settings)
+    listed = [Claim("z.example", "a/gone", "2026-01-01T00:00:00Z"), *claims_of(r).values()]
+    _, from_list, claimed_list = attach_domains(r, inv, settings, None, listed)
+    assert [v.name for v in from_status if v.accepted] == ["newer", "other"]
+    assert from_list == from_status
+    assert claimed_list == [*claimed, listed[0]]

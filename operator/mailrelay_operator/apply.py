@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from mailrelay_operator import adoption, certificate, naming
 from mailrelay_operator.cluster import Key, key_of
+from mailrelay_operator.configmaps import encoded
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, object_path, resource_path
 
 log = logging.getLogger("mailrelay.operator")
@@ -152,9 +153,11 @@ class ChildApplier:
         generation: int,
         hold: HoldReplicas,
     ) -> ApplyOutcome:
-        """Applies the children that changed since their last apply, in order."""
+        """Applies the children that changed since their last apply, in order
+        (each encoded here, configmaps.encoded: one shard's text alive at a time)."""
         out = ApplyOutcome()
-        for child in children:
+        for unencoded in children:
+            child = encoded(unencoded)
             path = object_path(child)
             if child["kind"] == "StatefulSet":
                 child = await hold(child, self.applied.get(path) != digest(child))

@@ -36,6 +36,7 @@ def desired_children(
     network: NetworkSettings | None = None,
     kept_mx: Mapping[str, str] | None = None,
     claims_cache: claims_store.ClaimsCache | None = None,
+    encode_later: bool = False,
 ) -> list[dict[str, Any]]:
     """The children in apply order: configuration first, then the pods that read it.
 
@@ -44,16 +45,18 @@ def desired_children(
     network: the NetworkPolicy is among them unless its settings turn it off.
     kept_mx: hostname -> name of an MX Service the relay already has (naming.mx_service_names).
     claims_cache: the relay's claims shards of the last pass (the reconciler keeps it).
+    encode_later: shards' binaryData as configmaps.Base64, which ChildApplier.apply
+    encodes one child at a time (configmaps.encoded), not all of them here.
     """
     tls = certificate.wants_tls(relay) and (
         cert_manager or not certificate.wants_certificate(relay)
     )
-    shards = configmaps.recipient_config_maps(relay, rendered)
-    domain_shards = configmaps.domain_config_maps(relay, rendered)
+    shards = configmaps.recipient_config_maps(relay, rendered, encode_later)
+    domain_shards = configmaps.domain_config_maps(relay, rendered, encode_later)
     # Domain shards before the index that names them (config): a pod rarely
     # sees an index whose shards are not there yet (it would keep its config).
     children = [*domain_shards, configmaps.config_config_map(relay, rendered), *shards]
-    children += claims_store.claims_config_maps(relay, rendered.claims, claims_cache)
+    children += claims_store.claims_config_maps(relay, rendered.claims, claims_cache, encode_later)
     if certificate.wants_certificate(relay) and cert_manager:
         children.append(certificate.certificate(relay))
     if handover_key:

@@ -184,8 +184,8 @@ def _uses_selector(allowed: AllowedDomainsSpec) -> bool:
 @dataclass
 class ClusterView:
     relays: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    domains: dict[Key, Mapping[str, Any]] = field(default_factory=dict)
-    lists: dict[Key, Mapping[str, Any]] = field(default_factory=dict)
+    domains: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    lists: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod

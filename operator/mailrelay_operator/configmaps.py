@@ -16,11 +16,39 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from mailrelay_api.render import DOMAINS_FILE, DOMAINS_INDEX_FILE, RELAY_FILE, Rendered
 from mailrelay_api.shards import parse_shard_name
 from mailrelay_operator import naming
+
+
+class Base64:
+    """A binaryData value encoded when it is applied (`encoded`), not when the
+    children are built: a relay's shards are ~11 MB of base64 text at 100,000
+    RelayDomains, which the files they come from (the render's, kept) hold
+    anyway; encoded one child at a time, at most one shard's text is alive."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def text(self) -> str:
+        return base64.b64encode(self.data).decode()
+
+
+def binary(data: bytes, later: bool) -> str | Base64:
+    return Base64(data) if later else base64.b64encode(data).decode()
+
+
+def encoded(child: dict[str, Any]) -> dict[str, Any]:
+    """The child with its binaryData encoded (itself when nothing is deferred)."""
+    values = child.get("binaryData")
+    if not values or not any(isinstance(v, Base64) for v in values.values()):
+        return child
+    text = {k: cast(Base64, v).text() if isinstance(v, Base64) else v for k, v in values.items()}
+    return {**child, "binaryData": text}
 
 
 def _index_of(kind: str, file_name: str) -> int | None:
@@ -56,17 +84,22 @@ def config_config_map(relay: dict[str, Any], rendered: Rendered) -> dict[str, An
     }
 
 
-def recipient_config_maps(relay: dict[str, Any], rendered: Rendered) -> list[dict[str, Any]]:
-    """One ConfigMap per recipient shard, named after the shard's index."""
+def recipient_config_maps(
+    relay: dict[str, Any], rendered: Rendered, later: bool = False
+) -> list[dict[str, Any]]:
+    """One ConfigMap per recipient shard, named after the shard's index
+    (later: its binaryData a Base64, encoded at its apply)."""
     return _shard_config_maps(
-        relay, rendered, "recipients", shard_index, naming.recipients_config_map_name
+        relay, rendered, "recipients", shard_index, naming.recipients_config_map_name, later
     )
 
 
-def domain_config_maps(relay: dict[str, Any], rendered: Rendered) -> list[dict[str, Any]]:
+def domain_config_maps(
+    relay: dict[str, Any], rendered: Rendered, later: bool = False
+) -> list[dict[str, Any]]:
     """One ConfigMap per domain shard, named after the shard's index."""
     return _shard_config_maps(
-        relay, rendered, "domains", domain_shard_index, naming.domains_config_map_name
+        relay, rendered, "domains", domain_shard_index, naming.domains_config_map_name, later
     )
 
 
@@ -76,6 +109,7 @@ def _shard_config_maps(
     component: str,
     index_of: Callable[[str], int | None],
     name_of: Callable[[dict[str, Any], int], str],
+    later: bool,
 ) -> list[dict[str, Any]]:
     out = []
     for file_name in sorted(rendered.files):
@@ -94,9 +128,7 @@ def _shard_config_maps(
                         naming.SHARD_LABEL: str(index),
                     },
                 },
-                "binaryData": {
-                    file_name: base64.b64encode(rendered.files[file_name]).decode(),
-                },
+                "binaryData": {file_name: binary(rendered.files[file_name], later)},
             }
         )
     return out

@@ -27,7 +27,7 @@ from mailrelay_operator.cluster import (
     key_of,
     relay_key_of_domain,
 )
-from mailrelay_operator.inputs import InputCache, store
+from mailrelay_operator.inputs import InputCache
 from mailrelay_operator.kubeapi import KubeObject
 from mailrelay_operator.records import Cached
 from mailrelay_operator.workqueue import WorkQueue
@@ -133,7 +133,7 @@ class EventRouter:
         """Stored; when its spec changed (the cached object, not a copy of
         (uid, generation) per object, tells: 100,000 RelayDomains), the relay
         it referred to and the one it refers to now are marked."""
-        store(self.inputs.of_kind(kind), body, deleted)
+        self.inputs.store(kind, body, deleted)
         if not deleted and old is not None and _identity(old) == _identity(body):
             return
         self.queue.mark(before)

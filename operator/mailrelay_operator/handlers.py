@@ -17,6 +17,7 @@ import kopf
 from mailrelay_api.schema import GROUP
 from mailrelay_operator import certificate, health, naming, operator_key
 from mailrelay_operator import settings as settings_env
+from mailrelay_operator.child_watch import OWNED_SELECTOR
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
 from mailrelay_operator.input_watch import WATCH_TIMEOUT_SECONDS
@@ -24,9 +25,8 @@ from mailrelay_operator.kubeapi import KubeApi, KubeObject
 from mailrelay_operator.reconciler import Reconciler
 
 OWNED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
-OWNED_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
+# ConfigMaps are not kopf's: child_watch.py watches their metadata alone.
 CHILD_PLURALS = (
-    "configmaps",
     "services",
     "statefulsets",
     "poddisruptionbudgets",
@@ -92,7 +92,10 @@ def _view(memo: kopf.Memo) -> ClusterView:
     view = ClusterView.from_indexes(
         memo["indexes"]["relays_idx"], {}, {}, memo["indexes"]["namespaces_idx"]
     )
-    view.domains, view.lists = dict(reconciler.inputs.domains), dict(reconciler.inputs.lists)
+    # The input cache as it is now, for the whole pass (statuses are queued
+    # with the objects the render saw), without a copy of it (inputs.Snapshot).
+    inputs = reconciler.inputs
+    view.domains, view.lists = inputs.snapshot("RelayDomain"), inputs.snapshot("RecipientList")
     return view
 
 
@@ -185,15 +188,9 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
     _events(memo).pod_event(_pod(body), _deleted(event))
 
 
-# A deleted or foreign-edited ConfigMap, PDB or NetworkPolicy comes back at once
-# (StatefulSets and Services: the handlers above do the same).
-@kopf.on.event("", "v1", "configmaps", labels=OWNED)
-async def config_map_event(
-    event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    _events(memo).child_event(_child(body, "v1", "ConfigMap"), _deleted(event))
-
-
+# A deleted or foreign-edited PDB or NetworkPolicy comes back at once
+# (StatefulSets and Services: the handlers above do the same; ConfigMaps:
+# child_watch.py, which reads their metadata alone, not their shards).
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
 async def pdb_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _events(memo).child_event(_child(body, "policy/v1", "PodDisruptionBudget"), _deleted(event))

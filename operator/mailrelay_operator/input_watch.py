@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailrelay_api.allocator import trim_heap
 from mailrelay_api.schema import API_VERSION
@@ -37,7 +38,6 @@ from mailrelay_operator.events import EventRouter
 from mailrelay_operator.health import Health
 from mailrelay_operator.inputs import INPUT_KINDS, trim_all
 from mailrelay_operator.kubeapi import KubeApi, KubeError, KubeObject, WatchStream, resource_path
-from mailrelay_operator.records import Cached
 
 log = logging.getLogger("mailrelay.operator")
 
@@ -45,7 +45,8 @@ log = logging.getLogger("mailrelay.operator")
 # kopf's watches too (handlers.configure).
 WATCH_TIMEOUT_SECONDS = 300
 # Objects a LIST page brings: a RecipientList may hold thousands of addresses.
-LIST_PAGE = {"RelayDomain": 500, "RecipientList": 20}
+# ConfigMaps: child_watch.py lists their metadata alone.
+LIST_PAGE = {"RelayDomain": 500, "RecipientList": 20, "ConfigMap": 500}
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
 # A watch that ends sooner than this without delivering an event or a bookmark
@@ -57,8 +58,9 @@ WATCH_BATCHES_AHEAD = 8
 WATCH_BATCH_MAX = 200  # events a batch holds at most
 
 Scope = str | None  # a namespace; None: across all of them
-# One watch event, trimmed: (type, object or None for a bookmark, resourceVersion).
-WatchEvent = tuple[str, Cached | None, str]
+# One watch event, trimmed: (type, object or None for a bookmark, resourceVersion);
+# the object is a Cached record here, a child's metadata in child_watch.py.
+WatchEvent = tuple[str, Any, str]
 
 
 class Expired(Exception):
@@ -86,6 +88,10 @@ class InputWatch:
     def scopes(self) -> tuple[Scope, ...]:
         return self.namespaces or (None,)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return INPUT_KINDS
+
     async def seed(self) -> None:
         """Lists every scope of both kinds (RelayDomains first: a list's relay
         is found through its domain)."""
@@ -100,7 +106,7 @@ class InputWatch:
     async def run(self) -> None:
         """Watches every (kind, scope) until cancelled."""
         await asyncio.gather(
-            *(self.follow(kind, scope) for kind in INPUT_KINDS for scope in self.scopes)
+            *(self.follow(kind, scope) for kind in self.kinds for scope in self.scopes)
         )
 
     async def follow(self, kind: str, scope: Scope) -> None:
@@ -127,8 +133,7 @@ class InputWatch:
     async def relist(self, kind: str, scope: Scope) -> None:
         """Every object of this scope to the router, page by page (trimmed in a
         thread); then the cached ones the listing no longer has, as deleted."""
-        path = resource_path(API_VERSION, kind, scope)
-        cache = self.events.inputs.of_kind(kind)
+        path = self._path(kind, scope)
         listed: set[Key] = set()
         version, token = "", None
         while True:
@@ -143,32 +148,47 @@ class InputWatch:
             version = version or at
             for key, obj in page.items():
                 listed.add(key)
-                self.events.input_event(kind, obj, False)
+                self._deliver(kind, obj, False)
             if not token:
                 break
-        gone = [k for k in cache if k not in listed and (scope is None or k[0] == scope)]
-        for key in gone:
-            self.events.input_event(kind, cache[key], True)
+        for obj in self._gone(kind, scope, listed):
+            self._deliver(kind, obj, True)
         self.versions[(kind, scope)] = version
         self.lists_done += 1
         await asyncio.to_thread(trim_heap)  # the listing's JSON pages, freed
         self.health.watch_ok(_name(kind, scope))
 
+    # --- what the kinds watched decide (child_watch.py watches others) -----------------
+    def _path(self, kind: str, scope: Scope) -> str:
+        return resource_path(API_VERSION, kind, scope)
+
     def _list_page(
         self, path: str, kind: str, limit: int, token: str | None
-    ) -> tuple[dict[Key, Cached], str, str | None]:
+    ) -> tuple[dict[Key, Any], str, str | None]:
         items, version, token = self.api.list_page_sync(path, limit, token)
         return trim_all(items, kind), version, token
+
+    def _open(self, path: str, version: str) -> WatchStream:
+        return self.api.watch_sync(path, version, WATCH_TIMEOUT_SECONDS)
+
+    def _trim_event(self, event: KubeObject, kind: str) -> WatchEvent:
+        return _trimmed(event, kind)
+
+    def _deliver(self, kind: str, obj: Any, deleted: bool) -> None:
+        self.events.input_event(kind, obj, deleted)
+
+    def _gone(self, kind: str, scope: Scope, listed: set[Key]) -> list[Any]:
+        """The cached objects of this scope a listing no longer has."""
+        cache = self.events.inputs.of_kind(kind)
+        return [v for k, v in cache.items() if k not in listed and scope in (None, k[0])]
 
     # --- watching --------------------------------------------------------------------
     async def watch(self, kind: str, scope: Scope) -> bool:
         """One watch request, its events to the router until the server ends it;
         whether it delivered anything (an event or a bookmark)."""
-        path = resource_path(API_VERSION, kind, scope)
+        path = self._path(kind, scope)
         version = self.versions[(kind, scope)]
-        opening = asyncio.ensure_future(
-            asyncio.to_thread(self.api.watch_sync, path, version, WATCH_TIMEOUT_SECONDS)
-        )
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open, path, version))
         try:
             stream = await asyncio.shield(opening)
         except asyncio.CancelledError:
@@ -194,7 +214,7 @@ class InputWatch:
             self.health.watch_ok(name)
             for etype, obj, at in batch:
                 if obj is not None:
-                    self.events.input_event(kind, obj, etype == "DELETED")
+                    self._deliver(kind, obj, etype == "DELETED")
                 if at:
                     self.versions[(kind, scope)] = at
 
@@ -206,7 +226,7 @@ class InputWatch:
             return True
 
         try:
-            await asyncio.to_thread(read_events, stream, kind, hand_over)
+            await asyncio.to_thread(read_events, stream, kind, hand_over, self._trim_event)
         finally:
             stream.close()
         return delivered  # take() ran for every batch: scheduled before this wake-up
@@ -218,19 +238,26 @@ def _name(kind: str, scope: Scope) -> str:
 
 
 def read_events(
-    stream: WatchStream, kind: str, hand_over: Callable[[list[WatchEvent]], bool]
+    stream: WatchStream,
+    kind: str,
+    hand_over: Callable[[list[WatchEvent]], bool],
+    trim: Callable[[KubeObject, str], WatchEvent] | None = None,
 ) -> None:
-    """Reads a watch stream (in a thread): each event trimmed as it is parsed,
-    those of one read together to hand_over; raises Expired at a 410 ERROR event."""
+    """Reads a watch stream (in a thread): each event trimmed as it is parsed
+    (`trim`, else as an input), those of one read together to hand_over;
+    raises Expired at a 410 ERROR event."""
+    trim = trim or _trimmed
     for lines in stream.lines():
         for start in range(0, len(lines), WATCH_BATCH_MAX):
             some = lines[start : start + WATCH_BATCH_MAX]
-            batch = [_trimmed(json.loads(ln), kind) for ln in some]
+            batch = [trim(json.loads(ln), kind) for ln in some]
             if not hand_over(batch):
                 return
 
 
-def _trimmed(event: KubeObject, kind: str) -> WatchEvent:
+def event_parts(event: KubeObject) -> tuple[str, KubeObject | None, str]:
+    """A watch event's type, its object (None: a bookmark, only the version
+    moves) and resourceVersion; an ERROR event raised (Expired at a 410)."""
     etype = str(event.get("type") or "")
     obj = event.get("object") or {}
     if etype == "ERROR":
@@ -238,8 +265,13 @@ def _trimmed(event: KubeObject, kind: str) -> WatchEvent:
             raise Expired()
         raise KubeError(int(obj.get("code") or 0), str(obj.get("reason") or ""), str(obj))
     at = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-    if etype not in ("ADDED", "MODIFIED", "DELETED"):
-        return (etype, None, at)  # BOOKMARK: only the version moves
+    return (etype, obj if etype in ("ADDED", "MODIFIED", "DELETED") else None, at)
+
+
+def _trimmed(event: KubeObject, kind: str) -> WatchEvent:
+    etype, obj, at = event_parts(event)
+    if obj is None:
+        return (etype, None, at)
     (trimmed,) = trim_all([obj], kind).values()
     return (etype, trimmed, at)
 

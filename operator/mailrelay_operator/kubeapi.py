@@ -209,10 +209,11 @@ class KubeApi:
         body: Any = None,
         content_type: str | None = None,
         timeout: tuple[float, float] = (10, 60),
+        accept: str = "application/json",
     ) -> Any:
         """The request, its response not read yet (urllib3's, preload_content off)."""
         conn = self.connection
-        headers = {"Accept": "application/json", **conn.headers()}
+        headers = {"Accept": accept, **conn.headers()}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -256,15 +257,22 @@ class KubeApi:
                 return items, version
 
     def list_page_sync(
-        self, path: str, limit: int, token: str | None = None
+        self,
+        path: str,
+        limit: int,
+        token: str | None = None,
+        label_selector: str = "",
+        metadata_only: bool = False,
     ) -> tuple[list[KubeObject], str, str | None]:
         """One page of a listing: its items, the listing's resourceVersion, the
         continue token of the next page (None: the last one). An expired token
-        is a KubeError 410."""
+        is a KubeError 410. metadata_only: each item's metadata alone (_accept)."""
         query: list[tuple[str, Any]] = [("limit", limit)]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
         if token:
             query.append(("continue", token))
-        doc = _json_of(self._send("GET", path, query))
+        doc = _json_of(self._send("GET", path, query, accept=_accept(metadata_only, True)))
         meta = doc.get("metadata") or {}
         return (
             list(doc.get("items") or []),
@@ -272,7 +280,14 @@ class KubeApi:
             meta.get("continue") or None,
         )
 
-    def watch_sync(self, path: str, version: str, timeout_seconds: int) -> WatchStream:
+    def watch_sync(
+        self,
+        path: str,
+        version: str,
+        timeout_seconds: int,
+        label_selector: str = "",
+        metadata_only: bool = False,
+    ) -> WatchStream:
         """A watch from `version`, with bookmarks; the server ends it after
         timeout_seconds (the client gives up 30 s later on a silent stream)."""
         query: list[tuple[str, Any]] = [
@@ -281,7 +296,11 @@ class KubeApi:
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", timeout_seconds),
         ]
-        resp = self._send("GET", path, query, timeout=(10, timeout_seconds + 30))
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        resp = self._send(
+            "GET", path, query, timeout=(10, timeout_seconds + 30), accept=_accept(metadata_only)
+        )
         if not 200 <= int(resp.status) <= 299:
             _json_of(resp)  # raises the API server's error
         return WatchStream(resp)
@@ -385,6 +404,19 @@ class KubeApi:
 
     async def delete(self, path: str, propagation: str = "Background") -> None:
         await asyncio.to_thread(self.delete_sync, path, propagation)
+
+
+# Objects as PartialObjectMetadata (their metadata alone, managedFields included):
+# the API server's own metadata-only form (client-go's metadata informers ask so);
+# a listing's is PartialObjectMetadataList. Plain JSON after the comma: the whole
+# object, if a server did not offer it (the readers take only the metadata).
+METADATA_ONLY = "application/json;as=PartialObjectMetadata{};g=meta.k8s.io;v=v1, application/json"
+
+
+def _accept(metadata_only: bool, of_list: bool = False) -> str:
+    if not metadata_only:
+        return "application/json"
+    return METADATA_ONLY.format("List" if of_list else "")
 
 
 def _json_of(resp: Any) -> KubeObject:

@@ -45,6 +45,7 @@ from mailrelay_operator import (
 )
 from mailrelay_operator.adoption import ForeignObject
 from mailrelay_operator.apply import ApplyOutcome, ChildApplier, Recreate
+from mailrelay_operator.child_watch import ChildWatch
 from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import ClusterView, Key, key_of
 from mailrelay_operator.events import EventRouter, Replicas
@@ -141,6 +142,7 @@ class Reconciler:
     recorder: EventRecorder = field(init=False)  # Kubernetes Events of transitions
     events: EventRouter = field(init=False)
     watch: InputWatch = field(init=False)
+    child_watch: ChildWatch = field(init=False)  # our ConfigMaps, their metadata
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.workers)
@@ -153,6 +155,7 @@ class Reconciler:
         )
         self.events = EventRouter(self.queue, self.inputs, self.applier, self.view)
         self.watch = InputWatch(self.api, self.events, self.namespaces, health=self.health)
+        self.child_watch = ChildWatch(self.api, self.events, self.namespaces, health=self.health)
 
     # --- for tests and benchmarks (call in the loop's thread) --------------------------
     @property
@@ -179,11 +182,12 @@ class Reconciler:
     async def run(self) -> None:
         writer = asyncio.create_task(self.statuses.run(), name="mailrelay-status-writer")
         watch = asyncio.create_task(self.watch.run(), name="mailrelay-input-watch")
+        children = asyncio.create_task(self.child_watch.run(), name="mailrelay-child-watch")
         recorder = asyncio.create_task(self.recorder.run(), name="mailrelay-k8s-events")
         try:
             await self._run()
         finally:
-            tasks = [writer, watch, recorder, *self.running.values()]
+            tasks = [writer, watch, children, recorder, *self.running.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -338,6 +342,7 @@ class Reconciler:
             self.network,
             self.events.mx_services.get(key),
             mem.claims_cache,
+            encode_later=True,
         )
         await self._apply(key, relay, mem, children, obs)
         if obs.applied:
@@ -413,10 +418,10 @@ class Reconciler:
             return mem.rendered
         inventory = view.inventory()
         started = time.monotonic()
-        claims: dict[str, Claim] | None = None  # None: the relay's status.domains
-        if mem.claims is not None:
-            claims = {c.domain: c for c in mem.claims}
-        else:
+        # The last render's claims as they are (a list by domain, no dict of
+        # 100,000 alive through the render); None: the relay's status.domains.
+        claims: list[Claim] | None = mem.claims
+        if claims is None:
             # First render: a large relay's claims are in ConfigMaps (claims_store).
             stored = await claims_store.load_claims(self.api, relay)
             if stored:

@@ -27,6 +27,7 @@ from mailrelay_operator.settings import NetworkSettings
 from mrtest.objects import relay_domain
 
 from mailrelay_api import shards
+from mailrelay_api.claims import Claim
 from mailrelay_api.load import Inventory, load_manifests
 from mailrelay_api.render import render_relay
 from mailrelay_api.validate import with_defaults
@@ -338,3 +339,18 @@ def test_ten_thousand_domains_go_in_domain_shards() -> None:
             (Path(folder) / name).write_bytes(data)
         config = load_config(folder)
     assert len(config.domains) == 10000
+
+
+def test_children_encoded_at_the_apply_are_those_built_encoded() -> None:
+    """The reconciler builds its children with their binaryData encoded later
+    (configmaps.Base64, encoded one child at a time as ChildApplier applies it):
+    encoded, they are the children built at once, claims ConfigMaps included."""
+    relay, inv = quickstart()
+    rendered = render_relay(relay, inv)
+    # Enough claims for the claims ConfigMaps (claims_store.STATUS_CLAIMS_MAX).
+    rendered.claims = [Claim(f"d{i}.example", f"mail/d{i}") for i in range(10_001)]
+    now = desired_children(relay, rendered, IMAGE, cert_manager=True)
+    later = desired_children(relay, rendered, IMAGE, cert_manager=True, encode_later=True)
+    deferred = [c for c in later if configmaps.encoded(c) is not c]
+    assert {c["metadata"]["name"].rsplit("-", 2)[-2] for c in deferred} >= {"recipients", "claims"}
+    assert [configmaps.encoded(c) for c in later] == now

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from typing import Any
 
 import pytest
@@ -89,3 +91,15 @@ def test_a_cache_packs_only_changed_shards_and_changes_nothing(
     claims_store.claims_config_maps(relay(), [*again[:-1], Claim("x.example", "mail/x")], cache)
     assert shards > 1 and len(packed) <= 2  # the shard that lost a claim, the one that got one
     assert claims_store.claims_config_maps(relay(), [], cache) == [] and cache.shards == {}
+
+
+def test_a_claims_shard_is_packed_as_the_json_of_its_entries() -> None:
+    """Packed ENTRY_CHUNK claims at a time: the bytes of gzip.compress of the
+    whole JSON list (what earlier operators wrote and claims_in reads)."""
+    group = [
+        Claim(f"d{i}.example", f"ns/d{i}", "2026-01-01T00:00:00Z" if i % 7 == 0 else None)
+        for i in range(2_345)
+    ]
+    text = json.dumps([c.to_status() for c in group], sort_keys=True, separators=(",", ":"))
+    assert claims_store._packed(group) == gzip.compress(text.encode(), 6, mtime=0)
+    assert claims_store._packed([]) == gzip.compress(b"[]", 6, mtime=0)

@@ -42,7 +42,7 @@ def test_the_last_render_is_let_go_before_the_next_and_its_claims_kept(
 
     def spying(*args: Any) -> Rendered:
         claims = args[4]
-        seen.append((mem.rendered, sorted(c.holder for c in claims.values())))
+        seen.append((mem.rendered, sorted(c.holder for c in claims)))
         return render_relay(*args)
 
     mem = RelayMemory(uid="u-1", claims=[])  # claims known: no API read
