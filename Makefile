@@ -25,3 +25,4 @@ bench:  ## every benchmark the README quotes, side by side with Postfix (root; r
 	.venv/bin/python bench/sessions.py
 	bash hack/install-tools.sh
 	KUBEBUILDER_ASSETS=$(CURDIR)/.tools/bin .venv/bin/python bench/operator_scale.py
+	KUBEBUILDER_ASSETS=$(CURDIR)/.tools/bin .venv/bin/python bench/operator_scale.py --domains 100000
