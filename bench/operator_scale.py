@@ -379,9 +379,10 @@ def write_summary(out_dir: Path, results: dict[str, Any]) -> None:
         f"| {results['reconcile_after_last_apply_seconds']} s "
         f"(ConfigMaps complete: {results['config_after_last_apply_seconds']} s) "
         f"| {results['all_statuses_after_last_apply_seconds']} s | {results['operator_writes']} "
-        f"| {results['operator_peak_mb']} MB | {results['one_recipient_config_map_seconds']} s "
+        f"| {results['operator_peak_mb']} MiB = {results['operator_peak_mb'] * 2**20 / 1e6:.1f} MB "
+        f"| {results['one_recipient_config_map_seconds']} s "
         f"| {results['one_recipient_seconds']} s "
-        f"| {relay_r['table_mb']:.1f} MB | {relay_r['lookup_us']:.2f} / "
+        f"| {relay_r['table_mb']:.1f} MiB | {relay_r['lookup_us']:.2f} / "
         f"{relay_r['miss_lookup_us']:.2f} µs |\n"
     )
     (out_dir / "summary.md").write_text(summary)
