@@ -253,3 +253,16 @@ async def test_removals_of_delivered_messages_run_on_the_commit_thread(queue: Qu
     await queue.settle()
     assert list((queue.directory / ACTIVE).iterdir()) == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("queue-finish")] == []
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_the_commit_threads_run_under_sched_batch(queue: Queue) -> None:
+    """Woken, a commit thread waits for the CPU's running task (mostly an event
+    loop) instead of preempting it; the event loop's thread keeps its policy."""
+    assert isinstance(await new_message(queue).commit("a@example.org", ["b@example.com"]), str)
+    threads = queue.committer._threads
+    assert threads
+    for thread in threads:
+        assert thread.native_id is not None
+        assert os.sched_getscheduler(thread.native_id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
