@@ -310,7 +310,7 @@ def not_preempting() -> None:
     thread then waits for: the preemption gains nothing) or the other worker's.
     With two workers on two CPUs the commit threads preempted the loops ~2.8
     times per message, ~0.14 with this (perf's sched_switch), and each preemption
-    costs the loop its warm caches: 3-10% less CPU per message (docs/benchmarks.md,
+    costs the loop its warm caches: 3-13% less CPU per message (docs/benchmarks.md,
     branch relaycpu3). Its share of the CPU stays a normal thread's."""
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
