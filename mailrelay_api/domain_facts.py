@@ -50,7 +50,7 @@ class DomainFacts:
 
     def __init__(self, dom: Mapping[str, Any]) -> None:
         spec = dom["spec"]
-        self.spec: dict[str, Any] = spec
+        self.spec: Mapping[str, Any] = spec
         self.namespace, self.name = namespace_of(dom), name_of(dom)
         self.source = f"{self.namespace}/{self.name}"  # domains.json's "source"
         written = str(spec["domain"])

@@ -11,6 +11,9 @@ status, the status writer and the Events read obj["metadata"]["name"],
 obj.get("status"), ...): `obj["metadata"]` is a Metadata view made on the
 spot. Code that knows it has a Cached reads the attributes.
 
+A RelayDomain's spec is a DomainSpec (~80 bytes where its dict was ~184):
+a slotted mapping of the schema's keys, in the order the dict had them.
+
 Contract: a Cached is never changed once it is in the cache; `inputs.store`
 may set the key, uid and spec of a new one (before it is stored) to the
 equal objects of the one it replaces.
@@ -60,7 +63,7 @@ class Cached(Mapping[str, Any]):
         uid: str | None,
         generation: int | None,
         created: str | None,
-        spec: dict[str, Any],
+        spec: Mapping[str, Any],
         status: dict[str, Any],
     ) -> None:
         self.type = type_
@@ -73,6 +76,7 @@ class Cached(Mapping[str, Any]):
     def of(cls, obj: Mapping[str, Any]) -> Cached:
         """From a trimmed object (its metadata: the keys of _META_SLOTS)."""
         meta = obj["metadata"]
+        spec = _dict_or_empty(obj.get("spec"))
         return cls(
             object_type(str(obj.get("apiVersion")), str(obj.get("kind"))),
             meta["name"],
@@ -80,7 +84,7 @@ class Cached(Mapping[str, Any]):
             meta.get("uid"),
             meta.get("generation"),
             meta.get("creationTimestamp"),
-            _dict_or_empty(obj.get("spec")),
+            DomainSpec.of(spec) if obj.get("kind") == "RelayDomain" else spec,
             _dict_or_empty(obj.get("status")),
         )
 
@@ -159,6 +163,55 @@ class Metadata(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# A RelayDomain's spec keys (schema.RELAYDOMAIN_SPEC's properties).
+_DOMAIN_SPEC_KEYS = frozenset({"domain", "relayRef", "nextHop", "recipients", "verify"})
+# The keys of a spec in its order, one tuple per order seen (a handful).
+_SHAPES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+class DomainSpec(Mapping[str, Any]):
+    """A RelayDomain's spec, read as the dict it was made of (its keys in the
+    same order, a missing one missing); its values are the dict's own (the
+    shared relayRef, nextHop and verify stay shared). Never changed: the
+    render cache knows a spec by its identity (domain_facts._Known)."""
+
+    __slots__ = ("_keys", "domain", "nextHop", "recipients", "relayRef", "verify")
+
+    _keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: dict[str, Any]) -> Mapping[str, Any]:
+        """A DomainSpec of `spec`; `spec` itself if it has other keys."""
+        keys = tuple(spec)
+        if not _DOMAIN_SPEC_KEYS.issuperset(keys):
+            return spec
+        out = cls.__new__(cls)
+        out._keys = _SHAPES.setdefault(keys, keys)
+        for key, value in spec.items():
+            setattr(out, key, value)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._keys:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._keys else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def __repr__(self) -> str:
         return repr(dict(self))

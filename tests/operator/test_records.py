@@ -14,7 +14,7 @@ from mailrelay_operator.children import desired_children
 from mailrelay_operator.cluster import trim, trim_input
 from mailrelay_operator.inputs import trim_all
 from mailrelay_operator.k8s_events import Transition, event_body
-from mailrelay_operator.records import Cached, object_type
+from mailrelay_operator.records import Cached, DomainSpec, object_type
 from mailrelay_operator.status import domain_status
 
 from mailrelay_api.load import Inventory, load_manifests
@@ -152,3 +152,24 @@ def test_defaults_filled_in_place_are_those_of_a_copy() -> None:
     record = trim_input(body)
     assert record == copied
     assert "port" in record["spec"]["nextHop"] and "recipients" in record["spec"]
+
+
+def test_a_domain_spec_reads_as_its_dict() -> None:
+    body = domain_body()
+    body["spec"] = {"relayRef": {"name": "edge"}, "domain": "d.example", "recipients": "any"}
+    as_dict, record = trim(body), trim_input(body)
+    spec = record.spec
+    assert isinstance(spec, DomainSpec) and spec == as_dict["spec"] and as_dict["spec"] == spec
+    assert list(spec) == list(as_dict["spec"]) and len(spec) == len(as_dict["spec"])
+    assert json.dumps(dict(spec)) == json.dumps(as_dict["spec"])
+    assert spec["relayRef"] is record["spec"]["relayRef"]
+    assert "domain" in spec and "nothing" not in spec and spec.get("nothing", 1) == 1
+    for key in ("nothing", "_keys", "get"):
+        with pytest.raises(KeyError):
+            spec[key]
+
+
+def test_a_spec_with_other_keys_stays_a_dict() -> None:
+    body = domain_body()
+    body["spec"]["somethingElse"] = 1
+    assert type(trim_input(body).spec) is dict
