@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from mailrelay_api.shards import (
 )
 from mailrelay_api.spec import NextHopSpec, relay_spec
 from mailrelay_api.validate import list_size_advice, unused_list_note
+from mailrelay_api.verdicts import DomainVerdict, DomainVerdicts
 
 CONFIG_FORMAT = 1
 RELAY_FILE = "relay.json"
@@ -51,27 +52,6 @@ DOMAINS_INDEX_FILE = "domains-index.json"  # instead of domains.json when sharde
 # MailRelay spec keys for the operator and the pods, not the relay's policy:
 # changing them must not touch relay.json.
 NOT_POLICY = ("replicas", "storage", "image", "allowedNextHops", *POD_SCHEDULING)
-
-
-@dataclass(slots=True)  # one per RelayDomain each render: 100,000 and more
-class DomainVerdict:
-    """Whether a RelayDomain is attached to a relay, and why not."""
-
-    namespace: str
-    name: str
-    domain: str
-    accepted: bool
-    # Accepted | Conflict | NotAllowed | NextHopNotAllowed | RelayNotFound | NoRecipients
-    reason: str
-    message: str
-    recipients: int = 0
-    # "namespace/name", the facts' own string: render keys its verdicts by it
-    # (no second string per RelayDomain each render); "" when made elsewhere.
-    source: str = ""
-
-    @property
-    def key(self) -> str:
-        return self.source or f"{self.namespace}/{self.name}"
 
 
 @dataclass
@@ -91,7 +71,7 @@ class Rendered:
     namespace: str
     name: str
     files: dict[str, bytes]
-    domains: list[DomainVerdict] = field(default_factory=list)
+    domains: Sequence[DomainVerdict] = field(default_factory=DomainVerdicts)
     recipient_lists: list[RecipientListVerdict] = field(default_factory=list)
     recipients: int = 0
     claims: list[Claim] = field(default_factory=list)  # MailRelay status.domains
@@ -131,7 +111,7 @@ def attach_domains(
     settings: RenderSettings | None = None,
     cache: RenderCache | None = None,
     claims: Iterable[Claim] | None = None,
-) -> tuple[list[DomainFacts], list[DomainVerdict], list[Claim]]:
+) -> tuple[list[DomainFacts], DomainVerdicts, list[Claim]]:
     """The RelayDomains attached to a relay, a verdict each, and the claims to record.
 
     Policy first (grants, next hops), then the sticky claims (claims.award) of
@@ -143,7 +123,7 @@ def attach_domains(
     # By domain, as a render makes them (then this sort is one pass), walked
     # beside the claimed domains: no dict of every claim and no set of both.
     previous = sorted(claims_of(relay).values() if claims is None else claims, key=_domain)
-    verdicts: list[DomainVerdict] = []
+    verdicts = DomainVerdicts()
     # A domain's claimants: most domains have one, held as itself (a list
     # each would be ~90 bytes a RelayDomain during the render).
     by_domain: dict[str, DomainFacts | list[DomainFacts]] = {}
@@ -179,11 +159,7 @@ def attach_domains(
                 f.source = won.winner
                 # The accepted verdicts in `accepted`'s order: _lists_and_order pairs them.
                 accepted.append(f)
-                verdicts.append(
-                    DomainVerdict(
-                        f.namespace, f.name, domain, True, "Accepted", "", source=f.source
-                    )
-                )
+                verdicts.accept(f)  # its DomainVerdict (domain: f.domain) when read
             else:
                 # Never who holds it: that is another tenant's business.
                 until = f" (until {won.held_until} at the latest)" if won.held_until else ""
@@ -289,7 +265,7 @@ def render_relay(
 
 def _lists_and_order(
     attached: list[DomainFacts],
-    verdicts: list[DomainVerdict],
+    verdicts: DomainVerdicts,
     inv: Inventory,
     cache: RenderCache | None,
 ) -> tuple[_Lists, list[ListPart], list[DomainFacts]]:
@@ -297,13 +273,10 @@ def _lists_and_order(
     and _domains_document; no dict of every verdict by key (~5 MiB at 100,000
     RelayDomains): attach_domains made the accepted verdicts in `attached`'s order."""
     lists = _attach_lists(attached, inv, verdicts, cache)
-    accepted = (v for v in verdicts if v.accepted)
-    for f, v in zip(attached, accepted, strict=True):
+    for f, (i, held) in zip(attached, verdicts.accepted_facts(), strict=True):
+        assert held is f
         if f.spec["recipients"] == "listed":
-            v.recipients = _distinct(lists.per_domain.get(f.source, []))
-            if not v.recipients:
-                v.reason = "NoRecipients"
-                v.message = "recipients: listed and no RecipientList: every address is refused"
+            verdicts.set_recipients(i, _distinct(lists.per_domain.get(f.source, [])))
     listed, ordered = _domains_document(attached, lists.per_domain)
     return lists, listed, ordered
 
@@ -320,7 +293,7 @@ class _Lists:
 def _attach_lists(
     attached: list[DomainFacts],
     inv: Inventory,
-    verdicts: list[DomainVerdict],
+    verdicts: DomainVerdicts,
     cache: RenderCache | None,
 ) -> _Lists:
     """Each RecipientList to its attached domain, or a verdict saying why not."""
@@ -334,7 +307,7 @@ def _attach_lists(
         dom = by_key.get(key)
         if dom is None:
             if refused is None:
-                refused = {v.key: v for v in verdicts if not v.accepted}
+                refused = {v.key: v for v in verdicts.held() if not v.accepted}
             v = refused.get(key)
             if v is not None:
                 lists.verdicts.append(
