@@ -4,7 +4,7 @@ A render of 100,000 RelayDomains accepts most of them, and the operator keeps
 its last render until the next: a DomainVerdict each (~110 bytes with its
 list slot) was ~10 MiB alive beside the render's files. DomainVerdicts holds
 an accepted domain as its DomainFacts and its recipient count (16 bytes) and
-makes its DomainVerdict when read; the others as they are.
+makes its DomainVerdict when read; the refused ones as they are.
 """
 
 from __future__ import annotations
@@ -38,13 +38,17 @@ class DomainVerdict:
         return self.source or f"{self.namespace}/{self.name}"
 
 
+NO_RECIPIENTS_MESSAGE = "recipients: listed and no RecipientList: every address is refused"
+_NO_RECIPIENTS = 2**64 - 1  # in DomainVerdicts._recipients: accepted, "NoRecipients"
+
+
 class DomainVerdicts(Sequence[DomainVerdict]):
     """A render's domain verdicts in their order, read as a list of
-    DomainVerdict. An accepted one ("Accepted", no message) is held as its
-    facts, whose namespace, name, domain and source never change (the render
-    cache makes new facts for a changed spec), and its count in `recipients`;
-    a DomainVerdict read from it is made on the spot (changing it changes
-    nothing here)."""
+    DomainVerdict. An accepted one ("Accepted", or "NoRecipients" when it
+    lists none) is held as its facts, whose namespace, name, domain and
+    source never change (the render cache makes new facts for a changed
+    spec), and its count in `_recipients`; a DomainVerdict read from it is
+    made on the spot (changing it changes nothing here)."""
 
     __slots__ = ("_items", "_recipients")
 
@@ -74,28 +78,27 @@ class DomainVerdicts(Sequence[DomainVerdict]):
                 yield item
 
     def set_recipients(self, i: int, recipients: int) -> None:
-        """The recipients of the accepted domain at `i`; none: NoRecipients."""
-        if recipients:
-            self._recipients[i] = recipients
-            return
-        v = self[i]
-        v.reason = "NoRecipients"
-        v.message = "recipients: listed and no RecipientList: every address is refused"
-        self._items[i] = v
+        """The recipients of the accepted `listed` domain at `i`; none: NoRecipients."""
+        self._recipients[i] = recipients or _NO_RECIPIENTS
 
     def _verdict(self, i: int) -> DomainVerdict:
         item = self._items[i]
         if type(item) is DomainVerdict:
             return item
         assert isinstance(item, DomainFacts)
+        recipients = self._recipients[i]
+        if recipients == _NO_RECIPIENTS:
+            reason, message, recipients = "NoRecipients", NO_RECIPIENTS_MESSAGE, 0
+        else:
+            reason, message = "Accepted", ""
         return DomainVerdict(
             item.namespace,
             item.name,
             item.domain,
             True,
-            "Accepted",
-            "",
-            self._recipients[i],
+            reason,
+            message,
+            recipients,
             source=item.source,
         )
 
