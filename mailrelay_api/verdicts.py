@@ -82,25 +82,7 @@ class DomainVerdicts(Sequence[DomainVerdict]):
         self._recipients[i] = recipients or _NO_RECIPIENTS
 
     def _verdict(self, i: int) -> DomainVerdict:
-        item = self._items[i]
-        if type(item) is DomainVerdict:
-            return item
-        assert isinstance(item, DomainFacts)
-        recipients = self._recipients[i]
-        if recipients == _NO_RECIPIENTS:
-            reason, message, recipients = "NoRecipients", NO_RECIPIENTS_MESSAGE, 0
-        else:
-            reason, message = "Accepted", ""
-        return DomainVerdict(
-            item.namespace,
-            item.name,
-            item.domain,
-            True,
-            reason,
-            message,
-            recipients,
-            source=item.source,
-        )
+        return _verdict(self._items[i], self._recipients[i])
 
     @overload
     def __getitem__(self, i: int) -> DomainVerdict: ...
@@ -111,11 +93,10 @@ class DomainVerdicts(Sequence[DomainVerdict]):
     def __getitem__(self, i: int | slice) -> DomainVerdict | list[DomainVerdict]:
         if isinstance(i, slice):
             return [self._verdict(j) for j in range(*i.indices(len(self._items)))]
-        return self._verdict(i if i >= 0 else i + len(self._items))
+        return self._verdict(i)
 
     def __iter__(self) -> Iterator[DomainVerdict]:
-        for i in range(len(self._items)):
-            yield self._verdict(i)
+        return map(_verdict, self._items, self._recipients)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -129,3 +110,17 @@ class DomainVerdicts(Sequence[DomainVerdict]):
 
     def __repr__(self) -> str:
         return repr(list(self))
+
+
+def _verdict(item: DomainVerdict | DomainFacts, recipients: int) -> DomainVerdict:
+    """The verdict an item of DomainVerdicts stands for."""
+    if type(item) is DomainVerdict:
+        return item
+    assert isinstance(item, DomainFacts)
+    if recipients == _NO_RECIPIENTS:
+        reason, message, recipients = "NoRecipients", NO_RECIPIENTS_MESSAGE, 0
+    else:
+        reason, message = "Accepted", ""
+    return DomainVerdict(
+        item.namespace, item.name, item.domain, True, reason, message, recipients, item.source
+    )

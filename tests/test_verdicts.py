@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mailrelay_api.domain_facts import DomainFacts
 from mailrelay_api.verdicts import DomainVerdict, DomainVerdicts
 
@@ -44,6 +46,8 @@ def test_verdicts_read_as_the_list() -> None:
     ]
     assert list(verdicts) == expected and verdicts == expected and expected == verdicts
     assert len(verdicts) == 4 and verdicts[-1] == expected[-1] and verdicts[1:3] == expected[1:3]
+    with pytest.raises(IndexError):
+        verdicts[-5]
     assert [v.key for v in verdicts.held()] == ["mail/x"]
     assert verdicts[0].source is a.source  # the facts' own string
     verdicts[0].recipients = 5  # a verdict read is made on the spot
