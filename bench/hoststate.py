@@ -11,6 +11,7 @@ turns two snapshots into per-run figures for results.json.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import statistics
@@ -155,6 +156,16 @@ class ReferenceDuring(Sampler):
 
 
 SETTLE_SECONDS = 5.0  # --settle: at most this long before each run; 0 skips it
+
+
+def add_settle_option(parser: argparse.ArgumentParser) -> None:
+    """--settle, for every benchmark that settles its runs (main() sets SETTLE_SECONDS)."""
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_SECONDS,
+        help="before each run: sync, then wait up to this many seconds for idle cores (0: no)",
+    )
 
 
 def settle(limit: float | None = None) -> float:

@@ -791,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
     p.add_argument("--only", choices=["postfix", "mailrelay"], action="append")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    hoststate.add_settle_option(p)
     p.add_argument(
         "--no-content-filter",
         dest="content_filter",

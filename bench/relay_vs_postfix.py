@@ -720,12 +720,7 @@ def load_options(p: argparse.ArgumentParser, *, messages: int, warmup: int) -> N
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workers", type=int, default=0, help="mailrelay's workers (default: its own)")
-    p.add_argument(
-        "--settle",
-        type=float,
-        default=hoststate.SETTLE_SECONDS,
-        help="before each run: sync, then wait up to this many seconds for idle cores (0: no)",
-    )
+    hoststate.add_settle_option(p)
 
 
 def main(argv: list[str] | None = None) -> int:

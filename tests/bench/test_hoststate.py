@@ -30,3 +30,19 @@ def test_a_run_reads_its_folders_and_the_host(tmp_path: Path) -> None:
 
 def test_settle_zero_does_not_wait() -> None:
     assert load_bench("hoststate").settle(0) == 0.0
+
+
+def test_every_settling_benchmark_takes_settle() -> None:
+    """main() of each sets hoststate.SETTLE_SECONDS from --settle (the policy
+    benchmark once read it without offering it)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    for script in ("relay_vs_postfix", "policy_vs_postfix", "milter_vs_postfix"):
+        path = root / "bench" / f"{script}.py"
+        assert "SETTLE_SECONDS = args.settle" in path.read_text(), script
+        out = subprocess.run(
+            [sys.executable, str(path), "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "--settle" in out, script
