@@ -18,6 +18,7 @@ deleted meanwhile: the next resync applies every child again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mailrelay_operator import naming
@@ -67,7 +68,7 @@ class ChildWatch(InputWatch):
         return []
 
 
-def child(obj: KubeObject, kind: str) -> KubeObject:
+def child(obj: Mapping[str, Any], kind: str, api_version: str = "v1") -> KubeObject:
     """What child_event reads of a child: its kind and metadata (of a
-    PartialObjectMetadata, or of the whole object if the server sent that)."""
-    return {"apiVersion": "v1", "kind": kind, "metadata": dict(obj.get("metadata") or {})}
+    PartialObjectMetadata, or of the whole object: not a big ConfigMap's data)."""
+    return {"apiVersion": api_version, "kind": kind, "metadata": dict(obj.get("metadata") or {})}

@@ -17,7 +17,7 @@ import kopf
 from mailrelay_api.schema import GROUP
 from mailrelay_operator import certificate, health, naming, operator_key
 from mailrelay_operator import settings as settings_env
-from mailrelay_operator.child_watch import OWNED_SELECTOR
+from mailrelay_operator.child_watch import OWNED_SELECTOR, child
 from mailrelay_operator.cluster import ClusterView, Key, key_of, trim
 from mailrelay_operator.events import EventRouter
 from mailrelay_operator.input_watch import WATCH_TIMEOUT_SECONDS
@@ -193,7 +193,7 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
 # child_watch.py, which reads their metadata alone, not their shards).
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
 async def pdb_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _events(memo).child_event(_child(body, "policy/v1", "PodDisruptionBudget"), _deleted(event))
+    _events(memo).child_event(child(body, "PodDisruptionBudget", "policy/v1"), _deleted(event))
 
 
 @kopf.on.event(certificate.CERT_MANAGER_GROUP, "v1", "certificates", labels=OWNED)
@@ -218,14 +218,7 @@ async def certificate_crd_event(memo: kopf.Memo, **_: Any) -> None:
 async def network_policy_event(
     event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
-    _events(memo).child_event(
-        _child(body, "networking.k8s.io/v1", "NetworkPolicy"), _deleted(event)
-    )
-
-
-def _child(body: kopf.Body, api_version: str, kind: str) -> KubeObject:
-    """Only what child_event reads (not a big ConfigMap's data)."""
-    return {"apiVersion": api_version, "kind": kind, "metadata": dict(body.get("metadata") or {})}
+    _events(memo).child_event(child(body, "NetworkPolicy", "networking.k8s.io/v1"), _deleted(event))
 
 
 def _pod(body: kopf.Body) -> KubeObject:

@@ -173,3 +173,12 @@ def test_a_spec_with_other_keys_stays_a_dict() -> None:
     body = domain_body()
     body["spec"]["somethingElse"] = 1
     assert type(trim_input(body).spec) is dict
+
+
+def test_a_domain_spec_has_a_slot_for_every_key_of_the_schema() -> None:
+    """A key the schema gains needs its slot, or every spec falls back to a dict."""
+    from mailrelay_operator.records import _DOMAIN_SPEC_KEYS
+
+    from mailrelay_api.schema import RELAYDOMAIN_SPEC
+
+    assert set(RELAYDOMAIN_SPEC["properties"]) == _DOMAIN_SPEC_KEYS
