@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from relay.durable import GroupSync, replace_file_sync
+from relay.durable import FilesystemSync, GroupSync, replace_file_sync
 from relay.queue.format import (
     ACTIVE,
     CORRUPT,
@@ -114,7 +114,11 @@ class Queue:
         self._finishing: collections.deque[Claim] = collections.deque()
         self._finish_job: asyncio.Task[None] | None = None
         self._dir_lock = threading.Lock()
-        self.committer = Committer(self._pool, functools.partial(self.fsync_state_dir, ACTIVE))
+        # Batches of small messages made durable by one syncfs (Committer).
+        self._filesystem = FilesystemSync(self.directory / ACTIVE)
+        self.committer = Committer(
+            self._pool, functools.partial(self.fsync_state_dir, ACTIVE), filesystem=self._filesystem
+        )
 
     # -- plumbing ----------------------------------------------------------
 
@@ -154,6 +158,7 @@ class Queue:
         self._pool.shutdown(wait=True)
         for syncer in self._dir_syncs.values():
             syncer.close()
+        self._filesystem.close()
         self._dir_syncs.clear()
 
     def path_of(self, state: str, queue_id: str) -> Path:
@@ -210,10 +215,16 @@ class Queue:
             try:
                 envelope = read_envelope(fd)
             except ValueError:
-                # Committed files are whole (fsynced before the rename): this
-                # one is damaged or foreign. Set aside, as Postfix's corrupt/.
-                (self.directory / CORRUPT).mkdir(mode=0o700, exist_ok=True)
-                os.rename(path, self.directory / CORRUPT / queue_id)
+                if st.st_size == 0:
+                    # A batch committed by syncfs is renamed before it is synced:
+                    # after a machine crash in between, its files may be empty.
+                    # Never acknowledged (the 250 waits for the sync): removed.
+                    os.unlink(path)
+                else:
+                    # Committed files are whole (synced before anyone is told):
+                    # this one is damaged or foreign. Set aside, as Postfix's corrupt/.
+                    (self.directory / CORRUPT).mkdir(mode=0o700, exist_ok=True)
+                    os.rename(path, self.directory / CORRUPT / queue_id)
                 os.close(fd)
                 return None
             progress = self.read_progress_sync(queue_id)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+import relay.durable
 from relay.queue.format import ACTIVE, INCOMING, QueueError
-from relay.queue.incoming import Committer, IncomingMessage
+from relay.queue.incoming import SPILL_BYTES, Committer, IncomingMessage
 from relay.queue.jobs import run_awaited
 from relay.queue.store import Queue
 
@@ -95,11 +96,13 @@ async def test_one_file_failing_fails_only_its_own_commit(
     bad = messages[2]
     real_commit_sync = IncomingMessage._commit_sync
 
-    def commit_sync(self: IncomingMessage, tail: bytes, envelope: Any) -> None:
+    def commit_sync(
+        self: IncomingMessage, tail: bytes, envelope: Any, durable: bool = True
+    ) -> None:
         if self is bad:
             self._open_sync(os.O_DSYNC)  # created and locked, then the disk fails
             raise OSError(28, "No space left on device")
-        real_commit_sync(self, tail, envelope)
+        real_commit_sync(self, tail, envelope, durable)
 
     monkeypatch.setattr(IncomingMessage, "_commit_sync", commit_sync)
     rest = asyncio.ensure_future(commit_all(messages))
@@ -266,3 +269,107 @@ async def test_the_commit_threads_run_under_sched_batch(queue: Queue) -> None:
         assert thread.native_id is not None
         assert os.sched_getscheduler(thread.native_id) == os.SCHED_BATCH
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+class Syncs:
+    """Counts how a queue's batches were made durable."""
+
+    def __init__(self, queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.filesystem = 0
+        self.folder = 0
+        self.durable_writes: list[bool] = []
+        filesystem = queue._filesystem
+        real_fs_sync, real_folder_sync = filesystem.sync, queue.committer._sync_active
+        real_commit_sync = IncomingMessage._commit_sync
+
+        def fs_sync() -> None:
+            self.filesystem += 1
+            real_fs_sync()
+
+        def folder_sync() -> None:
+            self.folder += 1
+            real_folder_sync()
+
+        def commit_sync(
+            message: IncomingMessage, tail: bytes, envelope: Any, durable: bool = True
+        ) -> None:
+            self.durable_writes.append(durable)
+            real_commit_sync(message, tail, envelope, durable)
+
+        monkeypatch.setattr(filesystem, "sync", fs_sync)
+        monkeypatch.setattr(queue.committer, "_sync_active", folder_sync)
+        monkeypatch.setattr(IncomingMessage, "_commit_sync", commit_sync)
+
+
+def needs_syncfs(queue: Queue) -> None:
+    if not queue._filesystem.usable:
+        pytest.skip("the test folder's filesystem has no sound syncfs")
+
+
+async def test_a_batch_of_small_messages_is_made_durable_by_one_syncfs(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    needs_syncfs(queue)
+    monkeypatch.setattr(relay.durable, "SYNCFS_MAX_DIRTY_KB", 1 << 40)  # whatever else runs
+    syncs = Syncs(queue, monkeypatch)
+    gate = Gate(queue, monkeypatch)
+    first = asyncio.ensure_future(commit_all([new_message(queue)]))
+    await gate.held()  # the one thread is busy: the next messages wait together
+    messages = [new_message(queue) for _ in range(5)]
+    batched = asyncio.ensure_future(commit_all(messages))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.open.set()
+    later = await batched
+    ids = [*await first, *later]
+    assert all(isinstance(i, str) for i in ids)
+    assert [len(b) for b in gate.batches] == [1, 5]
+    assert syncs.filesystem == 2 and syncs.folder == 0
+    assert syncs.durable_writes == [False] * 6  # no O_DSYNC write, no fsync per file
+    assert files(queue, ACTIVE) == sorted(str(i) for i in ids)
+    for qid in ids:
+        assert queue._locked(queue.path_of(ACTIVE, str(qid)))
+
+
+async def test_file_by_file_while_much_else_is_dirty(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A syncfs would wait for others' dirty data: each file synced on its own."""
+    needs_syncfs(queue)
+    monkeypatch.setattr(relay.durable, "SYNCFS_MAX_DIRTY_KB", -1)
+    syncs = Syncs(queue, monkeypatch)
+    ids = await commit_all([new_message(queue) for _ in range(3)])
+    assert all(isinstance(i, str) for i in ids)
+    assert syncs.filesystem == 0 and syncs.folder >= 1
+    assert syncs.durable_writes == [True] * 3
+    assert files(queue, ACTIVE) == sorted(str(i) for i in ids)
+
+
+async def test_a_big_message_is_synced_on_its_own(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    needs_syncfs(queue)
+    monkeypatch.setattr(relay.durable, "SYNCFS_MAX_DIRTY_KB", 1 << 40)
+    syncs = Syncs(queue, monkeypatch)
+    [qid] = await commit_all([new_message(queue, b"x" * 1000 + b"\r\n" * (SPILL_BYTES // 2))])
+    assert isinstance(qid, str)
+    assert syncs.filesystem == 0 and syncs.folder == 1 and syncs.durable_writes == [True]
+
+
+async def test_a_failed_syncfs_fails_the_batch_and_leaves_nothing(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renamed into active/ but not durable: never acknowledged, so not delivered either."""
+    needs_syncfs(queue)
+    monkeypatch.setattr(relay.durable, "SYNCFS_MAX_DIRTY_KB", 1 << 40)
+
+    def failing_sync() -> None:
+        raise OSError(5, "syncfs: Input/output error")
+
+    monkeypatch.setattr(queue._filesystem, "sync", failing_sync)
+    results = await commit_all([new_message(queue) for _ in range(5)])
+    assert all(isinstance(r, QueueError) for r in results)
+    await queue.settle()
+    assert files(queue, ACTIVE) == []
+    assert files(queue, INCOMING) == []
+    assert queue.fresh_ids() == []

@@ -168,6 +168,15 @@ async def test_damaged_file_is_set_aside_on_claim(queue: Queue) -> None:
     assert (queue.directory / "corrupt" / "0000000000AB").exists()
 
 
+async def test_an_empty_file_is_a_commit_a_crash_cut_short_and_is_removed(queue: Queue) -> None:
+    # renamed into active/ before the batch's syncfs, the machine crashed:
+    # never acknowledged, so nothing to set aside
+    (queue.directory / ACTIVE / "0000000000AC").write_bytes(b"")
+    assert queue.claim_sync("0000000000AC", ACTIVE) is None
+    assert not (queue.directory / ACTIVE / "0000000000AC").exists()
+    assert not (queue.directory / "corrupt" / "0000000000AC").exists()
+
+
 async def test_background_removal_owns_the_lock_and_closes_only_its_own_fd(queue: Queue) -> None:
     msg = queue.incoming()
     msg.write(b"x\r\n")

@@ -123,3 +123,66 @@ async def test_verify_cache_killed_mid_write_keeps_the_old_answer(
     with pytest.raises(Killed):
         await asyncio.to_thread(cache._write_sync, "joe@example.com", rejected, 60)
     assert cache._read_sync("joe@example.com") == ok
+
+
+# -- FilesystemSync: one syncfs for a batch where that is sound and cheap ----------
+
+
+def test_filesystem_sync_is_usable_on_a_journaling_filesystem(tmp_path: Path) -> None:
+    if relay.durable.filesystem_type(tmp_path) not in relay.durable.SYNCFS_FILESYSTEMS:
+        pytest.skip("the test folder is not on ext4, xfs or btrfs")
+    syncer = relay.durable.FilesystemSync(tmp_path)
+    try:
+        assert syncer.usable
+        (tmp_path / "f").write_bytes(b"x")
+        syncer.sync()  # no error: the filesystem reported no lost writeback
+    finally:
+        syncer.close()
+        syncer.close()  # idempotent
+
+
+def test_filesystem_sync_is_not_used_on_other_filesystems_or_old_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay.durable, "filesystem_type", lambda path: 0x01021994)  # tmpfs
+    syncer = relay.durable.FilesystemSync(tmp_path)
+    assert not syncer.usable and not syncer.cheap()
+    syncer.close()
+    monkeypatch.setattr(relay.durable, "filesystem_type", lambda path: 0xEF53)  # ext4
+    monkeypatch.setattr(relay.durable, "_kernel_release", lambda: (5, 4))  # syncfs hid errors
+    syncer = relay.durable.FilesystemSync(tmp_path)
+    assert not syncer.usable and not syncer.cheap()
+    syncer.close()
+
+
+def test_filesystem_sync_is_cheap_only_while_little_is_dirty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay.durable, "filesystem_type", lambda path: 0xEF53)
+    syncer = relay.durable.FilesystemSync(tmp_path)
+    try:
+        meminfo = (
+            b"MemTotal: 100 kB\nDirty:    %d kB\nWriteback:   %d kB\nWritebackTmp: 9999999 kB\n"
+        )
+        limit = relay.durable.SYNCFS_MAX_DIRTY_KB
+        for dirty, writeback, cheap in [(0, 0, True), (limit - 10, 10, True), (limit, 1, False)]:
+            monkeypatch.setattr(
+                os, "pread", lambda fd, n, offset, d=dirty, w=writeback: meminfo % (d, w)
+            )
+            assert syncer.cheap() is cheap
+        monkeypatch.setattr(os, "pread", lambda fd, n, offset: b"no such fields\n")
+        assert not syncer.cheap()  # unreadable: file by file
+    finally:
+        syncer.close()
+
+
+def test_a_failed_syncfs_raises_its_errno(tmp_path: Path) -> None:
+    syncer = relay.durable.FilesystemSync(tmp_path)
+    if not syncer.usable:
+        pytest.skip("no syncfs here")
+    syncer.close()
+    syncer._fd = 10_000  # not open: EBADF, as a lost writeback would give EIO
+    with pytest.raises(OSError) as raised:
+        syncer.sync()
+    assert raised.value.errno == 9
+    syncer._fd = -1
