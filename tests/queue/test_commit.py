@@ -122,6 +122,15 @@ async def test_one_file_failing_fails_only_its_own_commit(
         assert queue._locked(queue.path_of(ACTIVE, qid))
 
 
+async def five_commits_fail_and_leave_nothing(queue: Queue) -> None:
+    results = await commit_all([new_message(queue) for _ in range(5)])
+    assert all(isinstance(r, QueueError) for r in results)
+    await queue.settle()
+    assert files(queue, ACTIVE) == []
+    assert files(queue, INCOMING) == []
+    assert queue.fresh_ids() == []
+
+
 async def test_a_failed_folder_fsync_fails_the_batch_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,12 +143,7 @@ async def test_a_failed_folder_fsync_fails_the_batch_and_leaves_nothing(
 
         monkeypatch.setattr(queue, "fsync_state_dir", failing_sync)
         queue.committer = Committer(queue._pool, lambda: queue.fsync_state_dir(ACTIVE))
-        results = await commit_all([new_message(queue) for _ in range(5)])
-        assert all(isinstance(r, QueueError) for r in results)
-        await queue.settle()
-        assert files(queue, ACTIVE) == []
-        assert files(queue, INCOMING) == []
-        assert queue.fresh_ids() == []
+        await five_commits_fail_and_leave_nothing(queue)
     finally:
         await queue.close()
 
@@ -367,9 +371,4 @@ async def test_a_failed_syncfs_fails_the_batch_and_leaves_nothing(
         raise OSError(5, "syncfs: Input/output error")
 
     monkeypatch.setattr(queue._filesystem, "sync", failing_sync)
-    results = await commit_all([new_message(queue) for _ in range(5)])
-    assert all(isinstance(r, QueueError) for r in results)
-    await queue.settle()
-    assert files(queue, ACTIVE) == []
-    assert files(queue, INCOMING) == []
-    assert queue.fresh_ids() == []
+    await five_commits_fail_and_leave_nothing(queue)
