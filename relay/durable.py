@@ -7,7 +7,9 @@ reported done survives. A folder fsync covers every rename made before it,
 so one GroupSync per folder lets many writers share it. Every file the relay
 replaces goes through `replace_file_sync` (the queue's progress, greylist
 buckets, the postscreen and verify caches, the drain order): shared by
-every stage, so it imports none. Blocking: for threads, never the event loop.
+every stage, so it imports none. FilesystemSync makes a batch of new files
+durable at once (the queue's commits; ctypes calls release the GIL). Blocking:
+for threads, never the event loop.
 """
 
 from __future__ import annotations
