@@ -54,11 +54,14 @@ MAX_PENDING_BYTES = 1024 * 1024
 # loop-driven batches before it did and cuts the accept latency by a third;
 # two threads cut it by another ~30% but cost 6-17% more CPU and gave fewer
 # messages a second (measured again 2026-12-03 at ~0.85 ms per message,
-# docs/benchmarks.md): the CPU per message binds here, not the latency.
+# docs/benchmarks.md): the CPU per message binds here, not the latency. With
+# one syncfs per batch, two threads still gave ~10% fewer (round 9).
 COMMIT_THREADS = 1
 # A commit thread takes at most this many waiting messages (with several
-# threads, a burst is spread over them).
-MAX_BATCH = 8
+# threads, a burst is spread over them). One syncfs costs about the same for
+# 4 files or 8: 16 instead of 8 gave 2-12% more msgs/s in 6 of 6 A/B pairs
+# (20 sessions, SO_REUSEPORT spreads them unevenly over the workers).
+MAX_BATCH = 16
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
