@@ -128,11 +128,17 @@ class FilesystemSync:
     """
 
     def __init__(self, folder: Path) -> None:
-        kind = filesystem_type(folder)
-        self.usable = kind in SYNCFS_FILESYSTEMS and _kernel_release() >= SYNCFS_MIN_KERNEL
+        sound = (
+            filesystem_type(folder) in SYNCFS_FILESYSTEMS and _kernel_release() >= SYNCFS_MIN_KERNEL
+        )
         self._fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._syncfs = ctypes.CDLL(None, use_errno=True).syncfs if self.usable else None
+        self._syncfs = ctypes.CDLL(None, use_errno=True).syncfs if sound else None
         self._meminfo: int | None = None
+
+    @property
+    def usable(self) -> bool:
+        """syncfs makes the batch durable here and reports lost writes."""
+        return self._syncfs is not None
 
     def cheap(self) -> bool:
         """Usable, and the machine holds little dirty page cache (a syncfs then
