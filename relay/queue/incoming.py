@@ -251,7 +251,7 @@ class IncomingMessage:
                 os.close(self._fd)
                 self._fd = None
 
-    def _orphaned(self, error: OSError | None) -> None:
+    def _orphaned(self, error: BaseException | None) -> None:
         """The caller was cancelled (its client hung up) while the commit ran on.
 
         A committed message is delivered all the same: its lock is let go, for
@@ -384,7 +384,15 @@ class Committer:
             if not self._threads:
                 self._start()
             self._waiting.put(pending)
-        await future
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # Settled, then cancelled before this task resumed (the client
+                # hung up in between): nobody takes the outcome, so let go here
+                # as _settle does for a committer cancelled while it waited.
+                message._orphaned(future.exception())
+            raise
 
     def start_job(
         self,

@@ -144,7 +144,11 @@ def test_reset_after_final_dot_leaves_nothing_locked(tmp_path: Path) -> None:
                 (queue / FLUSH_MARKER).touch()
                 return not any(os.listdir(queue / s) for s in (INCOMING, ACTIVE, DEFERRED))
 
-            wait_until(settled, timeout=60, what="every committed message delivered")
+            try:
+                wait_until(settled, timeout=60, what="every committed message delivered")
+            except AssertionError as e:
+                left = {s: os.listdir(queue / s) for s in (INCOMING, ACTIVE, DEFERRED)}
+                raise AssertionError(f"{e}; left: {left}\n{relay.log()[-4000:]}") from None
             # A delivered file is unlinked a moment before its handle is closed.
             wait_until(
                 lambda: not any(open_files(pid, queue) for pid in relay_pids(relay)),

@@ -122,6 +122,46 @@ async def test_one_file_failing_fails_only_its_own_commit(
         assert queue._locked(queue.path_of(ACTIVE, qid))
 
 
+@pytest.mark.parametrize("outcome", ["committed", "failed"])
+async def test_a_commit_cancelled_after_it_settled_lets_go_of_its_file(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """The client hangs up after the batch settled but before its commit() resumed
+    (connection_lost in between): the committed file is left for the queue scan
+    unlocked, a failed one removed; neither stays locked by a handle nobody owns."""
+    import relay.queue.incoming as incoming
+
+    if outcome == "failed":
+
+        def commit_sync(self: IncomingMessage, *args: Any, **kwargs: Any) -> None:
+            self._open_sync()  # created and locked, then the disk fails
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(IncomingMessage, "_commit_sync", commit_sync)
+    message = new_message(queue)
+    task = asyncio.ensure_future(message.commit("a@example.org", ["b@example.com"]))
+    settle = incoming._settle
+
+    def settle_then_hang_up(*args: Any) -> None:
+        settle(*args)  # the future has its result, the task's wake-up is scheduled
+        task.cancel()
+
+    monkeypatch.setattr(incoming, "_settle", settle_then_hang_up)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await queue.settle()
+    assert files(queue, INCOMING) == []
+    assert message._fd is None
+    if outcome == "committed":
+        assert files(queue, ACTIVE) == [message.queue_id]
+        assert queue.fresh_ids() == []
+        claim = queue.claim_sync(message.queue_id, ACTIVE)  # the scan can take it
+        assert claim is not None
+        queue.release_sync(claim)
+    else:
+        assert files(queue, ACTIVE) == []
+
+
 async def five_commits_fail_and_leave_nothing(queue: Queue) -> None:
     results = await commit_all([new_message(queue) for _ in range(5)])
     assert all(isinstance(r, QueueError) for r in results)
