@@ -25,6 +25,7 @@ write.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
@@ -287,7 +288,15 @@ def _received_follows(head: bytes, original: IncomingMessage, edited: IncomingMe
 async def hold(queue: Queue, queue_id: str, reason: str) -> None:
     """Moves a just-committed message to hold/ (a milter's or DMARC's quarantine)."""
     claim = queue.take_fresh(queue_id)
-    await queue.run_io(queue.move_sync, queue_id, HOLD)
-    if claim is not None:
-        await queue.run_io(queue.release_sync, claim)
+
+    def move_then_release() -> None:
+        try:
+            queue.move_sync(queue_id, HOLD)
+        finally:
+            if claim is not None:
+                queue.release_sync(claim)
+
+    # Shielded: a client hanging up meanwhile cancels the wait, never the
+    # release (the claim is out of the fresh ones: nothing else would close it).
+    await asyncio.shield(queue.run_io(move_then_release))
     log.info("%s: hold: %s", queue_id, reason)

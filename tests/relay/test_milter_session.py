@@ -4,6 +4,7 @@ envelope edits apply, a quarantine holds it, nothing is left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -51,6 +52,26 @@ async def test_edited_message_is_copied_with_envelope_edits_and_held(queue: Queu
     assert await queue.run_io(queue.locate_sync, queue_id) == HOLD
     assert os.listdir(queue.directory / INCOMING) == []
     assert os.listdir(queue.directory / ACTIVE) == []
+
+
+async def test_a_hold_cancelled_by_a_hang_up_still_moves_and_lets_go(queue: Queue):
+    """connection_lost cancels the session while hold() waits: the message is
+    in hold/ all the same and no handle keeps it locked."""
+    message = queue.incoming()
+    message.write(b"Subject: s\r\n\r\nx\r\n")
+    queue_id = await message.commit("a@example.org", ["b@example.net"])
+    task = asyncio.ensure_future(hold(queue, queue_id, "suspicious"))
+    await asyncio.sleep(0)  # in the wait for the move
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if not queue._locked(queue.path_of(HOLD, queue_id)):
+            break
+        await asyncio.sleep(0.01)
+    assert await queue.run_io(queue.locate_sync, queue_id) == HOLD
+    assert not queue._locked(queue.path_of(HOLD, queue_id))
+    assert queue.fresh_ids() == []
 
 
 @pytest.mark.parametrize("body", [b"line\r\n" * 100, b"", b"no final newline"])
