@@ -305,7 +305,7 @@ class Delivery:
         self._due[queue_id] = _Due(DEFERRED, MTIME_DECIDES if flushed else at)
 
     async def _claim_and_deliver(self, queue_id: str, due: _Due) -> None:
-        claim = await self.queue.run_io(self.queue.claim_sync, queue_id, due.state)
+        claim = await self.queue.claim(queue_id, due.state)
         if claim is None:
             return  # another process has it, or it is gone
         if due.state == DEFERRED and due.at > 0:

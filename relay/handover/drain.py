@@ -165,7 +165,7 @@ class Drainer:
         for queue_id, state, _ in sorted(entries):
             if state == ACTIVE and not fresh_too:
                 continue
-            claim = await self.queue.run_io(self.queue.claim_sync, queue_id, state)
+            claim = await self.queue.claim(queue_id, state)
             if claim is None:
                 continue  # being delivered (or handed over by another worker), or gone
             try:

@@ -235,6 +235,20 @@ class Queue:
             os.close(fd)
             raise
 
+    async def claim(self, queue_id: str, state: QueueState) -> Claim | None:
+        """claim_sync on the pool. Cancelled while it runs (a stop's grace ran
+        out), the claim it still returns is let go: no lock outlives its owner."""
+        job = asyncio.ensure_future(self.run_io(self.claim_sync, queue_id, state))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(self._release_unwanted)
+            raise
+
+    def _release_unwanted(self, job: asyncio.Future[Claim | None]) -> None:
+        if not job.cancelled() and job.exception() is None and (claim := job.result()):
+            self.release_sync(claim)
+
     def next_attempt_sync(self, claim: Claim) -> float:
         """The claimed file's mtime: when a deferred message is due."""
         return os.fstat(claim.fd).st_mtime

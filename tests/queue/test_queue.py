@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,6 +128,38 @@ async def test_claim_is_refused_for_a_message_moved_meanwhile(queue: Queue) -> N
     assert claim is not None and claim.pending == []
     assert queue.next_attempt_sync(claim) == 1234.0
     queue.release_sync(claim)
+
+
+async def test_a_claim_cancelled_while_it_runs_is_let_go(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msg = queue.incoming()
+    msg.write(b"x\r\n")
+    qid = await msg.commit("a@example.org", ["b@example.com"])
+    fresh = queue.take_fresh(qid)
+    assert fresh is not None
+    queue.release_sync(fresh)  # as after a restart: the scan's to claim
+    started, go_on = threading.Event(), threading.Event()
+    claim_sync = queue.claim_sync
+
+    def slow_claim(queue_id: str, state: Any) -> Any:
+        started.set()
+        assert go_on.wait(10)
+        return claim_sync(queue_id, state)
+
+    monkeypatch.setattr(queue, "claim_sync", slow_claim)
+    task = asyncio.ensure_future(queue.claim(qid, ACTIVE))
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()  # a stop's grace ran out
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if not queue._locked(queue.path_of(ACTIVE, qid)):
+            break
+        await asyncio.sleep(0.01)
+    assert not queue._locked(queue.path_of(ACTIVE, qid))
 
 
 async def test_hold_and_delete_while_delivering(queue: Queue) -> None:
