@@ -15,6 +15,7 @@ pass `spec` to override any MailRelay spec field.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -52,6 +53,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+async def await_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
+) -> Any:
+    """wait_until for a test on the event loop: the loop runs while it polls."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mrtest.relayproc import await_until
 
 from relay.queue.format import (
     ACTIVE,
@@ -155,11 +156,8 @@ async def test_a_claim_cancelled_while_it_runs_is_let_go(
     go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if not queue._locked(queue.path_of(ACTIVE, qid)):
-            break
-        await asyncio.sleep(0.01)
-    assert not queue._locked(queue.path_of(ACTIVE, qid))
+    # The job ends, its claim let go on the loop.
+    await await_until(lambda: not queue._locked(queue.path_of(ACTIVE, qid)), what="the lock let go")
 
 
 async def test_hold_and_delete_while_delivering(queue: Queue) -> None:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from mrtest.relayproc import await_until
 
 from relay.queue.format import ACTIVE, HOLD, INCOMING
 from relay.queue.store import Queue
@@ -65,12 +66,8 @@ async def test_a_hold_cancelled_by_a_hang_up_still_moves_and_lets_go(queue: Queu
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if not queue._locked(queue.path_of(HOLD, queue_id)):
-            break
-        await asyncio.sleep(0.01)
-    assert await queue.run_io(queue.locate_sync, queue_id) == HOLD
-    assert not queue._locked(queue.path_of(HOLD, queue_id))
+    held = queue.path_of(HOLD, queue_id)
+    await await_until(lambda: held.exists() and not queue._locked(held), what="held, unlocked")
     assert queue.fresh_ids() == []
 
 
