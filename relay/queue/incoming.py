@@ -144,7 +144,9 @@ class IncomingMessage:
     async def _wait_writes(self) -> None:
         if self._writes is not None:
             try:
-                await self._writes
+                # Shielded: a cancelled caller leaves the writes running, for
+                # abort() to wait for before it removes the file.
+                await asyncio.shield(self._writes)
             except OSError as e:
                 raise QueueError(f"cannot write {self._file}: {e}") from e
 
@@ -168,11 +170,11 @@ class IncomingMessage:
 
     async def flush(self) -> Path:
         """Writes everything received so far to `path` (not fsynced); returns it."""
-        if self._buffer:
+        if self._buffer or not self._spilled:
+            # Through _spill also for an empty message (it still gets its file):
+            # abort() then waits for the open, whatever moment it comes.
             self._spill()
         await self._wait_writes()
-        if self._fd is None:  # an empty message still gets its file
-            await self.queue.run_io(self._open_sync)
         return self.path
 
     async def commit(

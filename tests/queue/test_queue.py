@@ -160,6 +160,37 @@ async def test_a_claim_cancelled_while_it_runs_is_let_go(
     await await_until(lambda: not queue._locked(queue.path_of(ACTIVE, qid)), what="the lock let go")
 
 
+async def test_an_empty_message_aborted_while_its_file_opens_leaves_nothing(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flush() of an empty message creates its file on the pool; the session
+    cancelled meanwhile aborts: the file and its lock go all the same."""
+    msg = queue.incoming()
+    started, go_on, opened = threading.Event(), threading.Event(), threading.Event()
+    open_sync = msg._open_sync
+
+    def slow_open(flags: int = 0) -> int:
+        started.set()
+        assert go_on.wait(10)
+        try:
+            return open_sync(flags)
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(msg, "_open_sync", slow_open)
+    task = asyncio.ensure_future(msg.flush())
+    await await_until(started.is_set, what="the open under way")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    msg.abort()  # what the session does on its way out
+    go_on.set()
+    await await_until(opened.is_set, what="the file opened")
+    await queue.settle()
+    assert os.listdir(queue.directory / INCOMING) == []
+    assert msg._fd is None
+
+
 async def test_hold_and_delete_while_delivering(queue: Queue) -> None:
     ids = []
     for _ in range(2):
