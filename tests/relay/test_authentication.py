@@ -525,7 +525,8 @@ async def test_through_a_real_postfix(
             assert swaks.returncode == 0, out.decode()
         for _ in range(600):  # Postfix delivers to us when its queue manager gets to it
             await h.queue.settle()
-            if sum(len(os.listdir(h.queue.directory / f)) for f in (ACTIVE, HOLD)) == 2:
+            # One each: both in active/ is the moment before the hold's move.
+            if [len(os.listdir(h.queue.directory / f)) for f in (ACTIVE, HOLD)] == [1, 1]:
                 break
             await asyncio.sleep(0.1)
     [passed] = h.queued()
