@@ -213,7 +213,8 @@ class IncomingMessage:
         try:
             await self.queue.committer.commit(self, tail, envelope)
         except OSError as e:
-            await self.queue.run_io(self._discard_sync)
+            # Shielded: cancelled before the pool started it, it would never run.
+            await asyncio.shield(self.queue.run_io(self._discard_sync))
             raise QueueError(f"cannot queue {self.queue_id}: {e}") from e
         finally:
             self.queue.committing.discard(self.queue_id)
