@@ -46,7 +46,7 @@ from pathlib import Path
 from mailrelay_api.drain_protocol import sign, verify  # one HMAC for drains and AUTH
 from relay import metrics
 from relay.delivery.transaction import DataEncoder
-from relay.queue.format import HOLD, Claim, QueueError
+from relay.queue.format import Claim, QueueError
 from relay.queue.mailparams import NO_PARAMS, MailParams
 from relay.queue.store import Queue
 from relay.smtpd.smtpdata import DataDecoder
@@ -346,10 +346,7 @@ class HandoverServer:
         )
         metrics.HANDOVER.labels("received", "ok").inc()
         if envelope.hold:
-            claim = self.queue.take_fresh(queue_id)
-            if claim is not None:
-                self.queue.release_sync(claim)
-            await self.queue.run_io(self.queue.move_sync, queue_id, HOLD)
+            await self.queue.hold_fresh(queue_id)
         elif self.on_queued is not None:
             self.on_queued(queue_id)
         return f"250 2.0.0 Ok: queued as {queue_id}", True

@@ -48,6 +48,7 @@ from relay.queue.format import (
     CORRUPT,
     DEFERRED,
     FLUSH_MARKER,
+    HOLD,
     INCOMING,
     QUEUE_STATES,
     READ_CHUNK,
@@ -171,6 +172,22 @@ class Queue:
 
     def keep_fresh(self, claim: Claim) -> None:
         self._fresh[claim.queue_id] = claim
+
+    async def hold_fresh(self, queue_id: str) -> None:
+        """Moves a message this process just committed to hold/, then lets go of
+        its claim (held first: no scan may find it in active/ unlocked meanwhile)."""
+        claim = self.take_fresh(queue_id)
+
+        def move_then_release() -> None:
+            try:
+                self.move_sync(queue_id, HOLD)
+            finally:
+                if claim is not None:
+                    self.release_sync(claim)
+
+        # Shielded: a cancelled caller (its client hung up) stops waiting, not
+        # the release (out of the fresh claims, nothing else would close it).
+        await asyncio.shield(self.run_io(move_then_release))
 
     def take_fresh(self, queue_id: str) -> Claim | None:
         """The claim of a message this process just committed, if still unclaimed."""

@@ -25,7 +25,6 @@ write.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import logging
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from relay.config import RelayConfig
-from relay.queue.format import HOLD
 from relay.queue.incoming import IncomingMessage
 from relay.queue.store import Queue
 from relay.smtpd.milter import Modifications
@@ -287,16 +285,5 @@ def _received_follows(head: bytes, original: IncomingMessage, edited: IncomingMe
 
 async def hold(queue: Queue, queue_id: str, reason: str) -> None:
     """Moves a just-committed message to hold/ (a milter's or DMARC's quarantine)."""
-    claim = queue.take_fresh(queue_id)
-
-    def move_then_release() -> None:
-        try:
-            queue.move_sync(queue_id, HOLD)
-        finally:
-            if claim is not None:
-                queue.release_sync(claim)
-
-    # Shielded: a client hanging up meanwhile cancels the wait, never the
-    # release (the claim is out of the fresh ones: nothing else would close it).
-    await asyncio.shield(queue.run_io(move_then_release))
+    await queue.hold_fresh(queue_id)
     log.info("%s: hold: %s", queue_id, reason)
