@@ -3,14 +3,15 @@
 # packages (SMTP peers, Postfix for benchmarks, Lua for the Argo CD checks,
 # rspamd and OpenDKIM as real milters for the tests, the public-suffix list
 # for DMARC, dnsmasq's binary for the README tour's DNS server: dnsmasq-base,
-# which starts no system service),
+# which starts no system service; iptables and nftables for the test of the
+# cluster scripts' netfilter cleanup, in a network namespace of its own),
 # a virtualenv in .venv with the project and its dev tools.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(swaks libnet-ssleay-perl postfix lua5.4 shellcheck openssl ca-certificates iproute2 procps
-  rspamd opendkim opendkim-tools publicsuffix dnsmasq-base)
+  rspamd opendkim opendkim-tools publicsuffix dnsmasq-base iptables nftables)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
