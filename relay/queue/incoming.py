@@ -41,7 +41,7 @@ from relay.queue.format import (
     QueueError,
     trailer,
 )
-from relay.queue.jobs import Job, run_job
+from relay.queue.jobs import Job, await_owned, run_job
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # Messages up to this size stay in memory from receipt to delivery (no read
@@ -298,10 +298,8 @@ def _settle(batch: list[_Pending], outcome: list[OSError | None] | BaseException
         errors = [OSError(f"commit failed: {outcome!r}")] * len(batch)
     else:
         errors = outcome
-    for (message, _, _, future), error in zip(batch, errors, strict=True):
-        if future.done():  # its committer was cancelled: nobody waits for the result
-            message._orphaned(error)
-        elif error is None:
+    for (_, _, _, future), error in zip(batch, errors, strict=True):
+        if error is None:
             future.set_result(None)
         else:
             future.set_exception(error)
@@ -387,15 +385,9 @@ class Committer:
             if not self._threads:
                 self._start()
             self._waiting.put(pending)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                # Settled, then cancelled before this task resumed (the client
-                # hung up in between): nobody takes the outcome, so let go here
-                # as _settle does for a committer cancelled while it waited.
-                message._orphaned(future.exception())
-            raise
+        # A committer cancelled (its client hung up) hands the outcome on: a
+        # committed file is let go for the queue scan, a failed one removed.
+        await await_owned(future, lambda settled: message._orphaned(settled.exception()))
 
     def start_job(
         self,

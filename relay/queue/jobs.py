@@ -6,7 +6,8 @@ semaphore and its bookkeeping on both threads, and run_in_executor chains an
 asyncio future to it. Here a job is a small object on the commit threads'
 SimpleQueue (relay.queue.incoming.Committer.start_job), and its outcome (its
 result or the exception it raised) reaches the event loop by one
-call_soon_threadsafe.
+call_soon_threadsafe. await_owned is how the queue awaits a job whose outcome
+holds a lock or a file, so that a cancelled caller loses neither.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ async def run_awaited(start_job: StartJob, fn: Callable[[A], R], arg: A) -> R:
 
     start_job(loop, fn, arg, done)
     return await future
+
+
+async def await_owned(job: asyncio.Future[R], let_go: Callable[[asyncio.Future[R]], None]) -> R:
+    """Awaits `job`, whose outcome owns something (a claim's lock, a committed
+    file). A caller cancelled meanwhile, also after the job ended but before the
+    caller resumed (asyncio then drops the outcome), has `let_go(job)` called on
+    the loop once the job is done; the job itself runs on (shielded)."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(let_go)
+        raise
 
 
 def run_job(job: Job[Any, Any]) -> None:

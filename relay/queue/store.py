@@ -61,7 +61,7 @@ from relay.queue.format import (
     read_envelope,
 )
 from relay.queue.incoming import Committer, IncomingMessage
-from relay.queue.jobs import run_awaited
+from relay.queue.jobs import await_owned, run_awaited
 from relay.queue.mailparams import NO_PARAMS, MailParams
 
 # An incoming file younger than this is never removed as stale: closes the
@@ -256,11 +256,7 @@ class Queue:
         """claim_sync on the pool. Cancelled while it runs (a stop's grace ran
         out), the claim it still returns is let go: no lock outlives its owner."""
         job = asyncio.ensure_future(self.run_io(self.claim_sync, queue_id, state))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            job.add_done_callback(self._release_unwanted)
-            raise
+        return await await_owned(job, self._release_unwanted)
 
     def _release_unwanted(self, job: asyncio.Future[Claim | None]) -> None:
         if not job.cancelled() and job.exception() is None and (claim := job.result()):

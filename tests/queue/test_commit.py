@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mrtest.relayproc import await_until
 
 import relay.durable
 from relay.queue.format import ACTIVE, INCOMING, QueueError
@@ -160,6 +161,30 @@ async def test_a_commit_cancelled_after_it_settled_lets_go_of_its_file(
         queue.release_sync(claim)
     else:
         assert files(queue, ACTIVE) == []
+
+
+async def test_a_commit_cancelled_while_its_batch_runs_lets_go_of_its_file(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client hangs up while its batch is on the commit thread: the batch
+    goes on, and the committed file is left for the queue scan, unlocked."""
+    gate = Gate(queue, monkeypatch)
+    message = new_message(queue)
+    task = asyncio.ensure_future(message.commit("a@example.org", ["b@example.com"]))
+    await gate.held()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.open.set()
+    committed = queue.path_of(ACTIVE, message.queue_id)
+    await await_until(
+        lambda: committed.exists() and not queue._locked(committed), what="committed, let go"
+    )
+    assert message._fd is None
+    assert queue.fresh_ids() == []
+    claim = queue.claim_sync(message.queue_id, ACTIVE)  # the scan can take it
+    assert claim is not None
+    queue.release_sync(claim)
 
 
 async def five_commits_fail_and_leave_nothing(queue: Queue) -> None:

@@ -150,8 +150,7 @@ async def test_a_claim_cancelled_while_it_runs_is_let_go(
 
     monkeypatch.setattr(queue, "claim_sync", slow_claim)
     task = asyncio.ensure_future(queue.claim(qid, ACTIVE))
-    while not started.is_set():
-        await asyncio.sleep(0.001)
+    await await_until(started.is_set, what="the claim under way")
     task.cancel()  # a stop's grace ran out
     go_on.set()
     with pytest.raises(asyncio.CancelledError):
